@@ -1,0 +1,101 @@
+"""Input validation shared by the compiled cores and their twins.
+
+Both implementations of each core call these for everything but their
+zero-copy fast path (a contiguous numpy array of the right dtype), so the two
+raise the same exception with the same message for the same bad input. The
+rules follow C's typed arguments: a value that is not an integer raises
+``TypeError``; an integer outside the type's range raises ``OverflowError``.
+"""
+
+from __future__ import annotations
+
+import operator
+from array import array
+from collections.abc import Iterable
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["TIERS", "U32_MAX", "U64_MAX", "as_u64_array", "check_u64", "tier_index"]
+
+#: Tiers a block can live in, fastest first. A block held in several tiers
+#: counts, when matching, as held in the fastest of them.
+TIERS: Final = ("device", "host", "disk")
+
+U32_MAX: Final = (1 << 32) - 1
+U64_MAX: Final = (1 << 64) - 1
+
+
+def check_u64(value: object, what: str) -> int:
+    """Return ``value`` as a Python int in [0, 2**64), or raise like a C ``uint64_t``.
+
+    >>> check_u64(7, "worker")
+    7
+    >>> check_u64(-1, "worker")
+    Traceback (most recent call last):
+    ...
+    OverflowError: worker -1 is outside the uint64 range [0, 2**64)
+
+    :raises TypeError: ``value`` is not an integer (floats and strings included).
+    :raises OverflowError: ``value`` is negative or >= 2**64.
+    """
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
+    if v < 0 or v > U64_MAX:
+        raise OverflowError(f"{what} {v} is outside the uint64 range [0, 2**64)")
+    return v
+
+
+def tier_index(tier: object) -> int:
+    """Return the position of ``tier`` in :data:`TIERS`.
+
+    :raises ValueError: ``tier`` is not one of ``"device"``, ``"host"``, ``"disk"``.
+    """
+    if isinstance(tier, str):
+        try:
+            return TIERS.index(tier)
+        except ValueError:
+            pass
+    raise ValueError(f"unknown tier {tier!r}; expected one of 'device', 'host', 'disk'")
+
+
+def as_u64_array(values: object, what: str = "hashes") -> npt.NDArray[np.uint64]:
+    """Return ``values`` as a contiguous one-dimensional numpy uint64 array.
+
+    Accepts a numpy array of any integer dtype, any buffer of unsigned 64-bit
+    items (``array('Q')``, a memoryview of one), or an iterable of ints.
+
+    Runtime complexity: O(n); zero-copy for a contiguous uint64 array or buffer.
+
+    :raises TypeError: ``values`` is not a sequence of integers (a ``str``,
+        ``bytes``, a float array, or an item that is not an int).
+    :raises OverflowError: a value is negative or does not fit in 64 bits.
+    :raises ValueError: an array is not one-dimensional.
+    """
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional, got shape {values.shape}")
+        if values.dtype == np.uint64:
+            return np.ascontiguousarray(values)
+        if values.dtype.kind == "u" or values.dtype == np.bool_:
+            return values.astype(np.uint64)
+        if values.dtype.kind == "i":
+            if values.size and int(values.min()) < 0:
+                raise OverflowError(
+                    f"{what} item {int(values.min())} is outside the uint64 range [0, 2**64)"
+                )
+            return values.astype(np.uint64)
+        raise TypeError(f"{what} must hold integers, not {values.dtype}")
+    if isinstance(values, (array, memoryview)):
+        view = memoryview(values)
+        if view.format in ("Q", "L") and view.itemsize == 8 and view.ndim == 1:
+            return np.frombuffer(view, dtype=np.uint64)
+    if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(
+        values, Iterable
+    ):
+        raise TypeError(f"{what} must be a sequence of integers, not {type(values).__name__}")
+    items = [check_u64(v, f"{what} item") for v in values]
+    return np.array(items, dtype=np.uint64)

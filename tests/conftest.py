@@ -1,0 +1,45 @@
+"""Shared fixtures: every index test runs against both twins (ids c / py)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _twins(base: str) -> list[ModuleType]:
+    mods = [importlib.import_module(f"kvroute.{base}_py")]
+    if not os.environ.get("KVROUTE_NO_EXTENSIONS"):
+        try:
+            mods.insert(0, importlib.import_module(f"kvroute.{base}"))
+        except ImportError:  # test_build.py fails loudly in this case
+            pass
+    return mods
+
+
+_INDEX_TWINS = _twins("_index")
+
+
+@pytest.fixture(
+    scope="session",
+    params=_INDEX_TWINS,
+    ids=["py" if m.__name__.endswith("_py") else "c" for m in _INDEX_TWINS],
+)
+def index_module(request: pytest.FixtureRequest) -> ModuleType:
+    """The compiled ``kvroute._index`` and the pure-Python ``kvroute._index_py``."""
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def BlockIndex(index_module: ModuleType) -> type:  # noqa: N802 - it is a class
+    return index_module.BlockIndex  # type: ignore[no-any-return]
