@@ -1,0 +1,1123 @@
+# The compiled BlockIndex. kvroute/_index_py.py is its specification: same
+# names, signatures, results and errors. Everything here exists for speed or
+# memory; behaviour lives in the twin's docstrings.
+#
+# Layout
+# ------
+# One open-addressing table (linear probing, Fibonacci hashing, backward-shift
+# deletion, so no tombstones and no growth under churn) maps a block key to a
+# 64-bit word. Most blocks live on one worker, so that word *is* the
+# residency:
+#
+#     bits  0..11  device copies      bits 36..37  engine handles (0, 1, 2+)
+#     bits 12..23  host copies        bits 38..61  worker slot
+#     bits 24..35  disk copies        bit  63      SPILL: low 32 bits name a set
+#
+# A live residency always has a non-zero count, so 0 marks an empty slot and
+# every uint64 is a valid key. A block on two or more workers spills into a
+# heap-allocated set of residency words sorted by worker slot (binary search
+# once it is large: a system prompt cached on every worker).
+#
+# Worker ids are arbitrary uint64s; each live worker gets a dense slot so the
+# per-call scratch arrays of match() can be indexed directly. Slots of removed
+# workers are reused (their residencies are all gone by then).
+#
+# Engine handles (engine hash -> block key) live in a small per-slot table.
+# The residency keeps a saturating count of the handles that name it, so the
+# common drop ("last copy removed through its only handle") deletes exactly
+# that handle; any other drop of a handled residency scans the worker's
+# handles, which only happens when callers mix removal by key and by handle.
+
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    WAIT_LOCK,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+    PyThread_type_lock,
+)
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memmove, memset
+from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define KVR_PREFETCH(p) __builtin_prefetch((p), 0, 1)
+    #else
+    #define KVR_PREFETCH(p) ((void)0)
+    #endif
+    """
+    void KVR_PREFETCH(const void* p) noexcept nogil
+
+import numpy as np
+
+from ._convert import TIERS, as_u64_array, check_u64, tier_index
+
+__all__ = ["MAX_COPIES", "TIERS", "BlockIndex"]
+
+MAX_COPIES = 4095
+
+cdef enum:
+    COUNT_BITS = 12
+    HC_SHIFT = 36
+    SLOT_SHIFT = 38
+    SLOT_BITS = 24
+    NOGIL_MIN = 1024        # batches at least this long run with the GIL released
+    AHEAD = 8               # prefetch the table line this many keys ahead (hides misses)
+    MIN_BITS = 4
+    SMALL_SET = 8           # sets up to this size are scanned, larger ones bisected
+
+cdef uint64_t COUNT_MAX = (1 << COUNT_BITS) - 1
+cdef uint64_t COUNTS_MASK = (<uint64_t>1 << HC_SHIFT) - 1
+cdef uint64_t HC_MASK = (<uint64_t>3) << HC_SHIFT
+cdef uint64_t SLOT_MAX = (<uint64_t>1 << SLOT_BITS) - 1
+cdef uint64_t SPILL = (<uint64_t>1) << 63
+cdef uint64_t FIB = 0x9E3779B97F4A7C15ULL
+
+ctypedef struct Entry:
+    uint64_t key
+    uint64_t val
+
+# A map from engine hash to block key, one per worker slot. Key 0 is the
+# empty marker; a real zero key lives in has_zero/zero_val.
+ctypedef struct HMap:
+    Entry* e
+    uint64_t cap
+    uint64_t used
+    uint32_t bits
+    int has_zero
+    uint64_t zero_val
+
+
+cdef inline uint32_t res_slot(uint64_t r) noexcept nogil:
+    return <uint32_t>((r >> SLOT_SHIFT) & SLOT_MAX)
+
+cdef inline uint64_t res_count(uint64_t r, int t) noexcept nogil:
+    return (r >> (t * COUNT_BITS)) & COUNT_MAX
+
+cdef inline uint64_t res_hc(uint64_t r) noexcept nogil:
+    return (r >> HC_SHIFT) & 3
+
+cdef inline int res_fastest(uint64_t r) noexcept nogil:
+    if r & COUNT_MAX:
+        return 0
+    if (r >> COUNT_BITS) & COUNT_MAX:
+        return 1
+    return 2
+
+cdef inline uint64_t* set_items(uint64_t* s) noexcept nogil:
+    return s + 1
+
+cdef inline uint32_t set_len(uint64_t* s) noexcept nogil:
+    return <uint32_t>(s[0] & 0xFFFFFFFFu)
+
+cdef inline uint32_t set_cap(uint64_t* s) noexcept nogil:
+    return <uint32_t>(s[0] >> 32)
+
+
+# -- the engine-handle map ---------------------------------------------------
+
+cdef HMap* hm_new() noexcept nogil:
+    cdef HMap* m = <HMap*>calloc(1, sizeof(HMap))
+    if m == NULL:
+        return NULL
+    m.bits = MIN_BITS
+    m.cap = 1 << MIN_BITS
+    m.e = <Entry*>calloc(m.cap, sizeof(Entry))
+    if m.e == NULL:
+        free(m)
+        return NULL
+    return m
+
+cdef void hm_free(HMap* m) noexcept nogil:
+    if m != NULL:
+        free(m.e)
+        free(m)
+
+cdef inline uint64_t hm_home(HMap* m, uint64_t k) noexcept nogil:
+    return (k * FIB) >> (64 - m.bits)
+
+cdef int hm_get(HMap* m, uint64_t k, uint64_t* out) noexcept nogil:
+    cdef uint64_t mask, i
+    if m == NULL:
+        return 0
+    if k == 0:
+        out[0] = m.zero_val
+        return m.has_zero
+    mask = m.cap - 1
+    i = hm_home(m, k)
+    while m.e[i].key != 0:
+        if m.e[i].key == k:
+            out[0] = m.e[i].val
+            return 1
+        i = (i + 1) & mask
+    return 0
+
+cdef int hm_grow(HMap* m) noexcept nogil:
+    cdef Entry* old = m.e
+    cdef uint64_t old_cap = m.cap, j, i, mask
+    cdef Entry* e = <Entry*>calloc(old_cap * 2, sizeof(Entry))
+    if e == NULL:
+        return -1
+    m.e = e
+    m.cap = old_cap * 2
+    m.bits += 1
+    mask = m.cap - 1
+    for j in range(old_cap):
+        if old[j].key != 0:
+            i = hm_home(m, old[j].key)
+            while e[i].key != 0:
+                i = (i + 1) & mask
+            e[i] = old[j]
+    free(old)
+    return 0
+
+cdef int hm_put(HMap* m, uint64_t k, uint64_t v) noexcept nogil:
+    """Insert or overwrite; -1 on allocation failure."""
+    cdef uint64_t mask, i
+    if k == 0:
+        m.has_zero = 1
+        m.zero_val = v
+        return 0
+    if (m.used + 1) * 4 > m.cap * 3 and hm_grow(m) < 0:
+        return -1
+    mask = m.cap - 1
+    i = hm_home(m, k)
+    while m.e[i].key != 0:
+        if m.e[i].key == k:
+            m.e[i].val = v
+            return 0
+        i = (i + 1) & mask
+    m.e[i].key = k
+    m.e[i].val = v
+    m.used += 1
+    return 0
+
+cdef void hm_del_at(HMap* m, uint64_t i) noexcept nogil:
+    # Backward-shift deletion: pull later members of the probe run into the hole.
+    cdef uint64_t mask = m.cap - 1, j = i, home
+    while True:
+        j = (j + 1) & mask
+        if m.e[j].key == 0:
+            break
+        home = hm_home(m, m.e[j].key)
+        # move e[j] into the hole at i unless its home lies cyclically in (i, j]
+        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            m.e[i] = m.e[j]
+            i = j
+    m.e[i].key = 0
+    m.e[i].val = 0
+    m.used -= 1
+
+cdef void hm_del(HMap* m, uint64_t k) noexcept nogil:
+    cdef uint64_t mask, i
+    if k == 0:
+        m.has_zero = 0
+        m.zero_val = 0
+        return
+    mask = m.cap - 1
+    i = hm_home(m, k)
+    while m.e[i].key != 0:
+        if m.e[i].key == k:
+            hm_del_at(m, i)
+            return
+        i = (i + 1) & mask
+
+cdef void hm_del_values(HMap* m, uint64_t v) noexcept nogil:
+    """Delete every entry whose value is ``v``. O(capacity x matches); rare, see above."""
+    cdef uint64_t i, k
+    cdef int found = 1
+    if m.has_zero and m.zero_val == v:
+        m.has_zero = 0
+        m.zero_val = 0
+    # Delete by key and rescan: a backward shift may move a match behind the scan.
+    while found:
+        found = 0
+        for i in range(m.cap):
+            if m.e[i].key != 0 and m.e[i].val == v:
+                k = m.e[i].key
+                found = 1
+                break
+        if found:
+            hm_del(m, k)
+
+cdef size_t hm_sizeof(HMap* m) noexcept nogil:
+    if m == NULL:
+        return 0
+    return sizeof(HMap) + m.cap * sizeof(Entry)
+
+
+cdef class BlockIndex:
+    """Which worker holds which KV block: the global prefix index (compiled).
+
+    See :mod:`kvroute._index_py` for the full specification.
+
+    >>> idx = BlockIndex()
+    >>> idx.store(0, [11, 12, 13])
+    >>> idx.store(1, [11, 12])
+    >>> sorted(idx.match([11, 12, 13, 14]).items())
+    [(0, 3), (1, 2)]
+    """
+
+    cdef Entry* _t
+    cdef uint64_t _cap
+    cdef uint64_t _used
+    cdef uint32_t _bits
+    # spilled worker sets: _sets[id] -> [len | cap << 32, residency words...]
+    cdef uint64_t** _sets
+    cdef uint32_t _nsets
+    cdef uint32_t* _set_free
+    cdef uint32_t _nset_free
+    # per worker slot
+    cdef uint32_t _nslots          # slots ever allocated (high-water mark)
+    cdef uint32_t _slot_cap
+    cdef uint64_t* _slot_worker
+    cdef uint8_t* _slot_live
+    cdef uint64_t* _slot_resident
+    cdef HMap** _slot_handles
+    cdef uint32_t* _slot_free
+    cdef uint32_t _nslot_free
+    # match scratch, per slot
+    cdef uint32_t* _ep
+    cdef uint32_t* _cnt
+    cdef uint32_t* _tier_cnt       # 3 per slot
+    cdef uint32_t _epoch
+    cdef uint32_t* _hits           # slots that hold the first block of a match
+    cdef dict _slot_of             # worker id -> slot
+    cdef uint64_t _unknown
+    cdef uint64_t _orphans
+    cdef uint64_t _saturated
+    cdef PyThread_type_lock _lock
+
+    def __cinit__(self):
+        self._lock = PyThread_allocate_lock()
+        self._bits = MIN_BITS
+        self._cap = 1 << MIN_BITS
+        self._t = <Entry*>calloc(self._cap, sizeof(Entry))
+        self._slot_of = {}
+        if self._lock == NULL or self._t == NULL:
+            raise MemoryError()
+
+    def __init__(self):
+        pass
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        free(self._t)
+        if self._sets != NULL:
+            for i in range(self._nsets):
+                free(self._sets[i])
+        free(self._sets)
+        free(self._set_free)
+        if self._slot_handles != NULL:
+            for i in range(self._nslots):
+                hm_free(self._slot_handles[i])
+        free(self._slot_handles)
+        free(self._slot_worker)
+        free(self._slot_live)
+        free(self._slot_resident)
+        free(self._slot_free)
+        free(self._ep)
+        free(self._cnt)
+        free(self._tier_cnt)
+        free(self._hits)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    # -- locking -----------------------------------------------------------
+
+    cdef inline void _acquire(self):
+        # Wait for the lock with the GIL released, so that a holder that is
+        # itself waiting for the GIL can finish.
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+
+    cdef inline void _release(self):
+        PyThread_release_lock(self._lock)
+
+    # -- the block table -----------------------------------------------------
+
+    cdef inline uint64_t _home(self, uint64_t k) noexcept nogil:
+        return (k * FIB) >> (64 - self._bits)
+
+    cdef inline Entry* _find(self, uint64_t k) noexcept nogil:
+        cdef uint64_t mask = self._cap - 1
+        cdef uint64_t i = self._home(k)
+        while self._t[i].val != 0:
+            if self._t[i].key == k:
+                return &self._t[i]
+            i = (i + 1) & mask
+        return NULL
+
+    cdef int _grow(self) noexcept nogil:
+        cdef Entry* old = self._t
+        cdef uint64_t old_cap = self._cap, j, i, mask
+        cdef Entry* t = <Entry*>calloc(old_cap * 2, sizeof(Entry))
+        if t == NULL:
+            return -1
+        self._t = t
+        self._cap = old_cap * 2
+        self._bits += 1
+        mask = self._cap - 1
+        for j in range(old_cap):
+            if old[j].val != 0:
+                i = self._home(old[j].key)
+                while t[i].val != 0:
+                    i = (i + 1) & mask
+                t[i] = old[j]
+        free(old)
+        return 0
+
+    cdef Entry* _find_or_insert(self, uint64_t k) noexcept nogil:
+        """The entry for ``k``; a new one has val 0 for the caller to fill. NULL on OOM."""
+        cdef uint64_t mask, i
+        if (self._used + 1) * 4 > self._cap * 3 and self._grow() < 0:
+            return NULL
+        mask = self._cap - 1
+        i = self._home(k)
+        while self._t[i].val != 0:
+            if self._t[i].key == k:
+                return &self._t[i]
+            i = (i + 1) & mask
+        self._t[i].key = k
+        self._used += 1
+        return &self._t[i]
+
+    cdef void _delete_entry(self, Entry* ent) noexcept nogil:
+        cdef uint64_t mask = self._cap - 1, home
+        cdef uint64_t i = ent - self._t, j = i
+        while True:
+            j = (j + 1) & mask
+            if self._t[j].val == 0:
+                break
+            home = self._home(self._t[j].key)
+            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                self._t[i] = self._t[j]
+                i = j
+        self._t[i].key = 0
+        self._t[i].val = 0
+        self._used -= 1
+
+    # -- spilled worker sets -----------------------------------------------
+
+    cdef long _set_new(self, uint64_t a, uint64_t b) noexcept nogil:
+        """A new set holding residencies a and b (any order); its id, or -1 on OOM."""
+        cdef uint32_t sid
+        cdef uint64_t* s
+        cdef uint64_t** sets
+        if self._nset_free:
+            self._nset_free -= 1
+            sid = self._set_free[self._nset_free]
+        else:
+            if self._nsets == 0xFFFFFFFEu:
+                return -1
+            sets = <uint64_t**>realloc(self._sets, (self._nsets + 1) * sizeof(uint64_t*))
+            if sets == NULL:
+                return -1
+            self._sets = sets
+            sid = self._nsets
+            self._nsets += 1
+            self._sets[sid] = NULL
+        s = <uint64_t*>malloc(5 * sizeof(uint64_t))
+        if s == NULL:
+            self._set_free_id(sid)
+            return -1
+        s[0] = 2 | (<uint64_t>4 << 32)
+        if res_slot(a) < res_slot(b):
+            s[1] = a
+            s[2] = b
+        else:
+            s[1] = b
+            s[2] = a
+        self._sets[sid] = s
+        return sid
+
+    cdef void _set_free_id(self, uint32_t sid) noexcept nogil:
+        # _set_free never needs more room than _nsets ids; grow it with _sets.
+        cdef uint32_t* f = <uint32_t*>realloc(self._set_free, self._nsets * sizeof(uint32_t))
+        if f != NULL:
+            self._set_free = f
+            self._set_free[self._nset_free] = sid
+            self._nset_free += 1
+        self._sets[sid] = NULL
+
+    cdef inline uint64_t* _set_find(self, uint64_t* s, uint32_t slot) noexcept nogil:
+        """Pointer to ``slot``'s residency in set ``s``, or NULL."""
+        cdef uint32_t n = set_len(s), lo = 0, hi, mid, x
+        cdef uint64_t* it = set_items(s)
+        if n <= SMALL_SET:
+            for lo in range(n):
+                if res_slot(it[lo]) == slot:
+                    return &it[lo]
+            return NULL
+        hi = n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            x = res_slot(it[mid])
+            if x < slot:
+                lo = mid + 1
+            elif x > slot:
+                hi = mid
+            else:
+                return &it[mid]
+        return NULL
+
+    cdef int _set_insert(self, Entry* ent, uint64_t r) noexcept nogil:
+        """Insert residency ``r`` (its slot absent) into the set of ``ent``. -1 on OOM."""
+        cdef uint32_t sid = <uint32_t>(ent.val & 0xFFFFFFFFu)
+        cdef uint64_t* s = self._sets[sid]
+        cdef uint32_t n = set_len(s), cap = set_cap(s), pos = 0, slot = res_slot(r)
+        cdef uint64_t* it
+        if n == cap:
+            s = <uint64_t*>realloc(s, (1 + <size_t>cap * 2) * sizeof(uint64_t))
+            if s == NULL:
+                return -1
+            cap *= 2
+            self._sets[sid] = s
+        it = set_items(s)
+        while pos < n and res_slot(it[pos]) < slot:
+            pos += 1
+        memmove(&it[pos + 1], &it[pos], (n - pos) * sizeof(uint64_t))
+        it[pos] = r
+        s[0] = (n + 1) | (<uint64_t>cap << 32)
+        return 0
+
+    cdef void _set_remove(self, Entry* ent, uint64_t* rp) noexcept nogil:
+        """Remove the residency at ``rp`` from the set of ``ent``; inline it if one is left."""
+        cdef uint32_t sid = <uint32_t>(ent.val & 0xFFFFFFFFu)
+        cdef uint64_t* s = self._sets[sid]
+        cdef uint32_t n = set_len(s)
+        cdef uint64_t* it = set_items(s)
+        cdef uint32_t pos = <uint32_t>(rp - it)
+        memmove(&it[pos], &it[pos + 1], (n - pos - 1) * sizeof(uint64_t))
+        n -= 1
+        if n == 1:
+            ent.val = it[0]
+            free(s)
+            self._set_free_id(sid)
+        else:
+            s[0] = n | (s[0] & 0xFFFFFFFF00000000ULL)
+
+    cdef inline uint64_t* _res(self, Entry* ent, uint32_t slot) noexcept nogil:
+        """Pointer to ``slot``'s residency word for block ``ent``, or NULL."""
+        if ent.val & SPILL:
+            return self._set_find(self._sets[ent.val & 0xFFFFFFFFu], slot)
+        if res_slot(ent.val) == slot:
+            return &ent.val
+        return NULL
+
+    # -- worker slots --------------------------------------------------------
+
+    cdef int _grow_slots(self) except -1:
+        cdef uint32_t cap = self._slot_cap * 2 if self._slot_cap else 16
+        cdef size_t i
+        if cap > SLOT_MAX + 1:
+            cap = <uint32_t>(SLOT_MAX + 1)
+        if cap <= self._slot_cap:
+            raise OverflowError(f"too many live workers (at most {SLOT_MAX + 1})")
+        if not (
+            _grow_array(<void**>&self._slot_worker, cap, sizeof(uint64_t))
+            and _grow_array(<void**>&self._slot_live, cap, sizeof(uint8_t))
+            and _grow_array(<void**>&self._slot_resident, cap, sizeof(uint64_t))
+            and _grow_array(<void**>&self._slot_handles, cap, sizeof(HMap*))
+            and _grow_array(<void**>&self._slot_free, cap, sizeof(uint32_t))
+            and _grow_array(<void**>&self._ep, cap, sizeof(uint32_t))
+            and _grow_array(<void**>&self._cnt, cap, sizeof(uint32_t))
+            and _grow_array(<void**>&self._tier_cnt, cap * 3, sizeof(uint32_t))
+            and _grow_array(<void**>&self._hits, cap, sizeof(uint32_t))
+        ):
+            raise MemoryError()
+        for i in range(self._slot_cap, cap):
+            self._slot_live[i] = 0
+            self._slot_resident[i] = 0
+            self._slot_handles[i] = NULL
+            self._ep[i] = 0
+        self._slot_cap = cap
+        return 0
+
+    cdef uint32_t _slot_for(self, uint64_t worker) except? 0xFFFFFFFF:
+        """The slot of ``worker``, creating it (the worker becomes known)."""
+        cdef object s = self._slot_of.get(worker)
+        cdef uint32_t slot
+        if s is not None:
+            return <uint32_t>s
+        if self._nslot_free:
+            self._nslot_free -= 1
+            slot = self._slot_free[self._nslot_free]
+        else:
+            if self._nslots == self._slot_cap:
+                self._grow_slots()
+            slot = self._nslots
+            self._nslots += 1
+        self._slot_worker[slot] = worker
+        self._slot_live[slot] = 1
+        self._slot_resident[slot] = 0
+        self._slot_handles[slot] = NULL
+        self._slot_of[worker] = slot
+        return slot
+
+    # -- residency changes ---------------------------------------------------
+
+    cdef int _store_one(self, uint64_t k, uint32_t slot, int tier, int has_e, uint64_t e) noexcept nogil:
+        """Add one copy of ``k`` on ``slot``; -1 on OOM (nothing half-done)."""
+        cdef Entry* ent = self._find_or_insert(k)
+        cdef uint64_t* rp
+        cdef uint64_t r, old
+        cdef long sid
+        cdef HMap* hm
+        cdef uint64_t one = (<uint64_t>1) << (tier * COUNT_BITS)
+        cdef uint64_t fresh = one | (<uint64_t>slot << SLOT_SHIFT)
+        if ent == NULL:
+            return -1
+        if ent.val == 0:
+            ent.val = fresh
+            rp = &ent.val
+            self._slot_resident[slot] += 1
+        else:
+            rp = self._res(ent, slot)
+            if rp == NULL:
+                if ent.val & SPILL:
+                    if self._set_insert(ent, fresh) < 0:
+                        return -1
+                else:
+                    sid = self._set_new(ent.val, fresh)
+                    if sid < 0:
+                        return -1
+                    ent.val = SPILL | <uint64_t>sid
+                rp = self._res(ent, slot)
+                self._slot_resident[slot] += 1
+            elif res_count(rp[0], tier) == COUNT_MAX:
+                self._saturated += 1
+            else:
+                rp[0] += one
+        if has_e:
+            hm = self._slot_handles[slot]
+            if hm == NULL:
+                hm = self._slot_handles[slot] = hm_new()
+                if hm == NULL:
+                    return -1
+            if not hm_get(hm, e, &old) or old != k:
+                if hm_put(hm, e, k) < 0:
+                    return -1
+                r = rp[0]
+                if res_hc(r) < 2:
+                    rp[0] = r + ((<uint64_t>1) << HC_SHIFT)
+        return 0
+
+    cdef void _drop(self, Entry* ent, uint64_t* rp, uint32_t slot, int via_handle, uint64_t e) noexcept nogil:
+        """Remove residency ``rp`` of block ``ent`` entirely, with its handles."""
+        cdef uint64_t k = ent.key
+        cdef uint64_t hc = res_hc(rp[0])
+        if ent.val & SPILL:
+            self._set_remove(ent, rp)
+        else:
+            self._delete_entry(ent)
+        self._slot_resident[slot] -= 1
+        if hc:
+            if via_handle and hc == 1:
+                hm_del(self._slot_handles[slot], e)
+            else:
+                hm_del_values(self._slot_handles[slot], k)
+
+    cdef uint64_t _remove_run(
+        self, const uint64_t* ids, size_t n, uint32_t slot, int engine, int tier
+    ) noexcept nogil:
+        cdef size_t i
+        cdef uint64_t unknown = 0, k, r
+        cdef uint64_t one = (<uint64_t>1) << (tier * COUNT_BITS)
+        cdef Entry* ent
+        cdef uint64_t* rp
+        cdef HMap* hm = self._slot_handles[slot]
+        for i in range(n):
+            if not engine and i + AHEAD < n:
+                KVR_PREFETCH(&self._t[self._home(ids[i + AHEAD])])
+            k = ids[i]
+            if engine and not hm_get(hm, ids[i], &k):
+                unknown += 1
+                continue
+            ent = self._find(k)
+            rp = NULL if ent == NULL else self._res(ent, slot)
+            if rp == NULL or res_count(rp[0], tier) == 0:
+                unknown += 1
+                continue
+            r = rp[0] - one
+            if r & COUNTS_MASK:
+                rp[0] = r
+            else:
+                self._drop(ent, rp, slot, engine, ids[i])
+        return unknown
+
+    cdef int _store_run(
+        self, const uint64_t* keys, const uint64_t* eng, size_t n, uint32_t slot, int t
+    ) noexcept nogil:
+        cdef size_t i
+        for i in range(n):
+            if i + AHEAD < n:
+                KVR_PREFETCH(&self._t[self._home(keys[i + AHEAD])])
+            if self._store_one(keys[i], slot, t, eng != NULL, eng[i] if eng != NULL else 0) < 0:
+                return 1
+        return 0
+
+    # -- public API --------------------------------------------------------
+
+    def store(self, worker, hashes, parent=None, *, tier="device", engine_hashes=None):
+        """Record that ``worker`` now holds one more copy of each block in ``hashes``.
+
+        See :meth:`kvroute._index_py.BlockIndex.store`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef Py_buffer kb, eb
+        cdef uint64_t p = 0
+        cdef int t, failed = 0
+        cdef uint32_t slot
+        cdef size_t n
+        cdef const uint64_t* eng = NULL
+        cdef Entry* pe
+        cdef bint has_eb = False
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            n = <size_t>kb.shape[0]
+            if parent is not None:
+                p = _u64(parent, "parent")
+            t = _tier(tier)
+            if engine_hashes is not None:
+                _get_keys(engine_hashes, "engine_hashes", &eb)
+                has_eb = True
+                if <size_t>eb.shape[0] != n:
+                    raise ValueError(
+                        f"engine_hashes has {eb.shape[0]} items but hashes has {n}"
+                    )
+                eng = <const uint64_t*>eb.buf
+            self._acquire()
+            try:
+                slot = self._slot_for(w)
+                if parent is not None:
+                    pe = self._find(p)
+                    if pe == NULL or self._res(pe, slot) == NULL:
+                        self._orphans += 1
+                if n >= NOGIL_MIN:
+                    with nogil:
+                        failed = self._store_run(<const uint64_t*>kb.buf, eng, n, slot, t)
+                else:
+                    failed = self._store_run(<const uint64_t*>kb.buf, eng, n, slot, t)
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+            if has_eb:
+                PyBuffer_Release(&eb)
+        if failed:
+            raise MemoryError("BlockIndex.store: out of memory; the batch was partly applied")
+
+    def remove(self, worker, hashes, *, engine=False, tier="device"):
+        """Remove one copy of each block from ``worker``'s ``tier``; returns how many were unknown.
+
+        See :meth:`kvroute._index_py.BlockIndex.remove`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef Py_buffer kb
+        cdef int t, eng = bool(engine)
+        cdef uint64_t unknown
+        cdef size_t n
+        cdef object s
+        cdef uint32_t slot
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            n = <size_t>kb.shape[0]
+            t = _tier(tier)
+            self._acquire()
+            try:
+                s = self._slot_of.get(w)
+                if s is None:
+                    unknown = n
+                else:
+                    slot = s
+                    if n >= NOGIL_MIN:
+                        with nogil:
+                            unknown = self._remove_run(<const uint64_t*>kb.buf, n, slot, eng, t)
+                    else:
+                        unknown = self._remove_run(<const uint64_t*>kb.buf, n, slot, eng, t)
+                self._unknown += unknown
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+        return unknown
+
+    cdef uint64_t _clear_slot(self, uint32_t slot) except? 0xFFFFFFFFFFFFFFFF:
+        cdef uint64_t n = self._slot_resident[slot], j = 0, i
+        cdef uint64_t* keys
+        cdef Entry* ent
+        cdef uint64_t* rp
+        if n:
+            keys = <uint64_t*>malloc(n * sizeof(uint64_t))
+            if keys == NULL:
+                raise MemoryError()
+            # Collect first: deleting while scanning would let backward shifts
+            # move unvisited entries behind the scan.
+            with nogil:
+                for i in range(self._cap):
+                    if self._t[i].val != 0 and self._res(&self._t[i], slot) != NULL:
+                        keys[j] = self._t[i].key
+                        j += 1
+                for i in range(j):
+                    ent = self._find(keys[i])
+                    rp = self._res(ent, slot)
+                    if ent.val & SPILL:
+                        self._set_remove(ent, rp)
+                    else:
+                        self._delete_entry(ent)
+            free(keys)
+        self._slot_resident[slot] = 0
+        hm_free(self._slot_handles[slot])
+        self._slot_handles[slot] = NULL
+        return n
+
+    def clear(self, worker):
+        """Drop every block ``worker`` holds; it stays known. Returns the number dropped.
+
+        See :meth:`kvroute._index_py.BlockIndex.clear`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef object s
+        self._acquire()
+        try:
+            s = self._slot_of.get(w)
+            return 0 if s is None else self._clear_slot(s)
+        finally:
+            self._release()
+
+    def remove_worker(self, worker):
+        """Drop ``worker`` and every block it holds. Returns the number dropped.
+
+        See :meth:`kvroute._index_py.BlockIndex.remove_worker`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef object s
+        cdef uint32_t slot
+        cdef uint64_t n
+        self._acquire()
+        try:
+            s = self._slot_of.get(w)
+            if s is None:
+                return 0
+            slot = s
+            n = self._clear_slot(slot)
+            del self._slot_of[w]
+            self._slot_live[slot] = 0
+            self._slot_free[self._nslot_free] = slot
+            self._nslot_free += 1
+            return n
+        finally:
+            self._release()
+
+    cdef uint32_t _match_run(self, const uint64_t* keys, size_t n, int tiers) noexcept nogil:
+        """Walk ``keys``; leave counts in _cnt (and _tier_cnt) for the slots in _hits."""
+        cdef size_t i
+        cdef uint32_t nhits = 0, j, m, slot, e, adv
+        cdef Entry* ent
+        cdef uint64_t* it
+        cdef uint64_t r
+        if n == 0:
+            return 0
+        ent = self._find(keys[0])
+        if ent == NULL:
+            return 0
+        self._epoch += 1
+        if self._epoch == 0:      # wrapped: forget every stale stamp
+            memset(self._ep, 0, self._slot_cap * sizeof(uint32_t))
+            self._epoch = 1
+        e = self._epoch
+        for i in range(n):
+            if i + AHEAD < n:
+                KVR_PREFETCH(&self._t[self._home(keys[i + AHEAD])])
+            if i:
+                ent = self._find(keys[i])
+                if ent == NULL:
+                    break
+            adv = 0
+            if ent.val & SPILL:
+                it = set_items(self._sets[ent.val & 0xFFFFFFFFu])
+                m = set_len(self._sets[ent.val & 0xFFFFFFFFu])
+            else:
+                it = &ent.val
+                m = 1
+            for j in range(m):
+                r = it[j]
+                slot = res_slot(r)
+                if i == 0:
+                    self._ep[slot] = e
+                    self._cnt[slot] = 0
+                    if tiers:
+                        self._tier_cnt[3 * slot] = 0
+                        self._tier_cnt[3 * slot + 1] = 0
+                        self._tier_cnt[3 * slot + 2] = 0
+                    self._hits[nhits] = slot
+                    nhits += 1
+                elif self._ep[slot] != e or self._cnt[slot] != i:
+                    continue
+                self._cnt[slot] = <uint32_t>(i + 1)
+                if tiers:
+                    self._tier_cnt[3 * slot + res_fastest(r)] += 1
+                adv += 1
+            if adv == 0:
+                break
+        return nhits
+
+    cdef uint32_t _match_locked(self, Py_buffer* kb, int tiers):
+        cdef size_t n = <size_t>kb.shape[0]
+        cdef const uint64_t* keys = <const uint64_t*>kb.buf
+        if n >= NOGIL_MIN:
+            with nogil:
+                return self._match_run(keys, n, tiers)
+        return self._match_run(keys, n, tiers)
+
+    def match(self, hashes):
+        """Per worker, how many leading blocks of ``hashes`` it holds (any tier).
+
+        See :meth:`kvroute._index_py.BlockIndex.match`.
+        """
+        cdef Py_buffer kb
+        cdef uint32_t nhits, j, slot
+        cdef dict out = {}
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            self._acquire()
+            try:
+                nhits = self._match_locked(&kb, 0)
+                for j in range(nhits):
+                    slot = self._hits[j]
+                    out[self._slot_worker[slot]] = self._cnt[slot]
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+        return out
+
+    def match_tiers(self, hashes):
+        """Per worker, its matched prefix split by the fastest tier holding each block.
+
+        See :meth:`kvroute._index_py.BlockIndex.match_tiers`.
+        """
+        cdef Py_buffer kb
+        cdef uint32_t nhits, j, slot
+        cdef dict out = {}
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            self._acquire()
+            try:
+                nhits = self._match_locked(&kb, 1)
+                for j in range(nhits):
+                    slot = self._hits[j]
+                    out[self._slot_worker[slot]] = (
+                        self._tier_cnt[3 * slot],
+                        self._tier_cnt[3 * slot + 1],
+                        self._tier_cnt[3 * slot + 2],
+                    )
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+        return out
+
+    def workers(self):
+        """Known workers (those that stored anything and were not removed), ascending."""
+        self._acquire()
+        try:
+            return sorted(self._slot_of)
+        finally:
+            self._release()
+
+    def worker_len(self, worker):
+        """Number of distinct blocks ``worker`` holds (0 for an unknown worker)."""
+        cdef uint64_t w = _u64(worker, "worker")
+        self._acquire()
+        try:
+            s = self._slot_of.get(w)
+            return 0 if s is None else self._slot_resident[<uint32_t>s]
+        finally:
+            self._release()
+
+    def residencies(self):
+        """Number of (block, worker) pairs: the sum of ``worker_len`` over workers."""
+        cdef uint64_t total = 0
+        cdef uint32_t i
+        self._acquire()
+        try:
+            for i in range(self._nslots):
+                total += self._slot_resident[i]
+        finally:
+            self._release()
+        return total
+
+    def stats(self):
+        """Counters: ``unknown_removals``, ``orphan_stores``, ``saturated``."""
+        return {
+            "unknown_removals": self._unknown,
+            "orphan_stores": self._orphans,
+            "saturated": self._saturated,
+        }
+
+    def __len__(self):
+        """Number of distinct blocks held by at least one worker."""
+        return self._used
+
+    def sizeof(self):
+        """Bytes owned by the index: tables, worker sets, handles and per-worker arrays."""
+        cdef size_t total = sizeof(Entry) * self._cap
+        cdef uint32_t i
+        self._acquire()
+        try:
+            total += self._nsets * sizeof(uint64_t*) + self._nsets * sizeof(uint32_t)
+            for i in range(self._nsets):
+                if self._sets[i] != NULL:
+                    total += (1 + set_cap(self._sets[i])) * sizeof(uint64_t)
+            # per slot: worker, live, resident, handles ptr, free, ep, cnt, 3 tier counts, hits
+            total += self._slot_cap * (8 + 1 + 8 + 8 + 4 + 4 + 4 + 12 + 4)
+            for i in range(self._nslots):
+                total += hm_sizeof(self._slot_handles[i])
+        finally:
+            self._release()
+        return total
+
+    def _check(self):
+        """Check every invariant; raise AssertionError on the first broken one. O(n)."""
+        cdef uint64_t i, j, mask = self._cap - 1, used = 0, home, h
+        cdef uint64_t* s
+        cdef uint64_t r, prev
+        cdef uint32_t n, sid
+        cdef HMap* hm
+        self._acquire()
+        try:
+            resident = [0] * self._nslots
+            live_sets = set()
+            for i in range(self._cap):
+                if self._t[i].val == 0:
+                    continue
+                used += 1
+                # linear probing: no empty entry between the home and the entry
+                home = self._home(self._t[i].key)
+                j = home
+                while j != i:
+                    assert self._t[j].val != 0, f"hole in the probe run of {self._t[i].key}"
+                    j = (j + 1) & mask
+                assert self._find(self._t[i].key) == &self._t[i], "duplicate key"
+                if self._t[i].val & SPILL:
+                    sid = <uint32_t>(self._t[i].val & 0xFFFFFFFFu)
+                    assert sid < self._nsets and self._sets[sid] != NULL, "dangling set"
+                    assert sid not in live_sets, "set shared by two blocks"
+                    live_sets.add(sid)
+                    s = self._sets[sid]
+                    n = set_len(s)
+                    assert 2 <= n <= set_cap(s), f"set of {n} residencies"
+                    for j in range(n):
+                        r = set_items(s)[j]
+                        if j:
+                            assert res_slot(prev) < res_slot(r), "set not sorted by slot"
+                        prev = r
+                        self._check_res(r, resident)
+                else:
+                    self._check_res(self._t[i].val, resident)
+            assert used == self._used, "entry count is off"
+            for i in range(self._nslots):
+                assert resident[i] == self._slot_resident[i], "per-worker residency count off"
+            free_sets = {self._set_free[i] for i in range(self._nset_free)}
+            assert len(free_sets) == self._nset_free
+            assert live_sets.isdisjoint(free_sets)
+            assert len(live_sets) + len(free_sets) == self._nsets, "leaked worker set"
+            assert len(self._slot_of) + self._nslot_free == self._nslots, "leaked worker slot"
+            for w, slot in self._slot_of.items():
+                assert self._slot_live[slot] and self._slot_worker[slot] == w
+            for i in range(self._nslot_free):
+                assert not self._slot_live[self._slot_free[i]], "free slot is live"
+            for i in range(self._nslots):
+                hm = self._slot_handles[i]
+                if hm == NULL:
+                    continue
+                assert self._slot_live[i], "handles of a removed worker"
+                handles_of = {}
+                if hm.has_zero:
+                    handles_of[hm.zero_val] = handles_of.get(hm.zero_val, 0) + 1
+                for j in range(hm.cap):
+                    if hm.e[j].key != 0:
+                        h = hm.e[j].val
+                        handles_of[h] = handles_of.get(h, 0) + 1
+                for k, count in handles_of.items():
+                    ent = self._find(k)
+                    assert ent != NULL, f"handle names dropped block {k}"
+                    rp = self._res(ent, <uint32_t>i)
+                    assert rp != NULL, f"handle names block {k} the worker dropped"
+                    assert res_hc(rp[0]) >= min(count, 2), "handle count too low"
+        finally:
+            self._release()
+
+    cdef _check_res(self, uint64_t r, list resident):
+        cdef uint32_t slot = res_slot(r)
+        assert r & COUNTS_MASK, "residency with no copies"
+        assert slot < self._nslots and self._slot_live[slot], "residency of a dead slot"
+        resident[slot] += 1
+
+    def __repr__(self):
+        return (
+            f"<BlockIndex blocks={len(self)} residencies={self.residencies()}"
+            f" workers={len(self._slot_of)}>"
+        )
+
+
+cdef bint _grow_array(void** p, size_t n, size_t item) noexcept:
+    cdef void* q = realloc(p[0], n * item)
+    if q == NULL:
+        return False
+    p[0] = q
+    return True
+
+
+cdef int _get_keys(object obj, str what, Py_buffer* view) except -1:
+    """Fill ``view`` with ``obj`` as contiguous uint64 keys, validated exactly like the twin.
+
+    Zero-copy for a contiguous native-endian uint64 array or ``array('Q')``;
+    anything else goes through the twin's converter (which raises the errors).
+    The caller releases ``view``.
+    """
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
+    except (TypeError, ValueError, BufferError):
+        pass
+    else:
+        if view.ndim == 1 and view.itemsize == 8 and _is_native_u64(view.format):
+            return 0
+        PyBuffer_Release(view)
+    PyObject_GetBuffer(as_u64_array(obj, what), view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
+    return 0
+
+
+cdef inline bint _is_native_u64(const char* f) noexcept:
+    # struct-module codes for a native-endian unsigned 64-bit item: Q, L, =Q, @L ...
+    if f == NULL:
+        return False
+    if f[0] == b"=" or f[0] == b"@":
+        f += 1
+    return (f[0] == b"Q" or f[0] == b"L") and f[1] == 0
+
+
+cdef inline uint64_t _u64(object v, str what) except? 0xFFFFFFFFFFFFFFFF:
+    """``v`` as a uint64; the twin's check_u64 raises the errors (same text)."""
+    cdef uint64_t out
+    if type(v) is int:
+        try:
+            out = v
+            return out
+        except OverflowError:
+            pass
+    return check_u64(v, what)
+
+
+cdef inline int _tier(object tier) except -1:
+    # Identity first: callers pass the interned literals nearly always.
+    if tier is "device":
+        return 0
+    return tier_index(tier)
