@@ -40,7 +40,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,7 @@ __all__ = ["MAX_COPIES", "TIERS", "BlockIndex", "HashesLike"]
 MAX_COPIES: Final = 4095
 
 #: Anything that can be read as a sequence of uint64 block keys.
-HashesLike = npt.NDArray[np.uint64] | array | Iterable[int]
+HashesLike: TypeAlias = "npt.NDArray[np.uint64] | array[int] | Iterable[int]"
 
 
 class BlockIndex:
