@@ -664,12 +664,20 @@ cdef class BlockIndex:
         cdef uint64_t* rp
         cdef HMap* hm = self._slot_handles[slot]
         for i in range(n):
-            if not engine and i + AHEAD < n:
-                KVR_PREFETCH(&self._t[self._home(ids[i + AHEAD])])
-            k = ids[i]
-            if engine and not hm_get(hm, ids[i], &k):
-                unknown += 1
-                continue
+            if engine:
+                # two dependent misses per id: prefetch the handle far ahead,
+                # and the block it names (known by now) a little ahead
+                if hm != NULL and i + 2 * AHEAD < n:
+                    KVR_PREFETCH(&hm.e[hm_home(hm, ids[i + 2 * AHEAD])])
+                if i + AHEAD < n and hm_get(hm, ids[i + AHEAD], &k):
+                    KVR_PREFETCH(&self._t[self._home(k)])
+                if not hm_get(hm, ids[i], &k):
+                    unknown += 1
+                    continue
+            else:
+                if i + AHEAD < n:
+                    KVR_PREFETCH(&self._t[self._home(ids[i + AHEAD])])
+                k = ids[i]
             ent = self._find(k)
             rp = NULL if ent == NULL else self._res(ent, slot)
             if rp == NULL or res_count(rp[0], tier) == 0:
@@ -686,9 +694,12 @@ cdef class BlockIndex:
         self, const uint64_t* keys, const uint64_t* eng, size_t n, uint32_t slot, int t
     ) noexcept nogil:
         cdef size_t i
+        cdef HMap* hm = self._slot_handles[slot]
         for i in range(n):
             if i + AHEAD < n:
                 KVR_PREFETCH(&self._t[self._home(keys[i + AHEAD])])
+                if eng != NULL and hm != NULL:
+                    KVR_PREFETCH(&hm.e[hm_home(hm, eng[i + AHEAD])])
             if self._store_one(keys[i], slot, t, eng != NULL, eng[i] if eng != NULL else 0) < 0:
                 return 1
         return 0
