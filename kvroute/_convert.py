@@ -12,12 +12,20 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["TIERS", "U32_MAX", "U64_MAX", "as_u64_array", "check_u64", "tier_index"]
+__all__ = [
+    "TIERS",
+    "U32_MAX",
+    "U64_MAX",
+    "as_u32_tokens",
+    "as_u64_array",
+    "check_u64",
+    "tier_index",
+]
 
 #: Tiers a block can live in, fastest first. A block held in several tiers
 #: counts, when matching, as held in the fastest of them.
@@ -89,13 +97,96 @@ def as_u64_array(values: object, what: str = "hashes") -> npt.NDArray[np.uint64]
                 )
             return values.astype(np.uint64)
         raise TypeError(f"{what} must hold integers, not {values.dtype}")
-    if isinstance(values, (array, memoryview)):
-        view = memoryview(values)
-        if view.format in ("Q", "L") and view.itemsize == 8 and view.ndim == 1:
-            return np.frombuffer(view, dtype=np.uint64)
+    view = memoryview(values) if isinstance(values, (array, memoryview)) else None
+    if view is not None and view.format in ("Q", "L") and view.itemsize == 8 and view.ndim == 1:
+        return np.frombuffer(view, dtype=np.uint64)
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(
         values, Iterable
     ):
         raise TypeError(f"{what} must be a sequence of integers, not {type(values).__name__}")
     items = [check_u64(v, f"{what} item") for v in values]
     return np.array(items, dtype=np.uint64)
+
+
+def _u32_from_ndarray(values: npt.NDArray[Any], what: str) -> npt.NDArray[np.uint32]:
+    """Convert a one-dimensional integer ndarray to native uint32, checking the range."""
+    if values.dtype == np.uint32:
+        return np.ascontiguousarray(values)
+    kind = values.dtype.kind
+    if kind not in "uib":
+        raise TypeError(f"{what} must hold integers, not {values.dtype}")
+    # bool and unsigned dtypes of up to 32 bits always fit
+    checked = kind != "b" and not (kind == "u" and values.dtype.itemsize <= 4)
+    if checked and values.size and (int(values.min()) < 0 or int(values.max()) > U32_MAX):
+        index = int(np.argmax((values < 0) | (values > U32_MAX)))
+        raise OverflowError(
+            f"{what} item {int(values[index])} at index {index} "
+            "is outside the uint32 range [0, 2**32)"
+        )
+    return values.astype(np.uint32)
+
+
+def as_u32_tokens(tokens: object, what: str = "tokens") -> npt.NDArray[np.uint32]:
+    """Return token ids as a contiguous one-dimensional numpy uint32 array.
+
+    Accepts a numpy array of any integer dtype, a buffer of integers
+    (``array('I')``, ``array('L')``, a memoryview of one...), or an iterable of
+    ints (a list, a tuple, a ``range``...). The first bad item is the one
+    reported, whichever of these paths the input takes.
+
+    >>> as_u32_tokens([1, 2, 3])
+    array([1, 2, 3], dtype=uint32)
+    >>> as_u32_tokens([7, -1])
+    Traceback (most recent call last):
+    ...
+    OverflowError: tokens item -1 at index 1 is outside the uint32 range [0, 2**32)
+
+    Runtime complexity: O(n); zero-copy for a contiguous native uint32 array
+    or an ``array('I')``.
+
+    :param tokens: the token ids.
+    :param what: the name used in error messages.
+    :returns: a contiguous array of dtype ``uint32`` (native byte order).
+    :raises TypeError: ``tokens`` is not a sequence of integers (a ``str``,
+        ``bytes``, a float array, or an item that is not an int).
+    :raises OverflowError: a token id is negative or does not fit in 32 bits.
+    :raises ValueError: an array is not one-dimensional.
+    """
+    if isinstance(tokens, (array, memoryview)):
+        # numpy reads every buffer format (array typecodes, '<I', '>q'...); a
+        # non-integer one is refused below by its dtype
+        tokens = np.asarray(tokens)
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional, got shape {tokens.shape}")
+        return _u32_from_ndarray(tokens, what)
+    if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(
+        tokens, Iterable
+    ):
+        raise TypeError(f"{what} must be a sequence of integers, not {type(tokens).__name__}")
+    items = tokens if isinstance(tokens, (list, tuple)) else list(tokens)
+    if not items:
+        return np.empty(0, dtype=np.uint32)
+    try:
+        # One C-level pass for the common case of plain ints; anything odd
+        # (floats, huge ints, nested lists) falls through to the item check.
+        arr = np.array(items)
+    except (TypeError, ValueError, OverflowError):
+        arr = None
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iu":
+        return _u32_from_ndarray(arr, what)
+    out = np.empty(len(items), dtype=np.uint32)
+    for i, item in enumerate(items):
+        try:
+            v = operator.index(item)
+        except TypeError:
+            raise TypeError(
+                f"{what} item at index {i} must be an integer, not {type(item).__name__}"
+            ) from None
+        if v < 0 or v > U32_MAX:
+            raise OverflowError(
+                f"{what} item {v} at index {i} is outside the uint32 range [0, 2**32)"
+            )
+        out[i] = v
+    return out
+
