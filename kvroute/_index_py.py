@@ -29,18 +29,20 @@ with the block, whichever way it leaves.
 
 Thread safety
 -------------
-Every public method is atomic: the compiled index serialises calls with an
-internal lock and releases the GIL only inside that lock, around loops over
-large batches. Calls from several threads are therefore safe and see the
+Every public method is atomic: both twins serialise calls with an internal
+lock (the compiled one releases the GIL only inside it, around loops over
+large batches). Calls from several threads are therefore safe and see the
 index either before or after any other call, never half-way.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 from array import array
-from collections.abc import Iterable
-from typing import Final, TypeAlias
+from collections.abc import Callable, Iterable
+from typing import Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +56,23 @@ MAX_COPIES: Final = 4095
 
 #: Anything that can be read as a sequence of uint64 block keys.
 HashesLike: TypeAlias = "npt.NDArray[np.uint64] | array[int] | Iterable[int]"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _atomic(
+    method: Callable[Concatenate[BlockIndex, _P], _R],
+) -> Callable[Concatenate[BlockIndex, _P], _R]:
+    """Run ``method`` under the index's lock, so each call is atomic (as in the compiled twin)."""
+
+    @functools.wraps(method)
+    def locked(self: BlockIndex, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class BlockIndex:
@@ -78,9 +97,12 @@ class BlockIndex:
         # worker -> number of residencies
         self._resident: dict[int, int] = {}
         self._stats = {"unknown_removals": 0, "orphan_stores": 0, "saturated": 0}
+        # Re-entrant: remove_worker calls clear, match calls match_tiers.
+        self._lock = threading.RLock()
 
     # -- mutation ---------------------------------------------------------
 
+    @_atomic
     def store(
         self,
         worker: int,
@@ -132,6 +154,7 @@ class BlockIndex:
             if eng is not None:
                 handles[int(eng[i])] = k
 
+    @_atomic
     def remove(
         self,
         worker: int,
@@ -185,6 +208,7 @@ class BlockIndex:
         for e in [e for e, v in handles.items() if v == k]:
             del handles[e]
 
+    @_atomic
     def clear(self, worker: int) -> int:
         """Drop every block ``worker`` holds (an engine reset); it stays known.
 
@@ -205,6 +229,7 @@ class BlockIndex:
             self._resident[w] = 0
         return dropped
 
+    @_atomic
     def remove_worker(self, worker: int) -> int:
         """Drop ``worker`` and every block it holds. Unknown workers are ignored.
 
@@ -220,6 +245,7 @@ class BlockIndex:
 
     # -- queries ----------------------------------------------------------
 
+    @_atomic
     def match(self, hashes: HashesLike) -> dict[int, int]:
         """Per worker, how many leading blocks of ``hashes`` it holds (any tier).
 
@@ -230,6 +256,7 @@ class BlockIndex:
         """
         return {w: sum(c) for w, c in self.match_tiers(hashes).items()}
 
+    @_atomic
     def match_tiers(self, hashes: HashesLike) -> dict[int, tuple[int, int, int]]:
         """Per worker, its matched prefix split by the fastest tier holding each block.
 
@@ -255,18 +282,22 @@ class BlockIndex:
                 result[w][fastest] += 1
         return {w: (c[0], c[1], c[2]) for w, c in result.items()}
 
+    @_atomic
     def workers(self) -> list[int]:
         """Known workers (those that stored anything and were not removed), ascending."""
         return sorted(self._resident)
 
+    @_atomic
     def worker_len(self, worker: int) -> int:
         """Number of distinct blocks ``worker`` holds (0 for an unknown worker)."""
         return self._resident.get(check_u64(worker, "worker"), 0)
 
+    @_atomic
     def residencies(self) -> int:
         """Number of (block, worker) pairs: the sum of ``worker_len`` over workers."""
         return sum(self._resident.values())
 
+    @_atomic
     def stats(self) -> dict[str, int]:
         """Counters: ``unknown_removals``, ``orphan_stores``, ``saturated``."""
         return dict(self._stats)
@@ -275,6 +306,7 @@ class BlockIndex:
         """Number of distinct blocks held by at least one worker."""
         return len(self._blocks)
 
+    @_atomic
     def sizeof(self) -> int:
         """Approximate bytes owned by the index (the containers, not the ints)."""
         total = sys.getsizeof(self._blocks) + sys.getsizeof(self._handles)
@@ -284,6 +316,7 @@ class BlockIndex:
             total += sys.getsizeof(handles)
         return total
 
+    @_atomic
     def _check(self) -> None:
         """Check every invariant; raise AssertionError on the first broken one. O(n)."""
         resident = dict.fromkeys(self._resident, 0)
