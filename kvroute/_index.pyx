@@ -39,7 +39,7 @@ from cpython.pythread cimport (
 )
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memmove, memset
+from libc.string cimport memcmp, memmove, memset
 from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release
 
 cdef extern from *:
@@ -293,6 +293,7 @@ cdef class BlockIndex:
     cdef uint32_t* _tier_cnt       # 3 per slot
     cdef uint32_t _epoch
     cdef uint32_t* _hits           # slots that hold the first block of a match
+    cdef uint32_t* _alive          # slots that held every block of a match so far
     cdef dict _slot_of             # worker id -> slot
     cdef uint64_t _unknown
     cdef uint64_t _orphans
@@ -335,6 +336,7 @@ cdef class BlockIndex:
         free(self._cnt)
         free(self._tier_cnt)
         free(self._hits)
+        free(self._alive)
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
 
@@ -560,6 +562,7 @@ cdef class BlockIndex:
             and _grow_array(<void**>&self._cnt, cap, sizeof(uint32_t))
             and _grow_array(<void**>&self._tier_cnt, cap * 3, sizeof(uint32_t))
             and _grow_array(<void**>&self._hits, cap, sizeof(uint32_t))
+            and _grow_array(<void**>&self._alive, cap, sizeof(uint32_t))
         ):
             raise MemoryError()
         for i in range(self._slot_cap, cap):
@@ -858,11 +861,22 @@ cdef class BlockIndex:
             self._release()
 
     cdef uint32_t _match_run(self, const uint64_t* keys, size_t n, int tiers) noexcept nogil:
-        """Walk ``keys``; leave counts in _cnt (and _tier_cnt) for the slots in _hits."""
+        """Walk ``keys``; leave counts in _cnt (and _tier_cnt) for the slots in _hits.
+
+        ``_alive[:na]`` holds the workers that held every block so far. A
+        block's holders are scanned when the set is small next to the race,
+        and the survivors are looked up in it (bisection) when the race has
+        thinned out: a long shared prefix on hundreds of workers followed by
+        a branch only a few of them took.
+        """
         cdef size_t i
-        cdef uint32_t nhits = 0, j, m, slot, e, adv
+        cdef uint32_t nhits = 0, na, nb, j, m, slot, e, prev_m, lag
+        cdef int same
         cdef Entry* ent
         cdef uint64_t* it
+        cdef uint64_t* prev
+        cdef uint64_t* st = NULL
+        cdef uint64_t* rp
         cdef uint64_t r
         if n == 0:
             return 0
@@ -874,41 +888,97 @@ cdef class BlockIndex:
             memset(self._ep, 0, self._slot_cap * sizeof(uint32_t))
             self._epoch = 1
         e = self._epoch
-        for i in range(n):
+        if ent.val & SPILL:
+            st = self._sets[ent.val & 0xFFFFFFFFu]
+            it = set_items(st)
+            m = set_len(st)
+        else:
+            it = &ent.val
+            m = 1
+        for j in range(m):
+            r = it[j]
+            slot = res_slot(r)
+            self._ep[slot] = e
+            self._cnt[slot] = 1
+            if tiers:
+                self._tier_cnt[3 * slot] = 0
+                self._tier_cnt[3 * slot + 1] = 0
+                self._tier_cnt[3 * slot + 2] = 0
+                self._tier_cnt[3 * slot + res_fastest(r)] = 1
+            self._hits[j] = slot
+            self._alive[j] = slot
+        nhits = na = m
+        # A run of blocks with word-for-word the same holders as the block
+        # before, all of them still in the race (a shared system prompt), just
+        # extends everyone's count: it is tallied in ``lag`` with one memcmp
+        # per block, and credited when the run ends.
+        same = 1
+        prev = it
+        prev_m = m
+        lag = 0
+        for i in range(1, n):
             if i + AHEAD < n:
                 KVR_PREFETCH(&self._t[self._home(keys[i + AHEAD])])
-            if i:
-                ent = self._find(keys[i])
-                if ent == NULL:
-                    break
-            adv = 0
+            ent = self._find(keys[i])
+            if ent == NULL:
+                break
             if ent.val & SPILL:
-                it = set_items(self._sets[ent.val & 0xFFFFFFFFu])
-                m = set_len(self._sets[ent.val & 0xFFFFFFFFu])
+                st = self._sets[ent.val & 0xFFFFFFFFu]
+                it = set_items(st)
+                m = set_len(st)
             else:
                 it = &ent.val
                 m = 1
-            for j in range(m):
-                r = it[j]
-                slot = res_slot(r)
-                if i == 0:
-                    self._ep[slot] = e
-                    self._cnt[slot] = 0
-                    if tiers:
-                        self._tier_cnt[3 * slot] = 0
-                        self._tier_cnt[3 * slot + 1] = 0
-                        self._tier_cnt[3 * slot + 2] = 0
-                    self._hits[nhits] = slot
-                    nhits += 1
-                elif self._ep[slot] != e or self._cnt[slot] != i:
-                    continue
-                self._cnt[slot] = <uint32_t>(i + 1)
-                if tiers:
-                    self._tier_cnt[3 * slot + res_fastest(r)] += 1
-                adv += 1
-            if adv == 0:
+            if same and m == prev_m and memcmp(it, prev, m * sizeof(uint64_t)) == 0:
+                lag += 1
+                prev = it
+                continue
+            if lag:
+                self._credit(prev, prev_m, lag, tiers)
+                lag = 0
+            nb = 0
+            if m > SMALL_SET and na * 8 < m:
+                for j in range(na):
+                    slot = self._alive[j]
+                    rp = self._set_find(st, slot)
+                    if rp != NULL:
+                        self._cnt[slot] = <uint32_t>(i + 1)
+                        if tiers:
+                            self._tier_cnt[3 * slot + res_fastest(rp[0])] += 1
+                        self._alive[nb] = slot
+                        nb += 1
+            else:
+                for j in range(m):
+                    r = it[j]
+                    slot = res_slot(r)
+                    if self._ep[slot] == e and self._cnt[slot] == i:
+                        self._cnt[slot] = <uint32_t>(i + 1)
+                        if tiers:
+                            self._tier_cnt[3 * slot + res_fastest(r)] += 1
+                for j in range(na):
+                    slot = self._alive[j]
+                    if self._cnt[slot] == i + 1:
+                        self._alive[nb] = slot
+                        nb += 1
+            # every holder of this block is still racing: the race is its holders
+            same = nb == m
+            prev = it
+            prev_m = m
+            na = nb
+            if na == 0:
                 break
+        if lag:
+            self._credit(prev, prev_m, lag, tiers)
         return nhits
+
+    cdef inline void _credit(self, uint64_t* words, uint32_t m, uint32_t lag, int tiers) noexcept nogil:
+        """Credit ``lag`` more blocks to each holder in ``words`` (a run's holders)."""
+        cdef uint32_t j, slot
+        for j in range(m):
+            slot = res_slot(words[j])
+            self._cnt[slot] += lag
+            if tiers:
+                self._tier_cnt[3 * slot + res_fastest(words[j])] += lag
 
     cdef uint32_t _match_locked(self, Py_buffer* kb, int tiers):
         cdef size_t n = <size_t>kb.shape[0]
@@ -1019,8 +1089,9 @@ cdef class BlockIndex:
             for i in range(self._nsets):
                 if self._sets[i] != NULL:
                     total += (1 + set_cap(self._sets[i])) * sizeof(uint64_t)
-            # per slot: worker, live, resident, handles ptr, free, ep, cnt, 3 tier counts, hits
-            total += self._slot_cap * (8 + 1 + 8 + 8 + 4 + 4 + 4 + 12 + 4)
+            # per slot: worker, live, resident, handles ptr, free, ep, cnt, 3 tier
+            # counts, hits, alive
+            total += self._slot_cap * (8 + 1 + 8 + 8 + 4 + 4 + 4 + 12 + 4 + 4)
             for i in range(self._nslots):
                 total += hm_sizeof(self._slot_handles[i])
         finally:
