@@ -295,6 +295,7 @@ cdef class BlockIndex:
     cdef uint32_t* _hits           # slots that hold the first block of a match
     cdef uint32_t* _alive          # slots that held every block of a match so far
     cdef dict _slot_of             # worker id -> slot
+    cdef HMap* _slot_map           # the same, for loops without the GIL: id -> slot + 1
     cdef uint64_t _unknown
     cdef uint64_t _orphans
     cdef uint64_t _saturated
@@ -306,7 +307,8 @@ cdef class BlockIndex:
         self._cap = 1 << MIN_BITS
         self._t = <Entry*>calloc(self._cap, sizeof(Entry))
         self._slot_of = {}
-        if self._lock == NULL or self._t == NULL:
+        self._slot_map = hm_new()
+        if self._lock == NULL or self._t == NULL or self._slot_map == NULL:
             raise MemoryError()
 
     def __init__(self):
@@ -337,6 +339,7 @@ cdef class BlockIndex:
         free(self._tier_cnt)
         free(self._hits)
         free(self._alive)
+        hm_free(self._slot_map)
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
 
@@ -591,6 +594,8 @@ cdef class BlockIndex:
         self._slot_live[slot] = 1
         self._slot_resident[slot] = 0
         self._slot_handles[slot] = NULL
+        if hm_put(self._slot_map, worker, <uint64_t>slot + 1) < 0:
+            raise MemoryError()
         self._slot_of[worker] = slot
         return slot
 
@@ -853,6 +858,7 @@ cdef class BlockIndex:
             slot = s
             n = self._clear_slot(slot)
             del self._slot_of[w]
+            hm_del(self._slot_map, w)
             self._slot_live[slot] = 0
             self._slot_free[self._nslot_free] = slot
             self._nslot_free += 1
@@ -1036,6 +1042,44 @@ cdef class BlockIndex:
             PyBuffer_Release(&kb)
         return out
 
+    def match_array(self, hashes, workers):
+        """For each id in ``workers``, how many leading blocks of ``hashes`` it holds.
+
+        See :meth:`kvroute._index_py.BlockIndex.match_array`.
+        """
+        cdef Py_buffer kb, wb
+        cdef uint32_t nhits
+        cdef size_t j, nw
+        cdef const uint64_t* ids
+        cdef uint64_t slot
+        cdef uint32_t[::1] out
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            _get_keys(workers, "workers", &wb)
+        except BaseException:
+            PyBuffer_Release(&kb)
+            raise
+        try:
+            nw = <size_t>wb.shape[0]
+            result = np.zeros(nw, dtype=np.uint32)
+            out = result
+            ids = <const uint64_t*>wb.buf
+            self._acquire()
+            try:
+                nhits = self._match_locked(&kb, 0)
+                if nhits:
+                    for j in range(nw):
+                        if hm_get(self._slot_map, ids[j], &slot):
+                            slot -= 1
+                            if self._ep[slot] == self._epoch:
+                                out[j] = self._cnt[slot]
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+            PyBuffer_Release(&wb)
+        return result
+
     def workers(self):
         """Known workers (those that stored anything and were not removed), ascending."""
         self._acquire()
@@ -1094,6 +1138,7 @@ cdef class BlockIndex:
             total += self._slot_cap * (8 + 1 + 8 + 8 + 4 + 4 + 4 + 12 + 4 + 4)
             for i in range(self._nslots):
                 total += hm_sizeof(self._slot_handles[i])
+            total += hm_sizeof(self._slot_map)
         finally:
             self._release()
         return total
@@ -1144,8 +1189,10 @@ cdef class BlockIndex:
             assert live_sets.isdisjoint(free_sets)
             assert len(live_sets) + len(free_sets) == self._nsets, "leaked worker set"
             assert len(self._slot_of) + self._nslot_free == self._nslots, "leaked worker slot"
+            assert self._slot_map.used + self._slot_map.has_zero == len(self._slot_of)
             for w, slot in self._slot_of.items():
                 assert self._slot_live[slot] and self._slot_worker[slot] == w
+                assert hm_get(self._slot_map, w, &h) and h == slot + 1, "slot map is off"
             for i in range(self._nslot_free):
                 assert not self._slot_live[self._slot_free[i]], "free slot is live"
             for i in range(self._nslots):

@@ -283,6 +283,28 @@ class BlockIndex:
         return {w: (c[0], c[1], c[2]) for w, c in result.items()}
 
     @_atomic
+    def match_array(self, hashes: HashesLike, workers: HashesLike) -> npt.NDArray[np.uint32]:
+        """For each id in ``workers``, how many leading blocks of ``hashes`` it holds.
+
+        The same counts as :meth:`match`, laid out in the caller's worker
+        order (0 for a worker that holds no prefix or is unknown), so a router
+        that keeps per-worker state in arrays needs no dict walk.
+
+        >>> idx = BlockIndex()
+        >>> idx.store(4, [1, 2])
+        >>> idx.match_array([1, 2, 3], [9, 4]).tolist()
+        [0, 2]
+
+        Runtime complexity: that of :meth:`match`, plus O(len(workers)).
+
+        :raises TypeError, OverflowError: an id is not an int in [0, 2**64).
+        """
+        keys = as_u64_array(hashes)
+        ids = as_u64_array(workers, "workers")
+        m = self.match(keys)
+        return np.array([m.get(w, 0) for w in ids.tolist()], dtype=np.uint32)
+
+    @_atomic
     def workers(self) -> list[int]:
         """Known workers (those that stored anything and were not removed), ascending."""
         return sorted(self._resident)
