@@ -1,0 +1,250 @@
+"""Per-worker load, kept in numpy arrays indexed by a dense worker position.
+
+:class:`LoadTracker` owns the router's view of each worker's load: active
+prefill tokens (the uncached part of each prompt until its first token),
+active decode blocks, active requests (all tracked from the request
+lifecycle), and the worker-reported waiting requests and KV usage. Positions
+``0 .. n-1`` are always the live workers (removal moves the last worker into
+the hole), so the router can hand policies zero-copy slices.
+
+Active decode blocks are the blocks each in-flight request adds on its
+worker: its prompt blocks not already cached there when it was routed, plus
+its expected output blocks. (Dynamo counts the unique blocks of the in-flight
+requests, shared prefixes once; counting what each request adds gives the same
+total when the shared prefix was cached before the requests arrived, without
+a per-request index update on the routing path.)
+
+Not thread-safe on its own: the router calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["ActiveRequest", "LoadTracker"]
+
+
+@dataclass(slots=True)
+class ActiveRequest:
+    """The router's record of one request in flight.
+
+    :param worker: the worker id it was routed to.
+    :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
+    :param decode_blocks: the blocks it adds on its worker (uncached prompt + output).
+    :param last_seen: clock time of its last lifecycle event (for the stale sweep).
+    :param payload: the router's own data (kept opaque here).
+    """
+
+    worker: int
+    prefill_tokens: float
+    decode_blocks: float
+    last_seen: float
+    payload: Any = None
+
+
+class LoadTracker:
+    """Dense per-worker load arrays and the table of requests in flight.
+
+    >>> lt = LoadTracker()
+    >>> lt.add_worker(7)
+    0
+    >>> lt.start("a", 7, prefill_tokens=100, decode_blocks=3, now=0.0)
+    >>> lt.prefill_tokens[:1].tolist(), lt.decode_blocks[:1].tolist(), lt.active[:1].tolist()
+    ([100.0], [3.0], [1])
+    >>> lt.first_token("a", now=1.0), lt.prefill_tokens[:1].tolist()
+    (True, [0.0])
+    >>> lt.finish("a") is not None, lt.decode_blocks[:1].tolist(), lt.active[:1].tolist()
+    (True, [0.0], [0])
+
+    :param capacity: initial array size (grows by doubling).
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        cap = max(int(capacity), 1)
+        self.n = 0
+        self.worker_ids = np.zeros(cap, np.uint64)
+        self.prefill_tokens = np.zeros(cap, np.float64)
+        self.decode_blocks = np.zeros(cap, np.float64)
+        self.active = np.zeros(cap, np.int64)
+        self.waiting = np.zeros(cap, np.float64)
+        self.kv_usage = np.zeros(cap, np.float64)
+        self.healthy = np.ones(cap, np.bool_)
+        self.pos: dict[int, int] = {}
+        self.requests: dict[str | int, ActiveRequest] = {}
+        # sorted worker ids and their positions, to scatter index.match() results
+        self.sorted_ids = np.zeros(0, np.uint64)
+        self.sorted_pos = np.zeros(0, np.intp)
+        self.lut: npt.NDArray[np.intp] | None = None
+        self.ids_frozen = np.zeros(0, np.uint64)
+
+    _ARRAYS = (
+        "worker_ids",
+        "prefill_tokens",
+        "decode_blocks",
+        "active",
+        "waiting",
+        "kv_usage",
+        "healthy",
+    )
+
+    def _grow(self) -> None:
+        for name in self._ARRAYS:
+            old = getattr(self, name)
+            new = np.zeros(2 * len(old), old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def _reindex(self) -> None:
+        ids = self.worker_ids[: self.n]
+        order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[order]
+        self.sorted_pos = order.astype(np.intp)
+        # An immutable copy of the live ids: decisions keep it without copying again.
+        self.ids_frozen = ids.copy()
+        self.ids_frozen.flags.writeable = False
+        # Small ids (the common 0..n-1 numbering) get a direct lookup table.
+        top = int(ids.max()) + 1 if self.n else 0
+        if top <= max(4 * self.n, 1024):
+            self.lut = np.full(top, -1, np.intp)
+            self.lut[ids.astype(np.intp)] = np.arange(self.n, dtype=np.intp)
+        else:
+            self.lut = None
+
+    def add_worker(self, worker: int) -> int:
+        """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""
+        if worker in self.pos:
+            return self.pos[worker]
+        if self.n == len(self.worker_ids):
+            self._grow()
+        p = self.n
+        self.n += 1
+        for name in self._ARRAYS:
+            getattr(self, name)[p] = 0
+        self.worker_ids[p] = worker
+        self.healthy[p] = True
+        self.pos[worker] = p
+        self._reindex()
+        return p
+
+    def remove_worker(self, worker: int) -> list[str | int]:
+        """Forget a worker and its requests in flight; return those requests' ids.
+
+        Runtime complexity: O(requests in flight).
+        """
+        p = self.pos.pop(worker, None)
+        if p is None:
+            return []
+        dropped = [rid for rid, r in self.requests.items() if r.worker == worker]
+        for rid in dropped:
+            del self.requests[rid]
+        last = self.n - 1
+        if p != last:
+            for name in self._ARRAYS:
+                arr = getattr(self, name)
+                arr[p] = arr[last]
+            self.pos[int(self.worker_ids[p])] = p
+        self.n = last
+        self._reindex()
+        return dropped
+
+    def positions(self, workers: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
+        """Positions of ``workers`` (-1 for ids the tracker does not know). Vectorised."""
+        if self.n == 0 or len(workers) == 0:
+            return np.full(len(workers), -1, np.intp)
+        lut = self.lut
+        if lut is not None:
+            inside = workers < len(lut)
+            if inside.all():
+                return lut[workers]
+            out = np.full(len(workers), -1, np.intp)
+            out[inside] = lut[workers[inside]]
+            return out
+        i = np.searchsorted(self.sorted_ids, workers)
+        i = np.minimum(i, self.n - 1)
+        found = self.sorted_ids[i] == workers
+        return np.where(found, self.sorted_pos[i], -1)
+
+    def start(
+        self,
+        request_id: str | int,
+        worker: int,
+        *,
+        prefill_tokens: float,
+        decode_blocks: float,
+        now: float,
+        payload: Any = None,
+    ) -> None:
+        """Count a new request on ``worker`` (which must be known).
+
+        :raises KeyError: unknown worker.
+        :raises ValueError: ``request_id`` is already in flight.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        p = self.pos[worker]
+        self.requests[request_id] = ActiveRequest(
+            worker, float(prefill_tokens), float(decode_blocks), now, payload
+        )
+        self.prefill_tokens[p] += prefill_tokens
+        self.active[p] += 1
+        self.decode_blocks[p] += decode_blocks
+
+    def first_token(self, request_id: str | int, now: float) -> bool:
+        """The request's prefill is done: drop its prefill tokens. False if unknown."""
+        r = self.requests.get(request_id)
+        if r is None:
+            return False
+        r.last_seen = now
+        if r.prefill_tokens:
+            p = self.pos[r.worker]
+            self.prefill_tokens[p] = max(self.prefill_tokens[p] - r.prefill_tokens, 0.0)
+            r.prefill_tokens = 0.0
+        return True
+
+    def finish(self, request_id: str | int) -> ActiveRequest | None:
+        """The request left (finished, failed or swept): drop all its load. None if unknown."""
+        r = self.requests.pop(request_id, None)
+        if r is None:
+            return None
+        p = self.pos[r.worker]
+        if r.prefill_tokens:
+            self.prefill_tokens[p] = max(self.prefill_tokens[p] - r.prefill_tokens, 0.0)
+        self.active[p] = max(int(self.active[p]) - 1, 0)
+        self.decode_blocks[p] = max(self.decode_blocks[p] - r.decode_blocks, 0.0)
+        return r
+
+    def stale(self, now: float, timeout: float) -> list[str | int]:
+        """Ids of requests with no lifecycle event for more than ``timeout``. O(in flight)."""
+        limit = now - timeout
+        return [rid for rid, r in self.requests.items() if r.last_seen < limit]
+
+    def set_metrics(self, worker: int, waiting: float | None, kv_usage: float | None) -> bool:
+        """Store worker-reported metrics; False if the worker is unknown."""
+        p = self.pos.get(worker)
+        if p is None:
+            return False
+        if waiting is not None:
+            self.waiting[p] = waiting
+        if kv_usage is not None:
+            self.kv_usage[p] = kv_usage
+        return True
+
+    def _check(self) -> None:
+        """Recompute the aggregates from the request table; AssertionError if they differ."""
+        prefill = np.zeros(self.n)
+        active = np.zeros(self.n, np.int64)
+        decode = np.zeros(self.n)
+        for r in self.requests.values():
+            p = self.pos[r.worker]
+            prefill[p] += r.prefill_tokens
+            active[p] += 1
+            decode[p] += r.decode_blocks
+        assert np.allclose(prefill, self.prefill_tokens[: self.n]), "prefill tokens drifted"
+        assert (active == self.active[: self.n]).all(), "active requests drifted"
+        assert np.allclose(decode, self.decode_blocks[: self.n]), "decode blocks drifted"
+        for w, p in self.pos.items():
+            assert int(self.worker_ids[p]) == w, "position table drifted"

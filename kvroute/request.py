@@ -1,0 +1,349 @@
+"""What a proxy hands the router (:class:`Request`) and what it gets back (:class:`Decision`).
+
+A :class:`Request` validates its agent hints when it is built, so a malformed
+hint fails at the proxy's edge with a clear ``TypeError`` / ``ValueError``
+instead of deep inside :meth:`kvroute.router.Router.route`.
+
+A :class:`Decision` is cheap to build: it keeps the candidates' arrays and
+formats the per-candidate cost breakdown only when :meth:`Decision.breakdown`
+or :meth:`Decision.explain` is called.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ._convert import as_u64_array
+
+__all__ = ["CACHE_TTLS", "CacheControl", "Decision", "Request", "WarmupPlan"]
+
+#: Anthropic-style cache TTLs, in seconds.
+CACHE_TTLS: Final[Mapping[str, float]] = {"5m": 300.0, "1h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """A parsed ``cache_control`` hint: keep this session's prefix warm for ``ttl`` seconds.
+
+    >>> CacheControl.parse({"type": "ephemeral", "ttl": "1h"})
+    CacheControl(ttl=3600.0)
+    >>> CacheControl.parse({"type": "ephemeral"})   # Anthropic's default TTL
+    CacheControl(ttl=300.0)
+    >>> CacheControl.parse({"type": "persistent"})
+    Traceback (most recent call last):
+    ...
+    ValueError: cache_control type must be 'ephemeral', not 'persistent'
+    """
+
+    ttl: float
+
+    @classmethod
+    def parse(cls, value: object) -> CacheControl:
+        """Parse ``{"type": "ephemeral", "ttl": "5m" | "1h"}`` (``ttl`` defaults to ``"5m"``).
+
+        :param value: a mapping as found in an Anthropic-style request, or a
+            :class:`CacheControl` (returned as is).
+        :returns: the parsed hint.
+        :raises TypeError: ``value`` is not a mapping.
+        :raises ValueError: unknown keys, a type other than ``"ephemeral"``, or
+            a ttl other than ``"5m"`` / ``"1h"``.
+        """
+        if isinstance(value, CacheControl):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"cache_control must be a mapping like {{'type': 'ephemeral', 'ttl': '5m'}}, "
+                f"not {type(value).__name__}"
+            )
+        extra = set(value) - {"type", "ttl"}
+        if extra:
+            raise ValueError(f"cache_control has unknown keys {sorted(map(str, extra))}")
+        kind = value.get("type")
+        if kind != "ephemeral":
+            raise ValueError(f"cache_control type must be 'ephemeral', not {kind!r}")
+        ttl = value.get("ttl", "5m")
+        if not isinstance(ttl, str) or ttl not in CACHE_TTLS:
+            raise ValueError(f"cache_control ttl must be '5m' or '1h', not {ttl!r}")
+        return cls(CACHE_TTLS[ttl])
+
+
+def _opt_nonneg_int(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{what} must be >= 0, got {v}")
+    return v
+
+
+def _opt_str(value: object, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{what} must be a str or None, not {type(value).__name__}")
+
+
+# eq=False: requests compare by identity (their numpy fields have no plain ==).
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One request to route: its prompt (tokens or block hashes) and its hints.
+
+    Exactly one of ``tokens`` / ``block_hashes`` is required; both may be
+    given (the hashes are then used as is, and the tokens are kept for
+    :meth:`kvroute.router.Router.warmup_plan`).
+
+    >>> r = Request("r1", tokens=range(40), session_id="s",
+    ...             cache_control={"type": "ephemeral", "ttl": "1h"})
+    >>> r.num_prompt_tokens(block_size=16), r.cache_control
+    (40, CacheControl(ttl=3600.0))
+    >>> Request("r2", tokens=[1, 2], priority="high")
+    Traceback (most recent call last):
+    ...
+    TypeError: priority must be an integer, not str
+
+    :param request_id: the proxy's id for the request (a str or int), used by
+        the lifecycle calls.
+    :param tokens: prompt token ids.
+    :param block_hashes: precomputed kvroute block hashes of the prompt.
+    :param prompt_tokens: prompt length when only ``block_hashes`` is given
+        (default: ``len(block_hashes) * block_size``).
+    :param lora_name: LoRA adapter; part of the hash chain.
+    :param cache_salt: vLLM-style cache salt; part of the hash chain.
+    :param session_id: a conversation / agent session, for stickiness, pins
+        and warm-up plans.
+    :param priority: admission priority; *lower values are admitted first*
+        (vLLM's convention). Default 0.
+    :param expected_output_tokens: predicted output length, for decode load.
+    :param cache_control: Anthropic-style ``{"type": "ephemeral", "ttl": "5m" | "1h"}``
+        (or a :class:`CacheControl`); stored parsed, as a :class:`CacheControl`.
+    :param speculative_prefill: ask for a warm-up plan when the response completes.
+    :raises TypeError, ValueError: a malformed field, with a message naming it.
+    """
+
+    request_id: str | int
+    tokens: Sequence[int] | None = None
+    block_hashes: npt.NDArray[np.uint64] | None = None
+    prompt_tokens: int | None = None
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    session_id: str | None = None
+    priority: int = 0
+    expected_output_tokens: int | None = None
+    cache_control: CacheControl | Mapping[str, str] | None = field(default=None)
+    speculative_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        rid = self.request_id
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise TypeError(f"request_id must be a str or int, not {type(rid).__name__}")
+        if self.tokens is None and self.block_hashes is None:
+            raise ValueError("a Request needs tokens or block_hashes")
+        if self.tokens is not None:
+            toks = self.tokens
+            if isinstance(toks, (str, bytes)):
+                raise TypeError(f"tokens must be a sequence of ints, not {type(toks).__name__}")
+            if not isinstance(toks, np.ndarray):
+                if not isinstance(toks, Sequence):
+                    toks = list(toks)
+                object.__setattr__(self, "tokens", toks)
+        if self.block_hashes is not None:
+            object.__setattr__(
+                self, "block_hashes", as_u64_array(self.block_hashes, "block_hashes")
+            )
+        object.__setattr__(
+            self, "prompt_tokens", _opt_nonneg_int(self.prompt_tokens, "prompt_tokens")
+        )
+        _opt_str(self.lora_name, "lora_name")
+        _opt_str(self.cache_salt, "cache_salt")
+        _opt_str(self.session_id, "session_id")
+        prio = self.priority
+        if isinstance(prio, bool):
+            raise TypeError("priority must be an integer, not bool")
+        try:
+            object.__setattr__(self, "priority", operator.index(prio))
+        except TypeError:
+            raise TypeError(f"priority must be an integer, not {type(prio).__name__}") from None
+        object.__setattr__(
+            self,
+            "expected_output_tokens",
+            _opt_nonneg_int(self.expected_output_tokens, "expected_output_tokens"),
+        )
+        if self.cache_control is not None:
+            object.__setattr__(self, "cache_control", CacheControl.parse(self.cache_control))
+        if not isinstance(self.speculative_prefill, bool):
+            raise TypeError(
+                f"speculative_prefill must be a bool, not {type(self.speculative_prefill).__name__}"
+            )
+        if self.speculative_prefill and self.session_id is None:
+            raise ValueError("speculative_prefill needs a session_id")
+
+    def cache_ttl(self) -> float | None:
+        """The ``cache_control`` TTL in seconds (the hint is parsed at construction), or None.
+
+        >>> Request("r", tokens=[1], cache_control={"type": "ephemeral"}).cache_ttl()
+        300.0
+        """
+        cc = self.cache_control
+        return cc.ttl if isinstance(cc, CacheControl) else None
+
+    def num_prompt_tokens(self, block_size: int) -> int:
+        """The prompt length in tokens.
+
+        :param block_size: tokens per KV block, for a hashes-only request.
+        :returns: ``prompt_tokens`` if given, else ``len(tokens)``, else
+            ``len(block_hashes) * block_size``.
+        """
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        if self.tokens is not None:
+            return len(self.tokens)
+        assert self.block_hashes is not None
+        return len(self.block_hashes) * block_size
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WarmupPlan:
+    """Where and what to prefill (``max_tokens=1``) so a session's next turn hits the cache.
+
+    :param worker: the worker that served the session's last response.
+    :param tokens: the prompt plus the output tokens passed to ``finished``
+        (None when the request carried only block hashes).
+    :param block_hashes: the prompt's block hashes.
+    """
+
+    worker: int
+    tokens: tuple[int, ...] | None
+    block_hashes: npt.NDArray[np.uint64]
+
+
+class Decision:
+    """The router's answer for one request.
+
+    The per-candidate cost breakdown is stored as arrays and formatted only
+    on demand (:meth:`breakdown`, :meth:`explain`), so building a Decision
+    costs a few attribute stores.
+
+    :ivar request_id: the request's id.
+    :ivar worker: the chosen worker.
+    :ivar policy: the policy's name (``"pin"`` when a cache_control pin decided).
+    :ivar matched_blocks: leading blocks of the prompt cached on ``worker``.
+    :ivar predicted_cached_tokens: prompt tokens expected to hit the cache.
+    :ivar prompt_tokens: the prompt length.
+    :ivar seq: the router's operation number (orders decisions and events).
+    """
+
+    __slots__ = (
+        "_alt",
+        "_costs",
+        "_index",
+        "_overlap",
+        "_workers",
+        "matched_blocks",
+        "policy",
+        "predicted_cached_tokens",
+        "prompt_tokens",
+        "request_id",
+        "seq",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        request_id: str | int,
+        worker: int,
+        policy: str,
+        matched_blocks: int,
+        predicted_cached_tokens: int,
+        prompt_tokens: int,
+        seq: int,
+        workers: npt.NDArray[np.uint64],
+        overlap: npt.NDArray[np.int64],
+        costs: Mapping[str, npt.NDArray[Any]],
+        index: int,
+    ) -> None:
+        self.request_id = request_id
+        self.worker = worker
+        self.policy = policy
+        self.matched_blocks = matched_blocks
+        self.predicted_cached_tokens = predicted_cached_tokens
+        self.prompt_tokens = prompt_tokens
+        self.seq = seq
+        self._workers = workers
+        self._overlap = overlap
+        self._costs = costs
+        self._index = index
+        self._alt: tuple[int | None, int] | None = None
+
+    def _best_alternative(self) -> tuple[int | None, int]:
+        if self._alt is None:
+            if len(self._overlap) < 2:
+                self._alt = (None, 0)
+            else:
+                tmp = self._overlap.copy()
+                tmp[self._index] = -1
+                j = int(np.argmax(tmp))
+                self._alt = (int(self._workers[j]), int(self._overlap[j]))
+        return self._alt
+
+    @property
+    def alt_worker(self) -> int | None:
+        """The other candidate with the longest match (ties: lowest position); None if alone."""
+        return self._best_alternative()[0]
+
+    @property
+    def alt_matched_blocks(self) -> int:
+        """Blocks matched on :attr:`alt_worker` (0 if there is none)."""
+        return self._best_alternative()[1]
+
+    def breakdown(self) -> list[dict[str, float | int]]:
+        """Per candidate: its worker, its matched blocks and each cost term of the policy.
+
+        Runtime complexity: O(candidates x cost terms).
+        """
+        rows: list[dict[str, float | int]] = []
+        for i in range(len(self._workers)):
+            row: dict[str, float | int] = {
+                "worker": int(self._workers[i]),
+                "matched_blocks": int(self._overlap[i]),
+            }
+            for name, arr in self._costs.items():
+                v = float(arr[i])
+                row[name] = v if math.isfinite(v) else float("nan")
+            rows.append(row)
+        return rows
+
+    def explain(self) -> str:
+        """A human-readable table of :meth:`breakdown`, the chosen worker marked ``*``."""
+        rows = self.breakdown()
+        names = ["worker", "matched_blocks", *self._costs]
+        lines = [
+            f"request {self.request_id!r} -> worker {self.worker} (policy {self.policy}, "
+            f"{self.predicted_cached_tokens}/{self.prompt_tokens} tokens cached)",
+            "  " + " ".join(f"{n:>14}" for n in names),
+        ]
+        for row in rows:
+            mark = "*" if row["worker"] == self.worker else " "
+            cells = " ".join(
+                f"{row[n]:>14}" if isinstance(row[n], int) else f"{row[n]:>14.3f}" for n in names
+            )
+            lines.append(f"{mark} {cells}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(request_id={self.request_id!r}, worker={self.worker}, "
+            f"policy={self.policy!r}, matched_blocks={self.matched_blocks}, "
+            f"alt_worker={self.alt_worker}, alt_matched_blocks={self.alt_matched_blocks}, "
+            f"predicted_cached_tokens={self.predicted_cached_tokens})"
+        )

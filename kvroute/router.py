@@ -1,0 +1,916 @@
+"""The router: per request, the worker where its prefix is cached, without herding.
+
+A proxy builds one :class:`Router`, feeds it the workers' KV events (through
+:meth:`Router.apply_stored` / :meth:`Router.apply_removed`, or straight into
+:attr:`Router.index`), calls :meth:`Router.route` for each request and reports
+its lifecycle (:meth:`Router.first_token`, :meth:`Router.finished`,
+:meth:`Router.failed`).
+
+Threading: one lock serialises routing, lifecycle, membership and the
+``apply_*`` event methods; every critical section is short (a few numpy
+operations over the workers plus one batch call into the compiled index).
+Events written straight into :attr:`index` from another thread are safe too
+(the index is thread-safe), but they are not ordered against routing
+decisions in :meth:`Router.journal`; use ``apply_*`` when a decision must
+be replayable.
+
+Time: the router never reads the wall clock. It calls the ``clock`` it was
+given (default :func:`time.monotonic`), so a simulator can drive it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from ._compat import NO_EXTENSIONS
+from ._convert import as_u64_array, check_u64
+from .approx import FreshDecisions, PredictedResidency
+from .load import LoadTracker
+from .policies import (
+    DEFAULT_POLICY,
+    Candidates,
+    Features,
+    RoutingPolicy,
+    check_nonneg,
+    get_policy,
+)
+from .request import Decision, Request, WarmupPlan
+
+__all__ = ["BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
+
+#: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
+HashFn = Callable[..., npt.NDArray[np.uint64]]
+
+
+def _default_index_factory() -> Callable[[], Any]:
+    if not NO_EXTENSIONS:
+        try:
+            mod = importlib.import_module("kvroute._index")
+            return mod.BlockIndex  # type: ignore[no-any-return]
+        except ImportError:  # pragma: no cover - the lead's build test catches this
+            pass
+    from ._index_py import BlockIndex
+
+    return BlockIndex
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No worker can take the request: none was added, or all are unhealthy."""
+
+
+@dataclass(frozen=True, slots=True)
+class BusyThreshold:
+    """When a worker counts as busy, for the admission queue (any limit reached).
+
+    :param max_prefill_tokens: queued uncached prompt tokens.
+    :param max_active_requests: requests in flight.
+    :param max_waiting_requests: worker-reported waiting requests.
+    :param max_kv_usage: worker-reported KV usage, in [0, 1].
+    """
+
+    max_prefill_tokens: float | None = None
+    max_active_requests: int | None = None
+    max_waiting_requests: float | None = None
+    max_kv_usage: float | None = None
+
+
+@dataclass(slots=True)
+class _Payload:
+    entry: Any
+    session_id: str | None
+    tokens: Sequence[int] | None
+    hashes: npt.NDArray[np.uint64] | None
+    speculative: bool
+
+
+@dataclass(order=True, slots=True)
+class _Queued:
+    key: tuple[int, float, int]
+    request: Request = None  # type: ignore[assignment]
+    hashes: npt.NDArray[np.uint64] = None  # type: ignore[assignment]
+    prompt: int = 0
+
+
+class _OverlapView(Mapping[int, int]):
+    """A read-only ``{worker: overlap}`` view of the per-position overlap array."""
+
+    __slots__ = ("_ov", "_pos")
+
+    def __init__(self, ov: npt.NDArray[np.int64], pos: dict[int, int]) -> None:
+        self._ov = ov
+        self._pos = pos
+
+    def __getitem__(self, worker: int) -> int:
+        return int(self._ov[self._pos[worker]])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pos)
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+
+class Router:
+    """Route requests to workers, tracking their cache, their load and their health.
+
+    >>> r = Router(block_size=4, workers=[0, 1], policy="kvroute",
+    ...            policy_params={"seed": 0}, clock=lambda: 0.0)
+    >>> seq = r.apply_stored(1, [101, 102, 103])
+    >>> d = r.route(Request("a", block_hashes=[101, 102, 555]))
+    >>> d.worker, d.matched_blocks, d.predicted_cached_tokens, d.alt_worker
+    (1, 2, 8, 0)
+    >>> r.first_token("a"), r.finished("a"), r.finished("a")
+    (True, True, False)
+    >>> r.load(1)["active_requests"], r.stats()["unknown_request_ids"]
+    (0, 1)
+
+    :param block_size: tokens per KV block (must match the engines').
+    :param hashing: ``f(tokens, block_size, *, lora_name, cache_namespace,
+        parent)`` returning uint64 block hashes (default:
+        :func:`kvroute.hashing.kvroute_block_hashes`, imported on first use).
+    :param policy: a registered policy name, or a :class:`RoutingPolicy`
+        (default ``"kvroute"``).
+    :param workers: worker ids to start with.
+    :param policy_params: keyword parameters for :func:`get_policy`.
+    :param clock: returns the current time in seconds (default ``time.monotonic``).
+    :param index: the block index fed by KV events (default: a new ``BlockIndex``).
+    :param index_factory: builds the router's private indexes (default:
+        the compiled ``BlockIndex``, else its twin).
+    :param kv_events: False for event-free (approximate) mode: the router's own
+        decisions, expired after ``predicted_ttl``, stand in for the events.
+    :param predicted_ttl: lifetime of a decision in approximate mode (s).
+    :param predict_on_route: with events, also remember each decision for
+        ``fresh_ttl`` seconds so siblings arriving before the first stored
+        event follow it.
+    :param fresh_ttl: lifetime of that side record (s).
+    :param request_timeout: a request with no lifecycle event for this long
+        is dropped by the stale sweep (s).
+    :param sweep_interval: how often ``route()`` runs the stale sweep (s).
+    :param busy_threshold: when a worker counts as busy, for :meth:`submit`.
+    :param admission: ``"fcfs"`` or ``"sjf"`` (shortest job first) within a priority.
+    :param pin_balance_slack: a pinned worker is preferred while its load stays
+        within ``(1 + pin_balance_slack) x (fleet load + 1) / n + pin_abs_slack``
+        requests after taking the request (the kvroute policy's gate).
+    :param pin_abs_slack: see ``pin_balance_slack``.
+    :param tiered: engines report host / disk tiers, so match per tier for
+        policies that weigh tiers. Set automatically by the first
+        :meth:`apply_stored` with a tier other than ``"device"``; set it
+        yourself if such events go straight into :attr:`index`.
+    :param journal: record every state-changing call (see :meth:`journal`); it
+        grows without bound, so it is meant for tests and debugging sessions.
+    :raises ValueError, TypeError: a bad parameter.
+    """
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        hashing: HashFn | None = None,
+        policy: str | RoutingPolicy | None = None,
+        workers: Iterable[int] = (),
+        *,
+        policy_params: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        index: Any = None,
+        index_factory: Callable[[], Any] | None = None,
+        kv_events: bool = True,
+        predicted_ttl: float = 120.0,
+        predict_on_route: bool = True,
+        fresh_ttl: float = 5.0,
+        request_timeout: float = 600.0,
+        sweep_interval: float = 1.0,
+        busy_threshold: BusyThreshold | None = None,
+        admission: str = "fcfs",
+        pin_balance_slack: float = 0.25,
+        pin_abs_slack: float = 2.0,
+        tiered: bool = False,
+        journal: bool = False,
+    ) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if admission not in ("fcfs", "sjf"):
+            raise ValueError(f"admission must be 'fcfs' or 'sjf', not {admission!r}")
+        if busy_threshold is not None and not isinstance(busy_threshold, BusyThreshold):
+            raise TypeError("busy_threshold must be a BusyThreshold")
+        for what, v in (
+            ("predicted_ttl", predicted_ttl),
+            ("fresh_ttl", fresh_ttl),
+            ("request_timeout", request_timeout),
+        ):
+            if check_nonneg(v, what) == 0:
+                raise ValueError(f"{what} must be > 0")
+        self.block_size = block_size
+        self._hashing = hashing
+        if policy is None:
+            policy = DEFAULT_POLICY
+        if isinstance(policy, str):
+            self.policy: RoutingPolicy = get_policy(policy, **(policy_params or {}))
+        elif isinstance(policy, RoutingPolicy):
+            if policy_params:
+                raise ValueError("policy_params apply only to a policy given by name")
+            self.policy = policy
+        else:
+            raise TypeError(f"policy must be a name or a RoutingPolicy, not {type(policy)}")
+        self._clock = clock
+        factory = index_factory or _default_index_factory()
+        #: The block index KV events feed (thread-safe on its own).
+        self.index: Any = factory() if index is None else index
+        self.kv_events = bool(kv_events)
+        self._load = LoadTracker()
+        self._predicted: PredictedResidency | None = None
+        self._fresh: FreshDecisions | None = None
+        if not self.kv_events:
+            self._predicted = PredictedResidency(factory, predicted_ttl)
+        elif predict_on_route:
+            self._fresh = FreshDecisions(fresh_ttl)
+        self._request_timeout = float(request_timeout)
+        self._sweep_interval = check_nonneg(sweep_interval, "sweep_interval")
+        self._next_sweep = -math.inf
+        self._busy = busy_threshold
+        self._sjf = admission == "sjf"
+        self._pin_slack = check_nonneg(pin_balance_slack, "pin_balance_slack")
+        self._pin_abs = check_nonneg(pin_abs_slack, "pin_abs_slack")
+        self._pins: dict[str, tuple[int, float]] = {}
+        self._warm: dict[str, WarmupPlan] = {}
+        self._queue: list[_Queued] = []
+        self._queued_ids: set[str | int] = set()
+        self._qseq = itertools.count()
+        self._all_healthy = True
+        self._tiered = bool(tiered)
+        self._zero_cache = np.zeros(0, np.int64)
+        self._false_cache = np.zeros(0, np.bool_)
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._journal: list[tuple[int, str, tuple[Any, ...], dict[str, Any]]] | None = (
+            [] if journal else None
+        )
+        self._stats = dict.fromkeys(
+            (
+                "routed",
+                "pinned_routes",
+                "unknown_request_ids",
+                "stale_requests",
+                "dropped_with_worker",
+                "unknown_workers",
+                "queued",
+            ),
+            0,
+        )
+        for w in workers:
+            self.add_worker(w)
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _log(self, op: str, *args: Any, **kwargs: Any) -> int:
+        self._seq += 1
+        if self._journal is not None:
+            self._journal.append((self._seq, op, args, kwargs))
+        return self._seq
+
+    def journal(self) -> list[tuple[int, str, tuple[Any, ...], dict[str, Any]]]:
+        """The state-changing calls so far, as ``(seq, method, args, kwargs)``, in order.
+
+        Replaying them on a fresh router with the same parameters, seed and
+        clock reproduces every decision (what the stress test checks).
+        Empty unless the router was built with ``journal=True``. Admission-queue
+        calls (``submit`` / ``pop_ready``) are recorded (as ``"queued"`` and the
+        ``"route"`` they lead to) but are not replayable as such.
+        """
+        with self._lock:
+            return list(self._journal or ())
+
+    def stats(self) -> dict[str, int]:
+        """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
+        dropped_with_worker, unknown_workers, queued (currently waiting for admission)."""
+        with self._lock:
+            out = dict(self._stats)
+            out["queued"] = len(self._queued_ids)
+            return out
+
+    # -- workers -----------------------------------------------------------------
+
+    def add_worker(self, worker: int, *, kv_capacity_blocks: int | None = None) -> None:
+        """Add a worker (healthy, idle). Adding a known worker only updates its capacity.
+
+        :param kv_capacity_blocks: the worker's KV capacity in blocks; bounds its
+            predicted residency in approximate mode.
+        :raises TypeError, OverflowError: ``worker`` is not an int in [0, 2**64).
+        """
+        w = check_u64(worker, "worker")
+        cap = None
+        if kv_capacity_blocks is not None:
+            cap = int(check_nonneg(kv_capacity_blocks, "kv_capacity_blocks"))
+        with self._lock:
+            self._log("add_worker", w, kv_capacity_blocks=cap)
+            self._load.add_worker(w)
+            if cap is not None and self._predicted is not None:
+                self._predicted.set_capacity(w, cap)
+            self._update_health()
+
+    def remove_worker(self, worker: int) -> bool:
+        """Remove a worker: never route to it again, drop its blocks and its requests' load.
+
+        :returns: False (and counted in ``stats()["unknown_workers"]``) if unknown.
+        """
+        w = check_u64(worker, "worker")
+        with self._lock:
+            self._log("remove_worker", w)
+            if w not in self._load.pos:
+                self._stats["unknown_workers"] += 1
+                return False
+            self._stats["dropped_with_worker"] += len(self._load.remove_worker(w))
+            self.index.remove_worker(w)
+            if self._predicted is not None:
+                self._predicted.remove_worker(w)
+            if self._fresh is not None:
+                self._fresh.remove_worker(w)
+            self._update_health()
+            return True
+
+    def mark_unhealthy(self, worker: int) -> bool:
+        """Exclude a worker from routing; its blocks and load stay. False if unknown."""
+        return self._set_health(worker, False)
+
+    def mark_healthy(self, worker: int) -> bool:
+        """Let an unhealthy worker take requests again. False if unknown."""
+        return self._set_health(worker, True)
+
+    def _set_health(self, worker: int, healthy: bool) -> bool:
+        w = check_u64(worker, "worker")
+        with self._lock:
+            self._log("mark_healthy" if healthy else "mark_unhealthy", w)
+            p = self._load.pos.get(w)
+            if p is None:
+                self._stats["unknown_workers"] += 1
+                return False
+            self._load.healthy[p] = healthy
+            self._update_health()
+            return True
+
+    def _update_health(self) -> None:
+        lt = self._load
+        self._all_healthy = bool(lt.healthy[: lt.n].all())
+
+    def workers(self) -> list[int]:
+        """Known workers (healthy or not), ascending."""
+        with self._lock:
+            return sorted(self._load.pos)
+
+    def load(self, worker: int) -> dict[str, float | int | bool]:
+        """The router's view of one worker's load.
+
+        :raises KeyError: unknown worker.
+        """
+        w = check_u64(worker, "worker")
+        with self._lock:
+            lt = self._load
+            p = lt.pos[w]
+            return {
+                "prefill_tokens": float(lt.prefill_tokens[p]),
+                "decode_blocks": float(lt.decode_blocks[p]),
+                "active_requests": int(lt.active[p]),
+                "waiting_requests": float(lt.waiting[p]),
+                "kv_usage": float(lt.kv_usage[p]),
+                "healthy": bool(lt.healthy[p]),
+            }
+
+    def update_worker_metrics(
+        self,
+        worker: int,
+        *,
+        waiting_requests: float | None = None,
+        kv_usage: float | None = None,
+        kv_capacity_blocks: int | None = None,
+    ) -> bool:
+        """Feed worker-reported metrics (None leaves a metric unchanged).
+
+        :param waiting_requests: requests queued in the engine.
+        :param kv_usage: fraction of its KV cache in use, in [0, 1].
+        :param kv_capacity_blocks: its KV capacity, for the approximate mode's LRU bound.
+        :returns: False (counted in ``stats()["unknown_workers"]``) for an unknown worker.
+        :raises TypeError, ValueError: a metric that is not a finite number in range.
+        """
+        w = check_u64(worker, "worker")
+        wr = None
+        if waiting_requests is not None:
+            wr = check_nonneg(waiting_requests, "waiting_requests")
+        ku = None if kv_usage is None else check_nonneg(kv_usage, "kv_usage")
+        if ku is not None and ku > 1.0:
+            raise ValueError(f"kv_usage must be in [0, 1], got {kv_usage!r}")
+        cap = None
+        if kv_capacity_blocks is not None:
+            cap = int(check_nonneg(kv_capacity_blocks, "kv_capacity_blocks"))
+        with self._lock:
+            self._log(
+                "update_worker_metrics",
+                w,
+                waiting_requests=wr,
+                kv_usage=ku,
+                kv_capacity_blocks=cap,
+            )
+            if not self._load.set_metrics(w, wr, ku):
+                self._stats["unknown_workers"] += 1
+                return False
+            if cap is not None and self._predicted is not None:
+                self._predicted.set_capacity(w, cap)
+            return True
+
+    # -- events ------------------------------------------------------------------
+
+    def apply_stored(
+        self,
+        worker: int,
+        hashes: Any,
+        parent: int | None = None,
+        *,
+        tier: str = "device",
+        engine_hashes: Any = None,
+    ) -> int:
+        """Apply a "blocks stored" event to :attr:`index`, ordered with routing decisions.
+
+        Same parameters and errors as ``BlockIndex.store``.
+
+        :returns: the operation's sequence number.
+        """
+        keys = as_u64_array(hashes)
+        with self._lock:
+            self.index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
+            if tier != "device":
+                self._tiered = True
+            return self._log(
+                "apply_stored", worker, keys, parent, tier=tier, engine_hashes=engine_hashes
+            )
+
+    def apply_removed(
+        self, worker: int, hashes: Any, *, engine: bool = False, tier: str = "device"
+    ) -> int:
+        """Apply a "blocks removed" event to :attr:`index`; returns how many were unknown.
+
+        Same parameters and errors as ``BlockIndex.remove``.
+        """
+        keys = as_u64_array(hashes)
+        with self._lock:
+            unknown: int = self.index.remove(worker, keys, engine=engine, tier=tier)
+            self._log("apply_removed", worker, keys, engine=engine, tier=tier)
+            return unknown
+
+    def apply_cleared(self, worker: int) -> int:
+        """Apply an "all blocks cleared" event; returns the number of blocks dropped."""
+        with self._lock:
+            dropped: int = self.index.clear(worker)
+            self._log("apply_cleared", worker)
+            return dropped
+
+    # -- routing -----------------------------------------------------------------
+
+    def _hashes(self, request: Request) -> npt.NDArray[np.uint64]:
+        if request.block_hashes is not None:
+            return request.block_hashes
+        if self._hashing is None:
+            try:
+                mod = importlib.import_module("kvroute.hashing")
+            except ImportError:
+                raise RuntimeError(
+                    "kvroute.hashing is not available: pass hashing= to Router, "
+                    "or give requests block_hashes"
+                ) from None
+            self._hashing = mod.kvroute_block_hashes
+        assert request.tokens is not None and self._hashing is not None
+        return as_u64_array(
+            self._hashing(
+                request.tokens,
+                self.block_size,
+                lora_name=request.lora_name,
+                cache_namespace=request.cache_salt,
+                parent=None,
+            )
+        )
+
+    def route(self, request: Request) -> Decision:
+        """Choose a worker for ``request`` and start tracking it.
+
+        Runtime complexity: O(workers) numpy work plus one index match over
+        the prompt's matched prefix; hashing (if tokens are given) runs
+        outside the lock.
+
+        :param request: the request; its ``request_id`` must not be in flight.
+        :returns: the decision (worker, matches, predicted cached tokens, costs).
+        :raises NoWorkerAvailable: no healthy worker.
+        :raises ValueError: the request id is already in flight.
+        :raises TypeError: ``request`` is not a :class:`Request`.
+        """
+        if not isinstance(request, Request):
+            raise TypeError(f"route() takes a Request, not {type(request).__name__}")
+        hashes = self._hashes(request)
+        prompt = request.num_prompt_tokens(self.block_size)
+        with self._lock:
+            return self._route_locked(request, hashes, prompt)
+
+    def _maintain(self, now: float) -> None:
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_interval
+            self._sweep_locked(now)
+        if self._predicted is not None:
+            self._predicted.expire(now)
+
+    def _sweep_locked(self, now: float) -> int:
+        lt = self._load
+        stale = lt.stale(now, self._request_timeout)
+        for rid in stale:
+            lt.finish(rid)
+        self._stats["stale_requests"] += len(stale)
+        for sid in [s for s, (_, exp) in self._pins.items() if exp <= now]:
+            del self._pins[sid]
+        if self._fresh is not None:
+            self._fresh.purge(now)
+        return len(stale)
+
+    def sweep(self) -> int:
+        """Drop requests with no lifecycle event for ``request_timeout``; return how many.
+
+        ``route()`` runs it every ``sweep_interval`` seconds; a proxy may call it too.
+        Runtime complexity: O(requests in flight).
+        """
+        with self._lock:
+            self._log("sweep")
+            now = self._clock()
+            n = self._sweep_locked(now)
+            if self._predicted is not None:
+                self._predicted.expire(now)
+            return n
+
+    def _busy_mask(self, n: int) -> npt.NDArray[np.bool_]:
+        lt = self._load
+        b = self._busy
+        if b is None:
+            f = self._false_cache
+            if len(f) < n:
+                f = self._false_cache = np.zeros(2 * n, np.bool_)
+                f.flags.writeable = False
+            return f[:n]
+        busy = np.zeros(n, np.bool_)
+        if b.max_prefill_tokens is not None:
+            busy |= lt.prefill_tokens[:n] >= b.max_prefill_tokens
+        if b.max_active_requests is not None:
+            busy |= lt.active[:n] >= b.max_active_requests
+        if b.max_waiting_requests is not None:
+            busy |= lt.waiting[:n] >= b.max_waiting_requests
+        if b.max_kv_usage is not None:
+            busy |= lt.kv_usage[:n] >= b.max_kv_usage
+        return busy
+
+    def _overlap(self, hashes: npt.NDArray[np.uint64], n: int, now: float) -> tuple[Any, Any, Any]:
+        """Per position: matched blocks (any tier), of which host, of which disk (or None)."""
+        ov = np.zeros(n, np.int64)
+        host = disk = None
+        if len(hashes) == 0 or n == 0:
+            return ov, host, disk
+        m: Mapping[int, int] | None = None
+        if self.kv_events:
+            if self._tiered and self.policy.uses_tiers:
+                mt = self.index.match_tiers(hashes)
+                if mt:
+                    host = np.zeros(n, np.int64)
+                    disk = np.zeros(n, np.int64)
+                    pos = self._load.pos
+                    for w, (d, h, k) in mt.items():
+                        p = pos.get(w)
+                        if p is not None:
+                            ov[p] = d + h + k
+                            host[p] = h
+                            disk[p] = k
+            else:
+                ov[:] = self.index.match_array(hashes, self._load.worker_ids[:n])
+                m = _OverlapView(ov, self._load.pos)
+        pm = None
+        if self._predicted is not None:
+            pm = self._predicted.match(hashes)
+        elif self._fresh is not None:
+            pm = self._fresh.match(hashes, now, m)
+        if pm:
+            pos = self._load.pos
+            for w, k in pm.items():
+                p = pos.get(w)
+                if p is not None and k > ov[p]:
+                    # predicted residency counts as device
+                    ov[p] = k
+                    if host is not None and disk is not None:
+                        host[p] = disk[p] = 0
+        return ov, host, disk
+
+    def _scatter(self, m: dict[int, int], out: npt.NDArray[np.int64]) -> None:
+        if len(m) <= 16:  # a dict walk beats four numpy calls for a few holders
+            pos = self._load.pos
+            for w, k in m.items():
+                p = pos.get(w)
+                if p is not None:
+                    out[p] = k
+            return
+        ids = np.fromiter(m.keys(), np.uint64, len(m))
+        vals = np.fromiter(m.values(), np.int64, len(m))
+        where = self._load.positions(ids)
+        ok = where >= 0
+        out[where[ok]] = vals[ok]
+
+    def _zeros(self, n: int) -> npt.NDArray[np.int64]:
+        z = self._zero_cache
+        if len(z) < n:
+            z = self._zero_cache = np.zeros(2 * n, np.int64)
+            z.flags.writeable = False
+        return z[:n]
+
+    def _pinned(self, request: Request, now: float, cand: Any, n: int) -> int | None:
+        """The position of the session's pinned worker if it may take the request."""
+        if request.session_id is None:
+            return None
+        pin = self._pins.get(request.session_id)
+        if pin is None:
+            return None
+        worker, expiry = pin
+        lt = self._load
+        p = lt.pos.get(worker)
+        if expiry <= now or p is None:
+            del self._pins[request.session_id]
+            return None
+        if not lt.healthy[p] or self._busy_mask(n)[p]:
+            return None
+        load = lt.active[:n] + lt.waiting[:n]
+        if cand is not None:
+            load = load[cand]
+        fair = (1.0 + self._pin_slack) * (float(load.sum()) + 1.0) / len(load) + self._pin_abs
+        if lt.active[p] + lt.waiting[p] + 1.0 > fair:
+            return None
+        return p
+
+    def _route_locked(
+        self, request: Request, hashes: npt.NDArray[np.uint64], prompt: int
+    ) -> Decision:
+        now = self._clock()
+        self._maintain(now)
+        lt = self._load
+        rid = request.request_id
+        if rid in lt.requests:
+            raise ValueError(f"request {rid!r} is already in flight")
+        n = lt.n
+        cand: npt.NDArray[np.intp] | None = None
+        if not self._all_healthy:
+            cand = np.flatnonzero(lt.healthy[:n])
+            if len(cand) == 0:
+                raise NoWorkerAvailable(f"no healthy worker among {n} for request {rid!r}")
+        elif n == 0:
+            raise NoWorkerAvailable(f"no worker has been added; cannot route request {rid!r}")
+        bs = self.block_size
+        ov, host, disk = self._overlap(hashes, n, now)
+        tiered = host is not None and disk is not None
+        if host is None or disk is None:
+            host = disk = self._zeros(n)
+        out_blocks = 0.0
+        if request.expected_output_tokens:
+            out_blocks = float(math.ceil(request.expected_output_tokens / bs))
+        new = len(hashes) - ov  # a match never exceeds the prompt
+        if out_blocks:
+            new = new + out_blocks
+        pinned = self._pinned(request, now, cand, n)
+        if pinned is not None:
+            p = pinned
+            name = "pin"
+            self._stats["pinned_routes"] += 1
+            if cand is None:
+                cw, co = lt.ids_frozen, ov
+            else:
+                cw, co = lt.worker_ids[cand], ov[cand]
+            costs: dict[str, Any] = {}
+            i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
+        else:
+            busy = self._busy_mask(n)
+            sel: Any = slice(0, n) if cand is None else cand
+            c = Candidates(
+                lt.ids_frozen if cand is None else lt.worker_ids[cand],
+                ov[sel],
+                host[sel],
+                disk[sel],
+                lt.prefill_tokens[sel],
+                lt.decode_blocks[sel],
+                new[sel],
+                lt.active[sel],
+                lt.waiting[sel],
+                lt.kv_usage[sel],
+                busy[sel],
+                tiered,
+            )
+            key: int | None
+            if request.session_id is not None:
+                key = xxhash.xxh3_64_intdigest(request.session_id.encode())
+            else:
+                key = int(hashes[0]) if len(hashes) else None
+            feats = Features(
+                prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
+            )
+            choice = self.policy.choose(c, feats)
+            i = int(choice.index)
+            if not 0 <= i < len(c):
+                raise RuntimeError(
+                    f"policy {self.policy.name!r} chose position {i} of {len(c)} candidates"
+                )
+            p = i if cand is None else int(cand[i])
+            cw = c.workers
+            co = c.overlap
+            costs = choice.costs
+            name = self.policy.name
+        worker = int(lt.worker_ids[p])
+        matched = int(ov[p])
+        cached = min(matched * bs, prompt)
+        entry: Any = None
+        if self._predicted is not None and len(hashes):
+            ttl = request.cache_ttl()
+            if ttl is not None:
+                ttl = max(self._predicted.ttl, ttl)
+            entry = self._predicted.record(worker, hashes, now, ttl)
+        elif self._fresh is not None:
+            entry = self._fresh.record(worker, hashes, now)
+        lt.start(
+            rid,
+            worker,
+            prefill_tokens=prompt - cached,
+            decode_blocks=float(new[p]),
+            now=now,
+            payload=_Payload(
+                entry,
+                request.session_id,
+                request.tokens if request.speculative_prefill else None,
+                hashes if request.speculative_prefill else None,
+                request.speculative_prefill,
+            ),
+        )
+        pin_ttl = request.cache_ttl()
+        if pin_ttl is not None and request.session_id is not None:
+            self._pins[request.session_id] = (worker, now + pin_ttl)
+        self._stats["routed"] += 1
+        seq = self._log("route", request)
+        return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _unknown(self) -> bool:
+        self._stats["unknown_request_ids"] += 1
+        return False
+
+    def first_token(self, request_id: str | int) -> bool:
+        """The request's first token arrived: its prompt is no longer queued prefill work.
+
+        :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
+        """
+        with self._lock:
+            self._log("first_token", request_id)
+            return self._load.first_token(request_id, self._clock()) or self._unknown()
+
+    def finished(
+        self,
+        request_id: str | int,
+        *,
+        output_tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+    ) -> bool:
+        """The request completed: drop its load; record a warm-up plan if it asked for one.
+
+        :param output_tokens: the generated tokens, appended to the warm-up prefix.
+        :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
+        :raises TypeError: ``output_tokens`` is not a sequence of ints.
+        """
+        if output_tokens is not None and (
+            isinstance(output_tokens, (str, bytes))
+            or not isinstance(output_tokens, (Sequence, np.ndarray))
+        ):
+            raise TypeError("output_tokens must be a sequence of ints")
+        with self._lock:
+            self._log("finished", request_id, output_tokens=output_tokens)
+            r = self._load.finish(request_id)
+            if r is None:
+                return self._unknown()
+            pl: _Payload = r.payload
+            if pl.speculative and pl.session_id is not None:
+                toks = None
+                if pl.tokens is not None:
+                    toks = tuple(int(t) for t in pl.tokens)
+                    if output_tokens is not None:
+                        toks += tuple(int(t) for t in output_tokens)
+                assert pl.hashes is not None
+                self._warm[pl.session_id] = WarmupPlan(r.worker, toks, pl.hashes)
+            return True
+
+    def failed(self, request_id: str | int) -> bool:
+        """The request failed: drop its load and its predicted residency.
+
+        :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
+        """
+        with self._lock:
+            self._log("failed", request_id)
+            r = self._load.finish(request_id)
+            if r is None:
+                return self._unknown()
+            pl: _Payload = r.payload
+            if pl.entry is not None and self._predicted is not None:
+                self._predicted.forget(pl.entry)
+            elif self._fresh is not None:
+                self._fresh.forget(pl.entry)
+            return True
+
+    def warmup_plan(self, session_id: str) -> WarmupPlan | None:
+        """Where to send a ``max_tokens=1`` prefill so the session's next turn is warm.
+
+        Available after a request with ``speculative_prefill=True`` finished;
+        returned once (the plan is consumed). None if there is no plan or its
+        worker is gone or unhealthy.
+        """
+        with self._lock:
+            plan = self._warm.pop(session_id, None)
+            if plan is None:
+                return None
+            p = self._load.pos.get(plan.worker)
+            if p is None or not self._load.healthy[p]:
+                return None
+            return plan
+
+    # -- admission ---------------------------------------------------------------
+
+    def _saturated(self) -> bool:
+        if self._busy is None:
+            return False
+        lt = self._load
+        busy = self._busy_mask(lt.n)
+        ok = ~busy & lt.healthy[: lt.n]
+        return not bool(ok.any())
+
+    def submit(self, request: Request) -> Decision | None:
+        """Route ``request`` now, or queue it while every healthy worker is busy.
+
+        Queued requests leave through :meth:`pop_ready`, by priority (lower
+        first), then arrival (``admission="fcfs"``) or prompt + expected output
+        length (``"sjf"``).
+
+        :returns: the decision, or None if the request was queued.
+        :raises NoWorkerAvailable, ValueError, TypeError: as :meth:`route`.
+        """
+        if not isinstance(request, Request):
+            raise TypeError(f"submit() takes a Request, not {type(request).__name__}")
+        hashes = self._hashes(request)
+        prompt = request.num_prompt_tokens(self.block_size)
+        with self._lock:
+            rid = request.request_id
+            if rid in self._queued_ids or rid in self._load.requests:
+                raise ValueError(f"request {rid!r} is already queued or in flight")
+            if not self._queued_ids and not self._saturated():
+                return self._route_locked(request, hashes, prompt)
+            size = float(prompt + (request.expected_output_tokens or 0)) if self._sjf else 0.0
+            heapq.heappush(
+                self._queue,
+                _Queued((request.priority, size, next(self._qseq)), request, hashes, prompt),
+            )
+            self._queued_ids.add(rid)
+            self._log("queued", request)
+            return None
+
+    def pop_ready(self) -> list[Decision]:
+        """Route queued requests, in admission order, while some worker is not busy."""
+        out: list[Decision] = []
+        with self._lock:
+            while self._queue and not self._saturated():
+                q = heapq.heappop(self._queue)
+                rid = q.request.request_id
+                if rid not in self._queued_ids:  # cancelled
+                    continue
+                self._queued_ids.discard(rid)
+                out.append(self._route_locked(q.request, q.hashes, q.prompt))
+        return out
+
+    def cancel(self, request_id: str | int) -> bool:
+        """Drop a queued request. False if it is not queued."""
+        with self._lock:
+            if request_id not in self._queued_ids:
+                return False
+            self._queued_ids.discard(request_id)
+            self._log("cancel", request_id)
+            return True
+
+    def _check(self) -> None:
+        """Check the router's invariants (load aggregates, predicted residency)."""
+        with self._lock:
+            self._load._check()
+            if self._predicted is not None:
+                self._predicted._check()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Router policy={self.policy.name!r} workers={self._load.n} "
+            f"in_flight={len(self._load.requests)} kv_events={self.kv_events}>"
+        )
