@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import __version__
+from .sim.replay import DESCRIPTION as REPLAY_DESCRIPTION
+from .sim.replay import configure as configure_replay
+from .sim.replay import run as run_replay
+from .traces import TraceError
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main"]
 
@@ -405,6 +409,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
+def _run_replay(args: argparse.Namespace) -> int:
+    try:
+        return run_replay(args)
+    except KeyError as e:  # an unknown policy name: the message is the key
+        raise CommandError(str(e.args[0])) from None
+    except (OSError, TraceError, ValueError) as e:
+        raise CommandError(str(e)) from None
+
+
 #: Every subcommand, in ``--help`` order.
 COMMANDS: Final[tuple[Command, ...]] = (
     Command(
@@ -414,6 +427,15 @@ COMMANDS: Final[tuple[Command, ...]] = (
         _configure_bench,
         _run_bench,
         _BENCH_EPILOG,
+    ),
+    Command(
+        "replay",
+        "simulate a fleet on a trace: prefix reuse and latency per routing policy",
+        REPLAY_DESCRIPTION,
+        configure_replay,
+        _run_replay,
+        "example: kvroute replay default --policy round_robin,kv_cost,kvroute --workers 8 "
+        "--gpu-blocks 2048 --block-size 512",
     ),
 )
 

@@ -224,6 +224,39 @@ def test_python_index_defaults_are_reduced(tmp_path: Path) -> None:
 def test_commands_table_drives_the_parser() -> None:
     parser = cli.build_parser()
     names = {c.name for c in cli.COMMANDS}
-    assert names == {"bench"}
-    args = parser.parse_args(["bench"])
-    assert args._run is cli.COMMANDS[0].run
+    assert names == {"bench", "replay"}
+    for cmd in cli.COMMANDS:
+        argv = [cmd.name] + (["default"] if cmd.name == "replay" else [])
+        assert parser.parse_args(argv)._run is cmd.run
+
+
+def test_replay_reports_bad_input_as_usage_errors(tmp_path: Path) -> None:
+    missing = run_cli("replay", str(tmp_path / "missing.jsonl"))
+    assert missing.returncode == 2 and "No such file" in missing.stderr
+    unknown = run_cli("replay", "default", "--policy", "nosuch", "--limit", "5")
+    assert unknown.returncode == 2
+    assert "unknown routing policy 'nosuch'" in unknown.stderr
+
+
+def test_replay_writes_json_per_policy(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    res = run_cli(
+        "replay",
+        "default",
+        "--policy",
+        "round_robin,kvroute",
+        "--limit",
+        "200",
+        "--workers",
+        "4",
+        "--gpu-blocks",
+        "256",
+        "--json",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["policies"]) == {"round_robin", "kvroute"}
+    for figures in doc["policies"].values():
+        for key in ("prefix_reuse", "ttft_mean_ms", "ttft_p99_ms", "throughput_tok_s"):
+            assert key in figures
