@@ -18,6 +18,39 @@ else:
     except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
         from ._index_py import MAX_COPIES, BlockIndex
 
+from .hashing import kvroute_block_hashes
+from .policies import (
+    Candidates,
+    Choice,
+    Features,
+    RoutingPolicy,
+    available_policies,
+    get_policy,
+    register_policy,
+)
+from .request import CacheControl, Decision, Request, WarmupPlan
+from .router import BusyThreshold, NoWorkerAvailable, Router
+
 __version__ = "0.1.0"
 
-__all__ = ["MAX_COPIES", "TIERS", "BlockIndex", "__version__"]
+__all__ = [
+    "MAX_COPIES",
+    "TIERS",
+    "BlockIndex",
+    "BusyThreshold",
+    "CacheControl",
+    "Candidates",
+    "Choice",
+    "Decision",
+    "Features",
+    "NoWorkerAvailable",
+    "Request",
+    "Router",
+    "RoutingPolicy",
+    "WarmupPlan",
+    "__version__",
+    "available_policies",
+    "get_policy",
+    "kvroute_block_hashes",
+    "register_policy",
+]

@@ -99,10 +99,8 @@ def as_u64_array(values: object, what: str = "hashes") -> npt.NDArray[np.uint64]
         raise TypeError(f"{what} must hold integers, not {values.dtype}")
     view = memoryview(values) if isinstance(values, (array, memoryview)) else None
     if view is not None and view.format in ("Q", "L") and view.itemsize == 8 and view.ndim == 1:
-        return np.frombuffer(view, dtype=np.uint64)
-    if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(
-        values, Iterable
-    ):
+        return np.ascontiguousarray(view, dtype=np.uint64)  # no copy when contiguous
+    if isinstance(values, (str, bytes, bytearray, memoryview)) or not isinstance(values, Iterable):
         raise TypeError(f"{what} must be a sequence of integers, not {type(values).__name__}")
     items = [check_u64(v, f"{what} item") for v in values]
     return np.array(items, dtype=np.uint64)
@@ -160,9 +158,7 @@ def as_u32_tokens(tokens: object, what: str = "tokens") -> npt.NDArray[np.uint32
         if tokens.ndim != 1:
             raise ValueError(f"{what} must be one-dimensional, got shape {tokens.shape}")
         return _u32_from_ndarray(tokens, what)
-    if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(
-        tokens, Iterable
-    ):
+    if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(tokens, Iterable):
         raise TypeError(f"{what} must be a sequence of integers, not {type(tokens).__name__}")
     items = tokens if isinstance(tokens, (list, tuple)) else list(tokens)
     if not items:
@@ -189,4 +185,3 @@ def as_u32_tokens(tokens: object, what: str = "tokens") -> npt.NDArray[np.uint32
             )
         out[i] = v
     return out
-

@@ -134,9 +134,7 @@ class BlockIndex:
         t = tier_index(tier)
         eng = None if engine_hashes is None else as_u64_array(engine_hashes, "engine_hashes")
         if eng is not None and len(eng) != len(keys):
-            raise ValueError(
-                f"engine_hashes has {len(eng)} items but hashes has {len(keys)}"
-            )
+            raise ValueError(f"engine_hashes has {len(eng)} items but hashes has {len(keys)}")
         handles = self._handles.setdefault(w, {})
         self._resident.setdefault(w, 0)
         if p is not None and w not in self._blocks.get(p, {}):
@@ -360,5 +358,3 @@ class BlockIndex:
             f"<BlockIndex blocks={len(self)} residencies={self.residencies()}"
             f" workers={len(self._resident)}>"
         )
-
-
