@@ -45,7 +45,7 @@ from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuff
 cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
-    #define KVR_PREFETCH(p) __builtin_prefetch((p), 0, 1)
+    #define KVR_PREFETCH(p) __builtin_prefetch((p), 1, 3)
     #else
     #define KVR_PREFETCH(p) ((void)0)
     #endif
@@ -199,15 +199,14 @@ cdef int hm_put(HMap* m, uint64_t k, uint64_t v) noexcept nogil:
     return 0
 
 cdef void hm_del_at(HMap* m, uint64_t i) noexcept nogil:
-    # Backward-shift deletion: pull later members of the probe run into the hole.
-    cdef uint64_t mask = m.cap - 1, j = i, home
+    # Backward-shift deletion: pull later members of the probe run into the
+    # hole, each one whose probe path from its home to j passes through i.
+    cdef uint64_t mask = m.cap - 1, j = i
     while True:
         j = (j + 1) & mask
         if m.e[j].key == 0:
             break
-        home = hm_home(m, m.e[j].key)
-        # move e[j] into the hole at i unless its home lies cyclically in (i, j]
-        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+        if ((j - hm_home(m, m.e[j].key)) & mask) >= ((j - i) & mask):
             m.e[i] = m.e[j]
             i = j
     m.e[i].key = 0
@@ -404,14 +403,15 @@ cdef class BlockIndex:
         return &self._t[i]
 
     cdef void _delete_entry(self, Entry* ent) noexcept nogil:
-        cdef uint64_t mask = self._cap - 1, home
+        cdef uint64_t mask = self._cap - 1
         cdef uint64_t i = ent - self._t, j = i
         while True:
             j = (j + 1) & mask
             if self._t[j].val == 0:
                 break
-            home = self._home(self._t[j].key)
-            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            # e[j] may fill the hole at i if i lies on its probe path: its
+            # distance from home to j is at least the distance from i to j
+            if ((j - self._home(self._t[j].key)) & mask) >= ((j - i) & mask):
                 self._t[i] = self._t[j]
                 i = j
         self._t[i].key = 0
