@@ -994,11 +994,8 @@ cdef class BlockIndex:
                 return self._match_run(keys, n, tiers)
         return self._match_run(keys, n, tiers)
 
-    def match(self, hashes):
-        """Per worker, how many leading blocks of ``hashes`` it holds (any tier).
-
-        See :meth:`kvroute._index_py.BlockIndex.match`.
-        """
+    cdef dict _match_dict(self, object hashes, int tiers):
+        """``match`` (tiers=0) or ``match_tiers`` (tiers=1) as the twin returns it."""
         cdef Py_buffer kb
         cdef uint32_t nhits, j, slot
         cdef dict out = {}
@@ -1006,41 +1003,36 @@ cdef class BlockIndex:
         try:
             self._acquire()
             try:
-                nhits = self._match_locked(&kb, 0)
+                nhits = self._match_locked(&kb, tiers)
                 for j in range(nhits):
                     slot = self._hits[j]
-                    out[self._slot_worker[slot]] = self._cnt[slot]
+                    if tiers:
+                        out[self._slot_worker[slot]] = (
+                            self._tier_cnt[3 * slot],
+                            self._tier_cnt[3 * slot + 1],
+                            self._tier_cnt[3 * slot + 2],
+                        )
+                    else:
+                        out[self._slot_worker[slot]] = self._cnt[slot]
             finally:
                 self._release()
         finally:
             PyBuffer_Release(&kb)
         return out
+
+    def match(self, hashes):
+        """Per worker, how many leading blocks of ``hashes`` it holds (any tier).
+
+        See :meth:`kvroute._index_py.BlockIndex.match`.
+        """
+        return self._match_dict(hashes, 0)
 
     def match_tiers(self, hashes):
         """Per worker, its matched prefix split by the fastest tier holding each block.
 
         See :meth:`kvroute._index_py.BlockIndex.match_tiers`.
         """
-        cdef Py_buffer kb
-        cdef uint32_t nhits, j, slot
-        cdef dict out = {}
-        _get_keys(hashes, "hashes", &kb)
-        try:
-            self._acquire()
-            try:
-                nhits = self._match_locked(&kb, 1)
-                for j in range(nhits):
-                    slot = self._hits[j]
-                    out[self._slot_worker[slot]] = (
-                        self._tier_cnt[3 * slot],
-                        self._tier_cnt[3 * slot + 1],
-                        self._tier_cnt[3 * slot + 2],
-                    )
-            finally:
-                self._release()
-        finally:
-            PyBuffer_Release(&kb)
-        return out
+        return self._match_dict(hashes, 1)
 
     def match_array(self, hashes, workers):
         """For each id in ``workers``, how many leading blocks of ``hashes`` it holds.
