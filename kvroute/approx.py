@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FreshDecisions", "PredictedResidency", "common_prefix"]
+__all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix", "common_prefix"]
 
 
 @dataclass(slots=True)
@@ -206,6 +206,34 @@ def common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> int:
     return m if eq.all() else int(np.argmin(eq))
 
 
+def chained_common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> int:
+    """Length of the common prefix of two arrays of *chained* block keys.
+
+    A chained key names its block and its whole prefix, so ``a[i] == b[i]``
+    implies ``a[:i] == b[:i]``: equality is monotone and a bisection finds the
+    first difference in O(log n) scalar comparisons instead of comparing every
+    key. (Two different prefixes sharing a key would take a 64-bit collision.)
+    Arrays that are not chained need :func:`common_prefix`.
+
+    >>> from kvroute.hashing import kvroute_block_hashes
+    >>> a = kvroute_block_hashes(list(range(64)), 16)
+    >>> b = kvroute_block_hashes(list(range(40)) + [9] * 24, 16)
+    >>> chained_common_prefix(a, b), common_prefix(a, b)
+    (2, 2)
+    """
+    m = min(len(a), len(b))
+    if m == 0 or a[m - 1] == b[m - 1]:
+        return m
+    lo, hi = 0, m - 1  # a[:lo] == b[:lo], and a[hi] != b[hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class FreshDecisions:
     """The newest routing decisions per prompt start, for ``ttl`` seconds.
 
@@ -222,8 +250,8 @@ class FreshDecisions:
     >>> fd.match(np.array([7, 8, 1], np.uint64), now=5.0)
     {}
 
-    Runtime complexity: :meth:`record` O(1); :meth:`match` O(per_key x prompt
-    blocks) in numpy.
+    Runtime complexity: :meth:`record` O(1); :meth:`match` O(per_key x log
+    prompt blocks), since the hashes are chained keys.
 
     :param ttl: how long a decision is remembered (s).
     :param per_key: decisions kept per first block.
@@ -294,7 +322,7 @@ class FreshDecisions:
                 k = known.get(worker, 0)
                 if k >= len(h) or k >= len(hashes) or h[k] != hashes[k]:
                     continue
-            k = common_prefix(h, hashes)
+            k = chained_common_prefix(h, hashes)
             if k > out.get(worker, 0):
                 out[worker] = k
         return out

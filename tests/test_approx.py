@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvroute._index_py import BlockIndex as PyIndex
-from kvroute.approx import FreshDecisions, PredictedResidency, common_prefix
+from kvroute.approx import (
+    FreshDecisions,
+    PredictedResidency,
+    chained_common_prefix,
+    common_prefix,
+)
+from kvroute.hashing import kvroute_block_hashes
 from kvroute.request import Request
 from kvroute.router import Router
 
@@ -223,3 +229,17 @@ def test_common_prefix_matches_a_loop(a: list[int], b: list[int]) -> None:
     while k < min(len(a), len(b)) and a[k] == b[k]:
         k += 1
     assert common_prefix(np.array(a, np.uint64), np.array(b, np.uint64)) == k
+
+
+@given(
+    st.lists(st.integers(0, 3), min_size=0, max_size=40),
+    st.lists(st.integers(0, 3), min_size=0, max_size=40),
+    st.integers(1, 4),
+)
+def test_chained_common_prefix_agrees_with_the_full_comparison(
+    a: list[int], b: list[int], block_size: int
+) -> None:
+    ka = kvroute_block_hashes(a, block_size)
+    kb = kvroute_block_hashes(b, block_size)
+    assert chained_common_prefix(ka, kb) == common_prefix(ka, kb)
+    assert chained_common_prefix(ka, ka) == len(ka)
