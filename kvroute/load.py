@@ -7,18 +7,20 @@ lifecycle), and the worker-reported waiting requests and KV usage. Positions
 ``0 .. n-1`` are always the live workers (removal moves the last worker into
 the hole), so the router can hand policies zero-copy slices.
 
-Active decode blocks are the blocks each in-flight request adds on its
-worker: its prompt blocks not already cached there when it was routed, plus
-its expected output blocks. (Dynamo counts the unique blocks of the in-flight
-requests, shared prefixes once; counting what each request adds gives the same
-total when the shared prefix was cached before the requests arrived, without
-a per-request index update on the routing path.)
+Active decode blocks follow Dynamo's definition: the unique blocks of a
+worker's in-flight requests (their prompt blocks, a prefix shared by several
+requests counted once, cached or not) plus their expected output blocks. The
+unique prompt blocks live in a reference-counted :class:`kvroute.BlockIndex`
+of their own (stored when a request starts, removed when it leaves), so
+:meth:`LoadTracker.new_blocks` can say, per worker, how many of a request's
+blocks would be new to that worker's active set: a compiled ``match_array``.
 
 Not thread-safe on its own: the router calls it under its lock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +36,10 @@ class ActiveRequest:
 
     :param worker: the worker id it was routed to.
     :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
-    :param decode_blocks: the blocks it adds on its worker (uncached prompt + output).
+    :param decode_blocks: its expected output blocks.
     :param last_seen: clock time of its last lifecycle event (for the stale sweep).
     :param payload: the router's own data (kept opaque here).
+    :param hashes: its prompt's block keys, in the active-block index while it runs.
     """
 
     worker: int
@@ -44,6 +47,7 @@ class ActiveRequest:
     decode_blocks: float
     last_seen: float
     payload: Any = None
+    hashes: npt.NDArray[np.uint64] | None = None
 
 
 class LoadTracker:
@@ -52,9 +56,12 @@ class LoadTracker:
     >>> lt = LoadTracker()
     >>> lt.add_worker(7)
     0
-    >>> lt.start("a", 7, prefill_tokens=100, decode_blocks=3, now=0.0)
+    >>> prompt = np.array([11, 12, 13], np.uint64)
+    >>> lt.start("a", 7, prefill_tokens=100, decode_blocks=2, now=0.0, hashes=prompt)
     >>> lt.prefill_tokens[:1].tolist(), lt.decode_blocks[:1].tolist(), lt.active[:1].tolist()
-    ([100.0], [3.0], [1])
+    ([100.0], [5.0], [1])
+    >>> lt.new_blocks(np.array([11, 12, 14], np.uint64)).tolist()  # 11, 12 are active
+    [1.0]
     >>> lt.first_token("a", now=1.0), lt.prefill_tokens[:1].tolist()
     (True, [0.0])
     >>> lt.finish("a") is not None, lt.decode_blocks[:1].tolist(), lt.active[:1].tolist()
@@ -63,7 +70,13 @@ class LoadTracker:
     :param capacity: initial array size (grows by doubling).
     """
 
-    def __init__(self, capacity: int = 16) -> None:
+    def __init__(self, capacity: int = 16, index_factory: Callable[[], Any] | None = None) -> None:
+        if index_factory is None:
+            from . import BlockIndex
+
+            index_factory = BlockIndex
+        # unique prompt blocks of the requests in flight, per worker
+        self.active_blocks = index_factory()
         cap = max(int(capacity), 1)
         self.n = 0
         self.worker_ids = np.zeros(cap, np.uint64)
@@ -141,6 +154,7 @@ class LoadTracker:
         dropped = [rid for rid, r in self.requests.items() if r.worker == worker]
         for rid in dropped:
             del self.requests[rid]
+        self.active_blocks.remove_worker(worker)
         last = self.n - 1
         if p != last:
             for name in self._ARRAYS:
@@ -177,9 +191,13 @@ class LoadTracker:
         decode_blocks: float,
         now: float,
         payload: Any = None,
+        hashes: npt.NDArray[np.uint64] | None = None,
     ) -> None:
         """Count a new request on ``worker`` (which must be known).
 
+        :param decode_blocks: its expected output blocks.
+        :param hashes: its prompt's block keys; those the worker's other
+            requests in flight do not already hold add to its decode blocks.
         :raises KeyError: unknown worker.
         :raises ValueError: ``request_id`` is already in flight.
         """
@@ -187,11 +205,32 @@ class LoadTracker:
             raise ValueError(f"request {request_id!r} is already in flight")
         p = self.pos[worker]
         self.requests[request_id] = ActiveRequest(
-            worker, float(prefill_tokens), float(decode_blocks), now, payload
+            worker, float(prefill_tokens), float(decode_blocks), now, payload, hashes
         )
         self.prefill_tokens[p] += prefill_tokens
         self.active[p] += 1
-        self.decode_blocks[p] += decode_blocks
+        self.decode_blocks[p] += decode_blocks + self._activate(worker, hashes, True)
+
+    def _activate(self, worker: int, hashes: npt.NDArray[np.uint64] | None, add: bool) -> int:
+        """Add (or drop) a prompt in the active-block index; the change in unique blocks."""
+        if hashes is None or len(hashes) == 0:
+            return 0
+        before: int = self.active_blocks.worker_len(worker)
+        if add:
+            self.active_blocks.store(worker, hashes)
+        else:
+            self.active_blocks.remove(worker, hashes)
+        after: int = self.active_blocks.worker_len(worker)
+        return after - before
+
+    def new_blocks(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.float64]:
+        """Per position, how many of ``hashes`` are not yet among that worker's active blocks.
+
+        Prompts are prefix-chained, so the blocks a worker's requests in flight
+        share with this one are a leading run: ``len(hashes)`` minus its match.
+        """
+        shared = self.active_blocks.match_array(hashes, self.worker_ids[: self.n])
+        return len(hashes) - shared.astype(np.float64)
 
     def first_token(self, request_id: str | int, now: float) -> bool:
         """The request's prefill is done: drop its prefill tokens. False if unknown."""
@@ -214,7 +253,8 @@ class LoadTracker:
         if r.prefill_tokens:
             self.prefill_tokens[p] = max(self.prefill_tokens[p] - r.prefill_tokens, 0.0)
         self.active[p] = max(int(self.active[p]) - 1, 0)
-        self.decode_blocks[p] = max(self.decode_blocks[p] - r.decode_blocks, 0.0)
+        gone = r.decode_blocks - self._activate(r.worker, r.hashes, False)
+        self.decode_blocks[p] = max(self.decode_blocks[p] - gone, 0.0)
         return r
 
     def stale(self, now: float, timeout: float) -> list[str | int]:
@@ -243,6 +283,9 @@ class LoadTracker:
             prefill[p] += r.prefill_tokens
             active[p] += 1
             decode[p] += r.decode_blocks
+        for w, p in self.pos.items():
+            decode[p] += self.active_blocks.worker_len(w)
+        self.active_blocks._check()
         assert np.allclose(prefill, self.prefill_tokens[: self.n]), "prefill tokens drifted"
         assert (active == self.active[: self.n]).all(), "active requests drifted"
         assert np.allclose(decode, self.decode_blocks[: self.n]), "decode blocks drifted"

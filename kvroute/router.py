@@ -227,7 +227,7 @@ class Router:
         #: The block index KV events feed (thread-safe on its own).
         self.index: Any = factory() if index is None else index
         self.kv_events = bool(kv_events)
-        self._load = LoadTracker()
+        self._load = LoadTracker(index_factory=factory)
         self._predicted: PredictedResidency | None = None
         self._fresh: FreshDecisions | None = None
         if not self.kv_events:
@@ -678,9 +678,11 @@ class Router:
         out_blocks = 0.0
         if request.expected_output_tokens:
             out_blocks = float(math.ceil(request.expected_output_tokens / bs))
-        new = len(hashes) - ov  # a match never exceeds the prompt
+        # Dynamo's potential decode blocks: the prompt blocks new to each
+        # worker's requests in flight, plus the expected output
+        new = lt.new_blocks(hashes)
         if out_blocks:
-            new = new + out_blocks
+            new += out_blocks
         pinned = self._pinned(request, now, cand, n)
         if pinned is not None:
             p = pinned
@@ -743,8 +745,9 @@ class Router:
             rid,
             worker,
             prefill_tokens=prompt - cached,
-            decode_blocks=float(new[p]),
+            decode_blocks=out_blocks,
             now=now,
+            hashes=hashes,
             payload=_Payload(
                 entry,
                 request.session_id,

@@ -144,7 +144,8 @@ def test_lifecycle_load_accounting_returns_to_zero() -> None:
     assert d.worker == 0
     assert r.load(0) == {
         "prefill_tokens": 8.0,  # 16 prompt tokens - 2 cached blocks of 4
-        "decode_blocks": 2.0 + 3.0,  # uncached prompt blocks + ceil(9 / 4) output blocks
+        # Dynamo's active blocks: all 4 prompt blocks (cached or not) + ceil(9 / 4) output
+        "decode_blocks": 4.0 + 3.0,
         "active_requests": 1,
         "waiting_requests": 0.0,
         "kv_usage": 0.0,
@@ -153,15 +154,15 @@ def test_lifecycle_load_accounting_returns_to_zero() -> None:
     d2 = r.route(Request("b", block_hashes=H(1, 2, 7)))
     d3 = r.route(Request("c", block_hashes=H(1, 2, 8)))
     assert (d2.worker, d3.worker) == (1, 0)
-    # c finds blocks 1, 2 cached on worker 0: it adds only its one uncached block
-    assert r.load(0)["decode_blocks"] == 5 + 1
+    # c shares blocks 1, 2 with a, in flight on worker 0: only block 8 is new there
+    assert r.load(0)["decode_blocks"] == 7 + 1
     assert r.load(1)["decode_blocks"] == 3
     assert r.load(0)["prefill_tokens"] == 8 + 4
     assert r.first_token("a")
     assert r.load(0)["prefill_tokens"] == 4
     assert r.first_token("a")  # twice is harmless
     assert r.finished("a")
-    assert r.load(0)["decode_blocks"] == 1
+    assert r.load(0)["decode_blocks"] == 3  # c's blocks 1, 2, 8 stay active
     assert r.failed("c") and r.finished("b")
     for w in (0, 1):
         load = r.load(w)
@@ -684,15 +685,21 @@ def test_doctests(module: str) -> None:
 def test_host_tier_hits_are_priced_below_device_hits() -> None:
     r = make(workers=[0, 1], policy="kv_cost", policy_params={"seed": 0}, predict_on_route=False)
     r.apply_stored(0, H(1, 2, 3, 4), tier="host")  # switches the router to per-tier matching
-    r.apply_stored(1, H(1, 2, 3))
+    r.apply_stored(1, H(1, 2, 3, 4))
     d = r.route(Request("a", block_hashes=H(1, 2, 3, 4, 5)))
-    # credits: worker 0 0.75 x 4 host = 3.0 blocks, worker 1 3 device blocks: a tie on
-    # prefill; decode: 1 new block on worker 0 against 2 on worker 1
-    assert d.worker == 0
+    # credits: worker 0 0.75 x 4 host blocks = 3.0, worker 1 4 device blocks = 4.0
+    assert d.worker == 1
     rows = {row["worker"]: row for row in d.breakdown()}
     assert rows[0]["prefill_blocks"] == pytest.approx(5 - 3.0)
-    assert rows[1]["prefill_blocks"] == pytest.approx(5 - 3.0)
-    assert (rows[0]["matched_blocks"], rows[1]["matched_blocks"]) == (4, 3)
+    assert rows[1]["prefill_blocks"] == pytest.approx(5 - 4.0)
+    r.finished("a")
+    r.apply_cleared(1)
+    r.apply_stored(1, H(1, 2))
+    d = r.route(Request("b", block_hashes=H(1, 2, 3, 4, 5)))
+    # a host hit still beats a shorter device hit: 3.0 blocks of credit against 2
+    assert d.worker == 0
+    rows = {row["worker"]: row for row in d.breakdown()}
+    assert (rows[0]["matched_blocks"], rows[1]["matched_blocks"]) == (4, 2)
     # predicted_cached_tokens counts every matched block, whatever its tier
     assert d.predicted_cached_tokens == 16
 
