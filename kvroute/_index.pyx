@@ -270,6 +270,7 @@ cdef class BlockIndex:
     # spilled worker sets: _sets[id] -> [len | cap << 32, residency words...]
     cdef uint64_t** _sets
     cdef uint32_t _nsets
+    cdef uint32_t _sets_cap        # room in _sets and in _set_free (which holds <= _nsets ids)
     cdef uint32_t* _set_free
     cdef uint32_t _nset_free
     # Recycled buffers of the smallest set size: blocks shared by two workers
@@ -424,17 +425,12 @@ cdef class BlockIndex:
         """A new set holding residencies a and b (any order); its id, or -1 on OOM."""
         cdef uint32_t sid
         cdef uint64_t* s
-        cdef uint64_t** sets
         if self._nset_free:
             self._nset_free -= 1
             sid = self._set_free[self._nset_free]
         else:
-            if self._nsets == 0xFFFFFFFEu:
+            if self._nsets == self._sets_cap and self._grow_sets() < 0:
                 return -1
-            sets = <uint64_t**>realloc(self._sets, (self._nsets + 1) * sizeof(uint64_t*))
-            if sets == NULL:
-                return -1
-            self._sets = sets
             sid = self._nsets
             self._nsets += 1
             self._sets[sid] = NULL
@@ -472,13 +468,27 @@ cdef class BlockIndex:
                 return
         free(s)
 
+    cdef int _grow_sets(self) noexcept nogil:
+        """Double the room for set ids (and for free ids, never more than set ids)."""
+        cdef uint32_t cap = self._sets_cap * 2 if self._sets_cap else 64
+        cdef uint64_t** sets
+        cdef uint32_t* free_ids
+        if self._sets_cap >= 0x7FFFFFFFu:
+            return -1
+        sets = <uint64_t**>realloc(self._sets, cap * sizeof(uint64_t*))
+        if sets == NULL:
+            return -1
+        self._sets = sets
+        free_ids = <uint32_t*>realloc(self._set_free, cap * sizeof(uint32_t))
+        if free_ids == NULL:
+            return -1
+        self._set_free = free_ids
+        self._sets_cap = cap
+        return 0
+
     cdef void _set_free_id(self, uint32_t sid) noexcept nogil:
-        # _set_free never needs more room than _nsets ids; grow it with _sets.
-        cdef uint32_t* f = <uint32_t*>realloc(self._set_free, self._nsets * sizeof(uint32_t))
-        if f != NULL:
-            self._set_free = f
-            self._set_free[self._nset_free] = sid
-            self._nset_free += 1
+        self._set_free[self._nset_free] = sid
+        self._nset_free += 1
         self._sets[sid] = NULL
 
     cdef inline uint64_t* _set_find(self, uint64_t* s, uint32_t slot) noexcept nogil:
@@ -1120,7 +1130,7 @@ cdef class BlockIndex:
         cdef uint32_t i
         self._acquire()
         try:
-            total += self._nsets * sizeof(uint64_t*) + self._nsets * sizeof(uint32_t)
+            total += self._sets_cap * (sizeof(uint64_t*) + sizeof(uint32_t))
             total += self._spare_cap * sizeof(uint64_t*) + self._nspare * (1 + SET_MIN) * 8
             for i in range(self._nsets):
                 if self._sets[i] != NULL:
