@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 from types import ModuleType
 
 import pytest
+from helpers import twin_ids, twins
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -18,23 +17,10 @@ settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def _twins(base: str) -> list[ModuleType]:
-    mods = [importlib.import_module(f"kvroute.{base}_py")]
-    if not os.environ.get("KVROUTE_NO_EXTENSIONS"):
-        # A missing extension is not skipped silently: tests/test_build.py fails.
-        with contextlib.suppress(ImportError):
-            mods.insert(0, importlib.import_module(f"kvroute.{base}"))
-    return mods
+_INDEX_TWINS = twins("_index")
 
 
-_INDEX_TWINS = _twins("_index")
-
-
-@pytest.fixture(
-    scope="session",
-    params=_INDEX_TWINS,
-    ids=["py" if m.__name__.endswith("_py") else "c" for m in _INDEX_TWINS],
-)
+@pytest.fixture(scope="session", params=_INDEX_TWINS, ids=twin_ids(_INDEX_TWINS))
 def index_module(request: pytest.FixtureRequest) -> ModuleType:
     """The compiled ``kvroute._index`` and the pure-Python ``kvroute._index_py``."""
     return request.param  # type: ignore[no-any-return]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
+from helpers import Clock, H
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,18 +20,6 @@ from kvroute.approx import (
 from kvroute.hashing import kvroute_block_hashes
 from kvroute.request import Request
 from kvroute.router import Router
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def H(*xs: int) -> npt.NDArray[np.uint64]:
-    return np.array(xs, np.uint64)
 
 
 def approx_router(**kw: Any) -> tuple[Router, Clock]:

@@ -9,7 +9,6 @@ what vLLM 0.33.0, SGLang 0.5.23 and Dynamo 1.6.1 really produce.
 
 from __future__ import annotations
 
-import contextlib
 import doctest
 import importlib
 import importlib.machinery
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import xxhash
+from helpers import twin_ids, twins
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -50,23 +50,10 @@ BOUNDARY_LENGTHS = sorted(
 SEEDS = [0, 1, 1337, 2**32 - 1, 2**32, 2**63, U64_MAX - 1336, U64_MAX]
 
 
-def _twins() -> list[ModuleType]:
-    mods = [importlib.import_module("kvroute._hashing_py")]
-    if not os.environ.get("KVROUTE_NO_EXTENSIONS"):
-        # test_compiled_module_is_loaded fails loudly if this import does
-        with contextlib.suppress(ImportError):
-            mods.insert(0, importlib.import_module("kvroute._hashing"))
-    return mods
+_HASHING_TWINS = twins("_hashing")
 
 
-_HASHING_TWINS = _twins()
-
-
-@pytest.fixture(
-    scope="session",
-    params=_HASHING_TWINS,
-    ids=["py" if m.__name__.endswith("_py") else "c" for m in _HASHING_TWINS],
-)
+@pytest.fixture(scope="session", params=_HASHING_TWINS, ids=twin_ids(_HASHING_TWINS))
 def hashing_module(request: pytest.FixtureRequest) -> ModuleType:
     """The compiled ``kvroute._hashing`` and the pure-Python ``kvroute._hashing_py``."""
     return request.param  # type: ignore[no-any-return]

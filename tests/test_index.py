@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ast
 import doctest
-import importlib
 import inspect
-import os
 import random
 from array import array
 from collections import Counter
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import compiled as compiled_module
 
 import kvroute
 import kvroute._convert
@@ -1261,15 +1260,6 @@ def test_specification_doctests_hold_for_both_twins(BlockIndex: type) -> None:
     assert runner.failures == 0
 
 
-def _compiled_index() -> ModuleType | None:
-    if os.environ.get("KVROUTE_NO_EXTENSIONS"):
-        return None
-    try:
-        return importlib.import_module("kvroute._index")
-    except ImportError:
-        return None
-
-
 def _public_methods(cls: type) -> list[str]:
     return sorted(
         name
@@ -1329,7 +1319,7 @@ def test_signature_parser_reads_cython_embedded_signatures() -> None:
 
 @pytest.mark.parametrize("name", _public_methods(kvroute._index_py.BlockIndex))
 def test_compiled_method_signature_matches_the_twin(name: str) -> None:
-    compiled = _compiled_index()
+    compiled = compiled_module("_index")
     if compiled is None:
         pytest.skip("kvroute._index is not loaded")
     assert hasattr(compiled.BlockIndex, name), f"compiled BlockIndex lacks {name}"
@@ -1339,7 +1329,7 @@ def test_compiled_method_signature_matches_the_twin(name: str) -> None:
 
 
 def test_compiled_module_exports_the_twins_names() -> None:
-    compiled = _compiled_index()
+    compiled = compiled_module("_index")
     if compiled is None:
         pytest.skip("kvroute._index is not loaded")
     assert compiled.MAX_COPIES == kvroute._index_py.MAX_COPIES

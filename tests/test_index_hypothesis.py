@@ -16,16 +16,14 @@ The first two need the compiled module and skip without it
 
 from __future__ import annotations
 
-import importlib
-import os
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import compiled
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -38,16 +36,7 @@ MAX_COPIES = py_twin.MAX_COPIES
 TIERS = ("device", "host", "disk")
 
 
-def _compiled() -> ModuleType | None:
-    if os.environ.get("KVROUTE_NO_EXTENSIONS"):
-        return None
-    try:
-        return importlib.import_module("kvroute._index")
-    except ImportError:
-        return None
-
-
-COMPILED = _compiled()
+COMPILED = compiled("_index")
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="kvroute._index is not loaded")
 
 

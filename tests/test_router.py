@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from helpers import Clock, H
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,16 +17,6 @@ from kvroute._index_py import BlockIndex as PyIndex
 from kvroute.policies import Candidates, Choice, Features
 from kvroute.request import CacheControl, Request
 from kvroute.router import BusyThreshold, NoWorkerAvailable, Router
-
-
-class Clock:
-    """An injected clock the test moves by hand."""
-
-    def __init__(self, t: float = 0.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def fake_hash(
@@ -46,10 +37,6 @@ def fake_hash(
         )
         out.append(h)
     return np.array(out, np.uint64)
-
-
-def H(*xs: int) -> npt.NDArray[np.uint64]:
-    return np.array(xs, np.uint64)
 
 
 def make(**kw: Any) -> Router:
