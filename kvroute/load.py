@@ -88,10 +88,6 @@ class LoadTracker:
         self.healthy = np.ones(cap, np.bool_)
         self.pos: dict[int, int] = {}
         self.requests: dict[str | int, ActiveRequest] = {}
-        # sorted worker ids and their positions, to scatter index.match() results
-        self.sorted_ids = np.zeros(0, np.uint64)
-        self.sorted_pos = np.zeros(0, np.intp)
-        self.lut: npt.NDArray[np.intp] | None = None
         self.ids_frozen = np.zeros(0, np.uint64)
 
     _ARRAYS = (
@@ -111,21 +107,10 @@ class LoadTracker:
             new[: len(old)] = old
             setattr(self, name, new)
 
-    def _reindex(self) -> None:
-        ids = self.worker_ids[: self.n]
-        order = np.argsort(ids, kind="stable")
-        self.sorted_ids = ids[order]
-        self.sorted_pos = order.astype(np.intp)
+    def _freeze_ids(self) -> None:
         # An immutable copy of the live ids: decisions keep it without copying again.
-        self.ids_frozen = ids.copy()
+        self.ids_frozen = self.worker_ids[: self.n].copy()
         self.ids_frozen.flags.writeable = False
-        # Small ids (the common 0..n-1 numbering) get a direct lookup table.
-        top = int(ids.max()) + 1 if self.n else 0
-        if top <= max(4 * self.n, 1024):
-            self.lut = np.full(top, -1, np.intp)
-            self.lut[ids.astype(np.intp)] = np.arange(self.n, dtype=np.intp)
-        else:
-            self.lut = None
 
     def add_worker(self, worker: int) -> int:
         """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""
@@ -140,7 +125,7 @@ class LoadTracker:
         self.worker_ids[p] = worker
         self.healthy[p] = True
         self.pos[worker] = p
-        self._reindex()
+        self._freeze_ids()
         return p
 
     def remove_worker(self, worker: int) -> list[str | int]:
@@ -162,25 +147,8 @@ class LoadTracker:
                 arr[p] = arr[last]
             self.pos[int(self.worker_ids[p])] = p
         self.n = last
-        self._reindex()
+        self._freeze_ids()
         return dropped
-
-    def positions(self, workers: npt.NDArray[np.uint64]) -> npt.NDArray[np.intp]:
-        """Positions of ``workers`` (-1 for ids the tracker does not know). Vectorised."""
-        if self.n == 0 or len(workers) == 0:
-            return np.full(len(workers), -1, np.intp)
-        lut = self.lut
-        if lut is not None:
-            inside = workers < len(lut)
-            if inside.all():
-                return lut[workers]
-            out = np.full(len(workers), -1, np.intp)
-            out[inside] = lut[workers[inside]]
-            return out
-        i = np.searchsorted(self.sorted_ids, workers)
-        i = np.minimum(i, self.n - 1)
-        found = self.sorted_ids[i] == workers
-        return np.where(found, self.sorted_pos[i], -1)
 
     def start(
         self,

@@ -609,20 +609,6 @@ class Router:
                         host[p] = disk[p] = 0
         return ov, host, disk
 
-    def _scatter(self, m: dict[int, int], out: npt.NDArray[np.int64]) -> None:
-        if len(m) <= 16:  # a dict walk beats four numpy calls for a few holders
-            pos = self._load.pos
-            for w, k in m.items():
-                p = pos.get(w)
-                if p is not None:
-                    out[p] = k
-            return
-        ids = np.fromiter(m.keys(), np.uint64, len(m))
-        vals = np.fromiter(m.values(), np.int64, len(m))
-        where = self._load.positions(ids)
-        ok = where >= 0
-        out[where[ok]] = vals[ok]
-
     def _zeros(self, n: int) -> npt.NDArray[np.int64]:
         z = self._zero_cache
         if len(z) < n:
