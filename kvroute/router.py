@@ -34,7 +34,6 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from ._compat import NO_EXTENSIONS
 from ._convert import as_u64_array, check_u64
 from .approx import FreshDecisions, PredictedResidency
 from .load import LoadTracker
@@ -55,13 +54,8 @@ HashFn = Callable[..., npt.NDArray[np.uint64]]
 
 
 def _default_index_factory() -> Callable[[], Any]:
-    if not NO_EXTENSIONS:
-        try:
-            mod = importlib.import_module("kvroute._index")
-            return mod.BlockIndex  # type: ignore[no-any-return]
-        except ImportError:  # pragma: no cover - the lead's build test catches this
-            pass
-    from ._index_py import BlockIndex
+    # The package picks the compiled index or its twin once; use its choice.
+    from . import BlockIndex
 
     return BlockIndex
 

@@ -12,9 +12,9 @@ exists only to calibrate the engine model against Dynamo's mocker and for
 tests; :func:`unbounded_reuse` and :func:`pooled_lru_reuse` compute the two
 bounds every report shows beside the policies.
 
-Command line (wired as ``python -m kvroute replay``)::
+Command line::
 
-    python -m kvroute.sim.replay TRACE --policy round_robin,kv_cost --workers 8 \\
+    python -m kvroute replay TRACE --policy round_robin,kv_cost --workers 8 \\
         --gpu-blocks 2048 --block-size 512 [--speedup X] [--json PATH] [--plot DIR]
 """
 
@@ -34,6 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..request import Request
+from ..router import Router
 from .engine import Engine, EngineConfig, PassResult
 from .metrics import Records, summarize
 from .workloads import AgenticConfig, SimRequest, agentic_sessions, load_mooncake
@@ -149,7 +151,6 @@ class RouterDispatcher:
     :param kv_capacity_blocks: per-worker capacity, given to the router.
     :param router_kwargs: further keyword arguments for ``Router``
         (e.g. ``kv_events=False`` for the approximate mode).
-    :raises RuntimeError: :mod:`kvroute.router` is not importable.
     """
 
     def __init__(
@@ -162,12 +163,6 @@ class RouterDispatcher:
         kv_capacity_blocks: int | None = None,
         router_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            from kvroute.request import Request
-            from kvroute.router import Router
-        except ImportError as e:  # the router is built by another module
-            raise RuntimeError(f"kvroute.router is not available: {e}") from e
-        self._request_cls = Request
         self._bs = block_size
         self.router = Router(
             block_size=block_size,
@@ -185,7 +180,7 @@ class RouterDispatcher:
         n = req.prompt_blocks(self._bs)
         keys = np.fromiter(req.hashes[:n], dtype=np.uint64, count=n)
         d = self.router.route(
-            self._request_cls(
+            Request(
                 req.request_id,
                 block_hashes=keys,
                 prompt_tokens=req.prompt_len,
