@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix", "common_prefix"]
+__all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
 
 
 @dataclass(slots=True)
@@ -195,17 +195,6 @@ class PredictedResidency:
             assert cap is None or self._index.worker_len(w) <= cap, f"worker {w} over capacity"
 
 
-def common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> int:
-    """Length of the common prefix of two hash arrays (vectorised).
-
-    >>> common_prefix(np.array([1, 2, 3], np.uint64), np.array([1, 2, 4, 5], np.uint64))
-    2
-    """
-    m = min(len(a), len(b))
-    eq = a[:m] == b[:m]
-    return m if eq.all() else int(np.argmin(eq))
-
-
 def chained_common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> int:
     """Length of the common prefix of two arrays of *chained* block keys.
 
@@ -213,13 +202,13 @@ def chained_common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) 
     implies ``a[:i] == b[:i]``: equality is monotone and a bisection finds the
     first difference in O(log n) scalar comparisons instead of comparing every
     key. (Two different prefixes sharing a key would take a 64-bit collision.)
-    Arrays that are not chained need :func:`common_prefix`.
+    Arrays that are not chained need a full comparison.
 
     >>> from kvroute.hashing import kvroute_block_hashes
     >>> a = kvroute_block_hashes(list(range(64)), 16)
     >>> b = kvroute_block_hashes(list(range(40)) + [9] * 24, 16)
-    >>> chained_common_prefix(a, b), common_prefix(a, b)
-    (2, 2)
+    >>> chained_common_prefix(a, b)   # blocks 0 and 1 are tokens 0..31 in both
+    2
     """
     m = min(len(a), len(b))
     if m == 0 or a[m - 1] == b[m - 1]:
