@@ -1082,6 +1082,24 @@ cdef class BlockIndex:
             PyBuffer_Release(&wb)
         return result
 
+    def resolve(self, worker, engine_hash):
+        """The kvroute key that ``worker``'s engine hash names, or None if it names none.
+
+        See :meth:`kvroute._index_py.BlockIndex.resolve`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t h = _u64(engine_hash, "engine_hash")
+        cdef uint64_t k = 0
+        cdef int found = 0
+        self._acquire()
+        try:
+            s = self._slot_of.get(w)
+            if s is not None:
+                found = hm_get(self._slot_handles[<uint32_t>s], h, &k)
+        finally:
+            self._release()
+        return k if found else None
+
     def workers(self):
         """Known workers (those that stored anything and were not removed), ascending."""
         self._acquire()

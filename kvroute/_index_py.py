@@ -303,6 +303,21 @@ class BlockIndex:
         return np.array([m.get(w, 0) for w in ids.tolist()], dtype=np.uint32)
 
     @_atomic
+    def resolve(self, worker: int, engine_hash: int) -> int | None:
+        """The kvroute key that ``worker``'s engine hash names, or None if it names none.
+
+        The event layer uses it to continue the kvroute chain from a stored
+        event's parent, which the engine names by its own hash.
+
+        Runtime complexity: O(1).
+
+        :raises TypeError, OverflowError: an id is not an int in [0, 2**64).
+        """
+        w = check_u64(worker, "worker")
+        h = check_u64(engine_hash, "engine_hash")
+        return self._handles.get(w, {}).get(h)
+
+    @_atomic
     def workers(self) -> list[int]:
         """Known workers (those that stored anything and were not removed), ascending."""
         return sorted(self._resident)

@@ -369,6 +369,25 @@ def test_engine_handles_are_per_worker(BlockIndex: type) -> None:
     assert idx.match([10]) == {1: 1}
 
 
+def test_resolve_names_the_key_of_a_live_handle_per_worker(BlockIndex: type) -> None:
+    idx = BlockIndex()
+    assert idx.resolve(1, 910) is None  # unknown worker
+    idx.store(1, [10, 11], engine_hashes=[910, 0])  # 0 is a valid engine hash
+    idx.store(2, [10], engine_hashes=[920])
+    assert idx.resolve(1, 910) == 10
+    assert idx.resolve(1, 0) == 11
+    assert idx.resolve(2, 910) is None  # another worker's handle
+    assert idx.resolve(1, 10) is None  # a key is not a handle
+    idx.remove(1, [910], engine=True)
+    assert idx.resolve(1, 910) is None  # dropped with its block
+    idx.clear(1)
+    assert idx.resolve(1, 0) is None
+    with pytest.raises(OverflowError):
+        idx.resolve(1, -1)
+    with pytest.raises(TypeError):
+        idx.resolve("w", 1)
+
+
 def test_engine_removal_respects_the_tier(BlockIndex: type) -> None:
     idx = BlockIndex()
     idx.store(1, [10], tier="host", engine_hashes=[910])
