@@ -468,9 +468,14 @@ class Router:
 
     # -- routing -----------------------------------------------------------------
 
-    def _hashes(self, request: Request) -> npt.NDArray[np.uint64]:
-        if request.block_hashes is not None:
-            return request.block_hashes
+    @property
+    def hashing(self) -> HashFn:
+        """The function that turns a prompt's tokens into this router's block keys.
+
+        :func:`kvroute.hashing.kvroute_block_hashes` unless ``hashing=`` was
+        given; the event layer keys stored blocks with the same function, so
+        requests and events always agree.
+        """
         if self._hashing is None:
             try:
                 mod = importlib.import_module("kvroute.hashing")
@@ -480,9 +485,15 @@ class Router:
                     "or give requests block_hashes"
                 ) from None
             self._hashing = mod.kvroute_block_hashes
-        assert request.tokens is not None and self._hashing is not None
+        assert self._hashing is not None
+        return self._hashing
+
+    def _hashes(self, request: Request) -> npt.NDArray[np.uint64]:
+        if request.block_hashes is not None:
+            return request.block_hashes
+        assert request.tokens is not None
         return as_u64_array(
-            self._hashing(
+            self.hashing(
                 request.tokens,
                 self.block_size,
                 lora_name=request.lora_name,
