@@ -1,0 +1,58 @@
+"""KV-cache events from real engines: decoding, applying, subscribing.
+
+- :mod:`kvroute.events.types` — engine-neutral events (:class:`BlockStored`, ...);
+- :mod:`kvroute.events.decode` — vLLM / SGLang msgpack and Dynamo JSON decoders;
+- :mod:`kvroute.events.apply` — :class:`EventApplier`, events into a Router's index;
+- :mod:`kvroute.events.zmq` — :class:`ZmqSubscriber`, the ZMQ transport with
+  gap replay and restart detection (needs ``pyzmq``).
+
+Decoding needs ``msgspec`` and the subscriber ``pyzmq`` (the ``serve``
+extra); they are imported on first use, so ``kvroute.events.types`` and the
+applier cost nothing extra.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .apply import EngineHashFn, EventApplier
+from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent, Tier
+
+if TYPE_CHECKING:
+    from .decode import DecodeError, decode, decode_dynamo_json, decode_sglang, decode_vllm
+    from .zmq import ZmqSubscriber
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "DecodeError",
+    "EngineHashFn",
+    "EventApplier",
+    "EventBatch",
+    "KVEvent",
+    "Tier",
+    "ZmqSubscriber",
+    "decode",
+    "decode_dynamo_json",
+    "decode_sglang",
+    "decode_vllm",
+]
+
+_LAZY = {
+    "DecodeError": "decode",
+    "decode": "decode",
+    "decode_dynamo_json": "decode",
+    "decode_sglang": "decode",
+    "decode_vllm": "decode",
+    "ZmqSubscriber": "zmq",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'kvroute.events' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

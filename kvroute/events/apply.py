@@ -1,0 +1,318 @@
+"""Apply decoded KV events to a :class:`~kvroute.Router`'s index.
+
+Stored blocks are keyed by *kvroute's* hash of the event's ``token_ids``,
+chained from the kvroute key of the event's parent block, so the keys equal
+what :meth:`Router.route` computes from a request's tokens whatever hash
+algorithm, seed or version the engine runs. The engine's own hashes are kept
+only as handles: a later ``BlockRemoved`` names blocks by them, and a later
+``BlockStored`` names its parent by one (:meth:`BlockIndex.resolve`).
+
+The silent failures users of other routers report most are made loud here:
+an event whose ``block_size`` differs from the router's (every key would be
+wrong), and, when the index keys on engine hashes, an engine hash that the
+configured engine hash function does not reproduce (requests would never
+match). Both are logged (at most once a minute per worker) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .._logging import RateLimitedLog
+from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from ..router import Router
+
+__all__ = ["EngineHashFn", "EventApplier"]
+
+logger = logging.getLogger("kvroute.events")
+
+#: ``(tokens, block_size, *, lora_name, cache_salt) -> uint64 array``: an engine's
+#: own block hashes of a prompt from its first token (e.g. a partial of
+#: :func:`kvroute.hashing.vllm_block_hashes`), for verifying engine-keyed events.
+EngineHashFn = Callable[..., npt.NDArray[np.uint64]]
+
+
+class EventApplier:
+    """Turns each worker's decoded events into index updates on ``router``.
+
+    Not thread-safe on its own: one subscriber thread calls it (the router's
+    methods it calls are). Hashing a stored event runs before the router's
+    lock is taken, so a large event never stalls :meth:`Router.route`.
+
+    :param router: the router whose index the events feed.
+    :param metrics: where to count events by status and mismatches, or None.
+    :param key_on: ``"kvroute"`` (default) keys blocks by kvroute's hash of the
+        event's tokens; ``"engine"`` keys them by the engine's own hashes, as
+        Dynamo and llm-d do — then the router's ``hashing`` must reproduce the
+        engine's hash exactly, and ``engine_hash`` lets the applier check it.
+    :param engine_hash: the engine's hash function (see :data:`EngineHashFn`);
+        with ``key_on="engine"``, every stored event that starts a prompt is
+        re-hashed and compared, and a disagreement warns and is counted
+        (``kind="hash"``).
+    :param groups: KV-cache groups to index (vLLM hybrid models publish one
+        stream per group); events of other groups are counted as ``ignored``.
+    :param log_interval: seconds between two warnings for the same worker and kind.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        metrics: Metrics | None = None,
+        key_on: Literal["kvroute", "engine"] = "kvroute",
+        engine_hash: EngineHashFn | None = None,
+        groups: Collection[int] = (0,),
+        log_interval: float = 60.0,
+    ) -> None:
+        if key_on not in ("kvroute", "engine"):
+            raise ValueError(f"key_on must be 'kvroute' or 'engine', not {key_on!r}")
+        if engine_hash is not None and key_on != "engine":
+            raise ValueError("engine_hash verifies engine-keyed events: pass key_on='engine'")
+        self.router = router
+        self.metrics = metrics
+        self.key_on = key_on
+        self.engine_hash = engine_hash
+        self.groups = frozenset(groups)
+        self._warn = RateLimitedLog(logger, log_interval)
+        #: Per worker: events applied by status (see :data:`kvroute.metrics.EVENT_STATUSES`).
+        self.counts: dict[int, Counter[str]] = {}
+        # Per worker: engine hash -> cache salt of the salted blocks it holds.
+        # vLLM names the salt only in a prompt's first stored event, but the
+        # salt seeds every kvroute key of the prompt, so a later store that
+        # continues a salted prefix inherits it from its parent. Only salted
+        # blocks are recorded; they leave with their removal or a clear.
+        self._salts: dict[int, dict[int, str]] = {}
+
+    # -- public -------------------------------------------------------------------
+
+    def apply_batch(self, worker: int, batch: EventBatch) -> Counter[str]:
+        """Apply one batch's events in order; returns how many ended in each status.
+
+        A run of consecutive removals from one tier and group (vLLM sends one
+        ``BlockRemoved`` per evicted block) goes to the index as one call; its
+        ``unknown_block`` count is then the number of blocks not found (capped
+        at the run's event count), the rest of its events count as ``ok``.
+        """
+        out: Counter[str] = Counter()
+        events = batch.events
+        i, n = 0, len(events)
+        while i < n:
+            ev = events[i]
+            j = i + 1
+            if isinstance(ev, BlockRemoved):
+                while (
+                    j < n
+                    and isinstance(nxt := events[j], BlockRemoved)
+                    and nxt.tier == ev.tier
+                    and nxt.group_idx == ev.group_idx
+                ):
+                    j += 1
+            if j - i > 1:
+                self._removed_run(worker, events[i:j], out)  # type: ignore[arg-type]
+            else:
+                out[self.apply(worker, ev)] += 1
+            i = j
+        return out
+
+    def apply(self, worker: int, event: KVEvent) -> str:
+        """Apply one event of ``worker``; returns its status.
+
+        ``ok``; ``unknown_block`` (a removal naming a block the worker does not
+        hold, or a store whose parent it does not hold: the event is skipped,
+        since its keys cannot be computed); ``cleared``; ``mismatch`` (the
+        event's block size differs from the router's: skipped, warned);
+        ``ignored`` (another KV-cache group); ``rejected`` (values the index
+        refuses).
+        """
+        try:
+            if isinstance(event, BlockStored):
+                status = self._stored(worker, event)
+            elif isinstance(event, BlockRemoved):
+                status = self._removed(worker, event)
+            elif isinstance(event, AllBlocksCleared):
+                self.cleared(worker)
+                status = "cleared"
+            else:
+                raise TypeError(f"not a KV event: {type(event).__name__}")
+        except (TypeError, ValueError, OverflowError) as e:
+            self._warn.warning(
+                (worker, "rejected"), "worker %s: event rejected (%s): %r", worker, e, event
+            )
+            status = "rejected"
+        self._tally(worker, status, 1)
+        return status
+
+    def cleared(self, worker: int) -> None:
+        """Drop every block of ``worker`` (an engine reset, or an unrecoverable gap)."""
+        self.router.apply_cleared(worker)
+        self._salts.pop(worker, None)
+
+    def _tally(self, worker: int, status: str, n: int) -> None:
+        counts = self.counts.get(worker)
+        if counts is None:
+            counts = self.counts[worker] = Counter()
+        counts[status] += n
+        if self.metrics is not None:
+            self.metrics.event_applied(worker, status, n)
+
+    def forget(self, worker: int) -> None:
+        """Drop the per-worker state (the worker left the fleet)."""
+        self.counts.pop(worker, None)
+        self._salts.pop(worker, None)
+
+    # -- stored -------------------------------------------------------------------
+
+    def _stored(self, worker: int, ev: BlockStored) -> str:
+        if ev.group_idx is not None and ev.group_idx not in self.groups:
+            return "ignored"
+        bs = self.router.block_size
+        if ev.block_size is not None and ev.block_size != bs:
+            if self.metrics is not None:
+                self.metrics.mismatch(worker, "block_size")
+            self._warn.warning(
+                (worker, "block_size"),
+                "worker %s publishes KV events with block_size=%d but the router uses "
+                "block_size=%d: its blocks are NOT indexed and requests will not match "
+                "them. Start the router with the engine's block size.",
+                worker,
+                ev.block_size,
+                bs,
+            )
+            return "mismatch"
+        n = len(ev.block_hashes)
+        if ev.tokens_hashes is not None:
+            if len(ev.tokens_hashes) != n:
+                raise ValueError(f"{len(ev.tokens_hashes)} tokens_hashes for {n} blocks")
+        elif ev.token_ids:
+            full = len(ev.token_ids) // bs
+            if not n - 1 <= full <= n:
+                raise ValueError(f"{len(ev.token_ids)} token ids for {n} blocks of {bs}")
+            n = full  # a trailing partial page (SGLang) is not a routable block
+        elif n:
+            raise ValueError("a stored event needs token_ids (or Dynamo tokens_hashes)")
+        if n == 0:
+            return "ok"
+        engine = np.fromiter(ev.block_hashes[:n], dtype=np.uint64, count=n)
+        if self.key_on == "engine":
+            self._verify(worker, ev, n)
+            self.router.apply_stored(worker, engine, ev.parent_block_hash, tier=ev.tier)
+            return "ok"
+        parent: int | None = None
+        salt = ev.cache_salt
+        salts = self._salts.get(worker)
+        if ev.parent_block_hash is not None:
+            parent = self.router.index.resolve(worker, ev.parent_block_hash)
+            if parent is None:
+                return "unknown_block"
+            if salt is None and salts:
+                salt = salts.get(ev.parent_block_hash)
+        keys = self._keys(ev, n, parent, salt)
+        self.router.apply_stored(worker, keys, parent, tier=ev.tier, engine_hashes=engine)
+        if salt is not None:
+            if salts is None:
+                salts = self._salts[worker] = {}
+            salts.update(dict.fromkeys(ev.block_hashes[:n], salt))
+        return "ok"
+
+    def _keys(
+        self, ev: BlockStored, n: int, parent: int | None, salt: str | None
+    ) -> npt.NDArray[np.uint64]:
+        if ev.tokens_hashes is not None:
+            from ..hashing import dynamo_sequence_hashes
+
+            return dynamo_sequence_hashes(ev.tokens_hashes, parent=parent)
+        bs = self.router.block_size
+        return self.router.hashing(
+            ev.token_ids[: n * bs],
+            bs,
+            lora_name=ev.lora_name,
+            cache_namespace=salt,
+            parent=parent,
+        )
+
+    def _verify(self, worker: int, ev: BlockStored, n: int) -> None:
+        if self.engine_hash is None or ev.parent_block_hash is not None or not ev.token_ids:
+            return  # only a chain's start can be reproduced from the event alone
+        bs = self.router.block_size
+        want = self.engine_hash(
+            ev.token_ids[: n * bs], bs, lora_name=ev.lora_name, cache_salt=ev.cache_salt
+        )
+        if list(map(int, want)) != list(ev.block_hashes[:n]):
+            if self.metrics is not None:
+                self.metrics.mismatch(worker, "hash")
+            self._warn.warning(
+                (worker, "hash"),
+                "worker %s: engine block hashes %s do not match the configured engine hash "
+                "function (%s): requests hashed by the router will not match this worker's "
+                "blocks. Check the engine's hash algorithm and PYTHONHASHSEED, or key on "
+                "kvroute's hash (key_on='kvroute', the default).",
+                worker,
+                _short(ev.block_hashes[:n]),
+                _short(want),
+            )
+
+    # -- removed ------------------------------------------------------------------
+
+    def _removed(self, worker: int, ev: BlockRemoved) -> str:
+        if ev.group_idx is not None and ev.group_idx not in self.groups:
+            return "ignored"
+        if not ev.block_hashes:
+            return "ok"
+        self._unsalt(worker, ev.block_hashes)
+        hashes = np.fromiter(ev.block_hashes, dtype=np.uint64, count=len(ev.block_hashes))
+        unknown = self.router.apply_removed(
+            worker, hashes, engine=self.key_on == "kvroute", tier=ev.tier
+        )
+        return "unknown_block" if unknown else "ok"
+
+    def _removed_run(self, worker: int, run: Sequence[BlockRemoved], out: Counter[str]) -> None:
+        first = run[0]
+        if first.group_idx is not None and first.group_idx not in self.groups:
+            self._tally(worker, "ignored", len(run))
+            out["ignored"] += len(run)
+            return
+        if self._salts.get(worker):
+            for ev in run:
+                self._unsalt(worker, ev.block_hashes)
+        hashes = np.fromiter(
+            (h for ev in run for h in ev.block_hashes),
+            dtype=np.uint64,
+            count=sum(len(ev.block_hashes) for ev in run),
+        )
+        try:
+            unknown = self.router.apply_removed(
+                worker, hashes, engine=self.key_on == "kvroute", tier=first.tier
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            self._warn.warning((worker, "rejected"), "worker %s: removals rejected (%s)", worker, e)
+            self._tally(worker, "rejected", len(run))
+            out["rejected"] += len(run)
+            return
+        bad = min(int(unknown), len(run))
+        for status, k in (("ok", len(run) - bad), ("unknown_block", bad)):
+            if k:
+                self._tally(worker, status, k)
+                out[status] += k
+
+    def _unsalt(self, worker: int, hashes: Sequence[int]) -> None:
+        # A salted block may have copies in several tiers; forgetting its salt
+        # at the first removal only costs a later child store its key (it is
+        # then keyed unsalted and never matches), never a wrong match.
+        salts = self._salts.get(worker)
+        if salts:
+            for h in hashes:
+                salts.pop(h, None)
+
+
+def _short(hashes: Sequence[int] | npt.NDArray[np.uint64]) -> str:
+    vals = [int(h) for h in hashes[:3]]
+    return str(vals)[:-1] + (", ...]" if len(hashes) > 3 else "]")

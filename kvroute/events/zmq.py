@@ -1,0 +1,460 @@
+"""``ZmqSubscriber``: KV events from vLLM / SGLang workers over ZMQ, into a Router.
+
+Both engines publish the same framing (vLLM's ``ZmqEventPublisher``, which
+SGLang mirrors): a PUB socket sends ``[topic, seq, payload]`` where ``seq`` is
+an 8-byte big-endian counter, starting at 0 and +1 per batch, and a ROUTER
+socket on a second endpoint replays buffered batches from a requested ``seq``.
+
+Per worker the subscriber tracks the last applied ``seq``:
+
+- the next one applies as is;
+- a *gap* (a batch lost in flight, or the subscriber joined late) is filled
+  by asking the replay endpoint for ``last + 1 ..`` through a DEALER socket
+  and applying the replies that fall in the hole, in order; replies come as
+  ``["", topic, seq, payload]`` (or without the empty delimiter) and end with
+  ``seq = ff x 8``. If the replay endpoint is missing, times out or cannot
+  cover the hole, the worker's blocks are cleared (its state is unknown: a
+  lost removal would leave blocks the router believes in but the worker no
+  longer has) and the subscriber resumes from the live batch; it is counted;
+- a *backward* jump means the engine restarted (its counter began again):
+  the worker's blocks are cleared and rebuilt from the new stream.
+
+Everything runs on one background thread that owns every socket; ``route()``
+never waits for it. Malformed frames or payloads are counted, logged at most
+once a minute per worker, and never touch the index.
+
+Needs the ``serve`` extra (``pyzmq``, ``msgspec``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import zmq
+
+from .._logging import RateLimitedLog
+from .apply import EventApplier
+from .decode import DecodeError, decode
+from .types import EventBatch
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from ..router import Router
+
+__all__ = ["END_SEQ", "WorkerStream", "ZmqSubscriber"]
+
+logger = logging.getLogger("kvroute.events")
+
+#: The sequence number of the replay's end marker (-1 as a signed 64-bit int).
+END_SEQ: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+Format = Literal["vllm", "sglang"]
+
+
+@dataclass
+class WorkerStream:
+    """What the subscriber knows about one worker's event stream.
+
+    :ivar worker: the router's worker id.
+    :ivar endpoint: the PUB endpoint it subscribes to.
+    :ivar replay_endpoint: the ROUTER endpoint for replays, or None.
+    :ivar topic: the topic prefix it subscribes to.
+    :ivar fmt: the wire format of the payloads.
+    :ivar last_seq: the last applied sequence number (-1 before the first).
+    :ivar counts: batches and events by outcome: ``batches``, ``gap``,
+        ``replayed`` (batches applied from a replay), ``replay_failed``,
+        ``restart``, ``malformed``, ``rejected``, and the applier's
+        per-event statuses (``ok``, ``unknown_block``, ``cleared``, ...).
+    """
+
+    worker: int
+    endpoint: str
+    replay_endpoint: str | None
+    topic: str
+    fmt: Format
+    last_seq: int = -1
+    counts: Counter[str] = field(default_factory=Counter)
+    sock: Any = field(default=None, repr=False)
+
+
+class ZmqSubscriber:
+    """Subscribe to workers' KV events and feed them to ``router`` on a background thread.
+
+    >>> from kvroute import Router
+    >>> router = Router(block_size=16, workers=[0])
+    >>> with ZmqSubscriber(router) as sub:          # doctest: +SKIP
+    ...     sub.subscribe(0, "tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")
+    ...     ...                                      # route() as usual
+
+    :param router: the router whose index the events feed.
+    :param fmt: the default wire format (``"vllm"`` or ``"sglang"``).
+    :param metrics: a :class:`kvroute.metrics.Metrics` to count into, or None.
+    :param topic: the default topic prefix (vLLM's and SGLang's default is ``""``).
+    :param applier: a configured :class:`EventApplier` (default: one with
+        kvroute-keyed blocks for ``router``).
+    :param replay_timeout: seconds to wait for each replay reply.
+    :param max_message_bytes: larger messages are refused by ZMQ itself (the
+        peer is disconnected and reconnects); also bounds decoding.
+    :param reconnect_interval: ZMQ's reconnect interval (s) after a worker drops.
+    :param poll_interval: how often (s) the thread looks at its command queue
+        when no events arrive.
+    :param on_batch: called on the subscriber thread after each applied batch
+        as ``on_batch(worker, seq)``; for tests and instrumentation.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        fmt: Format = "vllm",
+        metrics: Metrics | None = None,
+        topic: str = "",
+        applier: EventApplier | None = None,
+        replay_timeout: float = 2.0,
+        max_message_bytes: int = 64 << 20,
+        reconnect_interval: float = 0.1,
+        poll_interval: float = 0.05,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if fmt not in ("vllm", "sglang"):
+            raise ValueError(f"fmt must be 'vllm' or 'sglang', not {fmt!r}")
+        if replay_timeout <= 0 or poll_interval <= 0 or reconnect_interval <= 0:
+            raise ValueError("timeouts and intervals must be > 0")
+        if max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be >= 1024")
+        self.router = router
+        self.fmt: Format = fmt
+        self.metrics = metrics
+        self.topic = topic
+        self.applier = applier if applier is not None else EventApplier(router, metrics=metrics)
+        self.replay_timeout = float(replay_timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self._reconnect_ms = max(1, int(reconnect_interval * 1000))
+        self._poll_ms = max(1, int(poll_interval * 1000))
+        self._on_batch = on_batch
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._thread: threading.Thread | None = None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[int, WorkerStream] = {}
+        self._by_sock: dict[Any, WorkerStream] = {}
+        self._lock = threading.Lock()  # guards reads of _streams from other threads
+        self._warn = RateLimitedLog(logger)
+        self._error: BaseException | None = None
+
+    # -- public API (any thread) ---------------------------------------------------
+
+    def subscribe(
+        self,
+        worker: int,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        *,
+        topic: str | None = None,
+        fmt: Format | None = None,
+    ) -> None:
+        """Start following ``worker``'s events at ``endpoint`` (replacing any earlier one).
+
+        The first batch received is checked against ``seq`` 0: a subscriber that
+        joins a running engine asks the replay endpoint for the buffered history,
+        so the index starts from what the engine still holds.
+
+        :raises ValueError: an unknown format.
+        """
+        f = self.fmt if fmt is None else fmt
+        if f not in ("vllm", "sglang"):
+            raise ValueError(f"fmt must be 'vllm' or 'sglang', not {f!r}")
+        stream = WorkerStream(
+            int(worker), endpoint, replay_endpoint, self.topic if topic is None else topic, f
+        )
+        self._commands.put(("subscribe", stream))
+
+    def unsubscribe(self, worker: int) -> None:
+        """Stop following ``worker`` (its blocks stay in the index)."""
+        self._commands.put(("unsubscribe", int(worker)))
+
+    def start(self) -> ZmqSubscriber:
+        """Start the background thread (idempotent)."""
+        if self._thread is None:
+            self._ctx = zmq.Context()
+            self._thread = threading.Thread(
+                target=self._run, name="kvroute-zmq-subscriber", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close every socket; safe to call twice."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._commands.put(("stop", None))
+        thread.join(timeout)
+        if thread.is_alive():  # pragma: no cover - a wedged replay; sockets close with it
+            raise RuntimeError("the ZMQ subscriber thread did not stop")
+        self._thread = None
+        assert self._ctx is not None
+        self._ctx.term()
+        self._ctx = None
+
+    def __enter__(self) -> ZmqSubscriber:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True while the background thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def streams(self) -> dict[int, WorkerStream]:
+        """A snapshot of every subscribed worker's stream state (copies)."""
+        with self._lock:
+            return {
+                w: WorkerStream(
+                    s.worker,
+                    s.endpoint,
+                    s.replay_endpoint,
+                    s.topic,
+                    s.fmt,
+                    s.last_seq,
+                    Counter(s.counts),
+                )
+                for w, s in self._streams.items()
+            }
+
+    def wait_for(
+        self, predicate: Callable[[dict[int, WorkerStream]], bool], timeout: float = 5.0
+    ) -> bool:
+        """Poll :meth:`streams` until ``predicate`` holds; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate(self.streams()):
+                return True
+            if self._error is not None:
+                raise RuntimeError("the ZMQ subscriber thread failed") from self._error
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        try:
+            while True:
+                if not self._drain_commands(poller):
+                    return
+                for sock, _ in poller.poll(self._poll_ms):
+                    stream = self._by_sock.get(sock)
+                    if stream is None:  # pragma: no cover - unsubscribed in this round
+                        continue
+                    # Drain what is queued on this socket, bounded so one busy
+                    # worker cannot starve the others or the command queue.
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(stream, frames)
+        except BaseException as e:  # pragma: no cover - surfaced via wait_for / logs
+            self._error = e
+            logger.exception("ZMQ subscriber thread failed")
+        finally:
+            for s in list(self._streams.values()):
+                self._close(poller, s)
+
+    def _drain_commands(self, poller: zmq.Poller) -> bool:
+        while True:
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd == "stop":
+                return False
+            if cmd == "subscribe":
+                old = self._streams.get(arg.worker)
+                if old is not None:
+                    self._close(poller, old)
+                self._open(poller, arg)
+            elif cmd == "unsubscribe":
+                old = self._streams.get(arg)
+                if old is not None:
+                    self._close(poller, old)
+                    with self._lock:
+                        del self._streams[arg]
+                    self.applier.forget(arg)
+
+    def _open(self, poller: zmq.Poller, stream: WorkerStream) -> None:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self._reconnect_ms, 2000))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, stream.topic.encode())
+        sock.connect(stream.endpoint)
+        stream.sock = sock
+        poller.register(sock, zmq.POLLIN)
+        self._by_sock[sock] = stream
+        with self._lock:
+            self._streams[stream.worker] = stream
+
+    def _close(self, poller: zmq.Poller, stream: WorkerStream) -> None:
+        if stream.sock is not None:
+            poller.unregister(stream.sock)
+            self._by_sock.pop(stream.sock, None)
+            stream.sock.close(linger=0)
+            stream.sock = None
+
+    # -- one message ---------------------------------------------------------------
+
+    def _count(self, stream: WorkerStream, status: str, n: int = 1) -> None:
+        with self._lock:
+            stream.counts[status] += n
+        if self.metrics is not None and status in ("gap", "replayed", "malformed", "rejected"):
+            self.metrics.event_applied(stream.worker, status, n)
+
+    def _parse(self, stream: WorkerStream, frames: list[bytes]) -> tuple[int, bytes] | None:
+        """``(seq, payload)`` of a live or replayed message, or None if malformed."""
+        if len(frames) == 4 and frames[0] == b"":  # a DEALER's view: delimiter first
+            frames = frames[1:]
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self._malformed(stream, f"{len(frames)} frames (expected [topic, seq, payload])")
+            return None
+        return int.from_bytes(frames[1], "big"), frames[2]
+
+    def _malformed(self, stream: WorkerStream, why: str) -> None:
+        self._count(stream, "malformed")
+        self._warn.warning(
+            (stream.worker, "malformed"),
+            "worker %s (%s): malformed KV event message: %s",
+            stream.worker,
+            stream.endpoint,
+            why,
+        )
+
+    def _on_frames(self, stream: WorkerStream, frames: list[bytes]) -> None:
+        parsed = self._parse(stream, frames)
+        if parsed is None:
+            return
+        seq, payload = parsed
+        if seq == END_SEQ:  # an end marker on the live socket: nothing to apply
+            return
+        if seq <= stream.last_seq:
+            # The counter went backwards: the engine restarted with an empty cache.
+            self._count(stream, "restart")
+            self._warn.warning(
+                (stream.worker, "restart"),
+                "worker %s: event seq went back from %d to %d (engine restart); "
+                "clearing its blocks",
+                stream.worker,
+                stream.last_seq,
+                seq,
+            )
+            self._clear(stream)
+            stream.last_seq = -1
+        if seq > stream.last_seq + 1:
+            self._fill_gap(stream, seq)
+        self._apply(stream, seq, payload)
+
+    def _apply(self, stream: WorkerStream, seq: int, payload: bytes) -> None:
+        with self._lock:
+            stream.last_seq = seq
+            stream.counts["batches"] += 1
+        batch = self._decode(stream, payload)
+        if batch is not None:
+            counts = self.applier.apply_batch(stream.worker, batch)
+            with self._lock:
+                stream.counts.update(counts)
+        if self._on_batch is not None:
+            self._on_batch(stream.worker, seq)
+
+    def _decode(self, stream: WorkerStream, payload: bytes) -> EventBatch | None:
+        try:
+            return decode(payload, stream.fmt)
+        except DecodeError as e:
+            self._malformed(stream, str(e))
+            return None
+
+    def _clear(self, stream: WorkerStream) -> None:
+        self.applier.cleared(stream.worker)
+        with self._lock:
+            stream.counts["cleared"] += 1
+        if self.metrics is not None:
+            self.metrics.event_applied(stream.worker, "cleared")
+
+    # -- gaps -------------------------------------------------------------------------
+
+    def _fill_gap(self, stream: WorkerStream, seq: int) -> None:
+        """Apply batches ``last_seq + 1 .. seq - 1`` from the replay endpoint, or clear."""
+        start = stream.last_seq + 1
+        joining = stream.last_seq < 0  # first contact with a running engine
+        if not joining:
+            self._count(stream, "gap")
+        got = self._replay(stream, start, seq) if stream.replay_endpoint else None
+        if got is not None:
+            seqs = [s for s, _ in got]
+            # A late joiner takes whatever recent history the engine still buffers.
+            first = seq - len(seqs) if joining else start
+            if seqs == list(range(first, seq)):
+                for s, payload in got:
+                    self._apply(stream, s, payload)
+                self._count(stream, "replayed", len(got))
+                return
+        elif joining and stream.replay_endpoint is None:
+            return  # no history to ask for: start from here
+        self._count(stream, "replay_failed")
+        self._warn.warning(
+            (stream.worker, "replay"),
+            "worker %s: could not replay KV events %d..%d (%s); clearing its blocks "
+            "and resuming from %d",
+            stream.worker,
+            start,
+            seq - 1,
+            "no replay endpoint"
+            if stream.replay_endpoint is None
+            else "replay incomplete or timed out",
+            seq,
+        )
+        self._clear(stream)
+
+    def _replay(
+        self, stream: WorkerStream, start: int, stop: int
+    ) -> list[tuple[int, bytes]] | None:
+        """Ask for batches from ``start``; the ones below ``stop``, or None on failure."""
+        assert self._ctx is not None and stream.replay_endpoint is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        out: list[tuple[int, bytes]] = []
+        try:
+            sock.connect(stream.replay_endpoint)
+            sock.send_multipart([b"", start.to_bytes(8, "big")])
+            timeout_ms = int(self.replay_timeout * 1000)
+            while True:
+                if not sock.poll(timeout_ms, zmq.POLLIN):
+                    return None
+                parsed = self._parse(stream, sock.recv_multipart())
+                if parsed is None:
+                    return None
+                s, payload = parsed
+                if s == END_SEQ:
+                    return out
+                if start <= s < stop and (not out or s > out[-1][0]):
+                    out.append((s, payload))
+        except zmq.ZMQError as e:
+            self._warn.warning(
+                (stream.worker, "replay-error"), "worker %s: replay failed: %s", stream.worker, e
+            )
+            return None
+        finally:
+            sock.close(linger=0)

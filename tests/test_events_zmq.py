@@ -1,0 +1,331 @@
+"""ZmqSubscriber over real ZMQ sockets on loopback.
+
+The publisher here is the engines' protocol and nothing more: a PUB socket
+sending ``[topic, seq (8-byte big-endian), payload]`` and a ROUTER answering
+replay requests with ``[id, "", topic, seq, payload]`` and the ``ff x 8`` end
+marker, as vLLM's ``ZmqEventPublisher`` does (tests/vectors/README.md). The
+payloads are the real vLLM 0.33 / SGLang 0.5.23 msgpack batches of the vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from kvroute import Router
+from kvroute.events import ZmqSubscriber
+from kvroute.events.zmq import END_SEQ
+from kvroute.hashing import kvroute_block_hashes
+from kvroute.metrics import Metrics
+
+VECTORS = Path(__file__).parent / "vectors"
+BASE: list[int] = json.loads((VECTORS / "token_sequences.json").read_text())["base"]
+_VLLM = json.loads((VECTORS / "vllm_kv_events.json").read_text())["batches"]
+VLLM = {b["name"]: bytes.fromhex(b["payload_hex"]) for b in _VLLM}
+SGLANG = {
+    b["name"]: bytes.fromhex(b["payload_hex"])
+    for b in json.loads((VECTORS / "sglang_vectors.json").read_text())["event_batches"]
+}
+WAIT = 10.0  # generous: the CI machine is small and shared
+
+
+class Publisher:
+    """An engine's event publisher: live PUB plus a ROUTER replay buffer."""
+
+    def __init__(self, ctx: zmq.Context, *, topic: bytes = b"", delimiter: bool = True) -> None:
+        self.topic = topic
+        self.delimiter = delimiter
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        rport = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.replay_endpoint = f"tcp://127.0.0.1:{rport}"
+        self.buffer: list[tuple[int, bytes]] = []
+        self.seq = 0
+        self.replay_requests: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def publish(self, payload: bytes, *, drop: bool = False) -> int:
+        """Send the next batch (or only buffer it, when ``drop``: lost in flight)."""
+        seq = self.seq
+        self.seq += 1
+        with self._lock:
+            self.buffer.append((seq, payload))
+        if not drop:
+            self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    def restart(self) -> None:
+        """An engine restart: the counter and the replay buffer begin again."""
+        with self._lock:
+            self.buffer.clear()
+        self.seq = 0
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(20):
+                continue
+            ident, _, start8 = self.router.recv_multipart()
+            start = int.from_bytes(start8, "big")
+            self.replay_requests.append(start)
+            with self._lock:
+                todo = [(s, p) for s, p in self.buffer if s >= start]
+            head = [ident, b""] if self.delimiter else [ident]
+            for s, p in todo:
+                self.router.send_multipart([*head, self.topic, s.to_bytes(8, "big"), p])
+            self.router.send_multipart([*head, b"", END_SEQ.to_bytes(8, "big"), b""])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.pub.close()
+        self.router.close()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    c = zmq.Context()
+    yield c
+    c.term()
+
+
+@pytest.fixture
+def publisher(ctx: zmq.Context) -> Iterator[Publisher]:
+    p = Publisher(ctx)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def router() -> Router:
+    return Router(block_size=16, workers=[0, 1])
+
+
+def held(router: Router, tokens: list[int], worker: int = 0) -> int:
+    return int(router.index.match_array(kvroute_block_hashes(tokens, 16), [worker])[0])
+
+
+def seen(sub: ZmqSubscriber, worker: int, seq: int, timeout: float = WAIT) -> bool:
+    return sub.wait_for(lambda s: worker in s and s[worker].last_seq >= seq, timeout)
+
+
+def connect(sub: ZmqSubscriber, pub: Publisher, worker: int = 0, *, replay: bool = True) -> None:
+    """Subscribe and wait out ZMQ's slow joiner: probe until a batch gets through."""
+    sub.subscribe(worker, pub.endpoint, pub.replay_endpoint if replay else None)
+    empty = VLLM["empty_events_no_dp_rank"]
+    for _ in range(int(WAIT / 0.05)):
+        if seen(sub, worker, pub.publish(empty), timeout=0.05):
+            return
+    raise AssertionError("the subscriber never received a batch")
+
+
+def test_live_batches_build_the_index_and_removals_empty_it(
+    router: Router, publisher: Publisher
+) -> None:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
+        connect(sub, publisher)
+        publisher.publish(VLLM["stored_first_blocks"])
+        seq = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, seq)
+        assert held(router, BASE[:48]) == 3
+        seq = publisher.publish(VLLM["removed_by_eviction"])
+        assert seen(sub, 0, seq)
+        assert len(router.index) == 0
+        counts = sub.streams()[0].counts
+    assert counts["ok"] >= 3 and counts["gap"] == 0 and counts["malformed"] == 0
+    assert m.value("kvroute_events_total", {"worker": "0", "status": "ok"}) == counts["ok"]
+
+
+def test_late_joiner_takes_the_buffered_history(router: Router, publisher: Publisher) -> None:
+    # Batches published before anyone listened: only the replay buffer has them.
+    publisher.publish(VLLM["stored_first_blocks"], drop=True)
+    publisher.publish(VLLM["stored_child_block"], drop=True)
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        assert held(router, BASE[:48]) == 3
+        st = sub.streams()[0]
+    assert publisher.replay_requests[0] == 0
+    assert st.counts["replayed"] >= 2 and st.counts["gap"] == 0  # joining is not a gap
+
+
+@pytest.mark.parametrize("delimiter", [True, False], ids=["4-frame", "3-frame"])
+def test_a_gap_is_filled_from_the_replay_endpoint(
+    router: Router, ctx: zmq.Context, delimiter: bool
+) -> None:
+    pub = Publisher(ctx, delimiter=delimiter)
+    m = Metrics(router)
+    try:
+        with ZmqSubscriber(router, metrics=m) as sub:
+            connect(sub, pub)
+            before = sub.streams()[0].counts["replayed"]
+            pub.publish(VLLM["stored_first_blocks"], drop=True)  # lost in flight
+            seq = pub.publish(VLLM["stored_child_block"])
+            assert seen(sub, 0, seq)
+            st = sub.streams()[0]
+    finally:
+        pub.close()
+    # The child's parent arrived by replay, so the whole chain is indexed.
+    assert held(router, BASE[:48]) == 3
+    assert st.counts["gap"] == 1 and st.counts["replayed"] == before + 1
+    assert st.counts["replay_failed"] == 0 and st.counts["unknown_block"] == 0
+    assert m.value("kvroute_events_total", {"worker": "0", "status": "gap"}) == 1
+
+
+def test_a_gap_without_replay_clears_the_worker_and_resumes(
+    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher, replay=False)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        assert held(router, BASE[:32]) == 2
+        publisher.publish(VLLM["removed_by_eviction"], drop=True)  # a lost removal
+        with caplog.at_level(logging.WARNING, "kvroute.events"):
+            seq = publisher.publish(VLLM["stored_lora_salt"])
+            assert seen(sub, 0, seq)
+        st = sub.streams()[0]
+    # The worker's state was unknowable, so nothing stale is believed...
+    assert held(router, BASE[:32]) == 0
+    # ...and the batch after the gap still applied.
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}
+    assert st.counts["gap"] == 1 and st.counts["replay_failed"] == 1 and st.counts["cleared"] == 1
+    assert any("could not replay" in r.getMessage() for r in caplog.records)
+
+
+def test_a_replay_that_cannot_cover_the_gap_clears(router: Router, publisher: Publisher) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        publisher.publish(VLLM["removed_by_eviction"], drop=True)
+        with publisher._lock:  # the engine's buffer already dropped the lost batch
+            publisher.buffer.clear()
+        seq = publisher.publish(VLLM["empty_events_no_dp_rank"])
+        assert seen(sub, 0, seq)
+        st = sub.streams()[0]
+    assert held(router, BASE[:32]) == 0
+    assert st.counts["replay_failed"] == 1
+
+
+def test_an_engine_restart_clears_then_rebuilds(router: Router, publisher: Publisher) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        publisher.publish(VLLM["stored_first_blocks"])
+        seq = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, seq)
+        publisher.restart()
+        publisher.publish(VLLM["stored_lora_salt"])  # seq 0 again
+        assert sub.wait_for(lambda s: s[0].counts["restart"] == 1, WAIT)
+        assert seen(sub, 0, 0)
+        st = sub.streams()[0]
+    assert held(router, BASE[:48]) == 0  # the old engine's blocks are gone
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}
+    assert st.last_seq == 0 and st.counts["cleared"] >= 1
+
+
+def test_malformed_messages_are_counted_and_leave_the_index_intact(
+    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = Metrics(router)
+    with (
+        caplog.at_level(logging.WARNING, "kvroute.events"),
+        ZmqSubscriber(router, metrics=m) as sub,
+    ):
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        publisher.pub.send_multipart([b"", b"\x00" * 3, b"x"])  # bad seq frame
+        publisher.pub.send_multipart([b"", b"only two frames"])
+        publisher.publish(b"\xc1 not msgpack")  # a bad payload still takes its seq
+        too_many = msgspec.msgpack.encode([0.0, [{"type": "AllBlocksCleared"}] * 70_000, 0])
+        publisher.publish(too_many)  # oversized: rejected before it is built
+        seq = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, seq)
+        st = sub.streams()[0]
+    assert st.counts["malformed"] == 4
+    assert st.counts["cleared"] == 0  # the 70k clears never applied
+    assert held(router, BASE[:48]) == 3  # and the good batches around them did
+    assert m.value("kvroute_events_total", {"worker": "0", "status": "malformed"}) == 4
+    logged = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(logged) == 1  # once a minute per worker
+
+
+def test_sglang_stream_and_topic_filter(router: Router, ctx: zmq.Context) -> None:
+    pub = Publisher(ctx, topic=b"sgl")
+    other = Publisher(ctx, topic=b"other")
+    try:
+        with ZmqSubscriber(router, fmt="sglang", topic="sgl") as sub:
+            connect(sub, pub)
+            seq = pub.publish(SGLANG["default:stored_chain"])
+            assert seen(sub, 0, seq)
+            assert held(router, BASE[:48]) == 3
+            # A publisher on another topic reaches no one.
+            sub.subscribe(1, other.endpoint)
+            other.publish(SGLANG["default:stored_chain"])
+            seq = pub.publish(SGLANG["default:removed"])
+            assert seen(sub, 0, seq)
+            assert 1 not in sub.streams() or sub.streams()[1].last_seq == -1
+    finally:
+        pub.close()
+        other.close()
+    assert len(router.index) == 0
+
+
+def test_two_workers_are_tracked_independently(router: Router, ctx: zmq.Context) -> None:
+    a, b = Publisher(ctx), Publisher(ctx)
+    try:
+        with ZmqSubscriber(router) as sub:
+            connect(sub, a, 0)
+            connect(sub, b, 1)
+            a.publish(VLLM["stored_first_blocks"])
+            seq = b.publish(VLLM["stored_first_blocks"])
+            assert seen(sub, 1, seq)
+            assert sub.wait_for(lambda s: s[0].counts["ok"] >= 1, WAIT)
+            assert router.index.match(kvroute_block_hashes(BASE[:32], 16)) == {0: 2, 1: 2}
+            sub.unsubscribe(1)
+            assert sub.wait_for(lambda s: 1 not in s, WAIT)
+            b.publish(VLLM["removed_by_eviction"])
+            seq = a.publish(VLLM["removed_by_eviction"])
+            assert seen(sub, 0, seq)
+    finally:
+        a.close()
+        b.close()
+    # worker 1's removal was not followed; its blocks stay
+    assert router.index.match(kvroute_block_hashes(BASE[:32], 16)) == {1: 2}
+
+
+def test_lifecycle_and_arguments(router: Router) -> None:
+    sub = ZmqSubscriber(router)
+    assert not sub.running
+    sub.stop()  # never started: a no-op
+    sub.start()
+    assert sub.running
+    sub.start()  # idempotent
+    sub.stop()
+    sub.stop()
+    assert not sub.running
+    assert not any(t.name == "kvroute-zmq-subscriber" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="fmt"):
+        ZmqSubscriber(router, fmt="dynamo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fmt"):
+        sub.subscribe(0, "tcp://127.0.0.1:1", fmt="json")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ZmqSubscriber(router, replay_timeout=0)
