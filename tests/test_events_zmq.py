@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,22 @@ class Publisher:
             self.buffer.clear()
         self.seq = 0
 
+    def kill(self) -> None:
+        """The engine process dies: both sockets close (the ports stay known)."""
+        self._stop.set()
+        self._thread.join()
+        self.pub.close()
+        self.router.close()
+
+    def revive(self, ctx: zmq.Context) -> None:
+        """A new engine process on the same ports, with an empty history."""
+        self.restart()
+        self.pub = _rebind(ctx, zmq.PUB, self.endpoint)
+        self.router = _rebind(ctx, zmq.ROUTER, self.replay_endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -95,6 +112,21 @@ class Publisher:
         self._thread.join()
         self.pub.close()
         self.router.close()
+
+
+def _rebind(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    """Bind a new socket where a closed one was (its port frees asynchronously)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for _ in range(200):
+        try:
+            sock.bind(endpoint)
+            return sock
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE:
+                raise
+            time.sleep(0.01)
+    raise AssertionError(f"{endpoint} stayed in use")
 
 
 @pytest.fixture
@@ -329,3 +361,47 @@ def test_lifecycle_and_arguments(router: Router) -> None:
         sub.subscribe(0, "tcp://127.0.0.1:1", fmt="json")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ZmqSubscriber(router, replay_timeout=0)
+
+
+def test_reconnecting_to_a_restarted_engine_clears_it_without_waiting_for_events(
+    router: Router, publisher: Publisher, ctx: zmq.Context
+) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        publisher.publish(VLLM["stored_first_blocks"])
+        seq = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, seq)
+        assert held(router, BASE[:48]) == 3
+        publisher.kill()
+        publisher.revive(ctx)  # same ports, new engine, silent
+        assert sub.wait_for(lambda s: s[0].counts["restart"] == 1, WAIT)
+        assert held(router, BASE[:48]) == 0  # its old blocks did not outlive it
+        # and the new engine's stream is followed from seq 0
+        assert sub.wait_for(lambda s: s[0].last_seq == -1, WAIT)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        st = sub.streams()[0]
+    assert held(router, BASE[:32]) == 2
+    assert st.counts["connects"] >= 2
+
+
+def test_reconnecting_to_the_same_engine_catches_up_and_skips_duplicates(
+    router: Router, publisher: Publisher
+) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        before = sub.streams()[0]
+        # The replay of a resync brings batches the live socket then delivers
+        # again: the same payload at a seen seq is a duplicate, not a restart.
+        sub.resync(0)
+        seq = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, seq)
+        publisher.pub.send_multipart([b"", seq.to_bytes(8, "big"), VLLM["stored_child_block"]])
+        nxt = publisher.publish(VLLM["empty_events_no_dp_rank"])
+        assert seen(sub, 0, nxt)
+        st = sub.streams()[0]
+    assert st.counts["duplicate"] == 1 and st.counts["restart"] == 0
+    assert st.counts["cleared"] == before.counts["cleared"] == 0
+    assert held(router, BASE[:48]) == 3

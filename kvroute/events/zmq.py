@@ -17,7 +17,15 @@ Per worker the subscriber tracks the last applied ``seq``:
   lost removal would leave blocks the router believes in but the worker no
   longer has) and the subscriber resumes from the live batch; it is counted;
 - a *backward* jump means the engine restarted (its counter began again):
-  the worker's blocks are cleared and rebuilt from the new stream.
+  the worker's blocks are cleared and rebuilt from the new stream; a batch
+  seen twice (live after a replay already applied it) is recognised by its
+  payload and skipped;
+- every (re)connection to a worker's publisher triggers a *resync* through
+  the replay endpoint: the batch at the last applied ``seq`` is asked for
+  again and compared with what was applied. The same batch means the engine
+  lived on (anything newer is applied); a different one, or none, means it
+  restarted while the subscriber was away, and its blocks are cleared and
+  rebuilt from the new engine's history — even if it never publishes again.
 
 Everything runs on one background thread that owns every socket; ``route()``
 never waits for it. Malformed frames or payloads are counted, logged at most
@@ -37,7 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import xxhash
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .._logging import RateLimitedLog
 from .apply import EventApplier
@@ -70,7 +80,7 @@ class WorkerStream:
     :ivar last_seq: the last applied sequence number (-1 before the first).
     :ivar counts: batches and events by outcome: ``batches``, ``gap``,
         ``replayed`` (batches applied from a replay), ``replay_failed``,
-        ``restart``, ``malformed``, ``rejected``, and the applier's
+        ``restart``, ``duplicate``, ``connects``, ``malformed``, and the applier's
         per-event statuses (``ok``, ``unknown_block``, ``cleared``, ...).
     """
 
@@ -82,6 +92,13 @@ class WorkerStream:
     last_seq: int = -1
     counts: Counter[str] = field(default_factory=Counter)
     sock: Any = field(default=None, repr=False)
+    monitor: Any = field(default=None, repr=False)
+    # seq -> digest of the payload applied at that seq, for the last batches
+    recent: dict[int, int] = field(default_factory=dict, repr=False)
+
+
+#: How many applied batches a stream remembers, to tell a duplicate from a restart.
+_RECENT: Final = 4096
 
 
 class ZmqSubscriber:
@@ -179,6 +196,15 @@ class ZmqSubscriber:
         """Stop following ``worker`` (its blocks stay in the index)."""
         self._commands.put(("unsubscribe", int(worker)))
 
+    def resync(self, worker: int) -> None:
+        """Check ``worker``'s engine through its replay endpoint, as after a reconnect.
+
+        Runs on the subscriber thread, soon. Useful when something outside ZMQ
+        says the engine may have restarted (e.g. its HTTP health check failed
+        and recovered); reconnects of the event socket trigger it by themselves.
+        """
+        self._commands.put(("resync", int(worker)))
+
     def start(self) -> ZmqSubscriber:
         """Start the background thread (idempotent)."""
         if self._thread is None:
@@ -256,6 +282,9 @@ class ZmqSubscriber:
                     stream = self._by_sock.get(sock)
                     if stream is None:  # pragma: no cover - unsubscribed in this round
                         continue
+                    if sock is stream.monitor:
+                        self._on_monitor(stream)
+                        continue
                     # Drain what is queued on this socket, bounded so one busy
                     # worker cannot starve the others or the command queue.
                     for _ in range(256):
@@ -284,6 +313,10 @@ class ZmqSubscriber:
                 if old is not None:
                     self._close(poller, old)
                 self._open(poller, arg)
+            elif cmd == "resync":
+                stream = self._streams.get(arg)
+                if stream is not None and stream.replay_endpoint is not None:
+                    self._resync(stream)
             elif cmd == "unsubscribe":
                 old = self._streams.get(arg)
                 if old is not None:
@@ -301,6 +334,10 @@ class ZmqSubscriber:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, stream.topic.encode())
+        if stream.replay_endpoint is not None:
+            stream.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+            poller.register(stream.monitor, zmq.POLLIN)
+            self._by_sock[stream.monitor] = stream
         sock.connect(stream.endpoint)
         stream.sock = sock
         poller.register(sock, zmq.POLLIN)
@@ -309,6 +346,12 @@ class ZmqSubscriber:
             self._streams[stream.worker] = stream
 
     def _close(self, poller: zmq.Poller, stream: WorkerStream) -> None:
+        if stream.monitor is not None:
+            poller.unregister(stream.monitor)
+            self._by_sock.pop(stream.monitor, None)
+            stream.sock.disable_monitor()
+            stream.monitor.close(linger=0)
+            stream.monitor = None
         if stream.sock is not None:
             poller.unregister(stream.sock)
             self._by_sock.pop(stream.sock, None)
@@ -350,6 +393,9 @@ class ZmqSubscriber:
         if seq == END_SEQ:  # an end marker on the live socket: nothing to apply
             return
         if seq <= stream.last_seq:
+            if stream.recent.get(seq) == _digest(payload):
+                self._count(stream, "duplicate")  # already applied from a replay
+                return
             # The counter went backwards: the engine restarted with an empty cache.
             self._count(stream, "restart")
             self._warn.warning(
@@ -370,6 +416,8 @@ class ZmqSubscriber:
         with self._lock:
             stream.last_seq = seq
             stream.counts["batches"] += 1
+        stream.recent[seq] = _digest(payload)
+        stream.recent.pop(seq - _RECENT, None)
         batch = self._decode(stream, payload)
         if batch is not None:
             counts = self.applier.apply_batch(stream.worker, batch)
@@ -386,11 +434,63 @@ class ZmqSubscriber:
             return None
 
     def _clear(self, stream: WorkerStream) -> None:
+        stream.recent.clear()
         self.applier.cleared(stream.worker)
         with self._lock:
             stream.counts["cleared"] += 1
         if self.metrics is not None:
             self.metrics.event_applied(stream.worker, "cleared")
+
+    # -- reconnects -------------------------------------------------------------------
+
+    def _on_monitor(self, stream: WorkerStream) -> None:
+        try:
+            event = recv_monitor_message(stream.monitor, zmq.NOBLOCK)
+        except zmq.Again:  # pragma: no cover - poll said readable
+            return
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self._count(stream, "connects")
+            self._resync(stream)
+
+    def _resync(self, stream: WorkerStream) -> None:
+        """Check, through the replay endpoint, that the engine is the one we followed."""
+        last = stream.last_seq
+        got = self._replay(stream, max(last, 0), END_SEQ)
+        if got is None:
+            return  # no answer now; live batches will still reveal gaps or a restart
+        if last >= 0:
+            if got and got[0][0] == last and _digest(got[0][1]) == stream.recent.get(last):
+                self._apply_run(stream, got[1:], last + 1)  # the same engine: catch up
+                return
+            # The batch we applied last is gone or different: a new engine.
+            self._count(stream, "restart")
+            self._warn.warning(
+                (stream.worker, "restart"),
+                "worker %s: reconnected to a restarted engine (seq %d not in its history); "
+                "clearing its blocks",
+                stream.worker,
+                last,
+            )
+            self._clear(stream)
+            stream.last_seq = -1
+            got = self._replay(stream, 0, END_SEQ)
+            if got is None:
+                return
+        self._apply_run(stream, got, got[0][0] if got else 0)
+
+    def _apply_run(self, stream: WorkerStream, got: list[tuple[int, bytes]], first: int) -> None:
+        """Apply replayed batches that continue the stream from ``first`` without a hole."""
+        seqs = [s for s, _ in got]
+        if seqs != list(range(first, first + len(seqs))):
+            self._count(stream, "replay_failed")
+            self._clear(stream)
+            return
+        if stream.last_seq >= 0 and first != stream.last_seq + 1 and got:
+            self._count(stream, "replay_failed")  # history between was lost
+            self._clear(stream)
+        for s, payload in got:
+            self._apply(stream, s, payload)
+        self._count(stream, "replayed", len(got))
 
     # -- gaps -------------------------------------------------------------------------
 
@@ -458,3 +558,7 @@ class ZmqSubscriber:
             return None
         finally:
             sock.close(linger=0)
+
+
+def _digest(payload: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
