@@ -1,0 +1,67 @@
+"""Test doubles for end-to-end tests: a mock vLLM 0.33 worker on real sockets.
+
+- :class:`MockWorker`: vLLM's HTTP API (OpenAI, Anthropic Messages, tokenize
+  and render endpoints) on loopback, a prefix cache with vLLM's block hashes
+  and LRU eviction, and vLLM 0.33 KV events over ZMQ (PUB + replay ROUTER).
+- :class:`MockTokenizer`: the tokenizer and chat template the worker renders
+  prompts with, so a proxy under test can tokenize exactly the same way.
+- :func:`encode_batch` / :func:`decode_batch` and the ``Vllm*`` event structs:
+  vLLM 0.33's msgpack payloads, byte-exact.
+
+Needs the test dependencies ``aiohttp``, ``pyzmq``, ``msgspec`` and
+``jinja2`` (``tokenizers`` only for a Hugging Face ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+from ._prefix_cache import Allocation, PrefixCache
+from ._publisher import KVEventPublisher
+from ._tokenizer import (
+    BYTE_OFFSET,
+    DEFAULT_CHAT_TEMPLATE,
+    IMAGE_PLACEHOLDER_TOKENS,
+    SPECIAL_TOKENS,
+    MockTokenizer,
+    RequestError,
+    anthropic_to_chat,
+)
+from ._wire import (
+    REPLAY_END_SEQ,
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
+    decode_batch,
+    encode_batch,
+    pack_seq,
+    unpack_seq,
+)
+from .mock_worker import GENERATION_PATHS, MockWorker, RequestRecord, WorkerStats
+
+__all__ = [
+    "BYTE_OFFSET",
+    "DEFAULT_CHAT_TEMPLATE",
+    "GENERATION_PATHS",
+    "IMAGE_PLACEHOLDER_TOKENS",
+    "REPLAY_END_SEQ",
+    "SPECIAL_TOKENS",
+    "Allocation",
+    "KVEventPublisher",
+    "MockTokenizer",
+    "MockWorker",
+    "PrefixCache",
+    "RequestError",
+    "RequestRecord",
+    "VllmAllBlocksCleared",
+    "VllmBlockRemoved",
+    "VllmBlockStored",
+    "VllmEvent",
+    "VllmEventBatch",
+    "WorkerStats",
+    "anthropic_to_chat",
+    "decode_batch",
+    "encode_batch",
+    "pack_seq",
+    "unpack_seq",
+]

@@ -1,0 +1,168 @@
+"""Response bodies and SSE framing of the OpenAI, Anthropic and vLLM APIs the mock serves.
+
+Shapes follow what vLLM 0.33 sends (OpenAI-compatible ``/v1/completions`` and
+``/v1/chat/completions``, the Anthropic-compatible ``/v1/messages``, and the
+disaggregation ``GenerateRequest`` of the render endpoints). Only the fields
+a client or router reads are filled; the rest keep vLLM's defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, Final
+
+__all__ = [
+    "anthropic_error",
+    "anthropic_sse",
+    "anthropic_usage",
+    "completion_pieces",
+    "generate_request",
+    "openai_error",
+    "openai_sse",
+    "openai_usage",
+]
+
+# The mock's "vocabulary" of generated words; a piece is one word (one token).
+_WORDS: Final = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    "india", "juliett", "kilo", "lima", "mike", "november", "oscar", "papa",
+)  # fmt: skip
+
+_ANTHROPIC_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def completion_pieces(prompt: Sequence[int], n: int) -> list[str]:
+    """The ``n`` generated pieces (one per output token) for a prompt.
+
+    Deterministic: a function of the prompt's token ids only.
+
+    >>> completion_pieces([1, 2, 3], 3) == completion_pieces([1, 2, 3], 3)
+    True
+    >>> len(completion_pieces([1, 2, 3], 5))
+    5
+    """
+    digest = hashlib.sha256(array("Q", prompt).tobytes()).digest()
+    out: list[str] = []
+    for i in range(n):
+        word = _WORDS[(digest[i % len(digest)] + i // len(digest)) % len(_WORDS)]
+        out.append(word if i == 0 else " " + word)
+    return out
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """``usage`` as vLLM reports it with prompt-token details enabled."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def anthropic_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """Anthropic ``usage`` as vLLM maps it: ``input_tokens`` excludes cache reads.
+
+    vLLM has no notion of a cache write, so ``cache_creation_input_tokens`` is 0
+    and ``input_tokens + cache_read_input_tokens`` is the prompt length.
+    """
+    return {
+        "input_tokens": prompt_tokens - cached_tokens,
+        "output_tokens": output_tokens,
+        "cache_read_input_tokens": cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+def openai_sse(data: Mapping[str, Any] | str) -> bytes:
+    """One ``data: ...`` server-sent event (``"[DONE]"`` is sent verbatim)."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def anthropic_sse(data: Mapping[str, Any]) -> bytes:
+    """One Anthropic server-sent event: ``event: <type>`` then its JSON ``data``."""
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _status_name(status: int) -> str:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+    name = "".join(w.capitalize() for w in phrase.replace("-", " ").split())
+    return name if name.endswith("Error") else name + "Error"
+
+
+def openai_error(message: str, status: int) -> dict[str, Any]:
+    """vLLM's ``ErrorResponse`` body.
+
+    >>> openai_error("boom", 500)["error"]["type"]
+    'InternalServerError'
+    >>> openai_error("bad", 400)["error"]["type"]
+    'BadRequestError'
+    """
+    return {
+        "error": {"message": message, "type": _status_name(status), "param": None, "code": status}
+    }
+
+
+def anthropic_error(message: str, status: int) -> dict[str, Any]:
+    """An Anthropic error body.
+
+    >>> anthropic_error("bad", 400)
+    {'type': 'error', 'error': {'type': 'invalid_request_error', 'message': 'bad'}}
+    """
+    kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def generate_request(
+    *,
+    request_id: str,
+    token_ids: list[int],
+    body: Mapping[str, Any],
+    max_tokens: int,
+) -> dict[str, Any]:
+    """A render endpoint's ``GenerateRequest`` (vLLM's disaggregation protocol).
+
+    Fields: ``request_id``, ``token_ids``, ``features`` (``None``: no
+    multimodal features), ``sampling_params``, ``model``, ``stream``,
+    ``stream_options`` (only when streaming), ``cache_salt``, ``priority``
+    and ``kv_transfer_params``.
+    """
+    stream = bool(body.get("stream"))
+    stop = body.get("stop")
+    stop_list = [stop] if isinstance(stop, str) else list(stop or [])
+    return {
+        "request_id": request_id,
+        "token_ids": token_ids,
+        "features": None,
+        "sampling_params": {
+            "n": 1,
+            "temperature": body.get("temperature", 1.0),
+            "top_p": body.get("top_p", 1.0),
+            "top_k": body.get("top_k", 0),
+            "seed": body.get("seed"),
+            "stop": stop_list,
+            "stop_token_ids": list(body.get("stop_token_ids") or []),
+            "max_tokens": max_tokens,
+        },
+        "model": body.get("model"),
+        "stream": stream,
+        "stream_options": body.get("stream_options") if stream else None,
+        "cache_salt": body.get("cache_salt"),
+        "priority": body.get("priority", 0),
+        "kv_transfer_params": None,
+    }

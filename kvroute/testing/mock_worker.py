@@ -1,0 +1,523 @@
+"""``MockWorker``: a GPU-free stand-in for a vLLM 0.33 worker, on real sockets.
+
+It serves vLLM's HTTP API on ``127.0.0.1`` (aiohttp) and publishes vLLM 0.33
+KV events over ZMQ, from a prefix cache with vLLM's semantics, so that a
+routing proxy and a KV-event subscriber can be tested end to end on loopback.
+
+HTTP endpoints:
+
+- ``POST /v1/completions``: ``prompt`` (string, list of strings, token ids or
+  lists of token ids), ``max_tokens``, ``stream``, ``stream_options``,
+  ``cache_salt``;
+- ``POST /v1/chat/completions``: ``messages``, ``tools``,
+  ``max_completion_tokens`` / ``max_tokens``, ``stream``, ``stream_options``,
+  ``add_generation_prompt``, ``cache_salt``;
+- ``POST /v1/messages`` (Anthropic Messages, as vLLM serves it) and
+  ``POST /v1/messages/count_tokens``;
+- ``POST /tokenize`` and ``POST /detokenize``;
+- ``POST /v1/completions/render``, ``/v1/chat/completions/render``,
+  ``/v1/messages/render``: vLLM's GPU-less render endpoints, answering
+  ``GenerateRequest`` JSON (a list of them for completions);
+- ``POST /inference/v1/generate``: token-in / token-out (non-streaming);
+- ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (a few vLLM gauges).
+
+Generation is deterministic: ``max_tokens`` pieces (default 16), each a word
+derived from the prompt's tokens, ``finish_reason`` ``"length"`` (Anthropic
+``stop_reason`` ``"max_tokens"``). Each request first waits
+``prefill_delay_per_token`` seconds per *uncached* prompt token, then
+``token_delay`` per output token.
+
+Each generation request is admitted into the prefix cache (hits pinned while
+it runs, missing full blocks stored, LRU eviction) and its events are
+published as one batch: the ``BlockRemoved`` events of the blocks evicted for
+it, then one ``BlockStored`` (nothing is published on a full hit).
+``usage.prompt_tokens_details.cached_tokens`` (Anthropic:
+``cache_read_input_tokens``) is the hit, in tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Collection, Sequence
+from types import TracebackType
+from typing import Final, TypeVar
+
+from aiohttp import web
+
+from ..hashing import VllmHashAlgo
+from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
+from ._http import HttpApi
+from ._publisher import KVEventPublisher
+from ._tokenizer import MockTokenizer
+from ._wire import VllmEvent
+
+__all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
+
+_HOST: Final = "127.0.0.1"
+_T = TypeVar("_T")
+
+
+class MockWorker:
+    """A fake vLLM 0.33 worker: real HTTP and ZMQ servers on loopback, no GPU.
+
+    Usage::
+
+        with MockWorker(block_size=16) as w:
+            ...  # POST to w.url + "/v1/completions", SUB to w.events_endpoint
+
+    The servers run on a background thread with its own event loop;
+    :meth:`start` returns once the HTTP, PUB and replay sockets are listening.
+    :meth:`stop` then :meth:`start` is an engine restart: same ports, sequence
+    numbers from 0, empty cache (the request log and counters are kept).
+
+    :param model: the served model name; requests naming another model get 404.
+    :param block_size: tokens per KV block.
+    :param num_blocks: prefix-cache capacity, in blocks.
+    :param port: HTTP port (0: a free one, then kept across restarts).
+    :param events_port: KV-event publisher port (0: a free one, then kept).
+    :param replay_port: replay ROUTER port (0: a free one, then kept).
+    :param topic: the topic frame of every event message.
+    :param tokenizer: a Hugging Face ``tokenizer.json`` path, or ``None`` for
+        the built-in byte tokenizer (see :class:`MockTokenizer`).
+    :param chat_template: a Jinja chat template, or ``None`` for the default.
+    :param max_model_len: longest prompt + output accepted, and ``/tokenize``'s
+        ``max_model_len``.
+    :param default_max_tokens: output length when a request gives none
+        (Anthropic requests must give one).
+    :param token_delay: seconds per generated token.
+    :param prefill_delay_per_token: seconds per uncached prompt token.
+    :param hash_algo: vLLM's ``--prefix-caching-hash-algo``.
+    :param hash_seed: the engine's ``PYTHONHASHSEED`` (``None``: unset; the
+        xxhash algorithms then need one to be reproducible at all).
+    :param publish_events: run the KV-event publisher at all.
+    :param replay: run the replay ROUTER socket.
+    :param buffer_steps: batches kept for replay.
+    :param drop_seqs: sequence numbers buffered for replay but never sent live.
+    :param dp_rank: the data-parallel rank written into every batch.
+    :raises ValueError: a size or delay is out of range, or ``hash_algo`` is an
+        xxhash algorithm without ``hash_seed`` (its hashes are random then).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str = "mock-model",
+        block_size: int = 16,
+        num_blocks: int = 1024,
+        port: int = 0,
+        events_port: int = 0,
+        replay_port: int = 0,
+        topic: str = "",
+        tokenizer: str | os.PathLike[str] | None = None,
+        chat_template: str | None = None,
+        max_model_len: int = 32768,
+        default_max_tokens: int = 16,
+        token_delay: float = 0.001,
+        prefill_delay_per_token: float = 1e-5,
+        hash_algo: VllmHashAlgo = "sha256",
+        hash_seed: str | None = None,
+        publish_events: bool = True,
+        replay: bool = True,
+        buffer_steps: int = 10_000,
+        drop_seqs: Collection[int] = (),
+        dp_rank: int | None = 0,
+    ) -> None:
+        for name, value in (
+            ("block_size", block_size),
+            ("num_blocks", num_blocks),
+            ("max_model_len", max_model_len),
+            ("buffer_steps", buffer_steps),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if token_delay < 0 or prefill_delay_per_token < 0 or default_max_tokens < 0:
+            raise ValueError("delays and default_max_tokens must not be negative")
+        self._engine = Engine(
+            model=model,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            tokenizer=MockTokenizer(tokenizer, chat_template),
+            max_model_len=max_model_len,
+            default_max_tokens=default_max_tokens,
+            token_delay=token_delay,
+            prefill_delay_per_token=prefill_delay_per_token,
+            hash_algo=hash_algo,
+            hash_seed=hash_seed,
+        )
+        # Fail here, not on the first request, for an unusable hash setting.
+        self._engine.block_hashes([0] * block_size)
+        self._api = HttpApi(self._engine)
+        self.topic = topic
+        self.publish_events = publish_events
+        self.replay = replay
+        self.buffer_steps = buffer_steps
+        self.drop_seqs = frozenset(drop_seqs)
+        self.dp_rank = dp_rank
+        self._port = port
+        self._events_port = events_port
+        self._replay_port = replay_port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------
+    # Settings
+    # ------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The served model name."""
+        return self._engine.model
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block."""
+        return self._engine.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Prefix-cache capacity, in blocks."""
+        return self._engine.num_blocks
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output accepted."""
+        return self._engine.max_model_len
+
+    @property
+    def tokenizer(self) -> MockTokenizer:
+        """The tokenizer and chat template every endpoint renders prompts with."""
+        return self._engine.tokenizer
+
+    @property
+    def token_delay(self) -> float:
+        """Seconds per generated token; may be changed while running."""
+        return self._engine.token_delay
+
+    @token_delay.setter
+    def token_delay(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("token_delay must not be negative")
+        self._engine.token_delay = value
+
+    @property
+    def prefill_delay_per_token(self) -> float:
+        """Seconds per uncached prompt token; may be changed while running."""
+        return self._engine.prefill_delay_per_token
+
+    @prefill_delay_per_token.setter
+    def prefill_delay_per_token(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("prefill_delay_per_token must not be negative")
+        self._engine.prefill_delay_per_token = value
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> MockWorker:
+        """Start the servers on a background thread; return once all listen.
+
+        :returns: ``self``.
+        :raises RuntimeError: already running.
+        :raises OSError: a port is taken (everything started is closed first).
+        """
+        if self._thread is not None:
+            raise RuntimeError("MockWorker is already running")
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name=f"MockWorker[{self.model}]", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+        try:
+            ready.result(timeout)
+        except BaseException:
+            thread.join(timeout)
+            self._thread = None
+            raise
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Close every socket and join the thread. Idempotent.
+
+        Requests still running are cancelled (recorded as ``"aborted"``);
+        their clients see the connection drop.
+        """
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            self._thread = None
+
+    def restart(self) -> None:
+        """:meth:`stop` then :meth:`start`, on the same ports."""
+        self.stop()
+        self.start()
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the servers are up."""
+        return self._thread is not None
+
+    def __enter__(self) -> MockWorker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def astart(self) -> MockWorker:
+        """:meth:`start` without blocking the calling event loop."""
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        """:meth:`stop` without blocking the calling event loop."""
+        await asyncio.to_thread(self.stop)
+
+    async def __aenter__(self) -> MockWorker:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+    def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            try:
+                loop.run_until_complete(self._startup())
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(self._shutdown())
+                ready.set_exception(exc)
+                return
+            self._loop = loop
+            ready.set_result(None)
+            loop.run_forever()
+        finally:
+            self._loop = None
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _startup(self) -> None:
+        publisher: KVEventPublisher | None = None
+        if self.publish_events:
+            publisher = KVEventPublisher(
+                events_port=self._events_port,
+                replay_port=self._replay_port if self.replay else None,
+                topic=self.topic,
+                buffer_steps=self.buffer_steps,
+                dp_rank=self.dp_rank,
+                drop_seqs=self.drop_seqs,
+            )
+            await publisher.start()
+            self._events_port = _port_of(publisher.events_endpoint)
+            if publisher.replay_endpoint is not None:
+                self._replay_port = _port_of(publisher.replay_endpoint)
+        self._engine.begin(publisher)
+        # A short shutdown grace: stopping cancels in-flight requests promptly.
+        self._runner = web.AppRunner(self._api.app(), access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, _HOST, self._port)
+        await site.start()
+        self._port = site.port
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        publisher = self._engine.publisher
+        self._engine.end()
+        if publisher is not None:
+            await publisher.close()
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the worker's loop (or right here when stopped); return its result."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or threading.current_thread() is thread:
+            return fn()
+
+        async def run() -> _T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+    # ------------------------------------------------------------------
+    # Addresses
+    # ------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The HTTP port (0 before the first start when none was given)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://{_HOST}:{self._port}"
+
+    @property
+    def events_port(self) -> int:
+        """The KV-event publisher's port (0 before the first start when none was given)."""
+        return self._events_port
+
+    @property
+    def replay_port(self) -> int:
+        """The replay socket's port (0 before the first start when none was given)."""
+        return self._replay_port
+
+    @property
+    def events_endpoint(self) -> str | None:
+        """``tcp://127.0.0.1:<events_port>``, or ``None`` with ``publish_events=False``."""
+        return f"tcp://{_HOST}:{self._events_port}" if self.publish_events else None
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        """``tcp://127.0.0.1:<replay_port>``, or ``None`` without replay."""
+        if not (self.publish_events and self.replay):
+            return None
+        return f"tcp://{_HOST}:{self._replay_port}"
+
+    # ------------------------------------------------------------------
+    # Test hooks
+    # ------------------------------------------------------------------
+
+    def fail_next(self, n: int = 1, status: int = 500) -> None:
+        """Answer the next ``n`` generation requests with HTTP ``status``.
+
+        Applies to :data:`GENERATION_PATHS` only, before anything is parsed or
+        cached (no record, no event); the body is that API's error shape.
+        Calls add up.
+
+        :raises ValueError: ``n < 0`` or ``status`` not in 400..599.
+        """
+        if n < 0 or not 400 <= status <= 599:
+            raise ValueError("n must be >= 0 and status an HTTP error status")
+        self._engine.add_failures(n, status)
+
+    def pause(self) -> None:
+        """Stop answering: new requests (``/health`` too) and running streams hang.
+
+        In-flight generation freezes at its next token. :meth:`resume` lets
+        everything go on; :meth:`stop` cancels it. A start is never paused.
+        """
+        self._call(lambda: self._engine.set_paused(True))
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        self._call(lambda: self._engine.set_paused(False))
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` is in effect."""
+        return self._engine.paused
+
+    def reset(self) -> int | None:
+        """Empty the prefix cache (``reset_prefix_cache``) and publish ``AllBlocksCleared``.
+
+        :returns: the batch's sequence number, or ``None`` when not publishing.
+        """
+        return self._call(self._engine.reset)
+
+    def publish(
+        self,
+        events: Sequence[VllmEvent],
+        ts: float | None = None,
+        dp_rank: int | None = None,
+    ) -> int:
+        """Publish an arbitrary batch (a probe, or a scripted scenario).
+
+        :param events: the events; may be empty.
+        :param ts: the batch timestamp (default: now).
+        :param dp_rank: the batch's rank (default: the worker's ``dp_rank``).
+        :returns: its sequence number.
+        :raises RuntimeError: the worker is not running or not publishing.
+        """
+        publisher = self._engine.publisher
+        if self._thread is None or publisher is None:
+            raise RuntimeError("the worker is not publishing events")
+        return self._call(lambda: publisher.publish(list(events), ts, dp_rank))
+
+    def wait_for_subscribers(self, n: int = 1, timeout: float = 10.0) -> bool:
+        """Block until ``n`` SUB subscriptions reached the publisher since this start.
+
+        Once it returns ``True``, batches published afterwards reach those
+        subscribers (no ZMQ slow-joiner loss). Each ``SUBSCRIBE`` counts once.
+
+        :returns: whether they arrived within ``timeout`` seconds.
+        :raises RuntimeError: the worker is not running or not publishing.
+        """
+        publisher = self._engine.publisher
+        if publisher is None:
+            raise RuntimeError("the worker is not publishing events")
+        return publisher.wait_for_subscriptions(n, timeout)
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions the publisher has received since this start (0 when stopped)."""
+        publisher = self._engine.publisher
+        return publisher.subscriptions if publisher is not None else 0
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next event batch will get (0 after a start)."""
+        publisher = self._engine.publisher
+        return publisher.next_seq if publisher is not None else 0
+
+    # ------------------------------------------------------------------
+    # Observation (any thread)
+    # ------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every admitted prompt, in admission order (snapshots)."""
+        return self._engine.requests()
+
+    @property
+    def cache_hits(self) -> dict[str, int]:
+        """``request_id -> cached_tokens`` for every admitted prompt."""
+        return self._engine.cache_hits()
+
+    @property
+    def stats(self) -> WorkerStats:
+        """Counters and cache occupancy."""
+        return self._engine.stats()
+
+    def cached_block_hashes(self) -> set[int]:
+        """The hashes of every block in the prefix cache now."""
+        return self._engine.cached_block_hashes()
+
+    def clear_log(self) -> None:
+        """Forget the finished requests and the counters (the cache is kept)."""
+        self._engine.clear_log()
+
+    def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """The hashes this worker gives a prompt's full blocks (vLLM event u64s)."""
+        return self._engine.block_hashes(token_ids, cache_salt)
+
+
+def _port_of(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
