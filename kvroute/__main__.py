@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import __version__
+from .proxy import cli as proxy_cli
 from .sim.replay import DESCRIPTION as REPLAY_DESCRIPTION
 from .sim.replay import configure as configure_replay
 from .sim.replay import run as run_replay
@@ -418,6 +419,13 @@ def _run_replay(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
 
 
+def _run_proxy(args: argparse.Namespace) -> int:
+    try:
+        return proxy_cli.run(args)
+    except (ImportError, OSError, RuntimeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+
+
 #: Every subcommand, in ``--help`` order.
 COMMANDS: Final[tuple[Command, ...]] = (
     Command(
@@ -436,6 +444,14 @@ COMMANDS: Final[tuple[Command, ...]] = (
         _run_replay,
         "example: kvroute replay default --policy round_robin,kv_cost,kvroute --workers 8 "
         "--gpu-blocks 2048 --block-size 512",
+    ),
+    Command(
+        "proxy",
+        "serve an OpenAI/Anthropic-compatible routing proxy in front of vLLM/SGLang workers",
+        proxy_cli.DESCRIPTION,
+        proxy_cli.configure,
+        _run_proxy,
+        proxy_cli.EPILOG,
     ),
 )
 

@@ -1,0 +1,291 @@
+"""``kvroute proxy``: the command line of the routing proxy.
+
+This module imports nothing heavy at import time (the ``kvroute`` command
+builds every subcommand's parser); :func:`run` loads the proxy itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Final
+
+from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, parse_model_map, parse_worker
+
+__all__ = ["DESCRIPTION", "EPILOG", "build_config", "configure", "parse_size", "run"]
+
+DESCRIPTION: Final = """\
+An OpenAI- and Anthropic-compatible HTTP proxy that sends each request to the
+worker holding the longest prefix of its prompt in KV cache.
+
+Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
+not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Give every
+worker with --worker; worker ids are their positions (0, 1, ...). With an
+events endpoint per worker the router follows the workers' KV events over
+ZMQ; without, it predicts residency from its own decisions.
+"""
+
+EPILOG: Final = """\
+examples:
+  kvroute proxy --worker http://10.0.0.5:8000 --worker http://10.0.0.6:8000
+  kvroute proxy --worker http://10.0.0.5:8000=tcp://10.0.0.5:5557,tcp://10.0.0.5:5558 \\
+                --worker http://10.0.0.6:8000=tcp://10.0.0.6:5557 \\
+                --tokenizer /models/Qwen3-Coder --port 8080 \\
+                --model-map 'claude-*=Qwen/Qwen3-Coder-30B-A3B-Instruct'
+
+agent hints (headers): X-Session-Id (see --session-header), X-Kvroute-Priority,
+X-Kvroute-Cache-Ttl (5m|1h), X-Kvroute-Expected-Output-Tokens,
+X-Kvroute-Speculative-Prefill; Anthropic requests also use metadata.user_id
+and cache_control breakpoints.
+
+exit status: 0 stopped cleanly, 2 bad usage or configuration, 130 interrupted.
+"""
+
+_SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS: Final = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``64K``, ``32M``, ``32MiB``, ``1G`` (binary units).
+
+    >>> parse_size("32MiB"), parse_size("1024"), parse_size("64k")
+    (33554432, 1024, 65536)
+
+    :raises ValueError: anything else, or zero.
+    """
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"expected a size like 32M, got {text!r}")
+    unit = (m.group(2) or "").lower()[:1]
+    value = int(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise ValueError("the size must be at least 1 byte")
+    return value
+
+
+def _arg(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a parser raising ValueError."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive(kind: Callable[[str], float | int]) -> Callable[[str], object]:
+    def positive(text: str) -> float | int:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(f"must be > 0, got {text}")
+        return value
+
+    return _arg(positive)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {text}")
+    return value
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add ``proxy``'s arguments to its parser."""
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument(
+        "--worker",
+        dest="workers",
+        action="append",
+        required=True,
+        type=_arg(parse_worker),
+        metavar="URL[=EVENTS[,REPLAY]]",
+        help="a worker's base URL, optionally with its ZMQ KV-event endpoint and replay"
+        " endpoint (repeatable; ids follow the order given)",
+    )
+    fleet.add_argument(
+        "--events-format",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="the workers' KV-event wire format (default: vllm)",
+    )
+    fleet.add_argument(
+        "--block-size",
+        type=_positive(int),
+        default=16,
+        metavar="N",
+        help="the engines' KV block size in tokens (default: 16)",
+    )
+    fleet.add_argument(
+        "--policy", default="kvroute", metavar="NAME", help="routing policy (default: kvroute)"
+    )
+    fleet.add_argument(
+        "--upstream-api-key",
+        default=os.environ.get("KVROUTE_UPSTREAM_API_KEY"),
+        metavar="KEY",
+        help="send 'Authorization: Bearer KEY' to workers (default: $KVROUTE_UPSTREAM_API_KEY;"
+        " unset: the client's Authorization header is passed on)",
+    )
+    tok = p.add_argument_group("tokenizing (for routing)")
+    tok.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="a Hugging Face tokenizer.json, or a model directory holding it and"
+        " tokenizer_config.json: tokenize in the proxy",
+    )
+    tok.add_argument(
+        "--chat-template",
+        metavar="PATH",
+        help="a Jinja chat template file (overrides the tokenizer's)",
+    )
+    tok.add_argument(
+        "--tokenize-with",
+        choices=("auto", "local", "render", "tokenize"),
+        default="auto",
+        help="local: --tokenizer; render: the workers' /v1/.../render endpoints (falling back"
+        " to /tokenize); tokenize: the workers' /tokenize; auto (default): local with"
+        " --tokenizer, else render",
+    )
+    api = p.add_argument_group("API")
+    api.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    api.add_argument(
+        "--port", type=_arg(_non_negative_int), default=8080, help="port (default: 8080)"
+    )
+    api.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a served model name (repeatable; default: what the workers' /v1/models list)",
+    )
+    api.add_argument(
+        "--model-map",
+        action="append",
+        default=[],
+        type=_arg(parse_model_map),
+        metavar="PATTERN=MODEL",
+        help="send requests for models matching PATTERN (fnmatch, e.g. 'claude-*') as MODEL"
+        " (repeatable; first match wins)",
+    )
+    api.add_argument(
+        "--session-header",
+        default="X-Session-Id",
+        metavar="NAME",
+        help="request header naming the agent session (default: X-Session-Id)",
+    )
+    api.add_argument(
+        "--max-body-size",
+        type=_arg(parse_size),
+        default=DEFAULT_MAX_BODY_SIZE,
+        metavar="SIZE",
+        help="larger request bodies get 413 (default: 32M)",
+    )
+    rel = p.add_argument_group("failures and health")
+    rel.add_argument(
+        "--retries",
+        type=_arg(_non_negative_int),
+        default=2,
+        metavar="N",
+        help="attempts on other workers after a worker fails before answering (default: 2)",
+    )
+    rel.add_argument(
+        "--connect-timeout", type=_positive(float), default=5.0, metavar="S",
+        help="seconds to connect to a worker (default: 5)",
+    )  # fmt: skip
+    rel.add_argument(
+        "--read-timeout", type=_positive(float), default=600.0, metavar="S",
+        help="seconds of silence from a worker before it counts as failed (default: 600)",
+    )  # fmt: skip
+    rel.add_argument(
+        "--health-interval", type=_positive(float), default=2.0, metavar="S",
+        help="seconds between health checks of every worker (default: 2)",
+    )  # fmt: skip
+    rel.add_argument(
+        "--health-timeout", type=_positive(float), default=2.0, metavar="S",
+        help="seconds a health check may take (default: 2)",
+    )  # fmt: skip
+    rel.add_argument(
+        "--unhealthy-after", type=_positive(int), default=2, metavar="N",
+        help="failed health checks in a row that take a worker out (default: 2)",
+    )  # fmt: skip
+    rel.add_argument(
+        "--no-scrape-metrics",
+        dest="scrape_metrics",
+        action="store_false",
+        help="do not read the workers' /metrics (waiting requests, KV usage)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log level (default: info)",
+    )
+
+
+def build_config(args: argparse.Namespace) -> ProxyConfig:
+    """The :class:`ProxyConfig` for parsed arguments.
+
+    :raises ValueError: an inconsistent option or an unknown policy.
+    :raises OSError: the chat template cannot be read.
+    """
+    from ..policies import available_policies
+
+    if args.policy not in available_policies():
+        raise ValueError(
+            f"unknown routing policy {args.policy!r}; choose from {', '.join(available_policies())}"
+        )
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    return ProxyConfig(
+        workers=args.workers,
+        block_size=args.block_size,
+        policy=args.policy,
+        tokenizer=args.tokenizer,
+        chat_template=template,
+        tokenize_with=args.tokenize_with,
+        models=args.models,
+        model_map=args.model_map,
+        session_header=args.session_header,
+        max_body_size=args.max_body_size,
+        retries=args.retries,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        health_interval=args.health_interval,
+        health_timeout=args.health_timeout,
+        unhealthy_after=args.unhealthy_after,
+        scrape_metrics=args.scrape_metrics,
+        events_format=args.events_format,
+        upstream_api_key=args.upstream_api_key,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the exit status.
+
+    :raises ValueError, OSError, RuntimeError, ImportError: bad configuration,
+        an unreadable tokenizer or template, a port in use, missing extras.
+    """
+    config = build_config(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from aiohttp import web
+
+    from .app import ProxyApp
+
+    proxy = ProxyApp(config)
+    log = logging.getLogger("kvroute.proxy")
+    log.info("listening on http://%s:%d", args.host, args.port)
+    web.run_app(proxy.make_app(), host=args.host, port=args.port, access_log=None, print=None)
+    return 0

@@ -1,0 +1,211 @@
+"""The proxy's configuration: its workers and its options, validated once.
+
+>>> parse_worker("http://10.0.0.5:8000=tcp://10.0.0.5:5557,tcp://10.0.0.5:5558")
+WorkerSpec(url='http://10.0.0.5:8000', events_endpoint='tcp://10.0.0.5:5557', replay_endpoint='tcp://10.0.0.5:5558')
+>>> parse_worker("localhost:8001/")
+WorkerSpec(url='http://localhost:8001', events_endpoint=None, replay_endpoint=None)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "ProxyConfig",
+    "TokenizeWith",
+    "WorkerSpec",
+    "parse_model_map",
+    "parse_worker",
+]
+
+#: Largest request body accepted by default (32 MiB: a 128k-token prompt with tool output).
+DEFAULT_MAX_BODY_SIZE: Final = 32 << 20
+
+#: How prompts are turned into token ids for routing (see :class:`ProxyConfig`).
+TokenizeWith = Literal["auto", "local", "render", "tokenize"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """One worker: its HTTP base URL and, optionally, its KV-event endpoints.
+
+    :param url: base URL, e.g. ``http://10.0.0.5:8000`` (no trailing ``/v1``).
+    :param events_endpoint: the worker's ZMQ KV-event publisher, e.g. ``tcp://10.0.0.5:5557``.
+    :param replay_endpoint: its replay (ROUTER) socket, for events missed in a gap.
+    """
+
+    url: str
+    events_endpoint: str | None = None
+    replay_endpoint: str | None = None
+
+
+def parse_worker(text: str) -> WorkerSpec:
+    """Parse ``URL[=EVENTS_ENDPOINT[,REPLAY_ENDPOINT]]``.
+
+    A URL without a scheme gets ``http://``; a trailing ``/`` is dropped.
+
+    :raises ValueError: an empty URL, a URL that is not http(s), a host
+        missing, or a replay endpoint without an events endpoint.
+    """
+    url, sep, events = text.strip().partition("=")
+    url = url.strip().rstrip("/")
+    if not url:
+        raise ValueError(f"worker {text!r}: the URL is empty")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"worker {text!r}: expected an http(s) URL like http://host:8000")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as e:
+        raise ValueError(f"worker {text!r}: {e}") from None
+    if url.endswith("/v1"):
+        raise ValueError(f"worker {text!r}: give the base URL, without /v1")
+    ev: str | None = None
+    replay: str | None = None
+    if sep:
+        ev_text, _, replay_text = events.partition(",")
+        ev = ev_text.strip() or None
+        replay = replay_text.strip() or None
+        if ev is None:
+            raise ValueError(f"worker {text!r}: '=' must be followed by an events endpoint")
+        for endpoint in (ev, replay):
+            if endpoint is not None and "://" not in endpoint:
+                raise ValueError(
+                    f"worker {text!r}: endpoint {endpoint!r} needs a scheme (tcp://host:port)"
+                )
+    return WorkerSpec(url, ev, replay)
+
+
+def parse_model_map(text: str) -> tuple[str, str]:
+    """Parse ``PATTERN=MODEL`` (an fnmatch pattern over requested model names).
+
+    >>> parse_model_map("claude-*=Qwen/Qwen3-Coder-30B-A3B-Instruct")
+    ('claude-*', 'Qwen/Qwen3-Coder-30B-A3B-Instruct')
+
+    :raises ValueError: no ``=``, or an empty side.
+    """
+    pattern, sep, model = text.partition("=")
+    if not sep or not pattern.strip() or not model.strip():
+        raise ValueError(f"model map {text!r}: expected PATTERN=MODEL")
+    return pattern.strip(), model.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything the proxy needs to know; every option has a default but ``workers``.
+
+    :param workers: the fleet; worker ids are positions in this list (0..n-1).
+    :param block_size: the engines' KV block size in tokens.
+    :param policy: a registered routing policy name.
+    :param tokenizer: a Hugging Face ``tokenizer.json``, or a directory holding
+        it (and ``tokenizer_config.json`` for the chat template and BOS/EOS).
+    :param chat_template: a Jinja chat template (text), overriding the tokenizer's.
+    :param tokenize_with: ``"local"`` (needs ``tokenizer``), ``"render"`` (a
+        worker's ``/v1/.../render`` endpoints, falling back to ``/tokenize``),
+        ``"tokenize"`` (a worker's ``/tokenize``), or ``"auto"``: local when a
+        tokenizer is given, else render.
+    :param models: the model names served; empty: ask the workers' ``/v1/models``.
+    :param model_map: ``(pattern, model)`` pairs: a requested model matching
+        ``pattern`` (fnmatch) is sent as ``model``; the first match wins.
+    :param session_header: the request header naming the agent session.
+    :param max_body_size: larger request bodies are refused with 413.
+    :param retries: extra attempts on other workers after a worker fails
+        before any byte reached the client.
+    :param connect_timeout: seconds to connect to a worker.
+    :param read_timeout: seconds without a byte from a worker before it counts as failed.
+    :param tokenize_timeout: seconds for a tokenize / render call.
+    :param health_interval: seconds between health checks of every worker.
+    :param health_timeout: seconds a health check may take.
+    :param unhealthy_after: consecutive failed health checks that mark a worker unhealthy
+        (a connection error on a request marks it at once).
+    :param scrape_metrics: read each worker's ``/metrics`` (waiting requests,
+        KV usage) with every health check.
+    :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
+    :param upstream_api_key: sent to workers as ``Authorization: Bearer``
+        (default: the client's ``Authorization`` is passed on).
+    :raises ValueError: an option out of range.
+    """
+
+    workers: Sequence[WorkerSpec]
+    block_size: int = 16
+    policy: str = "kvroute"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    tokenize_with: TokenizeWith = "auto"
+    models: Sequence[str] = ()
+    model_map: Sequence[tuple[str, str]] = ()
+    session_header: str = "X-Session-Id"
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    retries: int = 2
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    tokenize_timeout: float = 30.0
+    health_interval: float = 2.0
+    health_timeout: float = 2.0
+    unhealthy_after: int = 2
+    scrape_metrics: bool = True
+    events_format: Literal["vllm", "sglang"] = "vllm"
+    upstream_api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", tuple(self.workers))
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "model_map", tuple(tuple(p) for p in self.model_map))
+        if not self.workers:
+            raise ValueError("at least one worker is needed")
+        if not all(isinstance(w, WorkerSpec) for w in self.workers):
+            raise TypeError("workers must be WorkerSpec objects (see parse_worker)")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.tokenize_with not in ("auto", "local", "render", "tokenize"):
+            raise ValueError(f"unknown tokenize_with {self.tokenize_with!r}")
+        if self.tokenize_with == "local" and self.tokenizer is None:
+            raise ValueError("tokenize_with='local' needs a tokenizer")
+        if self.max_body_size < 1 or self.retries < 0 or self.unhealthy_after < 1:
+            raise ValueError("max_body_size and unhealthy_after must be >= 1, retries >= 0")
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "tokenize_timeout",
+            "health_interval",
+            "health_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.events_format not in ("vllm", "sglang"):
+            raise ValueError(
+                f"events_format must be 'vllm' or 'sglang', not {self.events_format!r}"
+            )
+        if not self.session_header.strip():
+            raise ValueError("session_header must not be empty")
+
+    @property
+    def kv_events(self) -> bool:
+        """Whether any worker publishes KV events (else the router runs approximate)."""
+        return any(w.events_endpoint for w in self.workers)
+
+    @property
+    def local_tokenizer(self) -> bool:
+        """Whether prompts are tokenized in the proxy."""
+        return self.tokenize_with == "local" or (
+            self.tokenize_with == "auto" and self.tokenizer is not None
+        )
+
+    def map_model(self, model: str) -> str:
+        """The model name to send for a requested ``model`` (unchanged when nothing matches).
+
+        >>> ProxyConfig([WorkerSpec("http://w")], model_map=[("claude-*", "qwen")]).map_model(
+        ...     "claude-sonnet-4-5")
+        'qwen'
+        """
+        for pattern, target in self.model_map:
+            if fnmatch.fnmatchcase(model, pattern):
+                return target
+        return model

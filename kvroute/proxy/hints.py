@@ -1,0 +1,167 @@
+"""Agent hints and usage figures common to every endpoint.
+
+Hints come from headers (any endpoint) and from body fields (per API, see
+:mod:`kvroute.proxy.openai` and :mod:`kvroute.proxy.anthropic`):
+
+==================================  ===========================================
+header                              meaning
+==================================  ===========================================
+``X-Session-Id`` (configurable)     the agent session (affinity, pins, warm-up)
+``X-Kvroute-Priority``              an int; lower is served first (vLLM's way)
+``X-Kvroute-Cache-Ttl``             ``5m`` or ``1h``: pin the session's worker
+``X-Kvroute-Expected-Output-Tokens`` predicted output length, for decode load
+``X-Kvroute-Speculative-Prefill``   ``1`` / ``true``: ask for a warm-up plan
+==================================  ===========================================
+
+A malformed hint is the client's error: :class:`~kvroute.proxy.errors.ProxyError` 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Final
+
+from ..request import CacheControl
+from .errors import ProxyError
+
+__all__ = [
+    "HEADER_CACHE_TTL",
+    "HEADER_EXPECTED_OUTPUT",
+    "HEADER_PRIORITY",
+    "HEADER_SPECULATIVE",
+    "Hints",
+    "Usage",
+    "header_hints",
+    "longest_cache_control",
+]
+
+HEADER_PRIORITY: Final = "X-Kvroute-Priority"
+HEADER_CACHE_TTL: Final = "X-Kvroute-Cache-Ttl"
+HEADER_EXPECTED_OUTPUT: Final = "X-Kvroute-Expected-Output-Tokens"
+HEADER_SPECULATIVE: Final = "X-Kvroute-Speculative-Prefill"
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What the proxy tells the router about a request besides its tokens."""
+
+    session_id: str | None = None
+    priority: int = 0
+    cache_control: CacheControl | None = None
+    expected_output_tokens: int | None = None
+    speculative_prefill: bool = False
+    cache_salt: str | None = None
+
+    def merged(self, other: Hints) -> Hints:
+        """``self`` with every hint ``other`` sets (non-default) taking precedence."""
+        return replace(
+            self,
+            session_id=other.session_id if other.session_id is not None else self.session_id,
+            priority=other.priority if other.priority != 0 else self.priority,
+            cache_control=_longer(self.cache_control, other.cache_control),
+            expected_output_tokens=(
+                other.expected_output_tokens
+                if other.expected_output_tokens is not None
+                else self.expected_output_tokens
+            ),
+            speculative_prefill=self.speculative_prefill or other.speculative_prefill,
+            cache_salt=other.cache_salt if other.cache_salt is not None else self.cache_salt,
+        )
+
+
+def _longer(a: CacheControl | None, b: CacheControl | None) -> CacheControl | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a.ttl >= b.ttl else b
+
+
+def _int(text: str, what: str, *, low: int | None = None) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ProxyError(400, f"{what} must be an integer, got {text!r}") from None
+    if low is not None and value < low:
+        raise ProxyError(400, f"{what} must be >= {low}, got {value}")
+    return value
+
+
+def header_hints(headers: Mapping[str, str], session_header: str) -> Hints:
+    """The hints carried by request headers (names are case-insensitive).
+
+    >>> h = header_hints({"X-Session-Id": "s1", "X-Kvroute-Cache-Ttl": "1h"}, "X-Session-Id")
+    >>> h.session_id, h.cache_control
+    ('s1', CacheControl(ttl=3600.0))
+
+    :raises ProxyError: 400 for a malformed value.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    session = lower.get(session_header.lower())
+    session = session.strip() if session is not None else None
+    priority = lower.get(HEADER_PRIORITY.lower())
+    ttl = lower.get(HEADER_CACHE_TTL.lower())
+    expected = lower.get(HEADER_EXPECTED_OUTPUT.lower())
+    spec = lower.get(HEADER_SPECULATIVE.lower())
+    speculative = False
+    if spec is not None:
+        if spec.strip().lower() not in _TRUE | _FALSE:
+            raise ProxyError(400, f"{HEADER_SPECULATIVE} must be true or false, got {spec!r}")
+        speculative = spec.strip().lower() in _TRUE
+    cc = None
+    if ttl is not None:
+        cc = longest_cache_control(
+            [{"type": "ephemeral", "ttl": ttl.strip()}], where=HEADER_CACHE_TTL
+        )
+    return Hints(
+        session_id=session or None,
+        priority=_int(priority, HEADER_PRIORITY) if priority is not None else 0,
+        cache_control=cc,
+        expected_output_tokens=(
+            _int(expected, HEADER_EXPECTED_OUTPUT, low=0) if expected is not None else None
+        ),
+        speculative_prefill=speculative,
+    )
+
+
+def longest_cache_control(values: Iterable[object], *, where: str) -> CacheControl | None:
+    """The longest-lived of several ``cache_control`` values (None when there are none).
+
+    >>> longest_cache_control([{"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}],
+    ...                       where="system")
+    CacheControl(ttl=3600.0)
+
+    :raises ProxyError: 400 naming ``where`` for a malformed value.
+    """
+    best: CacheControl | None = None
+    for value in values:
+        try:
+            cc = CacheControl.parse(value)
+        except (TypeError, ValueError) as e:
+            raise ProxyError(400, f"{where}: {e}") from None
+        best = _longer(best, cc)
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A response's token counts, as the worker reported them.
+
+    :ivar prompt_tokens: the whole prompt (cached or not).
+    :ivar cached_tokens: prompt tokens read from the prefix cache; None when
+        the worker did not say.
+    :ivar output_tokens: tokens generated.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int | None
+    output_tokens: int
+
+    @property
+    def written_tokens(self) -> int:
+        """Prompt tokens computed (and so written to the prefix cache)."""
+        return max(self.prompt_tokens - (self.cached_tokens or 0), 0)

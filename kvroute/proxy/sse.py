@@ -1,0 +1,96 @@
+"""Server-sent events, split incrementally from a byte stream without re-encoding them.
+
+The proxy forwards a worker's stream event by event: each :class:`SseEvent`
+keeps its exact bytes (``raw``, separator included), so passing it on is a
+plain write, and only the fields the proxy watches are decoded.
+
+>>> s = SseSplitter()
+>>> [e.data for e in s.feed(b"data: {\\"a\\": 1}\\n\\ndata: [DO")]
+['{"a": 1}']
+>>> [(e.event, e.data) for e in s.feed(b"NE]\\n\\nevent: ping\\r\\ndata: {}\\r\\n\\r\\n")]
+[(None, '[DONE]'), ('ping', '{}')]
+>>> s.flush()
+b''
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SseEvent", "SseSplitter", "encode_event"]
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event: its ``event:`` name (or None), its joined ``data:`` lines, its bytes."""
+
+    event: str | None
+    data: str
+    raw: bytes
+
+    def json(self) -> Any:
+        """``data`` decoded as JSON, or None when it is not JSON (e.g. ``[DONE]``)."""
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+
+def _parse(raw: bytes) -> SseEvent:
+    name: str | None = None
+    data: list[str] = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    return SseEvent(name, "\n".join(data), raw)
+
+
+class SseSplitter:
+    """Split a byte stream into complete events, keeping partial input for the next feed.
+
+    Runtime complexity: O(bytes fed) amortised.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> Iterator[SseEvent]:
+        """The events completed by ``chunk``, in order."""
+        buf = self._buf + chunk if self._buf else chunk
+        start = 0
+        while True:
+            # Events end with a blank line; lines end with \n, \r\n (or, rarely, \r).
+            lf = buf.find(b"\n\n", start)
+            crlf = buf.find(b"\r\n\r\n", start)
+            if lf < 0 and crlf < 0:
+                break
+            end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+            yield _parse(buf[start:end])
+            start = end
+        self._buf = buf[start:]
+
+    def flush(self) -> bytes:
+        """Whatever is left over (an unterminated event), clearing it."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def encode_event(data: Any, event: str | None = None) -> bytes:
+    """One event with ``data`` as compact JSON (and an ``event:`` line if given).
+
+    >>> encode_event({"type": "ping"}, "ping")
+    b'event: ping\\ndata: {"type":"ping"}\\n\\n'
+    """
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {text}\n\n".encode()

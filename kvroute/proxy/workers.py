@@ -1,0 +1,267 @@
+"""The proxy's worker table: addresses, health, served models and reported load.
+
+Worker ids are positions in the configured worker list. Health has one
+owner, :class:`WorkerPool`: it marks a worker unhealthy in the router when
+a request cannot reach it (at once) or when ``unhealthy_after`` health
+checks in a row fail, and healthy again when its ``GET /health`` answers 200.
+Marking a worker unhealthy also resolves its *down* future and closes its
+open upstream responses, so requests waiting on it fail over at once
+instead of waiting for their read timeout.
+
+Each health round also reads ``/v1/models`` (until a worker's models are
+known, and after it comes back) and, with ``scrape_metrics``, the worker's
+Prometheus ``/metrics``: vLLM's ``num_requests_waiting`` and
+``kv_cache_usage_perc`` (SGLang's ``num_queue_reqs`` and ``token_usage``)
+become the router's worker metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+
+from ..router import Router
+from .config import ProxyConfig, WorkerSpec
+
+__all__ = ["WorkerPool", "WorkerState", "parse_worker_metrics"]
+
+log = logging.getLogger("kvroute.proxy")
+
+# Prometheus series read from a worker: name -> router metric.
+_WAITING: Final = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_KV_USAGE: Final = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+
+
+def parse_worker_metrics(text: str) -> tuple[float | None, float | None]:
+    """``(waiting requests, KV usage)`` from a worker's Prometheus text, None when absent.
+
+    Waiting requests are summed over label sets (engines); KV usage is their maximum.
+
+    >>> parse_worker_metrics('vllm:num_requests_waiting{model_name="m"} 3\\n'
+    ...                      'vllm:kv_cache_usage_perc{model_name="m"} 0.25\\n')
+    (3.0, 0.25)
+    >>> parse_worker_metrics("# nothing\\n")
+    (None, None)
+    """
+    waiting: float | None = None
+    usage: float | None = None
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name not in _WAITING and name not in _KV_USAGE:
+            continue
+        # name{labels} value [timestamp]; label values may hold spaces
+        rest = line[line.rfind("}") + 1 :] if line[name_end] == "{" else line[name_end:]
+        try:
+            value = float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if value != value or value < 0:  # NaN or negative: ignore
+            continue
+        if name in _WAITING:
+            waiting = (waiting or 0.0) + value
+        else:
+            usage = max(usage or 0.0, min(value, 1.0))
+    return waiting, usage
+
+
+@dataclass(eq=False)
+class WorkerState:
+    """One worker as the proxy sees it."""
+
+    id: int
+    spec: WorkerSpec
+    healthy: bool = True
+    failures: int = 0
+    models: list[dict[str, Any]] = field(default_factory=list)
+    models_known: bool = False
+    down: asyncio.Future[None] | None = None
+    responses: set[aiohttp.ClientResponse] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        """The worker's base URL."""
+        return self.spec.url
+
+
+class WorkerPool:
+    """Workers' health and metadata, kept in step with the router.
+
+    Use from the proxy's event loop only (the router itself is thread-safe).
+
+    :param router: the router whose health flags this pool owns.
+    :param config: the proxy's configuration (workers and health options).
+    """
+
+    def __init__(self, router: Router, config: ProxyConfig) -> None:
+        self.router = router
+        self.config = config
+        self.workers: dict[int, WorkerState] = {
+            i: WorkerState(i, spec) for i, spec in enumerate(config.workers)
+        }
+        self._session: aiohttp.ClientSession | None = None
+        self._rotation = itertools.count()
+
+    def bind(self, session: aiohttp.ClientSession | None) -> None:
+        """Use ``session`` for health checks (None: unbind)."""
+        self._session = session
+
+    # -- health ------------------------------------------------------------------------
+
+    def url(self, worker: int) -> str:
+        """A worker's base URL."""
+        return self.workers[worker].url
+
+    def down_future(self, worker: int) -> asyncio.Future[None]:
+        """A future resolved when ``worker`` is marked unhealthy (already done while it is)."""
+        state = self.workers[worker]
+        if state.down is None:
+            state.down = asyncio.get_running_loop().create_future()
+            if not state.healthy:
+                state.down.set_result(None)
+        return state.down
+
+    def mark_down(self, worker: int, reason: str) -> None:
+        """Mark ``worker`` unhealthy; fail over requests waiting on it."""
+        state = self.workers[worker]
+        if state.healthy:
+            state.healthy = False
+            self.router.mark_unhealthy(worker)
+            log.warning("worker %d (%s) marked unhealthy: %s", worker, state.url, reason)
+        if state.down is not None and not state.down.done():
+            state.down.set_result(None)
+        for resp in list(state.responses):
+            resp.close()
+        state.responses.clear()
+
+    def mark_up(self, worker: int) -> None:
+        """Mark ``worker`` healthy again."""
+        state = self.workers[worker]
+        state.failures = 0
+        if not state.healthy:
+            state.healthy = True
+            state.down = None
+            state.models_known = False  # it may have restarted with other models
+            self.router.mark_healthy(worker)
+            log.info("worker %d (%s) is healthy again", worker, state.url)
+
+    def track(self, worker: int, response: aiohttp.ClientResponse) -> None:
+        """Close ``response`` if ``worker`` is marked unhealthy while it is open."""
+        self.workers[worker].responses.add(response)
+
+    def untrack(self, worker: int, response: aiohttp.ClientResponse) -> None:
+        """Forget ``response`` (it is finished)."""
+        self.workers[worker].responses.discard(response)
+
+    def healthy(self) -> list[int]:
+        """Healthy worker ids, ascending."""
+        return [i for i, s in self.workers.items() if s.healthy]
+
+    def pick(self, exclude: Iterable[int] = ()) -> int | None:
+        """A healthy worker not in ``exclude``, in rotation (for tokenizing and counting)."""
+        skip = set(exclude)
+        ids = [i for i in self.healthy() if i not in skip]
+        if not ids:
+            return None
+        return ids[next(self._rotation) % len(ids)]
+
+    # -- models ------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        """The union of the workers' ``/v1/models`` entries, by id, in worker order."""
+        seen: dict[str, dict[str, Any]] = {}
+        for state in self.workers.values():
+            for entry in state.models:
+                seen.setdefault(str(entry.get("id")), entry)
+        return list(seen.values())
+
+    def model_ids(self) -> set[str] | None:
+        """The served model ids, or None while no worker has said."""
+        if not any(s.models_known for s in self.workers.values()):
+            return None
+        return {str(m.get("id")) for m in self.models()}
+
+    # -- checks ------------------------------------------------------------------------
+
+    async def _get(self, worker: int, path: str) -> tuple[int, bytes]:
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
+        async with self._session.get(self.url(worker) + path, timeout=timeout) as r:
+            return r.status, await r.read()
+
+    async def check(self, worker: int) -> None:
+        """One health check of ``worker`` (and its models and metrics when healthy)."""
+        state = self.workers[worker]
+        try:
+            status, _ = await self._get(worker, "/health")
+            ok = status == 200
+            reason = f"GET /health answered {status}"
+        except aiohttp.ClientConnectorError as e:
+            self.mark_down(worker, f"health check: {e}")
+            return
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            ok, reason = False, f"health check failed: {type(e).__name__} {e}".strip()
+        if not ok:
+            state.failures += 1
+            if state.healthy and state.failures >= self.config.unhealthy_after:
+                self.mark_down(worker, reason)
+            return
+        self.mark_up(worker)
+        if not state.models_known:
+            await self._read_models(state)
+        if self.config.scrape_metrics:
+            await self._read_metrics(state)
+
+    async def _read_models(self, state: WorkerState) -> None:
+        import json
+
+        try:
+            status, data = await self._get(state.id, "/v1/models")
+            entries = json.loads(data).get("data") if status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
+            return
+        if isinstance(entries, list):
+            state.models = [e for e in entries if isinstance(e, dict) and "id" in e]
+            state.models_known = True
+
+    async def _read_metrics(self, state: WorkerState) -> None:
+        try:
+            status, data = await self._get(state.id, "/metrics")
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return
+        if status != 200:
+            return
+        waiting, usage = parse_worker_metrics(data.decode("utf-8", errors="replace"))
+        if waiting is not None or usage is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                self.router.update_worker_metrics(
+                    state.id, waiting_requests=waiting, kv_usage=usage
+                )
+
+    async def check_all(self) -> None:
+        """One health round over every worker, concurrently."""
+        await asyncio.gather(*(self.check(w) for w in list(self.workers)))
+
+    async def run(self) -> None:
+        """Check every ``health_interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not stop health checking
+                log.exception("health round failed")
+
+    def snapshot(self) -> list[Mapping[str, Any]]:
+        """Per worker: id, url, healthy (for ``/health``)."""
+        return [{"id": s.id, "url": s.url, "healthy": s.healthy} for s in self.workers.values()]

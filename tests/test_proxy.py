@@ -1,0 +1,266 @@
+"""kvroute.proxy, OpenAI side: real HTTP on loopback through the proxy to MockWorkers.
+
+Routing input, session stickiness, the cache hits the workers really had,
+hints reaching the router, error codes and shapes, /v1/models, /health and
+/metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("jinja2")
+
+from test_proxy_support import SYSTEM, chat, fleet, get, post, routed_requests, sse_data
+
+from kvroute import CacheControl
+from kvroute.proxy import CACHE_SOURCE_HEADER, WORKER_HEADER
+
+MODEL = "mock-model"
+
+
+def test_chat_multi_turn_sticks_and_reports_the_workers_real_hits() -> None:
+    with fleet(3) as (proxy, workers):
+        served = []
+        for turn in range(1, 5):
+            rid = f"chat-{turn}"
+            status, headers, body = post(
+                proxy.url + "/v1/chat/completions",
+                {"model": MODEL, "messages": chat(turn), "max_tokens": 4},
+                {"X-Request-Id": rid, "X-Session-Id": "agent-1"},
+            )
+            assert status == 200, body
+            worker = int(headers[WORKER_HEADER])
+            served.append(worker)
+            answer = json.loads(body)
+            cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+            # The figure the client sees is the worker's own count for this request.
+            assert workers[worker].cache_hits[rid] == cached
+            assert headers[CACHE_SOURCE_HEADER] == "worker"
+            if turn > 1:
+                assert cached > len(SYSTEM) // 2
+        assert len(set(served)) == 1, served
+        # The router was given the same token ids the worker rendered.
+        rec = workers[served[0]].requests[-1]
+        assert list(routed_requests(proxy.router)[-1].tokens) == list(rec.prompt_token_ids)
+
+
+def test_chat_stream_passes_chunks_and_strips_the_usage_it_asked_for() -> None:
+    with fleet(2) as (proxy, workers):
+        url = proxy.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 5, "stream": True}
+        status, headers, raw = post(url, body, {"X-Request-Id": "s1"})
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        events = sse_data(raw)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["choices"] for c in chunks)  # no usage-only chunk: the client did not ask
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert len(text.split()) == 5
+        # Asked for usage: it comes through, with the worker's real hit.
+        body["stream_options"] = {"include_usage": True}
+        status, headers, raw = post(url, body, {"X-Request-Id": "s2"})
+        w = workers[int(headers[WORKER_HEADER])]
+        usage = next(c for c in sse_data(raw)[:-1] if not c["choices"])["usage"]
+        assert usage["completion_tokens"] == 5
+        assert usage["prompt_tokens_details"]["cached_tokens"] == w.cache_hits["s2"] > 0
+        assert proxy.router.stats()["routed"] == 2
+        assert proxy.router.load(int(headers[WORKER_HEADER]))["active_requests"] == 0
+
+
+def test_completions_text_and_token_prompts_stream_and_not() -> None:
+    with fleet(2) as (proxy, workers):
+        url = proxy.url + "/v1/completions"
+        prompt = SYSTEM + "def main():"
+        status, h1, body = post(url, {"model": MODEL, "prompt": prompt, "max_tokens": 3})
+        assert status == 200 and len(json.loads(body)["choices"][0]["text"].split()) == 3
+        w = int(h1[WORKER_HEADER])
+        tokens = list(workers[w].requests[-1].prompt_token_ids)
+        # The same prompt as token ids, streamed: same worker, the whole prefix hit.
+        status, h2, raw = post(
+            url,
+            {"model": MODEL, "prompt": tokens, "max_tokens": 3, "stream": True,
+             "stream_options": {"include_usage": True}},
+            {"X-Request-Id": "ids"},
+        )  # fmt: skip
+        assert status == 200 and int(h2[WORKER_HEADER]) == w
+        events = sse_data(raw)
+        usage = events[-2]["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == workers[w].cache_hits["ids"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= len(tokens) - 16
+        assert list(routed_requests(proxy.router)[-1].tokens) == tokens
+
+
+def test_hints_from_headers_and_body_reach_the_router() -> None:
+    with fleet(2) as (proxy, _workers):
+        url = proxy.url + "/v1/chat/completions"
+        messages = chat(1)
+        messages[0] = {
+            "role": "system",
+            "content": [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}],
+        }
+        body = {"model": MODEL, "messages": messages, "max_tokens": 2, "priority": 5,
+                "session_id": "body-session", "cache_salt": "tenant-a"}  # fmt: skip
+        assert post(url, body)[0] == 200
+        req = routed_requests(proxy.router)[-1]
+        assert (req.session_id, req.priority, req.cache_salt) == ("body-session", 5, "tenant-a")
+        assert req.cache_control == CacheControl(300.0)
+        headers = {
+            "X-Session-Id": "hdr-session",
+            "X-Kvroute-Priority": "-2",
+            "X-Kvroute-Cache-Ttl": "1h",
+            "X-Kvroute-Expected-Output-Tokens": "300",
+        }
+        status, h, _ = post(url, body, headers)
+        assert status == 200
+        req = routed_requests(proxy.router)[-1]
+        assert (req.session_id, req.priority, req.expected_output_tokens) == (
+            "hdr-session",
+            -2,
+            300,
+        )
+        assert req.cache_control == CacheControl(3600.0)  # the longer of header and body
+        # The session is now pinned for an hour: its next turns take the pin.
+        pinned = proxy.router.stats()["pinned_routes"]
+        status, h2, _ = post(url, body, headers)
+        assert proxy.router.stats()["pinned_routes"] == pinned + 1
+        assert h2[WORKER_HEADER] == h[WORKER_HEADER]
+
+
+def test_cache_control_without_a_session_is_not_passed() -> None:
+    with fleet(2) as (proxy, _):
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 1,
+                "cache_control": {"type": "ephemeral", "ttl": "1h"}}  # fmt: skip
+        assert post(proxy.url + "/v1/chat/completions", body)[0] == 200
+        assert routed_requests(proxy.router)[-1].cache_control is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "body_extra", "message"),
+    [
+        ({"X-Kvroute-Priority": "high"}, {}, "X-Kvroute-Priority"),
+        ({"X-Kvroute-Cache-Ttl": "2d"}, {}, "ttl"),
+        ({"X-Kvroute-Speculative-Prefill": "maybe"}, {}, "Speculative"),
+        ({}, {"priority": "high"}, "priority"),
+        ({}, {"cache_control": {"type": "forever"}}, "cache_control"),
+    ],
+)
+def test_bad_hints_are_400(
+    headers: dict[str, str], body_extra: dict[str, object], message: str
+) -> None:
+    with fleet(1) as (proxy, workers):
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 1, **body_extra}
+        status, _, raw = post(proxy.url + "/v1/chat/completions", body, headers)
+        err = json.loads(raw)["error"]
+        assert status == 400 and err["type"] == "invalid_request_error"
+        assert message in err["message"]
+        assert workers[0].requests == []
+
+
+def test_error_codes_and_shapes() -> None:
+    with fleet(1, max_body_size=4096) as (proxy, _workers):
+        url = proxy.url + "/v1/chat/completions"
+        cases = [
+            (post(url, raw=b"{not json"), 400, "invalid_json"),
+            (post(url, [1, 2]), 400, "invalid_json"),
+            (post(url, {"model": MODEL}), 400, 400),
+            (post(url, {"model": "gpt-nope", "messages": chat(1)}), 404, "model_not_found"),
+            (post(url, {"model": MODEL, "messages": chat(1), "pad": "x" * 8000}), 413,
+             "request_too_large"),
+            (post(proxy.url + "/v1/completions", {"model": MODEL}), 400, 400),
+            (post(proxy.url + "/v1/nothing", {}), 404, 404),
+        ]  # fmt: skip
+        for (status, headers, raw), want_status, want_code in cases:
+            assert status == want_status, raw
+            assert headers["Content-Type"].startswith("application/json")
+            err = json.loads(raw)["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            assert err["code"] == want_code
+        # An upstream 4xx passes through as it is (token ids: no tokenizing first).
+        status, _, raw = post(
+            proxy.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": -1}
+        )
+        assert status == 400
+        assert "max_tokens must be a non-negative integer" in json.loads(raw)["error"]["message"]
+        assert json.loads(raw)["error"]["type"] == "BadRequestError"  # the worker's own body
+        # Still serving.
+        assert post(url, {"model": MODEL, "messages": chat(1), "max_tokens": 1})[0] == 200
+        assert proxy.router.stats()["routed"] == 2
+
+
+def test_no_healthy_worker_is_503() -> None:
+    with fleet(2) as (proxy, workers):
+        for w in workers:
+            w.stop()
+        status, _, raw = post(
+            proxy.url + "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}
+        )
+        assert status in (502, 503), raw  # the first attempt may find out itself
+        status, _, raw = post(
+            proxy.url + "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}
+        )
+        assert status == 503 and json.loads(raw)["error"]["code"] == "no_worker_available"
+        status, _, raw = get(proxy.url + "/health")
+        assert status == 503 and json.loads(raw)["healthy_workers"] == 0
+
+
+def test_model_map_and_models_endpoint() -> None:
+    with fleet(2, model_map=[("gpt-4o", MODEL), ("claude-*", MODEL)]) as (proxy, _workers):
+        status, _, raw = get(proxy.url + "/v1/models")
+        ids = [m["id"] for m in json.loads(raw)["data"]]
+        assert status == 200 and ids == [MODEL, "gpt-4o"]
+        status, _, raw = get(proxy.url + "/v1/models", {"anthropic-version": "2023-06-01"})
+        listing = json.loads(raw)
+        assert listing["data"][0]["type"] == "model" and listing["first_id"] == MODEL
+        body = {"model": "gpt-4o", "messages": chat(1), "max_tokens": 1}
+        status, _headers, raw = post(proxy.url + "/v1/chat/completions", body)
+        assert status == 200 and json.loads(raw)["model"] == MODEL
+
+
+def test_health_and_metrics() -> None:
+    with fleet(2) as (proxy, workers):
+        status, _, raw = get(proxy.url + "/health")
+        health = json.loads(raw)
+        assert status == 200 and health["healthy_workers"] == 2
+        assert [w["url"] for w in health["workers"]] == [w.url for w in workers]
+        hits = 0
+        for turn in (1, 2, 3):
+            rid = f"m{turn}"
+            status, h, _ = post(
+                proxy.url + "/v1/chat/completions",
+                {"model": MODEL, "messages": chat(turn), "max_tokens": 2},
+                {"X-Session-Id": "m", "X-Request-Id": rid},
+            )
+            hits += workers[int(h[WORKER_HEADER])].cache_hits[rid]
+        post(proxy.url + "/v1/chat/completions", {"model": "nope", "messages": chat(1)})
+        status, headers, raw = get(proxy.url + "/metrics")
+        text = raw.decode()
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        m = proxy.proxy.metrics
+        labels = {"endpoint": "/v1/chat/completions", "status": "200"}
+        assert m.value("kvroute_proxy_requests_total", labels) == 3
+        assert m.value("kvroute_proxy_requests_total", {**labels, "status": "404"}) == 1
+        assert m.value("kvroute_route_seconds_count") == 3
+        assert m.value("kvroute_cache_read_tokens_total") == hits > 0
+        assert m.value("kvroute_cache_read_write_ratio") > 0
+        for series in (
+            "kvroute_routed_requests_total",
+            "kvroute_worker_healthy",
+            "kvroute_index_blocks",
+            "kvroute_upstream_errors",
+            "kvroute_proxy_retries",
+        ):
+            assert series in text, series  # fmt: skip
+
+
+def test_worker_metrics_are_scraped_into_the_router() -> None:
+    with fleet(1) as (proxy, _workers):
+        post(proxy.url + "/v1/completions", {"model": MODEL, "prompt": SYSTEM, "max_tokens": 1})
+        from test_proxy_support import wait_until
+
+        # The mock reports KV usage = cached blocks / capacity; the health loop reads it.
+        assert wait_until(lambda: proxy.router.load(0)["kv_usage"] > 0, timeout=5)
