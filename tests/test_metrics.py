@@ -6,14 +6,13 @@ import doctest
 import logging
 
 import pytest
+from helpers import Clock
 from prometheus_client.parser import text_string_to_metric_families
 
 import kvroute._logging
 import kvroute.metrics
 from kvroute import Request, Router
 from kvroute.metrics import Metrics, RateLimitedLog
-
-from helpers import Clock
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -66,12 +66,12 @@ _WHERE: Final = {
 
 __all__ = [
     "CACHE_SOURCE_HEADER",
-    "PREDICTED_HEADER",
     "DEFAULT_MAX_BODY_SIZE",
     "HEADER_CACHE_TTL",
     "HEADER_EXPECTED_OUTPUT",
     "HEADER_PRIORITY",
     "HEADER_SPECULATIVE",
+    "PREDICTED_HEADER",
     "WORKER_HEADER",
     "Hints",
     "LocalTokenizer",
