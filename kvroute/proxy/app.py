@@ -229,6 +229,11 @@ class ProxyApp:
         app.on_cleanup.append(self._cleanup)
         return app
 
+    @property
+    def subscriber(self) -> Any:
+        """The :class:`kvroute.events.ZmqSubscriber` feeding the router while serving, or None."""
+        return self._subscriber
+
     async def _startup(self, app: web.Application) -> None:
         self._start_events()  # first: if it fails, nothing else is open yet
         timeout = aiohttp.ClientTimeout(
