@@ -107,7 +107,7 @@ def test_sessions_land_where_their_prefix_is_and_predictions_match_real_hits(
     for w in workers:
         w.token_delay = 0.001
     # Then turn after turn, each after the previous answer (tool calls between).
-    for turn in range(4):
+    for _ in range(4):
         for s in sessions:
             status, headers, out = s.send(server.url)
             assert status == 200, out
