@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -51,17 +51,7 @@ EventStatus = Literal[
     "mismatch",
     "ignored",
 ]
-EVENT_STATUSES: Final[tuple[str, ...]] = (
-    "ok",
-    "unknown_block",
-    "gap",
-    "replayed",
-    "cleared",
-    "malformed",
-    "rejected",
-    "mismatch",
-    "ignored",
-)
+EVENT_STATUSES: Final[tuple[str, ...]] = get_args(EventStatus)
 
 # Route latency: the interesting range is 5 us .. 10 ms.
 _ROUTE_BUCKETS: Final = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1)

@@ -397,17 +397,7 @@ class ZmqSubscriber:
                 self._count(stream, "duplicate")  # already applied from a replay
                 return
             # The counter went backwards: the engine restarted with an empty cache.
-            self._count(stream, "restart")
-            self._warn.warning(
-                (stream.worker, "restart"),
-                "worker %s: event seq went back from %d to %d (engine restart); "
-                "clearing its blocks",
-                stream.worker,
-                stream.last_seq,
-                seq,
-            )
-            self._clear(stream)
-            stream.last_seq = -1
+            self._restarted(stream, f"event seq went back from {stream.last_seq} to {seq}")
         if seq > stream.last_seq + 1:
             self._fill_gap(stream, seq)
         self._apply(stream, seq, payload)
@@ -432,6 +422,18 @@ class ZmqSubscriber:
         except DecodeError as e:
             self._malformed(stream, str(e))
             return None
+
+    def _restarted(self, stream: WorkerStream, why: str) -> None:
+        """The engine behind ``stream`` restarted: forget it, follow the new one from 0."""
+        self._count(stream, "restart")
+        self._warn.warning(
+            (stream.worker, "restart"),
+            "worker %s: engine restart (%s); clearing its blocks",
+            stream.worker,
+            why,
+        )
+        self._clear(stream)
+        stream.last_seq = -1
 
     def _clear(self, stream: WorkerStream) -> None:
         stream.recent.clear()
@@ -463,16 +465,7 @@ class ZmqSubscriber:
                 self._apply_run(stream, got[1:], last + 1)  # the same engine: catch up
                 return
             # The batch we applied last is gone or different: a new engine.
-            self._count(stream, "restart")
-            self._warn.warning(
-                (stream.worker, "restart"),
-                "worker %s: reconnected to a restarted engine (seq %d not in its history); "
-                "clearing its blocks",
-                stream.worker,
-                last,
-            )
-            self._clear(stream)
-            stream.last_seq = -1
+            self._restarted(stream, f"reconnected and seq {last} is not in its history")
             got = self._replay(stream, 0, END_SEQ)
             if got is None:
                 return
