@@ -137,11 +137,11 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
     victim = max(range(N_WORKERS), key=lambda i: router.index.worker_len(i))
     assert router.index.worker_len(victim) > 0
     for w in workers:
-        w.token_delay = 0.01  # keep requests in flight while the worker dies
+        w.token_delay = 0.05  # keep requests in flight while the worker dies
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         first = [pool.submit(s.send, server.url) for s in sessions]
-        wait_until(lambda: workers[victim].stats.running > 0, timeout=5)
+        assert wait_until(lambda: workers[victim].stats.running > 0, timeout=10)
         workers[victim].stop()  # mid-run: its streams break, its port refuses
         results = [f.result() for f in first]
         # Every request of the round was answered; those on the dead worker retried.
@@ -151,6 +151,8 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
         assert [r[0] for r in second] == [200] * len(sessions)
         assert all(int(r[1][WORKER_HEADER]) != victim for r in second)
 
+        for w in workers:
+            w.token_delay = 0.001
         workers[victim].start()  # the same ports: a restarted engine, empty cache
         # Its old blocks leave the index as soon as the event socket reconnects,
         # before it serves or publishes anything.

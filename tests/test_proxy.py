@@ -8,6 +8,7 @@ hints reaching the router, error codes and shapes, /v1/models, /health and
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -264,3 +265,26 @@ def test_worker_metrics_are_scraped_into_the_router() -> None:
 
         # The mock reports KV usage = cached blocks / capacity; the health loop reads it.
         assert wait_until(lambda: proxy.router.load(0)["kv_usage"] > 0, timeout=5)
+
+
+def test_an_internal_error_is_a_json_500_and_the_proxy_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with fleet(1) as (proxy, _workers):
+        real = proxy.router.route
+        calls = iter([RuntimeError("boom")])
+
+        def flaky(request: Any) -> Any:
+            err = next(calls, None)
+            if err is not None:
+                raise err
+            return real(request)
+
+        monkeypatch.setattr(proxy.router, "route", flaky)
+        url = proxy.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 1}
+        status, headers, raw = post(url, body)
+        assert status == 500 and headers["Content-Type"].startswith("application/json")
+        err = json.loads(raw)["error"]
+        assert "internal error" in err["message"] and "RuntimeError" in err["message"]
+        assert post(url, body)[0] == 200

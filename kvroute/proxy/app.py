@@ -285,14 +285,21 @@ class ProxyApp:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Unknown paths and wrong methods answer JSON in the API's shape."""
+        """Unknown paths, wrong methods and the proxy's own bugs answer JSON in the API's shape."""
+        api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
         try:
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
             return self._error(api, ProxyError(e.status, e.reason))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client went away: nothing to answer
+        except Exception as e:
+            log.exception("%s %s: internal error", request.method, request.path)
+            return self._error(
+                api, ProxyError(500, f"internal error in the routing proxy: {type(e).__name__}")
+            )
 
     @staticmethod
     def _error(api: Api, error: ProxyError) -> web.Response:

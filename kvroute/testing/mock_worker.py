@@ -347,8 +347,16 @@ class MockWorker:
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
+            server = self._runner.server
+            transports = [] if server is None else list(server._connections.values())
             await self._runner.cleanup()
             self._runner = None
+            # A connection whose handler was cancelled mid-response can outlive
+            # the server's shutdown; a dead engine's sockets all close.
+            for transport in transports:
+                if not transport.is_closing():
+                    transport.abort()
+            await asyncio.sleep(0)  # let the transports' close callbacks run
         publisher = self._engine.publisher
         self._engine.end()
         if publisher is not None:
