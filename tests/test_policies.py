@@ -91,6 +91,8 @@ def test_bad_policy_params_raise_clearly() -> None:
         SessionAffinity(load_bound=1.0)
     with pytest.raises(ValueError, match="kv_high must be < 1"):
         KvRoute(kv_high=1.0)
+    with pytest.raises(ValueError, match="balance_stake_tokens must be > 0"):
+        KvRoute(balance_stake_tokens=0)
 
 
 def test_candidates_build_checks_lengths() -> None:
@@ -310,6 +312,102 @@ def test_kvroute_gate_stops_a_warm_worker_taking_more_than_its_share() -> None:
     assert ok.index == 0
 
 
+def _fleet(n: int, **arrays: dict[int, int]) -> Candidates:
+    """An n-worker snapshot; each keyword maps positions to values (others 0)."""
+    return Candidates.build(
+        list(range(n)),
+        **{k: [v.get(i, 0) for i in range(n)] for k, v in arrays.items()},
+    )
+
+
+def test_kvroute_a_long_cached_prefix_stays_on_a_moderately_busier_warm_worker() -> None:
+    # 32 workers, 8 requests in flight: the plain bound is 1.25 x 9 / 32 + 2 = 2.35, so
+    # worker 0 (3 in flight) is over its share; it holds 200 of the prompt's 201 blocks.
+    c = _fleet(32, overlap={0: 200}, active_requests={0: 3, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1})
+    long = feats(103_000, 201, bs=512)
+    ch = KvRoute(seed=0).choose(c, long)
+    # 102,400 tokens at stake, counted up to 100,000: the bound doubles to 4.70
+    assert ch.index == 0
+    assert ch.costs["stake_tokens"][0] == 100_000.0
+    assert ch.costs["stake_tokens"][1:].tolist() == [0.0] * 31
+    assert bool(ch.costs["eligible"][0])
+    # counting requests only (the stake weighing nothing), it would be recomputed elsewhere
+    assert KvRoute(seed=0, balance_stake_tokens=1e15).choose(c, long).index != 0
+
+
+def test_kvroute_a_short_cached_prefix_moves_off_the_same_busier_worker() -> None:
+    c = _fleet(32, overlap={0: 4}, active_requests={0: 3, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1})
+    ch = KvRoute(seed=0).choose(c, feats(3000, 6, bs=512))
+    # 2,048 tokens at stake raise the bound by 2 % only: 3 + 1 > 2.35 x 1.02 = 2.40
+    assert ch.costs["stake_tokens"][0] == 2048.0
+    assert not ch.costs["eligible"][0]
+    assert ch.index != 0 and c.active_requests[ch.index] == 0
+
+
+def test_kvroute_even_a_long_prefix_does_not_hold_a_far_busier_worker() -> None:
+    # 8 in flight on worker 0: at most twice the bound, 2 x 2.55 = 5.10 < 8 + 1
+    c = _fleet(32, overlap={0: 200}, active_requests={0: 8, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1})
+    ch = KvRoute(seed=0).choose(c, feats(103_000, 201, bs=512))
+    assert ch.index != 0
+    assert not ch.costs["eligible"][0]
+
+
+def test_kvroute_stake_is_what_the_best_worker_within_its_share_lacks() -> None:
+    # 6 in flight: bound 1.25 x 7 / 32 + 2 = 2.27, worker 0 (2 in flight) is over it.
+    # Worker 5 holds the same 200 blocks and is within its share: nothing is at stake on
+    # worker 0, so the plain bound applies and worker 5 wins.
+    busy0 = {0: 2, 1: 1, 2: 1, 3: 1, 4: 1}
+    c = _fleet(32, overlap={0: 200, 5: 200}, active_requests=busy0)
+    ch = KvRoute(seed=0).choose(c, feats(103_000, 201, bs=512))
+    assert ch.index == 5
+    assert ch.costs["stake_tokens"][0] == 0.0
+    assert not ch.costs["eligible"][0]
+    # worker 5 holds only the first 100 blocks: the other 51,200 tokens are at stake on
+    # worker 0 (bound 2.27 x 1.51 = 3.43 >= 3), which keeps the request
+    half = _fleet(32, overlap={0: 200, 5: 100}, active_requests=busy0)
+    ch = KvRoute(seed=0).choose(half, feats(103_000, 201, bs=512))
+    assert ch.costs["stake_tokens"][0] == 100 * 512
+    assert ch.index == 0
+
+
+def _burst(policy: RoutingPolicy, prefix_blocks: int, *, others_warm: bool) -> list[int]:
+    """128 requests sharing a prefix that worker 0 of 4 holds, routed with no first token.
+
+    ``others_warm``: a worker holds the prefix after its first request (the router's
+    fresh-decision record); otherwise the cold workers never do (no events, no prediction).
+    """
+    bs, n = 512, 4
+    holds = [prefix_blocks, 0, 0, 0]
+    active = [0] * n
+    for _ in range(128):
+        c = Candidates.build(list(range(n)), overlap=holds, active_requests=active)
+        i = policy.choose(c, feats((prefix_blocks + 2) * bs, prefix_blocks + 2, bs=bs)).index
+        active[i] += 1
+        if others_warm:
+            holds[i] = prefix_blocks
+    return active
+
+
+BOUND_128_OF_4 = 1.25 * 128 / 4 + 2  # 42: the plain bound at the burst's last request
+
+
+@pytest.mark.parametrize("others_warm", [True, False])
+@pytest.mark.parametrize("prefix_blocks", [2, 64, 196, 1000])
+def test_kvroute_does_not_herd_a_shared_prefix_burst(prefix_blocks: int, others_warm: bool) -> None:
+    # 1k to 500k shared tokens. A worker may exceed the plain bound by the factor
+    # 1 + stake / 100,000, at most 2, whatever the prefix: where kv_cost sends all 128
+    # requests to worker 0 when the cold workers never warm, kvroute sends at most 84.
+    picks = _burst(KvRoute(seed=0), prefix_blocks, others_warm=others_warm)
+    factor = 1 + min(prefix_blocks * 512 / 100_000, 1.0)
+    assert max(picks) <= BOUND_128_OF_4 * factor
+    assert picks[0] >= 32  # the warm worker still gets at least its share
+    assert sum(p > 0 for p in picks) >= 2
+    if prefix_blocks == 2:  # 1,024 tokens at stake: the plain bound, and every worker used
+        assert max(picks) <= 42 and min(picks) > 0
+    if not others_warm:
+        assert _burst(KvCost(seed=0), prefix_blocks, others_warm=False)[0] == 128
+
+
 def test_kvroute_skips_busy_workers_while_another_is_free() -> None:
     c = Candidates.build([0, 1], overlap=[100, 0], busy=[True, False])
     assert KvRoute(seed=0).choose(c, feats(1600, bs=16)).index == 1
@@ -415,17 +513,36 @@ def test_cache_aware_matches_a_scalar_reference(s: dict[str, Any], blocks: int) 
     assert ch.index in _cache_aware_ref(s, blocks)
 
 
-@given(snapshots, st.integers(16, 400))
-def test_kvroute_choice_is_eligible_and_cheapest_among_eligible(
-    s: dict[str, Any], prompt: int
-) -> None:
-    c = Candidates.build(**s)
-    ch = KvRoute(seed=0).choose(c, feats(prompt, bs=16))
+def _kvroute_eligible_ref(
+    s: dict[str, list[int]], cost: list[float], prompt: int, bs: int, stake_tokens: float
+) -> list[bool | None]:
+    """Per worker: within its bound after taking the request; None within 1e-9 of it."""
     load = s["active_requests"]
     n = len(load)
     cap = 1.25 * (sum(load) + 1) / n + 2
-    eligible = [load[i] + 1 <= cap for i in range(n)]
+    bound = [cap] * n
+    if not all(load[i] + 1 <= cap for i in range(n)):
+        uncached = [max(prompt - bs * s["overlap"][i], 0) for i in range(n)]
+        within = [i for i in range(n) if load[i] + 1 <= cap]
+        alt = min(within, key=lambda i: (cost[i], i))  # the cheapest within the bound
+        stake = [min(max(uncached[alt] - uncached[i], 0), stake_tokens) for i in range(n)]
+        bound = [cap * (1 + stake[i] / stake_tokens) for i in range(n)]
+    return [
+        None if abs(load[i] + 1 - bound[i]) < 1e-9 else load[i] + 1 <= bound[i] for i in range(n)
+    ]
+
+
+@given(snapshots, st.integers(16, 400), st.sampled_from([100_000.0, 64.0]))
+def test_kvroute_choice_is_eligible_and_cheapest_among_eligible(
+    s: dict[str, Any], prompt: int, stake_tokens: float
+) -> None:
+    c = Candidates.build(**s)
+    ch = KvRoute(seed=0, balance_stake_tokens=stake_tokens).choose(c, feats(prompt, bs=16))
+    n = len(s["workers"])
+    ref = _kvroute_eligible_ref(s, ch.costs["cost"].tolist(), prompt, 16, stake_tokens)
+    eligible = ch.costs["eligible"].tolist()
+    pairs = [(e, r) for e, r in zip(eligible, ref, strict=True) if r is not None]
+    assert [e for e, _ in pairs] == [r for _, r in pairs]
     assert eligible[ch.index]
-    assert ch.costs["eligible"].tolist() == [float(e) for e in eligible]
     cost = ch.costs["cost"]
     assert cost[ch.index] == pytest.approx(min(cost[i] for i in range(n) if eligible[i]))

@@ -326,7 +326,7 @@ class KvCost:
 
 
 class KvRoute:
-    """kvroute's default: estimated work in token-time, behind a bounded-load gate.
+    """kvroute's default: estimated work in token-time, behind a gate weighing the prefix at stake.
 
     Cost, in prompt-token equivalents of GPU time::
 
@@ -337,20 +337,32 @@ class KvRoute:
              + kv_pressure_tokens x max(kv_usage - kv_high, 0) / (1 - kv_high)
 
     Anti-herding gate (consistent hashing with bounded loads, applied to a
-    cost policy): only workers whose request load (active + waiting) stays
-    within ``(1 + balance_slack) x (total load + 1) / n + balance_abs_slack`` after taking
-    this request may win, so a warm cache can attract at most ~``1 +
-    balance_slack`` times its fair share however large its prefix. Workers
-    over the router's busy threshold are skipped while another is not.
-    Among equal costs the least-loaded wins, then a uniformly random one.
-    The returned cost arrays are fresh (never views of the snapshot), as
-    every policy's must be: a Decision formats them later.
-    State: an RNG seeded with ``seed``. Weights are provisional until the
-    simulator issue measures them (see ``docs/routing.md``).
+    cost policy): a worker's request load (active + waiting) must stay within
+    its bound after taking this request::
+
+        bound  = (1 + balance_slack) x (total load + 1) / n + balance_abs_slack
+        stake  = uncached tokens on the cheapest worker within the bound
+                 - uncached tokens here, clipped to [0, balance_stake_tokens]
+        bound' = bound x (1 + stake / balance_stake_tokens)
+
+    A worker holding ``balance_stake_tokens`` more of the prompt than the
+    best worker within its bound may take up to twice its bound, never more;
+    one holding only what that worker holds gets no extra room. So a long
+    session is not recomputed elsewhere to save one request of imbalance,
+    and no prefix, however long, lets one worker take more than twice its
+    bound. Workers over the router's busy threshold are skipped while
+    another is not. Among equal costs the least-loaded wins, then a
+    uniformly random one. The returned cost arrays are fresh (never views of
+    the snapshot), as every policy's must be: a Decision formats them later.
+    State: an RNG seeded with ``seed``. Defaults and the simulator runs
+    behind them: ``docs/routing.md``.
 
     >>> c = Candidates.build([1, 2, 3], overlap=[100, 0, 0], active_requests=[9, 0, 0])
     >>> KvRoute(seed=0).choose(c, Features(1616, 101, 16)).index != 0   # warm but over its share
     True
+    >>> c = Candidates.build([1, 2, 3], overlap=[200, 0, 0], active_requests=[3, 0, 0])
+    >>> KvRoute(seed=0).choose(c, Features(103_000, 201, 512)).index   # 102,400 tokens at stake
+    0
     """
 
     name = "kvroute"
@@ -367,6 +379,7 @@ class KvRoute:
         kv_pressure_tokens: float = 4096.0,
         balance_slack: float = 0.25,
         balance_abs_slack: float = 2.0,
+        balance_stake_tokens: float = 100_000.0,
         seed: int | None = None,
     ) -> None:
         self.decode_token_weight = check_nonneg(decode_token_weight, "decode_token_weight")
@@ -380,6 +393,9 @@ class KvRoute:
         self.kv_pressure_tokens = check_nonneg(kv_pressure_tokens, "kv_pressure_tokens")
         self.balance_slack = check_nonneg(balance_slack, "balance_slack")
         self.balance_abs_slack = check_nonneg(balance_abs_slack, "balance_abs_slack")
+        self.balance_stake_tokens = check_nonneg(balance_stake_tokens, "balance_stake_tokens")
+        if self.balance_stake_tokens <= 0.0:
+            raise ValueError(f"balance_stake_tokens must be > 0, got {balance_stake_tokens}")
         self._rng = np.random.default_rng(seed)
 
     def choose(self, candidates: Candidates, features: Features) -> Choice:
@@ -414,6 +430,20 @@ class KvRoute:
             costs["kv_pressure"] = pressure
         cap = (1.0 + self.balance_slack) * (float(load.sum()) + 1.0) / n + self.balance_abs_slack
         eligible = load <= cap - 1.0  # the least-loaded worker always passes
+        if not eligible.all():
+            # What leaving an over-share worker costs: the prompt tokens it holds beyond
+            # the worker the request would otherwise go to (the cheapest within the bound).
+            alt_cost = np.where(eligible, cost, np.inf)
+            alt = int(np.argmin(alt_cost))
+            if not alt_cost[alt] < np.inf:  # NaN or inf: a broken worker is no alternative
+                alt = int(np.argmin(np.where(eligible, _finite(cost), np.inf)))
+                if not eligible[alt]:  # every worker within the bound is broken
+                    alt = int(np.argmax(eligible))
+            stake = uncached[alt] - uncached
+            np.clip(stake, 0.0, self.balance_stake_tokens, out=stake)
+            costs["stake_tokens"] = stake
+            # bound x (1 + stake / P), minus this request's own slot
+            eligible = load <= stake * (cap / self.balance_stake_tokens) + (cap - 1.0)
         if c.busy.any() and not c.busy.all():
             eligible &= ~c.busy
             if not eligible.any():  # every worker that is not busy is over its share
