@@ -27,6 +27,7 @@ if not NO_EXTENSIONS:
         [
             Extension("kvroute._index", ["kvroute/_index.pyx"], extra_compile_args=cflags),
             Extension("kvroute._hashing", ["kvroute/_hashing.pyx"], extra_compile_args=cflags),
+            Extension("kvroute._route", ["kvroute/_route.pyx"], extra_compile_args=cflags),
         ],
         compiler_directives=directives,
     )

@@ -38,6 +38,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._compat import NO_EXTENSIONS
+
+if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
+    from ._route_py import fresh_overlay
+else:
+    try:
+        from ._route import fresh_overlay
+    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
+        from ._route_py import fresh_overlay
+
 __all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
 
 
@@ -315,6 +325,43 @@ class FreshDecisions:
             if k > out.get(worker, 0):
                 out[worker] = k
         return out
+
+    def overlay(
+        self,
+        hashes: npt.NDArray[np.uint64],
+        now: float,
+        ov: npt.NDArray[np.int64],
+        pos: Mapping[int, int],
+        *,
+        skip_known: bool = False,
+        host: npt.NDArray[np.int64] | None = None,
+        disk: npt.NDArray[np.int64] | None = None,
+    ) -> int:
+        """:meth:`match` merged into per-position overlaps in place, in one compiled pass.
+
+        ``ov[pos[w]]`` becomes the larger of itself and ``match(hashes, now,
+        known)[w]``, where ``known`` is ``ov`` itself when ``skip_known`` (the
+        router passes the index's match) and None otherwise; where it is raised,
+        ``host`` / ``disk`` (if given) are zeroed: a fresh decision counts as a
+        device hit.
+
+        >>> fd = FreshDecisions(ttl=5.0)
+        >>> e = fd.record(2, np.array([7, 8, 9], np.uint64), now=0.0)
+        >>> ov = np.array([0, 1], np.int64)
+        >>> fd.overlay(np.array([7, 8, 1], np.uint64), 1.0, ov, {5: 0, 2: 1}), ov.tolist()
+        (1, [0, 2])
+
+        :param ov: int64 overlaps, one per position (C-contiguous, writable).
+        :param pos: worker id -> position in ``ov``.
+        :returns: how many positions were raised.
+        """
+        if len(hashes) == 0:
+            return 0
+        d = self._by_first.get(int(hashes[0]))
+        if not d:
+            return 0
+        raised: int = fresh_overlay(d, hashes, now, ov, pos, skip_known, host, disk)
+        return raised
 
     def remove_worker(self, worker: int) -> None:
         """Forget the decisions that went to ``worker``. O(remembered decisions)."""

@@ -10,10 +10,12 @@ the hole), so the router can hand policies zero-copy slices.
 Active decode blocks follow Dynamo's definition: the unique blocks of a
 worker's in-flight requests (their prompt blocks, a prefix shared by several
 requests counted once, cached or not) plus their expected output blocks. The
-unique prompt blocks live in a reference-counted :class:`kvroute.BlockIndex`
-of their own (stored when a request starts, removed when it leaves), so
-:meth:`LoadTracker.new_blocks` can say, per worker, how many of a request's
-blocks would be new to that worker's active set: a compiled ``match_array``.
+prompts in flight live in an :class:`~kvroute._route_py.ActivePrefixes` (a
+radix tree of prompts in the compiled twin), so a request entering or
+leaving costs one walk down its prompt instead of a store or removal per
+block, and :meth:`LoadTracker.new_blocks` says in one compiled call, per
+worker, how many of a request's blocks would be new to that worker's active
+set.
 
 Not thread-safe on its own: the router calls it under its lock.
 """
@@ -27,7 +29,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ActiveRequest", "LoadTracker"]
+from ._compat import NO_EXTENSIONS
+
+if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
+    from ._route_py import ActivePrefixes
+else:
+    try:
+        from ._route import ActivePrefixes
+    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
+        from ._route_py import ActivePrefixes
+
+__all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
 
 
 @dataclass(slots=True)
@@ -39,7 +51,7 @@ class ActiveRequest:
     :param decode_blocks: its expected output blocks.
     :param last_seen: clock time of its last lifecycle event (for the stale sweep).
     :param payload: the router's own data (kept opaque here).
-    :param hashes: its prompt's block keys, in the active-block index while it runs.
+    :param hashes: its prompt's block keys, among the active prefixes while it runs.
     """
 
     worker: int
@@ -68,15 +80,15 @@ class LoadTracker:
     (True, [0.0], [0])
 
     :param capacity: initial array size (grows by doubling).
+    :param active_factory: builds the record of prompts in flight (default: the
+        compiled :class:`ActivePrefixes`, else its twin).
     """
 
-    def __init__(self, capacity: int = 16, index_factory: Callable[[], Any] | None = None) -> None:
-        if index_factory is None:
-            from . import BlockIndex
-
-            index_factory = BlockIndex
-        # unique prompt blocks of the requests in flight, per worker
-        self.active_blocks = index_factory()
+    def __init__(
+        self, capacity: int = 16, *, active_factory: Callable[[], Any] | None = None
+    ) -> None:
+        # the prompts of the requests in flight, per worker (their unique blocks)
+        self.active_blocks: Any = (active_factory or ActivePrefixes)()
         cap = max(int(capacity), 1)
         self.n = 0
         self.worker_ids = np.zeros(cap, np.uint64)
@@ -89,6 +101,9 @@ class LoadTracker:
         self.pos: dict[int, int] = {}
         self.requests: dict[str | int, ActiveRequest] = {}
         self.ids_frozen = np.zeros(0, np.uint64)
+        #: ``(prefill_tokens, decode_blocks, active, waiting, kv_usage)[:n]``, live views.
+        self.views: tuple[Any, ...] = ()
+        self._freeze_ids()
 
     _ARRAYS = (
         "worker_ids",
@@ -111,6 +126,16 @@ class LoadTracker:
         # An immutable copy of the live ids: decisions keep it without copying again.
         self.ids_frozen = self.worker_ids[: self.n].copy()
         self.ids_frozen.flags.writeable = False
+        # Live views of the live positions, made once per membership change
+        # (five slices per request were a measurable part of route()).
+        n = self.n
+        self.views = (
+            self.prefill_tokens[:n],
+            self.decode_blocks[:n],
+            self.active[:n],
+            self.waiting[:n],
+            self.kv_usage[:n],
+        )
 
     def add_worker(self, worker: int) -> int:
         """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""
@@ -177,28 +202,19 @@ class LoadTracker:
         )
         self.prefill_tokens[p] += prefill_tokens
         self.active[p] += 1
-        self.decode_blocks[p] += decode_blocks + self._activate(worker, hashes, True)
-
-    def _activate(self, worker: int, hashes: npt.NDArray[np.uint64] | None, add: bool) -> int:
-        """Add (or drop) a prompt in the active-block index; the change in unique blocks."""
-        if hashes is None or len(hashes) == 0:
-            return 0
-        before: int = self.active_blocks.worker_len(worker)
-        if add:
-            self.active_blocks.store(worker, hashes)
-        else:
-            self.active_blocks.remove(worker, hashes)
-        after: int = self.active_blocks.worker_len(worker)
-        return after - before
+        added = 0 if hashes is None else self.active_blocks.add(worker, hashes)
+        self.decode_blocks[p] += decode_blocks + added
 
     def new_blocks(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.float64]:
         """Per position, how many of ``hashes`` are not yet among that worker's active blocks.
 
-        Prompts are prefix-chained, so the blocks a worker's requests in flight
-        share with this one are a leading run: ``len(hashes)`` minus its match.
+        A block is active on a worker when one of its requests in flight has
+        the same prefix up to it (same chained key), so the blocks shared with
+        this request are a leading run: ``len(hashes)`` minus the longest
+        common prefix with one of the worker's prompts. A fresh float64 array.
         """
-        shared = self.active_blocks.match_array(hashes, self.worker_ids[: self.n])
-        return len(hashes) - shared.astype(np.float64)
+        out: npt.NDArray[np.float64] = self.active_blocks.new_blocks(hashes, self.ids_frozen)
+        return out
 
     def first_token(self, request_id: str | int, now: float) -> bool:
         """The request's prefill is done: drop its prefill tokens. False if unknown."""
@@ -221,7 +237,9 @@ class LoadTracker:
         if r.prefill_tokens:
             self.prefill_tokens[p] = max(self.prefill_tokens[p] - r.prefill_tokens, 0.0)
         self.active[p] = max(int(self.active[p]) - 1, 0)
-        gone = r.decode_blocks - self._activate(r.worker, r.hashes, False)
+        gone = r.decode_blocks
+        if r.hashes is not None:
+            gone += self.active_blocks.remove(r.worker, r.hashes)
         self.decode_blocks[p] = max(self.decode_blocks[p] - gone, 0.0)
         return r
 

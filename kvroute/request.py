@@ -24,6 +24,8 @@ from ._convert import as_u64_array
 
 __all__ = ["CACHE_TTLS", "CacheControl", "Decision", "Request", "WarmupPlan"]
 
+_U64 = np.dtype(np.uint64)
+
 #: Anthropic-style cache TTLs, in seconds.
 CACHE_TTLS: Final[Mapping[str, float]] = {"5m": 300.0, "1h": 3600.0}
 
@@ -157,28 +159,34 @@ class Request:
                 if not isinstance(toks, Sequence):
                     toks = list(toks)
                 object.__setattr__(self, "tokens", toks)
-        if self.block_hashes is not None:
+        bh = self.block_hashes
+        # Fast path (a proxy builds one Request per call): an array the router can
+        # use as is needs no conversion, and a field already valid no re-store.
+        if bh is not None and not (
+            type(bh) is np.ndarray and bh.dtype is _U64 and bh.ndim == 1 and bh.flags.c_contiguous
+        ):
+            object.__setattr__(self, "block_hashes", as_u64_array(bh, "block_hashes"))
+        if self.prompt_tokens is not None:
             object.__setattr__(
-                self, "block_hashes", as_u64_array(self.block_hashes, "block_hashes")
+                self, "prompt_tokens", _opt_nonneg_int(self.prompt_tokens, "prompt_tokens")
             )
-        object.__setattr__(
-            self, "prompt_tokens", _opt_nonneg_int(self.prompt_tokens, "prompt_tokens")
-        )
         _opt_str(self.lora_name, "lora_name")
         _opt_str(self.cache_salt, "cache_salt")
         _opt_str(self.session_id, "session_id")
         prio = self.priority
-        if isinstance(prio, bool):
-            raise TypeError("priority must be an integer, not bool")
-        try:
-            object.__setattr__(self, "priority", operator.index(prio))
-        except TypeError:
-            raise TypeError(f"priority must be an integer, not {type(prio).__name__}") from None
-        object.__setattr__(
-            self,
-            "expected_output_tokens",
-            _opt_nonneg_int(self.expected_output_tokens, "expected_output_tokens"),
-        )
+        if type(prio) is not int:
+            if isinstance(prio, bool):
+                raise TypeError("priority must be an integer, not bool")
+            try:
+                object.__setattr__(self, "priority", operator.index(prio))
+            except TypeError:
+                raise TypeError(f"priority must be an integer, not {type(prio).__name__}") from None
+        if self.expected_output_tokens is not None:
+            object.__setattr__(
+                self,
+                "expected_output_tokens",
+                _opt_nonneg_int(self.expected_output_tokens, "expected_output_tokens"),
+            )
         if self.cache_control is not None:
             object.__setattr__(self, "cache_control", CacheControl.parse(self.cache_control))
         if not isinstance(self.speculative_prefill, bool):

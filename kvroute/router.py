@@ -26,7 +26,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,25 +97,6 @@ class _Queued:
     prompt: int = 0
 
 
-class _OverlapView(Mapping[int, int]):
-    """A read-only ``{worker: overlap}`` view of the per-position overlap array."""
-
-    __slots__ = ("_ov", "_pos")
-
-    def __init__(self, ov: npt.NDArray[np.int64], pos: dict[int, int]) -> None:
-        self._ov = ov
-        self._pos = pos
-
-    def __getitem__(self, worker: int) -> int:
-        return int(self._ov[self._pos[worker]])
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._pos)
-
-    def __len__(self) -> int:
-        return len(self._pos)
-
-
 class Router:
     """Route requests to workers, tracking their cache, their load and their health.
 
@@ -140,8 +121,10 @@ class Router:
     :param policy_params: keyword parameters for :func:`get_policy`.
     :param clock: returns the current time in seconds (default ``time.monotonic``).
     :param index: the block index fed by KV events (default: a new ``BlockIndex``).
-    :param index_factory: builds the router's private indexes (default:
-        the compiled ``BlockIndex``, else its twin).
+    :param index_factory: builds the router's private index of predicted
+        residency in approximate mode (default: the compiled ``BlockIndex``,
+        else its twin). The prompts in flight are kept apart, in an
+        ``ActivePrefixes`` (:mod:`kvroute.load`).
     :param kv_events: False for event-free (approximate) mode: the router's own
         decisions, expired after ``predicted_ttl``, stand in for the events.
     :param predicted_ttl: lifetime of a decision in approximate mode (s).
@@ -221,7 +204,7 @@ class Router:
         #: The block index KV events feed (thread-safe on its own).
         self.index: Any = factory() if index is None else index
         self.kv_events = bool(kv_events)
-        self._load = LoadTracker(index_factory=factory)
+        self._load = LoadTracker()
         self._predicted: PredictedResidency | None = None
         self._fresh: FreshDecisions | None = None
         if not self.kv_events:
@@ -559,11 +542,12 @@ class Router:
         lt = self._load
         b = self._busy
         if b is None:
+            # one read-only array per fleet size, not a fresh slice per request
             f = self._false_cache
-            if len(f) < n:
-                f = self._false_cache = np.zeros(2 * n, np.bool_)
+            if len(f) != n:
+                f = self._false_cache = np.zeros(n, np.bool_)
                 f.flags.writeable = False
-            return f[:n]
+            return f
         busy = np.zeros(n, np.bool_)
         if b.max_prefill_tokens is not None:
             busy |= lt.prefill_tokens[:n] >= b.max_prefill_tokens
@@ -577,49 +561,47 @@ class Router:
 
     def _overlap(self, hashes: npt.NDArray[np.uint64], n: int, now: float) -> tuple[Any, Any, Any]:
         """Per position: matched blocks (any tier), of which host, of which disk (or None)."""
-        ov = np.zeros(n, np.int64)
         host = disk = None
         if len(hashes) == 0 or n == 0:
+            return np.zeros(n, np.int64), host, disk
+        lt = self._load
+        if self.kv_events and not (self._tiered and self.policy.uses_tiers):
+            # the common case: one compiled match, one compiled pass over the fresh decisions
+            ov = self.index.match_array(hashes, lt.ids_frozen).astype(np.int64)
+            if self._fresh is not None:
+                self._fresh.overlay(hashes, now, ov, lt.pos, skip_known=True)
             return ov, host, disk
-        m: Mapping[int, int] | None = None
+        ov = np.zeros(n, np.int64)
         if self.kv_events:
-            if self._tiered and self.policy.uses_tiers:
-                mt = self.index.match_tiers(hashes)
-                if mt:
-                    host = np.zeros(n, np.int64)
-                    disk = np.zeros(n, np.int64)
-                    pos = self._load.pos
-                    for w, (d, h, k) in mt.items():
-                        p = pos.get(w)
-                        if p is not None:
-                            ov[p] = d + h + k
-                            host[p] = h
-                            disk[p] = k
-            else:
-                ov[:] = self.index.match_array(hashes, self._load.worker_ids[:n])
-                m = _OverlapView(ov, self._load.pos)
-        pm = None
-        if self._predicted is not None:
+            mt = self.index.match_tiers(hashes)
+            if mt:
+                host = np.zeros(n, np.int64)
+                disk = np.zeros(n, np.int64)
+                pos = lt.pos
+                for w, (d, h, k) in mt.items():
+                    p = pos.get(w)
+                    if p is not None:
+                        ov[p] = d + h + k
+                        host[p] = h
+                        disk[p] = k
+            if self._fresh is not None:
+                # predicted residency counts as device: raising ov zeroes host / disk
+                self._fresh.overlay(hashes, now, ov, lt.pos, skip_known=False, host=host, disk=disk)
+        elif self._predicted is not None:
             pm = self._predicted.match(hashes)
-        elif self._fresh is not None:
-            pm = self._fresh.match(hashes, now, m)
-        if pm:
-            pos = self._load.pos
+            pos = lt.pos
             for w, k in pm.items():
                 p = pos.get(w)
                 if p is not None and k > ov[p]:
-                    # predicted residency counts as device
                     ov[p] = k
-                    if host is not None and disk is not None:
-                        host[p] = disk[p] = 0
         return ov, host, disk
 
     def _zeros(self, n: int) -> npt.NDArray[np.int64]:
         z = self._zero_cache
-        if len(z) < n:
-            z = self._zero_cache = np.zeros(2 * n, np.int64)
+        if len(z) != n:
+            z = self._zero_cache = np.zeros(n, np.int64)
             z.flags.writeable = False
-        return z[:n]
+        return z
 
     def _pinned(self, request: Request, now: float, cand: Any, n: int) -> int | None:
         """The position of the session's pinned worker if it may take the request."""
@@ -687,21 +669,27 @@ class Router:
             i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
         else:
             busy = self._busy_mask(n)
-            sel: Any = slice(0, n) if cand is None else cand
-            c = Candidates(
-                lt.ids_frozen if cand is None else lt.worker_ids[cand],
-                ov[sel],
-                host[sel],
-                disk[sel],
-                lt.prefill_tokens[sel],
-                lt.decode_blocks[sel],
-                new[sel],
-                lt.active[sel],
-                lt.waiting[sel],
-                lt.kv_usage[sel],
-                busy[sel],
-                tiered,
-            )
+            if cand is None:
+                # every array is already one entry per position: no slicing
+                pt, db, act, wt, kv = lt.views
+                c = Candidates(
+                    lt.ids_frozen, ov, host, disk, pt, db, new, act, wt, kv, busy, tiered
+                )
+            else:
+                c = Candidates(
+                    lt.worker_ids[cand],
+                    ov[cand],
+                    host[cand],
+                    disk[cand],
+                    lt.prefill_tokens[cand],
+                    lt.decode_blocks[cand],
+                    new[cand],
+                    lt.active[cand],
+                    lt.waiting[cand],
+                    lt.kv_usage[cand],
+                    busy[cand],
+                    tiered,
+                )
             key: int | None
             if request.session_id is not None:
                 key = xxhash.xxh3_64_intdigest(request.session_id.encode())
@@ -712,9 +700,10 @@ class Router:
             )
             choice = self.policy.choose(c, feats)
             i = int(choice.index)
-            if not 0 <= i < len(c):
+            nc = n if cand is None else len(cand)
+            if not 0 <= i < nc:
                 raise RuntimeError(
-                    f"policy {self.policy.name!r} chose position {i} of {len(c)} candidates"
+                    f"policy {self.policy.name!r} chose position {i} of {nc} candidates"
                 )
             p = i if cand is None else int(cand[i])
             cw = c.workers

@@ -81,3 +81,18 @@ def test_hashing_uses_the_compiled_extension() -> None:
         if hasattr(hashing, name):
             assert getattr(kvroute.hashing, name) is getattr(hashing, name), name
     assert any(hasattr(hashing, name) for name in names)
+
+
+def test_router_kernels_use_the_compiled_extension() -> None:
+    import kvroute._route_py
+    import kvroute.approx
+    import kvroute.load
+
+    if NO_EXTENSIONS:
+        assert kvroute.load.ActivePrefixes is kvroute._route_py.ActivePrefixes
+        assert kvroute.approx.fresh_overlay is kvroute._route_py.fresh_overlay
+        return
+    route = load_extension("kvroute._route")
+    assert kvroute.load.ActivePrefixes is route.ActivePrefixes
+    assert kvroute.approx.fresh_overlay is route.fresh_overlay
+    assert sorted(route.__all__) == sorted(kvroute._route_py.__all__)

@@ -1,0 +1,7 @@
+# The compiled router kernels have exactly the twin's API; mypy reads it from the twin.
+from ._route_py import ActivePrefixes as ActivePrefixes
+from ._route_py import chained_common_prefix as chained_common_prefix
+from ._route_py import common_prefix as common_prefix
+from ._route_py import fresh_overlay as fresh_overlay
+
+__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]

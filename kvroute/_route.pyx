@@ -1,0 +1,1122 @@
+# The router's compiled kernels. kvroute/_route_py.py is their specification:
+# same names, signatures, results and errors. Everything here exists for speed;
+# behaviour lives in the twin's docstrings.
+#
+# ActivePrefixes: a radix tree of the prompts in flight
+# ------------------------------------------------------
+# Every prompt in flight (on any worker) is a path from the root. A node owns
+# a run of keys, depths [lo, hi), copied into its own buffer; its children are
+# found by (node, first key of the child) in one open-addressing table and
+# are also linked as siblings (to find an only child, and to walk the tree).
+# Per node and per worker slot it counts the prompts that contain the run
+# ("through") and those that end at its last block ("ending"). The tree is
+# kept compressed: a node that no prompt ends at has zero or several children,
+# never one, so its shape depends only on the prompts in flight.
+#
+# A worker's active blocks are the runs of the nodes it goes through, so
+# * the blocks of a new prompt already active on worker w are the depth
+#   reached by the walk in the deepest node w goes through (children's worker
+#   sets are subsets of their parent's): one walk gives every worker's answer;
+# * add and remove change w's count by the prompt's length minus that depth,
+#   measured before the add or after the remove.
+# A walk compares each key of the prompt once (a linear scan per run), and
+# touches the nodes on its path, so add / remove / match cost O(prompt length)
+# sequential reads plus O(nodes on the path + their worker entries), with no
+# per-block hashing: the previous design stored and removed every prompt block
+# in a reference-counted BlockIndex, ~25 ns a block each way.
+
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset
+from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release
+
+import numpy as np
+
+from ._convert import as_u64_array, check_u64
+
+__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
+
+cdef uint64_t FIB = 0x9E3779B97F4A7C15ULL
+cdef uint64_t MIX = 0xBF58476D1CE4E5B9ULL
+
+ctypedef struct WSlot:
+    uint32_t slot
+    uint32_t through       # this worker's prompts that contain the node's run
+    uint32_t ending        # of which end at the node's last block
+
+ctypedef struct Node:
+    uint64_t* base         # owned key buffer (NULL for the root and free nodes)
+    uint64_t* keys         # keys[d - lo] is the key at depth d
+    uint32_t lo
+    uint32_t hi
+    int32_t parent         # -1: the root, or a free node
+    int32_t first_child
+    int32_t next_sib
+    int32_t prev_sib
+    uint32_t nchildren
+    uint32_t through
+    uint32_t ending
+    WSlot* ws              # sorted by slot; entries with through > 0 only
+    uint32_t nws
+    uint32_t ws_cap
+
+# (parent, first key of the child) -> child; child 0 (the root) marks a free cell
+ctypedef struct CEntry:
+    uint64_t key
+    int32_t parent
+    int32_t child
+
+# worker id -> slot + 1 (0 marks a free cell); id 0 is kept aside
+ctypedef struct SEntry:
+    uint64_t key
+    uint64_t val
+
+
+cdef inline uint64_t _mix(uint64_t key, int32_t parent) noexcept nogil:
+    return (key ^ (<uint64_t><uint32_t>parent * MIX)) * FIB
+
+
+cdef class ActivePrefixes:
+    """The prompts of the requests in flight, per worker: their shared prefixes counted once.
+
+    See :class:`kvroute._route_py.ActivePrefixes`.
+    """
+
+    cdef Node* _nodes
+    cdef int32_t _nnodes            # ids ever allocated (high-water mark)
+    cdef int32_t _nodes_cap
+    cdef int32_t* _free_nodes
+    cdef int32_t _nfree
+    cdef CEntry* _ct
+    cdef uint64_t _ct_cap
+    cdef uint64_t _ct_used
+    cdef uint32_t _ct_bits
+    cdef SEntry* _st
+    cdef uint64_t _st_cap
+    cdef uint64_t _st_used
+    cdef uint32_t _st_bits
+    cdef int _zero_slot             # slot + 1 of worker id 0, 0 if none
+    cdef dict _slot_of              # worker id -> slot
+    cdef uint32_t _nslots
+    cdef uint32_t _slot_cap
+    cdef uint64_t* _slot_worker
+    cdef uint64_t* _slot_len        # distinct active blocks
+    cdef uint64_t* _slot_prompts
+    cdef uint32_t* _slot_free
+    cdef uint32_t _nslot_free
+    cdef uint32_t* _ep
+    cdef uint32_t* _depth
+    cdef uint32_t _epoch
+    cdef int32_t* _path             # scratch: the nodes of a walk
+    cdef uint32_t* _pdepth          # scratch: the depth reached in each
+    cdef uint32_t _path_cap
+    cdef uint64_t _prompts
+
+    def __cinit__(self):
+        self._nodes_cap = 16
+        self._nodes = <Node*>malloc(16 * sizeof(Node))
+        self._free_nodes = <int32_t*>malloc(16 * sizeof(int32_t))
+        self._ct_bits = 6
+        self._ct_cap = 64
+        self._ct = <CEntry*>malloc(64 * sizeof(CEntry))
+        self._st_bits = 6
+        self._st_cap = 64
+        self._st = <SEntry*>malloc(64 * sizeof(SEntry))
+        self._path_cap = 64
+        self._path = <int32_t*>malloc(64 * sizeof(int32_t))
+        self._pdepth = <uint32_t*>malloc(64 * sizeof(uint32_t))
+        if (self._nodes == NULL or self._free_nodes == NULL or self._ct == NULL
+                or self._st == NULL or self._path == NULL or self._pdepth == NULL):
+            raise MemoryError()
+        memset(self._ct, 0, 64 * sizeof(CEntry))
+        memset(self._st, 0, 64 * sizeof(SEntry))
+        memset(&self._nodes[0], 0, sizeof(Node))
+        self._nodes[0].parent = -1
+        self._nodes[0].first_child = -1
+        self._nodes[0].next_sib = -1
+        self._nodes[0].prev_sib = -1
+        self._nnodes = 1
+        self._slot_of = {}
+
+    def __init__(self):
+        pass
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self._nodes != NULL:
+            for i in range(self._nnodes):
+                free(self._nodes[i].base)
+                free(self._nodes[i].ws)
+        free(self._nodes)
+        free(self._free_nodes)
+        free(self._ct)
+        free(self._st)
+        free(self._slot_worker)
+        free(self._slot_len)
+        free(self._slot_prompts)
+        free(self._slot_free)
+        free(self._ep)
+        free(self._depth)
+        free(self._path)
+        free(self._pdepth)
+
+    # -- the child table -----------------------------------------------------
+
+    cdef inline uint64_t _ct_home(self, uint64_t key, int32_t parent) noexcept nogil:
+        return _mix(key, parent) >> (64 - self._ct_bits)
+
+    cdef int32_t _child(self, int32_t parent, uint64_t key) noexcept nogil:
+        cdef uint64_t mask = self._ct_cap - 1
+        cdef uint64_t i = self._ct_home(key, parent)
+        while self._ct[i].child != 0:
+            if self._ct[i].key == key and self._ct[i].parent == parent:
+                return self._ct[i].child
+            i = (i + 1) & mask
+        return -1
+
+    cdef int _ct_grow(self) except -1:
+        cdef CEntry* old = self._ct
+        cdef uint64_t old_cap = self._ct_cap, j, i, mask
+        cdef CEntry* t = <CEntry*>malloc(old_cap * 2 * sizeof(CEntry))
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0, old_cap * 2 * sizeof(CEntry))
+        self._ct = t
+        self._ct_cap = old_cap * 2
+        self._ct_bits += 1
+        mask = self._ct_cap - 1
+        for j in range(old_cap):
+            if old[j].child != 0:
+                i = self._ct_home(old[j].key, old[j].parent)
+                while t[i].child != 0:
+                    i = (i + 1) & mask
+                t[i] = old[j]
+        free(old)
+        return 0
+
+    cdef int _ct_set(self, int32_t parent, uint64_t key, int32_t child) except -1:
+        """Map (parent, key) to child, inserting or replacing."""
+        cdef uint64_t mask, i
+        if (self._ct_used + 1) * 4 > self._ct_cap * 3:
+            self._ct_grow()
+        mask = self._ct_cap - 1
+        i = self._ct_home(key, parent)
+        while self._ct[i].child != 0:
+            if self._ct[i].key == key and self._ct[i].parent == parent:
+                self._ct[i].child = child
+                return 0
+            i = (i + 1) & mask
+        self._ct[i].key = key
+        self._ct[i].parent = parent
+        self._ct[i].child = child
+        self._ct_used += 1
+        return 0
+
+    cdef void _ct_del(self, int32_t parent, uint64_t key) noexcept nogil:
+        cdef uint64_t mask = self._ct_cap - 1
+        cdef uint64_t i = self._ct_home(key, parent), j, h
+        while self._ct[i].child != 0:
+            if self._ct[i].key == key and self._ct[i].parent == parent:
+                break
+            i = (i + 1) & mask
+        else:
+            return
+        # backward-shift deletion: no tombstones
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._ct[j].child == 0:
+                break
+            h = self._ct_home(self._ct[j].key, self._ct[j].parent)
+            if ((j - h) & mask) >= ((j - i) & mask):
+                self._ct[i] = self._ct[j]
+                i = j
+        self._ct[i].child = 0
+        self._ct[i].key = 0
+        self._ct[i].parent = 0
+        self._ct_used -= 1
+
+    # -- the slot table (worker id -> slot) ------------------------------------
+
+    cdef inline uint64_t _st_home(self, uint64_t key) noexcept nogil:
+        return (key * FIB) >> (64 - self._st_bits)
+
+    cdef inline long _slot_get(self, uint64_t w) noexcept nogil:
+        """The slot of worker ``w``, or -1."""
+        cdef uint64_t mask, i
+        if w == 0:
+            return self._zero_slot - 1
+        mask = self._st_cap - 1
+        i = self._st_home(w)
+        while self._st[i].val != 0:
+            if self._st[i].key == w:
+                return <long>self._st[i].val - 1
+            i = (i + 1) & mask
+        return -1
+
+    cdef int _st_put(self, uint64_t w, uint64_t val) except -1:
+        cdef SEntry* old
+        cdef SEntry* t
+        cdef uint64_t old_cap, j, i, mask
+        if w == 0:
+            self._zero_slot = <int>val
+            return 0
+        if (self._st_used + 1) * 4 > self._st_cap * 3:
+            old = self._st
+            old_cap = self._st_cap
+            t = <SEntry*>malloc(old_cap * 2 * sizeof(SEntry))
+            if t == NULL:
+                raise MemoryError()
+            memset(t, 0, old_cap * 2 * sizeof(SEntry))
+            self._st = t
+            self._st_cap = old_cap * 2
+            self._st_bits += 1
+            mask = self._st_cap - 1
+            for j in range(old_cap):
+                if old[j].val != 0:
+                    i = self._st_home(old[j].key)
+                    while t[i].val != 0:
+                        i = (i + 1) & mask
+                    t[i] = old[j]
+            free(old)
+        mask = self._st_cap - 1
+        i = self._st_home(w)
+        while self._st[i].val != 0:
+            if self._st[i].key == w:
+                self._st[i].val = val
+                return 0
+            i = (i + 1) & mask
+        self._st[i].key = w
+        self._st[i].val = val
+        self._st_used += 1
+        return 0
+
+    cdef void _st_del(self, uint64_t w) noexcept nogil:
+        cdef uint64_t mask = self._st_cap - 1
+        cdef uint64_t i, j, h
+        if w == 0:
+            self._zero_slot = 0
+            return
+        i = self._st_home(w)
+        while self._st[i].val != 0:
+            if self._st[i].key == w:
+                break
+            i = (i + 1) & mask
+        else:
+            return
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self._st[j].val == 0:
+                break
+            h = self._st_home(self._st[j].key)
+            if ((j - h) & mask) >= ((j - i) & mask):
+                self._st[i] = self._st[j]
+                i = j
+        self._st[i].key = 0
+        self._st[i].val = 0
+        self._st_used -= 1
+
+    cdef uint32_t _slot_for(self, uint64_t w) except? 0xFFFFFFFF:
+        """The slot of worker ``w``, creating it."""
+        cdef long s = self._slot_get(w)
+        cdef uint32_t slot, cap
+        if s >= 0:
+            return <uint32_t>s
+        if self._nslot_free:
+            self._nslot_free -= 1
+            slot = self._slot_free[self._nslot_free]
+        else:
+            if self._nslots == self._slot_cap:
+                cap = self._slot_cap * 2 if self._slot_cap else 16
+                if not (
+                    _grow(<void**>&self._slot_worker, cap, sizeof(uint64_t))
+                    and _grow(<void**>&self._slot_len, cap, sizeof(uint64_t))
+                    and _grow(<void**>&self._slot_prompts, cap, sizeof(uint64_t))
+                    and _grow(<void**>&self._slot_free, cap, sizeof(uint32_t))
+                    and _grow(<void**>&self._ep, cap, sizeof(uint32_t))
+                    and _grow(<void**>&self._depth, cap, sizeof(uint32_t))
+                ):
+                    raise MemoryError()
+                memset(&self._ep[self._slot_cap], 0, (cap - self._slot_cap) * sizeof(uint32_t))
+                self._slot_cap = cap
+            slot = self._nslots
+            self._nslots += 1
+        self._slot_worker[slot] = w
+        self._slot_len[slot] = 0
+        self._slot_prompts[slot] = 0
+        self._st_put(w, <uint64_t>slot + 1)
+        self._slot_of[w] = slot
+        return slot
+
+    # -- nodes ---------------------------------------------------------------
+
+    cdef int32_t _node_new(self) except -1:
+        cdef int32_t x
+        cdef Node* nodes
+        cdef int32_t* fr
+        if self._nfree:
+            self._nfree -= 1
+            x = self._free_nodes[self._nfree]
+        else:
+            if self._nnodes == self._nodes_cap:
+                if self._nodes_cap >= 0x3FFFFFFF:
+                    raise MemoryError("too many prompt nodes")
+                nodes = <Node*>realloc(self._nodes, self._nodes_cap * 2 * sizeof(Node))
+                if nodes == NULL:
+                    raise MemoryError()
+                self._nodes = nodes
+                fr = <int32_t*>realloc(self._free_nodes, self._nodes_cap * 2 * sizeof(int32_t))
+                if fr == NULL:
+                    raise MemoryError()
+                self._free_nodes = fr
+                self._nodes_cap *= 2
+            x = self._nnodes
+            self._nnodes += 1
+        memset(&self._nodes[x], 0, sizeof(Node))
+        self._nodes[x].parent = -1
+        self._nodes[x].first_child = -1
+        self._nodes[x].next_sib = -1
+        self._nodes[x].prev_sib = -1
+        return x
+
+    cdef void _node_free(self, int32_t x) noexcept nogil:
+        free(self._nodes[x].base)
+        free(self._nodes[x].ws)
+        memset(&self._nodes[x], 0, sizeof(Node))
+        self._nodes[x].parent = -1
+        self._free_nodes[self._nfree] = x
+        self._nfree += 1
+
+    cdef void _link(self, int32_t parent, int32_t c) noexcept nogil:
+        """Put ``c`` at the head of ``parent``'s child list (the table is updated apart)."""
+        cdef Node* p = &self._nodes[parent]
+        cdef Node* n = &self._nodes[c]
+        n.parent = parent
+        n.prev_sib = -1
+        n.next_sib = p.first_child
+        if p.first_child >= 0:
+            self._nodes[p.first_child].prev_sib = c
+        p.first_child = c
+        p.nchildren += 1
+
+    cdef void _unlink(self, int32_t c) noexcept nogil:
+        cdef Node* n = &self._nodes[c]
+        cdef Node* p = &self._nodes[n.parent]
+        if n.prev_sib >= 0:
+            self._nodes[n.prev_sib].next_sib = n.next_sib
+        else:
+            p.first_child = n.next_sib
+        if n.next_sib >= 0:
+            self._nodes[n.next_sib].prev_sib = n.prev_sib
+        p.nchildren -= 1
+        n.prev_sib = n.next_sib = -1
+
+    cdef inline long _ws_find(self, Node* n, uint32_t slot) noexcept nogil:
+        """Index of ``slot``'s entry in ``n.ws``, or -(insertion point) - 1."""
+        cdef uint32_t lo = 0, hi = n.nws, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if n.ws[mid].slot < slot:
+                lo = mid + 1
+            elif n.ws[mid].slot > slot:
+                hi = mid
+            else:
+                return mid
+        return -<long>lo - 1
+
+    cdef int _ws_add(self, int32_t x, uint32_t slot, uint32_t ending) except -1:
+        cdef Node* n = &self._nodes[x]
+        cdef long i = self._ws_find(n, slot)
+        cdef uint32_t at, cap
+        cdef WSlot* ws
+        if i >= 0:
+            n.ws[i].through += 1
+            n.ws[i].ending += ending
+            return 0
+        at = <uint32_t>(-i - 1)
+        if n.nws == n.ws_cap:
+            cap = n.ws_cap * 2 if n.ws_cap else 2
+            ws = <WSlot*>realloc(n.ws, cap * sizeof(WSlot))
+            if ws == NULL:
+                raise MemoryError()
+            n.ws = ws
+            n.ws_cap = cap
+        memmove(&n.ws[at + 1], &n.ws[at], (n.nws - at) * sizeof(WSlot))
+        n.ws[at].slot = slot
+        n.ws[at].through = 1
+        n.ws[at].ending = ending
+        n.nws += 1
+        return 0
+
+    cdef void _ws_drop(self, Node* n, uint32_t at) noexcept nogil:
+        memmove(&n.ws[at], &n.ws[at + 1], (n.nws - at - 1) * sizeof(WSlot))
+        n.nws -= 1
+
+    cdef int _reserve_path(self, size_t n) except -1:
+        cdef int32_t* p
+        cdef uint32_t* d
+        cdef size_t cap
+        if n <= self._path_cap:
+            return 0
+        cap = self._path_cap
+        while cap < n:
+            cap *= 2
+        p = <int32_t*>realloc(self._path, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self._path = p
+        d = <uint32_t*>realloc(self._pdepth, cap * sizeof(uint32_t))
+        if d == NULL:
+            raise MemoryError()
+        self._pdepth = d
+        self._path_cap = <uint32_t>cap
+        return 0
+
+    cdef uint32_t _walk(self, const uint64_t* q, uint32_t L) noexcept nogil:
+        """Follow ``q`` from the root; fill _path / _pdepth, return the nodes visited.
+
+        _pdepth[i] is the depth the prompt agrees with node _path[i] up to
+        (its hi when the whole run matched). Needs _path_cap >= L.
+        """
+        cdef uint32_t n = 0, d = 0, m, end
+        cdef int32_t c, x = 0
+        cdef Node* node
+        cdef const uint64_t* k
+        while d < L:
+            c = self._child(x, q[d])
+            if c < 0:
+                break
+            node = &self._nodes[c]
+            end = node.hi if node.hi < L else L
+            k = node.keys - node.lo
+            m = d + 1
+            while m < end and k[m] == q[m]:
+                m += 1
+            self._path[n] = c
+            self._pdepth[n] = m
+            n += 1
+            if m < node.hi:
+                break
+            x = c
+            d = m
+        return n
+
+    cdef int32_t _split(self, int32_t c, uint32_t m) except -1:
+        """Split node ``c`` at depth ``m`` (lo < m < hi); return the new upper node."""
+        cdef int32_t u = self._node_new()
+        cdef Node* n = &self._nodes[c]
+        cdef Node* up = &self._nodes[u]
+        cdef uint32_t k = m - n.lo, j
+        cdef uint64_t first = n.keys[0]
+        cdef int32_t parent = n.parent
+        up.base = <uint64_t*>malloc(k * sizeof(uint64_t))
+        up.ws = <WSlot*>malloc((n.nws if n.nws else 1) * sizeof(WSlot))
+        if up.base == NULL or up.ws == NULL:
+            raise MemoryError()
+        memcpy(up.base, n.keys, k * sizeof(uint64_t))
+        up.keys = up.base
+        up.lo = n.lo
+        up.hi = m
+        up.through = n.through
+        up.ending = 0
+        memcpy(up.ws, n.ws, n.nws * sizeof(WSlot))
+        up.nws = up.ws_cap = n.nws
+        for j in range(up.nws):
+            up.ws[j].ending = 0
+        # u takes c's place among its parent's children, and c hangs below u
+        up.parent = parent
+        up.prev_sib = n.prev_sib
+        up.next_sib = n.next_sib
+        if n.prev_sib >= 0:
+            self._nodes[n.prev_sib].next_sib = u
+        else:
+            self._nodes[parent].first_child = u
+        if n.next_sib >= 0:
+            self._nodes[n.next_sib].prev_sib = u
+        n.prev_sib = n.next_sib = -1
+        n.parent = u
+        up.first_child = c
+        up.nchildren = 1
+        n.keys += k
+        n.lo = m
+        self._ct_set(parent, first, u)
+        self._ct_set(u, n.keys[0], c)
+        return u
+
+    cdef int32_t _leaf(self, int32_t parent, const uint64_t* q, uint32_t lo, uint32_t hi) except -1:
+        cdef int32_t x = self._node_new()
+        cdef Node* n = &self._nodes[x]
+        n.base = <uint64_t*>malloc((hi - lo) * sizeof(uint64_t))
+        if n.base == NULL:
+            raise MemoryError()
+        memcpy(n.base, &q[lo], (hi - lo) * sizeof(uint64_t))
+        n.keys = n.base
+        n.lo = lo
+        n.hi = hi
+        self._link(parent, x)
+        self._ct_set(parent, q[lo], x)
+        return x
+
+    cdef int _merge_down(self, int32_t x) except -1:
+        """Node ``x`` has one child and no prompt ends at it: fold it into the child."""
+        cdef Node* n = &self._nodes[x]
+        cdef int32_t c = n.first_child, parent = n.parent
+        cdef Node* ch = &self._nodes[c]
+        cdef uint32_t a = n.hi - n.lo, b = ch.hi - ch.lo
+        cdef uint64_t* buf = <uint64_t*>malloc((a + b) * sizeof(uint64_t))
+        cdef uint64_t first = n.keys[0]
+        if buf == NULL:
+            raise MemoryError()
+        memcpy(buf, n.keys, a * sizeof(uint64_t))
+        memcpy(&buf[a], ch.keys, b * sizeof(uint64_t))
+        self._ct_del(x, ch.keys[0])
+        free(ch.base)
+        ch.base = ch.keys = buf
+        ch.lo = n.lo
+        # c takes x's place among its parent's children
+        ch.parent = parent
+        ch.prev_sib = n.prev_sib
+        ch.next_sib = n.next_sib
+        if n.prev_sib >= 0:
+            self._nodes[n.prev_sib].next_sib = c
+        else:
+            self._nodes[parent].first_child = c
+        if n.next_sib >= 0:
+            self._nodes[n.next_sib].prev_sib = c
+        self._ct_set(parent, first, c)
+        self._node_free(x)
+        return 0
+
+    cdef void _delete(self, int32_t x) noexcept nogil:
+        """Drop a node no prompt goes through (it has no children left)."""
+        self._ct_del(self._nodes[x].parent, self._nodes[x].keys[0])
+        self._unlink(x)
+        self._node_free(x)
+
+    # -- public API ----------------------------------------------------------
+
+    def add(self, worker, hashes):
+        """Record one more prompt in flight on ``worker``; return its blocks new to the worker.
+
+        See :meth:`kvroute._route_py.ActivePrefixes.add`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef Py_buffer kb
+        cdef const uint64_t* q
+        cdef uint32_t L, npath, i, shared = 0, slot, m
+        cdef int32_t x, c, term
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            if <size_t>kb.shape[0] >= 0xFFFFFFFFu:
+                raise OverflowError("a prompt of 2**32 blocks or more")
+            L = <uint32_t>kb.shape[0]
+            if L == 0:
+                return 0
+            q = <const uint64_t*>kb.buf
+            slot = self._slot_for(w)
+            self._reserve_path(L)
+            npath = self._walk(q, L)
+            i = npath
+            while i > 0:
+                i -= 1
+                if self._ws_find(&self._nodes[self._path[i]], slot) >= 0:
+                    shared = self._pdepth[i]
+                    break
+            # where the prompt ends: an existing node, a split, or a new leaf
+            if npath == 0:
+                term = self._leaf(0, q, 0, L)
+                self._path[0] = term
+                npath = 1
+            else:
+                c = self._path[npath - 1]
+                m = self._pdepth[npath - 1]
+                if m < self._nodes[c].hi:
+                    c = self._split(c, m)
+                    self._path[npath - 1] = c
+                if m < L:
+                    term = self._leaf(c, q, m, L)
+                    self._path[npath] = term
+                    npath += 1
+                else:
+                    term = c
+            for i in range(npath):
+                x = self._path[i]
+                self._nodes[x].through += 1
+                self._ws_add(x, slot, 1 if x == term else 0)
+            self._nodes[term].ending += 1
+            self._slot_len[slot] += L - shared
+            self._slot_prompts[slot] += 1
+            self._prompts += 1
+            return L - shared
+        finally:
+            PyBuffer_Release(&kb)
+
+    def remove(self, worker, hashes):
+        """Drop one prompt in flight on ``worker``; return its blocks no longer active there.
+
+        See :meth:`kvroute._route_py.ActivePrefixes.remove`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef Py_buffer kb
+        cdef const uint64_t* q
+        cdef uint32_t L, npath, i, kept = 0
+        cdef long s, at = -1
+        cdef int32_t x, term, last
+        cdef Node* n
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            L = <uint32_t>min(<size_t>kb.shape[0], <size_t>0xFFFFFFFFu)
+            if L == 0:
+                return 0
+            q = <const uint64_t*>kb.buf
+            s = self._slot_get(w)
+            npath = 0
+            if s >= 0:
+                self._reserve_path(L)
+                npath = self._walk(q, L)
+            if npath:
+                term = self._path[npath - 1]
+                n = &self._nodes[term]
+                if self._pdepth[npath - 1] == L and n.hi == L and <size_t>L == <size_t>kb.shape[0]:
+                    at = self._ws_find(n, <uint32_t>s)
+                    if at >= 0 and n.ws[at].ending == 0:
+                        at = -1
+            if at < 0:
+                raise KeyError(
+                    f"no prompt of {kb.shape[0]} blocks equal to this one is in flight on {w}"
+                )
+            last = -1
+            i = npath
+            while i > 0:
+                i -= 1
+                x = self._path[i]
+                n = &self._nodes[x]
+                at = self._ws_find(n, <uint32_t>s)
+                n.through -= 1
+                n.ws[at].through -= 1
+                if x == term:
+                    n.ending -= 1
+                    n.ws[at].ending -= 1
+                if n.ws[at].through == 0:
+                    self._ws_drop(n, <uint32_t>at)
+                elif kept == 0:
+                    kept = n.hi
+                if n.through == 0:
+                    self._delete(x)
+                elif last < 0:
+                    last = x
+            # the deepest node left may now be a pass-through with one child
+            if last > 0 and self._nodes[last].ending == 0 and self._nodes[last].nchildren == 1:
+                self._merge_down(last)
+            self._slot_len[s] -= L - kept
+            self._slot_prompts[s] -= 1
+            self._prompts -= 1
+            return L - kept
+        finally:
+            PyBuffer_Release(&kb)
+
+    cdef uint32_t _match_locked(self, Py_buffer* kb) except? 0xFFFFFFFF:
+        """Walk ``kb``; stamp every slot on the path with the depth it reaches. Returns L."""
+        cdef uint32_t L = <uint32_t>min(<size_t>kb.shape[0], <size_t>0xFFFFFFFFu)
+        cdef uint32_t npath, i, j, d
+        cdef Node* n
+        self._epoch += 1
+        if self._epoch == 0:
+            if self._slot_cap:
+                memset(self._ep, 0, self._slot_cap * sizeof(uint32_t))
+            self._epoch = 1
+        if L == 0 or self._prompts == 0:
+            return L
+        self._reserve_path(L)
+        npath = self._walk(<const uint64_t*>kb.buf, L)
+        for i in range(npath):
+            n = &self._nodes[self._path[i]]
+            d = self._pdepth[i]
+            for j in range(n.nws):
+                self._ep[n.ws[j].slot] = self._epoch
+                self._depth[n.ws[j].slot] = d
+        return L
+
+    def match_array(self, hashes, workers):
+        """For each id in ``workers``, how many leading blocks of ``hashes`` are active on it.
+
+        See :meth:`kvroute._route_py.ActivePrefixes.match_array`.
+        """
+        cdef Py_buffer kb, wb
+        cdef size_t j, nw
+        cdef const uint64_t* ids
+        cdef long s
+        cdef uint32_t[::1] out
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            _get_keys(workers, "workers", &wb)
+        except BaseException:
+            PyBuffer_Release(&kb)
+            raise
+        try:
+            nw = <size_t>wb.shape[0]
+            result = np.zeros(nw, dtype=np.uint32)
+            out = result
+            ids = <const uint64_t*>wb.buf
+            self._match_locked(&kb)
+            if self._prompts:
+                for j in range(nw):
+                    s = self._slot_get(ids[j])
+                    if s >= 0 and self._ep[s] == self._epoch:
+                        out[j] = self._depth[s]
+        finally:
+            PyBuffer_Release(&kb)
+            PyBuffer_Release(&wb)
+        return result
+
+    def new_blocks(self, hashes, workers):
+        """For each id in ``workers``, how many blocks of ``hashes`` are not active on it.
+
+        See :meth:`kvroute._route_py.ActivePrefixes.new_blocks`.
+        """
+        cdef Py_buffer kb, wb
+        cdef size_t j, nw
+        cdef const uint64_t* ids
+        cdef long s
+        cdef uint32_t L
+        cdef double[::1] out
+        _get_keys(hashes, "hashes", &kb)
+        try:
+            _get_keys(workers, "workers", &wb)
+        except BaseException:
+            PyBuffer_Release(&kb)
+            raise
+        try:
+            nw = <size_t>wb.shape[0]
+            result = np.empty(nw, dtype=np.float64)
+            out = result
+            ids = <const uint64_t*>wb.buf
+            L = self._match_locked(&kb)
+            for j in range(nw):
+                out[j] = <double>kb.shape[0]
+            if self._prompts:
+                for j in range(nw):
+                    s = self._slot_get(ids[j])
+                    if s >= 0 and self._ep[s] == self._epoch:
+                        out[j] -= self._depth[s]
+        finally:
+            PyBuffer_Release(&kb)
+            PyBuffer_Release(&wb)
+        return result
+
+    def worker_len(self, worker):
+        """Distinct blocks (prefixes) of ``worker``'s prompts in flight; 0 if it has none."""
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef long s = self._slot_get(w)
+        return 0 if s < 0 else self._slot_len[s]
+
+    def remove_worker(self, worker):
+        """Drop every prompt of ``worker``; return how many there were.
+
+        See :meth:`kvroute._route_py.ActivePrefixes.remove_worker`.
+        """
+        cdef uint64_t w = _u64(worker, "worker")
+        cdef long s = self._slot_get(w)
+        cdef uint64_t n
+        cdef int32_t* order
+        cdef int32_t x, c, head, tail, k
+        cdef long at
+        cdef Node* node
+        if s < 0:
+            return 0
+        n = self._slot_prompts[s]
+        if n:
+            # Take the worker out of every node, then repair the tree bottom-up
+            # (children before parents: reverse breadth-first order).
+            order = <int32_t*>malloc(self._nnodes * sizeof(int32_t))
+            if order == NULL:
+                raise MemoryError()
+            try:
+                head = tail = 0
+                order[tail] = 0
+                tail += 1
+                while head < tail:
+                    x = order[head]
+                    head += 1
+                    c = self._nodes[x].first_child
+                    while c >= 0:
+                        order[tail] = c
+                        tail += 1
+                        c = self._nodes[c].next_sib
+                k = tail
+                while k > 1:
+                    k -= 1
+                    x = order[k]
+                    node = &self._nodes[x]
+                    at = self._ws_find(node, <uint32_t>s)
+                    if at >= 0:
+                        node.through -= node.ws[at].through
+                        node.ending -= node.ws[at].ending
+                        self._ws_drop(node, <uint32_t>at)
+                    if node.through == 0:
+                        self._delete(x)
+                    elif node.ending == 0 and node.nchildren == 1:
+                        self._merge_down(x)
+            finally:
+                free(order)
+            self._prompts -= n
+        del self._slot_of[w]
+        self._st_del(w)
+        self._slot_free[self._nslot_free] = <uint32_t>s
+        self._nslot_free += 1
+        return n
+
+    def __len__(self):
+        """Prompts in flight, all workers."""
+        return self._prompts
+
+    def sizeof(self):
+        """Bytes this object owns (nodes, their keys and worker entries, tables)."""
+        cdef size_t total
+        cdef int32_t x
+        total = self._nodes_cap * (sizeof(Node) + sizeof(int32_t))
+        total += self._ct_cap * sizeof(CEntry) + self._st_cap * sizeof(SEntry)
+        total += self._slot_cap * (3 * sizeof(uint64_t) + 3 * sizeof(uint32_t))
+        total += self._path_cap * (sizeof(int32_t) + sizeof(uint32_t))
+        for x in range(self._nnodes):
+            if self._nodes[x].base != NULL:
+                total += (self._nodes[x].hi - self._nodes[x].lo) * sizeof(uint64_t)
+            total += self._nodes[x].ws_cap * sizeof(WSlot)
+        return total
+
+    def _check(self):
+        """Check the tree's invariants and recount every worker's blocks; AssertionError if off."""
+        cdef int32_t x, c, nlive = 0
+        cdef uint32_t j, kk
+        cdef WSlot wsl
+        cdef Node* n
+        cdef Node* ch
+        cdef dict child_through
+        cdef dict slot_len = {}
+        cdef dict slot_prompts = {}
+        cdef uint64_t prompts = 0, links = 0
+        free_ids = {self._free_nodes[x] for x in range(self._nfree)}
+        assert len(free_ids) == self._nfree, "a node freed twice"
+        assert 0 not in free_ids, "the root was freed"
+        for x in range(self._nnodes):
+            if x in free_ids:
+                continue
+            nlive += 1
+            n = &self._nodes[x]
+            if x == 0:
+                assert n.lo == 0 and n.hi == 0 and n.parent == -1 and n.nws == 0
+            else:
+                assert n.parent >= 0 and n.parent not in free_ids, "dangling parent"
+                assert n.lo == self._nodes[n.parent].hi, "a run does not continue its parent"
+                assert n.hi > n.lo, "empty run"
+                assert self._child(n.parent, n.keys[0]) == x, "child table is off"
+                assert n.through > 0, "a node no prompt goes through"
+                assert n.ending > 0 or n.nchildren != 1, "an uncompressed pass-through node"
+            child_through = {}
+            total = n.ending
+            j = 0
+            c = n.first_child
+            while c >= 0:
+                ch = &self._nodes[c]
+                assert ch.parent == x, "sibling list is off"
+                j += 1
+                total += ch.through
+                for kk in range(ch.nws):
+                    wsl = ch.ws[kk]
+                    child_through[wsl.slot] = child_through.get(wsl.slot, 0) + wsl.through
+                c = ch.next_sib
+            links += j
+            assert j == n.nchildren, "child count is off"
+            if x:
+                assert total == n.through, "through != ending + children's through"
+            through = ending = 0
+            for j in range(n.nws):
+                wsl = n.ws[j]
+                if j:
+                    assert n.ws[j - 1].slot < wsl.slot, "worker entries not sorted"
+                assert wsl.through > 0, "a worker entry with no prompt"
+                assert wsl.through == wsl.ending + child_through.pop(wsl.slot, 0), (
+                    "a worker's through != ending + children's through"
+                )
+                through += wsl.through
+                ending += wsl.ending
+                slot_len[wsl.slot] = slot_len.get(wsl.slot, 0) + (n.hi - n.lo)
+                slot_prompts[wsl.slot] = slot_prompts.get(wsl.slot, 0) + wsl.ending
+            assert x == 0 or not child_through, "a worker in a child but not its parent"
+            if x:
+                assert through == n.through and ending == n.ending, "worker counts are off"
+            prompts += n.ending
+        assert nlive + self._nfree == self._nnodes, "leaked node"
+        assert links + 1 == <uint64_t>nlive, "a node outside the tree"
+        assert self._ct_used == links, "child table holds stale entries"
+        assert prompts == self._prompts, "prompt count is off"
+        assert len(self._slot_of) + self._nslot_free == self._nslots, "leaked slot"
+        for w, slot in self._slot_of.items():
+            assert self._slot_worker[slot] == w and self._slot_get(w) == slot, "slot map is off"
+            assert self._slot_len[slot] == slot_len.get(slot, 0), f"worker {w}: block count is off"
+            assert self._slot_prompts[slot] == slot_prompts.get(slot, 0), "prompt count is off"
+        assert <Py_ssize_t>self._st_used + (self._zero_slot != 0) == len(self._slot_of)
+
+    def __repr__(self):
+        return f"<ActivePrefixes prompts={len(self)} workers={len(self._slot_of)}>"
+
+
+cdef bint _grow(void** p, size_t n, size_t item) noexcept:
+    cdef void* q = realloc(p[0], n * item)
+    if q == NULL:
+        return False
+    p[0] = q
+    return True
+
+
+# -- fresh decisions ---------------------------------------------------------
+
+cdef inline size_t _chained_cp(const uint64_t* a, size_t na, const uint64_t* b, size_t nb) noexcept nogil:
+    cdef size_t m = na if na < nb else nb, lo, hi, mid
+    if m == 0 or a[m - 1] == b[m - 1]:
+        return m
+    lo = 0
+    hi = m - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def common_prefix(a, b):
+    """Length of the longest common prefix of two key arrays (every key compared).
+
+    See :func:`kvroute._route_py.common_prefix`.
+    """
+    cdef Py_buffer ab, bb
+    cdef size_t m, i = 0
+    cdef const uint64_t* x
+    cdef const uint64_t* y
+    _get_keys(a, "hashes", &ab)
+    try:
+        _get_keys(b, "hashes", &bb)
+    except BaseException:
+        PyBuffer_Release(&ab)
+        raise
+    try:
+        x = <const uint64_t*>ab.buf
+        y = <const uint64_t*>bb.buf
+        m = min(<size_t>ab.shape[0], <size_t>bb.shape[0])
+        while i < m and x[i] == y[i]:
+            i += 1
+        return i
+    finally:
+        PyBuffer_Release(&ab)
+        PyBuffer_Release(&bb)
+
+
+def chained_common_prefix(a, b):
+    """Length of the common prefix of two arrays of *chained* keys, by bisection.
+
+    See :func:`kvroute._route_py.chained_common_prefix`.
+    """
+    cdef Py_buffer ab, bb
+    _get_keys(a, "hashes", &ab)
+    try:
+        _get_keys(b, "hashes", &bb)
+    except BaseException:
+        PyBuffer_Release(&ab)
+        raise
+    try:
+        return _chained_cp(<const uint64_t*>ab.buf, <size_t>ab.shape[0],
+                           <const uint64_t*>bb.buf, <size_t>bb.shape[0])
+    finally:
+        PyBuffer_Release(&ab)
+        PyBuffer_Release(&bb)
+
+
+def fresh_overlay(entries, hashes, double now, int64_t[::1] ov, pos, bint skip_known,
+                  int64_t[::1] host=None, int64_t[::1] disk=None):
+    """Raise ``ov[pos[worker]]`` to the common prefix of ``hashes`` with each live decision.
+
+    See :func:`kvroute._route_py.fresh_overlay`.
+    """
+    cdef Py_buffer qb, hb
+    cdef const uint64_t* q
+    cdef const uint64_t* h
+    cdef size_t nq, nh, k
+    cdef Py_ssize_t p
+    cdef int raised = 0
+    cdef dict found = {}
+    _get_keys(hashes, "hashes", &qb)
+    try:
+        q = <const uint64_t*>qb.buf
+        nq = <size_t>qb.shape[0]
+        for worker, harr, expiry in entries:
+            if expiry <= now:
+                continue
+            _get_keys(harr, "hashes", &hb)
+            try:
+                h = <const uint64_t*>hb.buf
+                nh = <size_t>hb.shape[0]
+                if skip_known:
+                    pp = pos.get(worker)
+                    k = 0 if pp is None else <size_t>ov[<Py_ssize_t>pp]
+                    if k >= nh or k >= nq or h[k] != q[k]:
+                        continue
+                k = _chained_cp(h, nh, q, nq)
+            finally:
+                PyBuffer_Release(&hb)
+            if k > found.get(worker, 0):
+                found[worker] = k
+    finally:
+        PyBuffer_Release(&qb)
+    for worker, kk in found.items():
+        pp = pos.get(worker)
+        if pp is not None:
+            p = pp
+            if kk > ov[p]:
+                ov[p] = kk
+                if host is not None and disk is not None:
+                    host[p] = 0
+                    disk[p] = 0
+                raised += 1
+    return raised
+
+
+# -- helpers shared with the index's conventions -------------------------------
+
+cdef int _get_keys(object obj, str what, Py_buffer* view) except -1:
+    """Fill ``view`` with ``obj`` as contiguous uint64 keys, validated exactly like the twin.
+
+    Zero-copy for a contiguous native-endian uint64 array; anything else goes
+    through the twin's converter (which raises the errors). The caller releases ``view``.
+    """
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
+    except (TypeError, ValueError, BufferError):
+        pass
+    else:
+        if view.ndim == 1 and view.itemsize == 8 and _is_native_u64(view.format):
+            return 0
+        PyBuffer_Release(view)
+    PyObject_GetBuffer(as_u64_array(obj, what), view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
+    return 0
+
+
+cdef inline bint _is_native_u64(const char* f) noexcept:
+    if f == NULL:
+        return False
+    if f[0] == b"=" or f[0] == b"@":
+        f += 1
+    return (f[0] == b"Q" or f[0] == b"L") and f[1] == 0
+
+
+cdef inline uint64_t _u64(object v, str what) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t out
+    if type(v) is int:
+        try:
+            out = v
+            return out
+        except OverflowError:
+            pass
+    return check_u64(v, what)

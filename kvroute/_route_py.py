@@ -1,0 +1,323 @@
+"""Reference twin of the router's compiled kernels (``kvroute/_route.pyx``): plain lists.
+
+This module is the specification. ``kvroute/_route.pyx`` must behave exactly
+like it: same names, same ``inspect.signature`` parameter names, same results
+and the same exceptions for the same input. It is written naively on purpose
+(a trie of plain dicts, one node per block, where the compiled twin has a
+compressed radix tree and hash tables) so that the two share few bugs;
+``tests/test_router_kernels.py`` runs every test against both, and holds both
+to a list of prompts compared key by key.
+
+:class:`ActivePrefixes` is the router's record of the prompts in flight, per
+worker, from which Dynamo's *active decode blocks* follow: the unique blocks
+of a worker's in-flight prompts, a prefix shared by several of them counted
+once. A block is identified by its position and everything before it (which
+is what a chained block key encodes), so the unique blocks of a set of
+prompts are its distinct prefixes, and the blocks of a new prompt that a
+worker already holds are its longest common prefix with one of the worker's
+prompts. With kvroute's chained keys that is exactly "the distinct keys" and
+"the leading keys already present"; the twins compare whole prefixes, so
+they are exact for any keys.
+
+:func:`fresh_overlay` is the loop of
+:meth:`kvroute.approx.FreshDecisions.overlay`: it raises the router's
+per-worker overlap to the common prefix with each fresh decision.
+
+Not thread-safe: the router calls both under its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._convert import as_u64_array, check_u64
+
+__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
+
+U64 = npt.NDArray[np.uint64]
+
+
+def common_prefix(a: U64, b: U64) -> int:
+    """Length of the longest common prefix of two key arrays (every key compared).
+
+    >>> common_prefix(np.array([1, 2, 3], np.uint64), np.array([1, 2, 4, 5], np.uint64))
+    2
+
+    Runtime complexity: O(min(len(a), len(b))).
+    """
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if len(diff) else m
+
+
+def chained_common_prefix(a: U64, b: U64) -> int:
+    """Length of the common prefix of two arrays of *chained* keys, by bisection.
+
+    ``a[i] == b[i]`` implies ``a[:i] == b[:i]`` for chained keys, so the first
+    difference is found in O(log n) comparisons. The same function as
+    :func:`kvroute.approx.chained_common_prefix` (which documents it).
+    """
+    m = min(len(a), len(b))
+    if m == 0 or a[m - 1] == b[m - 1]:
+        return m
+    lo, hi = 0, m - 1  # a[:lo] == b[:lo], and a[hi] != b[hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class _Node:
+    """One block of the prompts in flight: its prefix is the path from the root."""
+
+    __slots__ = ("children", "ending", "through")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.through: dict[int, int] = {}  # worker -> its prompts containing this block
+        self.ending: dict[int, int] = {}  # worker -> its prompts ending at this block
+
+
+class ActivePrefixes:
+    """The prompts of the requests in flight, per worker: their shared prefixes counted once.
+
+    >>> ap = ActivePrefixes()
+    >>> ap.add(7, np.array([1, 2, 3], np.uint64))        # 3 blocks new to worker 7
+    3
+    >>> ap.add(7, np.array([1, 2, 9, 9], np.uint64))     # [1, 2] is already active there
+    2
+    >>> ap.worker_len(7), len(ap)
+    (5, 2)
+    >>> ap.match_array(np.array([1, 2, 9, 4], np.uint64), np.array([7, 8], np.uint64)).tolist()
+    [3, 0]
+    >>> ap.remove(7, np.array([1, 2, 3], np.uint64))     # block 3 leaves; [1, 2] stays
+    1
+    >>> ap.worker_len(7)
+    4
+
+    An empty prompt is not recorded (adding or removing it returns 0).
+    The keys are copied: the caller may reuse its arrays.
+
+    Model: a trie with one node per distinct prefix (plain dicts), each node
+    counting, per worker, the prompts that contain it and those that end at
+    it. A worker's active blocks are the nodes it is in. (The compiled twin
+    is a compressed radix tree; the tests hold both to a list of prompts.)
+    """
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._len: dict[int, int] = {}
+        self._count: dict[int, int] = {}
+
+    def add(self, worker: int, hashes: Any) -> int:
+        """Record one more prompt in flight on ``worker``.
+
+        Runtime complexity: O(len(hashes)).
+
+        :returns: how many of its blocks were not yet active on the worker.
+        :raises TypeError, OverflowError: a bad worker id or key.
+        """
+        w = check_u64(worker, "worker")
+        h = as_u64_array(hashes)
+        if len(h) == 0:
+            return 0
+        node, new = self._root, 0
+        for k in h.tolist():
+            child = node.children.get(k)
+            if child is None:
+                child = node.children[k] = _Node()
+            n = child.through.get(w, 0)
+            new += n == 0
+            child.through[w] = n + 1
+            node = child
+        node.ending[w] = node.ending.get(w, 0) + 1
+        self._len[w] = self._len.get(w, 0) + new
+        self._count[w] = self._count.get(w, 0) + 1
+        return new
+
+    def remove(self, worker: int, hashes: Any) -> int:
+        """Drop one prompt in flight on ``worker``, equal to ``hashes``.
+
+        Runtime complexity: O(len(hashes)).
+
+        :returns: how many of its blocks are no longer active on the worker.
+        :raises KeyError: no such prompt is in flight on ``worker``.
+        :raises TypeError, OverflowError: a bad worker id or key.
+        """
+        w = check_u64(worker, "worker")
+        h = as_u64_array(hashes)
+        if len(h) == 0:
+            return 0
+        steps: list[tuple[_Node, int, _Node]] = []
+        node = self._root
+        for k in h.tolist():
+            child = node.children.get(k)
+            if child is None or w not in child.through:
+                break
+            steps.append((node, k, child))
+            node = child
+        if len(steps) != len(h) or not node.ending.get(w):
+            raise KeyError(f"no prompt of {len(h)} blocks equal to this one is in flight on {w}")
+        node.ending[w] -= 1
+        if not node.ending[w]:
+            del node.ending[w]
+        gone = 0
+        for parent, k, child in reversed(steps):
+            child.through[w] -= 1
+            if not child.through[w]:
+                del child.through[w]
+                gone += 1
+                if not child.through:
+                    del parent.children[k]
+        self._len[w] -= gone
+        self._count[w] -= 1
+        if not self._count[w]:
+            del self._count[w], self._len[w]
+        return gone
+
+    def match_array(self, hashes: Any, workers: Any) -> npt.NDArray[np.uint32]:
+        """For each id in ``workers``, how many leading blocks of ``hashes`` are active on it.
+
+        Runtime complexity: O(len(hashes) + len(workers)).
+
+        :raises TypeError, OverflowError: bad keys or worker ids.
+        """
+        h = as_u64_array(hashes)
+        ws = as_u64_array(workers, "workers")
+        depth: dict[int, int] = {}
+        held: dict[int, int] = {}
+        node, i = self._root, 0
+        for k in h.tolist():
+            child = node.children.get(k)
+            if child is None:
+                break
+            # a block's workers are a subset of its parent's: note only who drops out
+            if len(child.through) != len(held):
+                for w in held:
+                    if w not in child.through:
+                        depth[w] = i
+                held = child.through
+            node, i = child, i + 1
+        for w in held:
+            depth[w] = i
+        return np.array([depth.get(w, 0) for w in ws.tolist()], np.uint32)
+
+    def new_blocks(self, hashes: Any, workers: Any) -> npt.NDArray[np.float64]:
+        """For each id in ``workers``, how many blocks of ``hashes`` are not active on it.
+
+        ``len(hashes) - match_array(hashes, workers)``, as float64.
+        """
+        h = as_u64_array(hashes)
+        shared = self.match_array(h, workers)
+        return len(h) - shared.astype(np.float64)
+
+    def worker_len(self, worker: int) -> int:
+        """Distinct blocks (prefixes) of ``worker``'s prompts in flight; 0 if it has none."""
+        return self._len.get(check_u64(worker, "worker"), 0)
+
+    def remove_worker(self, worker: int) -> int:
+        """Drop every prompt of ``worker``; return how many there were.
+
+        Runtime complexity: O(blocks in flight, all workers).
+        """
+        w = check_u64(worker, "worker")
+        if w not in self._count:
+            return 0
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            for k, child in list(node.children.items()):
+                if child.through.pop(w, None) is None:
+                    continue  # w is in none of this block's descendants either
+                child.ending.pop(w, None)
+                if child.through:
+                    stack.append(child)
+                else:
+                    del node.children[k]
+        self._len.pop(w)
+        return self._count.pop(w)
+
+    def __len__(self) -> int:
+        """Prompts in flight, all workers."""
+        return sum(self._count.values())
+
+    def _check(self) -> None:
+        """Recount every worker's blocks and prompts from the trie; AssertionError if off."""
+        blocks: dict[int, int] = {}
+        prompts: dict[int, int] = {}
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            below: dict[int, int] = {}
+            for child in node.children.values():
+                assert child.through, "a block no prompt holds"
+                for w, n in child.through.items():
+                    below[w] = below.get(w, 0) + n
+                stack.append(child)
+            if node is self._root:
+                assert not node.through and not node.ending
+                continue
+            assert set(below) <= set(node.through), "a worker in a block but not its prefix"
+            for w, n in node.through.items():
+                assert n == node.ending.get(w, 0) + below.get(w, 0), "counts do not add up"
+                blocks[w] = blocks.get(w, 0) + 1
+            for w, n in node.ending.items():
+                assert n > 0 and w in node.through
+                prompts[w] = prompts.get(w, 0) + n
+        assert blocks == self._len, "block counts drifted"
+        assert prompts == self._count, "prompt counts drifted"
+
+    def __repr__(self) -> str:
+        return f"<ActivePrefixes prompts={len(self)} workers={len(self._count)}>"
+
+
+def fresh_overlay(
+    entries: Iterable[list[Any]],
+    hashes: U64,
+    now: float,
+    ov: npt.NDArray[np.int64],
+    pos: Mapping[int, int],
+    skip_known: bool,
+    host: npt.NDArray[np.int64] | None = None,
+    disk: npt.NDArray[np.int64] | None = None,
+) -> int:
+    """Raise ``ov[pos[worker]]`` to the common prefix of ``hashes`` with each live decision.
+
+    :param entries: remembered decisions ``[worker, hashes, expiry]`` (at most
+        one per worker), those with ``expiry <= now`` ignored.
+    :param ov: per position, the overlap known so far (from the index), raised in place.
+    :param pos: worker id -> position in ``ov``; decisions for other workers are ignored.
+    :param skip_known: skip a decision that differs from ``hashes`` at the block
+        where the worker's known overlap ends (it cannot beat it: chained keys).
+    :param host, disk: per-tier overlaps, zeroed where ``ov`` is raised
+        (predicted residency counts as device).
+    :returns: how many positions were raised.
+    """
+    found: dict[int, int] = {}
+    for worker, h, expiry in entries:
+        if expiry <= now:
+            continue
+        if skip_known:
+            p = pos.get(worker)
+            k = 0 if p is None else int(ov[p])
+            if k >= len(h) or k >= len(hashes) or h[k] != hashes[k]:
+                continue
+        k = chained_common_prefix(h, hashes)
+        if k > found.get(worker, 0):
+            found[worker] = k
+    raised = 0
+    for worker, k in found.items():
+        p = pos.get(worker)
+        if p is not None and k > ov[p]:
+            ov[p] = k
+            if host is not None and disk is not None:
+                host[p] = disk[p] = 0
+            raised += 1
+    return raised
