@@ -40,7 +40,9 @@ from cpython.pythread cimport (
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memmove, memset
-from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release
+from cpython.buffer cimport PyBuffer_Release
+
+from ._buffers cimport as_u64, get_keys, grow_array
 
 cdef extern from *:
     """
@@ -54,7 +56,7 @@ cdef extern from *:
 
 import numpy as np
 
-from ._convert import TIERS, as_u64_array, check_u64, tier_index
+from ._convert import TIERS, tier_index
 
 __all__ = ["MAX_COPIES", "TIERS", "BlockIndex"]
 
@@ -566,16 +568,16 @@ cdef class BlockIndex:
         if cap <= self._slot_cap:
             raise OverflowError(f"too many live workers (at most {SLOT_MAX + 1})")
         if not (
-            _grow_array(<void**>&self._slot_worker, cap, sizeof(uint64_t))
-            and _grow_array(<void**>&self._slot_live, cap, sizeof(uint8_t))
-            and _grow_array(<void**>&self._slot_resident, cap, sizeof(uint64_t))
-            and _grow_array(<void**>&self._slot_handles, cap, sizeof(HMap*))
-            and _grow_array(<void**>&self._slot_free, cap, sizeof(uint32_t))
-            and _grow_array(<void**>&self._ep, cap, sizeof(uint32_t))
-            and _grow_array(<void**>&self._cnt, cap, sizeof(uint32_t))
-            and _grow_array(<void**>&self._tier_cnt, cap * 3, sizeof(uint32_t))
-            and _grow_array(<void**>&self._hits, cap, sizeof(uint32_t))
-            and _grow_array(<void**>&self._alive, cap, sizeof(uint32_t))
+            grow_array(<void**>&self._slot_worker, cap, sizeof(uint64_t))
+            and grow_array(<void**>&self._slot_live, cap, sizeof(uint8_t))
+            and grow_array(<void**>&self._slot_resident, cap, sizeof(uint64_t))
+            and grow_array(<void**>&self._slot_handles, cap, sizeof(HMap*))
+            and grow_array(<void**>&self._slot_free, cap, sizeof(uint32_t))
+            and grow_array(<void**>&self._ep, cap, sizeof(uint32_t))
+            and grow_array(<void**>&self._cnt, cap, sizeof(uint32_t))
+            and grow_array(<void**>&self._tier_cnt, cap * 3, sizeof(uint32_t))
+            and grow_array(<void**>&self._hits, cap, sizeof(uint32_t))
+            and grow_array(<void**>&self._alive, cap, sizeof(uint32_t))
         ):
             raise MemoryError()
         for i in range(self._slot_cap, cap):
@@ -729,7 +731,7 @@ cdef class BlockIndex:
 
         See :meth:`kvroute._index_py.BlockIndex.store`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef Py_buffer kb, eb
         cdef uint64_t p = 0
         cdef int t, failed = 0
@@ -738,14 +740,14 @@ cdef class BlockIndex:
         cdef const uint64_t* eng = NULL
         cdef Entry* pe
         cdef bint has_eb = False
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
             n = <size_t>kb.shape[0]
             if parent is not None:
-                p = _u64(parent, "parent")
+                p = as_u64(parent, "parent")
             t = _tier(tier)
             if engine_hashes is not None:
-                _get_keys(engine_hashes, "engine_hashes", &eb)
+                get_keys(engine_hashes, "engine_hashes", &eb)
                 has_eb = True
                 if <size_t>eb.shape[0] != n:
                     raise ValueError(
@@ -778,14 +780,14 @@ cdef class BlockIndex:
 
         See :meth:`kvroute._index_py.BlockIndex.remove`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef Py_buffer kb
         cdef int t, eng = bool(engine)
         cdef uint64_t unknown
         cdef size_t n
         cdef object s
         cdef uint32_t slot
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
             n = <size_t>kb.shape[0]
             t = _tier(tier)
@@ -842,7 +844,7 @@ cdef class BlockIndex:
 
         See :meth:`kvroute._index_py.BlockIndex.clear`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef object s
         self._acquire()
         try:
@@ -856,7 +858,7 @@ cdef class BlockIndex:
 
         See :meth:`kvroute._index_py.BlockIndex.remove_worker`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef object s
         cdef uint32_t slot
         cdef uint64_t n
@@ -1009,7 +1011,7 @@ cdef class BlockIndex:
         cdef Py_buffer kb
         cdef uint32_t nhits, j, slot
         cdef dict out = {}
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
             self._acquire()
             try:
@@ -1055,9 +1057,9 @@ cdef class BlockIndex:
         cdef const uint64_t* ids
         cdef uint64_t slot
         cdef uint32_t[::1] out
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
-            _get_keys(workers, "workers", &wb)
+            get_keys(workers, "workers", &wb)
         except BaseException:
             PyBuffer_Release(&kb)
             raise
@@ -1087,8 +1089,8 @@ cdef class BlockIndex:
 
         See :meth:`kvroute._index_py.BlockIndex.resolve`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
-        cdef uint64_t h = _u64(engine_hash, "engine_hash")
+        cdef uint64_t w = as_u64(worker, "worker")
+        cdef uint64_t h = as_u64(engine_hash, "engine_hash")
         cdef uint64_t k = 0
         cdef int found = 0
         self._acquire()
@@ -1110,7 +1112,7 @@ cdef class BlockIndex:
 
     def worker_len(self, worker):
         """Number of distinct blocks ``worker`` holds (0 for an unknown worker)."""
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         self._acquire()
         try:
             s = self._slot_of.get(w)
@@ -1249,52 +1251,6 @@ cdef class BlockIndex:
         )
 
 
-cdef bint _grow_array(void** p, size_t n, size_t item) noexcept:
-    cdef void* q = realloc(p[0], n * item)
-    if q == NULL:
-        return False
-    p[0] = q
-    return True
-
-
-cdef int _get_keys(object obj, str what, Py_buffer* view) except -1:
-    """Fill ``view`` with ``obj`` as contiguous uint64 keys, validated exactly like the twin.
-
-    Zero-copy for a contiguous native-endian uint64 array or ``array('Q')``;
-    anything else goes through the twin's converter (which raises the errors).
-    The caller releases ``view``.
-    """
-    try:
-        PyObject_GetBuffer(obj, view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
-    except (TypeError, ValueError, BufferError):
-        pass
-    else:
-        if view.ndim == 1 and view.itemsize == 8 and _is_native_u64(view.format):
-            return 0
-        PyBuffer_Release(view)
-    PyObject_GetBuffer(as_u64_array(obj, what), view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
-    return 0
-
-
-cdef inline bint _is_native_u64(const char* f) noexcept:
-    # struct-module codes for a native-endian unsigned 64-bit item: Q, L, =Q, @L ...
-    if f == NULL:
-        return False
-    if f[0] == b"=" or f[0] == b"@":
-        f += 1
-    return (f[0] == b"Q" or f[0] == b"L") and f[1] == 0
-
-
-cdef inline uint64_t _u64(object v, str what) except? 0xFFFFFFFFFFFFFFFF:
-    """``v`` as a uint64; the twin's check_u64 raises the errors (same text)."""
-    cdef uint64_t out
-    if type(v) is int:
-        try:
-            out = v
-            return out
-        except OverflowError:
-            pass
-    return check_u64(v, what)
 
 
 cdef inline int _tier(object tier) except -1:

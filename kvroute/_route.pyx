@@ -28,11 +28,13 @@
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
-from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release
+from cpython.buffer cimport PyBuffer_Release
+
+from ._buffers cimport as_u64, get_keys, grow_array
 
 import numpy as np
 
-from ._convert import as_u64_array, check_u64
+
 
 __all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
 
@@ -330,12 +332,12 @@ cdef class ActivePrefixes:
             if self._nslots == self._slot_cap:
                 cap = self._slot_cap * 2 if self._slot_cap else 16
                 if not (
-                    _grow(<void**>&self._slot_worker, cap, sizeof(uint64_t))
-                    and _grow(<void**>&self._slot_len, cap, sizeof(uint64_t))
-                    and _grow(<void**>&self._slot_prompts, cap, sizeof(uint64_t))
-                    and _grow(<void**>&self._slot_free, cap, sizeof(uint32_t))
-                    and _grow(<void**>&self._ep, cap, sizeof(uint32_t))
-                    and _grow(<void**>&self._depth, cap, sizeof(uint32_t))
+                    grow_array(<void**>&self._slot_worker, cap, sizeof(uint64_t))
+                    and grow_array(<void**>&self._slot_len, cap, sizeof(uint64_t))
+                    and grow_array(<void**>&self._slot_prompts, cap, sizeof(uint64_t))
+                    and grow_array(<void**>&self._slot_free, cap, sizeof(uint32_t))
+                    and grow_array(<void**>&self._ep, cap, sizeof(uint32_t))
+                    and grow_array(<void**>&self._depth, cap, sizeof(uint32_t))
                 ):
                     raise MemoryError()
                 memset(&self._ep[self._slot_cap], 0, (cap - self._slot_cap) * sizeof(uint32_t))
@@ -601,12 +603,12 @@ cdef class ActivePrefixes:
 
         See :meth:`kvroute._route_py.ActivePrefixes.add`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef Py_buffer kb
         cdef const uint64_t* q
         cdef uint32_t L, npath, i, shared = 0, slot, m
         cdef int32_t x, c, term
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
             if <size_t>kb.shape[0] >= 0xFFFFFFFFu:
                 raise OverflowError("a prompt of 2**32 blocks or more")
@@ -657,14 +659,14 @@ cdef class ActivePrefixes:
 
         See :meth:`kvroute._route_py.ActivePrefixes.remove`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef Py_buffer kb
         cdef const uint64_t* q
         cdef uint32_t L, npath, i, kept = 0
         cdef long s, at = -1
         cdef int32_t x, term, last
         cdef Node* n
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
             L = <uint32_t>min(<size_t>kb.shape[0], <size_t>0xFFFFFFFFu)
             if L == 0:
@@ -748,9 +750,9 @@ cdef class ActivePrefixes:
         cdef const uint64_t* ids
         cdef long s
         cdef uint32_t[::1] out
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
-            _get_keys(workers, "workers", &wb)
+            get_keys(workers, "workers", &wb)
         except BaseException:
             PyBuffer_Release(&kb)
             raise
@@ -781,9 +783,9 @@ cdef class ActivePrefixes:
         cdef long s
         cdef uint32_t L
         cdef double[::1] out
-        _get_keys(hashes, "hashes", &kb)
+        get_keys(hashes, "hashes", &kb)
         try:
-            _get_keys(workers, "workers", &wb)
+            get_keys(workers, "workers", &wb)
         except BaseException:
             PyBuffer_Release(&kb)
             raise
@@ -807,7 +809,7 @@ cdef class ActivePrefixes:
 
     def worker_len(self, worker):
         """Distinct blocks (prefixes) of ``worker``'s prompts in flight; 0 if it has none."""
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef long s = self._slot_get(w)
         return 0 if s < 0 else self._slot_len[s]
 
@@ -816,7 +818,7 @@ cdef class ActivePrefixes:
 
         See :meth:`kvroute._route_py.ActivePrefixes.remove_worker`.
         """
-        cdef uint64_t w = _u64(worker, "worker")
+        cdef uint64_t w = as_u64(worker, "worker")
         cdef long s = self._slot_get(w)
         cdef uint64_t n
         cdef int32_t* order
@@ -962,14 +964,6 @@ cdef class ActivePrefixes:
         return f"<ActivePrefixes prompts={len(self)} workers={len(self._slot_of)}>"
 
 
-cdef bint _grow(void** p, size_t n, size_t item) noexcept:
-    cdef void* q = realloc(p[0], n * item)
-    if q == NULL:
-        return False
-    p[0] = q
-    return True
-
-
 # -- fresh decisions ---------------------------------------------------------
 
 cdef inline size_t _chained_cp(const uint64_t* a, size_t na, const uint64_t* b, size_t nb) noexcept nogil:
@@ -996,9 +990,9 @@ def common_prefix(a, b):
     cdef size_t m, i = 0
     cdef const uint64_t* x
     cdef const uint64_t* y
-    _get_keys(a, "hashes", &ab)
+    get_keys(a, "hashes", &ab)
     try:
-        _get_keys(b, "hashes", &bb)
+        get_keys(b, "hashes", &bb)
     except BaseException:
         PyBuffer_Release(&ab)
         raise
@@ -1020,9 +1014,9 @@ def chained_common_prefix(a, b):
     See :func:`kvroute._route_py.chained_common_prefix`.
     """
     cdef Py_buffer ab, bb
-    _get_keys(a, "hashes", &ab)
+    get_keys(a, "hashes", &ab)
     try:
-        _get_keys(b, "hashes", &bb)
+        get_keys(b, "hashes", &bb)
     except BaseException:
         PyBuffer_Release(&ab)
         raise
@@ -1047,14 +1041,14 @@ def fresh_overlay(entries, hashes, double now, int64_t[::1] ov, pos, bint skip_k
     cdef Py_ssize_t p
     cdef int raised = 0
     cdef dict found = {}
-    _get_keys(hashes, "hashes", &qb)
+    get_keys(hashes, "hashes", &qb)
     try:
         q = <const uint64_t*>qb.buf
         nq = <size_t>qb.shape[0]
         for worker, harr, expiry in entries:
             if expiry <= now:
                 continue
-            _get_keys(harr, "hashes", &hb)
+            get_keys(harr, "hashes", &hb)
             try:
                 h = <const uint64_t*>hb.buf
                 nh = <size_t>hb.shape[0]
@@ -1081,42 +1075,3 @@ def fresh_overlay(entries, hashes, double now, int64_t[::1] ov, pos, bint skip_k
                     disk[p] = 0
                 raised += 1
     return raised
-
-
-# -- helpers shared with the index's conventions -------------------------------
-
-cdef int _get_keys(object obj, str what, Py_buffer* view) except -1:
-    """Fill ``view`` with ``obj`` as contiguous uint64 keys, validated exactly like the twin.
-
-    Zero-copy for a contiguous native-endian uint64 array; anything else goes
-    through the twin's converter (which raises the errors). The caller releases ``view``.
-    """
-    try:
-        PyObject_GetBuffer(obj, view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
-    except (TypeError, ValueError, BufferError):
-        pass
-    else:
-        if view.ndim == 1 and view.itemsize == 8 and _is_native_u64(view.format):
-            return 0
-        PyBuffer_Release(view)
-    PyObject_GetBuffer(as_u64_array(obj, what), view, PyBUF_ANY_CONTIGUOUS | PyBUF_FORMAT)
-    return 0
-
-
-cdef inline bint _is_native_u64(const char* f) noexcept:
-    if f == NULL:
-        return False
-    if f[0] == b"=" or f[0] == b"@":
-        f += 1
-    return (f[0] == b"Q" or f[0] == b"L") and f[1] == 0
-
-
-cdef inline uint64_t _u64(object v, str what) except? 0xFFFFFFFFFFFFFFFF:
-    cdef uint64_t out
-    if type(v) is int:
-        try:
-            out = v
-            return out
-        except OverflowError:
-            pass
-    return check_u64(v, what)
