@@ -485,7 +485,7 @@ class Router:
             )
         )
 
-    def route(self, request: Request) -> Decision:
+    def route(self, request: Request, *, exclude: Iterable[int] = ()) -> Decision:
         """Choose a worker for ``request`` and start tracking it.
 
         Runtime complexity: O(workers) numpy work plus one index match over
@@ -493,8 +493,10 @@ class Router:
         outside the lock.
 
         :param request: the request; its ``request_id`` must not be in flight.
+        :param exclude: workers this request must not go to (e.g. the ones a
+            proxy's earlier attempts at it failed on); unknown ids are ignored.
         :returns: the decision (worker, matches, predicted cached tokens, costs).
-        :raises NoWorkerAvailable: no healthy worker.
+        :raises NoWorkerAvailable: no healthy worker outside ``exclude``.
         :raises ValueError: the request id is already in flight.
         :raises TypeError: ``request`` is not a :class:`Request`.
         """
@@ -502,8 +504,9 @@ class Router:
             raise TypeError(f"route() takes a Request, not {type(request).__name__}")
         hashes = self._hashes(request)
         prompt = request.num_prompt_tokens(self.block_size)
+        skip = frozenset(check_u64(w, "exclude") for w in exclude)
         with self._lock:
-            return self._route_locked(request, hashes, prompt)
+            return self._route_locked(request, hashes, prompt, skip)
 
     def _maintain(self, now: float) -> None:
         if now >= self._next_sweep:
@@ -627,7 +630,11 @@ class Router:
         return p
 
     def _route_locked(
-        self, request: Request, hashes: npt.NDArray[np.uint64], prompt: int
+        self,
+        request: Request,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        exclude: frozenset[int] = frozenset(),
     ) -> Decision:
         now = self._clock()
         self._maintain(now)
@@ -637,10 +644,14 @@ class Router:
             raise ValueError(f"request {rid!r} is already in flight")
         n = lt.n
         cand: npt.NDArray[np.intp] | None = None
-        if not self._all_healthy:
-            cand = np.flatnonzero(lt.healthy[:n])
+        skip = [p for p in map(lt.pos.get, exclude) if p is not None]
+        if not self._all_healthy or skip:
+            ok = lt.healthy[:n].copy()
+            ok[skip] = False
+            cand = np.flatnonzero(ok)
             if len(cand) == 0:
-                raise NoWorkerAvailable(f"no healthy worker among {n} for request {rid!r}")
+                why = " outside the excluded ones" if skip else ""
+                raise NoWorkerAvailable(f"no healthy worker{why} among {n} for request {rid!r}")
         elif n == 0:
             raise NoWorkerAvailable(f"no worker has been added; cannot route request {rid!r}")
         bs = self.block_size
@@ -657,6 +668,8 @@ class Router:
         if out_blocks:
             new += out_blocks
         pinned = self._pinned(request, now, cand, n)
+        if pinned is not None and int(lt.worker_ids[pinned]) in exclude:
+            pinned = None
         if pinned is not None:
             p = pinned
             name = "pin"
@@ -740,7 +753,8 @@ class Router:
         if pin_ttl is not None and request.session_id is not None:
             self._pins[request.session_id] = (worker, now + pin_ttl)
         self._stats["routed"] += 1
-        seq = self._log("route", request)
+        # exclude is journalled only when given, so plain journals keep their shape
+        seq = self._log("route", request, **({"exclude": exclude} if exclude else {}))
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
 
     # -- lifecycle ---------------------------------------------------------------

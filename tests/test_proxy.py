@@ -274,11 +274,11 @@ def test_an_internal_error_is_a_json_500_and_the_proxy_keeps_serving(
         real = proxy.router.route
         calls = iter([RuntimeError("boom")])
 
-        def flaky(request: Any) -> Any:
+        def flaky(request: Any, **kw: Any) -> Any:
             err = next(calls, None)
             if err is not None:
                 raise err
-            return real(request)
+            return real(request, **kw)
 
         monkeypatch.setattr(proxy.router, "route", flaky)
         url = proxy.url + "/v1/chat/completions"

@@ -697,3 +697,38 @@ def test_router_uses_the_index_it_is_given() -> None:
     r = make(workers=[0, 1], index=idx, policy="cache_aware")
     assert r.index is idx
     assert r.route(Request("a", block_hashes=H(9, 8))).worker == 1
+
+
+def test_exclude_keeps_one_request_off_some_workers_without_touching_their_health() -> None:
+    def fleet() -> Router:
+        r = make(workers=[0, 1, 2], journal=True, policy_params={"seed": 0})
+        r.apply_stored(1, H(1, 2, 3, 4))
+        return r
+
+    r = fleet()
+    got = [r.route(Request("a", block_hashes=H(1, 2, 3, 4, 5)), exclude=[1])]
+    assert got[0].worker != 1 and got[0].matched_blocks == 0  # the warm worker was off limits
+    assert r.load(1)["healthy"]
+    got.append(r.route(Request("b", block_hashes=H(1, 2, 3, 4, 5))))
+    assert got[-1].worker == 1  # the exclusion was for "a" only
+    # A pinned session does not override the exclusion either.
+    pin = {"type": "ephemeral"}
+    got.append(r.route(Request("c", block_hashes=H(1, 2, 3, 4), session_id="s", cache_control=pin)))
+    pinned = got[-1].worker
+    got.append(r.route(Request("d", block_hashes=H(1, 2), session_id="s")))
+    assert (got[-1].worker, got[-1].policy) == (pinned, "pin")
+    got.append(r.route(Request("d2", block_hashes=H(1, 2), session_id="s"), exclude=[pinned]))
+    assert got[-1].worker != pinned
+    got.append(r.route(Request("e", block_hashes=H(9)), exclude=[77]))  # an unknown id: ignored
+    with pytest.raises(NoWorkerAvailable, match="outside the excluded"):
+        r.route(Request("f", block_hashes=H(9)), exclude=[0, 1, 2])
+    with pytest.raises(OverflowError):
+        r.route(Request("g", block_hashes=H(9)), exclude=[-1])
+    # The journal records the exclusions, so replaying it repeats every decision.
+    replay = fleet()
+    routed = [
+        getattr(replay, op)(*args, **kwargs)
+        for _, op, args, kwargs in r.journal()[2:]
+        if op == "route"
+    ]
+    assert [d.worker for d in routed] == [d.worker for d in got]

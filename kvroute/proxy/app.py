@@ -498,23 +498,10 @@ class ProxyApp:
     # -- routing and forwarding ----------------------------------------------------------
 
     def _route(self, request: Request, exclude: list[int]) -> Decision:
-        """Route, with the workers that failed this request excluded.
-
-        The router has no per-request exclusion, so they are marked unhealthy
-        around the call and restored right after. This runs on the event loop
-        with no await in between, so no other request (nor the health
-        checker, which runs on the same loop) sees the change.
-        """
-        flipped = [w for w in exclude if self.pool.workers[w].healthy]
-        for w in flipped:
-            self.router.mark_unhealthy(w)
-        try:
-            t0 = time.perf_counter()
-            decision = self.router.route(request)
-            elapsed = time.perf_counter() - t0
-        finally:
-            for w in flipped:
-                self.router.mark_healthy(w)
+        """Route, with the workers that failed this request excluded."""
+        t0 = time.perf_counter()
+        decision = self.router.route(request, exclude=exclude)
+        elapsed = time.perf_counter() - t0
         self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
         return decision
 
