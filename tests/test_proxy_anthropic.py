@@ -72,8 +72,21 @@ def _session(turns: int) -> Iterator[list[dict[str, Any]]]:
         ]})  # fmt: skip
 
 
+_CLIENTS: list[Any] = []
+
+
 def _client(url: str) -> Any:
-    return anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0)
+    """An SDK client for ``url``, closed after the test (its pool holds sockets)."""
+    client = anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0)
+    _CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])

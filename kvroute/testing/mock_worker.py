@@ -347,6 +347,11 @@ class MockWorker:
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
+            # Stop listening first, then let connections the loop already
+            # accepted finish being set up, so the shutdown below sees them all.
+            for site in list(self._runner.sites):
+                await site.stop()
+            await asyncio.sleep(0.02)
             server = self._runner.server
             transports = [] if server is None else list(server._connections.values())
             await self._runner.cleanup()
