@@ -55,11 +55,19 @@ def common_prefix(a: U64, b: U64) -> int:
 
 
 def chained_common_prefix(a: U64, b: U64) -> int:
-    """Length of the common prefix of two arrays of *chained* keys, by bisection.
+    """Length of the common prefix of two arrays of *chained* block keys.
 
-    ``a[i] == b[i]`` implies ``a[:i] == b[:i]`` for chained keys, so the first
-    difference is found in O(log n) comparisons. The same function as
-    :func:`kvroute.approx.chained_common_prefix` (which documents it).
+    A chained key names its block and its whole prefix, so ``a[i] == b[i]``
+    implies ``a[:i] == b[:i]``: equality is monotone and a bisection finds the
+    first difference in O(log n) scalar comparisons instead of comparing every
+    key. (Two different prefixes sharing a key would take a 64-bit collision.)
+    Arrays that are not chained need :func:`common_prefix`.
+
+    >>> from kvroute.hashing import kvroute_block_hashes
+    >>> a = kvroute_block_hashes(list(range(64)), 16)
+    >>> b = kvroute_block_hashes(list(range(40)) + [9] * 24, 16)
+    >>> chained_common_prefix(a, b)   # blocks 0 and 1 are tokens 0..31 in both
+    2
     """
     m = min(len(a), len(b))
     if m == 0 or a[m - 1] == b[m - 1]:

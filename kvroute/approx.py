@@ -41,12 +41,12 @@ import numpy.typing as npt
 from ._compat import NO_EXTENSIONS
 
 if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._route_py import fresh_overlay
+    from ._route_py import chained_common_prefix, fresh_overlay
 else:
     try:
-        from ._route import fresh_overlay
+        from ._route import chained_common_prefix, fresh_overlay
     except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._route_py import fresh_overlay
+        from ._route_py import chained_common_prefix, fresh_overlay
 
 __all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
 
@@ -203,34 +203,6 @@ class PredictedResidency:
             assert ref.worker_len(w) == self._index.worker_len(w), f"worker {w} drifted"
             cap = self._capacity.get(w)
             assert cap is None or self._index.worker_len(w) <= cap, f"worker {w} over capacity"
-
-
-def chained_common_prefix(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> int:
-    """Length of the common prefix of two arrays of *chained* block keys.
-
-    A chained key names its block and its whole prefix, so ``a[i] == b[i]``
-    implies ``a[:i] == b[:i]``: equality is monotone and a bisection finds the
-    first difference in O(log n) scalar comparisons instead of comparing every
-    key. (Two different prefixes sharing a key would take a 64-bit collision.)
-    Arrays that are not chained need a full comparison.
-
-    >>> from kvroute.hashing import kvroute_block_hashes
-    >>> a = kvroute_block_hashes(list(range(64)), 16)
-    >>> b = kvroute_block_hashes(list(range(40)) + [9] * 24, 16)
-    >>> chained_common_prefix(a, b)   # blocks 0 and 1 are tokens 0..31 in both
-    2
-    """
-    m = min(len(a), len(b))
-    if m == 0 or a[m - 1] == b[m - 1]:
-        return m
-    lo, hi = 0, m - 1  # a[:lo] == b[:lo], and a[hi] != b[hi]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if a[mid] == b[mid]:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 class FreshDecisions:
