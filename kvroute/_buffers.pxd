@@ -61,3 +61,14 @@ cdef inline uint64_t as_u64(object v, str what) except? 0xFFFFFFFFFFFFFFFF:
     from kvroute._convert import check_u64
 
     return check_u64(v, what)
+
+
+cdef inline int get_hashes_and_workers(object hashes, Py_buffer* kb, object workers, Py_buffer* wb) except -1:
+    """:func:`get_keys` for a ``(hashes, workers)`` pair; on an error neither view is held."""
+    get_keys(hashes, "hashes", kb)
+    try:
+        get_keys(workers, "workers", wb)
+    except BaseException:
+        PyBuffer_Release(kb)
+        raise
+    return 0

@@ -42,7 +42,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memmove, memset
 from cpython.buffer cimport PyBuffer_Release
 
-from ._buffers cimport as_u64, get_keys, grow_array
+from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
 
 cdef extern from *:
     """
@@ -1057,12 +1057,7 @@ cdef class BlockIndex:
         cdef const uint64_t* ids
         cdef uint64_t slot
         cdef uint32_t[::1] out
-        get_keys(hashes, "hashes", &kb)
-        try:
-            get_keys(workers, "workers", &wb)
-        except BaseException:
-            PyBuffer_Release(&kb)
-            raise
+        get_hashes_and_workers(hashes, &kb, workers, &wb)
         try:
             nw = <size_t>wb.shape[0]
             result = np.zeros(nw, dtype=np.uint32)

@@ -30,7 +30,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 from cpython.buffer cimport PyBuffer_Release
 
-from ._buffers cimport as_u64, get_keys, grow_array
+from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
 
 import numpy as np
 
@@ -750,12 +750,7 @@ cdef class ActivePrefixes:
         cdef const uint64_t* ids
         cdef long s
         cdef uint32_t[::1] out
-        get_keys(hashes, "hashes", &kb)
-        try:
-            get_keys(workers, "workers", &wb)
-        except BaseException:
-            PyBuffer_Release(&kb)
-            raise
+        get_hashes_and_workers(hashes, &kb, workers, &wb)
         try:
             nw = <size_t>wb.shape[0]
             result = np.zeros(nw, dtype=np.uint32)
@@ -783,12 +778,7 @@ cdef class ActivePrefixes:
         cdef long s
         cdef uint32_t L
         cdef double[::1] out
-        get_keys(hashes, "hashes", &kb)
-        try:
-            get_keys(workers, "workers", &wb)
-        except BaseException:
-            PyBuffer_Release(&kb)
-            raise
+        get_hashes_and_workers(hashes, &kb, workers, &wb)
         try:
             nw = <size_t>wb.shape[0]
             result = np.empty(nw, dtype=np.float64)
