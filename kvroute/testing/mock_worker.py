@@ -44,7 +44,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from aiohttp import web
 
@@ -59,6 +59,37 @@ __all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
 
 _HOST: Final = "127.0.0.1"
 _T = TypeVar("_T")
+
+
+class _OwningLoop(asyncio.SelectorEventLoop):
+    """An event loop that holds every socket transport it makes until :meth:`abort_all`.
+
+    asyncio keeps transports only weakly: one that its protocol drops without
+    closing (a connection accepted while the server shuts down, say) is
+    garbage-collected with its socket open, and the ResourceWarning surfaces
+    at some later collection, in whatever code runs then. A stopped engine's
+    sockets must all close, so the worker owns them and closes them itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owned: set[asyncio.BaseTransport] = set()
+        self._prune_at = 64
+
+    def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
+        transport = super()._make_socket_transport(*args, **kwargs)  # type: ignore[misc]
+        if len(self._owned) >= self._prune_at:  # amortised: closing ones are the loop's now
+            self._owned = {t for t in self._owned if not t.is_closing()}
+            self._prune_at = max(64, 2 * len(self._owned))
+        self._owned.add(transport)
+        return transport
+
+    def abort_all(self) -> None:
+        """Abort every transport not already closing (their sockets close on the next iteration)."""
+        for transport in self._owned:
+            if not transport.is_closing():
+                transport.abort()  # type: ignore[attr-defined]
+        self._owned.clear()
 
 
 class MockWorker:
@@ -299,7 +330,7 @@ class MockWorker:
         await self.astop()
 
     def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _OwningLoop()
         try:
             try:
                 loop.run_until_complete(self._startup())
@@ -320,6 +351,8 @@ class MockWorker:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
+            loop.abort_all()  # anything the cancelled tasks opened
+            loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
     async def _startup(self) -> None:
@@ -352,16 +385,12 @@ class MockWorker:
             for site in list(self._runner.sites):
                 await site.stop()
             await asyncio.sleep(0.02)
-            server = self._runner.server
-            transports = [] if server is None else list(server._connections.values())
             await self._runner.cleanup()
             self._runner = None
-            # A connection whose handler was cancelled mid-response can outlive
-            # the server's shutdown; a dead engine's sockets all close.
-            for transport in transports:
-                if not transport.is_closing():
-                    transport.abort()
-            await asyncio.sleep(0)  # let the transports' close callbacks run
+        # A connection whose handler was cancelled mid-response can outlive the
+        # server's shutdown; a dead engine's sockets all close.
+        cast(_OwningLoop, asyncio.get_running_loop()).abort_all()
+        await asyncio.sleep(0)  # let the transports' close callbacks run
         publisher = self._engine.publisher
         self._engine.end()
         if publisher is not None:
