@@ -14,7 +14,9 @@ ext_modules = []
 if not NO_EXTENSIONS:
     from Cython.Build import cythonize
 
-    cflags = ["-O0", "-g"] if DEBUG else ["-O3"]
+    # No fused multiply-add: kvroute/_route.pyx's cost arithmetic must round
+    # exactly as its numpy twin does (aarch64 compilers contract by default).
+    cflags = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-ffp-contract=off"]
     directives = {
         "language_level": 3,
         "embedsignature": True,

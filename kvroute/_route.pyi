@@ -3,5 +3,12 @@ from ._route_py import ActivePrefixes as ActivePrefixes
 from ._route_py import chained_common_prefix as chained_common_prefix
 from ._route_py import common_prefix as common_prefix
 from ._route_py import fresh_overlay as fresh_overlay
+from ._route_py import kvroute_costs as kvroute_costs
 
-__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
+__all__ = [
+    "ActivePrefixes",
+    "chained_common_prefix",
+    "common_prefix",
+    "fresh_overlay",
+    "kvroute_costs",
+]

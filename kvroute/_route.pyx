@@ -28,7 +28,10 @@
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
-from cpython.buffer cimport PyBuffer_Release
+from cpython.buffer cimport (
+    PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer,
+)
+from libc.math cimport INFINITY, fabs
 
 from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
 
@@ -36,7 +39,13 @@ import numpy as np
 
 
 
-__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
+__all__ = [
+    "ActivePrefixes",
+    "chained_common_prefix",
+    "common_prefix",
+    "fresh_overlay",
+    "kvroute_costs",
+]
 
 cdef uint64_t FIB = 0x9E3779B97F4A7C15ULL
 cdef uint64_t MIX = 0xBF58476D1CE4E5B9ULL
@@ -1065,3 +1074,273 @@ def fresh_overlay(entries, hashes, double now, int64_t[::1] ov, pos, bint skip_k
                     disk[p] = 0
                 raised += 1
     return raised
+
+
+# -- the kvroute policy's arithmetic -------------------------------------------
+# One pass per quantity over the candidates, in C doubles, each operation in
+# the twin's order (setup.py builds this module with -ffp-contract=off: a fused
+# multiply-add would round differently from numpy and could flip a near-tie).
+
+cdef enum:
+    F64 = 0
+    I64 = 1
+    BOOL = 2
+
+cdef int _get_array(object obj, Py_buffer* view, int kind, Py_ssize_t n, str name) except -1:
+    """Fill ``view`` with a contiguous candidate array of ``n`` items of ``kind``, or raise the twin's error."""
+    cdef const char* f
+    cdef bint ok = False
+    if isinstance(obj, np.ndarray):
+        try:
+            PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+        except (ValueError, BufferError, TypeError):
+            pass
+        else:
+            f = view.format
+            if f[0] == b"=" or f[0] == b"@" or f[0] == b"<":
+                f += 1
+            if view.ndim == 1 and view.shape[0] == n and f[0] != 0 and f[1] == 0:
+                if kind == F64:
+                    ok = view.itemsize == 8 and f[0] == b"d"
+                elif kind == I64:
+                    ok = view.itemsize == 8 and (f[0] == b"l" or f[0] == b"q")
+                else:
+                    ok = view.itemsize == 1 and f[0] == b"?"
+            if ok:
+                return 0
+            PyBuffer_Release(view)
+    dtype = ("float64", "int64", "bool")[kind]
+    raise TypeError(f"candidates.{name} must be a contiguous {dtype} array of {n} values")
+
+
+cdef inline double _nan_min(const double* a, Py_ssize_t n) noexcept nogil:
+    # numpy's min: the first NaN if there is one
+    cdef double m = a[0], v
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = a[i]
+        if v != v:
+            return v
+        if v < m:
+            m = v
+    return m
+
+
+cdef inline double _no_nan(double v) noexcept nogil:
+    return v if v == v and fabs(v) != INFINITY else INFINITY
+
+
+def kvroute_costs(candidates, prompt_tokens, block_size, params):
+    """The ``kvroute`` policy's costs, gate and cheapest eligible candidates.
+
+    See :func:`kvroute._route_py.kvroute_costs`.
+    """
+    c = candidates
+    cdef bint tiered = bool(c.tiered)
+    cdef Py_ssize_t n = len(c.workers), i, alt, nb = 0
+    cdef Py_buffer bufs[12]  # 10 candidate arrays, the two outputs
+    cdef const int64_t* ov
+    cdef const int64_t* host = NULL
+    cdef const int64_t* disk = NULL
+    cdef const int64_t* act
+    cdef const double* pt
+    cdef const double* db
+    cdef const double* nd
+    cdef const double* wt
+    cdef const double* kv
+    cdef const unsigned char* busy
+    cdef double* o
+    cdef unsigned char* e
+    cdef double* U
+    cdef double* QP
+    cdef double* D
+    cdef double* QU
+    cdef double* C
+    cdef double* PR
+    cdef double* ST
+    cdef double* L
+    cdef double bs = <double>block_size
+    cdef double prompt = <double>prompt_tokens
+    cdef double hw = params.host_hit_weight, dw = params.disk_hit_weight
+    cdef double dtw = params.decode_token_weight * bs
+    cdef double art = params.active_request_tokens, wrt = params.waiting_request_tokens
+    cdef double kh = params.kv_high
+    cdef double kpt = params.kv_pressure_tokens
+    cdef double slack = params.balance_slack, abs_slack = params.balance_abs_slack
+    cdef double stake_max = params.balance_stake_tokens
+    cdef double k_host = bs * (1.0 - hw), k_disk = bs * (1.0 - dw)
+    cdef double u, v, mx, total = 0.0, cap, thr, best, scale
+    cdef bint kv_nan = False, pressure = False, all_el = True, staked = False
+    cdef bint any_busy = False, all_busy = True, any_el, use_fin = False, load_nan = False
+    if n <= 0:
+        raise ValueError("Candidates needs at least one worker")
+    out = np.empty((8, n))
+    el = np.empty(n, np.bool_)
+    try:
+        _get_array(c.overlap, &bufs[nb], I64, n, "overlap"); nb += 1
+        ov = <const int64_t*>bufs[nb - 1].buf
+        _get_array(c.prefill_tokens, &bufs[nb], F64, n, "prefill_tokens"); nb += 1
+        pt = <const double*>bufs[nb - 1].buf
+        _get_array(c.decode_blocks, &bufs[nb], F64, n, "decode_blocks"); nb += 1
+        db = <const double*>bufs[nb - 1].buf
+        _get_array(c.new_decode_blocks, &bufs[nb], F64, n, "new_decode_blocks"); nb += 1
+        nd = <const double*>bufs[nb - 1].buf
+        _get_array(c.active_requests, &bufs[nb], I64, n, "active_requests"); nb += 1
+        act = <const int64_t*>bufs[nb - 1].buf
+        _get_array(c.waiting, &bufs[nb], F64, n, "waiting"); nb += 1
+        wt = <const double*>bufs[nb - 1].buf
+        _get_array(c.kv_usage, &bufs[nb], F64, n, "kv_usage"); nb += 1
+        kv = <const double*>bufs[nb - 1].buf
+        _get_array(c.busy, &bufs[nb], BOOL, n, "busy"); nb += 1
+        busy = <const unsigned char*>bufs[nb - 1].buf
+        if tiered:
+            _get_array(c.overlap_host, &bufs[nb], I64, n, "overlap_host"); nb += 1
+            host = <const int64_t*>bufs[nb - 1].buf
+            _get_array(c.overlap_disk, &bufs[nb], I64, n, "overlap_disk"); nb += 1
+            disk = <const int64_t*>bufs[nb - 1].buf
+        PyObject_GetBuffer(out, &bufs[nb], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE); nb += 1
+        o = <double*>bufs[nb - 1].buf
+        PyObject_GetBuffer(el, &bufs[nb], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE); nb += 1
+        e = <unsigned char*>bufs[nb - 1].buf
+        U = o
+        QP = o + n
+        D = o + 2 * n
+        QU = o + 3 * n
+        C = o + 4 * n
+        PR = o + 5 * n
+        ST = o + 6 * n
+        L = o + 7 * n
+        mx = kv[0]
+        for i in range(n):
+            u = <double>ov[i] * -bs
+            if tiered:
+                u = u + k_host * <double>host[i]
+                u = u + k_disk * <double>disk[i]
+            u = u + prompt
+            if u < 0.0:
+                u = 0.0
+            U[i] = u
+            QP[i] = pt[i]
+            D[i] = (db[i] + nd[i]) * dtw
+            v = wt[i] * wrt
+            QU[i] = v + art * <double>act[i]
+            L[i] = <double>act[i] + wt[i]
+            total += L[i]
+            v = (u + pt[i]) + D[i]
+            C[i] = v + QU[i]
+            v = kv[i]
+            if v != v:
+                kv_nan = True
+            elif v > mx:
+                mx = v
+            if busy[i]:
+                any_busy = True
+            else:
+                all_busy = False
+        if not kv_nan and mx > kh:
+            pressure = True
+            scale = kpt / (1.0 - kh)
+            for i in range(n):
+                v = kv[i] - kh
+                if v < 0.0:
+                    v = 0.0
+                PR[i] = v * scale
+                C[i] = C[i] + PR[i]
+        cap = (1.0 + slack) * (total + 1.0) / <double>n + abs_slack
+        thr = cap - 1.0
+        for i in range(n):
+            e[i] = L[i] <= thr
+            if not e[i]:
+                all_el = False
+        if not all_el:
+            staked = True
+            # numpy's argmin over where(eligible, cost, inf): the first NaN, else the first minimum
+            alt = 0
+            best = C[0] if e[0] else INFINITY
+            if best == best:
+                for i in range(1, n):
+                    v = C[i] if e[i] else INFINITY
+                    if v != v:
+                        alt = i
+                        best = v
+                        break
+                    if v < best:
+                        alt = i
+                        best = v
+            if not best < INFINITY:
+                alt = 0
+                best = _no_nan(C[0]) if e[0] else INFINITY
+                for i in range(1, n):
+                    v = _no_nan(C[i]) if e[i] else INFINITY
+                    if v < best:
+                        alt = i
+                        best = v
+                if not e[alt]:
+                    for i in range(n):
+                        if e[i]:
+                            alt = i
+                            break
+            scale = cap / stake_max
+            for i in range(n):
+                v = U[alt] - U[i]
+                if v < 0.0:
+                    v = 0.0
+                if v > stake_max:
+                    v = stake_max
+                ST[i] = v
+                e[i] = L[i] <= v * scale + thr
+        if any_busy and not all_busy:
+            any_el = False
+            for i in range(n):
+                if busy[i]:
+                    e[i] = False
+                elif e[i]:
+                    any_el = True
+            if not any_el:
+                v = _nan_min(L, n)
+                for i in range(n):
+                    e[i] = L[i] == v
+        best = INFINITY
+        for i in range(n):
+            v = C[i] if e[i] else INFINITY
+            if v != v:
+                use_fin = True
+                break
+            if v < best:
+                best = v
+        if use_fin or best == -INFINITY:
+            use_fin = True
+            best = INFINITY
+            for i in range(n):
+                v = _no_nan(C[i]) if e[i] else INFINITY
+                if v < best:
+                    best = v
+        thr = best + 1e-9 * (fabs(best) if fabs(best) >= 1.0 else 1.0)
+        ties = []
+        mx = INFINITY  # the least load among the ties; NaN (numpy's min) keeps them all
+        for i in range(n):
+            if e[i]:
+                v = _no_nan(C[i]) if use_fin else C[i]
+            else:
+                v = INFINITY
+            if v <= thr:
+                ties.append(i)
+                if L[i] != L[i]:
+                    load_nan = True
+                elif L[i] < mx:
+                    mx = L[i]
+        if len(ties) > 1 and not load_nan:
+            kept = [i for i in ties if L[<Py_ssize_t>i] == mx]
+            if kept:
+                ties = kept
+    finally:
+        for i in range(nb):
+            PyBuffer_Release(&bufs[i])
+    costs = {"uncached_tokens": out[0], "queued_prefill": out[1], "decode": out[2], "queue": out[3]}
+    if pressure:
+        costs["kv_pressure"] = out[5]
+    if staked:
+        costs["stake_tokens"] = out[6]
+    costs["eligible"] = el
+    costs["cost"] = out[4]
+    return costs, ties

@@ -23,6 +23,13 @@ they are exact for any keys.
 :meth:`kvroute.approx.FreshDecisions.overlay`: it raises the router's
 per-worker overlap to the common prefix with each fresh decision.
 
+:func:`kvroute_costs` is the arithmetic of the ``kvroute`` policy
+(:class:`kvroute.policies.KvRoute`): its cost terms, its load gate and the
+tied cheapest candidates. Here it is whole-array numpy; compiled, one pass in
+C with no temporaries. The compiled build turns off floating-point
+contraction (``-ffp-contract=off``), so each operation rounds as numpy's does
+and the two pick the same workers bit for bit.
+
 Not thread-safe: the router calls both under its lock.
 """
 
@@ -36,7 +43,13 @@ import numpy.typing as npt
 
 from ._convert import as_u64_array, check_u64
 
-__all__ = ["ActivePrefixes", "chained_common_prefix", "common_prefix", "fresh_overlay"]
+__all__ = [
+    "ActivePrefixes",
+    "chained_common_prefix",
+    "common_prefix",
+    "fresh_overlay",
+    "kvroute_costs",
+]
 
 U64 = npt.NDArray[np.uint64]
 
@@ -329,3 +342,134 @@ def fresh_overlay(
                 host[p] = disk[p] = 0
             raised += 1
     return raised
+
+
+_CANDIDATE_DTYPES = (
+    ("overlap", np.dtype(np.int64)),
+    ("prefill_tokens", np.dtype(np.float64)),
+    ("decode_blocks", np.dtype(np.float64)),
+    ("new_decode_blocks", np.dtype(np.float64)),
+    ("active_requests", np.dtype(np.int64)),
+    ("waiting", np.dtype(np.float64)),
+    ("kv_usage", np.dtype(np.float64)),
+    ("busy", np.dtype(np.bool_)),
+)
+_TIER_DTYPES = (("overlap_host", np.dtype(np.int64)), ("overlap_disk", np.dtype(np.int64)))
+
+
+def _check_candidates(c: Any) -> int:
+    n = len(c.workers)
+    if n == 0:
+        raise ValueError("Candidates needs at least one worker")
+    fields = _CANDIDATE_DTYPES + (_TIER_DTYPES if c.tiered else ())
+    for name, dtype in fields:
+        a = getattr(c, name)
+        if (
+            not isinstance(a, np.ndarray)
+            or a.dtype != dtype
+            or a.shape != (n,)
+            or not a.flags.c_contiguous
+        ):
+            raise TypeError(f"candidates.{name} must be a contiguous {dtype} array of {n} values")
+    return n
+
+
+def _no_nan(cost: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    # a NaN or infinite cost (a worker with broken state) is never preferred to a finite one
+    return np.nan_to_num(cost, nan=np.inf, posinf=np.inf, neginf=np.inf)
+
+
+def kvroute_costs(
+    candidates: Any, prompt_tokens: int, block_size: int, params: Any
+) -> tuple[dict[str, npt.NDArray[Any]], list[int]]:
+    """The ``kvroute`` policy's costs, gate and cheapest eligible candidates.
+
+    The formulas are :class:`kvroute.policies.KvRoute`'s (its docstring and
+    ``docs/routing.md``); this is their arithmetic, shared by the policy's
+    compiled and pure-Python builds.
+
+    :param candidates: a :class:`kvroute.policies.Candidates` snapshot (n >= 1)
+        whose arrays have the documented dtypes and are contiguous.
+    :param prompt_tokens: the prompt's length in tokens.
+    :param block_size: tokens per KV block.
+    :param params: the policy: its ``decode_token_weight``, ``active_request_tokens``,
+        ``waiting_request_tokens``, ``host_hit_weight``, ``disk_hit_weight``,
+        ``kv_high``, ``kv_pressure_tokens``, ``balance_slack``,
+        ``balance_abs_slack`` and ``balance_stake_tokens`` are read.
+    :returns: ``(costs, ties)``: the cost terms by name, fresh arrays in the
+        order ``uncached_tokens``, ``queued_prefill``, ``decode``, ``queue``,
+        ``kv_pressure`` (only if some worker is over ``kv_high``),
+        ``stake_tokens`` (only if the gate bound some worker), ``eligible``
+        (bool), ``cost``; and the positions of the cheapest eligible
+        candidates, the least loaded of them if several (never empty).
+    :raises TypeError: an array of the wrong dtype, length or layout.
+
+    Runtime complexity: O(n).
+    """
+    c = candidates
+    n = _check_candidates(c)
+    bs = float(block_size)
+    uncached = c.overlap * -bs
+    if c.tiered:
+        uncached += (bs * (1.0 - params.host_hit_weight)) * c.overlap_host
+        uncached += (bs * (1.0 - params.disk_hit_weight)) * c.overlap_disk
+    uncached += float(prompt_tokens)
+    np.maximum(uncached, 0.0, out=uncached)
+    decode = c.decode_blocks + c.new_decode_blocks
+    decode *= params.decode_token_weight * bs
+    queue = c.waiting * params.waiting_request_tokens
+    queue += params.active_request_tokens * c.active_requests
+    load = c.active_requests + c.waiting
+    cost = uncached + c.prefill_tokens
+    cost += decode
+    cost += queue
+    costs: dict[str, npt.NDArray[Any]] = {
+        "uncached_tokens": uncached,
+        "queued_prefill": c.prefill_tokens.copy(),
+        "decode": decode,
+        "queue": queue,
+    }
+    kv_high = params.kv_high
+    if c.kv_usage.max() > kv_high:  # NaN compares False: no pressure term
+        pressure = np.maximum(c.kv_usage - kv_high, 0.0)
+        pressure *= params.kv_pressure_tokens / (1.0 - kv_high)
+        cost += pressure
+        costs["kv_pressure"] = pressure
+    # summed left to right (numpy's sum is pairwise): the compiled loop does the same
+    total = float(np.cumsum(load)[-1])
+    cap = (1.0 + params.balance_slack) * (total + 1.0) / n + params.balance_abs_slack
+    eligible = load <= cap - 1.0  # the least-loaded worker always passes
+    if not eligible.all():
+        # What leaving an over-share worker costs: the prompt tokens it holds beyond
+        # the worker the request would otherwise go to (the cheapest within the bound).
+        alt_cost = np.where(eligible, cost, np.inf)
+        alt = int(np.argmin(alt_cost))  # the first NaN, if there is one
+        if not alt_cost[alt] < np.inf:  # NaN or inf: a broken worker is no alternative
+            alt = int(np.argmin(np.where(eligible, _no_nan(cost), np.inf)))
+            if not eligible[alt]:  # every worker within the bound is broken
+                alt = int(np.argmax(eligible))
+        stake_max = params.balance_stake_tokens
+        stake = uncached[alt] - uncached
+        np.clip(stake, 0.0, stake_max, out=stake)
+        costs["stake_tokens"] = stake
+        # bound x (1 + stake / P), minus this request's own slot
+        eligible = load <= stake * (cap / stake_max) + (cap - 1.0)
+    busy = c.busy
+    if busy.any() and not busy.all():
+        eligible &= ~busy
+        if not eligible.any():  # every worker that is not busy is over its share
+            eligible = load == load.min()
+    gated = np.where(eligible, cost, np.inf)
+    best = float(gated.min())
+    if not best > -np.inf:  # NaN or -inf (a worker with broken state): never chosen
+        gated = np.where(eligible, _no_nan(cost), np.inf)
+        best = float(gated.min())
+    ties = np.flatnonzero(gated <= best + 1e-9 * max(abs(best), 1.0))
+    if len(ties) > 1:
+        tl = load[ties]
+        keep = tl == tl.min()
+        if keep.any():
+            ties = ties[keep]
+    costs["eligible"] = eligible
+    costs["cost"] = cost
+    return costs, ties.tolist()

@@ -28,6 +28,7 @@ import kvroute._route_py as py_twin
 from kvroute._index_py import BlockIndex as PyIndex
 from kvroute.approx import FreshDecisions
 from kvroute.hashing import kvroute_block_hashes
+from kvroute.policies import Candidates, KvRoute
 from kvroute.request import Request
 from kvroute.router import Router
 
@@ -495,6 +496,126 @@ def test_common_prefix_functions_agree(a: list[int], b: list[int]) -> None:
         assert mod.chained_common_prefix(H(*a), H(*b)) == py_twin.chained_common_prefix(
             H(*a), H(*b)
         )
+
+
+# -- the kvroute policy's arithmetic ------------------------------------------------
+
+COST_VALUES = st.one_of(
+    st.integers(0, 5000).map(float),
+    st.sampled_from([0.5, 2.5, 1e-300, 1e300, float("nan"), float("inf"), float("-inf")]),
+)
+
+
+@st.composite
+def kvroute_snapshots(draw: Any) -> tuple[Candidates, int, int, KvRoute]:
+    """Candidates with ties, over-share workers, busy ones and broken (non-finite) state."""
+    n = draw(st.integers(1, 12))
+    ints = st.lists(st.integers(0, 60), min_size=n, max_size=n)
+    floats = st.lists(st.integers(0, 400).map(float), min_size=n, max_size=n)
+    overlap = draw(ints)
+    tiered = draw(st.booleans())
+    kw: dict[str, Any] = {
+        "overlap": overlap,
+        "prefill_tokens": draw(floats),
+        "decode_blocks": draw(floats),
+        "new_decode_blocks": draw(floats),
+        "active_requests": draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)),
+        "waiting": draw(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.5]), min_size=n, max_size=n)),
+        "kv_usage": draw(st.lists(st.sampled_from([0.0, 0.5, 0.93, 1.0]), min_size=n, max_size=n)),
+        "busy": draw(st.lists(st.booleans(), min_size=n, max_size=n)),
+    }
+    if tiered:
+        kw["overlap_host"] = [min(o, h) for o, h in zip(overlap, draw(ints), strict=True)]
+        kw["overlap_disk"] = [0] * n
+    if draw(st.booleans()):  # one broken worker
+        kw[draw(st.sampled_from(["prefill_tokens", "decode_blocks"]))][
+            draw(st.integers(0, n - 1))
+        ] = draw(COST_VALUES)
+    c = Candidates.build(list(range(n)), **kw)
+    policy = KvRoute(
+        balance_slack=draw(st.sampled_from([0.0, 0.25])),
+        balance_abs_slack=draw(st.sampled_from([0.0, 2.0])),
+        balance_stake_tokens=draw(st.sampled_from([100.0, 100_000.0])),
+    )
+    return c, draw(st.integers(0, 40_000)), draw(st.sampled_from([16, 512])), policy
+
+
+@pytest.mark.skipif(len(ROUTE_TWINS) < 2, reason="kvroute._route is not loaded")
+@given(kvroute_snapshots())
+@settings(deadline=None)
+def test_kvroute_costs_twins_agree_bit_for_bit(
+    case: tuple[Candidates, int, int, KvRoute],
+) -> None:
+    c, prompt, bs, policy = case
+    (costs_a, ties_a), (costs_b, ties_b) = (
+        mod.kvroute_costs(c, prompt, bs, policy) for mod in ROUTE_TWINS
+    )
+    assert ties_a == ties_b and ties_a
+    assert list(costs_a) == list(costs_b)
+    for name, a in costs_a.items():
+        b = costs_b[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name  # the same bits, NaNs and signed zeros included
+
+
+@given(kvroute_snapshots())
+@settings(deadline=None)
+def test_kvroute_costs_ties_are_the_cheapest_eligible_and_least_loaded(
+    case: tuple[Candidates, int, int, KvRoute],
+) -> None:
+    c, prompt, bs, policy = case
+    costs, ties = py_twin.kvroute_costs(c, prompt, bs, policy)
+    cost, eligible = costs["cost"], costs["eligible"]
+    finite = np.where(np.isfinite(cost), cost, np.inf)
+    load = c.active_requests + c.waiting
+    if np.isfinite(finite[eligible]).any():
+        best = finite[eligible].min()
+        assert all(eligible[t] and finite[t] <= best + 1e-9 * max(abs(best), 1.0) for t in ties)
+        assert len({float(load[t]) for t in ties}) == 1
+    assert ties == sorted(set(ties))
+
+
+def test_a_minus_infinite_cost_is_broken_state_and_never_chosen(route_module: ModuleType) -> None:
+    # a -inf cost made the tie threshold NaN and left no candidate (numpy raised on the draw)
+    c = Candidates.build([1, 2, 3], prefill_tokens=[float("-inf"), 0.0, 5.0])
+    costs, ties = route_module.kvroute_costs(c, 160, 16, KvRoute())
+    assert ties == [1] and costs["cost"][0] == float("-inf")
+    c = Candidates.build([1, 2], prefill_tokens=[float("nan"), float("inf")])
+    assert route_module.kvroute_costs(c, 160, 16, KvRoute())[1] == [0, 1]
+
+
+def test_kvroute_costs_reads_the_policy_parameters_on_every_call(
+    route_module: ModuleType,
+) -> None:
+    c = Candidates.build([1, 2], overlap=[0, 10], active_requests=[0, 1])
+    policy = KvRoute()
+    assert route_module.kvroute_costs(c, 160, 16, policy)[1] == [1]
+    policy.active_request_tokens = 1000.0  # one request now outweighs the 160 cached tokens
+    costs, ties = route_module.kvroute_costs(c, 160, 16, policy)
+    assert ties == [0] and costs["queue"].tolist() == [0.0, 1000.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("overlap", np.zeros(2, np.int32)),
+        ("prefill_tokens", np.zeros(3)),
+        ("waiting", np.zeros(4)[::2]),
+        ("busy", np.zeros(2, np.uint8)),
+        ("kv_usage", [0.0, 0.0]),
+    ],
+)
+def test_kvroute_costs_refuses_arrays_of_the_wrong_kind(
+    route_module: ModuleType, field: str, bad: Any
+) -> None:
+    c = Candidates.build([1, 2])
+    setattr(c, field, bad)
+    with pytest.raises(TypeError, match=f"candidates.{field} must be a contiguous"):
+        route_module.kvroute_costs(c, 16, 16, KvRoute())
+    c = Candidates.build([1])
+    c.workers = np.zeros(0, np.uint64)
+    with pytest.raises(ValueError, match="at least one worker"):
+        route_module.kvroute_costs(c, 16, 16, KvRoute())
 
 
 # -- through the router --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The built-in routing policies, registered by name when :mod:`kvroute.policies` is imported.
 
-Every policy is vectorised over the candidates (no per-worker Python loop),
+Every policy is vectorised over the candidates (no per-worker Python loop;
+the default's arithmetic is one compiled pass, ``kvroute._route.kvroute_costs``),
 keeps only the state its docstring names, and takes a ``seed`` when it draws
 random numbers, so a test can pin its choices. Formulas, defaults and their
 sources are in ``docs/routing.md``.
@@ -9,12 +10,22 @@ sources are in ``docs/routing.md``.
 from __future__ import annotations
 
 import math
-from typing import Any
+import operator
+import random
 
 import numpy as np
 import numpy.typing as npt
 
+from .._compat import NO_EXTENSIONS
 from .base import F64, Candidates, Choice, Features, check_nonneg, register_policy
+
+if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
+    from .._route_py import kvroute_costs
+else:
+    try:
+        from .._route import kvroute_costs
+    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
+        from .._route_py import kvroute_costs
 
 __all__ = [
     "CacheAware",
@@ -352,7 +363,8 @@ class KvRoute:
     and no prefix, however long, lets one worker take more than twice its
     bound. Workers over the router's busy threshold are skipped while
     another is not. Among equal costs the least-loaded wins, then a
-    uniformly random one. The returned cost arrays are fresh (never views of
+    uniformly random one; a NaN or infinite cost (a worker with broken
+    state) never wins over a finite one. The returned cost arrays are fresh (never views of
     the snapshot), as every policy's must be: a Decision formats them later.
     State: an RNG seeded with ``seed``. Defaults and the simulator runs
     behind them: ``docs/routing.md``.
@@ -396,70 +408,14 @@ class KvRoute:
         self.balance_stake_tokens = check_nonneg(balance_stake_tokens, "balance_stake_tokens")
         if self.balance_stake_tokens <= 0.0:
             raise ValueError(f"balance_stake_tokens must be > 0, got {balance_stake_tokens}")
-        self._rng = np.random.default_rng(seed)
+        # the stdlib's generator: a tie is broken on most requests of an idle fleet,
+        # and numpy's Generator.integers costs ~3 us a draw (randrange ~0.4 us)
+        self._rng = random.Random(None if seed is None else operator.index(seed))
 
     def choose(self, candidates: Candidates, features: Features) -> Choice:
-        # Few, whole-array numpy operations: this runs on every request.
-        c = candidates
-        bs = float(features.block_size)
-        n = len(c)
-        uncached = c.overlap * -bs  # float64, fresh
-        if c.tiered:
-            uncached += (bs * (1.0 - self.host_hit_weight)) * c.overlap_host
-            uncached += (bs * (1.0 - self.disk_hit_weight)) * c.overlap_disk
-        uncached += features.prompt_tokens
-        np.maximum(uncached, 0.0, out=uncached)
-        decode = c.decode_blocks + c.new_decode_blocks
-        decode *= self.decode_token_weight * bs
-        queue = c.waiting * self.waiting_request_tokens
-        queue += self.active_request_tokens * c.active_requests
-        load = c.active_requests + c.waiting
-        cost = uncached + c.prefill_tokens
-        cost += decode
-        cost += queue
-        costs: dict[str, npt.NDArray[Any]] = {
-            "uncached_tokens": uncached,
-            "queued_prefill": c.prefill_tokens.copy(),
-            "decode": decode,
-            "queue": queue,
-        }
-        if c.kv_usage.max() > self.kv_high:
-            pressure = np.maximum(c.kv_usage - self.kv_high, 0.0)
-            pressure *= self.kv_pressure_tokens / (1.0 - self.kv_high)
-            cost += pressure
-            costs["kv_pressure"] = pressure
-        cap = (1.0 + self.balance_slack) * (float(load.sum()) + 1.0) / n + self.balance_abs_slack
-        eligible = load <= cap - 1.0  # the least-loaded worker always passes
-        if not eligible.all():
-            # What leaving an over-share worker costs: the prompt tokens it holds beyond
-            # the worker the request would otherwise go to (the cheapest within the bound).
-            alt_cost = np.where(eligible, cost, np.inf)
-            alt = int(np.argmin(alt_cost))
-            if not alt_cost[alt] < np.inf:  # NaN or inf: a broken worker is no alternative
-                alt = int(np.argmin(np.where(eligible, _finite(cost), np.inf)))
-                if not eligible[alt]:  # every worker within the bound is broken
-                    alt = int(np.argmax(eligible))
-            stake = uncached[alt] - uncached
-            np.clip(stake, 0.0, self.balance_stake_tokens, out=stake)
-            costs["stake_tokens"] = stake
-            # bound x (1 + stake / P), minus this request's own slot
-            eligible = load <= stake * (cap / self.balance_stake_tokens) + (cap - 1.0)
-        if c.busy.any() and not c.busy.all():
-            eligible &= ~c.busy
-            if not eligible.any():  # every worker that is not busy is over its share
-                eligible = load == load.min()
-        gated = np.where(eligible, cost, np.inf)
-        best = float(gated.min())
-        if best != best:  # a NaN (a worker with broken state): it is never chosen
-            gated = np.where(eligible, _finite(cost), np.inf)
-            best = float(gated.min())
-        ties = np.flatnonzero(gated <= best + 1e-9 * max(abs(best), 1.0))
-        if len(ties) > 1:
-            tl = load[ties]
-            ties = ties[tl == tl.min()]
-        pick = int(ties[0]) if len(ties) == 1 else int(ties[self._rng.integers(len(ties))])
-        costs["eligible"] = eligible  # bool: a Decision formats it as 1.0 / 0.0
-        costs["cost"] = cost
+        # the arithmetic is one compiled pass (kvroute/_route.pyx; twin: _route_py.py)
+        costs, ties = kvroute_costs(candidates, features.prompt_tokens, features.block_size, self)
+        pick = ties[0] if len(ties) == 1 else ties[self._rng.randrange(len(ties))]
         return Choice(pick, costs)
 
 
