@@ -1167,7 +1167,9 @@ def kvroute_costs(candidates, prompt_tokens, block_size, params):
     cdef double kh = params.kv_high
     cdef double kpt = params.kv_pressure_tokens
     cdef double slack = params.balance_slack, abs_slack = params.balance_abs_slack
-    cdef double stake_max = params.balance_stake_tokens
+    cdef double stake_tokens = params.balance_stake_tokens
+    cdef double stake_max = params.balance_stake_limit
+    cdef double uw = params.uncached_weight
     cdef double k_host = bs * (1.0 - hw), k_disk = bs * (1.0 - dw)
     cdef double u, v, mx, total = 0.0, cap, thr, best, scale
     cdef bint kv_nan = False, pressure = False, all_el = True, staked = False
@@ -1226,7 +1228,7 @@ def kvroute_costs(candidates, prompt_tokens, block_size, params):
             QU[i] = v + art * <double>act[i]
             L[i] = <double>act[i] + wt[i]
             total += L[i]
-            v = (u + pt[i]) + D[i]
+            v = (u * uw + pt[i]) + D[i]
             C[i] = v + QU[i]
             v = kv[i]
             if v != v:
@@ -1280,7 +1282,7 @@ def kvroute_costs(candidates, prompt_tokens, block_size, params):
                         if e[i]:
                             alt = i
                             break
-            scale = cap / stake_max
+            scale = cap / stake_tokens
             for i in range(n):
                 v = U[alt] - U[i]
                 if v < 0.0:

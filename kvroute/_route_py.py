@@ -395,7 +395,8 @@ def kvroute_costs(
     :param params: the policy: its ``decode_token_weight``, ``active_request_tokens``,
         ``waiting_request_tokens``, ``host_hit_weight``, ``disk_hit_weight``,
         ``kv_high``, ``kv_pressure_tokens``, ``balance_slack``,
-        ``balance_abs_slack`` and ``balance_stake_tokens`` are read.
+        ``balance_abs_slack``, ``balance_stake_tokens``, ``balance_stake_limit``
+        and ``uncached_weight`` are read.
     :returns: ``(costs, ties)``: the cost terms by name, fresh arrays in the
         order ``uncached_tokens``, ``queued_prefill``, ``decode``, ``queue``,
         ``kv_pressure`` (only if some worker is over ``kv_high``),
@@ -420,7 +421,8 @@ def kvroute_costs(
     queue = c.waiting * params.waiting_request_tokens
     queue += params.active_request_tokens * c.active_requests
     load = c.active_requests + c.waiting
-    cost = uncached + c.prefill_tokens
+    cost = uncached * params.uncached_weight
+    cost += c.prefill_tokens
     cost += decode
     cost += queue
     costs: dict[str, npt.NDArray[Any]] = {
@@ -448,12 +450,11 @@ def kvroute_costs(
             alt = int(np.argmin(np.where(eligible, _no_nan(cost), np.inf)))
             if not eligible[alt]:  # every worker within the bound is broken
                 alt = int(np.argmax(eligible))
-        stake_max = params.balance_stake_tokens
         stake = uncached[alt] - uncached
-        np.clip(stake, 0.0, stake_max, out=stake)
+        np.clip(stake, 0.0, params.balance_stake_limit, out=stake)
         costs["stake_tokens"] = stake
-        # bound x (1 + stake / P), minus this request's own slot
-        eligible = load <= stake * (cap / stake_max) + (cap - 1.0)
+        # bound x (1 + stake / balance_stake_tokens), minus this request's own slot
+        eligible = load <= stake * (cap / params.balance_stake_tokens) + (cap - 1.0)
     busy = c.busy
     if busy.any() and not busy.all():
         eligible &= ~busy

@@ -535,7 +535,9 @@ def kvroute_snapshots(draw: Any) -> tuple[Candidates, int, int, KvRoute]:
     policy = KvRoute(
         balance_slack=draw(st.sampled_from([0.0, 0.25])),
         balance_abs_slack=draw(st.sampled_from([0.0, 2.0])),
-        balance_stake_tokens=draw(st.sampled_from([100.0, 100_000.0])),
+        balance_stake_tokens=draw(st.sampled_from([100.0, 40_000.0])),
+        balance_stake_limit=draw(st.sampled_from([0.0, 60_000.0])),
+        uncached_weight=draw(st.sampled_from([1.0, 1.5, 0.1])),
     )
     return c, draw(st.integers(0, 40_000)), draw(st.sampled_from([16, 512])), policy
 

@@ -341,11 +341,19 @@ class KvRoute:
 
     Cost, in prompt-token equivalents of GPU time::
 
-        cost = queued prefill tokens + uncached prompt tokens
+        cost = queued prefill tokens + uncached_weight x uncached prompt tokens
              + decode_token_weight x (active + new decode blocks) x block_size
              + active_request_tokens x active requests
              + waiting_request_tokens x waiting requests
              + kv_pressure_tokens x max(kv_usage - kv_high, 0) / (1 - kv_high)
+
+    An uncached token weighs ``uncached_weight`` (1.5): 1 for this request's
+    own prefill, plus what recomputing it costs the fleet. Queued tokens are
+    work the fleet does wherever this request goes; uncached tokens are work
+    it adds, which later arrivals on that worker queue behind, and a prefix
+    recomputed on a second worker takes cache room from other prefixes
+    (``uncached - min(uncached)`` is the prompt another worker already holds,
+    so the 0.5 is, up to a constant, a charge on replicating a prefix).
 
     Anti-herding gate (consistent hashing with bounded loads, applied to a
     cost policy): a worker's request load (active + waiting) must stay within
@@ -353,19 +361,21 @@ class KvRoute:
 
         bound  = (1 + balance_slack) x (total load + 1) / n + balance_abs_slack
         stake  = uncached tokens on the cheapest worker within the bound
-                 - uncached tokens here, clipped to [0, balance_stake_tokens]
+                 - uncached tokens here, clipped to [0, balance_stake_limit]
         bound' = bound x (1 + stake / balance_stake_tokens)
 
-    A worker holding ``balance_stake_tokens`` more of the prompt than the
-    best worker within its bound may take up to twice its bound, never more;
-    one holding only what that worker holds gets no extra room. So a long
-    session is not recomputed elsewhere to save one request of imbalance,
-    and no prefix, however long, lets one worker take more than twice its
-    bound. Workers over the router's busy threshold are skipped while
-    another is not. Among equal costs the least-loaded wins, then a
-    uniformly random one; a NaN or infinite cost (a worker with broken
-    state) never wins over a finite one. The returned cost arrays are fresh (never views of
-    the snapshot), as every policy's must be: a Decision formats them later.
+    Each ``balance_stake_tokens`` (40,000) of prompt a worker holds beyond
+    the best worker within its bound buys it one more bound of room, up to
+    ``balance_stake_limit`` (60,000 tokens: two and a half times its bound,
+    never more); one holding only what that worker holds gets no extra
+    room. So a long session, or a fan-out sharing its context, is not
+    recomputed elsewhere to save a few requests of imbalance, and no prefix,
+    however long, lets one worker take more than 2.5 times its bound.
+    Workers over the router's busy threshold are skipped while another is
+    not. Among equal costs the least-loaded wins, then a uniformly random
+    one; a NaN or infinite cost (a worker with broken state) never wins over
+    a finite one. The returned cost arrays are fresh (never views of the
+    snapshot), as every policy's must be: a Decision formats them later.
     State: an RNG seeded with ``seed``. Defaults and the simulator runs
     behind them: ``docs/routing.md``.
 
@@ -391,7 +401,9 @@ class KvRoute:
         kv_pressure_tokens: float = 4096.0,
         balance_slack: float = 0.25,
         balance_abs_slack: float = 2.0,
-        balance_stake_tokens: float = 100_000.0,
+        balance_stake_tokens: float = 40_000.0,
+        balance_stake_limit: float = 60_000.0,
+        uncached_weight: float = 1.5,
         seed: int | None = None,
     ) -> None:
         self.decode_token_weight = check_nonneg(decode_token_weight, "decode_token_weight")
@@ -408,6 +420,8 @@ class KvRoute:
         self.balance_stake_tokens = check_nonneg(balance_stake_tokens, "balance_stake_tokens")
         if self.balance_stake_tokens <= 0.0:
             raise ValueError(f"balance_stake_tokens must be > 0, got {balance_stake_tokens}")
+        self.balance_stake_limit = check_nonneg(balance_stake_limit, "balance_stake_limit")
+        self.uncached_weight = check_nonneg(uncached_weight, "uncached_weight")
         # the stdlib's generator: a tie is broken on most requests of an idle fleet,
         # and numpy's Generator.integers costs ~3 us a draw (randrange ~0.4 us)
         self._rng = random.Random(None if seed is None else operator.index(seed))
