@@ -1086,6 +1086,15 @@ cdef enum:
     I64 = 1
     BOOL = 2
 
+# the Candidates fields the pass reads, in the order of its pointers; the
+# last two only for a tiered snapshot
+_CANDIDATE_FIELDS = (
+    "overlap", "prefill_tokens", "decode_blocks", "new_decode_blocks",
+    "active_requests", "waiting", "kv_usage", "busy", "overlap_host", "overlap_disk",
+)
+cdef int[10] _CANDIDATE_KINDS = [I64, F64, F64, F64, I64, F64, F64, BOOL, I64, I64]
+
+
 cdef int _get_array(object obj, Py_buffer* view, int kind, Py_ssize_t n, str name) except -1:
     """Fill ``view`` with a contiguous candidate array of ``n`` items of ``kind``, or raise the twin's error."""
     cdef const char* f
@@ -1139,6 +1148,8 @@ def kvroute_costs(candidates, prompt_tokens, block_size, params):
     cdef bint tiered = bool(c.tiered)
     cdef Py_ssize_t n = len(c.workers), i, alt, nb = 0
     cdef Py_buffer bufs[12]  # 10 candidate arrays, the two outputs
+    cdef const void* arrays[10]
+    cdef int j
     cdef const int64_t* ov
     cdef const int64_t* host = NULL
     cdef const int64_t* disk = NULL
@@ -1179,27 +1190,22 @@ def kvroute_costs(candidates, prompt_tokens, block_size, params):
     out = np.empty((8, n))
     el = np.empty(n, np.bool_)
     try:
-        _get_array(c.overlap, &bufs[nb], I64, n, "overlap"); nb += 1
-        ov = <const int64_t*>bufs[nb - 1].buf
-        _get_array(c.prefill_tokens, &bufs[nb], F64, n, "prefill_tokens"); nb += 1
-        pt = <const double*>bufs[nb - 1].buf
-        _get_array(c.decode_blocks, &bufs[nb], F64, n, "decode_blocks"); nb += 1
-        db = <const double*>bufs[nb - 1].buf
-        _get_array(c.new_decode_blocks, &bufs[nb], F64, n, "new_decode_blocks"); nb += 1
-        nd = <const double*>bufs[nb - 1].buf
-        _get_array(c.active_requests, &bufs[nb], I64, n, "active_requests"); nb += 1
-        act = <const int64_t*>bufs[nb - 1].buf
-        _get_array(c.waiting, &bufs[nb], F64, n, "waiting"); nb += 1
-        wt = <const double*>bufs[nb - 1].buf
-        _get_array(c.kv_usage, &bufs[nb], F64, n, "kv_usage"); nb += 1
-        kv = <const double*>bufs[nb - 1].buf
-        _get_array(c.busy, &bufs[nb], BOOL, n, "busy"); nb += 1
-        busy = <const unsigned char*>bufs[nb - 1].buf
+        for j in range(10 if tiered else 8):
+            name = _CANDIDATE_FIELDS[j]
+            _get_array(getattr(c, name), &bufs[nb], _CANDIDATE_KINDS[j], n, name)
+            arrays[j] = bufs[nb].buf
+            nb += 1
+        ov = <const int64_t*>arrays[0]
+        pt = <const double*>arrays[1]
+        db = <const double*>arrays[2]
+        nd = <const double*>arrays[3]
+        act = <const int64_t*>arrays[4]
+        wt = <const double*>arrays[5]
+        kv = <const double*>arrays[6]
+        busy = <const unsigned char*>arrays[7]
         if tiered:
-            _get_array(c.overlap_host, &bufs[nb], I64, n, "overlap_host"); nb += 1
-            host = <const int64_t*>bufs[nb - 1].buf
-            _get_array(c.overlap_disk, &bufs[nb], I64, n, "overlap_disk"); nb += 1
-            disk = <const int64_t*>bufs[nb - 1].buf
+            host = <const int64_t*>arrays[8]
+            disk = <const int64_t*>arrays[9]
         PyObject_GetBuffer(out, &bufs[nb], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE); nb += 1
         o = <double*>bufs[nb - 1].buf
         PyObject_GetBuffer(el, &bufs[nb], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE); nb += 1
