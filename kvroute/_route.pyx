@@ -1105,8 +1105,8 @@ cdef int _get_array(object obj, Py_buffer* view, int kind, Py_ssize_t n, str nam
         except (ValueError, BufferError, TypeError):
             pass
         else:
-            f = view.format
-            if f[0] == b"=" or f[0] == b"@" or f[0] == b"<":
+            f = view.format  # numpy names a native-order item without a prefix
+            if f[0] == b"=" or f[0] == b"@":
                 f += 1
             if view.ndim == 1 and view.shape[0] == n and f[0] != 0 and f[1] == 0:
                 if kind == F64:

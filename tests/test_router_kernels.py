@@ -604,6 +604,7 @@ def test_kvroute_costs_reads_the_policy_parameters_on_every_call(
         ("prefill_tokens", np.zeros(3)),
         ("waiting", np.zeros(4)[::2]),
         ("busy", np.zeros(2, np.uint8)),
+        ("prefill_tokens", np.zeros(2, ">f8")),  # byte-swapped
         ("kv_usage", [0.0, 0.0]),
     ],
 )
