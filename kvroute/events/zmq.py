@@ -403,15 +403,15 @@ class ZmqSubscriber:
         self._apply(stream, seq, payload)
 
     def _apply(self, stream: WorkerStream, seq: int, payload: bytes) -> None:
-        with self._lock:
-            stream.last_seq = seq
-            stream.counts["batches"] += 1
         stream.recent[seq] = _digest(payload)
         stream.recent.pop(seq - _RECENT, None)
         batch = self._decode(stream, payload)
-        if batch is not None:
-            counts = self.applier.apply_batch(stream.worker, batch)
-            with self._lock:
+        counts = None if batch is None else self.applier.apply_batch(stream.worker, batch)
+        # published after the router has the batch: whoever sees the seq sees its blocks
+        with self._lock:
+            stream.last_seq = seq
+            stream.counts["batches"] += 1
+            if counts:
                 stream.counts.update(counts)
         if self._on_batch is not None:
             self._on_batch(stream.worker, seq)
@@ -425,7 +425,6 @@ class ZmqSubscriber:
 
     def _restarted(self, stream: WorkerStream, why: str) -> None:
         """The engine behind ``stream`` restarted: forget it, follow the new one from 0."""
-        self._count(stream, "restart")
         self._warn.warning(
             (stream.worker, "restart"),
             "worker %s: engine restart (%s); clearing its blocks",
@@ -434,6 +433,8 @@ class ZmqSubscriber:
         )
         self._clear(stream)
         stream.last_seq = -1
+        # counted last: whoever sees the count (streams(), wait_for) sees the clear
+        self._count(stream, "restart")
 
     def _clear(self, stream: WorkerStream) -> None:
         stream.recent.clear()
@@ -475,8 +476,8 @@ class ZmqSubscriber:
         """Apply replayed batches that continue the stream from ``first`` without a hole."""
         seqs = [s for s, _ in got]
         if seqs != list(range(first, first + len(seqs))):
-            self._count(stream, "replay_failed")
             self._clear(stream)
+            self._count(stream, "replay_failed")
             return
         for s, payload in got:
             self._apply(stream, s, payload)
@@ -502,7 +503,6 @@ class ZmqSubscriber:
                 return
         elif joining and stream.replay_endpoint is None:
             return  # no history to ask for: start from here
-        self._count(stream, "replay_failed")
         self._warn.warning(
             (stream.worker, "replay"),
             "worker %s: could not replay KV events %d..%d (%s); clearing its blocks "
@@ -516,6 +516,7 @@ class ZmqSubscriber:
             seq,
         )
         self._clear(stream)
+        self._count(stream, "replay_failed")
 
     def _replay(
         self, stream: WorkerStream, start: int, stop: int
