@@ -440,7 +440,7 @@ def kvroute_costs(
     # summed left to right (numpy's sum is pairwise): the compiled loop does the same
     total = float(np.cumsum(load)[-1])
     cap = (1.0 + params.balance_slack) * (total + 1.0) / n + params.balance_abs_slack
-    eligible = load <= cap - 1.0  # the least-loaded worker always passes
+    eligible = load <= cap - 1.0  # the least loaded always passes when balance_abs_slack >= 1
     if not eligible.all():
         # What leaving an over-share worker costs: the prompt tokens it holds beyond
         # the worker the request would otherwise go to (the cheapest within the bound).
