@@ -32,7 +32,10 @@ import aiohttp
 import msgspec
 import zmq
 
-from kvroute.hashing import vllm_block_hashes
+from kvroute import Request, Router
+from kvroute.events import BlockStored, EventApplier
+from kvroute.events.decode import decode_vllm, vllm_cache_salt
+from kvroute.hashing import VllmLoRA, kvroute_block_hashes, vllm_block_hashes
 from kvroute.testing import (
     BYTE_OFFSET,
     REPLAY_END_SEQ,
@@ -1102,6 +1105,205 @@ def test_hugging_face_tokenizer_and_template(tmp_path: Path) -> None:
         post(w, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
         assert list(w.requests[-1].prompt_token_ids) == expected
         assert post(w, "/tokenize", {"prompt": "hello you"})["tokens"] == [1, 5]
+
+
+# ---------------------------------------------------------------------------
+# LoRA adapters (vllm serve BASE --enable-lora --lora-modules name=/models/name)
+# ---------------------------------------------------------------------------
+
+LORAS = ("sql-lora", "chat-lora")
+
+
+def decoded_store(payload: bytes) -> BlockStored:
+    """A payload's one event, decoded by kvroute's own vLLM decoder: a ``BlockStored``."""
+    (ev,) = decode_vllm(payload).events
+    assert isinstance(ev, BlockStored)
+    return ev
+
+
+@pytest.fixture
+def lora_worker() -> Iterator[MockWorker]:
+    with MockWorker(block_size=4, num_blocks=64, token_delay=0.0005, lora_adapters=LORAS) as w:
+        yield w
+
+
+def test_models_lists_lora_adapters_with_their_parent(lora_worker: MockWorker) -> None:
+    assert lora_worker.lora_adapters == LORAS
+    assert [lora_worker.lora_id(n) for n in LORAS] == [1, 2]
+    assert lora_worker.lora_path("sql-lora") == "/models/sql-lora"
+    with pytest.raises(KeyError):
+        lora_worker.lora_id("mock-model")
+    models = json.loads(_request(lora_worker.url + "/v1/models")[1])
+    base, *adapters = models["data"]
+    assert base["id"] == "mock-model" and base["parent"] is None
+    assert [a["id"] for a in adapters] == list(LORAS)
+    for card in adapters:
+        assert set(card) == set(base)
+        assert card["parent"] == "mock-model"
+        assert card["root"] == "/models/" + card["id"]
+        assert card["object"] == "model" and card["owned_by"] == "vllm"
+        assert card["max_model_len"] == base["max_model_len"]
+
+
+def test_lora_requests_echo_the_model_and_unknown_models_404(lora_worker: MockWorker) -> None:
+    out = post(lora_worker, "/v1/completions", {"model": "sql-lora", "prompt": TEXT})
+    assert out["model"] == "sql-lora" and out["choices"][0]["text"]
+    messages = [{"role": "user", "content": TEXT}]
+    chat = post(lora_worker, "/v1/chat/completions", {"model": "chat-lora", "messages": messages})
+    assert chat["model"] == "chat-lora"
+    chunks = sse_data(
+        lora_worker,
+        "/v1/chat/completions",
+        {"model": "chat-lora", "messages": messages, "stream": True, "max_tokens": 2},
+    )
+    assert {json.loads(c)["model"] for c in chunks[:-1]} == {"chat-lora"}
+    msg = post(
+        lora_worker,
+        "/v1/messages",
+        {"model": "sql-lora", "max_tokens": 2, "messages": messages},
+    )
+    assert msg["model"] == "sql-lora"
+    base = post(lora_worker, "/v1/completions", {"model": "mock-model", "prompt": TEXT})
+    assert base["model"] == "mock-model"
+    ids = list(range(200, 212))
+    post(
+        lora_worker,
+        "/inference/v1/generate",
+        {"model": "sql-lora", "token_ids": ids, "sampling_params": {"max_tokens": 1}},
+    )
+    assert [r.lora_name for r in lora_worker.requests] == [
+        "sql-lora",
+        "chat-lora",
+        "chat-lora",
+        "sql-lora",
+        None,
+        "sql-lora",
+    ]
+    assert post(lora_worker, "/tokenize", {"model": "chat-lora", "prompt": "hi"})["count"] == 2
+
+    n = len(lora_worker.requests)
+    for path, body in [
+        ("/v1/completions", {"model": "other-lora", "prompt": TEXT}),
+        ("/v1/chat/completions", {"model": "other-lora", "messages": messages}),
+        ("/tokenize", {"model": "other-lora", "prompt": "hi"}),
+    ]:
+        status, err = post_error(lora_worker, path, body)
+        assert status == 404 and err["error"]["code"] == 404
+    status, err = post_error(
+        lora_worker, "/v1/messages", {"model": "other-lora", "max_tokens": 2, "messages": messages}
+    )
+    assert status == 404 and err["type"] == "error"
+    assert len(lora_worker.requests) == n
+
+
+def test_lora_event_matches_the_vllm_capture(zctx: Sockets) -> None:
+    # vllm_kv_events.json's "stored_lora_salt": LoRARequest("my-lora", 7,
+    # "/models/my-lora"), cache_salt "tenant-A", base[:32], block_size 16.
+    vector = {b["name"]: b for b in KV_EVENT_BATCHES}["stored_lora_salt"]["decoded"]
+    (want,) = vector["events"]
+    tokens = json.loads((VECTORS / "token_sequences.json").read_text())["base"][:40]
+    names = [f"lora-{i}" for i in range(1, 7)] + ["my-lora"]
+    with MockWorker(block_size=16, token_delay=0, lora_adapters=names) as w:
+        assert w.lora_id("my-lora") == 7
+        sub = subscribe(zctx, w)
+        body = {"model": "my-lora", "prompt": tokens, "max_tokens": 1, "cache_salt": "tenant-A"}
+        post(w, "/v1/completions", body)
+        payload = recv_live(sub, 1)[0][2]
+
+    _, (raw,), _ = batch_dicts(payload)
+    # Field for field what vLLM published, but the session_id (the mock has none).
+    expected = {k: v for k, v in want.items() if k != "session_id"}
+    assert raw == {k: v for k, v in expected.items() if k in raw}
+    # What is left out is only the defaulted nils, which vLLM omits on the wire too.
+    assert all(expected[k] is None for k in expected.keys() - raw.keys())
+    assert raw["extra_keys"] == [["my-lora", "tenant-A"], ["my-lora"]]
+
+    ev = decoded_store(payload)
+    assert ev.lora_name == "my-lora" and ev.lora_id == 7
+    assert ev.cache_salt == "tenant-A"
+    assert ev.extra_keys == (("my-lora", "tenant-A"), ("my-lora",))
+    assert vllm_cache_salt(ev.extra_keys, ev.lora_name) == "tenant-A"
+    lora = VllmLoRA("my-lora", "/models/my-lora")
+    assert list(ev.block_hashes) == [
+        int(h) for h in vllm_block_hashes(tokens, 16, lora=lora, cache_salt="tenant-A")
+    ]
+
+
+def test_lora_blocks_are_hashed_apart_from_the_base_model(
+    lora_worker: MockWorker, zctx: Sockets
+) -> None:
+    sub = subscribe(zctx, lora_worker)
+    tokens = list(range(100, 114))  # 3 full blocks of 4, and 2 more tokens
+    for model in ("mock-model", "sql-lora", "chat-lora", "sql-lora"):
+        post(lora_worker, "/v1/completions", {"model": model, "prompt": tokens, "max_tokens": 1})
+    # Same tokens, other model: never a hit; the adapter again: a full hit.
+    assert [r.cached_tokens for r in lora_worker.requests] == [0, 0, 0, 12]
+    assert lora_worker.next_seq == 3  # the full hit stored nothing
+    base, sql, chat = (decoded_store(m[2]) for m in recv_live(sub, 3))
+
+    assert (base.lora_name, base.lora_id, base.extra_keys) == (None, None, (None,) * 3)
+    assert (sql.lora_name, sql.lora_id) == ("sql-lora", 1)
+    assert (chat.lora_name, chat.lora_id) == ("chat-lora", 2)
+    assert sql.extra_keys == (("sql-lora",),) * 3
+    assert sql.cache_salt is None and vllm_cache_salt(sql.extra_keys, sql.lora_name) is None
+    for ev, name in ((sql, "sql-lora"), (chat, "chat-lora")):
+        lora = VllmLoRA(name, "/models/" + name)
+        assert list(ev.block_hashes) == [int(h) for h in vllm_block_hashes(tokens, 4, lora=lora)]
+        assert list(ev.block_hashes) == lora_worker.block_hashes(tokens, lora_name=name)
+    assert list(base.block_hashes) == lora_worker.block_hashes(tokens)
+    hash_sets = [set(ev.block_hashes) for ev in (base, sql, chat)]
+    assert len(set().union(*hash_sets)) == 9  # pairwise disjoint
+    recs = lora_worker.requests
+    assert recs[1].block_hashes == sql.block_hashes and recs[3].stored_hashes == ()
+
+    # Salted: the salt follows the name on the first block only.
+    body = {"model": "sql-lora", "prompt": tokens, "max_tokens": 1, "cache_salt": "tenant-A"}
+    post(lora_worker, "/v1/completions", body)
+    salted = decoded_store(recv_live(sub, 1)[0][2])
+    assert salted.extra_keys == (("sql-lora", "tenant-A"), ("sql-lora",), ("sql-lora",))
+    assert salted.cache_salt == "tenant-A" and lora_worker.requests[-1].cached_tokens == 0
+    assert list(salted.block_hashes) == lora_worker.block_hashes(
+        tokens, cache_salt="tenant-A", lora_name="sql-lora"
+    )
+
+
+def test_lora_events_key_the_router_index_by_lora_name(
+    lora_worker: MockWorker, zctx: Sockets
+) -> None:
+    sub = subscribe(zctx, lora_worker)
+    tokens = list(range(100, 116))  # 4 blocks
+    longer = tokens + list(range(300, 308))  # 2 more, stored as a child event
+    for body in (
+        {"model": "sql-lora", "prompt": tokens},
+        {"model": "sql-lora", "prompt": longer},
+        {"model": "chat-lora", "prompt": tokens, "cache_salt": "tenant-A"},
+    ):
+        post(lora_worker, "/v1/completions", {**body, "max_tokens": 1})
+    router = Router(block_size=4, workers=[0, 1])
+    applier = EventApplier(router)
+    for msg in recv_live(sub, 3):
+        assert applier.apply_batch(1, decode_vllm(msg[2])) == {"ok": 1}
+
+    def overlap(toks: list[int], **kw: Any) -> dict[int, int]:
+        return dict(router.index.match(kvroute_block_hashes(toks, 4, **kw)))
+
+    assert overlap(longer, lora_name="sql-lora") == {1: 6}
+    assert overlap(longer) == {} and overlap(longer, lora_name="chat-lora") == {}
+    assert overlap(tokens, lora_name="chat-lora", cache_namespace="tenant-A") == {1: 4}
+    assert overlap(tokens, lora_name="chat-lora") == {}
+    d = router.route(Request("r", tokens=[*longer, 1, 2], lora_name="sql-lora"))
+    assert (d.worker, d.matched_blocks) == (1, 6)
+
+
+def test_bad_lora_adapters_fail_at_construction() -> None:
+    for adapters in (["mock-model"], ["a", "b", "a"], [""]):
+        with pytest.raises(ValueError):
+            MockWorker(lora_adapters=adapters)
+    with pytest.raises(TypeError):
+        MockWorker(lora_adapters="sql-lora")
+    assert MockWorker(model="base", lora_adapters=["mock-model"]).lora_adapters == ("mock-model",)
+    with pytest.raises(ValueError):
+        MockWorker(lora_adapters=["a"]).block_hashes(range(8), lora_name="b")
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ..hashing import VllmHashAlgo, vllm_block_hashes
+from ..hashing import VllmHashAlgo, VllmLoRA, vllm_block_hashes
 from ._formats import completion_pieces
 from ._prefix_cache import Allocation, PrefixCache
 from ._publisher import KVEventPublisher
@@ -57,6 +57,7 @@ class RequestRecord:
     :ivar status: ``"running"``, ``"finished"`` or ``"aborted"`` (client gone,
         or the worker stopped).
     :ivar prompt_token_ids: the prompt's token ids.
+    :ivar lora_name: the LoRA adapter the request named, or ``None`` (base model).
     """
 
     request_id: str
@@ -71,6 +72,7 @@ class RequestRecord:
     seq: int | None
     status: RequestStatus
     prompt_token_ids: tuple[int, ...]
+    lora_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class _Record:
     seq: int | None = None
     completion_tokens: int = 0
     status: RequestStatus = "running"
+    lora_name: str | None = None
 
     def snapshot(self) -> RequestRecord:
         return RequestRecord(
@@ -134,6 +137,7 @@ class _Record:
             seq=self.seq,
             status=self.status,
             prompt_token_ids=self.prompt_token_ids,
+            lora_name=self.lora_name,
         )
 
 
@@ -209,6 +213,8 @@ class Engine:
     :param prefill_delay_per_token: seconds per uncached prompt token.
     :param hash_algo: vLLM's ``--prefix-caching-hash-algo``.
     :param hash_seed: the engine's ``PYTHONHASHSEED`` (``None``: unset).
+    :param lora_adapters: the LoRA adapters' names (unique, none the model's);
+        adapter ``i`` gets ``lora_id`` ``i + 1`` and path ``/models/<name>``.
     """
 
     def __init__(
@@ -224,8 +230,11 @@ class Engine:
         prefill_delay_per_token: float,
         hash_algo: VllmHashAlgo,
         hash_seed: str | None,
+        lora_adapters: Sequence[str] = (),
     ) -> None:
         self.model = model
+        #: LoRA adapter name -> vLLM ``lora_id``, in declaration order.
+        self.lora_ids: dict[str, int] = {name: i + 1 for i, name in enumerate(lora_adapters)}
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.tokenizer = tokenizer
@@ -294,15 +303,42 @@ class Engine:
         with self._lock:
             return self._fail_queue.popleft() if self._fail_queue else None
 
+    # -- models -----------------------------------------------------------
+
+    def is_served(self, model: str) -> bool:
+        """Whether ``model`` names the base model or one of the LoRA adapters."""
+        return model == self.model or model in self.lora_ids
+
+    @staticmethod
+    def lora_path(name: str) -> str:
+        """The path an adapter is served from (its ``--lora-modules name=path``)."""
+        return f"/models/{name}"
+
+    def _lora(self, lora_name: str | None) -> VllmLoRA | None:
+        if lora_name is None:
+            return None
+        if lora_name not in self.lora_ids:
+            raise ValueError(f"unknown LoRA adapter {lora_name!r}")
+        return VllmLoRA(lora_name, self.lora_path(lora_name))
+
     # -- the cache ----------------------------------------------------------
 
-    def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
-        """The hashes of a prompt's full blocks (vLLM event u64s)."""
+    def block_hashes(
+        self,
+        token_ids: Sequence[int],
+        cache_salt: str | None = None,
+        lora_name: str | None = None,
+    ) -> list[int]:
+        """The hashes of a prompt's full blocks (vLLM event u64s).
+
+        :raises ValueError: ``lora_name`` is not one of the adapters.
+        """
         hashes = vllm_block_hashes(
             list(token_ids),
             self.block_size,
             algo=self.hash_algo,
             seed=self.hash_seed,
+            lora=self._lora(lora_name),
             cache_salt=cache_salt,
         )
         return [int(h) for h in hashes]
@@ -313,21 +349,29 @@ class Engine:
         return None if publisher is None else publisher.publish(events)
 
     def admit(
-        self, request_id: str, path: str, tokens: list[int], cache_salt: str | None
+        self,
+        request_id: str,
+        path: str,
+        tokens: list[int],
+        cache_salt: str | None,
+        lora_name: str | None = None,
     ) -> Request:
         """Look the prompt up, pin the hit, store the rest and publish the events.
 
+        :param lora_name: the LoRA adapter the request names, or ``None`` for
+            the base model.
         :raises RequestError: an empty prompt.
+        :raises ValueError: ``lora_name`` is not one of the adapters.
         """
         if not tokens:
             raise RequestError("The prompt is empty.")
-        hashes = self.block_hashes(tokens, cache_salt)
-        extra_keys: list[object] | None = None
-        if cache_salt is not None and hashes:
-            # vLLM salts the first block only; events carry the untagged keys.
-            extra_keys = [[cache_salt]] + [None] * (len(hashes) - 1)
+        hashes = self.block_hashes(tokens, cache_salt, lora_name)
+        extra_keys = _event_extra_keys(len(hashes), cache_salt, lora_name)
+        lora_id = None if lora_name is None else self.lora_ids[lora_name]
         with self._lock:
-            alloc = self._cache.acquire(hashes, tokens, extra_keys=extra_keys)
+            alloc = self._cache.acquire(
+                hashes, tokens, extra_keys=extra_keys, lora_id=lora_id, lora_name=lora_name
+            )
             self._blocks_stored += len(alloc.stored)
             self._blocks_evicted += len(alloc.evicted)
             rec = _Record(
@@ -339,6 +383,7 @@ class Engine:
                 stored_hashes=alloc.stored,
                 evicted_hashes=alloc.evicted,
                 cache_salt=cache_salt,
+                lora_name=lora_name,
             )
             self._log.append(rec)
         if alloc.events:
@@ -396,3 +441,26 @@ class Engine:
         with self._lock:
             self._log = [r for r in self._log if r.status == "running"]
             self._blocks_stored = self._blocks_evicted = 0
+
+
+def _event_extra_keys(
+    n_blocks: int, cache_salt: str | None, lora_name: str | None
+) -> list[object] | None:
+    """Per-block ``extra_keys`` as vLLM 0.33 publishes them (untagged), or ``None``.
+
+    vLLM hashes every block of a LoRA request with ``("lora", name, path)`` and
+    the first block with ``("cache_salt", salt)`` too; its events carry only
+    the LoRA name and the salt, in that order:
+
+    >>> _event_extra_keys(2, "tenant-A", "my-lora")
+    [['my-lora', 'tenant-A'], ['my-lora']]
+    >>> _event_extra_keys(3, "tenant-A", None)
+    [['tenant-A'], None, None]
+    >>> _event_extra_keys(2, None, None) is None
+    True
+    """
+    if n_blocks == 0 or (cache_salt is None and lora_name is None):
+        return None
+    first: list[object] = [k for k in (lora_name, cache_salt) if k is not None]
+    rest = [None if lora_name is None else [lora_name] for _ in range(n_blocks - 1)]
+    return [first, *rest]

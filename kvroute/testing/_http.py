@@ -139,10 +139,21 @@ class HttpApi:
 
     # -- request parsing -------------------------------------------------------
 
-    def _check_model(self, body: Mapping[str, Any]) -> None:
+    def _check_model(self, body: Mapping[str, Any]) -> str:
+        """The model the request names (the base model when none): echoed in responses.
+
+        :raises RequestError: 404, neither the base model nor a LoRA adapter.
+        """
         model = body.get("model")
-        if model is not None and model != self.engine.model:
+        if model is None:
+            return self.engine.model
+        if not isinstance(model, str) or not self.engine.is_served(model):
             raise _fail(f"The model `{model}` does not exist.", 404)
+        return model
+
+    def _lora(self, model: str) -> str | None:
+        """The LoRA adapter a served model name selects, or ``None`` for the base model."""
+        return None if model == self.engine.model else model
 
     def _max_tokens(self, value: object, prompt_len: int, *, required: bool = False) -> int:
         engine = self.engine
@@ -186,17 +197,17 @@ class HttpApi:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        self._check_model(body)
+        model = self._check_model(body)
         prompts = self._prompts(body)
         max_tokens = self._max_tokens(body.get("max_tokens"), max(len(p) for p in prompts))
         salt = _cache_salt(body)
         base = _request_id(request, body)
-        rid, created, model = f"cmpl-{base}", int(time.time()), self.engine.model
+        rid, created, lora = f"cmpl-{base}", int(time.time()), self._lora(model)
         admitted: list[Request] = []
         try:
             for i, prompt in enumerate(prompts):
                 sub_id = base if len(prompts) == 1 else f"{base}-{i}"
-                admitted.append(self.engine.admit(sub_id, request.path, prompt, salt))
+                admitted.append(self.engine.admit(sub_id, request.path, prompt, salt, lora))
 
             if not body.get("stream"):
                 texts = [await r.run(max_tokens) for r in admitted]
@@ -269,13 +280,13 @@ class HttpApi:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        self._check_model(body)
+        model = self._check_model(body)
         tokens = self._chat_tokens(body)
         max_tokens = self._chat_max_tokens(body, len(tokens))
         salt = _cache_salt(body)
         base = _request_id(request, body)
-        rid, created, model = f"chatcmpl-{base}", int(time.time()), self.engine.model
-        req = self.engine.admit(base, request.path, tokens, salt)
+        rid, created = f"chatcmpl-{base}", int(time.time())
+        req = self.engine.admit(base, request.path, tokens, salt, self._lora(model))
         try:
             if not body.get("stream"):
                 text = await req.run(max_tokens)
@@ -340,7 +351,7 @@ class HttpApi:
 
     async def _generate_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        self._check_model(body)
+        model = self._check_model(body)
         if body.get("stream"):
             raise _fail("the mock worker's generate endpoint does not stream")
         tokens = body.get("token_ids")
@@ -353,7 +364,7 @@ class HttpApi:
             raise _fail("sampling_params must be an object")
         max_tokens = self._max_tokens(params.get("max_tokens"), len(tokens))
         base = _request_id(request, body)
-        req = self.engine.admit(base, request.path, tokens, _cache_salt(body))
+        req = self.engine.admit(base, request.path, tokens, _cache_salt(body), self._lora(model))
         try:
             text = await req.run(max_tokens)
         finally:
@@ -377,12 +388,12 @@ class HttpApi:
         body = await _json_body(request)
         if not isinstance(body.get("model"), str):
             raise _fail("model: Field required")
-        self._check_model(body)
+        model = self._check_model(body)
         tokens = self.engine.tokenizer.render_anthropic(body)
         max_tokens = self._max_tokens(body.get("max_tokens"), len(tokens), required=True)
         base = _request_id(request, body)
-        mid, model = f"msg_{base}", self.engine.model
-        req = self.engine.admit(base, request.path, tokens, _cache_salt(body))
+        mid = f"msg_{base}"
+        req = self.engine.admit(base, request.path, tokens, _cache_salt(body), self._lora(model))
 
         def usage() -> dict[str, Any]:
             return anthropic_usage(req.prompt_tokens, req.completion_tokens, req.cached_tokens)
@@ -504,18 +515,23 @@ class HttpApi:
     # -- informational endpoints ---------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        model = self.engine.model
-        card = {
-            "id": model,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "vllm",
-            "root": model,
-            "parent": None,
-            "max_model_len": self.engine.max_model_len,
-            "permission": [],
-        }
-        return web.json_response({"object": "list", "data": [card]})
+        engine, created = self.engine, int(time.time())
+
+        def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": root,
+                "parent": parent,
+                "max_model_len": engine.max_model_len,
+                "permission": [],
+            }
+
+        cards = [card(engine.model, engine.model, None)]
+        cards += [card(name, engine.lora_path(name), engine.model) for name in engine.lora_ids]
+        return web.json_response({"object": "list", "data": cards})
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=200)

@@ -122,6 +122,8 @@ class PrefixCache:
         tokens: Sequence[int],
         *,
         extra_keys: Sequence[object] | None = None,
+        lora_id: int | None = None,
+        lora_name: str | None = None,
     ) -> Allocation:
         """Look a request's blocks up, pin the hits and store the missing blocks.
 
@@ -132,6 +134,8 @@ class PrefixCache:
             ``len(hashes) * block_size``).
         :param extra_keys: the per-block extra keys as events carry them
             (``None`` entries for blocks without any); default all ``None``.
+        :param lora_id: the request's LoRA adapter id, for its ``BlockStored``.
+        :param lora_name: the request's LoRA adapter name, for its ``BlockStored``.
         :returns: the allocation; hand it back to :meth:`release` when the
             request ends.
         """
@@ -169,9 +173,9 @@ class PrefixCache:
                     parent_block_hash=hashes[hit - 1] if hit else None,
                     token_ids=list(tokens[hit * bs : (hit + len(stored)) * bs]),
                     block_size=bs,
-                    lora_id=None,
+                    lora_id=lora_id,
                     medium=_MEDIUM,
-                    lora_name=None,
+                    lora_name=lora_name,
                     extra_keys=keys[hit : hit + len(stored)],
                     group_idx=0,
                 )

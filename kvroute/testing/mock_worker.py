@@ -21,6 +21,13 @@ HTTP endpoints:
 - ``POST /inference/v1/generate``: token-in / token-out (non-streaming);
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (a few vLLM gauges).
 
+LoRA adapters (``lora_adapters``) are served as ``vllm serve BASE
+--enable-lora --lora-modules name=/models/name ...`` serves them: listed by
+``/v1/models`` with ``parent`` = the base model, accepted as ``model`` by
+every endpoint (responses echo the requested name), hashed with vLLM's LoRA
+extra key (so they never share blocks with the base model or each other),
+and published with ``lora_id``, ``lora_name`` and per-block ``extra_keys``.
+
 Generation is deterministic: ``max_tokens`` pieces (default 16), each a word
 derived from the prompt's tokens, ``finish_reason`` ``"length"`` (Anthropic
 ``stop_reason`` ``"max_tokens"``). Each request first waits
@@ -123,7 +130,14 @@ class MockWorker:
     :meth:`stop` then :meth:`start` is an engine restart: same ports, sequence
     numbers from 0, empty cache (the request log and counters are kept).
 
-    :param model: the served model name; requests naming another model get 404.
+    :param model: the served model name; requests naming another model (and no
+        LoRA adapter) get 404.
+    :param lora_adapters: LoRA adapter names, served on top of ``model`` as
+        ``--lora-modules name=/models/name``: adapter ``i`` (0-based) has vLLM
+        ``lora_id`` ``i + 1`` and path ``/models/<name>``. A request naming an
+        adapter is hashed with it (:class:`kvroute.hashing.VllmLoRA`) and its
+        ``BlockStored`` carries ``lora_id``, ``lora_name`` and ``extra_keys``
+        (the name on every block, then the ``cache_salt`` on the first).
     :param block_size: tokens per KV block.
     :param num_blocks: prefix-cache capacity, in blocks.
     :param port: HTTP port (0: a free one, then kept across restarts).
@@ -147,14 +161,17 @@ class MockWorker:
     :param buffer_steps: batches kept for replay.
     :param drop_seqs: sequence numbers buffered for replay but never sent live.
     :param dp_rank: the data-parallel rank written into every batch.
-    :raises ValueError: a size or delay is out of range, or ``hash_algo`` is an
-        xxhash algorithm without ``hash_seed`` (its hashes are random then).
+    :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
+        xxhash algorithm without ``hash_seed`` (its hashes are random then), or
+        a LoRA adapter name is empty, repeated or the base model's.
+    :raises TypeError: ``lora_adapters`` is a string, or holds a non-string.
     """
 
     def __init__(
         self,
         *,
         model: str = "mock-model",
+        lora_adapters: Sequence[str] = (),
         block_size: int = 16,
         num_blocks: int = 1024,
         port: int = 0,
@@ -185,6 +202,7 @@ class MockWorker:
                 raise ValueError(f"{name} must be positive, got {value}")
         if token_delay < 0 or prefill_delay_per_token < 0 or default_max_tokens < 0:
             raise ValueError("delays and default_max_tokens must not be negative")
+        adapters = _check_lora_adapters(model, lora_adapters)
         self._engine = Engine(
             model=model,
             block_size=block_size,
@@ -196,6 +214,7 @@ class MockWorker:
             prefill_delay_per_token=prefill_delay_per_token,
             hash_algo=hash_algo,
             hash_seed=hash_seed,
+            lora_adapters=adapters,
         )
         # Fail here, not on the first request, for an unusable hash setting.
         self._engine.block_hashes([0] * block_size)
@@ -221,6 +240,27 @@ class MockWorker:
     def model(self) -> str:
         """The served model name."""
         return self._engine.model
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        """The LoRA adapter names; adapter ``i`` has ``lora_id`` ``i + 1``."""
+        return tuple(self._engine.lora_ids)
+
+    def lora_id(self, name: str) -> int:
+        """vLLM's integer ``lora_id`` of adapter ``name`` (its events' ``lora_id``).
+
+        :raises KeyError: ``name`` is not one of the adapters.
+        """
+        return self._engine.lora_ids[name]
+
+    def lora_path(self, name: str) -> str:
+        """The path adapter ``name`` is served from: ``/models/<name>``.
+
+        :raises KeyError: ``name`` is not one of the adapters.
+        """
+        if name not in self._engine.lora_ids:
+            raise KeyError(name)
+        return self._engine.lora_path(name)
 
     @property
     def block_size(self) -> int:
@@ -578,9 +618,38 @@ class MockWorker:
         """Forget the finished requests and the counters (the cache is kept)."""
         self._engine.clear_log()
 
-    def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
-        """The hashes this worker gives a prompt's full blocks (vLLM event u64s)."""
-        return self._engine.block_hashes(token_ids, cache_salt)
+    def block_hashes(
+        self,
+        token_ids: Sequence[int],
+        cache_salt: str | None = None,
+        lora_name: str | None = None,
+    ) -> list[int]:
+        """The hashes this worker gives a prompt's full blocks (vLLM event u64s).
+
+        :param lora_name: the LoRA adapter the prompt is sent to, or ``None``
+            for the base model.
+        :raises ValueError: ``lora_name`` is not one of the adapters.
+        """
+        return self._engine.block_hashes(token_ids, cache_salt, lora_name)
+
+
+def _check_lora_adapters(model: str, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, once checked: non-empty strings, unique, none ``model``."""
+    if isinstance(names, str):
+        raise TypeError("lora_adapters must be a sequence of names, not a string")
+    adapters = tuple(names)
+    seen: set[str] = set()
+    for name in adapters:
+        if not isinstance(name, str):
+            raise TypeError(f"a LoRA adapter name must be a str, not {type(name).__name__}")
+        if not name:
+            raise ValueError("a LoRA adapter name must not be empty")
+        if name == model:
+            raise ValueError(f"LoRA adapter {name!r} has the base model's name")
+        if name in seen:
+            raise ValueError(f"LoRA adapter {name!r} is given twice")
+        seen.add(name)
+    return adapters
 
 
 def _port_of(endpoint: str) -> int:
