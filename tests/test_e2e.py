@@ -67,13 +67,15 @@ class Session:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": HARNESS}]
         self.turn = 0
 
-    def send(self, proxy: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    def send(
+        self, proxy: str, model: str = "mock-model"
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
         self.messages.append(
             {"role": "user", "content": f"session {self.sid} turn {self.turn}: tool result " * 3}
         )
         status, headers, body = post(
             proxy + "/v1/chat/completions",
-            {"model": "mock-model", "messages": self.messages, "max_tokens": 8},
+            {"model": model, "messages": self.messages, "max_tokens": 8},
             {"X-Session-Id": f"s{self.sid}"},
         )
         out = json.loads(body)
@@ -168,3 +170,44 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
         assert all(router.index.resolve(i, h) is not None for h in held)
     requests = sum(len(w.requests) for w in workers)
     assert requests >= 3 * len(sessions)  # retried requests were re-sent, not dropped
+
+
+def test_lora_adapter_requests_match_the_adapters_blocks() -> None:
+    """Requests for a LoRA adapter are hashed with its name, as the engine hashes its blocks.
+
+    The adapter is known only from the workers' ``/v1/models`` (its ``parent``).
+    Were the proxy to hash adapter prompts like base-model ones, every
+    prediction below would be 0 while the worker hit its cache.
+    """
+    workers = [
+        MockWorker(block_size=16, num_blocks=4096, lora_adapters=["sql-lora"]).start()
+        for _ in range(2)
+    ]
+    specs = [WorkerSpec(w.url, w.events_endpoint, w.replay_endpoint) for w in workers]
+    server = ProxyServer(ProxyConfig(specs, **FAST_HEALTH)).start()
+    try:
+        assert all(w.wait_for_subscribers(1, timeout=10) for w in workers)
+        assert server.proxy.pool.lora_adapters() == {"sql-lora"}
+        adapter, base = Session(0), Session(1)
+        served = set()
+        for turn in range(3):
+            status, headers, out = adapter.send(server.url, model="sql-lora")
+            assert status == 200, out
+            assert out["model"] == "sql-lora"
+            real = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert int(headers[PREDICTED_HEADER]) == real
+            if turn:
+                assert real > len(HARNESS)  # the adapter's own history is hit
+            served.add(int(headers[WORKER_HEADER]))
+            assert synced(server, workers)
+        assert len(served) == 1
+        # The base model shares no block with the adapter, even for the same prompt.
+        base.messages = adapter.messages[:2]
+        status, headers, out = base.send(server.url)
+        assert status == 200, out
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert int(headers[PREDICTED_HEADER]) == 0
+    finally:
+        server.stop()
+        for w in workers:
+            w.stop()

@@ -116,6 +116,10 @@ def test_config_validation_and_helpers() -> None:
     with pytest.raises(ValueError):
         parse_size("12 parsecs")
     assert "upstream_api_key" not in repr(ProxyConfig(w, upstream_api_key="secret"))
+    assert ProxyConfig(w, lora_adapters=["sql-lora"]).lora_adapters == ("sql-lora",)
+    for bad in ([""], [None]):
+        with pytest.raises(ValueError, match="LoRA adapter name"):
+            ProxyConfig(w, lora_adapters=bad)
 
 
 def test_parse_worker_metrics_of_vllm_and_sglang() -> None:
@@ -172,6 +176,7 @@ def test_cli_parses_worker_forms() -> None:
     args = parser.parse_args([
         "proxy", "--worker", "http://a:1=tcp://a:2,tcp://a:3", "--worker", "b:2",
         "--model-map", "claude-*=m", "--max-body-size", "1M", "--port", "0",
+        "--lora-adapter", "sql-lora", "--lora-adapter", "doc-lora",
     ])  # fmt: skip
     assert args.workers == [WorkerSpec("http://a:1", "tcp://a:2", "tcp://a:3"),
                             WorkerSpec("http://b:2")]  # fmt: skip
@@ -180,6 +185,7 @@ def test_cli_parses_worker_forms() -> None:
 
     config = build_config(args)
     assert config.kv_events and config.session_header == "X-Session-Id"
+    assert config.lora_adapters == ("sql-lora", "doc-lora")
     assert args._run is next(c.run for c in cli.COMMANDS if c.name == "proxy")
 
 

@@ -323,8 +323,16 @@ class ProxyApp:
 
     def _served_models(self) -> set[str] | None:
         if self.config.models:
-            return set(self.config.models)
+            return {*self.config.models, *self.config.lora_adapters}
         return self.pool.model_ids()
+
+    def _lora_name(self, model: object) -> str | None:
+        """The LoRA adapter a (mapped) model name selects, or None for a base model."""
+        if not isinstance(model, str):
+            return None
+        if model in self.config.lora_adapters or model in self.pool.lora_adapters():
+            return model
+        return None
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         entries: list[dict[str, Any]]
@@ -332,6 +340,13 @@ class ProxyApp:
             entries = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "kvroute"}
                 for m in self.config.models
+            ]
+            # vLLM lists an adapter with its base model as parent (known when only one is)
+            parent = self.config.models[0] if len(self.config.models) == 1 else None
+            entries += [
+                {"id": m, "object": "model", "created": 0, "owned_by": "kvroute", "parent": parent}
+                for m in self.config.lora_adapters
+                if m not in self.config.models
             ]
         else:
             entries = [dict(e) for e in self.pool.models()]
@@ -514,6 +529,7 @@ class ProxyApp:
                 tokens=tokens,
                 session_id=hints.session_id,
                 priority=hints.priority,
+                lora_name=self._lora_name(call.body.get("model")),
                 cache_salt=hints.cache_salt,
                 expected_output_tokens=hints.expected_output_tokens,
                 cache_control=hints.cache_control if hints.session_id is not None else None,

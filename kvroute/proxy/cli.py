@@ -177,6 +177,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         " (repeatable; first match wins)",
     )
     api.add_argument(
+        "--lora-adapter",
+        dest="lora_adapters",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a model name that selects a LoRA adapter (vLLM's --lora-modules NAME=PATH;"
+        " repeatable; adapters the workers' /v1/models list are known without it)",
+    )
+    api.add_argument(
         "--session-header",
         default="X-Session-Id",
         metavar="NAME",
@@ -256,6 +265,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         tokenize_with=args.tokenize_with,
         models=args.models,
         model_map=args.model_map,
+        lora_adapters=args.lora_adapters,
         session_header=args.session_header,
         max_body_size=args.max_body_size,
         retries=args.retries,

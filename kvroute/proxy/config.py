@@ -114,6 +114,11 @@ class ProxyConfig:
     :param models: the model names served; empty: ask the workers' ``/v1/models``.
     :param model_map: ``(pattern, model)`` pairs: a requested model matching
         ``pattern`` (fnmatch) is sent as ``model``; the first match wins.
+    :param lora_adapters: model names that select a LoRA adapter on the workers
+        (vLLM's ``--lora-modules NAME=PATH``). Requests for them are hashed with
+        the adapter's name, as the engines salt an adapter's KV blocks with it,
+        so they match the blocks the workers report. Adapters the workers'
+        ``/v1/models`` list (entries with a ``parent``) count too.
     :param session_header: the request header naming the agent session.
     :param max_body_size: larger request bodies are refused with 413.
     :param retries: extra attempts on other workers after a worker fails
@@ -141,6 +146,7 @@ class ProxyConfig:
     tokenize_with: TokenizeWith = "auto"
     models: Sequence[str] = ()
     model_map: Sequence[tuple[str, str]] = ()
+    lora_adapters: Sequence[str] = ()
     session_header: str = "X-Session-Id"
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     retries: int = 2
@@ -158,6 +164,7 @@ class ProxyConfig:
         object.__setattr__(self, "workers", tuple(self.workers))
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "model_map", tuple(tuple(p) for p in self.model_map))
+        object.__setattr__(self, "lora_adapters", tuple(self.lora_adapters))
         if not self.workers:
             raise ValueError("at least one worker is needed")
         if not all(isinstance(w, WorkerSpec) for w in self.workers):
@@ -185,6 +192,9 @@ class ProxyConfig:
             )
         if not self.session_header.strip():
             raise ValueError("session_header must not be empty")
+        for name in self.lora_adapters:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
 
     @property
     def kv_events(self) -> bool:

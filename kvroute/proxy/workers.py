@@ -192,6 +192,10 @@ class WorkerPool:
             return None
         return {str(m.get("id")) for m in self.models()}
 
+    def lora_adapters(self) -> set[str]:
+        """The model ids the workers list as LoRA adapters (vLLM gives them a ``parent``)."""
+        return {str(m.get("id")) for m in self.models() if m.get("parent")}
+
     # -- checks ------------------------------------------------------------------------
 
     async def _get(self, worker: int, path: str) -> tuple[int, bytes]:
