@@ -22,7 +22,8 @@
 # per-call scratch arrays of match() can be indexed directly. Slots of removed
 # workers are reused (their residencies are all gone by then).
 #
-# Engine handles (engine hash -> block key) live in a small per-slot table.
+# Engine handles (engine hash -> block key) live in a small per-slot table
+# (kvroute/_u64map.pxd, shared with _route.pyx).
 # The residency keeps a saturating count of the handles that name it, so the
 # common drop ("last copy removed through its only handle") deletes exactly
 # that handle; any other drop of a handled residency scans the worker's
@@ -43,6 +44,18 @@ from libc.string cimport memcmp, memmove, memset
 from cpython.buffer cimport PyBuffer_Release
 
 from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
+from ._u64map cimport (
+    Entry,
+    HMap,
+    hm_del,
+    hm_del_values,
+    hm_free,
+    hm_get,
+    hm_home,
+    hm_new,
+    hm_put,
+    hm_sizeof,
+)
 
 cdef extern from *:
     """
@@ -104,21 +117,6 @@ cdef extern from *:
     const uint64_t SLOT_MAX "KVR_SLOT_MAX"          # (1 << SLOT_BITS) - 1
     const uint64_t SPILL "KVR_SPILL"
     const uint64_t FIB "KVR_FIB"                    # 2**64 / golden ratio
-
-ctypedef struct Entry:
-    uint64_t key
-    uint64_t val
-
-# A map from engine hash to block key, one per worker slot. Key 0 is the
-# empty marker; a real zero key lives in has_zero/zero_val.
-ctypedef struct HMap:
-    Entry* e
-    uint64_t cap
-    uint64_t used
-    uint32_t bits
-    int has_zero
-    uint64_t zero_val
-
 
 cdef inline uint32_t res_slot(uint64_t r) noexcept nogil:
     return <uint32_t>((r >> SLOT_SHIFT) & SLOT_MAX)
@@ -216,137 +214,6 @@ cdef inline void delete_at(Entry* t, uint64_t mask, uint32_t sh, uint64_t i) noe
             i = j
     t[i].key = 0
     t[i].val = 0
-
-
-# -- the engine-handle map ---------------------------------------------------
-
-cdef HMap* hm_new() noexcept nogil:
-    cdef HMap* m = <HMap*>calloc(1, sizeof(HMap))
-    if m == NULL:
-        return NULL
-    m.bits = MIN_BITS
-    m.cap = 1 << MIN_BITS
-    m.e = <Entry*>calloc(m.cap, sizeof(Entry))
-    if m.e == NULL:
-        free(m)
-        return NULL
-    return m
-
-cdef void hm_free(HMap* m) noexcept nogil:
-    if m != NULL:
-        free(m.e)
-        free(m)
-
-cdef inline uint64_t hm_home(HMap* m, uint64_t k) noexcept nogil:
-    return (k * FIB) >> (64 - m.bits)
-
-cdef int hm_get(HMap* m, uint64_t k, uint64_t* out) noexcept nogil:
-    cdef uint64_t mask, i
-    if m == NULL:
-        return 0
-    if k == 0:
-        out[0] = m.zero_val
-        return m.has_zero
-    mask = m.cap - 1
-    i = hm_home(m, k)
-    while m.e[i].key != 0:
-        if m.e[i].key == k:
-            out[0] = m.e[i].val
-            return 1
-        i = (i + 1) & mask
-    return 0
-
-cdef int hm_grow(HMap* m) noexcept nogil:
-    cdef Entry* old = m.e
-    cdef uint64_t old_cap = m.cap, j, i, mask
-    cdef Entry* e = <Entry*>calloc(old_cap * 2, sizeof(Entry))
-    if e == NULL:
-        return -1
-    m.e = e
-    m.cap = old_cap * 2
-    m.bits += 1
-    mask = m.cap - 1
-    for j in range(old_cap):
-        if old[j].key != 0:
-            i = hm_home(m, old[j].key)
-            while e[i].key != 0:
-                i = (i + 1) & mask
-            e[i] = old[j]
-    free(old)
-    return 0
-
-cdef int hm_put(HMap* m, uint64_t k, uint64_t v) noexcept nogil:
-    """Insert or overwrite; -1 on allocation failure."""
-    cdef uint64_t mask, i
-    if k == 0:
-        m.has_zero = 1
-        m.zero_val = v
-        return 0
-    if (m.used + 1) * 4 > m.cap * 3 and hm_grow(m) < 0:
-        return -1
-    mask = m.cap - 1
-    i = hm_home(m, k)
-    while m.e[i].key != 0:
-        if m.e[i].key == k:
-            m.e[i].val = v
-            return 0
-        i = (i + 1) & mask
-    m.e[i].key = k
-    m.e[i].val = v
-    m.used += 1
-    return 0
-
-cdef void hm_del_at(HMap* m, uint64_t i) noexcept nogil:
-    # Backward-shift deletion: pull later members of the probe run into the
-    # hole, each one whose probe path from its home to j passes through i.
-    cdef uint64_t mask = m.cap - 1, j = i
-    while True:
-        j = (j + 1) & mask
-        if m.e[j].key == 0:
-            break
-        if ((j - hm_home(m, m.e[j].key)) & mask) >= ((j - i) & mask):
-            m.e[i] = m.e[j]
-            i = j
-    m.e[i].key = 0
-    m.e[i].val = 0
-    m.used -= 1
-
-cdef void hm_del(HMap* m, uint64_t k) noexcept nogil:
-    cdef uint64_t mask, i
-    if k == 0:
-        m.has_zero = 0
-        m.zero_val = 0
-        return
-    mask = m.cap - 1
-    i = hm_home(m, k)
-    while m.e[i].key != 0:
-        if m.e[i].key == k:
-            hm_del_at(m, i)
-            return
-        i = (i + 1) & mask
-
-cdef void hm_del_values(HMap* m, uint64_t v) noexcept nogil:
-    """Delete every entry whose value is ``v``. O(capacity x matches); rare, see above."""
-    cdef uint64_t i, k
-    cdef int found = 1
-    if m.has_zero and m.zero_val == v:
-        m.has_zero = 0
-        m.zero_val = 0
-    # Delete by key and rescan: a backward shift may move a match behind the scan.
-    while found:
-        found = 0
-        for i in range(m.cap):
-            if m.e[i].key != 0 and m.e[i].val == v:
-                k = m.e[i].key
-                found = 1
-                break
-        if found:
-            hm_del(m, k)
-
-cdef size_t hm_sizeof(HMap* m) noexcept nogil:
-    if m == NULL:
-        return 0
-    return sizeof(HMap) + m.cap * sizeof(Entry)
 
 
 cdef class BlockIndex:

@@ -34,6 +34,7 @@ from cpython.buffer cimport (
 from libc.math cimport INFINITY, fabs
 
 from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
+from ._u64map cimport HMap, hm_del, hm_free, hm_get, hm_new, hm_put, hm_sizeof
 
 import numpy as np
 
@@ -77,12 +78,6 @@ ctypedef struct CEntry:
     int32_t parent
     int32_t child
 
-# worker id -> slot + 1 (0 marks a free cell); id 0 is kept aside
-ctypedef struct SEntry:
-    uint64_t key
-    uint64_t val
-
-
 cdef inline uint64_t _mix(uint64_t key, int32_t parent) noexcept nogil:
     return (key ^ (<uint64_t><uint32_t>parent * MIX)) * FIB
 
@@ -102,11 +97,7 @@ cdef class ActivePrefixes:
     cdef uint64_t _ct_cap
     cdef uint64_t _ct_used
     cdef uint32_t _ct_bits
-    cdef SEntry* _st
-    cdef uint64_t _st_cap
-    cdef uint64_t _st_used
-    cdef uint32_t _st_bits
-    cdef int _zero_slot             # slot + 1 of worker id 0, 0 if none
+    cdef HMap* _slot_map            # worker id -> slot
     cdef dict _slot_of              # worker id -> slot
     cdef uint32_t _nslots
     cdef uint32_t _slot_cap
@@ -130,17 +121,14 @@ cdef class ActivePrefixes:
         self._ct_bits = 6
         self._ct_cap = 64
         self._ct = <CEntry*>malloc(64 * sizeof(CEntry))
-        self._st_bits = 6
-        self._st_cap = 64
-        self._st = <SEntry*>malloc(64 * sizeof(SEntry))
+        self._slot_map = hm_new()
         self._path_cap = 64
         self._path = <int32_t*>malloc(64 * sizeof(int32_t))
         self._pdepth = <uint32_t*>malloc(64 * sizeof(uint32_t))
         if (self._nodes == NULL or self._free_nodes == NULL or self._ct == NULL
-                or self._st == NULL or self._path == NULL or self._pdepth == NULL):
+                or self._slot_map == NULL or self._path == NULL or self._pdepth == NULL):
             raise MemoryError()
         memset(self._ct, 0, 64 * sizeof(CEntry))
-        memset(self._st, 0, 64 * sizeof(SEntry))
         memset(&self._nodes[0], 0, sizeof(Node))
         self._nodes[0].parent = -1
         self._nodes[0].first_child = -1
@@ -161,7 +149,7 @@ cdef class ActivePrefixes:
         free(self._nodes)
         free(self._free_nodes)
         free(self._ct)
-        free(self._st)
+        hm_free(self._slot_map)
         free(self._slot_worker)
         free(self._slot_len)
         free(self._slot_prompts)
@@ -249,84 +237,12 @@ cdef class ActivePrefixes:
 
     # -- the slot table (worker id -> slot) ------------------------------------
 
-    cdef inline uint64_t _st_home(self, uint64_t key) noexcept nogil:
-        return (key * FIB) >> (64 - self._st_bits)
-
     cdef inline long _slot_get(self, uint64_t w) noexcept nogil:
         """The slot of worker ``w``, or -1."""
-        cdef uint64_t mask, i
-        if w == 0:
-            return self._zero_slot - 1
-        mask = self._st_cap - 1
-        i = self._st_home(w)
-        while self._st[i].val != 0:
-            if self._st[i].key == w:
-                return <long>self._st[i].val - 1
-            i = (i + 1) & mask
+        cdef uint64_t slot
+        if hm_get(self._slot_map, w, &slot):
+            return <long>slot
         return -1
-
-    cdef int _st_put(self, uint64_t w, uint64_t val) except -1:
-        cdef SEntry* old
-        cdef SEntry* t
-        cdef uint64_t old_cap, j, i, mask
-        if w == 0:
-            self._zero_slot = <int>val
-            return 0
-        if (self._st_used + 1) * 4 > self._st_cap * 3:
-            old = self._st
-            old_cap = self._st_cap
-            t = <SEntry*>malloc(old_cap * 2 * sizeof(SEntry))
-            if t == NULL:
-                raise MemoryError()
-            memset(t, 0, old_cap * 2 * sizeof(SEntry))
-            self._st = t
-            self._st_cap = old_cap * 2
-            self._st_bits += 1
-            mask = self._st_cap - 1
-            for j in range(old_cap):
-                if old[j].val != 0:
-                    i = self._st_home(old[j].key)
-                    while t[i].val != 0:
-                        i = (i + 1) & mask
-                    t[i] = old[j]
-            free(old)
-        mask = self._st_cap - 1
-        i = self._st_home(w)
-        while self._st[i].val != 0:
-            if self._st[i].key == w:
-                self._st[i].val = val
-                return 0
-            i = (i + 1) & mask
-        self._st[i].key = w
-        self._st[i].val = val
-        self._st_used += 1
-        return 0
-
-    cdef void _st_del(self, uint64_t w) noexcept nogil:
-        cdef uint64_t mask = self._st_cap - 1
-        cdef uint64_t i, j, h
-        if w == 0:
-            self._zero_slot = 0
-            return
-        i = self._st_home(w)
-        while self._st[i].val != 0:
-            if self._st[i].key == w:
-                break
-            i = (i + 1) & mask
-        else:
-            return
-        j = i
-        while True:
-            j = (j + 1) & mask
-            if self._st[j].val == 0:
-                break
-            h = self._st_home(self._st[j].key)
-            if ((j - h) & mask) >= ((j - i) & mask):
-                self._st[i] = self._st[j]
-                i = j
-        self._st[i].key = 0
-        self._st[i].val = 0
-        self._st_used -= 1
 
     cdef uint32_t _slot_for(self, uint64_t w) except? 0xFFFFFFFF:
         """The slot of worker ``w``, creating it."""
@@ -356,7 +272,8 @@ cdef class ActivePrefixes:
         self._slot_worker[slot] = w
         self._slot_len[slot] = 0
         self._slot_prompts[slot] = 0
-        self._st_put(w, <uint64_t>slot + 1)
+        if hm_put(self._slot_map, w, slot) < 0:
+            raise MemoryError()
         self._slot_of[w] = slot
         return slot
 
@@ -863,7 +780,7 @@ cdef class ActivePrefixes:
                 free(order)
             self._prompts -= n
         del self._slot_of[w]
-        self._st_del(w)
+        hm_del(self._slot_map, w)
         self._slot_free[self._nslot_free] = <uint32_t>s
         self._nslot_free += 1
         return n
@@ -877,7 +794,7 @@ cdef class ActivePrefixes:
         cdef size_t total
         cdef int32_t x
         total = self._nodes_cap * (sizeof(Node) + sizeof(int32_t))
-        total += self._ct_cap * sizeof(CEntry) + self._st_cap * sizeof(SEntry)
+        total += self._ct_cap * sizeof(CEntry) + hm_sizeof(self._slot_map)
         total += self._slot_cap * (3 * sizeof(uint64_t) + 3 * sizeof(uint32_t))
         total += self._path_cap * (sizeof(int32_t) + sizeof(uint32_t))
         for x in range(self._nnodes):
@@ -957,7 +874,9 @@ cdef class ActivePrefixes:
             assert self._slot_worker[slot] == w and self._slot_get(w) == slot, "slot map is off"
             assert self._slot_len[slot] == slot_len.get(slot, 0), f"worker {w}: block count is off"
             assert self._slot_prompts[slot] == slot_prompts.get(slot, 0), "prompt count is off"
-        assert <Py_ssize_t>self._st_used + (self._zero_slot != 0) == len(self._slot_of)
+        assert (
+            <Py_ssize_t>self._slot_map.used + self._slot_map.has_zero == len(self._slot_of)
+        ), "slot map holds stale workers"
 
     def __repr__(self):
         return f"<ActivePrefixes prompts={len(self)} workers={len(self._slot_of)}>"
