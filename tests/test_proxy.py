@@ -222,6 +222,29 @@ def test_model_map_and_models_endpoint() -> None:
         assert status == 200 and json.loads(raw)["model"] == MODEL
 
 
+def test_lora_adapters_given_on_the_command_line_are_served_and_hashed_with_their_name() -> None:
+    options = {"models": [MODEL], "lora_adapters": ["sql-lora"]}
+    worker_kw = {"lora_adapters": ["sql-lora"]}
+    with fleet(1, worker_kw=worker_kw, **options) as (proxy, _workers):
+        status, _, raw = get(proxy.url + "/v1/models")
+        listing = {m["id"]: m for m in json.loads(raw)["data"]}
+        assert status == 200 and list(listing) == [MODEL, "sql-lora"]
+        assert listing["sql-lora"]["parent"] == MODEL
+        for model in ("sql-lora", MODEL):
+            body = {"model": model, "messages": chat(1), "max_tokens": 1}
+            status, _headers, raw = post(proxy.url + "/v1/chat/completions", body)
+            assert status == 200 and json.loads(raw)["model"] == model
+        adapter, base = routed_requests(proxy.router)
+        assert adapter.lora_name == "sql-lora" and base.lora_name is None
+        # Same tokens, different chains: the adapter's blocks are not the base model's.
+        assert list(adapter.tokens) == list(base.tokens)
+        router = proxy.router
+        assert (
+            router.hashing(adapter.tokens, 16, lora_name="sql-lora")[0]
+            != router.hashing(base.tokens, 16)[0]
+        )
+
+
 def test_health_and_metrics() -> None:
     with fleet(2) as (proxy, workers):
         status, _, raw = get(proxy.url + "/health")
