@@ -34,6 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -194,6 +195,7 @@ class ProxyApp:
         self.metrics = metrics if metrics is not None else Metrics(router)
         #: Workers' health and metadata.
         self.pool = WorkerPool(router, config)
+        self._configured_models = frozenset((*config.models, *config.lora_adapters))
         if tokenizer is None and config.local_tokenizer:
             assert config.tokenizer is not None
             tokenizer = LocalTokenizer(config.tokenizer, config.chat_template)
@@ -321,9 +323,9 @@ class ProxyApp:
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    def _served_models(self) -> set[str] | None:
+    def _served_models(self) -> AbstractSet[str] | None:
         if self.config.models:
-            return {*self.config.models, *self.config.lora_adapters}
+            return self._configured_models
         return self.pool.model_ids()
 
     def _lora_name(self, model: object) -> str | None:

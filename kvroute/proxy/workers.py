@@ -112,6 +112,8 @@ class WorkerPool:
         }
         self._session: aiohttp.ClientSession | None = None
         self._rotation = itertools.count()
+        self._model_ids: frozenset[str] | None = None
+        self._lora_adapters: frozenset[str] = frozenset()
 
     def bind(self, session: aiohttp.ClientSession | None) -> None:
         """Use ``session`` for health checks (None: unbind)."""
@@ -153,6 +155,7 @@ class WorkerPool:
             state.healthy = True
             state.down = None
             state.models_known = False  # it may have restarted with other models
+            self._models_changed()
             self.router.mark_healthy(worker)
             log.info("worker %d (%s) is healthy again", worker, state.url)
 
@@ -186,15 +189,20 @@ class WorkerPool:
                 seen.setdefault(str(entry.get("id")), entry)
         return list(seen.values())
 
-    def model_ids(self) -> set[str] | None:
+    def model_ids(self) -> frozenset[str] | None:
         """The served model ids, or None while no worker has said."""
-        if not any(s.models_known for s in self.workers.values()):
-            return None
-        return {str(m.get("id")) for m in self.models()}
+        return self._model_ids
 
-    def lora_adapters(self) -> set[str]:
+    def lora_adapters(self) -> frozenset[str]:
         """The model ids the workers list as LoRA adapters (vLLM gives them a ``parent``)."""
-        return {str(m.get("id")) for m in self.models() if m.get("parent")}
+        return self._lora_adapters
+
+    def _models_changed(self) -> None:
+        # Every request reads these two: kept up to date here, not rebuilt per request.
+        entries = self.models()
+        known = any(s.models_known for s in self.workers.values())
+        self._model_ids = frozenset(str(m.get("id")) for m in entries) if known else None
+        self._lora_adapters = frozenset(str(m.get("id")) for m in entries if m.get("parent"))
 
     # -- checks ------------------------------------------------------------------------
 
@@ -238,6 +246,7 @@ class WorkerPool:
         if isinstance(entries, list):
             state.models = [e for e in entries if isinstance(e, dict) and "id" in e]
             state.models_known = True
+            self._models_changed()
 
     async def _read_metrics(self, state: WorkerState) -> None:
         try:
