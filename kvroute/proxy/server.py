@@ -15,9 +15,11 @@ import concurrent.futures
 import contextlib
 import threading
 from types import TracebackType
+from typing import cast
 
 from aiohttp import web
 
+from .._aio import OwningLoop, close_loop
 from ..metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
@@ -119,7 +121,7 @@ class ProxyServer:
         self._thread = None
 
     def _main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
+        loop = OwningLoop()
         self._loop = loop
         try:
             loop.run_until_complete(self._serve(ready))
@@ -127,10 +129,8 @@ class ProxyServer:
             if not ready.done():
                 ready.set_exception(e)
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
             self._loop = None
-            loop.close()
+            close_loop(loop)
 
     async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
         self._stop = asyncio.Event()
@@ -144,6 +144,8 @@ class ProxyServer:
             await self._stop.wait()
         finally:
             await runner.cleanup()
+            # a client connection aiohttp let go of without closing: a stopped proxy closes it
+            cast(OwningLoop, asyncio.get_running_loop()).abort_all()
 
     def __enter__(self) -> ProxyServer:
         return self.start()

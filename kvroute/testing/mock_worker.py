@@ -51,10 +51,11 @@ import os
 import threading
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar, cast
+from typing import Final, TypeVar, cast
 
 from aiohttp import web
 
+from .._aio import OwningLoop, close_loop
 from ..hashing import VllmHashAlgo
 from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
@@ -66,55 +67,6 @@ __all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
 
 _HOST: Final = "127.0.0.1"
 _T = TypeVar("_T")
-
-
-class _OwningLoop(asyncio.SelectorEventLoop):
-    """An event loop that holds every socket transport it makes until :meth:`abort_all`.
-
-    asyncio keeps transports only weakly: one that its protocol drops without
-    closing (a connection accepted while the server shuts down, say), or one
-    left closing with unsent data when its loop stops, is garbage-collected
-    with its socket open, and the ResourceWarning surfaces at some later
-    collection, in whatever code runs then. A stopped engine's sockets must
-    all close, so the worker owns them and closes them itself.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._owned: set[asyncio.BaseTransport] = set()
-        self._prune_at = 64
-
-    def _make_socket_transport(self, *args: Any, **kwargs: Any) -> Any:
-        server = kwargs.get("server")
-        if server is not None and not server.is_serving():
-            # Accepted just before the server closed, set up after: asyncio's
-            # closed Server would refuse to count it (an AssertionError that
-            # asyncio swallows, leaking the socket and a half-made transport).
-            # Uncounted, it is made as usual and owned here like the rest.
-            kwargs["server"] = None
-        transport = super()._make_socket_transport(*args, **kwargs)  # type: ignore[misc]
-        if len(self._owned) >= self._prune_at:  # amortised: forget the closed ones
-            self._owned = {t for t in self._owned if _socket_open(t)}
-            self._prune_at = max(64, 2 * len(self._owned))
-        self._owned.add(transport)
-        return transport
-
-    def abort_all(self) -> None:
-        """Abort every transport whose socket is open, closing ones included.
-
-        A transport closed with data still buffered waits for its peer to
-        read it, keeping its socket; an aborted one drops the data. The
-        sockets close on the loop's next iteration.
-        """
-        for transport in self._owned:
-            if _socket_open(transport):
-                transport.abort()  # type: ignore[attr-defined]
-        self._owned.clear()
-
-
-def _socket_open(transport: asyncio.BaseTransport) -> bool:
-    sock = transport.get_extra_info("socket")
-    return sock is not None and sock.fileno() != -1
 
 
 class MockWorker:
@@ -388,7 +340,7 @@ class MockWorker:
         await self.astop()
 
     def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = _OwningLoop()
+        loop = OwningLoop()
         try:
             try:
                 loop.run_until_complete(self._startup())
@@ -402,20 +354,7 @@ class MockWorker:
             loop.run_forever()
         finally:
             self._loop = None
-            # Let tasks the last iteration queued start before they are cancelled
-            # (accepting a connection as the server stopped, say): a task cancelled
-            # before it starts would drop the socket it was handed unclosed.
-            loop.run_until_complete(asyncio.sleep(0))
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.abort_all()  # anything the cancelled tasks opened
-            loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
+            close_loop(loop)
 
     async def _startup(self) -> None:
         publisher: KVEventPublisher | None = None
@@ -451,7 +390,7 @@ class MockWorker:
             self._runner = None
         # A connection whose handler was cancelled mid-response can outlive the
         # server's shutdown; a dead engine's sockets all close.
-        cast(_OwningLoop, asyncio.get_running_loop()).abort_all()
+        cast(OwningLoop, asyncio.get_running_loop()).abort_all()
         await asyncio.sleep(0)  # let the transports' close callbacks run
         publisher = self._engine.publisher
         self._engine.end()
