@@ -52,6 +52,8 @@ __all__ = ["BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
 
+_NO_WORKERS: frozenset[int] = frozenset()
+
 
 def _default_index_factory() -> Callable[[], Any]:
     # The package picks the compiled index or its twin once; use its choice.
@@ -504,7 +506,7 @@ class Router:
             raise TypeError(f"route() takes a Request, not {type(request).__name__}")
         hashes = self._hashes(request)
         prompt = request.num_prompt_tokens(self.block_size)
-        skip = frozenset(check_u64(w, "exclude") for w in exclude)
+        skip = frozenset(check_u64(w, "exclude") for w in exclude) if exclude else _NO_WORKERS
         with self._lock:
             return self._route_locked(request, hashes, prompt, skip)
 
@@ -634,7 +636,7 @@ class Router:
         request: Request,
         hashes: npt.NDArray[np.uint64],
         prompt: int,
-        exclude: frozenset[int] = frozenset(),
+        exclude: frozenset[int] = _NO_WORKERS,
     ) -> Decision:
         now = self._clock()
         self._maintain(now)
@@ -644,7 +646,7 @@ class Router:
             raise ValueError(f"request {rid!r} is already in flight")
         n = lt.n
         cand: npt.NDArray[np.intp] | None = None
-        skip = [p for p in map(lt.pos.get, exclude) if p is not None]
+        skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else []
         if not self._all_healthy or skip:
             ok = lt.healthy[:n].copy()
             ok[skip] = False
@@ -727,8 +729,9 @@ class Router:
         matched = int(ov[p])
         cached = min(matched * bs, prompt)
         entry: Any = None
+        pin_ttl = request.cache_ttl()
         if self._predicted is not None and len(hashes):
-            ttl = request.cache_ttl()
+            ttl = pin_ttl
             if ttl is not None:
                 ttl = max(self._predicted.ttl, ttl)
             entry = self._predicted.record(worker, hashes, now, ttl)
@@ -749,7 +752,6 @@ class Router:
                 request.speculative_prefill,
             ),
         )
-        pin_ttl = request.cache_ttl()
         if pin_ttl is not None and request.session_id is not None:
             self._pins[request.session_id] = (worker, now + pin_ttl)
         self._stats["routed"] += 1
