@@ -506,7 +506,10 @@ class Router:
             raise TypeError(f"route() takes a Request, not {type(request).__name__}")
         hashes = self._hashes(request)
         prompt = request.num_prompt_tokens(self.block_size)
-        skip = frozenset(check_u64(w, "exclude") for w in exclude) if exclude else _NO_WORKERS
+        if isinstance(exclude, tuple) and not exclude:  # the default: nothing excluded
+            skip = _NO_WORKERS
+        else:
+            skip = frozenset(check_u64(w, "exclude") for w in exclude)
         with self._lock:
             return self._route_locked(request, hashes, prompt, skip)
 

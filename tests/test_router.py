@@ -722,6 +722,9 @@ def test_exclude_keeps_one_request_off_some_workers_without_touching_their_healt
     got.append(r.route(Request("e", block_hashes=H(9)), exclude=[77]))  # an unknown id: ignored
     with pytest.raises(NoWorkerAvailable, match="outside the excluded"):
         r.route(Request("f", block_hashes=H(9)), exclude=[0, 1, 2])
+    for ids in (np.array([0, 1, 2], np.uint64), iter([0, 1, 2]), {0, 1, 2}):  # any iterable
+        with pytest.raises(NoWorkerAvailable, match="outside the excluded"):
+            r.route(Request("f", block_hashes=H(9)), exclude=ids)
     with pytest.raises(OverflowError):
         r.route(Request("g", block_hashes=H(9)), exclude=[-1])
     # The journal records the exclusions, so replaying it repeats every decision.
