@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTENT_TYPE_LATEST", "EVENT_STATUSES", "EventStatus", "Metrics", "RateLimitedLog"]
 
-#: How an event (or a batch, for gap / replayed / malformed) was applied.
+#: How an event was applied (per event: ok ... ignored), or what the subscriber
+#: met (per batch: gap, replayed, malformed; per occurrence: replay_failed and
+#: restart, each of which cleared the worker; ``cleared`` is the engine's own
+#: AllBlocksCleared only).
 EventStatus = Literal[
     "ok",
     "unknown_block",
@@ -50,6 +53,8 @@ EventStatus = Literal[
     "rejected",
     "mismatch",
     "ignored",
+    "replay_failed",
+    "restart",
 ]
 EVENT_STATUSES: Final[tuple[str, ...]] = get_args(EventStatus)
 
@@ -133,7 +138,8 @@ class Metrics:
         )
         self.events = Counter(
             "kvroute_events",
-            "KV events (or batches, for gap/replayed/malformed) by worker and status",
+            "KV events by worker and status (batches for gap/replayed/malformed; "
+            "subscriber-side clears for replay_failed/restart)",
             ["worker", "status"],
             registry=reg,
         )

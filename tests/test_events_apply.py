@@ -8,13 +8,11 @@ decoder tests pin the decoding itself.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from kvroute import Request, Router
@@ -25,7 +23,7 @@ from kvroute.events import (
     EventApplier,
     EventBatch,
 )
-from kvroute.hashing import kvroute_block_hashes, vllm_block_hashes
+from kvroute.hashing import VllmLoRA, kvroute_block_hashes, vllm_block_hashes
 from kvroute.metrics import Metrics
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -282,53 +280,137 @@ def test_dynamo_tokens_hashes_chain_into_kvroute_keys(router: Router) -> None:
 # -- keying on engine hashes ------------------------------------------------------------
 
 
-def test_engine_keyed_mode_uses_the_engine_hashes_and_verifies_them(
-    caplog: pytest.LogCaptureFixture,
+def vllm_sha256(tokens: Any, bs: int, *, lora_name: Any, cache_namespace: Any, parent: Any) -> Any:
+    """A router hashing that reproduces vLLM's default hashes (its sha256, no seed).
+
+    vLLM chains full digests, so no chain can continue from a 64-bit key: it
+    says so, and the applier then checks chain starts only.
+    """
+    if parent is not None:
+        raise NotImplementedError("vLLM hashes cannot continue from a 64-bit key")
+    lora = None if lora_name is None else VllmLoRA(lora_name, f"/models/{lora_name}")
+    return vllm_block_hashes(tokens, bs, algo="sha256", lora=lora, cache_salt=cache_namespace)
+
+
+def counting(fn: Any, calls: list[Any]) -> Any:
+    def spy(tokens: Any, bs: int, **kw: Any) -> Any:
+        calls.append(kw["parent"])
+        return fn(tokens, bs, **kw)
+
+    return spy
+
+
+@pytest.mark.parametrize("suffix", ["", "_bytes_hashes"])
+def test_engine_keyed_with_the_engines_own_hashing_matches_silently(
+    suffix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def vllm_sha256(
-        tokens: Any,
-        bs: int,
-        *,
-        lora_name: Any = None,
-        cache_namespace: Any = None,
-        parent: Any = None,
-    ) -> Any:
-        assert parent is None
-        return vllm_block_hashes(tokens, bs, algo="sha256")
-
-    router = Router(block_size=16, workers=[0], hashing=vllm_sha256)
+    calls: list[Any] = []
+    router = Router(block_size=16, workers=[0], hashing=counting(vllm_sha256, calls))
     m = Metrics(router)
-
-    def engine_hash(tokens: Any, bs: int, *, lora_name: Any, cache_salt: Any) -> Any:
-        return vllm_block_hashes(tokens, bs, algo="sha256", cache_salt=cache_salt)
-
-    ap = EventApplier(router, metrics=m, key_on="engine", engine_hash=engine_hash)
-    ap.apply_batch(0, vllm_batch("stored_first_blocks"))
-    ap.apply_batch(0, vllm_batch("stored_child_block"))
+    ap = EventApplier(router, metrics=m, key_on="engine")
+    with caplog.at_level(logging.WARNING, "kvroute.events"):
+        for name in ("stored_first_blocks", "stored_child_block", "stored_lora_salt"):
+            assert ap.apply_batch(0, vllm_batch(name + suffix)) == {"ok": 1}
+    assert not caplog.records
     assert m.value("kvroute_event_mismatches_total", {"worker": "0", "kind": "hash"}) == 0
+    # every stored event was checked: the two chain starts, and the child (which
+    # this hashing declines: it continues from its parent's engine hash)
+    first, child = (
+        vllm_batch(n + suffix).events[0] for n in ("stored_first_blocks", "stored_child_block")
+    )
+    assert isinstance(first, BlockStored) and isinstance(child, BlockStored)
+    assert calls == [None, first.block_hashes[-1], None]
+    # the index holds the engine's hashes, and route() reproduces them
     d = router.route(Request("r", tokens=BASE[:48]))
     assert d.matched_blocks == 3
-    ap.apply_batch(0, vllm_batch("removed_by_eviction"))
+    salted = Request("s", tokens=BASE[:32], lora_name="my-lora", cache_salt="tenant-A")
+    assert router.route(salted).matched_blocks == 2
+    ap.apply_batch(0, vllm_batch("removed_by_eviction" + suffix))
     assert len(router.index) == 0
 
-    # An engine on another algorithm: loud, counted.
-    wrong = functools.partial(_cbor, vllm_block_hashes)
-    ap = EventApplier(router, metrics=m, key_on="engine", engine_hash=wrong)
+
+def test_engine_keyed_continuations_are_checked_with_the_inherited_salt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An engine publishing the router's own chain (Dynamo sequence hashes) as
+    # its block hashes: a continuation reproduces from its parent's hash, and
+    # vLLM-style, only the prompt's first event names the salt.
+    kw = {"lora_name": "my-lora", "cache_namespace": "tenant-A"}
+    keys = [int(h) for h in kvroute_block_hashes(BASE[:48], 16, **kw)]
+    start = BlockStored(
+        tuple(keys[:2]),
+        None,
+        tuple(BASE[:32]),
+        block_size=16,
+        lora_name="my-lora",
+        cache_salt="tenant-A",
+    )
+    child = BlockStored(
+        tuple(keys[2:]), keys[1], tuple(BASE[32:48]), block_size=16, lora_name="my-lora"
+    )
+    router = Router(block_size=16, workers=[0])
+    m = Metrics(router)
+    ap = EventApplier(router, metrics=m, key_on="engine")
+    with caplog.at_level(logging.WARNING, "kvroute.events"):
+        assert ap.apply_batch(0, EventBatch(0.0, (start, child))) == {"ok": 2}
+    assert not caplog.records
+    assert m.value("kvroute_event_mismatches_total", {"worker": "0", "kind": "hash"}) == 0
+    assert (
+        router.route(
+            Request("r", tokens=BASE[:48], lora_name="my-lora", cache_salt="tenant-A")
+        ).matched_blocks
+        == 3
+    )
+    # Once the salted parent is gone the salt is forgotten: the same
+    # continuation no longer reproduces, and says so.
+    ap.apply(0, BlockRemoved((keys[1],)))
+    assert ap.apply(0, child) == "ok"
+    assert m.value("kvroute_event_mismatches_total", {"worker": "0", "kind": "hash"}) == 1
+
+
+def test_engine_keyed_with_another_hashing_warns_for_starts_and_continuations(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The router hashes requests with kvroute's default hash; the engine is vLLM.
+    router = Router(block_size=16, workers=[0])
+    m = Metrics(router)
+    hash_mismatches = {"worker": "0", "kind": "hash"}
+    ap = EventApplier(router, metrics=m, key_on="engine")
     with caplog.at_level(logging.WARNING, "kvroute.events"):
         ap.apply_batch(0, vllm_batch("stored_first_blocks"))
-    assert m.value("kvroute_event_mismatches_total", {"worker": "0", "kind": "hash"}) == 1
-    assert any("do not match" in r.getMessage() for r in caplog.records)
+        assert m.value("kvroute_event_mismatches_total", hash_mismatches) == 1
+        ap.apply_batch(0, vllm_batch("stored_child_block"))
+        assert m.value("kvroute_event_mismatches_total", hash_mismatches) == 2
+    # logged once per interval, counted every time
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "a chain start" in logged[0]
+    assert "Router(hashing=...)" in logged[0] and "key_on='kvroute'" in logged[0]
+    # this is the silent failure the warning is about: the blocks are held, never matched
+    assert router.index.residencies() == 3
+    assert router.route(Request("r", tokens=BASE[:48])).matched_blocks == 0
+
+    caplog.clear()
+    ap = EventApplier(router, metrics=m, key_on="engine", log_interval=0.0)
+    with caplog.at_level(logging.WARNING, "kvroute.events"):
+        ap.apply_batch(0, vllm_batch("stored_child_block"))
+    assert m.value("kvroute_event_mismatches_total", hash_mismatches) == 3
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "continuing from 4941392990263232400" in msg and "6897989581244272817" in msg
 
 
-def _cbor(fn: Any, tokens: Any, bs: int, **kw: Any) -> Any:
-    return fn(tokens, bs, algo="sha256_cbor")
+def test_kvroute_keyed_mode_hashes_each_stored_event_once(router: Router) -> None:
+    calls: list[Any] = []
+    router = Router(block_size=16, workers=[0], hashing=counting(kvroute_block_hashes, calls))
+    ap = EventApplier(router)
+    ap.apply_batch(0, vllm_batch("stored_first_blocks"))
+    ap.apply_batch(0, vllm_batch("stored_child_block"))
+    assert len(calls) == 2  # the key computation only: no check on this path
+    assert overlap(router, BASE[:48]) == {0: 3}
 
 
 def test_applier_arguments_are_checked(router: Router) -> None:
     with pytest.raises(ValueError, match="key_on"):
         EventApplier(router, key_on="tokens")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="key_on='engine'"):
-        EventApplier(router, engine_hash=lambda *a, **k: np.zeros(0, np.uint64))
     assert EventApplier(router).apply(0, "BlockStored") == "rejected"  # type: ignore[arg-type]
 
 

@@ -16,6 +16,9 @@ import dataclasses
 import doctest
 import functools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kvroute.events.decode as D
 from kvroute.events.decode import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_MAX_TOKENS,
@@ -38,6 +40,9 @@ from kvroute.events.decode import (
     vllm_cache_salt,
 )
 from kvroute.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+
+# the module itself: ``kvroute.events.decode`` is the decode *function*
+D = sys.modules["kvroute.events.decode"]
 
 VECTORS = Path(__file__).parent / "vectors"
 U32_MAX = 2**32 - 1
@@ -946,6 +951,25 @@ def test_decode_error_is_a_value_error() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(D, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_kvroute_events_decode_stays_the_function_once_its_submodule_loads() -> None:
+    # Importing the ``decode`` submodule bound it over the package's ``decode``
+    # function: the documented ``kvroute.events.decode(payload, fmt)`` worked
+    # once, then was a module. A fresh process: this one has long loaded it.
+    code = """if True:
+        import kvroute.events as e
+        payload = bytes.fromhex({!r})
+        assert e.decode(payload, "vllm").events == e.decode(payload, "vllm").events
+        from kvroute.events import ZmqSubscriber  # loads the submodules another way
+        assert e.decode(payload, "vllm").events and callable(e.decode_vllm)
+    """.format(vllm_batch("stored_first_blocks")["payload_hex"])
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # --- hypothesis -------------------------------------------------------------------------

@@ -22,9 +22,10 @@ import zmq
 
 from kvroute import Router
 from kvroute.events import ZmqSubscriber
-from kvroute.events.zmq import END_SEQ
+from kvroute.events.decode import decode_vllm
+from kvroute.events.zmq import _METRIC_STATUSES, END_SEQ
 from kvroute.hashing import kvroute_block_hashes
-from kvroute.metrics import Metrics
+from kvroute.metrics import EVENT_STATUSES, Metrics
 
 VECTORS = Path(__file__).parent / "vectors"
 BASE: list[int] = json.loads((VECTORS / "token_sequences.json").read_text())["base"]
@@ -156,14 +157,47 @@ def seen(sub: ZmqSubscriber, worker: int, seq: int, timeout: float = WAIT) -> bo
     return sub.wait_for(lambda s: worker in s and s[worker].last_seq >= seq, timeout)
 
 
-def connect(sub: ZmqSubscriber, pub: Publisher, worker: int = 0, *, replay: bool = True) -> None:
-    """Subscribe and wait out ZMQ's slow joiner: probe until a batch gets through."""
-    sub.subscribe(worker, pub.endpoint, pub.replay_endpoint if replay else None)
+def connect(
+    sub: ZmqSubscriber, pub: Publisher, worker: int = 0, *, replay: bool | str = True
+) -> None:
+    """Subscribe and wait out ZMQ's slow joiner: probe until a batch gets through.
+
+    ``replay``: use the publisher's replay endpoint, none (False), or this one (a str).
+    """
+    endpoint = replay if isinstance(replay, str) else pub.replay_endpoint if replay else None
+    sub.subscribe(worker, pub.endpoint, endpoint)
+    probe(sub, pub, worker)
+
+
+def probe(sub: ZmqSubscriber, pub: Publisher, worker: int = 0) -> None:
+    """Publish empty batches until one gets through (a new or restored connection)."""
     empty = VLLM["empty_events_no_dp_rank"]
     for _ in range(int(WAIT / 0.05)):
         if seen(sub, worker, pub.publish(empty), timeout=0.05):
             return
     raise AssertionError("the subscriber never received a batch")
+
+
+def events_metric(m: Metrics, status: str, worker: int = 0) -> float:
+    return m.value("kvroute_events_total", {"worker": str(worker), "status": status})
+
+
+class SilentReplay:
+    """A replay endpoint that accepts requests and never answers (a wedged engine)."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def next_request(self) -> int:
+        """The start seq of the next replay request (swallowed: no reply)."""
+        assert self.sock.poll(int(WAIT * 1000)), "no replay request arrived"
+        _ident, _empty, start = self.sock.recv_multipart()
+        return int.from_bytes(start, "big")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def test_live_batches_build_the_index_and_removals_empty_it(
@@ -179,21 +213,30 @@ def test_live_batches_build_the_index_and_removals_empty_it(
         seq = publisher.publish(VLLM["removed_by_eviction"])
         assert seen(sub, 0, seq)
         assert len(router.index) == 0
+        # the engine's own AllBlocksCleared (after one store)
+        seq = publisher.publish(VLLM["stored_then_cleared"])
+        assert seen(sub, 0, seq)
+        assert len(router.index) == 0
         counts = sub.streams()[0].counts
-    assert counts["ok"] >= 3 and counts["gap"] == 0 and counts["malformed"] == 0
-    assert m.value("kvroute_events_total", {"worker": "0", "status": "ok"}) == counts["ok"]
+    assert counts["ok"] >= 4 and counts["gap"] == 0 and counts["malformed"] == 0
+    assert counts["cleared"] == 1
+    assert events_metric(m, "ok") == counts["ok"]
+    assert events_metric(m, "cleared") == 1
 
 
 def test_late_joiner_takes_the_buffered_history(router: Router, publisher: Publisher) -> None:
     # Batches published before anyone listened: only the replay buffer has them.
     publisher.publish(VLLM["stored_first_blocks"], drop=True)
     publisher.publish(VLLM["stored_child_block"], drop=True)
-    with ZmqSubscriber(router) as sub:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         assert held(router, BASE[:48]) == 3
         st = sub.streams()[0]
     assert publisher.replay_requests[0] == 0
     assert st.counts["replayed"] >= 2 and st.counts["gap"] == 0  # joining is not a gap
+    assert events_metric(m, "replayed") == st.counts["replayed"]
+    assert events_metric(m, "gap") == events_metric(m, "replay_failed") == 0
 
 
 @pytest.mark.parametrize("delimiter", [True, False], ids=["4-frame", "3-frame"])
@@ -216,13 +259,16 @@ def test_a_gap_is_filled_from_the_replay_endpoint(
     assert held(router, BASE[:48]) == 3
     assert st.counts["gap"] == 1 and st.counts["replayed"] == before + 1
     assert st.counts["replay_failed"] == 0 and st.counts["unknown_block"] == 0
-    assert m.value("kvroute_events_total", {"worker": "0", "status": "gap"}) == 1
+    assert events_metric(m, "gap") == 1
+    assert events_metric(m, "replayed") == st.counts["replayed"] >= 1
+    assert events_metric(m, "replay_failed") == events_metric(m, "cleared") == 0
 
 
 def test_a_gap_without_replay_clears_the_worker_and_resumes(
     router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with ZmqSubscriber(router) as sub:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
         connect(sub, publisher, replay=False)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -237,12 +283,16 @@ def test_a_gap_without_replay_clears_the_worker_and_resumes(
     # ...and the batch after the gap still applied.
     keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
     assert router.index.match(keys) == {0: 2}
-    assert st.counts["gap"] == 1 and st.counts["replay_failed"] == 1 and st.counts["cleared"] == 1
+    assert st.counts["gap"] == 1 and st.counts["replay_failed"] == 1
+    assert st.counts["cleared"] == 0  # the engine cleared nothing: the subscriber did
+    assert events_metric(m, "gap") == events_metric(m, "replay_failed") == 1
+    assert events_metric(m, "cleared") == events_metric(m, "replayed") == 0
     assert any("could not replay" in r.getMessage() for r in caplog.records)
 
 
 def test_a_replay_that_cannot_cover_the_gap_clears(router: Router, publisher: Publisher) -> None:
-    with ZmqSubscriber(router) as sub:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -254,10 +304,12 @@ def test_a_replay_that_cannot_cover_the_gap_clears(router: Router, publisher: Pu
         st = sub.streams()[0]
     assert held(router, BASE[:32]) == 0
     assert st.counts["replay_failed"] == 1
+    assert events_metric(m, "replay_failed") == 1 and events_metric(m, "cleared") == 0
 
 
 def test_an_engine_restart_clears_then_rebuilds(router: Router, publisher: Publisher) -> None:
-    with ZmqSubscriber(router) as sub:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         publisher.publish(VLLM["stored_first_blocks"])
         seq = publisher.publish(VLLM["stored_child_block"])
@@ -270,7 +322,9 @@ def test_an_engine_restart_clears_then_rebuilds(router: Router, publisher: Publi
     assert held(router, BASE[:48]) == 0  # the old engine's blocks are gone
     keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
     assert router.index.match(keys) == {0: 2}
-    assert st.last_seq == 0 and st.counts["cleared"] >= 1
+    assert st.last_seq == 0 and st.counts["cleared"] == 0
+    assert events_metric(m, "restart") == 1
+    assert events_metric(m, "cleared") == events_metric(m, "replay_failed") == 0
 
 
 def test_malformed_messages_are_counted_and_leave_the_index_intact(
@@ -344,6 +398,11 @@ def test_two_workers_are_tracked_independently(router: Router, ctx: zmq.Context)
     assert router.index.match(kvroute_block_hashes(BASE[:32], 16)) == {1: 2}
 
 
+def test_every_subscriber_status_is_a_documented_metric_status() -> None:
+    assert set(EVENT_STATUSES) >= _METRIC_STATUSES
+    assert {"replay_failed", "restart"} <= _METRIC_STATUSES
+
+
 def test_lifecycle_and_arguments(router: Router) -> None:
     sub = ZmqSubscriber(router)
     assert not sub.running
@@ -366,7 +425,8 @@ def test_lifecycle_and_arguments(router: Router) -> None:
 def test_reconnecting_to_a_restarted_engine_clears_it_without_waiting_for_events(
     router: Router, publisher: Publisher, ctx: zmq.Context
 ) -> None:
-    with ZmqSubscriber(router) as sub:
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         publisher.publish(VLLM["stored_first_blocks"])
         seq = publisher.publish(VLLM["stored_child_block"])
@@ -383,6 +443,7 @@ def test_reconnecting_to_a_restarted_engine_clears_it_without_waiting_for_events
         st = sub.streams()[0]
     assert held(router, BASE[:32]) == 2
     assert st.counts["connects"] >= 2
+    assert events_metric(m, "restart") == 1 and events_metric(m, "cleared") == 0
 
 
 def test_reconnecting_to_the_same_engine_catches_up_and_skips_duplicates(
@@ -407,3 +468,108 @@ def test_reconnecting_to_the_same_engine_catches_up_and_skips_duplicates(
     assert st.counts["duplicate"] == 1 + replayed and st.counts["restart"] == 0
     assert st.counts["cleared"] == before.counts["cleared"] == 0
     assert held(router, BASE[:48]) == 3
+
+
+# -- a wedged replay endpoint, and ZMQ's message size limit -------------------------------
+
+
+def test_a_hung_replay_endpoint_stalls_only_its_own_worker(
+    router: Router, ctx: zmq.Context
+) -> None:
+    a, b, silent = Publisher(ctx), Publisher(ctx), SilentReplay(ctx)
+    try:
+        with ZmqSubscriber(router, replay_timeout=600.0) as sub:
+            connect(sub, b, 1)
+            sub.subscribe(0, a.endpoint, silent.endpoint)
+            # worker 0's connection asks its replay endpoint, which never answers...
+            assert silent.next_request() == 0
+            # ...and worker 1's events keep flowing while that replay is in flight
+            seq = b.publish(VLLM["stored_first_blocks"])
+            assert seen(sub, 1, seq)
+            assert router.index.match(kvroute_block_hashes(BASE[:32], 16)) == {1: 2}
+            st = sub.streams()
+        # and stop() did not wait for it (the with block's exit)
+        assert not sub.running
+    finally:
+        a.close()
+        b.close()
+        silent.close()
+    assert st[0].last_seq == -1 and st[0].counts["replay_failed"] == 0
+
+
+def test_a_replay_that_never_answers_clears_its_worker_and_is_counted(
+    router: Router, ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, silent = Publisher(ctx), Publisher(ctx), SilentReplay(ctx)
+    m = Metrics(router)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, "kvroute.events"),
+            ZmqSubscriber(router, metrics=m, replay_timeout=0.3) as sub,
+        ):
+            connect(sub, b, 1)
+            connect(sub, a, 0, replay=silent.endpoint)  # its resync times out first
+            seq = a.publish(VLLM["stored_first_blocks"])
+            assert seen(sub, 0, seq)
+            assert held(router, BASE[:32], 0) == 2
+            before = events_metric(m, "replay_failed")  # a join may have failed one
+            a.publish(VLLM["removed_by_eviction"], drop=True)  # a lost removal
+            seq = a.publish(VLLM["stored_lora_salt"])
+            assert seen(sub, 0, seq)  # after the replay timed out
+            st = sub.streams()[0]
+            # worker 1 is followed as before
+            seq = b.publish(VLLM["stored_first_blocks"])
+            assert seen(sub, 1, seq)
+            assert held(router, BASE[:32], 1) == 2
+    finally:
+        a.close()
+        b.close()
+        silent.close()
+    # worker 0's state was unknowable: cleared, then the batch after the gap applied
+    assert held(router, BASE[:32], 0) == 0
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}
+    assert st.counts["gap"] == 1 and st.counts["replay_failed"] == before + 1
+    assert events_metric(m, "gap") == 1 and events_metric(m, "replay_failed") == before + 1
+    assert events_metric(m, "cleared") == events_metric(m, "gap", 1) == 0
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("did not answer a resync" in msg for msg in msgs)
+    assert any("could not replay KV events" in msg for msg in msgs)
+
+
+def _oversized_batch() -> bytes:
+    """A valid vLLM batch storing BASE[:992]: 62 blocks, well over 1 KiB."""
+    ts, (event,), rank = msgspec.msgpack.decode(VLLM["stored_first_blocks"])
+    n = 62
+    event.update(
+        block_hashes=list(range(1, n + 1)), token_ids=BASE[: 16 * n], extra_keys=[None] * n
+    )
+    return msgspec.msgpack.encode([ts, [event], rank])
+
+
+def test_a_message_over_max_message_bytes_is_dropped_and_counted_as_a_gap(
+    router: Router, publisher: Publisher
+) -> None:
+    big = _oversized_batch()
+    assert len(big) > 2048 and len(decode_vllm(big).events[0].block_hashes) == 62
+    m = Metrics(router)
+    with ZmqSubscriber(router, metrics=m, max_message_bytes=1024) as sub:
+        connect(sub, publisher, replay=False)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        publisher.publish(big)  # ZMQ refuses it and drops the connection
+        probe(sub, publisher)  # the subscriber reconnects by itself
+        seq = publisher.publish(VLLM["stored_lora_salt"])
+        assert seen(sub, 0, seq)
+        st = sub.streams()[0]
+    # never decoded, never applied: only the two small stores' events count
+    assert st.counts["malformed"] == 0 and st.counts["ok"] == 2
+    assert held(router, BASE[:992]) == 0
+    # ZMQ dropped the connection and would not retry (a protocol error): the
+    # subscriber reconnected; the lost seq is a gap like any other (no replay
+    # here), so the worker was cleared, and it is counted
+    assert st.counts["disconnects"] >= 1 and st.counts["connects"] >= 2
+    assert st.counts["gap"] == st.counts["replay_failed"] == 1
+    assert events_metric(m, "gap") == events_metric(m, "replay_failed") == 1
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .apply import EngineHashFn, EventApplier
+from .apply import EventApplier
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent, Tier
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ __all__ = [
     "BlockRemoved",
     "BlockStored",
     "DecodeError",
-    "EngineHashFn",
     "EventApplier",
     "EventBatch",
     "KVEvent",
@@ -54,5 +53,16 @@ def __getattr__(name: str) -> Any:
     if mod is None:
         raise AttributeError(f"module 'kvroute.events' has no attribute {name!r}")
     import importlib
+    import sys
 
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    importlib.import_module(f"{__name__}.{mod}")
+    # Importing a submodule binds it here under its own name, and the
+    # ``decode`` submodule shadows the ``decode`` function that way (so
+    # ``kvroute.events.decode(...)`` worked once): bind the lazy names of
+    # every loaded submodule for good.
+    g = globals()
+    for n, m in _LAZY.items():
+        loaded = sys.modules.get(f"{__name__}.{m}")
+        if loaded is not None:
+            g[n] = getattr(loaded, n)
+    return g[name]

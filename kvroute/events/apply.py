@@ -9,8 +9,9 @@ only as handles: a later ``BlockRemoved`` names blocks by them, and a later
 
 The silent failures users of other routers report most are made loud here:
 an event whose ``block_size`` differs from the router's (every key would be
-wrong), and, when the index keys on engine hashes, an engine hash that the
-configured engine hash function does not reproduce (requests would never
+wrong), and, when the index keys on engine hashes, engine hashes that the
+router's own ``hashing`` (the function :meth:`Router.route` hashes requests
+with) does not reproduce from the event's tokens (requests would never
 match). Both are logged (at most once a minute per worker) and counted.
 """
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from .._convert import as_u64_array
 from .._logging import RateLimitedLog
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 
@@ -31,14 +33,9 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..router import Router
 
-__all__ = ["EngineHashFn", "EventApplier"]
+__all__ = ["EventApplier"]
 
 logger = logging.getLogger("kvroute.events")
-
-#: ``(tokens, block_size, *, lora_name, cache_salt) -> uint64 array``: an engine's
-#: own block hashes of a prompt from its first token (e.g. a partial of
-#: :func:`kvroute.hashing.vllm_block_hashes`), for verifying engine-keyed events.
-EngineHashFn = Callable[..., npt.NDArray[np.uint64]]
 
 
 class EventApplier:
@@ -50,14 +47,16 @@ class EventApplier:
 
     :param router: the router whose index the events feed.
     :param metrics: where to count events by status and mismatches, or None.
-    :param key_on: ``"kvroute"`` (default) keys blocks by kvroute's hash of the
-        event's tokens; ``"engine"`` keys them by the engine's own hashes, as
-        Dynamo and llm-d do — then the router's ``hashing`` must reproduce the
-        engine's hash exactly, and ``engine_hash`` lets the applier check it.
-    :param engine_hash: the engine's hash function (see :data:`EngineHashFn`);
-        with ``key_on="engine"``, every stored event that starts a prompt is
-        re-hashed and compared, and a disagreement warns and is counted
-        (``kind="hash"``).
+    :param key_on: ``"kvroute"`` (default) keys blocks by the router's hash of
+        the event's tokens; ``"engine"`` keys them by the engine's own hashes,
+        as Dynamo and llm-d do. Then ``router.hashing`` must reproduce the
+        engine's hashes exactly, since :meth:`Router.route` hashes requests
+        with it: every stored event that carries token ids is re-hashed with
+        it (a continuation from its parent's engine hash, with the salt it
+        inherits) and a disagreement warns and is counted (``kind="hash"``).
+        A ``hashing`` that cannot continue a chain from a parent's key (vLLM's
+        hash chains full digests) raises :class:`NotImplementedError` for
+        ``parent`` not None; continuations are then not checked.
     :param groups: KV-cache groups to index (vLLM hybrid models publish one
         stream per group); events of other groups are counted as ``ignored``.
     :param log_interval: seconds between two warnings for the same worker and kind.
@@ -69,18 +68,14 @@ class EventApplier:
         *,
         metrics: Metrics | None = None,
         key_on: Literal["kvroute", "engine"] = "kvroute",
-        engine_hash: EngineHashFn | None = None,
         groups: Collection[int] = (0,),
         log_interval: float = 60.0,
     ) -> None:
         if key_on not in ("kvroute", "engine"):
             raise ValueError(f"key_on must be 'kvroute' or 'engine', not {key_on!r}")
-        if engine_hash is not None and key_on != "engine":
-            raise ValueError("engine_hash verifies engine-keyed events: pass key_on='engine'")
         self.router = router
         self.metrics = metrics
         self.key_on = key_on
-        self.engine_hash = engine_hash
         self.groups = frozenset(groups)
         self._warn = RateLimitedLog(logger, log_interval)
         #: Per worker: events applied by status (see :data:`kvroute.metrics.EVENT_STATUSES`).
@@ -203,9 +198,7 @@ class EventApplier:
             return "ok"
         engine = np.fromiter(ev.block_hashes[:n], dtype=np.uint64, count=n)
         if self.key_on == "engine":
-            self._verify(worker, ev, n)
-            self.router.apply_stored(worker, engine, ev.parent_block_hash, tier=ev.tier)
-            return "ok"
+            return self._stored_engine(worker, ev, n, engine)
         parent: int | None = None
         salt = ev.cache_salt
         salts = self._salts.get(worker)
@@ -239,26 +232,65 @@ class EventApplier:
             parent=parent,
         )
 
-    def _verify(self, worker: int, ev: BlockStored, n: int) -> None:
-        if self.engine_hash is None or ev.parent_block_hash is not None or not ev.token_ids:
-            return  # only a chain's start can be reproduced from the event alone
+    def _stored_engine(
+        self, worker: int, ev: BlockStored, n: int, engine: npt.NDArray[np.uint64]
+    ) -> str:
+        salt = ev.cache_salt
+        salts = self._salts.get(worker)
+        if salt is None and salts and ev.parent_block_hash is not None:
+            salt = salts.get(ev.parent_block_hash)
+        if ev.token_ids:
+            self._verify(worker, ev, n, engine, salt)
+        self.router.apply_stored(worker, engine, ev.parent_block_hash, tier=ev.tier)
+        if salt is not None:
+            if salts is None:
+                salts = self._salts[worker] = {}
+            salts.update(dict.fromkeys(ev.block_hashes[:n], salt))
+        return "ok"
+
+    def _verify(
+        self,
+        worker: int,
+        ev: BlockStored,
+        n: int,
+        engine: npt.NDArray[np.uint64],
+        salt: str | None,
+    ) -> None:
+        """Warn and count if ``router.hashing`` does not give the event's engine hashes.
+
+        The index keys on engine hashes here, so a parent's key *is* its
+        engine hash: a continuation is checked by continuing from it.
+        """
         bs = self.router.block_size
-        want = self.engine_hash(
-            ev.token_ids[: n * bs], bs, lora_name=ev.lora_name, cache_salt=ev.cache_salt
-        )
-        if list(map(int, want)) != list(ev.block_hashes[:n]):
-            if self.metrics is not None:
-                self.metrics.mismatch(worker, "hash")
-            self._warn.warning(
-                (worker, "hash"),
-                "worker %s: engine block hashes %s do not match the configured engine hash "
-                "function (%s): requests hashed by the router will not match this worker's "
-                "blocks. Check the engine's hash algorithm and PYTHONHASHSEED, or key on "
-                "kvroute's hash (key_on='kvroute', the default).",
-                worker,
-                _short(ev.block_hashes[:n]),
-                _short(want),
+        try:
+            want = self.router.hashing(
+                ev.token_ids[: n * bs],
+                bs,
+                lora_name=ev.lora_name,
+                cache_namespace=salt,
+                parent=ev.parent_block_hash,
             )
+        except NotImplementedError:
+            return  # this hashing reproduces chain starts only
+        want = as_u64_array(want, "router.hashing()")
+        if np.array_equal(want, engine):
+            return
+        if self.metrics is not None:
+            self.metrics.mismatch(worker, "hash")
+        self._warn.warning(
+            (worker, "hash"),
+            "worker %s: engine block hashes %s (%s) differ from the router's hashing of the "
+            "event's tokens %s: with key_on='engine' the index keys on engine hashes, so "
+            "requests hashed by route() will NOT match this worker's blocks. Give "
+            "Router(hashing=...) the engine's exact hash function (its algorithm and "
+            "PYTHONHASHSEED), or key on the router's hash (key_on='kvroute', the default).",
+            worker,
+            _short(engine),
+            "a chain start"
+            if ev.parent_block_hash is None
+            else f"continuing from {ev.parent_block_hash}",
+            _short(want),
+        )
 
     # -- removed ------------------------------------------------------------------
 

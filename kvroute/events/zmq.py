@@ -28,14 +28,23 @@ Per worker the subscriber tracks the last applied ``seq``:
   rebuilt from the new engine's history — even if it never publishes again.
 
 Everything runs on one background thread that owns every socket; ``route()``
-never waits for it. Malformed frames or payloads are counted, logged at most
-once a minute per worker, and never touch the index.
+never waits for it. A replay is one more socket in that thread's poll loop,
+not a blocking call: while it is in flight only its own worker's live batches
+wait (in ZMQ's queue, unread), so a replay endpoint that hangs delays that
+worker by ``replay_timeout`` and no other. Malformed frames or payloads are
+counted, logged at most once a minute per worker, and never touch the index.
+
+The index is cleared for three reasons, counted apart: the engine's own
+``AllBlocksCleared`` (``cleared``), an engine restart (``restart``) and a gap
+that no replay could fill (``replay_failed``).
 
 Needs the ``serve`` extra (``pyzmq``, ``msgspec``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -67,6 +76,21 @@ END_SEQ: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 Format = Literal["vllm", "sglang"]
 
+#: Replayed batches (seq, payload), or None when the replay failed.
+Replayed = list[tuple[int, bytes]] | None
+
+
+@dataclass
+class _Replay:
+    """A replay exchange in flight on its own DEALER socket."""
+
+    sock: Any
+    start: int
+    stop: int
+    deadline: float
+    then: Callable[[Replayed], None]
+    got: list[tuple[int, bytes]] = field(default_factory=list)
+
 
 @dataclass
 class WorkerStream:
@@ -79,9 +103,10 @@ class WorkerStream:
     :ivar fmt: the wire format of the payloads.
     :ivar last_seq: the last applied sequence number (-1 before the first).
     :ivar counts: batches and events by outcome: ``batches``, ``gap``,
-        ``replayed`` (batches applied from a replay), ``replay_failed``,
-        ``restart``, ``duplicate``, ``connects``, ``malformed``, and the applier's
-        per-event statuses (``ok``, ``unknown_block``, ``cleared``, ...).
+        ``replayed`` (batches applied from a replay), ``replay_failed`` and
+        ``restart`` (each cleared the worker), ``duplicate``, ``connects``,
+        ``disconnects``, ``malformed``, and the applier's per-event statuses (``ok``,
+        ``unknown_block``, ``cleared`` for the engine's ``AllBlocksCleared``, ...).
     """
 
     worker: int
@@ -95,10 +120,18 @@ class WorkerStream:
     monitor: Any = field(default=None, repr=False)
     # seq -> digest of the payload applied at that seq, for the last batches
     recent: dict[int, int] = field(default_factory=dict, repr=False)
+    # the replay in flight; while there is one, ``sock`` is out of the poller
+    replay: _Replay | None = field(default=None, repr=False)
+    # a resync was asked for while a replay was in flight: run it after
+    resync_due: bool = field(default=False, repr=False)
 
 
 #: How many applied batches a stream remembers, to tell a duplicate from a restart.
 _RECENT: Final = 4096
+
+#: The subscriber's own outcomes that are exported as ``kvroute_events_total``
+#: statuses (the applier counts the per-event ones itself).
+_METRIC_STATUSES: Final = frozenset({"gap", "replayed", "malformed", "replay_failed", "restart"})
 
 
 class ZmqSubscriber:
@@ -116,9 +149,11 @@ class ZmqSubscriber:
     :param topic: the default topic prefix (vLLM's and SGLang's default is ``""``).
     :param applier: a configured :class:`EventApplier` (default: one with
         kvroute-keyed blocks for ``router``).
-    :param replay_timeout: seconds to wait for each replay reply.
-    :param max_message_bytes: larger messages are refused by ZMQ itself (the
-        peer is disconnected and reconnects); also bounds decoding.
+    :param replay_timeout: seconds to wait for each replay reply; the other
+        workers' events keep flowing meanwhile.
+    :param max_message_bytes: larger messages are refused by ZMQ itself: it
+        drops the connection, the subscriber reconnects, and the lost batch is
+        a gap (whose replay the same limit refuses: the worker is cleared).
     :param reconnect_interval: ZMQ's reconnect interval (s) after a worker drops.
     :param poll_interval: how often (s) the thread looks at its command queue
         when no events arrive.
@@ -161,6 +196,8 @@ class ZmqSubscriber:
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[int, WorkerStream] = {}
         self._by_sock: dict[Any, WorkerStream] = {}
+        self._replaying: dict[int, WorkerStream] = {}  # workers with a replay in flight
+        self._poller: zmq.Poller | None = None
         self._lock = threading.Lock()  # guards reads of _streams from other threads
         self._warn = RateLimitedLog(logger)
         self._error: BaseException | None = None
@@ -273,26 +310,33 @@ class ZmqSubscriber:
     # -- the thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         try:
             while True:
                 if not self._drain_commands(poller):
                     return
                 for sock, _ in poller.poll(self._poll_ms):
                     stream = self._by_sock.get(sock)
-                    if stream is None:  # pragma: no cover - unsubscribed in this round
+                    if stream is None:  # pragma: no cover - closed earlier in this round
                         continue
                     if sock is stream.monitor:
                         self._on_monitor(stream)
-                        continue
-                    # Drain what is queued on this socket, bounded so one busy
-                    # worker cannot starve the others or the command queue.
-                    for _ in range(256):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_frames(stream, frames)
+                    elif stream.replay is not None:
+                        if sock is stream.replay.sock:
+                            self._on_replay(stream)
+                        # else: a replay began earlier in this round; live waits
+                    else:
+                        # Drain what is queued on this socket, bounded so one busy
+                        # worker cannot starve the others or the command queue.
+                        for _ in range(256):
+                            try:
+                                frames = sock.recv_multipart(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                            self._on_frames(stream, frames)
+                            if stream.replay is not None:
+                                break  # a gap: the rest waits for the replay
+                self._expire_replays()
         except BaseException as e:  # pragma: no cover - surfaced via wait_for / logs
             self._error = e
             logger.exception("ZMQ subscriber thread failed")
@@ -334,10 +378,9 @@ class ZmqSubscriber:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, stream.topic.encode())
-        if stream.replay_endpoint is not None:
-            stream.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
-            poller.register(stream.monitor, zmq.POLLIN)
-            self._by_sock[stream.monitor] = stream
+        stream.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        poller.register(stream.monitor, zmq.POLLIN)
+        self._by_sock[stream.monitor] = stream
         sock.connect(stream.endpoint)
         stream.sock = sock
         poller.register(sock, zmq.POLLIN)
@@ -352,8 +395,11 @@ class ZmqSubscriber:
             stream.sock.disable_monitor()
             stream.monitor.close(linger=0)
             stream.monitor = None
-        if stream.sock is not None:
+        if stream.replay is not None:
+            self._drop_replay(stream)  # its live socket is out of the poller
+        elif stream.sock is not None:
             poller.unregister(stream.sock)
+        if stream.sock is not None:
             self._by_sock.pop(stream.sock, None)
             stream.sock.close(linger=0)
             stream.sock = None
@@ -363,7 +409,7 @@ class ZmqSubscriber:
     def _count(self, stream: WorkerStream, status: str, n: int = 1) -> None:
         with self._lock:
             stream.counts[status] += n
-        if self.metrics is not None and status in ("gap", "replayed", "malformed", "rejected"):
+        if self.metrics is not None and status in _METRIC_STATUSES:
             self.metrics.event_applied(stream.worker, status, n)
 
     def _parse(self, stream: WorkerStream, frames: list[bytes]) -> tuple[int, bytes] | None:
@@ -399,7 +445,8 @@ class ZmqSubscriber:
             # The counter went backwards: the engine restarted with an empty cache.
             self._restarted(stream, f"event seq went back from {stream.last_seq} to {seq}")
         if seq > stream.last_seq + 1:
-            self._fill_gap(stream, seq)
+            self._fill_gap(stream, seq, payload)
+            return
         self._apply(stream, seq, payload)
 
     def _apply(self, stream: WorkerStream, seq: int, payload: bytes) -> None:
@@ -437,12 +484,21 @@ class ZmqSubscriber:
         self._count(stream, "restart")
 
     def _clear(self, stream: WorkerStream) -> None:
+        # Counted by the caller, under its reason (restart / replay_failed):
+        # ``cleared`` is the engine's own AllBlocksCleared.
         stream.recent.clear()
         self.applier.cleared(stream.worker)
-        with self._lock:
-            stream.counts["cleared"] += 1
-        if self.metrics is not None:
-            self.metrics.event_applied(stream.worker, "cleared")
+
+    def _replay_failed(self, stream: WorkerStream, what: str, why: str) -> None:
+        self._warn.warning(
+            (stream.worker, "replay"),
+            "worker %s: could not replay KV events %s (%s); clearing its blocks",
+            stream.worker,
+            what,
+            why,
+        )
+        self._clear(stream)
+        self._count(stream, "replay_failed")
 
     # -- reconnects -------------------------------------------------------------------
 
@@ -453,31 +509,59 @@ class ZmqSubscriber:
             return
         if event["event"] == zmq.EVENT_CONNECTED:
             self._count(stream, "connects")
-            self._resync(stream)
+            if stream.replay_endpoint is not None:
+                self._resync(stream)
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
+            # ZMQ reconnects after a dropped connection, but not after a
+            # protocol error, and a message over max_message_bytes is one
+            # (libzmq 4.3): the worker would go unfollowed for good. So the
+            # subscriber reconnects itself, in place of ZMQ's own retry. What
+            # was lost meanwhile shows as a gap.
+            self._count(stream, "disconnects")
+            with contextlib.suppress(zmq.ZMQError):  # ENOENT: ZMQ dropped the endpoint
+                stream.sock.disconnect(stream.endpoint)
+            stream.sock.connect(stream.endpoint)
 
     def _resync(self, stream: WorkerStream) -> None:
         """Check, through the replay endpoint, that the engine is the one we followed."""
+        if stream.replay is not None:
+            stream.resync_due = True  # after the exchange in flight
+            return
         last = stream.last_seq
-        got = self._replay(stream, max(last, 0), END_SEQ)
+        self._start_replay(
+            stream, max(last, 0), END_SEQ, functools.partial(self._resynced, stream, last)
+        )
+
+    def _resynced(self, stream: WorkerStream, last: int, got: Replayed) -> None:
         if got is None:
-            return  # no answer now; live batches will still reveal gaps or a restart
+            self._warn.warning(
+                (stream.worker, "resync"),
+                "worker %s: its replay endpoint %s did not answer a resync; an engine "
+                "restart while disconnected shows only once it publishes again",
+                stream.worker,
+                stream.replay_endpoint,
+            )
+            return
         if last >= 0:
             if got and got[0][0] == last and _digest(got[0][1]) == stream.recent.get(last):
                 self._apply_run(stream, got[1:], last + 1)  # the same engine: catch up
                 return
             # The batch we applied last is gone or different: a new engine.
             self._restarted(stream, f"reconnected and seq {last} is not in its history")
-            got = self._replay(stream, 0, END_SEQ)
-            if got is None:
-                return
-        self._apply_run(stream, got, got[0][0] if got else 0)
+            self._start_replay(stream, 0, END_SEQ, functools.partial(self._rebuild, stream))
+            return
+        self._rebuild(stream, got)
+
+    def _rebuild(self, stream: WorkerStream, got: Replayed) -> None:
+        """Apply an engine's buffered history, from its oldest buffered batch."""
+        if got is not None:
+            self._apply_run(stream, got, got[0][0] if got else 0)
 
     def _apply_run(self, stream: WorkerStream, got: list[tuple[int, bytes]], first: int) -> None:
         """Apply replayed batches that continue the stream from ``first`` without a hole."""
         seqs = [s for s, _ in got]
         if seqs != list(range(first, first + len(seqs))):
-            self._clear(stream)
-            self._count(stream, "replay_failed")
+            self._replay_failed(stream, f"from {first}", f"replies skip from {first} to {seqs}")
             return
         for s, payload in got:
             self._apply(stream, s, payload)
@@ -485,70 +569,133 @@ class ZmqSubscriber:
 
     # -- gaps -------------------------------------------------------------------------
 
-    def _fill_gap(self, stream: WorkerStream, seq: int) -> None:
-        """Apply batches ``last_seq + 1 .. seq - 1`` from the replay endpoint, or clear."""
+    def _fill_gap(self, stream: WorkerStream, seq: int, payload: bytes) -> None:
+        """Replay ``last_seq + 1 .. seq - 1`` (or clear), then apply the live batch ``seq``."""
         start = stream.last_seq + 1
         joining = stream.last_seq < 0  # first contact with a running engine
         if not joining:
             self._count(stream, "gap")
-        got = self._replay(stream, start, seq) if stream.replay_endpoint else None
+        if stream.replay_endpoint is not None:
+            then = functools.partial(self._gap_replayed, stream, start, seq, payload, joining)
+            self._start_replay(stream, start, seq, then)
+            return
+        if not joining:  # a joiner without history to ask for starts from here
+            self._replay_failed(
+                stream, f"{start}..{seq - 1}", f"no replay endpoint; resuming at {seq}"
+            )
+        self._apply(stream, seq, payload)
+
+    def _gap_replayed(
+        self,
+        stream: WorkerStream,
+        start: int,
+        seq: int,
+        payload: bytes,
+        joining: bool,
+        got: Replayed,
+    ) -> None:
         if got is not None:
             seqs = [s for s, _ in got]
             # A late joiner takes whatever recent history the engine still buffers.
             first = seq - len(seqs) if joining else start
             if seqs == list(range(first, seq)):
-                for s, payload in got:
-                    self._apply(stream, s, payload)
+                for s, p in got:
+                    self._apply(stream, s, p)
                 self._count(stream, "replayed", len(got))
+                self._apply(stream, seq, payload)
                 return
-        elif joining and stream.replay_endpoint is None:
-            return  # no history to ask for: start from here
-        self._warn.warning(
-            (stream.worker, "replay"),
-            "worker %s: could not replay KV events %d..%d (%s); clearing its blocks "
-            "and resuming from %d",
-            stream.worker,
-            start,
-            seq - 1,
-            "no replay endpoint"
-            if stream.replay_endpoint is None
-            else "replay incomplete or timed out",
-            seq,
+        self._replay_failed(
+            stream, f"{start}..{seq - 1}", f"replay incomplete or timed out; resuming at {seq}"
         )
-        self._clear(stream)
-        self._count(stream, "replay_failed")
+        self._apply(stream, seq, payload)
 
-    def _replay(
-        self, stream: WorkerStream, start: int, stop: int
-    ) -> list[tuple[int, bytes]] | None:
-        """Ask for batches from ``start``; the ones below ``stop``, or None on failure."""
-        assert self._ctx is not None and stream.replay_endpoint is not None
+    # -- the replay exchange ------------------------------------------------------------
+
+    def _start_replay(
+        self, stream: WorkerStream, start: int, stop: int, then: Callable[[Replayed], None]
+    ) -> None:
+        """Ask for batches from ``start``; ``then`` gets the ones below ``stop``, or None.
+
+        The replies are read by the poll loop; until ``then`` has run, the
+        worker's live socket is out of the poller, so its live batches queue
+        up behind the replay and the other workers' do not wait.
+        """
+        assert self._ctx is not None and self._poller is not None
+        assert stream.replay is None and stream.replay_endpoint is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        out: list[tuple[int, bytes]] = []
         try:
             sock.connect(stream.replay_endpoint)
-            sock.send_multipart([b"", start.to_bytes(8, "big")])
-            timeout_ms = int(self.replay_timeout * 1000)
-            while True:
-                if not sock.poll(timeout_ms, zmq.POLLIN):
-                    return None
-                parsed = self._parse(stream, sock.recv_multipart())
-                if parsed is None:
-                    return None
-                s, payload = parsed
-                if s == END_SEQ:
-                    return out
-                if start <= s < stop and (not out or s > out[-1][0]):
-                    out.append((s, payload))
+            sock.send_multipart([b"", start.to_bytes(8, "big")], zmq.NOBLOCK)
         except zmq.ZMQError as e:
+            sock.close(linger=0)
             self._warn.warning(
                 (stream.worker, "replay-error"), "worker %s: replay failed: %s", stream.worker, e
             )
-            return None
-        finally:
-            sock.close(linger=0)
+            then(None)
+            return
+        deadline = time.monotonic() + self.replay_timeout
+        stream.replay = _Replay(sock, start, stop, deadline, then)
+        self._by_sock[sock] = stream
+        self._replaying[stream.worker] = stream
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.unregister(stream.sock)
+
+    def _on_replay(self, stream: WorkerStream) -> None:
+        r = stream.replay
+        assert r is not None
+        while True:
+            try:
+                frames = r.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:  # pragma: no cover - the context is going away
+                self._warn.warning(
+                    (stream.worker, "replay-error"),
+                    "worker %s: replay failed: %s",
+                    stream.worker,
+                    e,
+                )
+                self._end_replay(stream, None)
+                return
+            r.deadline = time.monotonic() + self.replay_timeout  # it answers: wait anew
+            parsed = self._parse(stream, frames)
+            if parsed is None:
+                self._end_replay(stream, None)
+                return
+            s, payload = parsed
+            if s == END_SEQ:
+                self._end_replay(stream, r.got)
+                return
+            if r.start <= s < r.stop and (not r.got or s > r.got[-1][0]):
+                r.got.append((s, payload))
+
+    def _expire_replays(self) -> None:
+        if self._replaying:
+            now = time.monotonic()
+            for stream in list(self._replaying.values()):
+                if stream.replay is not None and stream.replay.deadline <= now:
+                    self._end_replay(stream, None)
+
+    def _drop_replay(self, stream: WorkerStream) -> _Replay:
+        r = stream.replay
+        assert r is not None and self._poller is not None
+        stream.replay = None
+        self._poller.unregister(r.sock)
+        self._by_sock.pop(r.sock, None)
+        self._replaying.pop(stream.worker, None)
+        r.sock.close(linger=0)
+        return r
+
+    def _end_replay(self, stream: WorkerStream, got: Replayed) -> None:
+        r = self._drop_replay(stream)
+        assert self._poller is not None
+        self._poller.register(stream.sock, zmq.POLLIN)  # a new replay takes it out again
+        r.then(got)
+        if stream.resync_due and stream.replay is None:
+            stream.resync_due = False
+            self._resync(stream)
 
 
 def _digest(payload: bytes) -> int:
