@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from ._convert import as_u64_array
 
-__all__ = ["CACHE_TTLS", "CacheControl", "Decision", "Request", "WarmupPlan"]
+__all__ = ["CACHE_TTLS", "CacheControl", "Decision", "Request", "WarmupPlan", "cache_segments"]
 
 _U64 = np.dtype(np.uint64)
 
@@ -32,30 +32,57 @@ CACHE_TTLS: Final[Mapping[str, float]] = {"5m": 300.0, "1h": 3600.0}
 
 @dataclass(frozen=True, slots=True)
 class CacheControl:
-    """A parsed ``cache_control`` hint: keep this session's prefix warm for ``ttl`` seconds.
+    """One ``cache_control`` breakpoint: keep the prompt's prefix warm for ``ttl`` seconds.
+
+    Anthropic's prompt caching marks a breakpoint on a content block: the
+    prompt up to and including that block is cached for the breakpoint's TTL.
+    ``prefix_tokens`` is that prefix's length in the prompt's tokens (None:
+    the whole prompt, as for a breakpoint on the last block).
 
     >>> CacheControl.parse({"type": "ephemeral", "ttl": "1h"})
-    CacheControl(ttl=3600.0)
-    >>> CacheControl.parse({"type": "ephemeral"})   # Anthropic's default TTL
-    CacheControl(ttl=300.0)
+    CacheControl(ttl=3600.0, prefix_tokens=None)
+    >>> CacheControl.parse({"type": "ephemeral"}, prefix_tokens=1200)   # default TTL: 5 min
+    CacheControl(ttl=300.0, prefix_tokens=1200)
     >>> CacheControl.parse({"type": "persistent"})
     Traceback (most recent call last):
     ...
     ValueError: cache_control type must be 'ephemeral', not 'persistent'
+
+    :param ttl: seconds, > 0.
+    :param prefix_tokens: the cached prefix's length in tokens (None: the whole prompt).
+    :raises TypeError, ValueError: a malformed field.
     """
 
     ttl: float
+    prefix_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ttl, bool) or not isinstance(self.ttl, (int, float)):
+            raise TypeError(f"cache_control ttl must be a number, not {type(self.ttl).__name__}")
+        if not self.ttl > 0:
+            raise ValueError(f"cache_control ttl must be > 0, got {self.ttl}")
+        object.__setattr__(self, "ttl", float(self.ttl))
+        object.__setattr__(
+            self,
+            "prefix_tokens",
+            _opt_nonneg_int(self.prefix_tokens, "cache_control prefix_tokens"),
+        )
 
     @classmethod
-    def parse(cls, value: object) -> CacheControl:
+    def parse(
+        cls, value: object, *, prefix_tokens: int | None = None, strict: bool = True
+    ) -> CacheControl:
         """Parse ``{"type": "ephemeral", "ttl": "5m" | "1h"}`` (``ttl`` defaults to ``"5m"``).
 
         :param value: a mapping as found in an Anthropic-style request, or a
             :class:`CacheControl` (returned as is).
+        :param prefix_tokens: the breakpoint's prefix length, if known.
+        :param strict: refuse keys other than ``type`` and ``ttl`` (a proxy
+            passing clients' requests on ignores them, as the engines do).
         :returns: the parsed hint.
         :raises TypeError: ``value`` is not a mapping.
-        :raises ValueError: unknown keys, a type other than ``"ephemeral"``, or
-            a ttl other than ``"5m"`` / ``"1h"``.
+        :raises ValueError: unknown keys (``strict``), a type other than
+            ``"ephemeral"``, or a ttl other than ``"5m"`` / ``"1h"``.
         """
         if isinstance(value, CacheControl):
             return value
@@ -65,7 +92,7 @@ class CacheControl:
                 f"not {type(value).__name__}"
             )
         extra = set(value) - {"type", "ttl"}
-        if extra:
+        if extra and strict:
             raise ValueError(f"cache_control has unknown keys {sorted(map(str, extra))}")
         kind = value.get("type")
         if kind != "ephemeral":
@@ -73,7 +100,40 @@ class CacheControl:
         ttl = value.get("ttl", "5m")
         if not isinstance(ttl, str) or ttl not in CACHE_TTLS:
             raise ValueError(f"cache_control ttl must be '5m' or '1h', not {ttl!r}")
-        return cls(CACHE_TTLS[ttl])
+        return cls(CACHE_TTLS[ttl], prefix_tokens)
+
+
+def cache_segments(
+    breakpoints: Sequence[CacheControl], num_blocks: int, block_size: int
+) -> list[tuple[int, float]]:
+    """The blocks each TTL keeps warm: ``(leading blocks, ttl)``, longest prefix first.
+
+    A breakpoint's prefix covers the *full* blocks inside its ``prefix_tokens``
+    (a partial block is never cached). A breakpoint whose prefix and TTL
+    another one covers adds nothing and is left out, so the TTLs strictly
+    grow as the prefixes shrink.
+
+    >>> bps = [CacheControl(3600.0, 40), CacheControl(300.0, 100), CacheControl(300.0, 50)]
+    >>> cache_segments(bps, num_blocks=8, block_size=10)
+    [(8, 300.0), (4, 3600.0)]
+    """
+    spans = sorted(
+        (
+            (
+                num_blocks
+                if b.prefix_tokens is None
+                else min(b.prefix_tokens // block_size, num_blocks),
+                b.ttl,
+            )
+            for b in breakpoints
+        ),
+        key=lambda s: (-s[0], -s[1]),
+    )
+    out: list[tuple[int, float]] = []
+    for blocks, ttl in spans:
+        if blocks and (not out or ttl > out[-1][1]):
+            out.append((blocks, ttl))
+    return out
 
 
 def _opt_nonneg_int(value: object, what: str) -> int | None:
@@ -108,7 +168,7 @@ class Request:
     >>> r = Request("r1", tokens=range(40), session_id="s",
     ...             cache_control={"type": "ephemeral", "ttl": "1h"})
     >>> r.num_prompt_tokens(block_size=16), r.cache_control
-    (40, CacheControl(ttl=3600.0))
+    (40, (CacheControl(ttl=3600.0, prefix_tokens=None),))
     >>> Request("r2", tokens=[1, 2], priority="high")
     Traceback (most recent call last):
     ...
@@ -127,8 +187,10 @@ class Request:
     :param priority: admission priority; *lower values are admitted first*
         (vLLM's convention). Default 0.
     :param expected_output_tokens: predicted output length, for decode load.
-    :param cache_control: Anthropic-style ``{"type": "ephemeral", "ttl": "5m" | "1h"}``
-        (or a :class:`CacheControl`); stored parsed, as a :class:`CacheControl`.
+    :param cache_control: the prompt's cache breakpoints: one Anthropic-style
+        ``{"type": "ephemeral", "ttl": "5m" | "1h"}`` (the whole prompt) or
+        :class:`CacheControl`, or a sequence of them; stored parsed, as a
+        tuple of :class:`CacheControl`.
     :param speculative_prefill: ask for a warm-up plan when the response completes.
     :raises TypeError, ValueError: a malformed field, with a message naming it.
     """
@@ -142,7 +204,13 @@ class Request:
     session_id: str | None = None
     priority: int = 0
     expected_output_tokens: int | None = None
-    cache_control: CacheControl | Mapping[str, str] | None = field(default=None)
+    cache_control: (
+        CacheControl
+        | Mapping[str, str]
+        | Sequence[CacheControl | Mapping[str, str]]
+        | tuple[CacheControl, ...]
+        | None
+    ) = field(default=None)
     speculative_prefill: bool = False
 
     def __post_init__(self) -> None:
@@ -187,8 +255,17 @@ class Request:
                 "expected_output_tokens",
                 _opt_nonneg_int(self.expected_output_tokens, "expected_output_tokens"),
             )
-        if self.cache_control is not None:
-            object.__setattr__(self, "cache_control", CacheControl.parse(self.cache_control))
+        cc = self.cache_control
+        if cc is not None:
+            if isinstance(cc, (CacheControl, Mapping)):
+                cc = (cc,)
+            elif isinstance(cc, (str, bytes)) or not isinstance(cc, Sequence):
+                raise TypeError(
+                    "cache_control must be a mapping like {'type': 'ephemeral', 'ttl': '5m'}, "
+                    f"a CacheControl or a sequence of them, not {type(cc).__name__}"
+                )
+            parsed = tuple(map(CacheControl.parse, cc))
+            object.__setattr__(self, "cache_control", parsed or None)
         if not isinstance(self.speculative_prefill, bool):
             raise TypeError(
                 f"speculative_prefill must be a bool, not {type(self.speculative_prefill).__name__}"
@@ -197,13 +274,18 @@ class Request:
             raise ValueError("speculative_prefill needs a session_id")
 
     def cache_ttl(self) -> float | None:
-        """The ``cache_control`` TTL in seconds (the hint is parsed at construction), or None.
+        """The longest ``cache_control`` TTL in seconds, or None without a breakpoint.
 
         >>> Request("r", tokens=[1], cache_control={"type": "ephemeral"}).cache_ttl()
         300.0
         """
+        bps = self.cache_breakpoints()
+        return max(b.ttl for b in bps) if bps else None
+
+    def cache_breakpoints(self) -> tuple[CacheControl, ...]:
+        """The parsed ``cache_control`` breakpoints (empty without any)."""
         cc = self.cache_control
-        return cc.ttl if isinstance(cc, CacheControl) else None
+        return cc if isinstance(cc, tuple) else ()
 
     def num_prompt_tokens(self, block_size: int) -> int:
         """The prompt length in tokens.

@@ -45,7 +45,7 @@ from .policies import (
     check_nonneg,
     get_policy,
 )
-from .request import Decision, Request, WarmupPlan
+from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
 
 __all__ = ["BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
 
@@ -732,12 +732,9 @@ class Router:
         matched = int(ov[p])
         cached = min(matched * bs, prompt)
         entry: Any = None
-        pin_ttl = request.cache_ttl()
+        breakpoints = request.cache_breakpoints()
         if self._predicted is not None and len(hashes):
-            ttl = pin_ttl
-            if ttl is not None:
-                ttl = max(self._predicted.ttl, ttl)
-            entry = self._predicted.record(worker, hashes, now, ttl)
+            entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
         elif self._fresh is not None:
             entry = self._fresh.record(worker, hashes, now)
         lt.start(
@@ -755,12 +752,34 @@ class Router:
                 request.speculative_prefill,
             ),
         )
-        if pin_ttl is not None and request.session_id is not None:
-            self._pins[request.session_id] = (worker, now + pin_ttl)
+        if breakpoints and request.session_id is not None:
+            self._pins[request.session_id] = (worker, now + max(b.ttl for b in breakpoints))
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
         seq = self._log("route", request, **({"exclude": exclude} if exclude else {}))
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+
+    def _predict(
+        self,
+        predicted: PredictedResidency,
+        worker: int,
+        hashes: npt.NDArray[np.uint64],
+        now: float,
+        breakpoints: tuple[CacheControl, ...],
+    ) -> tuple[int, ...]:
+        """Record a routed prompt as predicted residency; return the entry ids.
+
+        The prompt lives for the default TTL; each cache breakpoint's prefix
+        for its own TTL when that is longer. The whole prompt is recorded
+        first, so a capacity bound trims its tail before the pinned prefixes.
+        """
+        ttl = predicted.ttl
+        segments = cache_segments(breakpoints, len(hashes), self.block_size)
+        if segments and segments[0][0] == len(hashes):
+            ttl = max(ttl, segments.pop(0)[1])
+        ids = [predicted.record(worker, hashes, now, ttl)]
+        ids += [predicted.record(worker, hashes[:k], now, t) for k, t in segments if t > ttl]
+        return tuple(ids)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -822,7 +841,8 @@ class Router:
                 return self._unknown()
             pl: _Payload = r.payload
             if pl.entry is not None and self._predicted is not None:
-                self._predicted.forget(pl.entry)
+                for entry in pl.entry:
+                    self._predicted.forget(entry)
             elif self._fresh is not None:
                 self._fresh.forget(pl.entry)
             return True

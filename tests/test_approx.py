@@ -17,7 +17,7 @@ from kvroute.approx import (
     chained_common_prefix,
 )
 from kvroute.hashing import kvroute_block_hashes
-from kvroute.request import Request
+from kvroute.request import CacheControl, Request
 from kvroute.router import Router
 
 
@@ -112,6 +112,36 @@ def test_cache_control_pinned_blocks_outlive_the_normal_ttl() -> None:
     r.finished("y")
     clock.t = 3600.0 + 1000.0  # y's own 120 s entry and the pin are both gone
     assert r.route(Request("z", block_hashes=H(1, 2))).matched_blocks == 0
+
+
+def test_each_breakpoint_keeps_its_own_prefix_for_its_own_ttl() -> None:
+    # Block size 4: a 1h breakpoint after 1 block (the system prompt), a 5m one
+    # after 3 (the conversation so far), and a 4-block prompt. No session: the
+    # breakpoints still say how long the prefixes stay warm.
+    r, clock = approx_router(workers=[0, 1])
+    bps = [CacheControl(3600.0, prefix_tokens=5), CacheControl(300.0, prefix_tokens=12)]
+    d = r.route(Request("a", block_hashes=H(1, 2, 3, 4), cache_control=bps))
+    r.finished("a")
+
+    def matched(t: float) -> int:
+        clock.t = t
+        rid = f"probe@{t}"
+        probe = r.route(Request(rid, block_hashes=H(1, 2, 3, 4)))
+        r.failed(rid)  # forgets the probe's own prediction
+        assert probe.worker == d.worker or probe.matched_blocks == 0
+        return probe.matched_blocks
+
+    assert [matched(t) for t in (100.0, 200.0, 400.0, 3599.0, 3601.0)] == [4, 3, 1, 1, 0]
+    r._check()
+
+
+def test_a_failed_request_forgets_its_pinned_prefixes_too() -> None:
+    r, _ = approx_router(workers=[0, 1])
+    bps = [CacheControl(3600.0, prefix_tokens=4), CacheControl(300.0)]
+    r.route(Request("a", block_hashes=H(1, 2, 3), cache_control=bps))
+    r.failed("a")
+    assert r.route(Request("b", block_hashes=H(1, 2, 3))).matched_blocks == 0
+    r._check()
 
 
 def test_remove_worker_forgets_its_predictions() -> None:

@@ -20,6 +20,7 @@ from test_proxy_support import SYSTEM, chat, fleet, get, post, routed_requests, 
 
 from kvroute import CacheControl
 from kvroute.proxy import CACHE_SOURCE_HEADER, WORKER_HEADER
+from kvroute.testing._tokenizer import MockTokenizer
 
 MODEL = "mock-model"
 
@@ -109,7 +110,13 @@ def test_hints_from_headers_and_body_reach_the_router() -> None:
         assert post(url, body)[0] == 200
         req = routed_requests(proxy.router)[-1]
         assert (req.session_id, req.priority, req.cache_salt) == ("body-session", 5, "tenant-a")
-        assert req.cache_control == CacheControl(300.0)
+        # The breakpoint closes the system message: the pinned prefix is the
+        # rendered system turn, up to where the user's begins.
+        (bp,) = req.cache_control
+        assert bp.ttl == 300.0 and bp.prefix_tokens is not None
+        decode, tokens = MockTokenizer().decode, list(req.tokens)
+        assert decode(tokens[: bp.prefix_tokens]) == f"<|system|>{SYSTEM}<|end|>"
+        assert decode(tokens[bp.prefix_tokens :]).startswith("<|user|>")
         headers = {
             "X-Session-Id": "hdr-session",
             "X-Kvroute-Priority": "-2",
@@ -124,7 +131,8 @@ def test_hints_from_headers_and_body_reach_the_router() -> None:
             -2,
             300,
         )
-        assert req.cache_control == CacheControl(3600.0)  # the longer of header and body
+        # The header's 1 h TTL covers the whole prompt, the body's 5 min prefix with it.
+        assert req.cache_control == (CacheControl(3600.0),)
         # The session is now pinned for an hour: its next turns take the pin.
         pinned = proxy.router.stats()["pinned_routes"]
         status, h2, _ = post(url, body, headers)
@@ -132,12 +140,14 @@ def test_hints_from_headers_and_body_reach_the_router() -> None:
         assert h2[WORKER_HEADER] == h[WORKER_HEADER]
 
 
-def test_cache_control_without_a_session_is_not_passed() -> None:
+def test_cache_control_without_a_session_keeps_the_prefix_warm_but_pins_nothing() -> None:
     with fleet(2) as (proxy, _):
         body = {"model": MODEL, "messages": chat(1), "max_tokens": 1,
                 "cache_control": {"type": "ephemeral", "ttl": "1h"}}  # fmt: skip
         assert post(proxy.url + "/v1/chat/completions", body)[0] == 200
-        assert routed_requests(proxy.router)[-1].cache_control is None
+        assert routed_requests(proxy.router)[-1].cache_control == (CacheControl(3600.0),)
+        assert post(proxy.url + "/v1/chat/completions", body)[0] == 200
+        assert proxy.router.stats()["pinned_routes"] == 0
 
 
 @pytest.mark.parametrize(

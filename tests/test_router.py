@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvroute._index_py import BlockIndex as PyIndex
 from kvroute.policies import Candidates, Choice, Features
-from kvroute.request import CacheControl, Request
+from kvroute.request import CacheControl, Request, cache_segments
 from kvroute.router import BusyThreshold, NoWorkerAvailable, Router
 
 
@@ -502,6 +502,9 @@ def test_warmup_plan_after_a_speculative_response() -> None:
             "ttl must be '5m' or '1h'",
         ),
         ({"cache_control": {"type": "ephemeral", "x": 1}}, ValueError, "unknown keys"),
+        ({"cache_control": [{"type": "ephemeral", "ttl": "2h"}]}, ValueError, "'5m' or '1h'"),
+        ({"cache_control": [5]}, TypeError, "cache_control must be a mapping"),
+        ({"cache_control": {1, 2}}, TypeError, "or a sequence of them, not set"),
         ({"priority": "high"}, TypeError, "priority must be an integer"),
         ({"priority": True}, TypeError, "priority must be an integer, not bool"),
         ({"expected_output_tokens": -1}, ValueError, "expected_output_tokens must be >= 0"),
@@ -535,8 +538,48 @@ def test_request_id_type_and_route_argument_are_checked() -> None:
 def test_cache_control_parsing() -> None:
     assert CacheControl.parse({"type": "ephemeral", "ttl": "1h"}).ttl == 3600.0
     assert Request("r", tokens=[1], cache_control=CacheControl(10.0)).cache_control == (
-        CacheControl(10.0)
+        CacheControl(10.0),
     )
+    # Several breakpoints, as mappings or parsed; their order is kept.
+    bps = [{"type": "ephemeral", "ttl": "1h"}, CacheControl(300.0, prefix_tokens=64)]
+    r = Request("r", tokens=[1], cache_control=bps)
+    assert r.cache_control == (CacheControl(3600.0), CacheControl(300.0, 64))
+    assert r.cache_ttl() == 3600.0
+    assert Request("r", tokens=[1], cache_control=[]).cache_control is None
+    # A proxy passes clients' extra keys over, as the engines do; the API refuses them.
+    assert CacheControl.parse({"type": "ephemeral", "scope": "x"}, strict=False) == (
+        CacheControl(300.0)
+    )
+    with pytest.raises(ValueError, match="unknown keys"):
+        CacheControl.parse({"type": "ephemeral", "scope": "x"})
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "msg"),
+    [
+        ((0.0,), ValueError, "ttl must be > 0"),
+        (("5m",), TypeError, "ttl must be a number"),
+        ((300.0, -1), ValueError, "prefix_tokens must be >= 0"),
+        ((300.0, 1.5), TypeError, "prefix_tokens must be an integer"),
+    ],
+)
+def test_malformed_cache_breakpoints_raise(args: tuple[Any, ...], exc: type, msg: str) -> None:
+    with pytest.raises(exc, match=msg):
+        CacheControl(*args)
+
+
+def test_cache_segments_keep_what_each_ttl_adds() -> None:
+    seg = cache_segments
+    assert seg([], 8, 16) == []
+    assert seg([CacheControl(300.0)], 8, 16) == [(8, 300.0)]
+    # a partial block is not cached; a prefix past the prompt is the prompt
+    assert seg([CacheControl(300.0, 47)], 8, 16) == [(2, 300.0)]
+    assert seg([CacheControl(300.0, 10_000)], 8, 16) == [(8, 300.0)]
+    assert seg([CacheControl(300.0, 15)], 8, 16) == []
+    # a shorter prefix with a TTL no longer than a longer prefix's adds nothing
+    two = [CacheControl(300.0, 32), CacheControl(3600.0, 64), CacheControl(300.0)]
+    assert seg(two, 8, 16) == [(8, 300.0), (4, 3600.0)]
+    assert seg([CacheControl(3600.0), CacheControl(300.0, 32)], 8, 16) == [(8, 3600.0)]
 
 
 def test_bad_router_parameters() -> None:

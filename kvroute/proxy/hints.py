@@ -18,9 +18,11 @@ A malformed hint is the client's error: :class:`~kvroute.proxy.errors.ProxyError
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Any, Final
+
+import numpy as np
 
 from ..request import CacheControl
 from .errors import ProxyError
@@ -30,10 +32,13 @@ __all__ = [
     "HEADER_EXPECTED_OUTPUT",
     "HEADER_PRIORITY",
     "HEADER_SPECULATIVE",
+    "Breakpoint",
     "Hints",
     "Usage",
+    "common_prefix",
     "header_hints",
-    "longest_cache_control",
+    "parse_breakpoints",
+    "pinned_breakpoints",
 ]
 
 HEADER_PRIORITY: Final = "X-Kvroute-Priority"
@@ -46,12 +51,30 @@ _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 
 
 @dataclass(frozen=True, slots=True)
+class Breakpoint:
+    """A ``cache_control`` breakpoint found in a request.
+
+    :ivar ttl: seconds.
+    :ivar prefix: the request body cut right after the marked block, to be
+        tokenized like the request: its tokens shared with the request's are
+        the cached prefix. None when the breakpoint closes the prompt (its
+        last block, the top level, or a header).
+    """
+
+    ttl: float
+    prefix: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Hints:
-    """What the proxy tells the router about a request besides its tokens."""
+    """What the proxy tells the router about a request besides its tokens.
+
+    ``cache_control`` lists the request's breakpoints in prompt order.
+    """
 
     session_id: str | None = None
     priority: int = 0
-    cache_control: CacheControl | None = None
+    cache_control: tuple[Breakpoint, ...] = ()
     expected_output_tokens: int | None = None
     speculative_prefill: bool = False
     cache_salt: str | None = None
@@ -62,7 +85,7 @@ class Hints:
             self,
             session_id=other.session_id if other.session_id is not None else self.session_id,
             priority=other.priority if other.priority != 0 else self.priority,
-            cache_control=_longer(self.cache_control, other.cache_control),
+            cache_control=self.cache_control + other.cache_control,
             expected_output_tokens=(
                 other.expected_output_tokens
                 if other.expected_output_tokens is not None
@@ -71,14 +94,6 @@ class Hints:
             speculative_prefill=self.speculative_prefill or other.speculative_prefill,
             cache_salt=other.cache_salt if other.cache_salt is not None else self.cache_salt,
         )
-
-
-def _longer(a: CacheControl | None, b: CacheControl | None) -> CacheControl | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a if a.ttl >= b.ttl else b
 
 
 def _int(text: str, what: str, *, low: int | None = None) -> int:
@@ -96,7 +111,7 @@ def header_hints(headers: Mapping[str, str], session_header: str) -> Hints:
 
     >>> h = header_hints({"X-Session-Id": "s1", "X-Kvroute-Cache-Ttl": "1h"}, "X-Session-Id")
     >>> h.session_id, h.cache_control
-    ('s1', CacheControl(ttl=3600.0))
+    ('s1', (Breakpoint(ttl=3600.0, prefix=None),))
 
     :raises ProxyError: 400 for a malformed value.
     """
@@ -112,10 +127,10 @@ def header_hints(headers: Mapping[str, str], session_header: str) -> Hints:
         if spec.strip().lower() not in _TRUE | _FALSE:
             raise ProxyError(400, f"{HEADER_SPECULATIVE} must be true or false, got {spec!r}")
         speculative = spec.strip().lower() in _TRUE
-    cc = None
+    cc: tuple[Breakpoint, ...] = ()
     if ttl is not None:
-        cc = longest_cache_control(
-            [{"type": "ephemeral", "ttl": ttl.strip()}], where=HEADER_CACHE_TTL
+        cc = parse_breakpoints(
+            [({"type": "ephemeral", "ttl": ttl.strip()}, None)], HEADER_CACHE_TTL
         )
     return Hints(
         session_id=session or None,
@@ -128,23 +143,60 @@ def header_hints(headers: Mapping[str, str], session_header: str) -> Hints:
     )
 
 
-def longest_cache_control(values: Iterable[object], *, where: str) -> CacheControl | None:
-    """The longest-lived of several ``cache_control`` values (None when there are none).
+def parse_breakpoints(
+    found: Iterable[tuple[object, dict[str, Any] | None]], where: str
+) -> tuple[Breakpoint, ...]:
+    """Parse ``(cache_control value, prefix body)`` pairs, in prompt order.
 
-    >>> longest_cache_control([{"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}],
-    ...                       where="system")
-    CacheControl(ttl=3600.0)
+    Keys besides ``type`` and ``ttl`` are ignored, as the engines ignore them.
+
+    >>> parse_breakpoints([({"type": "ephemeral", "ttl": "1h"}, {"messages": []}),
+    ...                    ({"type": "ephemeral"}, None)], "cache_control")
+    (Breakpoint(ttl=3600.0, prefix={'messages': []}), Breakpoint(ttl=300.0, prefix=None))
 
     :raises ProxyError: 400 naming ``where`` for a malformed value.
     """
-    best: CacheControl | None = None
-    for value in values:
+    out = []
+    for value, prefix in found:
         try:
-            cc = CacheControl.parse(value)
+            cc = CacheControl.parse(value, strict=False)
         except (TypeError, ValueError) as e:
             raise ProxyError(400, f"{where}: {e}") from None
-        best = _longer(best, cc)
-    return best
+        out.append(Breakpoint(cc.ttl, prefix))
+    return tuple(out)
+
+
+def pinned_breakpoints(breakpoints: Sequence[Breakpoint]) -> list[Breakpoint]:
+    """The breakpoints that keep something warm no later breakpoint keeps longer.
+
+    A breakpoint covers every earlier one's prefix, so an earlier one matters
+    only with a longer TTL (Anthropic's 1 h breakpoints before 5 min ones).
+    Whole-prompt breakpoints (``prefix`` None) count as the last. The result
+    is in prompt order, at most one per TTL: the prefixes the proxy renders.
+
+    >>> bps = [Breakpoint(3600.0, {"a": 1}), Breakpoint(300.0, {"b": 2}), Breakpoint(300.0)]
+    >>> pinned_breakpoints(bps)
+    [Breakpoint(ttl=3600.0, prefix={'a': 1}), Breakpoint(ttl=300.0, prefix=None)]
+    """
+    ordered = [b for b in breakpoints if b.prefix is not None]
+    ordered += [b for b in breakpoints if b.prefix is None]
+    kept: list[Breakpoint] = []
+    for b in reversed(ordered):
+        if not kept or b.ttl > kept[-1].ttl:
+            kept.append(b)
+    kept.reverse()
+    return kept
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share.
+
+    >>> common_prefix([1, 2, 3, 4], [1, 2, 9])
+    2
+    """
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(differ[0]) if len(differ) else n
 
 
 @dataclass(frozen=True, slots=True)
