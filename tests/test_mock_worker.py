@@ -628,6 +628,91 @@ def test_anthropic_sse_wire_format(worker: MockWorker) -> None:
     assert delta["usage"]["output_tokens"] == 1
 
 
+TOOLS = [
+    {"name": "read", "description": "Read a file.",
+     "input_schema": {"type": "object", "properties": {
+         "path": {"type": "string"}, "limit": {"type": "integer"}}}},
+    {"name": "ls", "input_schema": {"type": "object", "properties": {}}},
+]  # fmt: skip
+
+
+def _sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON of each Anthropic SSE event, checked against its ``event:`` line."""
+    out = []
+    for event in raw.decode().split("\n\n")[:-1]:
+        name_line, data_line = event.split("\n")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name_line.removeprefix("event: ")
+        out.append(data)
+    return out
+
+
+def test_anthropic_tool_choice_makes_a_tool_use_block(worker: MockWorker) -> None:
+    body = {
+        "model": "mock-model",
+        "max_tokens": 6,
+        "tools": TOOLS,
+        "tool_choice": {"type": "tool", "name": "read"},
+        "messages": [{"role": "user", "content": TEXT}],
+    }
+    msg = post(worker, "/v1/messages", body)
+    (block,) = msg["content"]
+    assert block["type"] == "tool_use" and block["name"] == "read"
+    assert block["id"].startswith("chatcmpl-tool-")
+    assert isinstance(block["input"]["path"], str) and isinstance(block["input"]["limit"], int)
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["usage"]["output_tokens"] == worker.requests[-1].completion_tokens <= 6
+
+    status, raw = _request(worker.url + "/v1/messages", {**body, "stream": True})
+    assert status == 200
+    events = _sse_events(raw)
+    assert [e["type"] for e in events] == [
+        "message_start", "content_block_start", "ping",
+        *["content_block_delta"] * 6,
+        "content_block_stop", "message_delta", "message_stop",
+    ]  # fmt: skip
+    start = events[1]["content_block"]
+    assert (start["type"], start["name"], start["input"]) == ("tool_use", "read", {})
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert {d["type"] for d in deltas} == {"input_json_delta"}
+    # Same prompt, same call: the streamed JSON pieces add up to the input.
+    assert json.loads("".join(d["partial_json"] for d in deltas)) == block["input"]
+    assert events[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert events[-2]["usage"]["output_tokens"] == len(deltas)
+
+    # "any" calls the first tool; "auto" and "none" leave the model writing text.
+    any_choice = post(worker, "/v1/messages", {**body, "tool_choice": {"type": "any"}})
+    assert any_choice["content"][0]["name"] == "read"
+    one_tool = {**body, "tools": TOOLS[1:], "tool_choice": {"type": "any"}}
+    (ls_block,) = post(worker, "/v1/messages", one_tool)["content"]
+    assert (ls_block["name"], ls_block["input"]) == ("ls", {})
+    for kind in ("auto", "none"):
+        text = post(worker, "/v1/messages", {**body, "tool_choice": {"type": kind}})
+        assert text["content"][0]["type"] == "text" and text["stop_reason"] == "max_tokens"
+
+    status, err = post_error(
+        worker, "/v1/messages", {**body, "tool_choice": {"type": "tool", "name": "nope"}}
+    )
+    assert status == 400 and "nope" in err["error"]["message"]
+
+
+def test_anthropic_sdk_reads_the_tool_use_stream(worker: MockWorker) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    with anthropic.Anthropic(base_url=worker.url, api_key="test", max_retries=0) as client:
+        kwargs: dict[str, Any] = {
+            "model": "mock-model", "max_tokens": 8, "tools": TOOLS,
+            "tool_choice": {"type": "tool", "name": "read"},
+            "messages": [{"role": "user", "content": TEXT}],
+        }  # fmt: skip
+        created = client.messages.create(**kwargs)
+        with client.messages.stream(**kwargs) as stream:
+            final = stream.get_final_message()
+    assert final.stop_reason == created.stop_reason == "tool_use"
+    (block,) = final.content
+    assert block.type == "tool_use" and block.name == "read"
+    assert block.input == created.content[0].input
+
+
 @pytest.mark.parametrize(
     ("body", "status", "kind"),
     [
@@ -1055,10 +1140,10 @@ def test_anthropic_to_chat_conversion() -> None:
             "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         }
     )
+    # vLLM's shapes: no content key without text, description None, defer_loading dumped.
     assert messages == [
         {
             "role": "assistant",
-            "content": None,
             "tool_calls": [
                 {"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
             ],
@@ -1068,7 +1153,12 @@ def test_anthropic_to_chat_conversion() -> None:
     assert tools == [
         {
             "type": "function",
-            "function": {"name": "f", "description": "", "parameters": {"type": "object"}},
+            "function": {
+                "name": "f",
+                "description": None,
+                "parameters": {"type": "object"},
+                "defer_loading": None,
+            },
         }
     ]
 

@@ -162,9 +162,13 @@ def test_anthropic_validation_and_chat_form() -> None:
         {"role": "tool", "tool_call_id": "t1", "content": "a.py\nb.py"},
         {"role": "user", "content": "now what?"},
     ]  # fmt: skip
+    # Inside a tool_result vLLM takes objects of any type and reads text, images
+    # and tool references: only those are checked.
     nested = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "x", "content": [{"type": "audio"}]}]}]}  # fmt: skip
-    with pytest.raises(ProxyError, match=r"content\[0\]\.content\[0\]\.type"):
+    validate_messages(nested)
+    nested["messages"][0]["content"][0]["content"] = [{"type": "text", "text": 5}]
+    with pytest.raises(ProxyError, match=r"content\[0\]\.content\[0\]\.text: must be a string"):
         validate_messages(nested)
 
 
@@ -317,6 +321,20 @@ def test_every_tokenizing_mode_gives_the_workers_token_ids(mode: str, tokenizer_
             assert record.request_id == path
             routed = routed_requests(proxy.router)[-1]
             assert list(routed.tokens) == list(record.prompt_token_ids), path
+        # The tokens came the chosen way, not through a silent fallback.
+        served: dict[str, int] = {}
+        for w in workers:
+            for p, n in w.http_requests.items():
+                served[p] = served.get(p, 0) + n
+        render_paths = ["/v1/chat/completions/render", "/v1/completions/render",
+                        "/v1/messages/render"]  # fmt: skip
+        if mode == "render":
+            assert all(served.get(p) for p in render_paths), served
+            assert "/tokenize" not in served and not proxy.proxy._no_render
+        elif mode == "tokenize":
+            assert served.get("/tokenize") and not any(p in served for p in render_paths)
+        else:
+            assert not any(p in served for p in [*render_paths, "/tokenize"]), served
 
 
 def test_local_tokenizer_from_a_model_directory(tmp_path: Path, tokenizer_json: Path) -> None:

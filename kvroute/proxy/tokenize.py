@@ -12,10 +12,14 @@ Two ways, chosen by :attr:`ProxyConfig.tokenize_with`:
   (:data:`RENDER_PATHS`, answering ``token_ids``) or its ``/tokenize``; the
   HTTP calls are made by the app, this module builds and reads the bodies.
 
-Local rendering is exact for text, tools and tool calls when the template
-and tokenizer are the worker's; image and document parts become the
-template's placeholder (the engine expands them to a model-specific number
-of tokens), so routing sees a slightly different, but stable, prefix.
+Before the template, messages go through what vLLM's ``parse_chat_messages``
+does to them (:meth:`LocalTokenizer.conversation`), and tools are dumped the
+way vLLM dumps its tool model. Local rendering is exact for text, tools and
+tool calls when the template and tokenizer are the worker's. An image is
+whatever the template prints for an ``{"type": "image"}`` part, or, for a
+template taking string content, the model's image placeholder put before the
+text as vLLM puts it; the engine then expands it to a number of tokens that
+depends on the image, so routing sees a shorter, but stable, prefix.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .anthropic import to_chat
 from .errors import ProxyError
 
 __all__ = [
+    "DEFAULT_IMAGE_PLACEHOLDER",
     "RENDER_PATHS",
     "Kind",
     "LocalTokenizer",
@@ -58,8 +63,20 @@ RENDER_PATHS: Final[Mapping[str, str]] = {
 # A template that loops over a message's content takes OpenAI content parts;
 # one that does not expects a string (vLLM's "auto" content format).
 _LOOPS_OVER_CONTENT: Final = re.compile(
-    r"for\s+\w+\s+in\s+\w+(\[\s*['\"]content['\"]\s*\]|\.content)\b"
+    r"for\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content\b)"
 )
+# Content part types vLLM reads as text, and the field holding the text.
+_TEXT_FIELD: Final = {
+    "text": "text", "input_text": "text", "output_text": "text",
+    "refusal": "refusal", "thinking": "thinking",
+}  # fmt: skip
+_IMAGE_PARTS: Final = frozenset({"image_url", "input_image"})
+#: The image placeholder used when the tokenizer's config names none.
+DEFAULT_IMAGE_PLACEHOLDER: Final = "<image>"
+
+
+def _bad(message: str) -> ProxyError:
+    return ProxyError(400, message)
 
 
 def _raise(message: str) -> NoReturn:
@@ -94,15 +111,25 @@ class LocalTokenizer:
 
     :param path: a ``tokenizer.json``, or a directory with ``tokenizer.json``
         and optionally ``tokenizer_config.json`` (``chat_template``,
-        ``bos_token``, ``eos_token``) and ``chat_template.jinja``.
+        ``bos_token``, ``eos_token``, ``image_token``) and ``chat_template.jinja``.
     :param chat_template: a Jinja template overriding the tokenizer's.
+    :param image_placeholder: the text an image becomes for a template that
+        takes string content (vLLM's model-specific placeholder, e.g.
+        ``<|image_pad|>``); default: the config's ``image_token``, else
+        :data:`DEFAULT_IMAGE_PLACEHOLDER`.
     :raises FileNotFoundError: no ``tokenizer.json`` at ``path``.
     :raises ValueError: no chat template anywhere (chat requests need one)
         is *not* raised here: :meth:`render_chat` raises it when used.
     :raises jinja2.TemplateSyntaxError: the template does not parse.
     """
 
-    def __init__(self, path: str | os.PathLike[str], chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        chat_template: str | None = None,
+        *,
+        image_placeholder: str | None = None,
+    ) -> None:
         from tokenizers import Tokenizer
 
         p = Path(path)
@@ -129,6 +156,10 @@ class LocalTokenizer:
         self.chat_template = chat_template
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
+        if image_placeholder is None:
+            image_placeholder = _token_text(config.get("image_token")) or DEFAULT_IMAGE_PLACEHOLDER
+        #: What an image becomes in string content (see ``image_placeholder``).
+        self.image_placeholder = image_placeholder
         self._template: jinja2.Template | None = None
         self._string_content = False
         if chat_template is not None:
@@ -145,15 +176,100 @@ class LocalTokenizer:
         """Token ids of ``text``. Runtime complexity: O(len(text))."""
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def _flatten(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for m in messages:
-            m = dict(m)
-            content = m.get("content")
-            if self._string_content and isinstance(content, list):
-                texts = [p.get("text", "") for p in content if p.get("type") == "text"]
-                m["content"] = "\n".join(texts)
-            out.append(m)
+    def _content(self, content: object, where: str) -> str | list[dict[str, Any]]:
+        """One message's content as vLLM hands it to the template.
+
+        A template looping over content gets a list of parts (text parts,
+        ``{"type": "image"}``, tool references); any other gets a string: the
+        texts joined with newlines, each image's placeholder in front.
+        """
+        if content is None:
+            parts: list[Any] = []
+        elif isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = content
+        else:
+            raise _bad(f"{where}: must be a string, a list of content parts or null")
+        items: list[dict[str, Any]] = []
+        texts: list[str] = []
+        images = 0
+        for j, part in enumerate(parts):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _bad(f"{where}[{j}]: must be an object with a string 'type'")
+            kind = part["type"]
+            if kind in _TEXT_FIELD:
+                text = part.get(_TEXT_FIELD[kind])
+                if text is None:
+                    continue  # vLLM skips an empty text part
+                if not isinstance(text, str):
+                    raise _bad(f"{where}[{j}].{_TEXT_FIELD[kind]}: must be a string")
+                items.append({"type": "text", "text": text})
+                if text:  # an empty string part is dropped from string content
+                    texts.append(text)
+            elif kind in _IMAGE_PARTS:
+                items.append({"type": "image"})
+                images += 1
+            elif kind == "tool_reference":
+                name = part.get("name")
+                items.append({"type": "tool_reference", "name": name})
+                if name:
+                    texts.append(str(name))
+            else:
+                raise _bad(f"{where}[{j}].type: unsupported content part type {kind!r}")
+        if not self._string_content:
+            return items
+        text = "\n".join(texts)
+        if not images:
+            return text
+        # vLLM puts the placeholders missing from the text in front, one a line.
+        missing = images - text.count(self.image_placeholder)
+        if missing < 0:
+            raise _bad(
+                f"{where}: found more '{self.image_placeholder}' placeholders in the text"
+                " than images"
+            )
+        return "\n".join([self.image_placeholder] * missing + ([text] if text else []))
+
+    def conversation(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The messages as vLLM's ``parse_chat_messages`` gives them to the chat template.
+
+        Content as :meth:`_content` makes it; an assistant's ``tool_calls``
+        with their ``arguments`` parsed from JSON (``{}`` when they are not
+        JSON; an empty list dropped) and its ``reasoning`` also as
+        ``reasoning_content``; a tool message's ``tool_call_id``, and its
+        all-text content as one string; ``name`` when a string. Other keys
+        do not reach the template.
+
+        :raises ProxyError: 400 for a malformed message.
+        """
+        out: list[dict[str, Any]] = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+                raise _bad(f"{where}: must be an object with a string 'role'")
+            role = m["role"]
+            msg: dict[str, Any] = {
+                "role": role,
+                "content": self._content(m.get("content"), f"{where}.content"),
+            }
+            if role == "assistant":
+                calls = m.get("tool_calls")
+                if calls is not None:
+                    calls = _parsed_tool_calls(calls, f"{where}.tool_calls")
+                    if calls:
+                        msg["tool_calls"] = calls
+                if m.get("reasoning") is not None:
+                    msg["reasoning"] = msg["reasoning_content"] = m["reasoning"]
+            elif role == "tool":
+                if "tool_call_id" in m:
+                    msg["tool_call_id"] = m["tool_call_id"]
+                content = msg["content"]
+                if isinstance(content, list) and all(p["type"] == "text" for p in content):
+                    msg["content"] = "\n".join(p["text"] for p in content)
+            if isinstance(m.get("name"), str):
+                msg["name"] = m["name"]
+            out.append(msg)
         return out
 
     def render_chat(
@@ -166,15 +282,20 @@ class LocalTokenizer:
     ) -> list[int]:
         """Token ids of a chat prompt: the template's text, encoded without special tokens.
 
-        :raises ProxyError: 400 if the template fails on these messages
-            (``raise_exception``), 500 if there is no chat template.
+        The template gets :meth:`conversation`'s messages and the tools as
+        vLLM dumps them (``function`` with ``name``, ``description`` and
+        ``parameters``, None when absent, then any other keys).
+
+        :raises ProxyError: 400 for malformed messages or tools, or if the
+            template fails on them (``raise_exception``); 500 if there is no
+            chat template.
         """
         if self._template is None:
             raise ProxyError(500, f"the tokenizer at {self.path} has no chat template")
         kwargs = dict(template_kwargs or {})
         kwargs.update(
-            messages=self._flatten(messages),
-            tools=list(tools) if tools else None,
+            messages=self.conversation(messages),
+            tools=None if tools is None else [_tool_dict(t, k) for k, t in enumerate(tools)],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
@@ -186,6 +307,45 @@ class LocalTokenizer:
         except (TypeError, KeyError, AttributeError, ValueError) as e:
             raise ProxyError(400, f"chat template failed on these messages: {e}") from None
         return self.encode(text, add_special_tokens=False)
+
+
+def _parsed_tool_calls(calls: object, where: str) -> list[dict[str, Any]]:
+    """Tool calls with JSON ``arguments`` parsed, as chat templates expect them (and vLLM does)."""
+    if not isinstance(calls, list):
+        raise _bad(f"{where}: must be a list")
+    out = []
+    for k, call in enumerate(calls):
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise _bad(f"{where}[{k}].function: must be an object")
+        function = dict(call["function"])
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function["arguments"] = json.loads(arguments)
+            except ValueError:
+                function["arguments"] = {}
+        elif not isinstance(arguments, dict | list):
+            function["arguments"] = {}
+        out.append({**call, "function": function})
+    return out
+
+
+def _tool_dict(tool: object, k: int) -> dict[str, Any]:
+    """A tool as vLLM's ``ChatCompletionToolsParam.model_dump()`` gives it to the template."""
+    if not isinstance(tool, Mapping):
+        raise _bad(f"tools[{k}]: must be an object")
+    function = tool.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise _bad(f"tools[{k}].function.name: Field required (a string)")
+    dumped = {
+        "name": function["name"],
+        "description": function.get("description"),
+        "parameters": function.get("parameters"),
+    }
+    dumped.update((key, v) for key, v in function.items() if key not in dumped)
+    out: dict[str, Any] = {"type": tool.get("type", "function"), "function": dumped}
+    out.update((key, v) for key, v in tool.items() if key not in out)
+    return out
 
 
 def prompt_token_ids(body: Mapping[str, Any]) -> list[int] | None:

@@ -19,6 +19,7 @@ from ._publisher import KVEventPublisher
 from ._tokenizer import (
     BYTE_OFFSET,
     DEFAULT_CHAT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
     IMAGE_PLACEHOLDER_TOKENS,
     SPECIAL_TOKENS,
     MockTokenizer,
@@ -43,6 +44,7 @@ __all__ = [
     "BYTE_OFFSET",
     "DEFAULT_CHAT_TEMPLATE",
     "GENERATION_PATHS",
+    "IMAGE_PLACEHOLDER",
     "IMAGE_PLACEHOLDER_TOKENS",
     "REPLAY_END_SEQ",
     "SPECIAL_TOKENS",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -170,18 +170,26 @@ class Request:
         """Unpin the blocks and close the record (``aborted`` unless ``finished``). Idempotent."""
         self._engine._release(self._record, self._alloc, finished)
 
-    async def generate(self, max_tokens: int) -> AsyncGenerator[str, None]:
+    async def generate(
+        self, max_tokens: int, pieces: Sequence[str] | None = None
+    ) -> AsyncGenerator[str, None]:
         """Yield the output pieces with their delays; release the request at the end.
 
         Close it (``contextlib.aclosing``) when not run to the end.
+
+        :param max_tokens: how many words to generate, when ``pieces`` is None.
+        :param pieces: the output to generate instead, one piece per token
+            (e.g. a tool call's arguments).
         """
         rec, engine = self._record, self._engine
+        if pieces is None:
+            pieces = completion_pieces(rec.prompt_token_ids, max_tokens)
         finished = False
         try:
             uncached = len(rec.prompt_token_ids) - rec.cached_tokens
             if engine.prefill_delay_per_token and uncached:
                 await asyncio.sleep(engine.prefill_delay_per_token * uncached)
-            for piece in completion_pieces(rec.prompt_token_ids, max_tokens):
+            for piece in pieces:
                 if engine.token_delay:
                     await asyncio.sleep(engine.token_delay)
                 await engine.wait_resumed()
@@ -191,13 +199,13 @@ class Request:
         finally:
             self.release(finished)
 
-    async def run(self, max_tokens: int) -> str:
-        """Generate to the end and return the text."""
-        pieces: list[str] = []
-        async with contextlib.aclosing(self.generate(max_tokens)) as gen:
+    async def run(self, max_tokens: int, pieces: Sequence[str] | None = None) -> str:
+        """Generate to the end and return the text (see :meth:`generate`)."""
+        out: list[str] = []
+        async with contextlib.aclosing(self.generate(max_tokens, pieces)) as gen:
             async for piece in gen:
-                pieces.append(piece)
-        return "".join(pieces)
+                out.append(piece)
+        return "".join(out)
 
 
 class Engine:
@@ -252,6 +260,7 @@ class Engine:
         self._blocks_stored = 0
         self._blocks_evicted = 0
         self._fail_queue: deque[int] = deque()
+        self._http_requests: Counter[str] = Counter()
         self._resumed: asyncio.Event | None = None
         self.paused = False
 
@@ -295,6 +304,11 @@ class Engine:
         """Queue ``n`` failures with HTTP ``status`` for generation requests."""
         with self._lock:
             self._fail_queue.extend([status] * n)
+
+    def count_http_request(self, path: str) -> None:
+        """Note an HTTP request to ``path`` (any endpoint)."""
+        with self._lock:
+            self._http_requests[path] += 1
 
     def take_failure(self, path: str) -> int | None:
         """The status to fail a request to ``path`` with, or ``None``."""
@@ -431,6 +445,11 @@ class Engine:
                 batches_published=publisher.next_seq if publisher is not None else 0,
             )
 
+    def http_requests(self) -> dict[str, int]:
+        """HTTP requests received, by path."""
+        with self._lock:
+            return dict(self._http_requests)
+
     def cached_block_hashes(self) -> set[int]:
         """The hashes of every cached block."""
         with self._lock:
@@ -441,6 +460,7 @@ class Engine:
         with self._lock:
             self._log = [r for r in self._log if r.status == "running"]
             self._blocks_stored = self._blocks_evicted = 0
+            self._http_requests.clear()
 
 
 def _event_extra_keys(

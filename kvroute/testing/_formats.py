@@ -9,6 +9,7 @@ a client or router reads are filled; the rest keep vLLM's defaults.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from array import array
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ __all__ = [
     "openai_error",
     "openai_sse",
     "openai_usage",
+    "split_pieces",
+    "tool_input",
 ]
 
 # The mock's "vocabulary" of generated words; a piece is one word (one token).
@@ -72,10 +75,17 @@ def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int)
 
 
 def anthropic_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    """Anthropic ``usage`` as vLLM maps it: ``input_tokens`` excludes cache reads.
+    """Anthropic ``usage`` with the prefix-cache hit: ``input_tokens`` excludes cache reads.
 
-    vLLM has no notion of a cache write, so ``cache_creation_input_tokens`` is 0
-    and ``input_tokens + cache_read_input_tokens`` is the prompt length.
+    Not every vLLM reports this. Its Anthropic converter long reported only
+    ``input_tokens`` (the whole prompt) and ``output_tokens``; the newest one
+    (``_build_anthropic_usage``) adds ``cache_read_input_tokens`` and
+    ``cache_creation_input_tokens`` when the server runs with
+    ``--enable-prompt-tokens-details``, and in streams only in the final
+    ``message_delta``. The mock always reports them, everywhere, with no
+    cache writes (``cache_creation_input_tokens`` is 0), so that
+    ``input_tokens + cache_read_input_tokens`` is the prompt length and tests
+    can compare the worker's real hits with what a client is told.
     """
     return {
         "input_tokens": prompt_tokens - cached_tokens,
@@ -83,6 +93,50 @@ def anthropic_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) 
         "cache_read_input_tokens": cached_tokens,
         "cache_creation_input_tokens": 0,
     }
+
+
+def tool_input(schema: Mapping[str, Any], prompt: Sequence[int]) -> dict[str, Any]:
+    """A tool's input for a prompt: a value of its type for each of the schema's properties.
+
+    Deterministic, like :func:`completion_pieces` (whose words it uses).
+
+    >>> schema = {"properties": {"q": {"type": "string"}, "n": {"type": "integer"}}}
+    >>> sorted(tool_input(schema, [1, 2, 3]))
+    ['n', 'q']
+    >>> tool_input({"type": "object"}, [1, 2, 3])
+    {}
+    """
+    properties = schema.get("properties")
+    if not isinstance(properties, dict) or not properties:
+        return {}
+    words = [w.strip() for w in completion_pieces(prompt, len(properties))]
+    out: dict[str, Any] = {}
+    for (name, spec), word in zip(properties.items(), words, strict=True):
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind == "integer":
+            out[name] = len(word)
+        elif kind == "number":
+            out[name] = len(word) / 2
+        elif kind == "boolean":
+            out[name] = len(word) % 2 == 0
+        elif kind == "array":
+            out[name] = [word]
+        elif kind == "object":
+            out[name] = {}
+        else:
+            out[name] = word
+    return out
+
+
+def split_pieces(text: str, n: int) -> list[str]:
+    """``text`` cut into ``min(n, len(text))`` consecutive pieces (at least one).
+
+    >>> split_pieces('{"q": "x"}', 3)
+    ['{"q', '": ', '"x"}']
+    """
+    n = max(1, min(n, len(text)))
+    bounds = [len(text) * i // n for i in range(n + 1)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def openai_sse(data: Mapping[str, Any] | str) -> bytes:

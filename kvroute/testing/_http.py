@@ -27,6 +27,8 @@ from ._formats import (
     openai_error,
     openai_sse,
     openai_usage,
+    split_pieces,
+    tool_input,
 )
 from ._tokenizer import RequestError
 
@@ -96,6 +98,23 @@ async def _stream(
     return resp
 
 
+def _forced_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tool a (validated) Messages request's ``tool_choice`` makes the model call, if any.
+
+    ``{"type": "tool", "name": ...}`` names it; ``{"type": "any"}`` takes the
+    first tool; ``auto`` and ``none`` leave the mock answering with text.
+    """
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if not tools or not isinstance(choice, dict):
+        return None
+    if choice.get("type") == "tool":
+        return next(dict(t) for t in tools if t["name"] == choice["name"])
+    if choice.get("type") == "any":
+        return dict(tools[0])
+    return None
+
+
 class HttpApi:
     """The routes of one mock worker, bound to its :class:`Engine`."""
 
@@ -127,6 +146,7 @@ class HttpApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         await self.engine.wait_resumed()
+        self.engine.count_http_request(request.path)
         anthropic = request.path.startswith("/v1/messages")
         status = self.engine.take_failure(request.path)
         try:
@@ -393,22 +413,38 @@ class HttpApi:
         max_tokens = self._max_tokens(body.get("max_tokens"), len(tokens), required=True)
         base = _request_id(request, body)
         mid = f"msg_{base}"
+        tool = _forced_tool(body) if max_tokens else None
         req = self.engine.admit(base, request.path, tokens, _cache_salt(body), self._lora(model))
+        pieces: list[str] | None = None
+        if tool is not None:
+            # The tool_choice forces a call: its arguments are the output, in
+            # at most max_tokens pieces (the call is never cut short).
+            call_input = tool_input(tool["input_schema"], tokens)
+            pieces = split_pieces(json.dumps(call_input), max_tokens)
+            # vLLM passes its own tool-call id through.
+            call_id = f"chatcmpl-tool-{uuid.uuid4().hex}"
+        stop_reason = "max_tokens" if tool is None else "tool_use"
 
         def usage() -> dict[str, Any]:
             return anthropic_usage(req.prompt_tokens, req.completion_tokens, req.cached_tokens)
 
         try:
             if not body.get("stream"):
-                text = await req.run(max_tokens)
+                text = await req.run(max_tokens, pieces)
+                block: dict[str, Any]
+                if tool is None:
+                    block = {"type": "text", "text": text}
+                else:
+                    block = {"type": "tool_use", "id": call_id, "name": tool["name"],
+                             "input": call_input}  # fmt: skip
                 return web.json_response(
                     {
                         "id": mid,
                         "type": "message",
                         "role": "assistant",
                         "model": model,
-                        "content": [{"type": "text", "text": text}],
-                        "stop_reason": "max_tokens",
+                        "content": [block],
+                        "stop_reason": stop_reason,
                         "stop_sequence": None,
                         "usage": usage(),
                     },
@@ -427,17 +463,23 @@ class HttpApi:
                     "usage": usage(),
                 }
                 await resp.write(anthropic_sse({"type": "message_start", "message": message}))
-                block = {"type": "text", "text": ""}
+                if tool is None:
+                    block: dict[str, Any] = {"type": "text", "text": ""}
+                else:
+                    block = {"type": "tool_use", "id": call_id, "name": tool["name"], "input": {}}
                 start = {"type": "content_block_start", "index": 0, "content_block": block}
                 await resp.write(anthropic_sse(start))
                 await resp.write(anthropic_sse({"type": "ping"}))
-                async with contextlib.aclosing(req.generate(max_tokens)) as gen:
+                async with contextlib.aclosing(req.generate(max_tokens, pieces)) as gen:
                     async for piece in gen:
-                        delta = {"type": "text_delta", "text": piece}
+                        if tool is None:
+                            delta = {"type": "text_delta", "text": piece}
+                        else:
+                            delta = {"type": "input_json_delta", "partial_json": piece}
                         event = {"type": "content_block_delta", "index": 0, "delta": delta}
                         await resp.write(anthropic_sse(event))
                 await resp.write(anthropic_sse({"type": "content_block_stop", "index": 0}))
-                stop = {"stop_reason": "max_tokens", "stop_sequence": None}
+                stop = {"stop_reason": stop_reason, "stop_sequence": None}
                 await resp.write(
                     anthropic_sse({"type": "message_delta", "delta": stop, "usage": usage()})
                 )

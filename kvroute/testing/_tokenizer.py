@@ -9,22 +9,32 @@ nothing (there is no BOS by default, as with many recent models).
 The default chat template (:data:`DEFAULT_CHAT_TEMPLATE`, Jinja) renders::
 
     [<|tools|>{tools as JSON}<|end|>]
-    <|{role}|>{content}{<|tool_call|>{name}{arguments JSON}...}<|end|>   per message
+    <|{role}|>{content}{<|tool_call|>{name}{arguments as JSON}...}<|end|>   per message
     [<|assistant|>]                                   if add_generation_prompt
 
 where content is a string or a list of parts: ``text`` parts are concatenated
-and each image part (``image_url``, ``image``, ``input_image``) becomes
-:data:`IMAGE_PLACEHOLDER_TOKENS` ``<|image|>`` tokens. Roles are written as
-they come (system, user, assistant, tool; any other role's marker is plain
-text). The rendered text is then encoded without special-token additions,
-which is what vLLM does for chat requests.
+and each image part becomes :data:`IMAGE_PLACEHOLDER_TOKENS` ``<|image|>``
+tokens. Roles are written as they come (system, user, assistant, tool; any
+other role's marker is plain text). The rendered text is then encoded without
+special-token additions, which is what vLLM does for chat requests.
+
+Chat messages reach the template the way vLLM's ``parse_chat_messages``
+passes them (:meth:`MockTokenizer.template_messages`): a template that loops
+over a message's content gets a list of parts (``{"type": "text", ...}``,
+``{"type": "image"}``, tool references; a string becomes one text part), any
+other template a string (the texts joined with newlines, each image's
+:data:`IMAGE_PLACEHOLDER` on its own line in front); an assistant's tool-call
+``arguments`` are parsed from JSON and its ``reasoning`` is also given as
+``reasoning_content``. Tools are given as vLLM dumps them (a function's
+``description`` and ``parameters`` are None when absent).
 
 Anthropic Messages requests are first converted to that chat form
-(:func:`anthropic_to_chat`), as vLLM converts them to a chat-completion
-request: ``system`` becomes a system message, ``tool_use`` blocks become
-``tool_calls`` (arguments = ``json.dumps(input)``), each ``tool_result``
-becomes a ``tool`` message placed before the rest of its user turn, images
-become ``image_url`` parts and ``tools`` become OpenAI function tools.
+(:func:`anthropic_to_chat`) with the rules of vLLM's Anthropic serving: one
+leading system message (``system``, then system-role messages; text blocks
+starting with ``x-anthropic-billing-header`` dropped), ``tool_use`` blocks as
+``tool_calls``, each user ``tool_result`` as a ``tool`` message placed before
+the rest of its turn (then its images as a user message), ``thinking`` as
+``reasoning``, images as ``image_url`` parts and ``tools`` as function tools.
 
 With ``tokenizer=`` a Hugging Face ``tokenizer.json`` is used instead (through
 the ``tokenizers`` library) together with ``chat_template`` (Jinja, rendered
@@ -34,18 +44,22 @@ with ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token`` and
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 import jinja2
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
     "BYTE_OFFSET",
     "DEFAULT_CHAT_TEMPLATE",
+    "IMAGE_PLACEHOLDER",
     "IMAGE_PLACEHOLDER_TOKENS",
     "SPECIAL_TOKENS",
     "MockTokenizer",
@@ -71,6 +85,9 @@ SPECIAL_TOKENS: Final[tuple[str, ...]] = (
 BYTE_OFFSET: Final = 16
 #: ``<|image|>`` tokens an image part renders to.
 IMAGE_PLACEHOLDER_TOKENS: Final = 4
+#: The text an image becomes in string content (the "model's" placeholder,
+#: already expanded: vLLM's engine expands its one-token placeholder later).
+IMAGE_PLACEHOLDER: Final = "<|image|>" * IMAGE_PLACEHOLDER_TOKENS
 
 DEFAULT_CHAT_TEMPLATE: Final = (
     "{{- bos_token -}}"
@@ -87,7 +104,7 @@ DEFAULT_CHAT_TEMPLATE: Final = (
     "{%- endfor -%}"
     "{%- endif -%}"
     "{%- for call in message['tool_calls'] or [] -%}"
-    "<|tool_call|>{{ call['function']['name'] }}{{ call['function']['arguments'] }}"
+    "<|tool_call|>{{ call['function']['name'] }}{{ call['function']['arguments'] | tojson }}"
     "{%- endfor -%}"
     "<|end|>"
     "{%- endfor -%}"
@@ -96,6 +113,16 @@ DEFAULT_CHAT_TEMPLATE: Final = (
 
 _SPECIAL_RE: Final = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 _SPECIAL_IDS: Final = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+
+# The Anthropic content block types vLLM's protocol accepts (no "document").
+_BLOCK_TYPES: Final = (
+    "text", "image", "tool_use", "tool_result", "tool_reference", "thinking", "redacted_thinking",
+)  # fmt: skip
+# Roles vLLM accepts in Messages requests, and what it reads them as.
+_ROLE_MAP: Final = {
+    "user": "user", "assistant": "assistant", "system": "system", "ctx": "user", "msg": "user",
+}  # fmt: skip
+_BILLING_HEADER: Final = "x-anthropic-billing-header"
 
 
 class RequestError(ValueError):
@@ -110,13 +137,44 @@ def _fail(message: str) -> NoReturn:
     raise RequestError(message)
 
 
-def _tojson(value: object, indent: int | None = None) -> str:
-    # Plain JSON (no HTML escaping), keys in insertion order: what chat templates expect.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Hugging Face's tojson: plain JSON (no HTML escaping), keys in insertion order.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _content_format(env: jinja2.Environment, source: str) -> Literal["string", "openai"]:
+    """vLLM's "auto" content format: ``openai`` if the template loops over a message's content.
+
+    Read from the template's syntax tree (any ``for`` over ``x['content']`` or
+    ``x.content``); vLLM also follows the variables such a value is set to.
+    """
+    for loop in env.parse(source).find_all(jinja2.nodes.For):
+        it = loop.iter
+        if isinstance(it, jinja2.nodes.Getattr) and it.attr == "content":
+            return "openai"
+        if (
+            isinstance(it, jinja2.nodes.Getitem)
+            and isinstance(it.arg, jinja2.nodes.Const)
+            and it.arg.value == "content"
+        ):
+            return "openai"
+    return "string"
 
 
 class MockTokenizer:
@@ -158,10 +216,16 @@ class MockTokenizer:
         self.chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token if eos_token is not None else ("" if self._hf else "<|eos|>")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # The environment Hugging Face renders chat templates in.
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(self.chat_template)
+        #: ``"openai"`` (content as a list of parts) or ``"string"``, as vLLM detects it.
+        self.content_format = _content_format(env, self.chat_template)
 
     @property
     def vocab_size(self) -> int:
@@ -210,6 +274,85 @@ class MockTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def template_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """OpenAI chat messages as vLLM's ``parse_chat_messages`` hands them to the template.
+
+        :raises RequestError: malformed messages.
+        """
+        if not isinstance(messages, list) or not messages:
+            _fail("messages must be a non-empty list")
+        conversation: list[dict[str, Any]] = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                _fail(f"messages[{i}] must be an object with a string 'role'")
+            role = m["role"]
+            out: dict[str, Any] = {"role": role, "content": self._content(m.get("content"), i)}
+            if role == "assistant":
+                tool_calls = m.get("tool_calls")
+                if tool_calls:
+                    out["tool_calls"] = [_call_with_parsed_arguments(c, i) for c in tool_calls]
+                if m.get("reasoning") is not None:
+                    out["reasoning"] = m["reasoning"]
+                    out["reasoning_content"] = m["reasoning"]
+            if role == "tool":
+                if "tool_call_id" in m:
+                    out["tool_call_id"] = m["tool_call_id"]
+                content = out["content"]
+                # Most templates want a tool result as a string: vLLM joins all-text parts.
+                if isinstance(content, list) and all(p["type"] == "text" for p in content):
+                    out["content"] = "\n".join(p["text"] for p in content)
+            if isinstance(m.get("name"), str):
+                out["name"] = m["name"]
+            conversation.append(out)
+        return conversation
+
+    def _content(self, content: object, i: int) -> str | list[dict[str, Any]]:
+        if content is None:
+            content = []
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            _fail(f"messages[{i}].content must be a string or a list of parts")
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                _fail(f"messages[{i}].content[{j}] must be an object with a 'type'")
+            kind = part["type"]
+            if kind in ("text", "input_text", "output_text", "refusal", "thinking"):
+                key = kind if kind in ("refusal", "thinking") else "text"
+                if part.get(key) is None:
+                    continue
+                if not isinstance(part[key], str):
+                    _fail(f"messages[{i}].content[{j}].{key} must be a string")
+                parts.append({"type": "text", "text": part[key]})
+            elif kind in ("image_url", "input_image"):
+                parts.append({"type": "image"})
+            elif kind == "tool_reference":
+                parts.append({"type": "tool_reference", "name": part.get("name")})
+            else:
+                _fail(f"messages[{i}].content[{j}]: unsupported content part type {kind!r}")
+        if self.content_format == "openai":
+            return parts
+        texts = []
+        images = 0
+        for p in parts:
+            if p["type"] == "image":
+                images += 1
+            elif p["type"] == "text" and p["text"]:
+                texts.append(p["text"])
+            elif p["type"] == "tool_reference" and p["name"]:
+                texts.append(str(p["name"]))
+        text = "\n".join(texts)
+        if images == 0:
+            return text
+        missing = images - text.count(IMAGE_PLACEHOLDER)
+        if missing < 0:
+            _fail(f"Found more '{IMAGE_PLACEHOLDER}' placeholders in input prompt than images.")
+        lines = [IMAGE_PLACEHOLDER] * missing
+        if text:
+            lines.append(text)
+        return "\n".join(lines)
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -217,19 +360,26 @@ class MockTokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
-        """The chat template's text for ``messages``.
+        """The chat template's text for OpenAI chat ``messages`` and ``tools``, as vLLM renders it.
 
-        :raises RequestError: the template failed (e.g. ``raise_exception``).
+        :raises RequestError: malformed messages or tools, or the template
+            failed (e.g. ``raise_exception``).
         """
+        conversation = self.template_messages(messages)
+        tool_dicts = None
+        if tools is not None:
+            if not isinstance(tools, list):
+                _fail("tools must be a list")
+            tool_dicts = [_dumped_tool(t, k) for k, t in enumerate(tools)]
         try:
             return self._template.render(
-                messages=[dict(m) for m in messages],
-                tools=list(tools) if tools else None,
+                messages=conversation,
+                tools=tool_dicts,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise RequestError(f"chat template failed: {exc}") from exc
 
     def render_chat(
@@ -246,7 +396,6 @@ class MockTokenizer:
         :param add_generation_prompt: end with the assistant's turn marker.
         :raises RequestError: malformed messages.
         """
-        _check_messages(messages)
         text = self.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt
         )
@@ -284,139 +433,246 @@ def _is_token_id(value: object) -> bool:
     return type(value) is int and 0 <= value < 2**32
 
 
-def _check_messages(messages: object) -> None:
-    if not isinstance(messages, list) or not messages:
-        _fail("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            _fail(f"messages[{i}] must be an object with a string 'role'")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            _fail(f"messages[{i}].content must be a string or a list of parts")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    _fail(f"messages[{i}].content[{j}] must be an object with a 'type'")
+def _call_with_parsed_arguments(call: object, i: int) -> dict[str, Any]:
+    # Templates expect arguments as a mapping; vLLM parses the JSON ({} if it is not JSON).
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        _fail(f"messages[{i}].tool_calls: each call needs a 'function' object")
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = {}
+    elif not isinstance(arguments, (dict, list)):
+        arguments = {}
+    function["arguments"] = arguments
+    return {**call, "function": function}
 
 
-def _text_of(content: object, where: str) -> str:
-    """The text of an Anthropic ``system`` / ``tool_result`` content (str or text blocks)."""
-    if content is None:
-        return ""
+def _dumped_tool(tool: object, k: int) -> dict[str, Any]:
+    # What ``ChatCompletionToolsParam.model_dump()`` gives: declared fields, then extras.
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        _fail(f"tools[{k}] must be an object with a 'function' object")
+    function = tool["function"]
+    if not isinstance(function.get("name"), str):
+        _fail(f"tools[{k}].function.name must be a string")
+    dumped_function = {
+        "name": function["name"],
+        "description": function.get("description"),
+        "parameters": function.get("parameters"),
+    }
+    for key, value in function.items():
+        dumped_function.setdefault(key, value)
+    dumped: dict[str, Any] = {"type": tool.get("type", "function"), "function": dumped_function}
+    for key, value in tool.items():
+        dumped.setdefault(key, value)
+    return dumped
+
+
+# -- Anthropic Messages -> OpenAI chat, as vLLM's Anthropic serving converts --------------
+
+_BLOCK_FIELD_TYPES: Final = {
+    "text": str, "source": dict, "id": str, "name": str, "input": dict, "tool_use_id": str,
+    "tool_name": str, "thinking": str, "signature": str, "data": str,
+}  # fmt: skip
+
+
+def _check_block(block: object, where: str) -> dict[str, Any]:
+    """One content block, checked as vLLM's pydantic model checks it."""
+    if not isinstance(block, dict):
+        _fail(f"{where} must be a content block object")
+    if block.get("type") not in _BLOCK_TYPES:
+        _fail(f"{where}.type: unsupported content block type {block.get('type')!r}")
+    for key, kind in _BLOCK_FIELD_TYPES.items():
+        if block.get(key) is not None and not isinstance(block[key], kind):
+            _fail(f"{where}.{key}: wrong type")
+    content = block.get("content")
+    if content is not None and not isinstance(content, str):
+        if not isinstance(content, list) or not all(isinstance(x, dict) for x in content):
+            _fail(f"{where}.content must be a string or a list of objects")
+        for k, item in enumerate(content):
+            if item.get("type") == "text" and not isinstance(item.get("text", ""), str):
+                _fail(f"{where}.content[{k}].text must be a string")
+            if item.get("type") == "image" and not isinstance(item.get("source", {}), dict):
+                _fail(f"{where}.content[{k}].source must be an object")
+    return block
+
+
+def _blocks(content: object, where: str) -> list[dict[str, Any]] | str:
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        _fail(f"{where} must be a string or a list of content blocks")
+    return [_check_block(b, f"{where}[{j}]") for j, b in enumerate(content)]
+
+
+def _image_url(source: Mapping[str, Any]) -> str:
+    if source.get("type") == "url":
+        return str(source.get("url", ""))
+    # vLLM treats any other source as base64 data.
+    return f"data:{source.get('media_type', 'image/jpeg')};base64,{source.get('data', '')}"
+
+
+def _system_texts(content: str | list[dict[str, Any]]) -> list[str]:
+    if isinstance(content, str):
+        return [content]  # a string is kept whole, billing line or not
+    texts = []
+    for block in content:
+        text = block.get("text")
+        if block["type"] == "text" and text and not text.startswith(_BILLING_HEADER):
+            texts.append(text)
+    return texts
+
+
+def _user_tool_result(block: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    content = block.get("content")
+    texts: list[str] = []
+    images: list[str] = []
+    references: list[dict[str, Any]] = []
     if isinstance(content, list):
-        texts: list[str] = []
-        for i, block in enumerate(content):
-            if not isinstance(block, dict):
-                _fail(f"{where}[{i}] must be a content block")
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-            elif block.get("type") != "image":
-                _fail(f"{where}[{i}]: unsupported block type {block.get('type')!r}")
-        return "".join(texts)
-    _fail(f"{where} must be a string or a list of text blocks")
-
-
-def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
-    source = block.get("source")
-    if not isinstance(source, dict):
-        _fail(f"{where}.source must be an object")
-    if source.get("type") == "base64":
-        url = f"data:{source.get('media_type', '')};base64,{source.get('data', '')}"
-    elif source.get("type") == "url":
-        url = str(source.get("url", ""))
+        for item in content:
+            if item.get("type") == "text":
+                texts.append(item.get("text", ""))
+            elif item.get("type") == "image":
+                url = _image_url(item.get("source") or {})
+                if url:
+                    images.append(url)
+            elif item.get("type") == "tool_reference":
+                name = item.get("tool_name") or item.get("name")
+                if name:
+                    references.append({"type": "tool_reference", "name": name})
+        result = "\n".join(texts)
     else:
-        _fail(f"{where}.source.type must be 'base64' or 'url'")
-    return {"type": "image_url", "image_url": {"url": url}}
+        result = content or ""
+    tool_call_id = block.get("tool_use_id") or ""
+    messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": result})
+    if images:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in images]
+        messages.append({"role": "user", "content": parts})
+    if references:
+        messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": references})
+
+
+def _check_tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    raw = body.get("tools")
+    if raw is not None:
+        if not isinstance(raw, list):
+            _fail("tools: must be a list")
+        for k, tool in enumerate(raw):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                _fail(f"tools[{k}].name: must be a string")
+            if not isinstance(tool.get("input_schema"), dict):
+                _fail(f"tools[{k}].input_schema: Field required")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if not isinstance(choice, dict) or choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
+            _fail("tool_choice.type must be one of 'auto', 'any', 'tool', 'none'")
+        if choice["type"] == "tool":
+            if not choice.get("name"):
+                _fail("tool_choice.name is required when type is 'tool'")
+            if choice["name"] not in [t["name"] for t in raw or ()]:
+                _fail(f"Tool '{choice['name']}' has not been passed in `tools`.")
+    return raw
 
 
 def anthropic_to_chat(
     body: Mapping[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Convert an Anthropic Messages request to OpenAI chat ``(messages, tools)``.
+    """Convert an Anthropic Messages request to OpenAI chat ``(messages, tools)``, as vLLM does.
 
     >>> anthropic_to_chat({"system": "be brief", "messages": [{"role": "user", "content": "hi"}]})
     ([{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi'}], None)
 
-    :raises RequestError: a malformed request.
+    :raises RequestError: a request vLLM's Anthropic protocol rejects.
     """
-    messages: list[dict[str, Any]] = []
-    system = body.get("system")
-    if system is not None:
-        messages.append({"role": "system", "content": _text_of(system, "system")})
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         _fail("messages: must be a non-empty list")
+    turns: list[tuple[str, list[dict[str, Any]] | str]] = []
     for i, msg in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
-            _fail(f"{where}.role: must be 'user' or 'assistant'")
-        role = msg["role"]
-        content = msg.get("content")
-        if isinstance(content, str):
-            messages.append({"role": role, "content": content})
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            _fail(f"messages[{i}].role: must be 'user', 'assistant' or 'system'")
+        if msg["role"] not in _ROLE_MAP:
+            _fail(f"messages[{i}].role: must be 'user', 'assistant' or 'system'")
+        turns.append(
+            (_ROLE_MAP[msg["role"]], _blocks(msg.get("content"), f"messages[{i}].content"))
+        )
+    system = body.get("system")
+    system_blocks = None if system is None else _blocks(system, "system")
+    raw_tools = _check_tools(body)
+
+    messages: list[dict[str, Any]] = []
+    system_parts = _system_texts(system_blocks) if system_blocks else []
+    for role, content in turns:
+        if role == "system":
+            system_parts += _system_texts(content)
+    if system_parts:
+        messages.append({"role": "system", "content": "".join(system_parts)})
+    for role, content in turns:
+        if role == "system":
             continue
-        if not isinstance(content, list):
-            _fail(f"{where}.content: must be a string or a list of content blocks")
+        out: dict[str, Any] = {"role": role}
+        if isinstance(content, str):
+            out["content"] = content
+            messages.append(out)
+            continue
         parts: list[dict[str, Any]] = []
         tool_calls: list[dict[str, Any]] = []
-        for j, block in enumerate(content):
-            bwhere = f"{where}.content[{j}]"
-            kind = block.get("type") if isinstance(block, dict) else None
-            if kind == "text":
-                if not isinstance(block.get("text"), str):
-                    _fail(f"{bwhere}.text: must be a string")
+        thinking: list[str] = []
+        for block in content:
+            kind = block["type"]
+            if kind == "text" and block.get("text"):
                 parts.append({"type": "text", "text": block["text"]})
-            elif kind == "image":
-                parts.append(_image_part(block, bwhere))
+            elif kind == "image" and block.get("source"):
+                parts.append(
+                    {"type": "image_url", "image_url": {"url": _image_url(block["source"])}}
+                )
+            elif kind == "thinking" and block.get("thinking") is not None:
+                thinking.append(block["thinking"])
             elif kind == "tool_use":
-                if not isinstance(block.get("name"), str):
-                    _fail(f"{bwhere}.name: must be a string")
+                arguments = json.dumps(block.get("input") or {})
                 tool_calls.append(
                     {
-                        "id": str(block.get("id", "")),
+                        "id": block.get("id") or f"call_{int(time.time())}",
                         "type": "function",
-                        "function": {
-                            "name": block["name"],
-                            "arguments": json.dumps(block.get("input", {}), ensure_ascii=False),
-                        },
+                        "function": {"name": block.get("name") or "", "arguments": arguments},
                     }
                 )
+            elif kind == "tool_result" and role == "user":
+                _user_tool_result(block, messages)
             elif kind == "tool_result":
-                messages.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": str(block.get("tool_use_id", "")),
-                        "content": _text_of(block.get("content"), f"{bwhere}.content"),
-                    }
-                )
-            elif kind in ("thinking", "redacted_thinking"):
-                continue  # not part of the prompt, as with vLLM
-            else:
-                _fail(f"{bwhere}.type: unsupported content block type {kind!r}")
-        if parts or tool_calls:
-            out: dict[str, Any] = {"role": role, "content": parts or None}
-            if tool_calls:
-                out["tool_calls"] = tool_calls
-            messages.append(out)
-    tools: list[dict[str, Any]] | None = None
-    raw_tools = body.get("tools")
-    if raw_tools:
-        if not isinstance(raw_tools, list):
-            _fail("tools: must be a list")
+                result = str(block["content"]) if block.get("content") else ""
+                parts.append({"type": "text", "text": "Tool result: " + result})
+            # redacted_thinking and tool_reference blocks are passed over.
+        if thinking:
+            out["reasoning"] = "".join(thinking)
+        if tool_calls:
+            out["tool_calls"] = tool_calls
+        if len(parts) == 1 and parts[0]["type"] == "text":
+            out["content"] = parts[0]["text"]
+        elif parts:
+            out["content"] = parts
+        if role == "user" and "content" not in out:
+            continue  # e.g. a turn of tool results only
+        messages.append(out)
+    tools = None
+    if raw_tools is not None:
         tools = []
-        for k, tool in enumerate(raw_tools):
-            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                _fail(f"tools[{k}].name: must be a string")
-            tools.append(
-                {
-                    "type": "function",
-                    "function": {
-                        "name": tool["name"],
-                        "description": tool.get("description", ""),
-                        "parameters": tool.get("input_schema", {}),
-                    },
-                }
-            )
+        for tool in raw_tools:
+            schema = dict(tool["input_schema"])
+            if "type" not in schema:
+                schema["type"] = "object"
+            function = {
+                "name": tool["name"],
+                "description": tool.get("description"),
+                "parameters": schema,
+                "defer_loading": tool.get("defer_loading"),
+            }
+            tools.append({"type": "function", "function": function})
     return messages, tools

@@ -30,7 +30,12 @@ and published with ``lora_id``, ``lora_name`` and per-block ``extra_keys``.
 
 Generation is deterministic: ``max_tokens`` pieces (default 16), each a word
 derived from the prompt's tokens, ``finish_reason`` ``"length"`` (Anthropic
-``stop_reason`` ``"max_tokens"``). Each request first waits
+``stop_reason`` ``"max_tokens"``). An Anthropic request whose ``tool_choice``
+forces a call (``{"type": "tool", "name": ...}``, or ``{"type": "any"}``: the
+first tool) gets one ``tool_use`` block instead, as vLLM streams it
+(``content_block_start`` with the id and name, the arguments' JSON in up to
+``max_tokens`` ``input_json_delta`` pieces, ``stop_reason`` ``"tool_use"``),
+its input a value per property of the tool's schema. Each request first waits
 ``prefill_delay_per_token`` seconds per *uncached* prompt token, then
 ``token_delay`` per output token.
 
@@ -540,6 +545,15 @@ class MockWorker:
         return self._engine.requests()
 
     @property
+    def http_requests(self) -> dict[str, int]:
+        """HTTP requests received so far, by path (e.g. ``"/v1/messages/render"``).
+
+        Every request counts, answered or failed; restarts keep the counts,
+        :meth:`clear_log` clears them.
+        """
+        return self._engine.http_requests()
+
+    @property
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
         return self._engine.cache_hits()
@@ -554,7 +568,7 @@ class MockWorker:
         return self._engine.cached_block_hashes()
 
     def clear_log(self) -> None:
-        """Forget the finished requests and the counters (the cache is kept)."""
+        """Forget finished requests, counters and :attr:`http_requests` (the cache is kept)."""
         self._engine.clear_log()
 
     def block_hashes(
