@@ -164,6 +164,12 @@ class Metrics:
         self.retries = Counter(
             "kvroute_proxy_retries", "Requests re-routed after a worker failed", registry=reg
         )
+        self.warmups = Counter(
+            "kvroute_warmups",
+            "Speculative-prefill warm-ups sent by the proxy, by outcome (sent, refused, failed)",
+            ["outcome"],
+            registry=reg,
+        )
         self.cache_read_tokens = Counter(
             "kvroute_cache_read_tokens",
             "Prompt tokens served from a worker's prefix cache (as the worker reports)",

@@ -7,10 +7,12 @@ through the workers' render endpoints, routes with the default policy and
 forwards over HTTP. The client is plain urllib.
 
 What is checked is what a user of the proxy would check: later turns of a
-session land on the worker holding its prefix; the proxy's prediction of
-each request's cache hit equals the hit the worker really had; and killing a
-worker mid-run, then restarting it on the same ports, loses no request and
-leaves no block in the index that the worker does not hold.
+session land on the worker holding its prefix (with a session id, and
+without one, where the workers' KV events alone can tell where a prefix
+is); the proxy's prediction of each request's cache hit equals the hit the
+worker really had; and killing a worker mid-run, then restarting it on the
+same ports, loses no request and leaves no block in the index that the
+worker does not hold.
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ def synced(server: ProxyServer, workers: list[MockWorker]) -> bool:
 
 
 class Session:
-    """A coding-agent session: a shared harness prefix, then an append-only history."""
+    """A coding-agent session: a shared harness prefix, then an append-only history.
 
-    def __init__(self, sid: int) -> None:
+    :param sid: its number.
+    :param session_header: whether its requests name it (``X-Session-Id``).
+    """
+
+    def __init__(self, sid: int, session_header: bool = True) -> None:
         self.sid = sid
+        self.session_header = session_header
         self.messages: list[dict[str, str]] = [{"role": "system", "content": HARNESS}]
         self.turn = 0
 
@@ -76,7 +83,7 @@ class Session:
         status, headers, body = post(
             proxy + "/v1/chat/completions",
             {"model": model, "messages": self.messages, "max_tokens": 8},
-            {"X-Session-Id": f"s{self.sid}"},
+            {"X-Session-Id": f"s{self.sid}"} if self.session_header else {},
         )
         out = json.loads(body)
         if status == 200:
@@ -87,11 +94,14 @@ class Session:
         return status, headers, out
 
 
+@pytest.mark.parametrize("session_header", [True, False], ids=["session-id", "no-session-id"])
 def test_sessions_land_where_their_prefix_is_and_predictions_match_real_hits(
-    fleet: tuple[ProxyServer, list[MockWorker]],
+    fleet: tuple[ProxyServer, list[MockWorker]], session_header: bool
 ) -> None:
+    # Without a session id only the prompts' prefixes tell the sessions apart:
+    # no session pin or session-keyed choice can be what sends a turn home.
     server, workers = fleet
-    sessions = [Session(i) for i in range(8)]
+    sessions = [Session(i, session_header) for i in range(8)]
     # The sessions start together (a fan-out): while they are in flight the
     # router must spread them, not herd them onto the worker that warmed the
     # shared harness first.

@@ -22,11 +22,13 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
 
+from helpers import Clock  # noqa: E402
 from test_proxy_support import SYSTEM, fleet, post, routed_requests  # noqa: E402
 
-from kvroute import CacheControl  # noqa: E402
-from kvroute.proxy import CACHE_SOURCE_HEADER, WORKER_HEADER  # noqa: E402
+from kvroute import CacheControl, Router  # noqa: E402
+from kvroute.proxy import CACHE_SOURCE_HEADER, PREDICTED_HEADER, WORKER_HEADER  # noqa: E402
 from kvroute.proxy.anthropic import AnthropicStream  # noqa: E402
+from kvroute.testing._tokenizer import MockTokenizer  # noqa: E402
 
 MODEL = "mock-model"
 TOOLS = [
@@ -132,7 +134,16 @@ def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(stream: 
         assert reads[0] == 0 and all(r > len(SYSTEM) for r in reads[1:]), reads
         req = routed_requests(proxy.router)[-1]
         assert req.session_id == "session-A"
-        assert req.cache_control == CacheControl(3600.0)  # the tool's 1h breakpoint
+        # Two breakpoints pin something: the tools' 1 h one (the mock's template
+        # renders the tools first) and the newest block's 5 min one, closing the
+        # prompt; the system's 5 min breakpoint is inside the latter.
+        tools, whole = req.cache_control
+        assert (tools.ttl, whole) == (3600.0, CacheControl(300.0))
+        decode, tokens = MockTokenizer().decode, list(req.tokens)
+        assert tools.prefix_tokens is not None
+        assert decode(tokens[: tools.prefix_tokens]).startswith("<|tools|>[")
+        assert decode(tokens[: tools.prefix_tokens]).endswith("]<|end|>")
+        assert decode(tokens[tools.prefix_tokens :]).startswith("<|system|>")
         assert proxy.router.stats()["pinned_routes"] >= 3
         m = proxy.proxy.metrics
         assert m.value("kvroute_cache_read_tokens_total") == sum(reads)
@@ -219,7 +230,7 @@ def _report_no_cache_reads(monkeypatch: pytest.MonkeyPatch) -> None:
         if module is not None and hasattr(module, "anthropic_usage"):
             monkeypatch.setattr(module, "anthropic_usage", _vllm_usage)
             return
-    pytest.skip("the mock worker's Anthropic usage builder is not where this test patches it")
+    pytest.fail("the mock worker's Anthropic usage builder is not where this test patches it")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -252,6 +263,38 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
             assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
             if turn:
                 assert usage.cache_read_input_tokens > 0
+
+
+def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl() -> None:
+    # Event-free routing: the router predicts what it sent where, for 120 s; a
+    # 1 h breakpoint on the system prompt keeps just that prefix predicted longer.
+    clock = Clock(1000.0)
+    router = Router(block_size=16, kv_events=False, journal=True, clock=clock)
+    with fleet(2, router=router, block_size=16) as (proxy, _):
+        client = _client(proxy.url)
+        system = [
+            {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+        ]
+
+        def ask(question: str) -> tuple[int, int]:
+            raw = client.messages.with_raw_response.create(
+                model=MODEL, max_tokens=2, system=system,
+                messages=[{"role": "user", "content": question * 40}],
+            )  # fmt: skip
+            return int(raw.headers[WORKER_HEADER]), int(raw.headers[PREDICTED_HEADER])
+
+        worker, _ = ask("What does utils.py do? ")
+        (pin,) = routed_requests(router)[-1].cache_control
+        assert pin.ttl == 3600.0 and pin.prefix_tokens is not None
+        # The prefix is what every request with this system prompt shares: the
+        # system turn and the header of the first message (always the user's).
+        prefix = list(routed_requests(router)[-1].tokens)[: pin.prefix_tokens]
+        assert MockTokenizer().decode(prefix) == f"<|system|>{SYSTEM}<|end|><|user|>"
+        clock.t += 600.0  # the whole prompt's prediction is gone, the system prompt's is not
+        again, predicted = ask("Where is the bug? ")
+        assert (again, predicted) == (worker, pin.prefix_tokens // 16 * 16)
+        clock.t += 3600.0
+        assert ask("And now? ")[1] == 0
 
 
 def test_stream_watcher_patches_message_start_and_delta_only_when_needed() -> None:

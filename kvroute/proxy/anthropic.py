@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .errors import ProxyError
-from .hints import Hints, Usage, header_hints, longest_cache_control
+from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter, encode_event
+
+if TYPE_CHECKING:
+    from .warmup import ReplyCollector
 
 __all__ = [
     "CONTENT_BLOCK_TYPES",
@@ -37,13 +41,26 @@ __all__ = [
 
 log = logging.getLogger("kvroute.proxy")
 
-#: Content block types accepted in messages; anything else is a 400.
+#: Content block types accepted in messages and ``system``: those vLLM's Messages
+#: API accepts (its ``AnthropicContentBlock``; no ``document``); anything else is a 400.
 CONTENT_BLOCK_TYPES: Final = frozenset(
-    {"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"}
+    {"text", "image", "tool_use", "tool_result", "tool_reference", "thinking", "redacted_thinking"}
 )
-_ROLES: Final = frozenset({"user", "assistant", "system"})
+# The roles vLLM accepts, and what it reads them as: Claude Code >= 2.1.154
+# also sends "ctx" and "msg", which vLLM maps to "user" before converting.
+_ROLES: Final = {"user": "user", "assistant": "assistant", "system": "system",
+                 "ctx": "user", "msg": "user"}  # fmt: skip
+# Optional block fields vLLM's model types, and the JSON type each must have when given.
+_BLOCK_FIELDS: Final = (
+    ("text", str), ("source", dict), ("id", str), ("name", str), ("input", dict),
+    ("tool_use_id", str), ("tool_name", str), ("thinking", str), ("signature", str),
+    ("data", str),
+)  # fmt: skip
+_JSON_TYPE: Final = {str: "a string", dict: "an object"}
+_TOOL_CHOICES: Final = frozenset({"auto", "any", "tool", "none"})
 # Claude Code puts a per-request attribution line in its system prompt; vLLM
-# drops it because it would defeat prefix caching, and so must the local render.
+# drops such text blocks because they would defeat prefix caching (a system
+# prompt given as a plain string is kept whole), and so must the local render.
 _BILLING_PREFIX: Final = "x-anthropic-billing-header"
 
 
@@ -51,7 +68,32 @@ def _bad(message: str) -> ProxyError:
     return ProxyError(400, message)
 
 
-def _check_blocks(blocks: object, where: str, *, nested: bool = False) -> None:
+def _check_inner(content: object, where: str) -> None:
+    """A block's ``content`` (a ``tool_result``'s): a string, or objects of any type.
+
+    vLLM reads the ``text`` items, ``image`` items and ``tool_reference``
+    items of the list and passes over the rest, so only those are checked.
+    """
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise _bad(f"{where}: must be a string or a list of content blocks")
+    for k, item in enumerate(content):
+        iw = f"{where}[{k}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{iw}: must be an object")
+        kind = item.get("type")
+        if kind == "text" and not isinstance(item.get("text", ""), str):
+            raise _bad(f"{iw}.text: must be a string")
+        if kind == "image" and not isinstance(item.get("source", {}), dict):
+            raise _bad(f"{iw}.source: must be an object")
+        if kind == "tool_reference":
+            name = item.get("tool_name") or item.get("name")
+            if name is not None and not isinstance(name, str):
+                raise _bad(f"{iw}.tool_name: must be a string")
+
+
+def _check_blocks(blocks: object, where: str) -> None:
     if isinstance(blocks, str):
         return
     if not isinstance(blocks, list):
@@ -61,20 +103,14 @@ def _check_blocks(blocks: object, where: str, *, nested: bool = False) -> None:
         if not isinstance(block, dict):
             raise _bad(f"{bw}: must be an object")
         kind = block.get("type")
-        if kind not in CONTENT_BLOCK_TYPES:
+        if not isinstance(kind, str) or kind not in CONTENT_BLOCK_TYPES:
             raise _bad(f"{bw}.type: unknown content block type {kind!r}")
-        if kind == "text" and not isinstance(block.get("text"), str):
-            raise _bad(f"{bw}.text: must be a string")
-        if kind == "tool_use" and not isinstance(block.get("name"), str):
-            raise _bad(f"{bw}.name: must be a string")
-        if kind == "image" and not isinstance(block.get("source"), dict):
-            raise _bad(f"{bw}.source: must be an object")
-        if kind == "tool_result":
-            if nested:
-                raise _bad(f"{bw}: a tool_result cannot contain a tool_result")
-            content = block.get("content")
-            if content is not None:
-                _check_blocks(content, f"{bw}.content", nested=True)
+        # vLLM's block model: every field optional, typed when given.
+        for field, json_type in _BLOCK_FIELDS:
+            value = block.get(field)
+            if value is not None and not isinstance(value, json_type):
+                raise _bad(f"{bw}.{field}: must be {_JSON_TYPE[json_type]}")
+        _check_inner(block.get("content"), f"{bw}.content")
 
 
 def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) -> None:
@@ -102,16 +138,15 @@ def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) ->
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]: must be an object")
-        if m.get("role") not in _ROLES:
-            raise _bad(f"messages[{i}].role: must be 'user' or 'assistant'")
+        if not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
+            raise _bad(f"messages[{i}].role: must be 'user', 'assistant' or 'system'")
         if "content" not in m:
             raise _bad(f"messages[{i}].content: Field required")
         _check_blocks(m["content"], f"messages[{i}].content")
     system = body.get("system")
     if system is not None:
+        # Blocks of any accepted type, as vLLM takes them; only text is read.
         _check_blocks(system, "system")
-        if isinstance(system, list) and any(b.get("type") != "text" for b in system):
-            raise _bad("system: only text blocks are allowed")
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -119,6 +154,18 @@ def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) ->
         for k, t in enumerate(tools):
             if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                 raise _bad(f"tools[{k}].name: Field required (a string)")
+            if not isinstance(t.get("input_schema"), dict):
+                raise _bad(f"tools[{k}].input_schema: Field required (an object)")
+            if not isinstance(t.get("description", ""), str | None):
+                raise _bad(f"tools[{k}].description: must be a string")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if not isinstance(kind, str) or kind not in _TOOL_CHOICES:
+            raise _bad("tool_choice.type: must be 'auto', 'any', 'tool' or 'none'")
+        name = choice.get("name")
+        if kind == "tool" and not (isinstance(name, str) and name):
+            raise _bad("tool_choice.name: required (a string) when tool_choice.type is 'tool'")
     metadata = body.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -128,32 +175,64 @@ def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) ->
             raise _bad("metadata.user_id: must be a string")
 
 
-def _breakpoints(body: Mapping[str, Any]) -> Iterator[object]:
-    """Every ``cache_control`` value in the request, in prompt order."""
+#: Stands in for the conversation when a breakpoint's prefix ends before it.
+_NO_MESSAGES: Final = ({"role": "user", "content": "."},)
+
+
+def _breakpoints(body: Mapping[str, Any]) -> Iterator[tuple[object, dict[str, Any] | None]]:
+    """Every ``cache_control`` value in the request with its prefix body, in prompt order.
+
+    A breakpoint caches the prompt up to its block in Anthropic's order:
+    tools, system, messages. Its prefix body is the request cut right after
+    the block (None when nothing follows it); a cut before the first message
+    keeps one stand-in message, as the API needs one.
+    """
     if "cache_control" in body:
-        yield body["cache_control"]
-    for t in body.get("tools") or ():
-        if isinstance(t, dict) and "cache_control" in t:
-            yield t["cache_control"]
+        yield body["cache_control"], None
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for i, t in enumerate(tools):
+            if isinstance(t, dict) and "cache_control" in t:
+                cut = {k: v for k, v in body.items() if k != "system"}
+                cut.update(tools=tools[: i + 1], messages=list(_NO_MESSAGES))
+                yield t["cache_control"], cut
     system = body.get("system")
     if isinstance(system, list):
-        for b in system:
+        for j, b in enumerate(system):
             if isinstance(b, dict) and "cache_control" in b:
-                yield b["cache_control"]
-    for m in body.get("messages") or ():
-        content = m.get("content") if isinstance(m, dict) else None
+                yield b["cache_control"], {
+                    **body, "system": system[: j + 1], "messages": list(_NO_MESSAGES)
+                }  # fmt: skip
+    for m, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
         if not isinstance(content, list):
             continue
-        for b in content:
+        last_message = m == len(messages) - 1
+        for j, b in enumerate(content):
             if not isinstance(b, dict):
                 continue
+            closes = last_message and j == len(content) - 1
+            # the conversation up to this message, which keeps its blocks before this one
+            head = [*messages[:m], {**msg, "content": content[:j]}]
             if "cache_control" in b:
-                yield b["cache_control"]
+                yield b["cache_control"], None if closes else _ending(body, head, b)
             inner = b.get("content") if b.get("type") == "tool_result" else None
             if isinstance(inner, list):
-                for ib in inner:
+                for k, ib in enumerate(inner):
                     if isinstance(ib, dict) and "cache_control" in ib:
-                        yield ib["cache_control"]
+                        cut = {**b, "content": inner[: k + 1]}
+                        whole = closes and k == len(inner) - 1
+                        yield ib["cache_control"], None if whole else _ending(body, head, cut)
+
+
+def _ending(
+    body: Mapping[str, Any], head: list[dict[str, Any]], block: dict[str, Any]
+) -> dict[str, Any]:
+    """``body`` whose conversation is ``head`` with ``block`` appended to its last message."""
+    last = head[-1]
+    return {**body, "messages": [*head[:-1], {**last, "content": [*last["content"], block]}]}
 
 
 def anthropic_hints(
@@ -165,8 +244,8 @@ def anthropic_hints(
     ...     "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
     ...     "messages": [{"role": "user", "content": [{"type": "text", "text": "x",
     ...         "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]}, {}, "X-Session-Id")
-    >>> h.session_id, h.cache_control
-    ('u1', CacheControl(ttl=3600.0))
+    >>> h.session_id, [(b.ttl, b.prefix is None) for b in h.cache_control]
+    ('u1', [(300.0, False), (3600.0, True)])
 
     :raises ProxyError: 400 for a malformed ``cache_control`` or header.
     """
@@ -174,7 +253,7 @@ def anthropic_hints(
     uid = metadata.get("user_id") if isinstance(metadata, dict) else None
     from_body = Hints(
         session_id=uid or None,
-        cache_control=longest_cache_control(_breakpoints(body), where="cache_control"),
+        cache_control=parse_breakpoints(_breakpoints(body), "cache_control"),
     )
     return from_body.merged(header_hints(headers, session_header))
 
@@ -189,133 +268,153 @@ def _image_url(source: Mapping[str, Any]) -> str:
 
 
 def _text_blocks(blocks: object) -> list[str]:
-    if isinstance(blocks, str):
-        return [blocks]
+    """The system texts of a list of blocks: non-empty text blocks but the billing line."""
     if not isinstance(blocks, list):
         return []
     return [
         b["text"]
         for b in blocks
-        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        if b.get("type") == "text" and b.get("text") and not b["text"].startswith(_BILLING_PREFIX)
     ]
 
 
-def _system_text(body: Mapping[str, Any]) -> str:
+def _system_text(body: Mapping[str, Any]) -> str | None:
+    """One system prompt: ``system`` then every system-role message's, joined with nothing.
+
+    A string is taken whole (vLLM checks only blocks for the billing line);
+    None when there is no system text at all.
+    """
+    sources = [body["system"]] if body.get("system") else []
+    sources += [m["content"] for m in body.get("messages") or () if m.get("role") == "system"]
     parts: list[str] = []
-    for source in (body.get("system"), *(
-        m.get("content") for m in body.get("messages") or () if m.get("role") == "system"
-    )):  # fmt: skip
-        for text in _text_blocks(source):
-            if text and not text.startswith(_BILLING_PREFIX):
-                parts.append(text)
-    return "".join(parts)
+    for source in sources:
+        parts += [source] if isinstance(source, str) else _text_blocks(source)
+    return "".join(parts) if parts else None
 
 
 def _tool_result(block: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
+    """A user's ``tool_result``: a tool message, then its images, then its tool references."""
     content = block.get("content")
-    images: list[str] = []
+    text = content if isinstance(content, str) else ""
+    images: list[dict[str, Any]] = []
+    references: list[dict[str, Any]] = []
     if isinstance(content, list):
-        images = [
-            _image_url(b.get("source") or {})
-            for b in content
-            if isinstance(b, dict) and b.get("type") == "image"
-        ]
-        text = "\n".join(_text_blocks(content))
-    else:
-        text = content if isinstance(content, str) else ""
-    out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "", "content": text})
+        texts: list[str] = []
+        for item in content:
+            kind = item.get("type")
+            if kind == "text":
+                texts.append(item.get("text", ""))
+            elif kind == "image":
+                url = _image_url(item.get("source") or {})
+                if url:
+                    images.append({"type": "image_url", "image_url": {"url": url}})
+            elif kind == "tool_reference":
+                name = item.get("tool_name") or item.get("name")
+                if name:
+                    references.append({"type": "tool_reference", "name": name})
+        text = "\n".join(texts)
+    tool_call_id = block.get("tool_use_id") or ""
+    out.append({"role": "tool", "tool_call_id": tool_call_id, "content": text})
+    # Chat messages cannot carry images in a tool message: vLLM adds a user turn.
     if images:
-        out.append(
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": u}} for u in images],
-            }
-        )
+        out.append({"role": "user", "content": images})
+    if references:
+        out.append({"role": "tool", "tool_call_id": tool_call_id, "content": references})
 
 
-def _document_part(block: Mapping[str, Any]) -> dict[str, Any]:
-    source = block.get("source")
-    if isinstance(source, dict) and source.get("type") == "text":
-        return {"type": "text", "text": str(source.get("data", ""))}
-    # Binary documents reach the model as media; a placeholder part stands in.
-    return {"type": "image_url", "image_url": {"url": _image_url(source or {})}}
+def _chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """An Anthropic tool as the template sees it: vLLM's dumped ``ChatCompletionToolsParam``."""
+    schema = dict(tool["input_schema"])
+    # vLLM's tool model sets a missing schema type, last in key order.
+    schema.setdefault("type", "object")
+    function = {
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": schema,
+        "defer_loading": tool.get("defer_loading"),
+    }
+    return {"type": "function", "function": function}
 
 
 def to_chat(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """OpenAI chat ``(messages, tools)`` for a validated Messages request, as vLLM builds them.
 
-    System text (top level and system-role messages) becomes one system
-    message; ``tool_use`` blocks become ``tool_calls``; each user
-    ``tool_result`` becomes a ``tool`` message placed before the rest of its
-    turn; images (and binary documents) become ``image_url`` parts, which
-    chat templates render as placeholders; thinking becomes ``reasoning``.
+    The rules of vLLM's Anthropic serving (``vllm/entrypoints/anthropic/serving.py``):
+
+    - one system message first: the ``system`` string, or its non-empty text
+      blocks but the Claude Code billing line, then those of every
+      system-role message, all joined with nothing;
+    - ``ctx`` and ``msg`` roles are ``user``; a message given as a string is
+      kept as is; of a block list, non-empty text blocks and images
+      (``image_url`` parts) make the content, a single text part collapsing
+      to a string; ``thinking`` blocks make ``reasoning``; ``tool_use``
+      blocks make ``tool_calls`` (``json.dumps(input)``);
+      ``redacted_thinking`` and ``tool_reference`` blocks add nothing;
+    - a user's ``tool_result`` becomes a ``tool`` message (its text items
+      joined with a newline) placed before the rest of the turn, followed by
+      a user message with its images and a ``tool`` message with its tool
+      references; an assistant's becomes the text ``Tool result: <content>``;
+      a user message left without content is dropped;
+    - tools become function tools with the template-visible fields vLLM
+      dumps (``description`` may be None; ``parameters`` gets ``"type":
+      "object"`` when its schema has no type; ``defer_loading``).
 
     >>> to_chat({"system": "be brief", "messages": [{"role": "user", "content": "hi"}]})
     ([{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi'}], None)
     """
     out: list[dict[str, Any]] = []
     system = _system_text(body)
-    if system:
+    if system is not None:
         out.append({"role": "system", "content": system})
     for m in body.get("messages") or ():
-        role = m.get("role")
+        role = _ROLES.get(m.get("role"), m.get("role"))
         if role == "system":
             continue
         content = m.get("content")
-        if isinstance(content, str):
-            out.append({"role": role, "content": content})
-            continue
         msg: dict[str, Any] = {"role": role}
-        parts: list[dict[str, Any]] = []
-        calls: list[dict[str, Any]] = []
-        reasoning: list[str] = []
-        for b in content or ():
-            kind = b.get("type")
-            if kind == "text" and b.get("text"):
-                parts.append({"type": "text", "text": b["text"]})
-            elif kind == "image":
-                parts.append({"type": "image_url", "image_url": {"url": _image_url(b["source"])}})
-            elif kind == "document":
-                parts.append(_document_part(b))
-            elif kind == "thinking" and isinstance(b.get("thinking"), str):
-                reasoning.append(b["thinking"])
-            elif kind == "tool_use":
-                calls.append({
-                    "id": b.get("id") or "",
-                    "type": "function",
-                    "function": {"name": b.get("name") or "",
-                                 "arguments": json.dumps(b.get("input") or {})},
-                })  # fmt: skip
-            elif kind == "tool_result":
-                if role == "user":
-                    _tool_result(b, out)
-                else:
-                    text = "\n".join(_text_blocks(b.get("content")))
-                    parts.append({"type": "text", "text": f"Tool result: {text}"})
-        if reasoning:
-            msg["reasoning"] = "".join(reasoning)
-        if calls:
-            msg["tool_calls"] = calls
-        if parts:
-            single = len(parts) == 1 and parts[0]["type"] == "text"
-            msg["content"] = parts[0]["text"] if single else parts
+        if isinstance(content, str):
+            msg["content"] = content
+        else:
+            parts: list[dict[str, Any]] = []
+            calls: list[dict[str, Any]] = []
+            reasoning: list[str] = []
+            for b in content or ():
+                kind = b.get("type")
+                if kind == "text" and b.get("text"):
+                    parts.append({"type": "text", "text": b["text"]})
+                elif kind == "image" and b.get("source"):
+                    url = _image_url(b["source"])
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                elif kind == "thinking" and b.get("thinking") is not None:
+                    reasoning.append(b["thinking"])
+                elif kind == "tool_use":
+                    calls.append({
+                        # vLLM's own stand-in for a missing id (templates rarely print ids).
+                        "id": b.get("id") or f"call_{int(time.time())}",
+                        "type": "function",
+                        "function": {"name": b.get("name") or "",
+                                     "arguments": json.dumps(b.get("input") or {})},
+                    })  # fmt: skip
+                elif kind == "tool_result":
+                    if role == "user":
+                        _tool_result(b, out)
+                    else:
+                        # vLLM prints the content as Python does (a list as its repr).
+                        inner = b.get("content")
+                        text = f"Tool result: {str(inner) if inner else ''}"
+                        parts.append({"type": "text", "text": text})
+            if reasoning:
+                msg["reasoning"] = "".join(reasoning)
+            if calls:
+                msg["tool_calls"] = calls
+            if parts:
+                single = len(parts) == 1 and parts[0]["type"] == "text"
+                msg["content"] = parts[0]["text"] if single else parts
         if role == "user" and "content" not in msg:
             continue
         out.append(msg)
-    tools = None
-    if body.get("tools"):
-        tools = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t["name"],
-                    "description": t.get("description"),
-                    "parameters": t.get("input_schema"),
-                },
-            }
-            for t in body["tools"]
-        ]
-    return out, tools
+    tools = body.get("tools")
+    return out, None if tools is None else [_chat_tool(t) for t in tools]
 
 
 # -- usage --------------------------------------------------------------------------------
@@ -382,11 +481,15 @@ class AnthropicStream:
     prediction filled in (see :func:`fill_usage`), and :attr:`predicted` is set.
 
     :param predicted_cached_tokens: the router's prediction for the request.
+    :param collector: fed every content event, to rebuild the reply.
     """
 
-    def __init__(self, predicted_cached_tokens: int) -> None:
+    def __init__(
+        self, predicted_cached_tokens: int, *, collector: ReplyCollector | None = None
+    ) -> None:
         self._split = SseSplitter()
         self._predicted_tokens = predicted_cached_tokens
+        self._collector = collector
         #: The first ``content_block_delta`` has gone by.
         self.first_token = False
         #: The cache figures passed on are the router's prediction.
@@ -408,6 +511,11 @@ class AnthropicStream:
         out: list[bytes] = []
         for ev in self._split.feed(chunk):
             kind = ev.event
+            if self._collector is not None and kind in (
+                "content_block_start",
+                "content_block_delta",
+            ):
+                self._collector.feed(ev.json())
             if kind == "content_block_delta":
                 self.first_token = True
             elif kind == "message_stop":

@@ -19,9 +19,13 @@ Per generation request (``/v1/completions``, ``/v1/chat/completions``,
    the first generated content and :meth:`Router.finished` (or ``failed``)
    at the end, and count the worker's cache reads and writes.
 
-Also: ``/v1/messages/count_tokens`` (forwarded; counted locally when the
-worker lacks it and a tokenizer is configured), ``/v1/models``,
-``/health`` and ``/metrics``.
+A request with the speculative-prefill hint and a session is followed by a
+warm-up of its next turn (see :mod:`~kvroute.proxy.warmup`).
+
+Also: ``/v1/messages/count_tokens`` (forwarded; when the workers lack it,
+the prompt is counted as routing tokenizes it: locally, or through a
+worker's render / tokenize endpoint), ``/v1/models``, ``/health`` and
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import aiohttp
 from aiohttp import web
 
 from ..metrics import CONTENT_TYPE_LATEST, Metrics
-from ..request import Decision, Request
+from ..request import CacheControl, Decision, Request
 from ..router import NoWorkerAvailable, Router
 from .anthropic import (
     AnthropicStream,
@@ -53,7 +57,7 @@ from .anthropic import (
 )
 from .config import ProxyConfig
 from .errors import Api, ProxyError, error_body, upstream_message
-from .hints import Hints, Usage
+from .hints import Hints, Usage, common_prefix, pinned_breakpoints
 from .openai import OpenAIStream, openai_hints, openai_usage
 from .sse import encode_event
 from .tokenize import (
@@ -66,6 +70,7 @@ from .tokenize import (
     tokenize_body,
     tokenize_token_ids,
 )
+from .warmup import ReplyCollector, reply_of, warmup_body
 from .workers import WorkerPool
 
 __all__ = ["CACHE_SOURCE_HEADER", "PREDICTED_HEADER", "WORKER_HEADER", "ProxyApp"]
@@ -150,6 +155,10 @@ class _Call:
     strip_usage: bool
     client_id: str
     headers: dict[str, str]
+    #: Keep the reply (for a speculative-prefill warm-up).
+    collect: bool = False
+    #: The reply, once the response completed (see :mod:`~kvroute.proxy.warmup`).
+    reply: Any = None
 
 
 class ProxyApp:
@@ -204,6 +213,7 @@ class ProxyApp:
         self._session: aiohttp.ClientSession | None = None
         self._health: asyncio.Task[None] | None = None
         self._subscriber: Any = None
+        self._warmups: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         # Render endpoints a worker answered 404 for: use /tokenize for those.
         self._no_render: set[str] = set()
@@ -272,6 +282,9 @@ class ProxyApp:
         self._subscriber = sub
 
     async def _cleanup(self, app: web.Application) -> None:
+        for task in list(self._warmups):
+            task.cancel()
+        await asyncio.gather(*self._warmups, return_exceptions=True)
         if self._health is not None:
             self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -475,8 +488,16 @@ class ProxyApp:
         return await self._remote_tokens(call)
 
     async def _remote_tokens(self, call: _Call) -> list[int]:
+        """Token ids from a worker's render endpoint, else its ``/tokenize``.
+
+        :raises ProxyError: the workers' own 4xx answer to the prompt; 502 if
+            the workers asked serve neither endpoint (no retry can help:
+            the proxy needs a local tokenizer); 503 if no healthy worker
+            answered.
+        """
         tried: set[int] = set()
         last = "no healthy worker"
+        lacking: list[int] = []  # workers that serve neither endpoint
         while (w := self.pool.pick(tried)) is not None:
             render = RENDER_PATHS[call.kind]
             use_render = render not in self._no_render
@@ -493,9 +514,15 @@ class ProxyApp:
             except ValueError:
                 answer = None
             message = upstream_message(answer)
-            if use_render and status in (404, 405) and "model" not in (message or "").lower():
-                log.info("worker %d has no %s; tokenizing with /tokenize", w, render)
-                self._no_render.add(render)
+            if status in (404, 405) and "model" not in (message or "").lower():
+                if use_render:
+                    log.info("worker %d has no %s; tokenizing with /tokenize", w, render)
+                    self._no_render.add(render)
+                    continue
+                # Not the prompt's fault: passing this 404 on would tell the
+                # client its endpoint does not exist.
+                tried.add(w)
+                lacking.append(w)
                 continue
             if status >= 500:
                 tried.add(w)
@@ -510,6 +537,21 @@ class ProxyApp:
             except ValueError as e:
                 tried.add(w)
                 last = f"worker {w}: {e}"
+        if lacking:
+            if len(lacking) == 1:
+                who = f"worker {lacking[0]} serves"
+            else:
+                who = f"workers {', '.join(map(str, sorted(lacking)))} serve"
+            if self.config.tokenize_with == "tokenize":
+                what = "no /tokenize"
+            else:
+                what = f"neither {RENDER_PATHS[call.kind]} nor /tokenize"
+            raise ProxyError(
+                502,
+                f"the routing proxy cannot tokenize the request: {who} {what}; start the"
+                " proxy with --tokenizer (the model's tokenizer.json and chat template)",
+                code="tokenizer_unavailable",
+            )
         raise ProxyError(503, f"cannot tokenize the request: {last}", code="no_worker_available")
 
     # -- routing and forwarding ----------------------------------------------------------
@@ -522,9 +564,44 @@ class ProxyApp:
         self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
         return decision
 
+    async def _prefix_tokens(self, call: _Call, prefix: dict[str, Any]) -> list[int] | None:
+        """The tokens of a breakpoint's prefix body (None if it cannot be tokenized)."""
+        data = json.dumps(prefix, ensure_ascii=False).encode()
+        cut = _Call(
+            call.api, call.kind, call.path, prefix, data, call.stream, call.strip_usage,
+            call.client_id, call.headers,
+        )  # fmt: skip
+        try:
+            return await self._tokens(cut)
+        except ProxyError as e:
+            log.info("request %s: a cache breakpoint's prefix is not pinned: %s", call.client_id, e)
+            return None
+
+    async def _tokens_and_breakpoints(
+        self, call: _Call, hints: Hints
+    ) -> tuple[list[int], tuple[CacheControl, ...]]:
+        """The prompt's tokens and its cache breakpoints, each with its prefix's length.
+
+        A breakpoint that does not close the prompt is measured by tokenizing
+        the request cut after its block (beside the request itself): the
+        tokens the two share are the prefix it caches.
+        """
+        pinned = pinned_breakpoints(hints.cache_control)
+        cuts = [self._prefix_tokens(call, b.prefix) for b in pinned if b.prefix is not None]
+        tokens, *prefixes = await asyncio.gather(self._tokens(call), *cuts)
+        assert tokens is not None
+        found = iter(prefixes)
+        breakpoints = []
+        for b in pinned:
+            if b.prefix is None:
+                breakpoints.append(CacheControl(b.ttl))
+            elif (prefix := next(found)) is not None:
+                breakpoints.append(CacheControl(b.ttl, common_prefix(tokens, prefix)))
+        return tokens, tuple(breakpoints)
+
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         call, hints = await self._prepare(request, kind)
-        tokens = await self._tokens(call)
+        tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
         try:
             routed = Request(
                 next(self._ids),
@@ -534,11 +611,12 @@ class ProxyApp:
                 lora_name=self._lora_name(call.body.get("model")),
                 cache_salt=hints.cache_salt,
                 expected_output_tokens=hints.expected_output_tokens,
-                cache_control=hints.cache_control if hints.session_id is not None else None,
+                cache_control=breakpoints,
                 speculative_prefill=hints.speculative_prefill and hints.session_id is not None,
             )
         except (TypeError, ValueError) as e:
             raise ProxyError(400, str(e)) from None
+        call.collect = routed.speculative_prefill
         tried: list[int] = []
         failure: _Retry | None = None
         for attempt in range(self.config.retries + 1):
@@ -551,7 +629,7 @@ class ProxyApp:
             if attempt:
                 self.metrics.retries.inc()
             try:
-                return await self._attempt(request, call, decision)
+                response = await self._attempt(request, call, decision)
             except _Retry as r:
                 tried.append(decision.worker)
                 failure = r
@@ -563,16 +641,47 @@ class ProxyApp:
                     r.reason,
                     "; retrying" if attempt < self.config.retries else "",
                 )
+                continue
+            if call.reply is not None and routed.session_id is not None:
+                self._warm_up(call, routed.session_id)
+            return response
         assert failure is not None
         if failure.status is not None:
             # Every attempt failed; the last worker's own answer says why.
-            return web.Response(
-                status=failure.status,
-                body=failure.body,
-                headers={"Content-Type": failure.content_type, "X-Request-Id": call.client_id},
+            return self._upstream_error(
+                call,
+                failure.status,
+                failure.body,
+                {"Content-Type": failure.content_type, "X-Request-Id": call.client_id},
             )
         raise ProxyError(
             502, f"no worker could serve the request: {failure.reason}", code="upstream_error"
+        )
+
+    def _warm_up(self, call: _Call, session_id: str) -> None:
+        """Send the session's next-turn prefix to the worker that served it (in the background)."""
+        plan = self.router.warmup_plan(session_id)
+        body = warmup_body(call.kind, call.body, call.reply) if plan is not None else None
+        if plan is None or body is None:
+            return
+        data = json.dumps(body, ensure_ascii=False).encode()
+        headers = {**call.headers, "X-Request-Id": f"{call.client_id}-warmup"}
+        task = asyncio.create_task(self._send_warmup(plan.worker, call.path, data, headers))
+        self._warmups.add(task)
+        task.add_done_callback(self._warmups.discard)
+
+    async def _send_warmup(
+        self, worker: int, path: str, data: bytes, headers: dict[str, str]
+    ) -> None:
+        try:
+            status, _, _ = await self._exchange(worker, path, data, headers)
+        except _Retry as e:
+            outcome, detail = "failed", e.reason
+        else:
+            outcome, detail = ("sent", "") if status < 400 else ("refused", f"status {status}")
+        self.metrics.warmups.labels(outcome).inc()
+        log.debug(
+            "warm-up %s to worker %d: %s %s", headers["X-Request-Id"], worker, outcome, detail
         )
 
     async def _until_down(
@@ -666,10 +775,8 @@ class ProxyApp:
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if status >= 500:
                     raise _Retry(f"answered {status}", status, body, content_type)
-                return web.Response(
-                    status=status,
-                    body=body,
-                    headers=self._response_headers(upstream, call, decision),
+                return self._upstream_error(
+                    call, status, body, self._response_headers(upstream, call, decision)
                 )
             if call.stream and upstream.content_type == "text/event-stream":
                 return await self._relay_stream(request, call, decision, upstream, lc)
@@ -679,6 +786,25 @@ class ProxyApp:
             if upstream is not None:
                 self.pool.untrack(worker, upstream)
                 upstream.release()
+
+    def _upstream_error(
+        self, call: _Call, status: int, body: bytes, headers: dict[str, str]
+    ) -> web.Response:
+        """A worker's error answer, passed on; in Anthropic's shape on ``/v1/messages``.
+
+        (vLLM's own Messages errors already are; a gateway's HTML page or an
+        OpenAI-shaped error before the engine is rewrapped, its message kept.)
+        """
+        if call.api == "anthropic":
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                obj = None
+            if not (isinstance(obj, dict) and obj.get("type") == "error"):
+                message = upstream_message(obj) or f"the worker answered {status}"
+                body = json.dumps(error_body("anthropic", ProxyError(status, message))).encode()
+                headers = {**headers, "Content-Type": "application/json"}
+        return web.Response(status=status, body=body, headers=headers)
 
     def _account(self, call: _Call, worker: int, usage: Usage | None, predicted: bool) -> None:
         if usage is None:
@@ -724,6 +850,8 @@ class ProxyApp:
         if usage is not None:
             headers[CACHE_SOURCE_HEADER] = "predicted" if predicted else "worker"
         self._account(call, decision.worker, usage, predicted)
+        if call.collect:
+            call.reply = reply_of(call.kind, obj)
         lc.finish()
         return web.Response(status=upstream.status, body=data, headers=headers)
 
@@ -736,10 +864,11 @@ class ProxyApp:
         lc: _Lifecycle,
     ) -> web.StreamResponse:
         watcher: OpenAIStream | AnthropicStream
+        collector = ReplyCollector(call.kind) if call.collect else None
         if call.kind == "messages":
-            watcher = AnthropicStream(decision.predicted_cached_tokens)
+            watcher = AnthropicStream(decision.predicted_cached_tokens, collector=collector)
         else:
-            watcher = OpenAIStream(strip_usage=call.strip_usage)
+            watcher = OpenAIStream(strip_usage=call.strip_usage, collector=collector)
         resp: web.StreamResponse | None = None
         worker = decision.worker
         upstream_error: str | None = None
@@ -792,6 +921,8 @@ class ProxyApp:
             if watcher.error is not None:
                 lc.fail()
             else:
+                if collector is not None:
+                    call.reply = collector.reply()
                 lc.finish()
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
@@ -835,13 +966,17 @@ class ProxyApp:
         finally:
             self._count_request(request, status)
 
-    async def _count_locally(self, body: Mapping[str, Any]) -> web.Response:
-        assert self.tokenizer is not None
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(None, local_tokens, self.tokenizer, "messages", body)
-        return web.json_response({"input_tokens": len(ids)})
-
     async def _count(self, request: web.Request) -> web.StreamResponse:
+        """``{"input_tokens": N}``: the worker's own count, else the prompt as routing tokenizes it.
+
+        A worker's answer is passed on (its 4xx in Anthropic's shape); when the
+        workers lack the endpoint (404 / 405 not about the model) or none
+        answers, the prompt is tokenized as for routing a ``/v1/messages``
+        request: locally, else by a worker's render endpoint or ``/tokenize``.
+
+        :raises ProxyError: the body is invalid, the model is not served, or
+            the proxy cannot tokenize the prompt either (see :meth:`_remote_tokens`).
+        """
         body, raw = await self._read_json(request)
         validate_messages(body, count_tokens=True)
         data = json.dumps(body).encode() if self._resolve_model(body) else raw
@@ -850,21 +985,37 @@ class ProxyApp:
         tried: set[int] = set()
         while (w := self.pool.pick(tried)) is not None:
             try:
-                status, answer, content_type = await self._exchange(w, request.path, data, headers)
+                status, answer, ctype = await self._exchange(w, request.path, data, headers)
             except _Retry:
                 tried.add(w)
                 continue
-            if status in (404, 405) and self.tokenizer is not None:
-                try:
-                    message = upstream_message(json.loads(answer)) or ""
-                except ValueError:
-                    message = ""
-                if "model" not in message.lower():
-                    return await self._count_locally(body)
             if status >= 500:
                 tried.add(w)
                 continue
-            return web.Response(status=status, body=answer, headers={"Content-Type": content_type})
-        if self.tokenizer is not None:
-            return await self._count_locally(body)
-        raise ProxyError(503, "no healthy worker can count tokens", code="no_worker_available")
+            if status < 400:
+                return web.Response(status=status, body=answer, headers={"Content-Type": ctype})
+            try:
+                obj = json.loads(answer)
+            except ValueError:
+                obj = None
+            message = upstream_message(obj)
+            if status in (404, 405) and "model" not in (message or "").lower():
+                break  # the workers serve no count_tokens endpoint
+            if isinstance(obj, dict) and obj.get("type") == "error":  # Anthropic's shape already
+                return web.Response(status=status, body=answer, headers={"Content-Type": ctype})
+            raise ProxyError(status, message or f"the worker could not count tokens ({status})")
+        # vLLM's Messages request model (the render endpoint parses it) requires
+        # max_tokens, which counting has no use for: ask for the least.
+        render_body = body if "max_tokens" in body else {**body, "max_tokens": 1}
+        call = _Call(
+            api="anthropic",
+            kind="messages",
+            path="/v1/messages",
+            body=body,
+            data=json.dumps(render_body, ensure_ascii=False).encode(),
+            stream=False,
+            strip_usage=False,
+            client_id=client_id,
+            headers=headers,
+        )
+        return web.json_response({"input_tokens": len(await self._tokens(call))})

@@ -3,41 +3,51 @@
 Body hints (besides the headers of :mod:`kvroute.proxy.hints`):
 ``session_id`` (a string), ``priority`` (vLLM's own field, an int),
 ``cache_salt`` (vLLM's), and ``cache_control`` (``{"type": "ephemeral",
-"ttl": "5m" | "1h"}``) at the top level, on a message or on a content part,
-the longest TTL winning. Headers take precedence over the body.
+"ttl": "5m" | "1h"}``) at the top level, on a message or on a content part:
+each a cache breakpoint (:class:`~kvroute.proxy.hints.Breakpoint`).
+Headers take precedence over the body.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
-from .hints import Hints, Usage, header_hints, longest_cache_control
+from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter
+
+if TYPE_CHECKING:
+    from .warmup import ReplyCollector
 
 __all__ = ["OpenAIStream", "openai_hints", "openai_usage"]
 
 log = logging.getLogger("kvroute.proxy")
 
 
-def _cache_controls(body: Mapping[str, Any]) -> Iterator[object]:
+def _cache_controls(body: Mapping[str, Any]) -> Iterator[tuple[object, dict[str, Any] | None]]:
+    """Every ``cache_control`` value with its prefix body (see :class:`~.hints.Breakpoint`)."""
     if "cache_control" in body:
-        yield body["cache_control"]
+        yield body["cache_control"], None
     messages = body.get("messages")
     if not isinstance(messages, list):
         return
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict):
             continue
+        last = i == len(messages) - 1
         if "cache_control" in m:
-            yield m["cache_control"]
+            yield m["cache_control"], None if last else {**body, "messages": messages[: i + 1]}
         content = m.get("content")
         if isinstance(content, list):
-            for part in content:
+            for j, part in enumerate(content):
                 if isinstance(part, dict) and "cache_control" in part:
-                    yield part["cache_control"]
+                    if last and j == len(content) - 1:
+                        yield part["cache_control"], None
+                    else:
+                        cut = {**m, "content": content[: j + 1]}
+                        yield part["cache_control"], {**body, "messages": [*messages[:i], cut]}
 
 
 def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_header: str) -> Hints:
@@ -48,7 +58,7 @@ def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_he
     ...         "messages": [{"role": "user", "content": [part]}]}
     >>> h = openai_hints(body, {}, "X-Session-Id")
     >>> h.session_id, h.priority, h.cache_control
-    ('a', 3, CacheControl(ttl=300.0))
+    ('a', 3, (Breakpoint(ttl=300.0, prefix=None),))
 
     :raises ProxyError: 400 for a malformed hint.
     """
@@ -66,7 +76,7 @@ def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_he
     from_body = Hints(
         session_id=session or None,
         priority=priority,
-        cache_control=longest_cache_control(_cache_controls(body), where="cache_control"),
+        cache_control=parse_breakpoints(_cache_controls(body), "cache_control"),
         cache_salt=salt or None,
     )
     return from_body.merged(header_hints(headers, session_header))
@@ -132,9 +142,12 @@ class OpenAIStream:
     Usage(prompt_tokens=3, cached_tokens=None, output_tokens=1)
     """
 
-    def __init__(self, *, strip_usage: bool = False) -> None:
+    def __init__(
+        self, *, strip_usage: bool = False, collector: ReplyCollector | None = None
+    ) -> None:
         self._split = SseSplitter()
         self._strip_usage = strip_usage
+        self._collector = collector
         #: A chunk with generated content has gone by.
         self.first_token = False
         #: Chunks with generated content (a fallback count of output tokens).
@@ -162,6 +175,8 @@ class OpenAIStream:
             if "error" in obj:
                 err = obj["error"]
                 self.error = str(err.get("message") if isinstance(err, dict) else err)
+            if self._collector is not None:
+                self._collector.feed(obj)
             choices = obj.get("choices")
             if isinstance(choices, list) and any(_has_content(c) for c in choices):
                 self.first_token = True

@@ -1,0 +1,143 @@
+"""Speculative prefill through the proxy: the next turn's prefix is warmed on the same worker.
+
+A session asks for warm-ups with ``X-Kvroute-Speculative-Prefill: true``;
+after each response the proxy sends the conversation with that response
+appended (``max_tokens`` 1) to the worker that served it. Real HTTP on
+loopback to MockWorkers, whose token ids and cache hits are their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("jinja2")
+
+from test_proxy_support import SYSTEM, chat, fleet, post, sse_data, wait_until
+
+from kvroute.proxy import WORKER_HEADER
+from kvroute.testing import MockWorker
+
+MODEL = "mock-model"
+WARM = {"X-Session-Id": "agent-7", "X-Kvroute-Speculative-Prefill": "true"}
+
+
+def _record(worker: MockWorker, rid: str) -> Any:
+    return next((r for r in worker.requests if r.request_id == rid), None)
+
+
+def _reply(kind: str, raw: bytes, stream: bool) -> Any:
+    """The assistant's reply as the client saw it."""
+    if not stream:
+        answer = json.loads(raw)
+        if kind == "messages":
+            return answer["content"]
+        return {"role": "assistant", "content": answer["choices"][0]["message"]["content"]}
+    events = [e for e in sse_data(raw) if isinstance(e, dict)]
+    if kind == "messages":
+        text = "".join(
+            e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta"
+        )
+        return [{"type": "text", "text": text}]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("kind", ["chat", "messages"])
+def test_the_next_turn_prefix_is_prefilled_on_the_same_worker(kind: str, stream: bool) -> None:
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/messages"
+    with fleet(2) as (proxy, workers):
+        if kind == "chat":
+            body: dict[str, Any] = {"model": MODEL, "messages": chat(1), "max_tokens": 6}
+        else:
+            body = {"model": MODEL, "max_tokens": 6, "system": SYSTEM,
+                    "messages": [{"role": "user", "content": "Run the tests."}]}  # fmt: skip
+        body["stream"] = stream
+        status, headers, raw = post(proxy.url + path, body, {**WARM, "X-Request-Id": "t1"})
+        assert status == 200, raw
+        worker = workers[int(headers[WORKER_HEADER])]
+        assert wait_until(lambda: _record(worker, "t1-warmup") is not None)
+        warm = _record(worker, "t1-warmup")
+        # The warm-up is the conversation with the reply appended, as the worker renders it.
+        reply = _reply(kind, raw, stream)
+        turn = body["messages"] + [
+            reply if kind == "chat" else {"role": "assistant", "content": reply}
+        ]
+        if kind == "chat":
+            expected = worker.tokenizer.render_chat(turn)
+        else:
+            expected = worker.tokenizer.render_anthropic({**body, "messages": turn})
+        assert list(warm.prompt_token_ids) == list(expected)
+        assert wait_until(lambda: _record(worker, "t1-warmup").status == "finished")
+        assert _record(worker, "t1-warmup").completion_tokens == 1
+        assert proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        assert all(_record(w, "t1-warmup") is None for w in workers if w is not worker)
+
+        # The next turn (the tool result / the user's answer) hits the warmed prefix:
+        # everything it shares with the warm-up, up to the last full block.
+        follow = {"role": "user", "content": "The tests pass now."}
+        status, headers, _ = post(
+            proxy.url + path,
+            {**body, "stream": False, "messages": [*turn, follow]},
+            {"X-Session-Id": "agent-7", "X-Request-Id": "t2"},
+        )
+        assert status == 200 and workers[int(headers[WORKER_HEADER])] is worker
+        t2 = _record(worker, "t2")
+        shared = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(t2.prompt_token_ids, expected, strict=False))
+                if a != b
+            ),
+            min(len(expected), len(t2.prompt_token_ids)),
+        )
+        t1 = _record(worker, "t1")
+        assert worker.cache_hits["t2"] == shared // 16 * 16 > len(t1.prompt_token_ids)
+
+
+def test_no_warm_up_without_the_hint_or_a_session() -> None:
+    with fleet(1) as (proxy, (worker,)):
+        url = proxy.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 3}
+        assert post(url, body, {"X-Session-Id": "s", "X-Request-Id": "plain"})[0] == 200
+        hint_only = {"X-Kvroute-Speculative-Prefill": "true", "X-Request-Id": "anon"}
+        assert post(url, body, hint_only)[0] == 200
+        # a failed request warms nothing either
+        assert post(url, {**body, "max_tokens": -1}, {**WARM, "X-Request-Id": "bad"})[0] == 400
+        assert post(url, body, {**WARM, "X-Request-Id": "ok"})[0] == 200
+        assert wait_until(lambda: _record(worker, "ok-warmup") is not None)
+        ids = [r.request_id for r in worker.requests]
+        assert ids == ["plain", "anon", "ok", "ok-warmup"], ids
+
+
+def test_completions_continue_as_text_and_a_lost_warm_up_is_only_counted() -> None:
+    with fleet(1) as (proxy, (worker,)):
+        url = proxy.url + "/v1/completions"
+        prompt = SYSTEM + "def main():"
+        status, _, raw = post(url, {"model": MODEL, "prompt": prompt, "max_tokens": 4},
+                              {**WARM, "X-Request-Id": "c1"})  # fmt: skip
+        assert status == 200
+        assert wait_until(lambda: _record(worker, "c1-warmup") is not None)
+        text = json.loads(raw)["choices"][0]["text"]
+        warm = _record(worker, "c1-warmup")
+        assert list(warm.prompt_token_ids) == list(worker.tokenizer.render_prompt(prompt + text)[0])
+        # A prompt of token ids has no text to continue: no warm-up.
+        ids = list(warm.prompt_token_ids)
+        assert post(url, {"model": MODEL, "prompt": ids, "max_tokens": 2},
+                    {**WARM, "X-Request-Id": "c2"})[0] == 200  # fmt: skip
+        # A warm-up the worker cannot take is dropped, counted, never raised.
+        worker.stop()
+        loop = proxy._loop
+        assert loop is not None
+        send = proxy.proxy._send_warmup(0, "/v1/completions", b"{}", {"X-Request-Id": "x-warmup"})
+        asyncio.run_coroutine_threadsafe(send, loop).result(timeout=10)
+        metrics = proxy.proxy.metrics
+        assert metrics.value("kvroute_warmups_total", {"outcome": "failed"}) == 1
+        assert metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        assert [r.request_id for r in worker.requests] == ["c1", "c1-warmup", "c2"]
