@@ -9,10 +9,10 @@ forwards over HTTP. The client is plain urllib.
 What is checked is what a user of the proxy would check: later turns of a
 session land on the worker holding its prefix (with a session id, and
 without one, where the workers' KV events alone can tell where a prefix
-is); the proxy's prediction of each request's cache hit equals the hit the
-worker really had; and killing a worker mid-run, then restarting it on the
-same ports, loses no request and leaves no block in the index that the
-worker does not hold.
+is; over OpenAI chat and over Anthropic Messages); the proxy's prediction
+of each request's cache hit equals the hit the worker really had; and
+killing a worker mid-run, then restarting it on the same ports, loses no
+request and leaves no block in the index that the worker does not hold.
 """
 
 from __future__ import annotations
@@ -66,12 +66,16 @@ class Session:
 
     :param sid: its number.
     :param session_header: whether its requests name it (``X-Session-Id``).
+    :param api: ``"chat"`` (OpenAI chat completions) or ``"messages"`` (Anthropic).
     """
 
-    def __init__(self, sid: int, session_header: bool = True) -> None:
+    def __init__(self, sid: int, session_header: bool = True, api: str = "chat") -> None:
         self.sid = sid
         self.session_header = session_header
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": HARNESS}]
+        self.api = api
+        self.messages: list[dict[str, str]] = []
+        if api == "chat":
+            self.messages.append({"role": "system", "content": HARNESS})
         self.turn = 0
 
     def send(
@@ -80,28 +84,43 @@ class Session:
         self.messages.append(
             {"role": "user", "content": f"session {self.sid} turn {self.turn}: tool result " * 3}
         )
-        status, headers, body = post(
-            proxy + "/v1/chat/completions",
-            {"model": model, "messages": self.messages, "max_tokens": 8},
+        body: dict[str, Any] = {"model": model, "messages": self.messages, "max_tokens": 8}
+        if self.api == "messages":
+            body["system"] = HARNESS
+        status, headers, raw = post(
+            proxy + ("/v1/chat/completions" if self.api == "chat" else "/v1/messages"),
+            body,
             {"X-Session-Id": f"s{self.sid}"} if self.session_header else {},
         )
-        out = json.loads(body)
+        out = json.loads(raw)
         if status == 200:
-            self.messages.append(
-                {"role": "assistant", "content": out["choices"][0]["message"]["content"]}
-            )
+            if self.api == "chat":
+                reply = out["choices"][0]["message"]["content"]
+            else:
+                reply = "".join(b["text"] for b in out["content"] if b["type"] == "text")
+            self.messages.append({"role": "assistant", "content": reply})
             self.turn += 1
         return status, headers, out
 
+    def cached_tokens(self, out: dict[str, Any]) -> int:
+        """The prompt tokens the worker reported read from its cache."""
+        if self.api == "chat":
+            return int(out["usage"]["prompt_tokens_details"]["cached_tokens"])
+        return int(out["usage"]["cache_read_input_tokens"])
 
-@pytest.mark.parametrize("session_header", [True, False], ids=["session-id", "no-session-id"])
+
+@pytest.mark.parametrize(
+    ("api", "session_header"),
+    [("chat", True), ("chat", False), ("messages", False)],
+    ids=["session-id", "no-session-id", "anthropic-no-session-id"],
+)
 def test_sessions_land_where_their_prefix_is_and_predictions_match_real_hits(
-    fleet: tuple[ProxyServer, list[MockWorker]], session_header: bool
+    fleet: tuple[ProxyServer, list[MockWorker]], api: str, session_header: bool
 ) -> None:
     # Without a session id only the prompts' prefixes tell the sessions apart:
     # no session pin or session-keyed choice can be what sends a turn home.
     server, workers = fleet
-    sessions = [Session(i, session_header) for i in range(8)]
+    sessions = [Session(i, session_header, api) for i in range(8)]
     # The sessions start together (a fan-out): while they are in flight the
     # router must spread them, not herd them onto the worker that warmed the
     # shared harness first.
@@ -124,7 +143,7 @@ def test_sessions_land_where_their_prefix_is_and_predictions_match_real_hits(
             status, headers, out = s.send(server.url)
             assert status == 200, out
             worker = int(headers[WORKER_HEADER])
-            real = out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            real = s.cached_tokens(out)
             # The proxy predicted exactly the hit the worker really had.
             assert int(headers[PREDICTED_HEADER]) == real
             # A later turn lands on the worker holding its session's prefix...
@@ -180,6 +199,30 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
         assert all(router.index.resolve(i, h) is not None for h in held)
     requests = sum(len(w.requests) for w in workers)
     assert requests >= 3 * len(sessions)  # retried requests were re-sent, not dropped
+
+
+def test_a_worker_back_from_unhealthy_has_its_event_stream_resynced(
+    fleet: tuple[ProxyServer, list[MockWorker]],
+) -> None:
+    # A health check cannot tell a hung engine from a restarted one: when the
+    # worker answers again, the proxy has the subscriber check its stream
+    # against the replay history at once (a restart would clear it).
+    server, workers = fleet
+    sub = server.proxy.subscriber
+    assert sub is not None
+    asked: list[int] = []
+    resync = sub.resync
+    sub.resync = lambda w: (asked.append(w), resync(w))[1]  # type: ignore[method-assign]
+    workers[1].pause()
+    try:
+        assert wait_until(lambda: not server.router.load(1)["healthy"], timeout=10)
+    finally:
+        workers[1].resume()
+    assert wait_until(lambda: server.router.load(1)["healthy"], timeout=10)
+    assert asked == [1]
+    # The same engine: nothing cleared, and it keeps serving.
+    assert sub.streams()[1].counts["restart"] == 0
+    assert Session(0, session_header=False).send(server.url)[0] == 200
 
 
 def test_lora_adapter_requests_match_the_adapters_blocks() -> None:

@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -280,6 +280,10 @@ class ProxyApp:
                 sub.subscribe(w, spec.events_endpoint, spec.replay_endpoint)
         sub.start()
         self._subscriber = sub
+        # A worker back from being unhealthy may be a restarted engine: check
+        # its event stream against its replay history now, not at its next event.
+        replayable = {w for w, spec in enumerate(self.config.workers) if spec.replay_endpoint}
+        self.pool.on_up = lambda w: sub.resync(w) if w in replayable else None
 
     async def _cleanup(self, app: web.Application) -> None:
         for task in list(self._warmups):
@@ -295,6 +299,7 @@ class ProxyApp:
             self._session = None
         self.pool.bind(None)
         if self._subscriber is not None:
+            self.pool.on_up = None
             sub, self._subscriber = self._subscriber, None
             await asyncio.get_running_loop().run_in_executor(None, sub.stop)
 
@@ -567,12 +572,8 @@ class ProxyApp:
     async def _prefix_tokens(self, call: _Call, prefix: dict[str, Any]) -> list[int] | None:
         """The tokens of a breakpoint's prefix body (None if it cannot be tokenized)."""
         data = json.dumps(prefix, ensure_ascii=False).encode()
-        cut = _Call(
-            call.api, call.kind, call.path, prefix, data, call.stream, call.strip_usage,
-            call.client_id, call.headers,
-        )  # fmt: skip
         try:
-            return await self._tokens(cut)
+            return await self._tokens(replace(call, body=prefix, data=data))
         except ProxyError as e:
             log.info("request %s: a cache breakpoint's prefix is not pinned: %s", call.client_id, e)
             return None
@@ -673,10 +674,20 @@ class ProxyApp:
     async def _send_warmup(
         self, worker: int, path: str, data: bytes, headers: dict[str, str]
     ) -> None:
+        # A prefill of a long conversation on a busy worker may take a while: the
+        # request timeouts apply, not the tokenizer's, and a slow or failed
+        # warm-up says nothing about the worker's health (its checks do that).
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
+        url = self.pool.url(worker) + path
         try:
-            status, _, _ = await self._exchange(worker, path, data, headers)
-        except _Retry as e:
-            outcome, detail = "failed", e.reason
+            async with self._session.post(url, data=data, headers=headers, timeout=timeout) as r:
+                await r.read()
+                status = r.status
+        except (aiohttp.ClientError, *_CONNECTION_ERRORS) as e:
+            outcome, detail = "failed", f"{type(e).__name__} {e}"
         else:
             outcome, detail = ("sent", "") if status < 400 else ("refused", f"status {status}")
         self.metrics.warmups.labels(outcome).inc()

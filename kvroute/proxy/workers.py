@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -114,6 +114,8 @@ class WorkerPool:
         self._rotation = itertools.count()
         self._model_ids: frozenset[str] | None = None
         self._lora_adapters: frozenset[str] = frozenset()
+        #: Called with a worker's id when it turns healthy again.
+        self.on_up: Callable[[int], None] | None = None
 
     def bind(self, session: aiohttp.ClientSession | None) -> None:
         """Use ``session`` for health checks (None: unbind)."""
@@ -158,6 +160,8 @@ class WorkerPool:
             self._models_changed()
             self.router.mark_healthy(worker)
             log.info("worker %d (%s) is healthy again", worker, state.url)
+            if self.on_up is not None:
+                self.on_up(worker)
 
     def track(self, worker: int, response: aiohttp.ClientResponse) -> None:
         """Close ``response`` if ``worker`` is marked unhealthy while it is open."""
