@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from helpers import twin_ids, twins
@@ -29,3 +32,46 @@ def index_module(request: pytest.FixtureRequest) -> ModuleType:
 @pytest.fixture
 def BlockIndex(index_module: ModuleType) -> type:
     return index_module.BlockIndex  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anthropic_client() -> Iterator[Callable[..., Any]]:
+    """Make official ``anthropic`` SDK clients (no retries unless asked), closed after the test.
+
+    ``anthropic_client(url, **options)``; their connection pools hold sockets,
+    which must not outlive the test.
+    """
+    anthropic = pytest.importorskip("anthropic")
+    clients: list[Any] = []
+
+    def make(url: str, **options: Any) -> Any:
+        client = anthropic.Anthropic(
+            base_url=url, api_key="test-key", **{"max_retries": 0, **options}
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE ``tokenizer.json`` (no merges) with the mock worker's special tokens.
+
+    Tokenizing text with it gives the ids :class:`kvroute.testing.MockWorker`'s
+    built-in tokenizer gives, so a proxy tokenizing locally can be checked
+    against the workers' own token ids.
+    """
+    tokenizers = pytest.importorskip("tokenizers")
+    from kvroute.testing import SPECIAL_TOKENS
+
+    vocab = {ch: i for i, ch in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path

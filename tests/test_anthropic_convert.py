@@ -32,7 +32,7 @@ from test_proxy_support import fleet, post
 from kvroute.proxy import ProxyError
 from kvroute.proxy.anthropic import validate_messages
 from kvroute.proxy.tokenize import LocalTokenizer, local_tokens, tokenize_body
-from kvroute.testing import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, MockWorker
+from kvroute.testing import IMAGE_PLACEHOLDER, MockWorker
 
 MODEL = "mock-model"
 
@@ -167,21 +167,6 @@ CASES: list[tuple[str, dict[str, Any], list[Expect], list[str]]] = [
       '{"name": "ls", "description": null, "parameters": {"type": "object"}, '
       '"defer_loading": true}'], ["ephemeral"]),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE tokenizer.json (no merges) with the mock's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

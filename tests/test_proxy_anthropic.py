@@ -74,27 +74,12 @@ def _session(turns: int) -> Iterator[list[dict[str, Any]]]:
         ]})  # fmt: skip
 
 
-_CLIENTS: list[Any] = []
-
-
-def _client(url: str) -> Any:
-    """An SDK client for ``url``, closed after the test (its pool holds sockets)."""
-    client = anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0)
-    _CLIENTS.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(stream: bool) -> None:
+def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(
+    stream: bool, anthropic_client: Any
+) -> None:
     with fleet(3) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         served: list[int] = []
         reads: list[int] = []
         for turn, messages in enumerate(_session(4)):
@@ -152,9 +137,9 @@ def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(stream: 
         assert written > 0 and ratio == pytest.approx(sum(reads) / written)
 
 
-def test_session_header_overrides_metadata() -> None:
+def test_session_header_overrides_metadata(anthropic_client: Any) -> None:
     with fleet(2, session_header="X-Agent-Session") as (proxy, _):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         client.messages.create(
             model=MODEL,
             max_tokens=2,
@@ -165,9 +150,9 @@ def test_session_header_overrides_metadata() -> None:
         assert routed_requests(proxy.router)[-1].session_id == "from-header"
 
 
-def test_count_tokens_matches_the_worker_rendering() -> None:
+def test_count_tokens_matches_the_worker_rendering(anthropic_client: Any) -> None:
     with fleet(2) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         messages = next(_session(1))
         counted = client.messages.count_tokens(
             model=MODEL, system=_system(), tools=TOOLS, messages=messages
@@ -180,9 +165,9 @@ def test_count_tokens_matches_the_worker_rendering() -> None:
         assert info.value.body["error"]["type"] == "not_found_error"
 
 
-def test_bad_input_gets_anthropic_errors_and_the_proxy_keeps_serving() -> None:
+def test_bad_input_gets_anthropic_errors_and_the_proxy_keeps_serving(anthropic_client: Any) -> None:
     with fleet(2, max_body_size=64 * 1024) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         ok = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         cases: list[tuple[dict[str, Any], type[Exception], int, str, str]] = [
             ({**ok, "messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
@@ -235,11 +220,11 @@ def _report_no_cache_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_usage_without_cache_reads_is_filled_from_the_prediction(
-    stream: bool, monkeypatch: pytest.MonkeyPatch
+    stream: bool, monkeypatch: pytest.MonkeyPatch, anthropic_client: Any
 ) -> None:
     _report_no_cache_reads(monkeypatch)
     with fleet(2) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         for turn, messages in enumerate(_session(2)):
             rid = f"p{turn}"
             kwargs: dict[str, Any] = {
@@ -265,13 +250,13 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
                 assert usage.cache_read_input_tokens > 0
 
 
-def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl() -> None:
+def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl(anthropic_client: Any) -> None:
     # Event-free routing: the router predicts what it sent where, for 120 s; a
     # 1 h breakpoint on the system prompt keeps just that prefix predicted longer.
     clock = Clock(1000.0)
     router = Router(block_size=16, kv_events=False, journal=True, clock=clock)
     with fleet(2, router=router, block_size=16) as (proxy, _):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         system = [
             {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
         ]
@@ -320,3 +305,13 @@ def test_stream_watcher_patches_message_start_and_delta_only_when_needed() -> No
     w2 = AnthropicStream(predicted_cached_tokens=32)
     assert w2.feed(reported + delta + end) == reported + delta + end
     assert not w2.predicted
+    # Reported in message_delta only (vLLM with prompt token details): message_start
+    # carries the prediction, the worker's final figures pass unchanged and count.
+    late = ev("message_delta", {"delta": {"stop_reason": "end_turn"},
+                                "usage": {"input_tokens": 24, "output_tokens": 3,
+                                          "cache_read_input_tokens": 16}})  # fmt: skip
+    w3 = AnthropicStream(predicted_cached_tokens=32)
+    out = w3.feed(start + delta + late)
+    assert out.endswith(late) and b'"cache_read_input_tokens":32' in out
+    assert not w3.predicted and w3.usage is not None
+    assert (w3.usage.cached_tokens, w3.usage.output_tokens) == (16, 3)

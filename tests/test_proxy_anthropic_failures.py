@@ -47,7 +47,7 @@ from kvroute.proxy import (  # noqa: E402
     WorkerSpec,
 )
 from kvroute.proxy.tokenize import RENDER_PATHS  # noqa: E402
-from kvroute.testing import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, MockWorker  # noqa: E402
+from kvroute.testing import DEFAULT_CHAT_TEMPLATE, MockWorker  # noqa: E402
 
 MODEL = "mock-model"
 COUNT, RENDER, TOKENIZE = "/v1/messages/count_tokens", "/v1/messages/render", "/tokenize"
@@ -55,22 +55,6 @@ NO_TOKENIZER = (
     "the routing proxy cannot tokenize the request: {who} neither {render} nor /tokenize;"
     " start the proxy with --tokenizer (the model's tokenizer.json and chat template)"
 )
-
-_CLIENTS: list[Any] = []
-
-
-def _client(url: str) -> Any:
-    """An SDK client for ``url`` that never retries, closed after the test."""
-    client = anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0)
-    _CLIENTS.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
 
 
 def _body(**extra: Any) -> dict[str, Any]:
@@ -222,24 +206,12 @@ def _fronted(
         yield stack.enter_context(ProxyServer(config)), fronts
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE tokenizer.json (no merges) with the mock's special tokens."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {ch: i for i, ch in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
 # -- workers failing -----------------------------------------------------------------------
 
 
-def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sdk_raises() -> None:
+def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sdk_raises(
+    anthropic_client: Any,
+) -> None:
     with fleet(2, worker_kw={"token_delay": 0.05}) as (proxy, workers):
         body = {"model": MODEL, "max_tokens": 60, "stream": True,
                 "messages": [{"role": "user", "content": "hello " * 30}]}  # fmt: skip
@@ -270,7 +242,7 @@ def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sd
 
         workers[worker].resume()
         assert wait_until(lambda: proxy.router.load(worker)["healthy"], timeout=10)
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         # The SDK raises the error event, after the text it had streamed.
         stream = client.messages.stream(
             model=MODEL, max_tokens=60, messages=[{"role": "user", "content": "hi " * 20}]
@@ -286,9 +258,11 @@ def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sd
         assert s.current_message_snapshot.content[0].text  # streamed before the failure
 
 
-def test_every_worker_failing_passes_the_last_anthropic_error_on_and_unknown_paths_404() -> None:
+def test_every_worker_failing_passes_the_last_anthropic_error_on_and_unknown_paths_404(
+    anthropic_client: Any,
+) -> None:
     with fleet(2, retries=1) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         ok = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         for w in workers:
             w.fail_next(1, status=503)
@@ -352,7 +326,9 @@ def test_worker_errors_not_in_anthropic_shape_are_rewrapped_on_messages() -> Non
         assert status == 400 and json.loads(raw) == openai_shaped
 
 
-def test_no_healthy_worker_answers_503_overloaded_on_messages_and_count_tokens() -> None:
+def test_no_healthy_worker_answers_503_overloaded_on_messages_and_count_tokens(
+    anthropic_client: Any,
+) -> None:
     with fleet(2) as (proxy, workers):
         for w in workers:
             w.stop()
@@ -364,7 +340,7 @@ def test_no_healthy_worker_answers_503_overloaded_on_messages_and_count_tokens()
             err = _anthropic_error(raw)
             assert err == {"type": "overloaded_error",
                            "message": "cannot tokenize the request: no healthy worker"}  # fmt: skip
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         with pytest.raises(anthropic.InternalServerError) as info:
             client.messages.create(**ok)
         assert info.value.status_code == 503
@@ -384,7 +360,9 @@ _COUNTING: dict[str, tuple[tuple[str, ...], bool, list[str]]] = {
 
 
 @pytest.mark.parametrize("means", list(_COUNTING))
-def test_count_tokens_counts_by_any_means_the_proxy_has(means: str, tokenizer_json: Path) -> None:
+def test_count_tokens_counts_by_any_means_the_proxy_has(
+    means: str, tokenizer_json: Path, anthropic_client: Any
+) -> None:
     missing, local, asked = _COUNTING[means]
     config: dict[str, Any] = {}
     if local:
@@ -396,7 +374,7 @@ def test_count_tokens_counts_by_any_means_the_proxy_has(means: str, tokenizer_js
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         assert json.loads(raw) == {"input_tokens": expected}
         assert front.posted == asked
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         assert client.messages.count_tokens(**_body()).input_tokens == expected
         assert proxy.router.stats()["routed"] == 0  # counting is not routed
         if local:
@@ -409,7 +387,7 @@ def test_count_tokens_counts_by_any_means_the_proxy_has(means: str, tokenizer_js
             assert status == 503 and _anthropic_error(raw)["type"] == "overloaded_error"
 
 
-def test_count_tokens_passes_worker_errors_on_in_anthropic_shape() -> None:
+def test_count_tokens_passes_worker_errors_on_in_anthropic_shape(anthropic_client: Any) -> None:
     with _fronted([()], models=[MODEL, "retired-model"]) as (proxy, [front]):
         # Served as far as the proxy knows, not by the worker: its own 404, not a count.
         status, _, raw = post(proxy.url + COUNT, _body(model="retired-model"))
@@ -432,25 +410,38 @@ def test_count_tokens_passes_worker_errors_on_in_anthropic_shape() -> None:
         }
         front.answers[COUNT] = (422, "text/plain", b"Unprocessable Entity")
         with pytest.raises(anthropic.UnprocessableEntityError) as info:
-            _client(proxy.url).messages.count_tokens(**_body())
+            anthropic_client(proxy.url).messages.count_tokens(**_body())
         assert info.value.body == {"type": "error", "error": {
             "type": "invalid_request_error",
             "message": "the worker could not count tokens (422)"}}  # fmt: skip
         assert RENDER not in front.posted  # a worker's error is an answer: no fallback
 
 
-def test_workers_without_render_or_tokenize_and_no_tokenizer_get_a_clear_502() -> None:
+def test_workers_without_render_or_tokenize_and_no_tokenizer_get_a_clear_502(
+    anthropic_client: Any,
+) -> None:
     none = (COUNT, TOKENIZE, *RENDER_PATHS.values())
     with _fronted([none, none]) as (proxy, fronts):
         message = NO_TOKENIZER.format(who="workers 0, 1 serve", render=RENDER)
         for path, body in ((COUNT, _body()), ("/v1/messages", _body(max_tokens=2))):
-            status, _, raw = post(proxy.url + path, body)
+            status, headers, raw = post(proxy.url + path, body)
             assert status == 502, path
             assert _anthropic_error(raw) == {"type": "api_error", "message": message}
-        client = _client(proxy.url)
+            assert headers["x-should-retry"] == "false"  # retrying cannot help
+        # The SDK, which retries 5xx answers by default, asks once.
+        client = anthropic_client(proxy.url, max_retries=2)
+        answered = proxy.proxy.metrics.value(
+            "kvroute_proxy_requests_total", {"endpoint": "/v1/messages", "status": "502"}
+        )
         with pytest.raises(anthropic.InternalServerError) as info:
             client.messages.create(**_body(max_tokens=2))
         assert info.value.status_code == 502 and info.value.body["error"]["message"] == message
+        assert (
+            proxy.proxy.metrics.value(
+                "kvroute_proxy_requests_total", {"endpoint": "/v1/messages", "status": "502"}
+            )
+            == answered + 1
+        )
         chat_body = {"model": MODEL, "messages": chat(1), "max_tokens": 2}
         status, _, raw = post(proxy.url + "/v1/chat/completions", chat_body)
         err = json.loads(raw)["error"]
@@ -491,9 +482,11 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_predicted_cached_tokens_on_metrics_are_the_routed_responses_predictions() -> None:
+def test_predicted_cached_tokens_on_metrics_are_the_routed_responses_predictions(
+    anthropic_client: Any,
+) -> None:
     with fleet(2) as (proxy, _):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         predicted: list[int] = []
         served: list[int] = []
         messages: list[dict[str, Any]] = []
@@ -538,7 +531,10 @@ _PREDICTION_LOG = "usage carries the router's prediction"
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_usage_filled_from_the_prediction_is_logged_exactly_when_the_worker_reports_no_reads(
-    stream: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    stream: bool,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    anthropic_client: Any,
 ) -> None:
     def send(client: Any, rid: str, messages: list[dict[str, Any]]) -> tuple[Any, int, str]:
         kwargs: dict[str, Any] = {
@@ -556,7 +552,7 @@ def test_usage_filled_from_the_prediction_is_logged_exactly_when_the_worker_repo
 
     caplog.set_level(logging.INFO, logger="kvroute.proxy")
     with fleet(2) as (proxy, workers):
-        client = _client(proxy.url)
+        client = anthropic_client(proxy.url)
         history = [{"role": "user", "content": "read the file " * 10}]
         for turn in range(2):  # the worker reports its cache reads: nothing to log
             message, _, source = send(client, f"w{turn}", history)

@@ -29,6 +29,7 @@ from test_proxy_support import SYSTEM, chat, fleet, get, post, routed_requests  
 
 from kvroute import __main__ as cli  # noqa: E402
 from kvroute.proxy import (  # noqa: E402
+    ProxyApp,
     ProxyConfig,
     ProxyError,
     WorkerSpec,
@@ -40,7 +41,7 @@ from kvroute.proxy.cli import parse_size  # noqa: E402
 from kvroute.proxy.sse import SseSplitter  # noqa: E402
 from kvroute.proxy.tokenize import LocalTokenizer  # noqa: E402
 from kvroute.proxy.workers import parse_worker_metrics  # noqa: E402
-from kvroute.testing import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from kvroute.testing import DEFAULT_CHAT_TEMPLATE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mock-model"
@@ -193,6 +194,17 @@ def test_cli_parses_worker_forms() -> None:
     assert args._run is next(c.run for c in cli.COMMANDS if c.name == "proxy")
 
 
+def test_cli_image_placeholder_reaches_the_local_tokenizer(tokenizer_json: Path) -> None:
+    from kvroute.proxy.cli import build_config
+
+    def tokenizer(*extra: str) -> Any:
+        argv = ["proxy", "--worker", "http://a:1", "--tokenizer", str(tokenizer_json), *extra]
+        return ProxyApp(build_config(cli.build_parser().parse_args(argv))).tokenizer
+
+    assert tokenizer("--image-placeholder", "<|vision_pad|>").image_placeholder == "<|vision_pad|>"
+    assert tokenizer().image_placeholder == "<image>"  # this tokenizer config names none
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -262,21 +274,6 @@ def test_cli_serves_until_interrupted() -> None:
 
 
 # -- tokenizing like the engine ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE tokenizer.json (no merges) with the mock's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
 
 
 def _anthropic_session() -> dict[str, Any]:

@@ -534,6 +534,11 @@ class AnthropicStream:
                     patched = (kind == "message_start" or self.predicted) and self._patch(usage)
                     if patched:
                         self.predicted = True
+                    elif isinstance(usage, dict) and "cache_read_input_tokens" in usage:
+                        # The worker's own figures after all (a vLLM with prompt
+                        # token details reports them in message_delta only):
+                        # they are the final usage the client keeps.
+                        self.predicted = False
                     self._update_usage(usage)
                     if patched:
                         out.append(encode_event(obj, kind))

@@ -207,7 +207,9 @@ class ProxyApp:
         self._configured_models = frozenset((*config.models, *config.lora_adapters))
         if tokenizer is None and config.local_tokenizer:
             assert config.tokenizer is not None
-            tokenizer = LocalTokenizer(config.tokenizer, config.chat_template)
+            tokenizer = LocalTokenizer(
+                config.tokenizer, config.chat_template, image_placeholder=config.image_placeholder
+            )
         #: The local tokenizer, or None when workers tokenize.
         self.tokenizer = tokenizer
         self._session: aiohttp.ClientSession | None = None
@@ -323,7 +325,8 @@ class ProxyApp:
 
     @staticmethod
     def _error(api: Api, error: ProxyError) -> web.Response:
-        return web.json_response(error_body(api, error), status=error.status)
+        headers = None if error.retry else {"x-should-retry": "false"}
+        return web.json_response(error_body(api, error), status=error.status, headers=headers)
 
     # -- small endpoints -----------------------------------------------------------------
 
@@ -556,6 +559,7 @@ class ProxyApp:
                 f"the routing proxy cannot tokenize the request: {who} {what}; start the"
                 " proxy with --tokenizer (the model's tokenizer.json and chat template)",
                 code="tokenizer_unavailable",
+                retry=False,
             )
         raise ProxyError(503, f"cannot tokenize the request: {last}", code="no_worker_available")
 

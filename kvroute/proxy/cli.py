@@ -145,6 +145,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="a Jinja chat template file (overrides the tokenizer's)",
     )
     tok.add_argument(
+        "--image-placeholder",
+        metavar="TEXT",
+        help="what an image becomes when tokenizing locally for a template that prints"
+        " content as text (default: the tokenizer config's image_token, else <image>)",
+    )
+    tok.add_argument(
         "--tokenize-with",
         choices=("auto", "local", "render", "tokenize"),
         default="auto",
@@ -262,6 +268,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         policy=args.policy,
         tokenizer=args.tokenizer,
         chat_template=template,
+        image_placeholder=args.image_placeholder,
         tokenize_with=args.tokenize_with,
         models=args.models,
         model_map=args.model_map,

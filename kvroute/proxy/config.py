@@ -107,6 +107,10 @@ class ProxyConfig:
     :param tokenizer: a Hugging Face ``tokenizer.json``, or a directory holding
         it (and ``tokenizer_config.json`` for the chat template and BOS/EOS).
     :param chat_template: a Jinja chat template (text), overriding the tokenizer's.
+    :param image_placeholder: what an image becomes when tokenizing locally
+        for a template that prints content as a string (default: the tokenizer
+        config's ``image_token``, else ``<image>``); the engine's own
+        placeholder keeps the prefix before and after an image exact.
     :param tokenize_with: ``"local"`` (needs ``tokenizer``), ``"render"`` (a
         worker's ``/v1/.../render`` endpoints, falling back to ``/tokenize``),
         ``"tokenize"`` (a worker's ``/tokenize``), or ``"auto"``: local when a
@@ -143,6 +147,7 @@ class ProxyConfig:
     policy: str = "kvroute"
     tokenizer: str | None = None
     chat_template: str | None = None
+    image_placeholder: str | None = None
     tokenize_with: TokenizeWith = "auto"
     models: Sequence[str] = ()
     model_map: Sequence[tuple[str, str]] = ()

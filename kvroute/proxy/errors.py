@@ -61,13 +61,19 @@ class ProxyError(Exception):
     :param status: the HTTP status.
     :param message: a message for the client.
     :param code: OpenAI's machine-readable ``code`` (default: the status).
+    :param retry: False when retrying cannot help (answered with
+        ``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey
+        before retrying a 5xx).
     """
 
-    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, retry: bool = True
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.retry = retry
 
 
 def openai_error_type(status: int) -> str:
