@@ -459,7 +459,11 @@ class Router:
 
         :func:`kvroute.hashing.kvroute_block_hashes` unless ``hashing=`` was
         given; the event layer keys stored blocks with the same function, so
-        requests and events always agree.
+        requests and events always agree. With
+        ``EventApplier(key_on="engine")`` it must reproduce the engine's own
+        hashes (the applier checks every stored event against it); one that
+        cannot continue a chain from a parent's key raises
+        :class:`NotImplementedError` when ``parent`` is not None.
         """
         if self._hashing is None:
             try:
