@@ -9,8 +9,11 @@ payloads are the real vLLM 0.33 / SGLang 0.5.23 msgpack batches of the vectors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -497,6 +500,24 @@ def test_a_hung_replay_endpoint_stalls_only_its_own_worker(
     assert st[0].last_seq == -1 and st[0].counts["replay_failed"] == 0
 
 
+def test_resyncs_asked_for_during_a_replay_run_once_after_it(
+    router: Router, ctx: zmq.Context
+) -> None:
+    a, silent = Publisher(ctx), SilentReplay(ctx)
+    try:
+        with ZmqSubscriber(router, replay_timeout=0.5) as sub:
+            sub.subscribe(0, a.endpoint, silent.endpoint)
+            assert silent.next_request() == 0  # the connection's own check, in flight
+            for _ in range(3):
+                sub.resync(0)
+            assert silent.next_request() == 0  # one more, once the first gave up
+            assert not silent.sock.poll(1500)  # and no other
+            assert sub.running
+    finally:
+        a.close()
+        silent.close()
+
+
 def test_a_replay_that_never_answers_clears_its_worker_and_is_counted(
     router: Router, ctx: zmq.Context, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -547,7 +568,7 @@ def _oversized_batch() -> bytes:
     return msgspec.msgpack.encode([ts, [event], rank])
 
 
-def test_a_message_over_max_message_bytes_is_dropped_and_counted_as_a_gap(
+def test_a_message_over_max_message_bytes_is_rejected_and_its_batch_is_a_gap(
     router: Router, publisher: Publisher
 ) -> None:
     big = _oversized_batch()
@@ -557,19 +578,110 @@ def test_a_message_over_max_message_bytes_is_dropped_and_counted_as_a_gap(
         connect(sub, publisher, replay=False)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
-        publisher.publish(big)  # ZMQ refuses it and drops the connection
-        probe(sub, publisher)  # the subscriber reconnects by itself
+        publisher.publish(big)
         seq = publisher.publish(VLLM["stored_lora_salt"])
         assert seen(sub, 0, seq)
         st = sub.streams()[0]
     # never decoded, never applied: only the two small stores' events count
     assert st.counts["malformed"] == 0 and st.counts["ok"] == 2
+    assert st.counts["rejected"] == events_metric(m, "rejected") == 1
     assert held(router, BASE[:992]) == 0
-    # ZMQ dropped the connection and would not retry (a protocol error): the
-    # subscriber reconnected; the lost seq is a gap like any other (no replay
-    # here), so the worker was cleared, and it is counted
-    assert st.counts["disconnects"] >= 1 and st.counts["connects"] >= 2
+    # the connection stayed up; the rejected batch's seq is a gap like any
+    # other (no replay here), so the worker was cleared, and it is counted
+    assert st.counts["disconnects"] == 0 and st.counts["connects"] == 1
     assert st.counts["gap"] == st.counts["replay_failed"] == 1
     assert events_metric(m, "gap") == events_metric(m, "replay_failed") == 1
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}
+
+
+class _Cutter:
+    """A TCP forwarder to ``port`` on loopback that resets its connections at random moments.
+
+    Stands in for a flaky network between an engine and the subscriber: a
+    connection is cut wherever the bytes happen to be, mid-message included.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.live: list[socket.socket] = []
+        self.opened: list[socket.socket] = []  # closed at the end, cut or not
+        self.cuts = 0
+        self.cutting = True
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._accept, self._cut)]
+        for t in self._threads:
+            t.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.live += [client, upstream]
+            self.opened += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(random.choice((7, 100, 4096))):  # odd sizes: cuts land mid-frame
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self) -> None:
+        while not self._stop.wait(random.uniform(0.03, 0.1)):
+            if not self.cutting:
+                continue
+            live, self.live = self.live, []
+            self.cuts += bool(live)
+            for s in live:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        for s in self.opened:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for s in [*self.opened, self.listener]:
+            s.close()
+
+
+def test_connections_cut_mid_message_are_survived_and_resumed(
+    router: Router, publisher: Publisher
+) -> None:
+    # A cut connection is ZMQ's to re-establish: nothing may take the subscriber
+    # (or the process: libzmq asserts if a socket is reconnected by hand while a
+    # cut left a message half-read) down, and events flow again after the cuts.
+    port = int(publisher.endpoint.rsplit(":", 1)[1])
+    cutter = _Cutter(port)
+    big = _oversized_batch()
+    try:
+        with ZmqSubscriber(router, reconnect_interval=0.01) as sub:
+            sub.subscribe(0, cutter.endpoint)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                publisher.publish(big)
+                time.sleep(0.001)
+            assert cutter.cuts >= 5
+            cutter.cutting = False  # the network heals: the stream must recover
+            probe(sub, publisher)
+            seq = publisher.publish(VLLM["stored_lora_salt"])
+            assert seen(sub, 0, seq)
+            st = sub.streams()[0]
+            assert st.counts["disconnects"] >= 1 and st.counts["malformed"] == 0
+    finally:
+        cutter.close()
     keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
     assert router.index.match(keys) == {0: 2}

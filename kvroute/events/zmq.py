@@ -43,7 +43,6 @@ Needs the ``serve`` extra (``pyzmq``, ``msgspec``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import queue
@@ -105,7 +104,8 @@ class WorkerStream:
     :ivar counts: batches and events by outcome: ``batches``, ``gap``,
         ``replayed`` (batches applied from a replay), ``replay_failed`` and
         ``restart`` (each cleared the worker), ``duplicate``, ``connects``,
-        ``disconnects``, ``malformed``, and the applier's per-event statuses (``ok``,
+        ``disconnects``, ``malformed``, ``rejected`` (messages over
+        ``max_message_bytes``), and the applier's per-event statuses (``ok``,
         ``unknown_block``, ``cleared`` for the engine's ``AllBlocksCleared``, ...).
     """
 
@@ -131,7 +131,9 @@ _RECENT: Final = 4096
 
 #: The subscriber's own outcomes that are exported as ``kvroute_events_total``
 #: statuses (the applier counts the per-event ones itself).
-_METRIC_STATUSES: Final = frozenset({"gap", "replayed", "malformed", "replay_failed", "restart"})
+_METRIC_STATUSES: Final = frozenset(
+    {"gap", "replayed", "malformed", "rejected", "replay_failed", "restart"}
+)
 
 
 class ZmqSubscriber:
@@ -151,9 +153,11 @@ class ZmqSubscriber:
         kvroute-keyed blocks for ``router``).
     :param replay_timeout: seconds to wait for each replay reply; the other
         workers' events keep flowing meanwhile.
-    :param max_message_bytes: larger messages are refused by ZMQ itself: it
-        drops the connection, the subscriber reconnects, and the lost batch is
-        a gap (whose replay the same limit refuses: the worker is cleared).
+    :param max_message_bytes: a larger message is rejected undecoded (counted
+        ``rejected``); the batch it carried is then a gap, and its replay is
+        rejected the same way, so the worker is cleared. (Checked here, not
+        with ZMQ's ``MAXMSGSIZE``: libzmq drops a connection over it and never
+        reconnects it.)
     :param reconnect_interval: ZMQ's reconnect interval (s) after a worker drops.
     :param poll_interval: how often (s) the thread looks at its command queue
         when no events arrive.
@@ -375,7 +379,6 @@ class ZmqSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self._reconnect_ms, 2000))
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, stream.topic.encode())
         stream.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -418,6 +421,17 @@ class ZmqSubscriber:
             frames = frames[1:]
         if len(frames) != 3 or len(frames[1]) != 8:
             self._malformed(stream, f"{len(frames)} frames (expected [topic, seq, payload])")
+            return None
+        if len(frames[2]) > self.max_message_bytes:
+            self._count(stream, "rejected")
+            self._warn.warning(
+                (stream.worker, "rejected"),
+                "worker %s (%s): KV event message of %d bytes rejected (max_message_bytes %d)",
+                stream.worker,
+                stream.endpoint,
+                len(frames[2]),
+                self.max_message_bytes,
+            )
             return None
         return int.from_bytes(frames[1], "big"), frames[2]
 
@@ -512,15 +526,10 @@ class ZmqSubscriber:
             if stream.replay_endpoint is not None:
                 self._resync(stream)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            # ZMQ reconnects after a dropped connection, but not after a
-            # protocol error, and a message over max_message_bytes is one
-            # (libzmq 4.3): the worker would go unfollowed for good. So the
-            # subscriber reconnects itself, in place of ZMQ's own retry. What
-            # was lost meanwhile shows as a gap.
+            # ZMQ reconnects by itself, with its backoff; what was lost
+            # meanwhile shows as a gap. (Reconnecting the socket from here
+            # instead trips a libzmq assertion when the drop cut a message.)
             self._count(stream, "disconnects")
-            with contextlib.suppress(zmq.ZMQError):  # ENOENT: ZMQ dropped the endpoint
-                stream.sock.disconnect(stream.endpoint)
-            stream.sock.connect(stream.endpoint)
 
     def _resync(self, stream: WorkerStream) -> None:
         """Check, through the replay endpoint, that the engine is the one we followed."""
@@ -624,7 +633,6 @@ class ZmqSubscriber:
         assert stream.replay is None and stream.replay_endpoint is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         try:
             sock.connect(stream.replay_endpoint)
             sock.send_multipart([b"", start.to_bytes(8, "big")], zmq.NOBLOCK)
