@@ -172,7 +172,8 @@ class Metrics:
         )
         self.cache_read_tokens = Counter(
             "kvroute_cache_read_tokens",
-            "Prompt tokens served from a worker's prefix cache (as the worker reports)",
+            "Prompt tokens served from a worker's prefix cache, as the worker reports"
+            " (the router's prediction where it reports none)",
             registry=reg,
         )
         self.cache_write_tokens = Counter(

@@ -185,8 +185,9 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
         for w in workers:
             w.token_delay = 0.001
         workers[victim].start()  # the same ports: a restarted engine, empty cache
-        # Its old blocks leave the index as soon as the event socket reconnects,
-        # before it serves or publishes anything.
+        # Its old blocks leave the index as soon as the event socket reconnects
+        # or its health check recovers (each asks for a resync), before it
+        # serves or publishes anything.
         assert wait_until(lambda: router.index.worker_len(victim) == 0, timeout=10)
         assert wait_until(lambda: router.load(victim)["healthy"], timeout=10)
         third = [f.result() for f in [pool.submit(s.send, server.url) for s in sessions]]

@@ -195,7 +195,7 @@ def test_bad_input_gets_anthropic_errors_and_the_proxy_keeps_serving(anthropic_c
                 "error"]["message"]}}  # fmt: skip
             assert words in err.body["error"]["message"]
         # Not JSON at all, and JSON that is not an object.
-        for raw in (b"{broken", b"[1]"):
+        for raw in (b"{broken", b"[1]", b"[" * 50_000):  # the last nested past any parser
             status, _, answer = post(proxy.url + "/v1/messages", raw=raw)
             assert status == 400
             assert json.loads(answer)["error"]["type"] == "invalid_request_error"
@@ -280,6 +280,29 @@ def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl(anthropic_client: A
         assert (again, predicted) == (worker, pin.prefix_tokens // 16 * 16)
         clock.t += 3600.0
         assert ask("And now? ")[1] == 0
+
+
+def test_with_kv_events_breakpoints_pin_the_session_without_extra_renders(
+    anthropic_client: Any,
+) -> None:
+    # The workers' events say what they hold: measuring each prefix (a render
+    # of the request cut after its breakpoint) would be a wasted round trip.
+    router = Router(block_size=16, kv_events=True, journal=True)
+    with fleet(2, router=router) as (proxy, workers):
+        client = anthropic_client(proxy.url)
+        for turn, messages in enumerate(_session(2)):
+            client.messages.create(
+                model=MODEL, max_tokens=2, system=_system(), tools=TOOLS, messages=messages,
+                metadata={"user_id": "s"},
+            )  # fmt: skip
+            renders = sum(w.http_requests.get("/v1/messages/render", 0) for w in workers)
+            assert renders == turn + 1  # the request itself, nothing more
+        # the tools' 1 h breakpoint and the newest block's 5 min one, unmeasured
+        assert routed_requests(router)[-1].cache_control == (
+            CacheControl(3600.0),
+            CacheControl(300.0),
+        )
+        assert router.stats()["pinned_routes"] == 1
 
 
 def test_stream_watcher_patches_message_start_and_delta_only_when_needed() -> None:

@@ -577,8 +577,40 @@ def test_usage_filled_from_the_prediction_is_logged_exactly_when_the_worker_repo
             line = logged()[-1]
             assert line.name == "kvroute.proxy" and line.levelno == logging.INFO
             reads = message.usage.cache_read_input_tokens
-            assert line.args == (rid, worker, reads, record.prompt_tokens)
+            assert line.args == (rid, worker, "usage carries", reads, record.prompt_tokens)
             assert reads == workers[worker].cache_hits[rid] > 0
             history += [{"role": "assistant", "content": message.content[0].text},
                         {"role": "user", "content": f"later {n}"}]  # fmt: skip
         assert len(logged()) == 2
+
+
+def test_openai_answers_without_cached_tokens_count_the_prediction_in_the_metrics(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's default OpenAI usage has no prompt_tokens_details: the read/write
+    # ratio must not take "not reported" for "nothing read".
+    def vllm_usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+    monkeypatch.setattr("kvroute.testing._http.openai_usage", vllm_usage)
+    caplog.set_level(logging.INFO, logger="kvroute.proxy")
+    with fleet(2) as (proxy, workers):
+        messages = chat(1)
+        for turn in range(3):
+            status, _, raw = post(
+                proxy.url + "/v1/chat/completions",
+                {"model": MODEL, "messages": messages, "max_tokens": 3},
+                {"X-Session-Id": "s", "X-Request-Id": f"o{turn}"},
+            )
+            assert status == 200 and "prompt_tokens_details" not in json.loads(raw)["usage"]
+            messages = [*messages, {"role": "assistant", "content": "ok"},
+                        {"role": "user", "content": f"next {turn}"}]  # fmt: skip
+        hits = sum(w.cache_hits.get(f"o{t}", 0) for w in workers for t in range(3))
+        prompts = sum(r.prompt_tokens for w in workers for r in w.requests)
+        m = proxy.proxy.metrics
+        # event-free routing predicts exactly the workers' hits
+        assert hits > 0 and m.value("kvroute_cache_read_tokens_total") == hits
+        assert m.value("kvroute_cache_creation_tokens_total") == prompts - hits
+        lines = [r for r in caplog.records if "the cache metrics count" in r.getMessage()]
+        assert [r.args[0] for r in lines] == ["o0", "o1", "o2"]

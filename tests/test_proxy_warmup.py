@@ -9,6 +9,7 @@ loopback to MockWorkers, whose token ids and cache hits are their own.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 from typing import Any
 
@@ -116,7 +117,17 @@ def test_no_warm_up_without_the_hint_or_a_session() -> None:
         assert ids == ["plain", "anon", "ok", "ok-warmup"], ids
 
 
-def test_completions_continue_as_text_and_a_lost_warm_up_is_only_counted() -> None:
+def test_speculative_prefill_for_every_session_is_a_proxy_option() -> None:
+    with fleet(1, speculative_prefill=True) as (proxy, (worker,)):
+        url = proxy.url + "/v1/chat/completions"
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 3}
+        assert post(url, body, {"X-Session-Id": "s", "X-Request-Id": "a"})[0] == 200
+        assert wait_until(lambda: _record(worker, "a-warmup") is not None)
+        assert post(url, body, {"X-Request-Id": "no-session"})[0] == 200  # nothing to plan for
+        assert not wait_until(lambda: _record(worker, "no-session-warmup") is not None, 0.3)
+
+
+def test_completions_continue_as_text_and_token_id_prompts_get_no_warm_up() -> None:
     with fleet(1) as (proxy, (worker,)):
         url = proxy.url + "/v1/completions"
         prompt = SYSTEM + "def main():"
@@ -131,13 +142,46 @@ def test_completions_continue_as_text_and_a_lost_warm_up_is_only_counted() -> No
         ids = list(warm.prompt_token_ids)
         assert post(url, {"model": MODEL, "prompt": ids, "max_tokens": 2},
                     {**WARM, "X-Request-Id": "c2"})[0] == 200  # fmt: skip
-        # A warm-up the worker cannot take is dropped, counted, never raised.
-        worker.stop()
-        loop = proxy._loop
-        assert loop is not None
-        send = proxy.proxy._send_warmup(0, "/v1/completions", b"{}", {"X-Request-Id": "x-warmup"})
-        asyncio.run_coroutine_threadsafe(send, loop).result(timeout=10)
+        assert post(url, {"model": MODEL, "prompt": "x", "max_tokens": 1},
+                    {"X-Request-Id": "c3"})[0] == 200  # fmt: skip
+        assert [r.request_id for r in worker.requests] == ["c1", "c1-warmup", "c2", "c3"]
+
+
+def _send_warmup(proxy: Any, body: bytes) -> None:
+    loop = proxy._loop
+    assert loop is not None
+    send = proxy.proxy._send_warmup(0, "/v1/completions", body, {"X-Request-Id": "x-warmup"})
+    asyncio.run_coroutine_threadsafe(send, loop).result(timeout=10)
+
+
+def test_a_refused_or_failed_warm_up_is_counted_and_never_judges_the_worker() -> None:
+    # No health checks during the test: only a warm-up could mark the worker down.
+    with fleet(1, health_interval=3600.0) as (proxy, (worker,)):
         metrics = proxy.proxy.metrics
+        _send_warmup(proxy, b'{"model": "mock-model"}')  # no prompt: the worker answers 400
+        assert metrics.value("kvroute_warmups_total", {"outcome": "refused"}) == 1
+        worker.stop()
+        _send_warmup(proxy, json.dumps({"model": MODEL, "prompt": "x"}).encode())
         assert metrics.value("kvroute_warmups_total", {"outcome": "failed"}) == 1
-        assert metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
-        assert [r.request_id for r in worker.requests] == ["c1", "c1-warmup", "c2"]
+        assert metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 0
+        # A warm-up is a guess made on the side: its failure marks nothing unhealthy.
+        assert proxy.router.load(0)["healthy"]
+        assert proxy.proxy.pool.healthy() == [0]
+
+
+def test_a_client_gone_mid_stream_gets_no_warm_up() -> None:
+    with fleet(1, worker_kw={"token_delay": 0.05}) as (proxy, (worker,)):
+        host, port = proxy.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 200, "stream": True}
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body),
+            {"Content-Type": "application/json", **WARM, "X-Request-Id": "gone"},
+        )  # fmt: skip
+        response = conn.getresponse()
+        assert response.status == 200 and response.read1(64)  # the stream has begun
+        conn.close()  # the agent went away
+        assert wait_until(lambda: _record(worker, "gone").status == "aborted")
+        assert proxy.router.load(0)["active_requests"] == 0
+        assert not wait_until(lambda: _record(worker, "gone-warmup") is not None, timeout=0.5)
+        assert proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 0

@@ -412,6 +412,10 @@ class ProxyApp:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ProxyError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise ProxyError(
+                400, "invalid JSON body: nested too deeply", code="invalid_json"
+            ) from None
         if not isinstance(body, dict):
             raise ProxyError(400, "the body must be a JSON object", code="invalid_json")
         return body, raw
@@ -589,9 +593,14 @@ class ProxyApp:
 
         A breakpoint that does not close the prompt is measured by tokenizing
         the request cut after its block (beside the request itself): the
-        tokens the two share are the prefix it caches.
+        tokens the two share are the prefix it caches. Only an event-free
+        router uses the lengths (to keep each prefix predicted for its TTL);
+        with KV events the workers report what they hold, and the
+        breakpoints only pin the session, so nothing is measured.
         """
         pinned = pinned_breakpoints(hints.cache_control)
+        if self.router.kv_events:
+            return await self._tokens(call), tuple(CacheControl(b.ttl) for b in pinned)
         cuts = [self._prefix_tokens(call, b.prefix) for b in pinned if b.prefix is not None]
         tokens, *prefixes = await asyncio.gather(self._tokens(call), *cuts)
         assert tokens is not None
@@ -617,7 +626,8 @@ class ProxyApp:
                 cache_salt=hints.cache_salt,
                 expected_output_tokens=hints.expected_output_tokens,
                 cache_control=breakpoints,
-                speculative_prefill=hints.speculative_prefill and hints.session_id is not None,
+                speculative_prefill=(hints.speculative_prefill or self.config.speculative_prefill)
+                and hints.session_id is not None,
             )
         except (TypeError, ValueError) as e:
             raise ProxyError(400, str(e)) from None
@@ -821,16 +831,29 @@ class ProxyApp:
                 headers = {**headers, "Content-Type": "application/json"}
         return web.Response(status=status, body=body, headers=headers)
 
-    def _account(self, call: _Call, worker: int, usage: Usage | None, predicted: bool) -> None:
+    def _account(
+        self, call: _Call, decision: Decision, usage: Usage | None, predicted: bool
+    ) -> None:
+        """Count a response's cache reads and writes into the metrics.
+
+        The worker's figures; where it reported none, the router's prediction,
+        as the answer's usage already carries on ``/v1/messages`` (``predicted``)
+        and only the metrics do on OpenAI paths (vLLM reports cached tokens
+        there only with ``--enable-prompt-tokens-details``). Either is logged.
+        """
         if usage is None:
             return
-        read = usage.cached_tokens or 0
-        self.metrics.cache_usage(read, usage.written_tokens)
-        if predicted:
+        read = usage.cached_tokens
+        where = "usage carries" if predicted else None
+        if read is None:
+            read = min(decision.predicted_cached_tokens, usage.prompt_tokens)
+            where = "the cache metrics count"
+        self.metrics.cache_usage(read, max(usage.prompt_tokens - read, 0))
+        if where is not None:
             log.info(
-                "request %s: worker %d reported no cache reads; usage carries the router's"
+                "request %s: worker %d reported no cache reads; %s the router's"
                 " prediction (%d of %d prompt tokens)",
-                call.client_id, worker, read, usage.prompt_tokens,
+                call.client_id, decision.worker, where, read, usage.prompt_tokens,
             )  # fmt: skip
 
     async def _relay_json(
@@ -864,7 +887,7 @@ class ProxyApp:
                 usage = openai_usage(raw_usage)
         if usage is not None:
             headers[CACHE_SOURCE_HEADER] = "predicted" if predicted else "worker"
-        self._account(call, decision.worker, usage, predicted)
+        self._account(call, decision, usage, predicted)
         if call.collect:
             call.reply = reply_of(call.kind, obj)
         lc.finish()
@@ -932,7 +955,7 @@ class ProxyApp:
             lc.fail()
         else:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
-            self._account(call, worker, watcher.usage, predicted)
+            self._account(call, decision, watcher.usage, predicted)
             if watcher.error is not None:
                 lc.fail()
             else:

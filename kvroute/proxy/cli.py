@@ -41,7 +41,7 @@ X-Kvroute-Cache-Ttl (5m|1h), X-Kvroute-Expected-Output-Tokens,
 X-Kvroute-Speculative-Prefill; Anthropic requests also use metadata.user_id
 and cache_control breakpoints.
 
-exit status: 0 stopped cleanly, 2 bad usage or configuration, 130 interrupted.
+exit status: 0 stopped (SIGINT and SIGTERM shut down cleanly), 2 bad usage or configuration.
 """
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -198,6 +198,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="request header naming the agent session (default: X-Session-Id)",
     )
     api.add_argument(
+        "--speculative-prefill",
+        action="store_true",
+        help="after each response of a session, prefill its next turn's prefix on the same"
+        " worker (as X-Kvroute-Speculative-Prefill: true does per request)",
+    )
+    api.add_argument(
         "--max-body-size",
         type=_arg(parse_size),
         default=DEFAULT_MAX_BODY_SIZE,
@@ -274,6 +280,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         model_map=args.model_map,
         lora_adapters=args.lora_adapters,
         session_header=args.session_header,
+        speculative_prefill=args.speculative_prefill,
         max_body_size=args.max_body_size,
         retries=args.retries,
         connect_timeout=args.connect_timeout,

@@ -124,6 +124,8 @@ class ProxyConfig:
         so they match the blocks the workers report. Adapters the workers'
         ``/v1/models`` list (entries with a ``parent``) count too.
     :param session_header: the request header naming the agent session.
+    :param speculative_prefill: warm every session's next turn after each
+        response, as if each request carried ``X-Kvroute-Speculative-Prefill``.
     :param max_body_size: larger request bodies are refused with 413.
     :param retries: extra attempts on other workers after a worker fails
         before any byte reached the client.
@@ -153,6 +155,7 @@ class ProxyConfig:
     model_map: Sequence[tuple[str, str]] = ()
     lora_adapters: Sequence[str] = ()
     session_header: str = "X-Session-Id"
+    speculative_prefill: bool = False
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     retries: int = 2
     connect_timeout: float = 5.0

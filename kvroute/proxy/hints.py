@@ -212,8 +212,3 @@ class Usage:
     prompt_tokens: int
     cached_tokens: int | None
     output_tokens: int
-
-    @property
-    def written_tokens(self) -> int:
-        """Prompt tokens computed (and so written to the prefix cache)."""
-        return max(self.prompt_tokens - (self.cached_tokens or 0), 0)
