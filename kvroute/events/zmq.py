@@ -420,28 +420,25 @@ class ZmqSubscriber:
         if len(frames) == 4 and frames[0] == b"":  # a DEALER's view: delimiter first
             frames = frames[1:]
         if len(frames) != 3 or len(frames[1]) != 8:
-            self._malformed(stream, f"{len(frames)} frames (expected [topic, seq, payload])")
+            self._refused(
+                stream, "malformed", f"{len(frames)} frames (expected [topic, seq, payload])"
+            )
             return None
         if len(frames[2]) > self.max_message_bytes:
-            self._count(stream, "rejected")
-            self._warn.warning(
-                (stream.worker, "rejected"),
-                "worker %s (%s): KV event message of %d bytes rejected (max_message_bytes %d)",
-                stream.worker,
-                stream.endpoint,
-                len(frames[2]),
-                self.max_message_bytes,
-            )
+            why = f"{len(frames[2])} bytes, over max_message_bytes ({self.max_message_bytes})"
+            self._refused(stream, "rejected", why)
             return None
         return int.from_bytes(frames[1], "big"), frames[2]
 
-    def _malformed(self, stream: WorkerStream, why: str) -> None:
-        self._count(stream, "malformed")
+    def _refused(self, stream: WorkerStream, status: str, why: str) -> None:
+        """Count a message left unapplied (``malformed`` / ``rejected``); warn, rate-limited."""
+        self._count(stream, status)
         self._warn.warning(
-            (stream.worker, "malformed"),
-            "worker %s (%s): malformed KV event message: %s",
+            (stream.worker, status),
+            "worker %s (%s): %s KV event message: %s",
             stream.worker,
             stream.endpoint,
+            status,
             why,
         )
 
@@ -481,7 +478,7 @@ class ZmqSubscriber:
         try:
             return decode(payload, stream.fmt)
         except DecodeError as e:
-            self._malformed(stream, str(e))
+            self._refused(stream, "malformed", str(e))
             return None
 
     def _restarted(self, stream: WorkerStream, why: str) -> None:
