@@ -380,21 +380,3 @@ def test_render_falls_back_to_tokenize_and_template_errors_are_400(
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 400 and "nope" in json.loads(raw)["error"]["message"]
         assert workers[0].requests == []
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        *(f"kvroute.proxy.{m}" for m in ("anthropic", "app", "cli", "config", "errors", "hints")),
-        *(f"kvroute.proxy.{m}" for m in ("openai", "server", "sse", "tokenize", "warmup")),
-        "kvroute.proxy.workers",
-        "kvroute.metrics",
-        "kvroute.events.zmq",
-    ],
-)
-def test_doctests(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

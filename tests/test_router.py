@@ -692,26 +692,6 @@ def test_random_lifecycles_keep_load_consistent_and_end_at_zero(
         assert (load["prefill_tokens"], load["decode_blocks"], load["active_requests"]) == (0, 0, 0)
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "kvroute.router",
-        "kvroute.request",
-        "kvroute.load",
-        "kvroute.approx",
-        "kvroute.policies",
-        "kvroute.policies.base",
-        "kvroute.policies.builtin",
-    ],
-)
-def test_doctests(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_host_tier_hits_are_priced_below_device_hits() -> None:
     r = make(workers=[0, 1], policy="kv_cost", policy_params={"seed": 0}, predict_on_route=False)
     r.apply_stored(0, H(1, 2, 3, 4), tier="host")  # switches the router to per-tier matching
