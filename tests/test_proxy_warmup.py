@@ -102,6 +102,37 @@ def test_the_next_turn_prefix_is_prefilled_on_the_same_worker(kind: str, stream:
         assert worker.cache_hits["t2"] == shared // 16 * 16 > len(t1.prompt_token_ids)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_tool_call_reply_is_warmed_as_the_next_turn_holds_it(stream: bool) -> None:
+    tools = [
+        {
+            "name": "run_tests",
+            "description": "Run the tests.",
+            "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+        }
+    ]
+    body = {"model": MODEL, "max_tokens": 40, "system": SYSTEM, "tools": tools,
+            "tool_choice": {"type": "any"}, "stream": stream,
+            "messages": [{"role": "user", "content": "Run the tests."}]}  # fmt: skip
+    with fleet(1) as (proxy, (worker,)):
+        status, _, raw = post(proxy.url + "/v1/messages", body, {**WARM, "X-Request-Id": "t"})
+        assert status == 200, raw
+        if stream:
+            events = [e for e in sse_data(raw) if isinstance(e, dict)]
+            (start,) = [e for e in events if e["type"] == "content_block_start"]
+            call = dict(start["content_block"])
+            call["input"] = json.loads("".join(
+                e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+            ))  # fmt: skip
+        else:
+            (call,) = json.loads(raw)["content"]
+        assert call["type"] == "tool_use" and call["name"] == "run_tests"
+        assert wait_until(lambda: _record(worker, "t-warmup") is not None)
+        turn = [*body["messages"], {"role": "assistant", "content": [call]}]
+        expected = worker.tokenizer.render_anthropic({**body, "messages": turn})
+        assert list(_record(worker, "t-warmup").prompt_token_ids) == list(expected)
+
+
 def test_no_warm_up_without_the_hint_or_a_session() -> None:
     with fleet(1) as (proxy, (worker,)):
         url = proxy.url + "/v1/chat/completions"
