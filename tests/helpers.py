@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import time
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -51,3 +53,13 @@ class Clock:
 def H(*xs: int) -> npt.NDArray[np.uint64]:
     """Block keys from literal ints."""
     return np.array(xs, np.uint64)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

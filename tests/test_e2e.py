@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_proxy_support import FAST_HEALTH, post, wait_until
+from helpers import wait_until
+from test_proxy_support import FAST_HEALTH, post
 
 from kvroute.proxy import PREDICTED_HEADER, WORKER_HEADER, ProxyConfig, ProxyServer, WorkerSpec
 from kvroute.testing import MockWorker

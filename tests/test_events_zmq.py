@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+from helpers import wait_until
 
 from kvroute import Router
 from kvroute.events import ZmqSubscriber
@@ -58,6 +59,7 @@ class Publisher:
         self.buffer: list[tuple[int, bytes]] = []
         self.seq = 0
         self.replay_requests: list[int] = []
+        self.reply_delay = 0.0  # seconds between a replay request and its answer
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -106,6 +108,7 @@ class Publisher:
             self.replay_requests.append(start)
             with self._lock:
                 todo = [(s, p) for s, p in self.buffer if s >= start]
+            time.sleep(self.reply_delay)  # a busy engine: the history as it was when asked
             head = [ident, b""] if self.delimiter else [ident]
             for s, p in todo:
                 self.router.send_multipart([*head, self.topic, s.to_bytes(8, "big"), p])
@@ -602,14 +605,14 @@ class _Cutter:
     connection is cut wherever the bytes happen to be, mid-message included.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, cutting: bool = True) -> None:
         self.port = port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         self.live: list[socket.socket] = []
         self.opened: list[socket.socket] = []  # closed at the end, cut or not
         self.cuts = 0
-        self.cutting = True
+        self.cutting = cutting
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, daemon=True) for f in (self._accept, self._cut)]
         for t in self._threads:
@@ -639,13 +642,16 @@ class _Cutter:
 
     def _cut(self) -> None:
         while not self._stop.wait(random.uniform(0.03, 0.1)):
-            if not self.cutting:
-                continue
-            live, self.live = self.live, []
-            self.cuts += bool(live)
-            for s in live:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+            if self.cutting:
+                self.cut()
+
+    def cut(self) -> None:
+        """Reset every open connection now."""
+        live, self.live = self.live, []
+        self.cuts += bool(live)
+        for s in live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._stop.set()
@@ -681,6 +687,35 @@ def test_connections_cut_mid_message_are_survived_and_resumed(
             assert seen(sub, 0, seq)
             st = sub.streams()[0]
             assert st.counts["disconnects"] >= 1 and st.counts["malformed"] == 0
+    finally:
+        cutter.close()
+    keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
+    assert router.index.match(keys) == {0: 2}
+
+
+def test_a_reconnect_while_a_replay_is_in_flight_loses_nothing(
+    router: Router, publisher: Publisher
+) -> None:
+    # A live socket waits out of the poll loop during its worker's replay. If
+    # nothing touched it, a reconnect then would leave the new connection
+    # unsubscribed: the engine would drop what it publishes, and a quiet engine
+    # would never show the gap.
+    cutter = _Cutter(int(publisher.endpoint.rsplit(":", 1)[1]), cutting=False)
+    publisher.reply_delay = 0.5
+    try:
+        with ZmqSubscriber(router, reconnect_interval=0.01) as sub:
+            sub.subscribe(0, cutter.endpoint, publisher.replay_endpoint)
+            probe(sub, publisher)  # after the connection's own resync
+            asked = len(publisher.replay_requests)
+            sub.resync(0)  # e.g. the proxy saw the worker's health recover
+            assert wait_until(lambda: len(publisher.replay_requests) > asked)
+            cutter.cut()  # the link drops during the replay; ZMQ reconnects
+            # the reconnect's own resync runs after that replay: once it has
+            # asked (its history taken), the engine publishes, then goes quiet
+            assert wait_until(lambda: len(publisher.replay_requests) >= asked + 2)
+            seq = publisher.publish(VLLM["stored_lora_salt"])
+            assert seen(sub, 0, seq)
+            assert sub.streams()[0].counts["connects"] >= 2
     finally:
         cutter.close()
     keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")

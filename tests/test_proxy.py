@@ -294,7 +294,7 @@ def test_health_and_metrics() -> None:
 def test_worker_metrics_are_scraped_into_the_router() -> None:
     with fleet(1) as (proxy, _workers):
         post(proxy.url + "/v1/completions", {"model": MODEL, "prompt": SYSTEM, "max_tokens": 1})
-        from test_proxy_support import wait_until
+        from helpers import wait_until
 
         # The mock reports KV usage = cached blocks / capacity; the health loop reads it.
         assert wait_until(lambda: proxy.router.load(0)["kv_usage"] > 0, timeout=5)

@@ -34,8 +34,9 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
 
 from aiohttp import web  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from test_proxy_support import FAST_HEALTH, SYSTEM, chat, fleet, get, post, wait_until  # noqa: E402
+from test_proxy_support import FAST_HEALTH, SYSTEM, chat, fleet, get, post  # noqa: E402
 
 from kvroute._aio import OwningLoop, close_loop  # noqa: E402
 from kvroute.proxy import (  # noqa: E402

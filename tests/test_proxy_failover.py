@@ -18,7 +18,8 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
 
-from test_proxy_support import chat, fleet, get, post, sse_data, wait_until
+from helpers import wait_until
+from test_proxy_support import chat, fleet, get, post, sse_data
 
 from kvroute.proxy import WORKER_HEADER
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from kvroute import Router
@@ -107,16 +106,6 @@ def sse_data(body: bytes) -> list[Any]:
                 payload = line[len("data: ") :]
                 out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` every 20 ms until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def routed_requests(router: Router) -> list[Any]:

@@ -126,6 +126,9 @@ class WorkerStream:
     resync_due: bool = field(default=False, repr=False)
 
 
+#: What the subscriber watches on each live socket.
+_MONITORED: Final = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
 #: How many applied batches a stream remembers, to tell a duplicate from a restart.
 _RECENT: Final = 4096
 
@@ -155,8 +158,9 @@ class ZmqSubscriber:
         workers' events keep flowing meanwhile.
     :param max_message_bytes: a larger message is rejected undecoded (counted
         ``rejected``); the batch it carried is then a gap, and its replay is
-        rejected the same way, so the worker is cleared. (Checked here, not
-        with ZMQ's ``MAXMSGSIZE``: libzmq drops a connection over it and never
+        rejected the same way, so the worker is cleared. It bounds decoding,
+        not memory: ZMQ has received the message by then. (Not ZMQ's
+        ``MAXMSGSIZE``: libzmq drops a connection over it and never
         reconnects it.)
     :param reconnect_interval: ZMQ's reconnect interval (s) after a worker drops.
     :param poll_interval: how often (s) the thread looks at its command queue
@@ -341,6 +345,7 @@ class ZmqSubscriber:
                             if stream.replay is not None:
                                 break  # a gap: the rest waits for the replay
                 self._expire_replays()
+                self._tend_waiting()
         except BaseException as e:  # pragma: no cover - surfaced via wait_for / logs
             self._error = e
             logger.exception("ZMQ subscriber thread failed")
@@ -381,7 +386,7 @@ class ZmqSubscriber:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self._reconnect_ms, 2000))
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, stream.topic.encode())
-        stream.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        stream.monitor = sock.get_monitor_socket(_MONITORED)
         poller.register(stream.monitor, zmq.POLLIN)
         self._by_sock[stream.monitor] = stream
         sock.connect(stream.endpoint)
@@ -513,11 +518,27 @@ class ZmqSubscriber:
 
     # -- reconnects -------------------------------------------------------------------
 
+    def _tend_waiting(self) -> None:
+        """Let libzmq process the live sockets a replay keeps out of the poller.
+
+        A SUB socket re-sends its subscription on a new connection only when
+        its owner touches it (a poll or a read). Unpolled while its worker's
+        replay is in flight, a reconnected socket would stay unsubscribed and
+        the publisher would drop every batch it sends: a loss nobody sees.
+        Reading ``EVENTS`` processes the socket's pending commands and
+        leaves its messages queued.
+        """
+        for stream in self._replaying.values():
+            if stream.sock is not None:
+                stream.sock.getsockopt(zmq.EVENTS)
+
     def _on_monitor(self, stream: WorkerStream) -> None:
         try:
             event = recv_monitor_message(stream.monitor, zmq.NOBLOCK)
         except zmq.Again:  # pragma: no cover - poll said readable
             return
+        if stream.sock is not None:
+            stream.sock.getsockopt(zmq.EVENTS)  # see _tend_waiting
         if event["event"] == zmq.EVENT_CONNECTED:
             self._count(stream, "connects")
             if stream.replay_endpoint is not None:
