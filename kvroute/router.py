@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +47,12 @@ from .policies import (
 )
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
 
-__all__ = ["BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
+__all__ = ["WARMUP_PLAN_TTL", "BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
+
+#: Seconds a warm-up plan waits to be taken (:meth:`Router.warmup_plan`)
+#: before the sweep drops it: by then the session's next turn has come or
+#: it has ended, and the plan's prompt is only memory.
+WARMUP_PLAN_TTL: Final = 600.0
 
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
@@ -221,7 +226,8 @@ class Router:
         self._pin_slack = check_nonneg(pin_balance_slack, "pin_balance_slack")
         self._pin_abs = check_nonneg(pin_abs_slack, "pin_abs_slack")
         self._pins: dict[str, tuple[int, float]] = {}
-        self._warm: dict[str, WarmupPlan] = {}
+        # session -> (its warm-up plan, when it was made)
+        self._warm: dict[str, tuple[WarmupPlan, float]] = {}
         self._queue: list[_Queued] = []
         self._queued_ids: set[str | int] = set()
         self._qseq = itertools.count()
@@ -271,10 +277,12 @@ class Router:
 
     def stats(self) -> dict[str, int]:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
-        dropped_with_worker, unknown_workers, queued (currently waiting for admission)."""
+        dropped_with_worker, unknown_workers; and now: queued (waiting for
+        admission), warmup_plans (made and not yet taken)."""
         with self._lock:
             out = dict(self._stats)
             out["queued"] = len(self._queued_ids)
+            out["warmup_plans"] = len(self._warm)
             return out
 
     # -- workers -----------------------------------------------------------------
@@ -532,6 +540,8 @@ class Router:
         self._stats["stale_requests"] += len(stale)
         for sid in [s for s, (_, exp) in self._pins.items() if exp <= now]:
             del self._pins[sid]
+        for sid in [s for s, (_, made) in self._warm.items() if now - made > WARMUP_PLAN_TTL]:
+            del self._warm[sid]
         if self._fresh is not None:
             self._fresh.purge(now)
         return len(stale)
@@ -830,7 +840,8 @@ class Router:
                     if output_tokens is not None:
                         toks += tuple(int(t) for t in output_tokens)
                 assert pl.hashes is not None
-                self._warm[pl.session_id] = WarmupPlan(r.worker, toks, pl.hashes)
+                plan = WarmupPlan(r.worker, toks, pl.hashes)
+                self._warm[pl.session_id] = (plan, self._clock())
             return True
 
     def failed(self, request_id: str | int) -> bool:
@@ -855,12 +866,16 @@ class Router:
         """Where to send a ``max_tokens=1`` prefill so the session's next turn is warm.
 
         Available after a request with ``speculative_prefill=True`` finished;
-        returned once (the plan is consumed). None if there is no plan or its
-        worker is gone or unhealthy.
+        returned once (the plan is consumed). None if there is no plan, its
+        worker is gone or unhealthy, or it is older than
+        :data:`WARMUP_PLAN_TTL` (the sweep drops those).
         """
         with self._lock:
-            plan = self._warm.pop(session_id, None)
-            if plan is None:
+            kept = self._warm.pop(session_id, None)
+            if kept is None:
+                return None
+            plan, made = kept
+            if self._clock() - made > WARMUP_PLAN_TTL:
                 return None
             p = self._load.pos.get(plan.worker)
             if p is None or not self._load.healthy[p]:

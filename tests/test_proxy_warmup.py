@@ -23,6 +23,7 @@ from helpers import wait_until
 from test_proxy_support import SYSTEM, chat, fleet, post, sse_data
 
 from kvroute.proxy import WORKER_HEADER
+from kvroute.proxy.warmup import ReplyCollector, reply_of, warmup_body
 from kvroute.testing import MockWorker
 
 MODEL = "mock-model"
@@ -217,3 +218,73 @@ def test_a_client_gone_mid_stream_gets_no_warm_up() -> None:
         assert proxy.router.load(0)["active_requests"] == 0
         assert not wait_until(lambda: _record(worker, "gone-warmup") is not None, timeout=0.5)
         assert proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 0
+        # and its plan (the whole prompt) is not left behind in the router
+        assert wait_until(lambda: proxy.router.stats()["warmup_plans"] == 0)
+
+
+# -- rebuilding the reply and the warm-up body ---------------------------------------------
+
+
+def test_chat_replies_with_tool_calls_rebuild_from_json_and_from_the_stream() -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "grep", "arguments": '{"q": "TODO"}'}}  # fmt: skip
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [call]}}]
+    }
+    expected = {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert reply_of("chat", answer) == expected
+    c = ReplyCollector("chat")
+    for delta in [
+        {"role": "assistant", "content": ""},
+        {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": "grep", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"TODO"}'}}]},
+    ]:  # fmt: skip
+        c.feed({"choices": [{"index": 0, "delta": delta}]})
+    c.feed({"choices": [], "usage": {"prompt_tokens": 3}})  # the usage chunk: nothing to add
+    assert c.reply() == expected
+    assert ReplyCollector("chat").reply() is None
+
+
+def test_thinking_is_kept_in_a_streamed_messages_reply() -> None:
+    c = ReplyCollector("messages")
+    events = [
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "Check the "}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "tests."}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "signature_delta", "signature": "sig"}},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Ok."}},
+    ]  # fmt: skip
+    for event in events:
+        c.feed(event)
+    assert c.reply() == [
+        {"type": "thinking", "thinking": "Check the tests.", "signature": "sig"},
+        {"type": "text", "text": "Ok."},
+    ]
+
+
+def test_the_warm_up_body_asks_for_one_token_once_and_does_not_stream() -> None:
+    chat_body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": True,
+                 "stream_options": {"include_usage": True}, "n": 3, "best_of": 3,
+                 "max_completion_tokens": 500, "temperature": 0.2}  # fmt: skip
+    reply = {"role": "assistant", "content": "a"}
+    body = warmup_body("chat", chat_body, reply)
+    assert body == {"model": "m", "messages": [*chat_body["messages"], reply], "stream": False,
+                    "max_completion_tokens": 1, "max_tokens": 1, "temperature": 0.2}  # fmt: skip
+    assert chat_body["messages"] == [{"role": "user", "content": "q"}]  # left as it was
+    assert warmup_body("completions", {"prompt": "def f():"}, " pass")["prompt"] == "def f(): pass"
+    assert warmup_body("completions", {"prompt": [1, 2, 3]}, " pass") is None
+    assert warmup_body("completions", {"prompt": ["a", "b"]}, " pass") is None
+    messages = warmup_body("messages", {"messages": [{"role": "user", "content": "q"}]},
+                           [{"type": "text", "text": "a"}])  # fmt: skip
+    assert messages is not None
+    assert messages["messages"][-1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "a"}],
+    }

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kvroute._index_py import BlockIndex as PyIndex
 from kvroute.policies import Candidates, Choice, Features
 from kvroute.request import CacheControl, Request, cache_segments
-from kvroute.router import BusyThreshold, NoWorkerAvailable, Router
+from kvroute.router import WARMUP_PLAN_TTL, BusyThreshold, NoWorkerAvailable, Router
 
 
 def fake_hash(
@@ -486,6 +486,27 @@ def test_warmup_plan_after_a_speculative_response() -> None:
     assert r.warmup_plan("agent") is None
     with pytest.raises(TypeError, match="output_tokens must be a sequence"):
         r.finished("x", output_tokens="abc")  # type: ignore[arg-type]
+
+
+def test_warmup_plans_skip_unhealthy_workers_and_expire() -> None:
+    clock = Clock()
+    r = make(workers=[0], clock=clock)
+
+    def plan_for(session: str) -> None:
+        r.route(Request(session, tokens=[1, 2, 3, 4], session_id=session, speculative_prefill=True))
+        r.finished(session)
+
+    plan_for("a")
+    r.mark_unhealthy(0)
+    assert r.warmup_plan("a") is None  # nowhere to warm: dropped
+    r.mark_healthy(0)
+    plan_for("b")
+    plan_for("c")
+    assert r.stats()["warmup_plans"] == 2
+    clock.t += WARMUP_PLAN_TTL + 1  # nobody took them: the next sweep drops them
+    assert r.warmup_plan("b") is None
+    r.sweep()
+    assert r.stats()["warmup_plans"] == 0
 
 
 # -- malformed hints ---------------------------------------------------------------------

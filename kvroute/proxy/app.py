@@ -657,7 +657,8 @@ class ProxyApp:
                     "; retrying" if attempt < self.config.retries else "",
                 )
                 continue
-            if call.reply is not None and routed.session_id is not None:
+            if routed.speculative_prefill:
+                assert routed.session_id is not None
                 self._warm_up(call, routed.session_id)
             return response
         assert failure is not None
@@ -674,10 +675,17 @@ class ProxyApp:
         )
 
     def _warm_up(self, call: _Call, session_id: str) -> None:
-        """Send the session's next-turn prefix to the worker that served it (in the background)."""
+        """Send the session's next-turn prefix to the worker that served it (in the background).
+
+        The router's plan is taken in any case: a response that ended without
+        a reply to continue (the client left, an empty answer) leaves nothing
+        to warm, and its plan must not stay behind.
+        """
         plan = self.router.warmup_plan(session_id)
-        body = warmup_body(call.kind, call.body, call.reply) if plan is not None else None
-        if plan is None or body is None:
+        if plan is None or call.reply is None:
+            return
+        body = warmup_body(call.kind, call.body, call.reply)
+        if body is None:
             return
         data = json.dumps(body, ensure_ascii=False).encode()
         headers = {**call.headers, "X-Request-Id": f"{call.client_id}-warmup"}
@@ -886,7 +894,10 @@ class ProxyApp:
             else:
                 usage = openai_usage(raw_usage)
         if usage is not None:
-            headers[CACHE_SOURCE_HEADER] = "predicted" if predicted else "worker"
+            # predicted: the cache figures (in the answer on /v1/messages, in
+            # the metrics everywhere) are the router's, the worker gave none
+            reported = not predicted and usage.cached_tokens is not None
+            headers[CACHE_SOURCE_HEADER] = "worker" if reported else "predicted"
         self._account(call, decision, usage, predicted)
         if call.collect:
             call.reply = reply_of(call.kind, obj)
