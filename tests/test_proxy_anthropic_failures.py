@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import urllib.request
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,8 @@ class _Front:
         self.answers: dict[str, tuple[int, str, bytes]] = {}
         #: The path of every POST it received, in order.
         self.posted: list[str] = []
+        #: The headers of every POST, in order (case-insensitive mappings).
+        self.posted_headers: list[Mapping[str, str]] = []
         self.port = 0
         self._thread: threading.Thread | None = None
         self._loop: OwningLoop | None = None
@@ -176,6 +178,7 @@ class _Front:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST":
             self.posted.append(request.path)
+            self.posted_headers.append(request.headers.copy())
         if request.path in self.answers:
             status, content_type, body = self.answers[request.path]
             return web.Response(status=status, body=body, headers={"Content-Type": content_type})
@@ -599,12 +602,13 @@ def test_openai_answers_without_cached_tokens_count_the_prediction_in_the_metric
     with fleet(2) as (proxy, workers):
         messages = chat(1)
         for turn in range(3):
-            status, _, raw = post(
+            status, headers, raw = post(
                 proxy.url + "/v1/chat/completions",
                 {"model": MODEL, "messages": messages, "max_tokens": 3},
                 {"X-Session-Id": "s", "X-Request-Id": f"o{turn}"},
             )
             assert status == 200 and "prompt_tokens_details" not in json.loads(raw)["usage"]
+            assert headers[CACHE_SOURCE_HEADER] == "predicted"
             messages = [*messages, {"role": "assistant", "content": "ok"},
                         {"role": "user", "content": f"next {turn}"}]  # fmt: skip
         hits = sum(w.cache_hits.get(f"o{t}", 0) for w in workers for t in range(3))
@@ -615,3 +619,17 @@ def test_openai_answers_without_cached_tokens_count_the_prediction_in_the_metric
         assert m.value("kvroute_cache_creation_tokens_total") == prompts - hits
         lines = [r for r in caplog.records if "the cache metrics count" in r.getMessage()]
         assert [r.args[0] for r in lines] == ["o0", "o1", "o2"]
+
+
+def test_a_warm_up_carries_the_requests_credentials() -> None:
+    # Against a vLLM started with --api-key a warm-up without them would be refused.
+    with _fronted([()], upstream_api_key="sk-fleet", speculative_prefill=True) as (proxy, (f,)):
+        body = {"model": MODEL, "messages": chat(1), "max_tokens": 2}
+        headers = {"X-Session-Id": "s", "X-Request-Id": "r1", "anthropic-version": "2023-06-01"}
+        assert post(proxy.url + "/v1/chat/completions", body, headers)[0] == 200
+        assert wait_until(
+            lambda: any(h.get("X-Request-Id") == "r1-warmup" for h in f.posted_headers)
+        )
+        (warm,) = [h for h in f.posted_headers if h.get("X-Request-Id") == "r1-warmup"]
+        assert warm["Authorization"] == "Bearer sk-fleet"
+        assert warm["anthropic-version"] == "2023-06-01"

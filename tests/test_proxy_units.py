@@ -181,7 +181,7 @@ def test_cli_parses_worker_forms() -> None:
     args = parser.parse_args([
         "proxy", "--worker", "http://a:1=tcp://a:2,tcp://a:3", "--worker", "b:2",
         "--model-map", "claude-*=m", "--max-body-size", "1M", "--port", "0",
-        "--lora-adapter", "sql-lora", "--lora-adapter", "doc-lora",
+        "--lora-adapter", "sql-lora", "--lora-adapter", "doc-lora", "--speculative-prefill",
     ])  # fmt: skip
     assert args.workers == [WorkerSpec("http://a:1", "tcp://a:2", "tcp://a:3"),
                             WorkerSpec("http://b:2")]  # fmt: skip
@@ -191,6 +191,8 @@ def test_cli_parses_worker_forms() -> None:
     config = build_config(args)
     assert config.kv_events and config.session_header == "X-Session-Id"
     assert config.lora_adapters == ("sql-lora", "doc-lora")
+    assert config.speculative_prefill
+    assert not build_config(parser.parse_args(["proxy", "--worker", "b:2"])).speculative_prefill
     assert args._run is next(c.run for c in cli.COMMANDS if c.name == "proxy")
 
 
