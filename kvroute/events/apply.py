@@ -200,21 +200,26 @@ class EventApplier:
         if self.key_on == "engine":
             return self._stored_engine(worker, ev, n, engine)
         parent: int | None = None
-        salt = ev.cache_salt
-        salts = self._salts.get(worker)
         if ev.parent_block_hash is not None:
             parent = self.router.index.resolve(worker, ev.parent_block_hash)
             if parent is None:
                 return "unknown_block"
-            if salt is None and salts:
-                salt = salts.get(ev.parent_block_hash)
+        salt = self._salt(worker, ev)
         keys = self._keys(ev, n, parent, salt)
         self.router.apply_stored(worker, keys, parent, tier=ev.tier, engine_hashes=engine)
-        if salt is not None:
-            if salts is None:
-                salts = self._salts[worker] = {}
-            salts.update(dict.fromkeys(ev.block_hashes[:n], salt))
+        self._remember_salt(worker, ev, n, salt)
         return "ok"
+
+    def _salt(self, worker: int, ev: BlockStored) -> str | None:
+        """The event's cache salt: its own, else the one its parent block inherited."""
+        if ev.cache_salt is not None or ev.parent_block_hash is None:
+            return ev.cache_salt
+        salts = self._salts.get(worker)
+        return salts.get(ev.parent_block_hash) if salts else None
+
+    def _remember_salt(self, worker: int, ev: BlockStored, n: int, salt: str | None) -> None:
+        if salt is not None:
+            self._salts.setdefault(worker, {}).update(dict.fromkeys(ev.block_hashes[:n], salt))
 
     def _keys(
         self, ev: BlockStored, n: int, parent: int | None, salt: str | None
@@ -235,17 +240,11 @@ class EventApplier:
     def _stored_engine(
         self, worker: int, ev: BlockStored, n: int, engine: npt.NDArray[np.uint64]
     ) -> str:
-        salt = ev.cache_salt
-        salts = self._salts.get(worker)
-        if salt is None and salts and ev.parent_block_hash is not None:
-            salt = salts.get(ev.parent_block_hash)
+        salt = self._salt(worker, ev)
         if ev.token_ids:
             self._verify(worker, ev, n, engine, salt)
         self.router.apply_stored(worker, engine, ev.parent_block_hash, tier=ev.tier)
-        if salt is not None:
-            if salts is None:
-                salts = self._salts[worker] = {}
-            salts.update(dict.fromkeys(ev.block_hashes[:n], salt))
+        self._remember_salt(worker, ev, n, salt)
         return "ok"
 
     def _verify(
