@@ -222,8 +222,9 @@ def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sd
         req = urllib.request.Request(
             proxy.url + "/v1/messages",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+            headers={"Content-Type": "application/json", "X-Session-Id": "agent",
+                     "X-Kvroute-Speculative-Prefill": "true"},
+        )  # fmt: skip
         with urllib.request.urlopen(req, timeout=20) as r:
             worker = int(r.headers[WORKER_HEADER])
             head = b""
@@ -243,6 +244,12 @@ def test_worker_failing_mid_stream_ends_the_messages_stream_with_an_error_the_sd
         assert proxy.router.load(worker)["active_requests"] == 0
         m = proxy.proxy.metrics
         assert m.value("kvroute_upstream_errors_total", {"worker": str(worker)}) == 1
+        # a failed response has nothing to continue: no warm-up, no plan kept
+        assert proxy.router.stats()["warmup_plans"] == 0
+        assert all(
+            m.value("kvroute_warmups_total", {"outcome": o}) == 0
+            for o in ("sent", "refused", "failed")
+        )
 
         workers[worker].resume()
         assert wait_until(lambda: proxy.router.load(worker)["healthy"], timeout=10)
