@@ -665,7 +665,7 @@ class ProxyApp:
         if failure.status is not None:
             # Every attempt failed; the last worker's own answer says why.
             return self._upstream_error(
-                call,
+                call.api,
                 failure.status,
                 failure.body,
                 {"Content-Type": failure.content_type, "X-Request-Id": call.client_id},
@@ -809,7 +809,7 @@ class ProxyApp:
                 if status >= 500:
                     raise _Retry(f"answered {status}", status, body, content_type)
                 return self._upstream_error(
-                    call, status, body, self._response_headers(upstream, call, decision)
+                    call.api, status, body, self._response_headers(upstream, call, decision)
                 )
             if call.stream and upstream.content_type == "text/event-stream":
                 return await self._relay_stream(request, call, decision, upstream, lc)
@@ -820,21 +820,23 @@ class ProxyApp:
                 self.pool.untrack(worker, upstream)
                 upstream.release()
 
+    @staticmethod
     def _upstream_error(
-        self, call: _Call, status: int, body: bytes, headers: dict[str, str]
+        api: Api, status: int, body: bytes, headers: dict[str, str], fallback: str = ""
     ) -> web.Response:
         """A worker's error answer, passed on; in Anthropic's shape on ``/v1/messages``.
 
         (vLLM's own Messages errors already are; a gateway's HTML page or an
-        OpenAI-shaped error before the engine is rewrapped, its message kept.)
+        OpenAI-shaped error before the engine is rewrapped, its message kept,
+        else ``fallback``, else the status.)
         """
-        if call.api == "anthropic":
+        if api == "anthropic":
             try:
                 obj = json.loads(body)
             except ValueError:
                 obj = None
             if not (isinstance(obj, dict) and obj.get("type") == "error"):
-                message = upstream_message(obj) or f"the worker answered {status}"
+                message = upstream_message(obj) or fallback or f"the worker answered {status}"
                 body = json.dumps(error_body("anthropic", ProxyError(status, message))).encode()
                 headers = {**headers, "Content-Type": "application/json"}
         return web.Response(status=status, body=body, headers=headers)
@@ -1050,9 +1052,10 @@ class ProxyApp:
             message = upstream_message(obj)
             if status in (404, 405) and "model" not in (message or "").lower():
                 break  # the workers serve no count_tokens endpoint
-            if isinstance(obj, dict) and obj.get("type") == "error":  # Anthropic's shape already
-                return web.Response(status=status, body=answer, headers={"Content-Type": ctype})
-            raise ProxyError(status, message or f"the worker could not count tokens ({status})")
+            return self._upstream_error(
+                "anthropic", status, answer, {"Content-Type": ctype},
+                fallback=f"the worker could not count tokens ({status})",
+            )  # fmt: skip
         # vLLM's Messages request model (the render endpoint parses it) requires
         # max_tokens, which counting has no use for: ask for the least.
         render_body = body if "max_tokens" in body else {**body, "max_tokens": 1}
