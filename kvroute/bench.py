@@ -63,11 +63,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
+
+from .index_api import IndexLike
 
 __all__ = [
     "MATCH",
@@ -75,7 +77,6 @@ __all__ = [
     "REMOVE_ENGINE",
     "STORE",
     "STORE_ENGINE",
-    "IndexLike",
     "LruEngine",
     "MemoryResult",
     "Op",
@@ -117,34 +118,6 @@ _MIX2: Final = np.uint64(0x94D049BB133111EB)
 _ENGINE_SALT: Final = np.uint64(0x5EED_E461_4E00_0001)
 _KEY_SEED: Final = 0x6B76_726F_7574_6531  # "kvroute1": keys differ from any other xxh3 use
 _PACK2: Final = struct.Struct("<QQ").pack
-
-
-class IndexLike(Protocol):
-    """The part of the BlockIndex API the benchmark drives (both twins satisfy it)."""
-
-    def store(
-        self,
-        worker: int,
-        hashes: Any,
-        parent: int | None = None,
-        *,
-        tier: str = "device",
-        engine_hashes: Any = None,
-    ) -> None: ...
-
-    def remove(
-        self, worker: int, hashes: Any, *, engine: bool = False, tier: str = "device"
-    ) -> int: ...
-
-    def match(self, hashes: Any) -> dict[int, int]: ...
-
-    def worker_len(self, worker: int) -> int: ...
-
-    def residencies(self) -> int: ...
-
-    def sizeof(self) -> int: ...
-
-    def __len__(self) -> int: ...
 
 
 # -- keys -----------------------------------------------------------------
