@@ -29,7 +29,7 @@ from .policies import (
     register_policy,
 )
 from .request import CacheControl, Decision, Request, WarmupPlan
-from .router import BusyThreshold, NoWorkerAvailable, Router
+from .router import BusyThreshold, NoWorkerAvailable, Router, RouterConfig
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "NoWorkerAvailable",
     "Request",
     "Router",
+    "RouterConfig",
     "RoutingPolicy",
     "WarmupPlan",
     "__version__",

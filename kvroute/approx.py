@@ -33,7 +33,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,9 @@ else:
         from ._route_py import chained_common_prefix, fresh_overlay
 
 __all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
+
+if TYPE_CHECKING:
+    from .index_api import IndexLike
 
 
 @dataclass(slots=True)
@@ -74,7 +77,7 @@ class PredictedResidency:
     :raises ValueError: ``ttl`` is not positive.
     """
 
-    def __init__(self, index_factory: Callable[[], Any], ttl: float = 120.0) -> None:
+    def __init__(self, index_factory: Callable[[], IndexLike], ttl: float = 120.0) -> None:
         if not ttl > 0:
             raise ValueError(f"ttl must be > 0, got {ttl}")
         self.ttl = float(ttl)

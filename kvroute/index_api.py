@@ -66,6 +66,9 @@ class IndexLike(Protocol):
     def worker_len(self, worker: int) -> int:
         """Distinct blocks ``worker`` holds."""
 
+    def workers(self) -> list[int]:
+        """Workers that stored anything and were not removed, ascending."""
+
     def residencies(self) -> int:
         """(block, worker) pairs held."""
 

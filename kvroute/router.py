@@ -6,13 +6,39 @@ A proxy builds one :class:`Router`, feeds it the workers' KV events (through
 its lifecycle (:meth:`Router.first_token`, :meth:`Router.finished`,
 :meth:`Router.failed`).
 
+Parts: the router is a coordinator. It holds the lock, the block index, and
+one small part per job, each a module with its own specification and tests:
+
+* :class:`~kvroute.config.RouterConfig` (``config.py``): every setting,
+  validated once; :attr:`Router.config`.
+* :class:`~kvroute.members.Members` (``members.py``): which workers are
+  known, healthy and busy, and what they report.
+* :class:`~kvroute.load.LoadTracker` (``load.py``): per-worker load and the
+  requests in flight.
+* :class:`~kvroute.approx.FreshDecisions` / :class:`~kvroute.approx.PredictedResidency`
+  (``approx.py``): what the router believes is cached because it sent it there.
+* :class:`~kvroute.pins.SessionPins` and :class:`~kvroute.pins.WarmupPlans`
+  (``pins.py``): per-session pins and warm-up plans.
+* :class:`~kvroute.admission.AdmissionQueue` (``admission.py``): requests
+  waiting while every worker is busy.
+* :class:`~kvroute.journal.Journal` (``journal.py``): the sequence numbers
+  and the replayable record of state-changing calls.
+* the routing policy (:mod:`kvroute.policies`), which chooses among the
+  candidates the router lays out.
+
+:meth:`Router.route` itself lives here: it asks each part in turn and
+records the decision in each. A call that changes what the router knows
+about a worker (removing it, say) is where the router tells every part that
+keeps a record of it.
+
 Threading: one lock serialises routing, lifecycle, membership and the
 ``apply_*`` event methods; every critical section is short (a few numpy
 operations over the workers plus one batch call into the compiled index).
-Events written straight into :attr:`index` from another thread are safe too
-(the index is thread-safe), but they are not ordered against routing
-decisions in :meth:`Router.journal`; use ``apply_*`` when a decision must
-be replayable.
+The parts are not thread-safe on their own: they are only touched under that
+lock. Events written straight into :attr:`index` from another thread are
+safe too (the index is thread-safe), but they are not ordered against
+routing decisions in :meth:`Router.journal`; use ``apply_*`` when a decision
+must be replayable.
 
 Time: the router never reads the wall clock. It calls the ``clock`` it was
 given (default :func:`time.monotonic`), so a simulator can drive it.
@@ -20,39 +46,50 @@ given (default :func:`time.monotonic`), so a simulator can drive it.
 
 from __future__ import annotations
 
-import heapq
+import dataclasses
 import importlib
-import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
 from ._convert import as_u64_array, check_u64
+from .admission import AdmissionQueue
 from .approx import FreshDecisions, PredictedResidency
+from .config import BusyThreshold, RouterConfig, RouterSettings
+from .index_api import IndexLike
+from .journal import Journal, JournalEntry
 from .load import LoadTracker
+from .members import Members, check_capacity, check_metrics
+from .pins import WARMUP_PLAN_TTL, SessionPins, WarmupPlans
 from .policies import (
     DEFAULT_POLICY,
     Candidates,
     Features,
     RoutingPolicy,
-    check_nonneg,
     get_policy,
 )
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
 
-__all__ = ["WARMUP_PLAN_TTL", "BusyThreshold", "HashFn", "NoWorkerAvailable", "Router"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-#: Seconds a warm-up plan waits to be taken (:meth:`Router.warmup_plan`)
-#: before the sweep drops it: by then the session's next turn has come or
-#: it has ended, and the plan's prompt is only memory.
-WARMUP_PLAN_TTL: Final = 600.0
+    from ._index_py import HashesLike
+
+__all__ = [
+    "WARMUP_PLAN_TTL",
+    "BusyThreshold",
+    "HashFn",
+    "NoWorkerAvailable",
+    "Router",
+    "RouterConfig",
+]
 
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
@@ -60,48 +97,39 @@ HashFn = Callable[..., npt.NDArray[np.uint64]]
 _NO_WORKERS: frozenset[int] = frozenset()
 
 
-def _default_index_factory() -> Callable[[], Any]:
+def _default_index_factory() -> Callable[[], IndexLike]:
     # The package picks the compiled index or its twin once; use its choice.
     from . import BlockIndex
 
     return BlockIndex
 
 
+def _resolve_policy(
+    policy: str | RoutingPolicy | None, params: Mapping[str, Any] | None
+) -> RoutingPolicy:
+    if policy is None:
+        policy = DEFAULT_POLICY
+    if isinstance(policy, str):
+        return get_policy(policy, **(params or {}))
+    if isinstance(policy, RoutingPolicy):
+        if params:
+            raise ValueError("policy_params apply only to a policy given by name")
+        return policy
+    raise TypeError(f"policy must be a name or a RoutingPolicy, not {type(policy)}")
+
+
 class NoWorkerAvailable(RuntimeError):
     """No worker can take the request: none was added, or all are unhealthy."""
 
 
-@dataclass(frozen=True, slots=True)
-class BusyThreshold:
-    """When a worker counts as busy, for the admission queue (any limit reached).
-
-    :param max_prefill_tokens: queued uncached prompt tokens.
-    :param max_active_requests: requests in flight.
-    :param max_waiting_requests: worker-reported waiting requests.
-    :param max_kv_usage: worker-reported KV usage, in [0, 1].
-    """
-
-    max_prefill_tokens: float | None = None
-    max_active_requests: int | None = None
-    max_waiting_requests: float | None = None
-    max_kv_usage: float | None = None
-
-
 @dataclass(slots=True)
 class _Payload:
-    entry: Any
+    # what the router keeps per request in flight, beside its load
+    entry: Any  # its FreshDecisions entry, or its PredictedResidency entry ids
     session_id: str | None
-    tokens: Sequence[int] | None
+    tokens: Sequence[int] | None  # kept for a warm-up plan (speculative prefill)
     hashes: npt.NDArray[np.uint64] | None
     speculative: bool
-
-
-@dataclass(order=True, slots=True)
-class _Queued:
-    key: tuple[int, float, int]
-    request: Request = None  # type: ignore[assignment]
-    hashes: npt.NDArray[np.uint64] = None  # type: ignore[assignment]
-    prompt: int = 0
 
 
 class Router:
@@ -118,13 +146,23 @@ class Router:
     >>> r.load(1)["active_requests"], r.stats()["unknown_request_ids"]
     (0, 1)
 
-    :param block_size: tokens per KV block (must match the engines').
+    The settings are a :class:`RouterConfig`, given whole or as keywords
+    (both: the keywords override the config's fields):
+
+    >>> cfg = RouterConfig(block_size=4, admission="sjf")
+    >>> Router(config=cfg, journal=True).config == RouterConfig(
+    ...     block_size=4, admission="sjf", journal=True)
+    True
+
+    :param block_size: tokens per KV block (must match the engines'); a
+        :class:`RouterConfig` field, positional for convenience.
     :param hashing: ``f(tokens, block_size, *, lora_name, cache_namespace,
         parent)`` returning uint64 block hashes (default:
         :func:`kvroute.hashing.kvroute_block_hashes`, imported on first use).
     :param policy: a registered policy name, or a :class:`RoutingPolicy`
         (default ``"kvroute"``).
     :param workers: worker ids to start with.
+    :param config: the settings (default: ``RouterConfig()``).
     :param policy_params: keyword parameters for :func:`get_policy`.
     :param clock: returns the current time in seconds (default ``time.monotonic``).
     :param index: the block index fed by KV events (default: a new ``BlockIndex``).
@@ -132,114 +170,67 @@ class Router:
         residency in approximate mode (default: the compiled ``BlockIndex``,
         else its twin). The prompts in flight are kept apart, in an
         ``ActivePrefixes`` (:mod:`kvroute.load`).
-    :param kv_events: False for event-free (approximate) mode: the router's own
-        decisions, expired after ``predicted_ttl``, stand in for the events.
-    :param predicted_ttl: lifetime of a decision in approximate mode (s).
-    :param predict_on_route: with events, also remember each decision for
-        ``fresh_ttl`` seconds so siblings arriving before the first stored
-        event follow it.
-    :param fresh_ttl: lifetime of that side record (s).
-    :param request_timeout: a request with no lifecycle event for this long
-        is dropped by the stale sweep (s).
-    :param sweep_interval: how often ``route()`` runs the stale sweep (s).
-    :param busy_threshold: when a worker counts as busy, for :meth:`submit`.
-    :param admission: ``"fcfs"`` or ``"sjf"`` (shortest job first) within a priority.
-    :param pin_balance_slack: a pinned worker is preferred while its load stays
-        within ``(1 + pin_balance_slack) x (fleet load + 1) / n + pin_abs_slack``
-        requests after taking the request (the kvroute policy's gate).
-    :param pin_abs_slack: see ``pin_balance_slack``.
-    :param tiered: engines report host / disk tiers, so match per tier for
-        policies that weigh tiers. Set automatically by the first
-        :meth:`apply_stored` with a tier other than ``"device"``; set it
-        yourself if such events go straight into :attr:`index`.
-    :param journal: record every state-changing call (see :meth:`journal`); it
-        grows without bound, so it is meant for tests and debugging sessions.
-    :raises ValueError, TypeError: a bad parameter.
+    :param settings: any other :class:`RouterConfig` field (``kv_events``,
+        ``predicted_ttl``, ``predict_on_route``, ``fresh_ttl``,
+        ``request_timeout``, ``sweep_interval``, ``busy_threshold``,
+        ``admission``, ``pin_balance_slack``, ``pin_abs_slack``, ``tiered``,
+        ``journal``); see its docstring.
+    :raises ValueError, TypeError: a bad parameter or setting.
     """
 
     def __init__(
         self,
-        block_size: int = 16,
+        block_size: int | None = None,
         hashing: HashFn | None = None,
         policy: str | RoutingPolicy | None = None,
         workers: Iterable[int] = (),
         *,
-        policy_params: dict[str, Any] | None = None,
+        config: RouterConfig | None = None,
+        policy_params: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        index: Any = None,
-        index_factory: Callable[[], Any] | None = None,
-        kv_events: bool = True,
-        predicted_ttl: float = 120.0,
-        predict_on_route: bool = True,
-        fresh_ttl: float = 5.0,
-        request_timeout: float = 600.0,
-        sweep_interval: float = 1.0,
-        busy_threshold: BusyThreshold | None = None,
-        admission: str = "fcfs",
-        pin_balance_slack: float = 0.25,
-        pin_abs_slack: float = 2.0,
-        tiered: bool = False,
-        journal: bool = False,
+        index: IndexLike | None = None,
+        index_factory: Callable[[], IndexLike] | None = None,
+        **settings: Unpack[RouterSettings],
     ) -> None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        if admission not in ("fcfs", "sjf"):
-            raise ValueError(f"admission must be 'fcfs' or 'sjf', not {admission!r}")
-        if busy_threshold is not None and not isinstance(busy_threshold, BusyThreshold):
-            raise TypeError("busy_threshold must be a BusyThreshold")
-        for what, v in (
-            ("predicted_ttl", predicted_ttl),
-            ("fresh_ttl", fresh_ttl),
-            ("request_timeout", request_timeout),
-        ):
-            if check_nonneg(v, what) == 0:
-                raise ValueError(f"{what} must be > 0")
-        self.block_size = block_size
+        if config is None:
+            config = RouterConfig()
+        elif not isinstance(config, RouterConfig):
+            raise TypeError(f"config must be a RouterConfig, not {type(config).__name__}")
+        if block_size is not None or settings:
+            # the keywords override the config's fields (and are validated by it)
+            size = config.block_size if block_size is None else block_size
+            config = dataclasses.replace(config, block_size=size, **settings)
+        #: The settings, validated.
+        self.config = config
+        #: Tokens per KV block (``config.block_size``).
+        self.block_size = config.block_size
+        #: False in event-free (approximate) mode (``config.kv_events``).
+        self.kv_events = config.kv_events
         self._hashing = hashing
-        if policy is None:
-            policy = DEFAULT_POLICY
-        if isinstance(policy, str):
-            self.policy: RoutingPolicy = get_policy(policy, **(policy_params or {}))
-        elif isinstance(policy, RoutingPolicy):
-            if policy_params:
-                raise ValueError("policy_params apply only to a policy given by name")
-            self.policy = policy
-        else:
-            raise TypeError(f"policy must be a name or a RoutingPolicy, not {type(policy)}")
+        #: The routing policy.
+        self.policy: RoutingPolicy = _resolve_policy(policy, policy_params)
         self._clock = clock
         factory = index_factory or _default_index_factory()
         #: The block index KV events feed (thread-safe on its own).
-        self.index: Any = factory() if index is None else index
-        self.kv_events = bool(kv_events)
+        self.index: IndexLike = factory() if index is None else index
         self._load = LoadTracker()
+        self._members = Members(self._load, config.busy_threshold)
+        # bound once: route() asks for the busy mask on every call
+        self._busy_mask: Callable[[int], npt.NDArray[np.bool_]] = self._members.busy_mask
         self._predicted: PredictedResidency | None = None
         self._fresh: FreshDecisions | None = None
         if not self.kv_events:
-            self._predicted = PredictedResidency(factory, predicted_ttl)
-        elif predict_on_route:
-            self._fresh = FreshDecisions(fresh_ttl)
-        self._request_timeout = float(request_timeout)
-        self._sweep_interval = check_nonneg(sweep_interval, "sweep_interval")
+            self._predicted = PredictedResidency(factory, config.predicted_ttl)
+        elif config.predict_on_route:
+            self._fresh = FreshDecisions(config.fresh_ttl)
+        self._pins = SessionPins(config.pin_balance_slack, config.pin_abs_slack)
+        self._warmups = WarmupPlans(WARMUP_PLAN_TTL)
+        self._queue = AdmissionQueue(config.admission)
+        self._journal = Journal(config.journal)
+        self._tiered = config.tiered
         self._next_sweep = -math.inf
-        self._busy = busy_threshold
-        self._sjf = admission == "sjf"
-        self._pin_slack = check_nonneg(pin_balance_slack, "pin_balance_slack")
-        self._pin_abs = check_nonneg(pin_abs_slack, "pin_abs_slack")
-        self._pins: dict[str, tuple[int, float]] = {}
-        # session -> (its warm-up plan, when it was made)
-        self._warm: dict[str, tuple[WarmupPlan, float]] = {}
-        self._queue: list[_Queued] = []
-        self._queued_ids: set[str | int] = set()
-        self._qseq = itertools.count()
-        self._all_healthy = True
-        self._tiered = bool(tiered)
         self._zero_cache = np.zeros(0, np.int64)
-        self._false_cache = np.zeros(0, np.bool_)
         self._lock = threading.Lock()
-        self._seq = 0
-        self._journal: list[tuple[int, str, tuple[Any, ...], dict[str, Any]]] | None = (
-            [] if journal else None
-        )
         self._stats = dict.fromkeys(
             (
                 "routed",
@@ -255,15 +246,14 @@ class Router:
         for w in workers:
             self.add_worker(w)
 
+    @property
+    def _all_healthy(self) -> bool:
+        # route()'s candidate filter reads it: no filtering while all are healthy
+        return self._members.all_healthy
+
     # -- bookkeeping -------------------------------------------------------------
 
-    def _log(self, op: str, *args: Any, **kwargs: Any) -> int:
-        self._seq += 1
-        if self._journal is not None:
-            self._journal.append((self._seq, op, args, kwargs))
-        return self._seq
-
-    def journal(self) -> list[tuple[int, str, tuple[Any, ...], dict[str, Any]]]:
+    def journal(self) -> list[JournalEntry]:
         """The state-changing calls so far, as ``(seq, method, args, kwargs)``, in order.
 
         Replaying them on a fresh router with the same parameters, seed and
@@ -273,7 +263,7 @@ class Router:
         ``"route"`` they lead to) but are not replayable as such.
         """
         with self._lock:
-            return list(self._journal or ())
+            return self._journal.entries()
 
     def stats(self) -> dict[str, int]:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
@@ -281,8 +271,8 @@ class Router:
         admission), warmup_plans (made and not yet taken)."""
         with self._lock:
             out = dict(self._stats)
-            out["queued"] = len(self._queued_ids)
-            out["warmup_plans"] = len(self._warm)
+            out["queued"] = len(self._queue)
+            out["warmup_plans"] = len(self._warmups)
             return out
 
     # -- workers -----------------------------------------------------------------
@@ -295,15 +285,12 @@ class Router:
         :raises TypeError, OverflowError: ``worker`` is not an int in [0, 2**64).
         """
         w = check_u64(worker, "worker")
-        cap = None
-        if kv_capacity_blocks is not None:
-            cap = int(check_nonneg(kv_capacity_blocks, "kv_capacity_blocks"))
+        cap = check_capacity(kv_capacity_blocks)
         with self._lock:
-            self._log("add_worker", w, kv_capacity_blocks=cap)
-            self._load.add_worker(w)
+            self._journal.log("add_worker", w, kv_capacity_blocks=cap)
+            self._members.add(w)
             if cap is not None and self._predicted is not None:
                 self._predicted.set_capacity(w, cap)
-            self._update_health()
 
     def remove_worker(self, worker: int) -> bool:
         """Remove a worker: never route to it again, drop its blocks and its requests' load.
@@ -312,17 +299,19 @@ class Router:
         """
         w = check_u64(worker, "worker")
         with self._lock:
-            self._log("remove_worker", w)
-            if w not in self._load.pos:
+            self._journal.log("remove_worker", w)
+            dropped = self._members.remove(w)
+            if dropped is None:
                 self._stats["unknown_workers"] += 1
                 return False
-            self._stats["dropped_with_worker"] += len(self._load.remove_worker(w))
+            self._stats["dropped_with_worker"] += len(dropped)
+            # every record that names the worker's cache goes with it; a pin or
+            # warm-up plan naming it is dropped when next read
             self.index.remove_worker(w)
             if self._predicted is not None:
                 self._predicted.remove_worker(w)
             if self._fresh is not None:
                 self._fresh.remove_worker(w)
-            self._update_health()
             return True
 
     def mark_unhealthy(self, worker: int) -> bool:
@@ -336,23 +325,16 @@ class Router:
     def _set_health(self, worker: int, healthy: bool) -> bool:
         w = check_u64(worker, "worker")
         with self._lock:
-            self._log("mark_healthy" if healthy else "mark_unhealthy", w)
-            p = self._load.pos.get(w)
-            if p is None:
+            self._journal.log("mark_healthy" if healthy else "mark_unhealthy", w)
+            if not self._members.set_healthy(w, healthy):
                 self._stats["unknown_workers"] += 1
                 return False
-            self._load.healthy[p] = healthy
-            self._update_health()
             return True
-
-    def _update_health(self) -> None:
-        lt = self._load
-        self._all_healthy = bool(lt.healthy[: lt.n].all())
 
     def workers(self) -> list[int]:
         """Known workers (healthy or not), ascending."""
         with self._lock:
-            return sorted(self._load.pos)
+            return self._members.workers()
 
     def load(self, worker: int) -> dict[str, float | int | bool]:
         """The router's view of one worker's load.
@@ -361,16 +343,7 @@ class Router:
         """
         w = check_u64(worker, "worker")
         with self._lock:
-            lt = self._load
-            p = lt.pos[w]
-            return {
-                "prefill_tokens": float(lt.prefill_tokens[p]),
-                "decode_blocks": float(lt.decode_blocks[p]),
-                "active_requests": int(lt.active[p]),
-                "waiting_requests": float(lt.waiting[p]),
-                "kv_usage": float(lt.kv_usage[p]),
-                "healthy": bool(lt.healthy[p]),
-            }
+            return self._members.load(w)
 
     def update_worker_metrics(
         self,
@@ -389,24 +362,16 @@ class Router:
         :raises TypeError, ValueError: a metric that is not a finite number in range.
         """
         w = check_u64(worker, "worker")
-        wr = None
-        if waiting_requests is not None:
-            wr = check_nonneg(waiting_requests, "waiting_requests")
-        ku = None if kv_usage is None else check_nonneg(kv_usage, "kv_usage")
-        if ku is not None and ku > 1.0:
-            raise ValueError(f"kv_usage must be in [0, 1], got {kv_usage!r}")
-        cap = None
-        if kv_capacity_blocks is not None:
-            cap = int(check_nonneg(kv_capacity_blocks, "kv_capacity_blocks"))
+        wr, ku, cap = check_metrics(waiting_requests, kv_usage, kv_capacity_blocks)
         with self._lock:
-            self._log(
+            self._journal.log(
                 "update_worker_metrics",
                 w,
                 waiting_requests=wr,
                 kv_usage=ku,
                 kv_capacity_blocks=cap,
             )
-            if not self._load.set_metrics(w, wr, ku):
+            if not self._members.set_metrics(w, wr, ku):
                 self._stats["unknown_workers"] += 1
                 return False
             if cap is not None and self._predicted is not None:
@@ -418,11 +383,11 @@ class Router:
     def apply_stored(
         self,
         worker: int,
-        hashes: Any,
+        hashes: HashesLike,
         parent: int | None = None,
         *,
         tier: str = "device",
-        engine_hashes: Any = None,
+        engine_hashes: HashesLike | None = None,
     ) -> int:
         """Apply a "blocks stored" event to :attr:`index`, ordered with routing decisions.
 
@@ -435,12 +400,12 @@ class Router:
             self.index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
             if tier != "device":
                 self._tiered = True
-            return self._log(
+            return self._journal.log(
                 "apply_stored", worker, keys, parent, tier=tier, engine_hashes=engine_hashes
             )
 
     def apply_removed(
-        self, worker: int, hashes: Any, *, engine: bool = False, tier: str = "device"
+        self, worker: int, hashes: HashesLike, *, engine: bool = False, tier: str = "device"
     ) -> int:
         """Apply a "blocks removed" event to :attr:`index`; returns how many were unknown.
 
@@ -448,15 +413,15 @@ class Router:
         """
         keys = as_u64_array(hashes)
         with self._lock:
-            unknown: int = self.index.remove(worker, keys, engine=engine, tier=tier)
-            self._log("apply_removed", worker, keys, engine=engine, tier=tier)
+            unknown = self.index.remove(worker, keys, engine=engine, tier=tier)
+            self._journal.log("apply_removed", worker, keys, engine=engine, tier=tier)
             return unknown
 
     def apply_cleared(self, worker: int) -> int:
         """Apply an "all blocks cleared" event; returns the number of blocks dropped."""
         with self._lock:
-            dropped: int = self.index.clear(worker)
-            self._log("apply_cleared", worker)
+            dropped = self.index.clear(worker)
+            self._journal.log("apply_cleared", worker)
             return dropped
 
     # -- routing -----------------------------------------------------------------
@@ -527,21 +492,19 @@ class Router:
 
     def _maintain(self, now: float) -> None:
         if now >= self._next_sweep:
-            self._next_sweep = now + self._sweep_interval
+            self._next_sweep = now + self.config.sweep_interval
             self._sweep_locked(now)
         if self._predicted is not None:
             self._predicted.expire(now)
 
     def _sweep_locked(self, now: float) -> int:
         lt = self._load
-        stale = lt.stale(now, self._request_timeout)
+        stale = lt.stale(now, self.config.request_timeout)
         for rid in stale:
             lt.finish(rid)
         self._stats["stale_requests"] += len(stale)
-        for sid in [s for s, (_, exp) in self._pins.items() if exp <= now]:
-            del self._pins[sid]
-        for sid in [s for s, (_, made) in self._warm.items() if now - made > WARMUP_PLAN_TTL]:
-            del self._warm[sid]
+        self._pins.purge(now)
+        self._warmups.purge(now)
         if self._fresh is not None:
             self._fresh.purge(now)
         return len(stale)
@@ -550,36 +513,16 @@ class Router:
         """Drop requests with no lifecycle event for ``request_timeout``; return how many.
 
         ``route()`` runs it every ``sweep_interval`` seconds; a proxy may call it too.
+        It also drops expired pins, warm-up plans and predictions.
         Runtime complexity: O(requests in flight).
         """
         with self._lock:
-            self._log("sweep")
+            self._journal.log("sweep")
             now = self._clock()
             n = self._sweep_locked(now)
             if self._predicted is not None:
                 self._predicted.expire(now)
             return n
-
-    def _busy_mask(self, n: int) -> npt.NDArray[np.bool_]:
-        lt = self._load
-        b = self._busy
-        if b is None:
-            # one read-only array per fleet size, not a fresh slice per request
-            f = self._false_cache
-            if len(f) != n:
-                f = self._false_cache = np.zeros(n, np.bool_)
-                f.flags.writeable = False
-            return f
-        busy = np.zeros(n, np.bool_)
-        if b.max_prefill_tokens is not None:
-            busy |= lt.prefill_tokens[:n] >= b.max_prefill_tokens
-        if b.max_active_requests is not None:
-            busy |= lt.active[:n] >= b.max_active_requests
-        if b.max_waiting_requests is not None:
-            busy |= lt.waiting[:n] >= b.max_waiting_requests
-        if b.max_kv_usage is not None:
-            busy |= lt.kv_usage[:n] >= b.max_kv_usage
-        return busy
 
     def _overlap(self, hashes: npt.NDArray[np.uint64], n: int, now: float) -> tuple[Any, Any, Any]:
         """Per position: matched blocks (any tier), of which host, of which disk (or None)."""
@@ -629,24 +572,20 @@ class Router:
         """The position of the session's pinned worker if it may take the request."""
         if request.session_id is None:
             return None
-        pin = self._pins.get(request.session_id)
-        if pin is None:
+        worker = self._pins.get(request.session_id, now)
+        if worker is None:
             return None
-        worker, expiry = pin
         lt = self._load
         p = lt.pos.get(worker)
-        if expiry <= now or p is None:
-            del self._pins[request.session_id]
+        if p is None:
+            self._pins.drop(request.session_id)
             return None
         if not lt.healthy[p] or self._busy_mask(n)[p]:
             return None
         load = lt.active[:n] + lt.waiting[:n]
         if cand is not None:
             load = load[cand]
-        fair = (1.0 + self._pin_slack) * (float(load.sum()) + 1.0) / len(load) + self._pin_abs
-        if lt.active[p] + lt.waiting[p] + 1.0 > fair:
-            return None
-        return p
+        return p if self._pins.admits(float(lt.active[p] + lt.waiting[p]), load) else None
 
     def _route_locked(
         self,
@@ -767,10 +706,10 @@ class Router:
             ),
         )
         if breakpoints and request.session_id is not None:
-            self._pins[request.session_id] = (worker, now + max(b.ttl for b in breakpoints))
+            self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
-        seq = self._log("route", request, **({"exclude": exclude} if exclude else {}))
+        seq = self._journal.log("route", request, **({"exclude": exclude} if exclude else {}))
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
 
     def _predict(
@@ -807,7 +746,7 @@ class Router:
         :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
         """
         with self._lock:
-            self._log("first_token", request_id)
+            self._journal.log("first_token", request_id)
             return self._load.first_token(request_id, self._clock()) or self._unknown()
 
     def finished(
@@ -828,20 +767,16 @@ class Router:
         ):
             raise TypeError("output_tokens must be a sequence of ints")
         with self._lock:
-            self._log("finished", request_id, output_tokens=output_tokens)
+            self._journal.log("finished", request_id, output_tokens=output_tokens)
             r = self._load.finish(request_id)
             if r is None:
                 return self._unknown()
             pl: _Payload = r.payload
             if pl.speculative and pl.session_id is not None:
-                toks = None
-                if pl.tokens is not None:
-                    toks = tuple(int(t) for t in pl.tokens)
-                    if output_tokens is not None:
-                        toks += tuple(int(t) for t in output_tokens)
                 assert pl.hashes is not None
-                plan = WarmupPlan(r.worker, toks, pl.hashes)
-                self._warm[pl.session_id] = (plan, self._clock())
+                self._warmups.record(
+                    pl.session_id, r.worker, pl.tokens, output_tokens, pl.hashes, self._clock()
+                )
             return True
 
     def failed(self, request_id: str | int) -> bool:
@@ -850,7 +785,7 @@ class Router:
         :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
         """
         with self._lock:
-            self._log("failed", request_id)
+            self._journal.log("failed", request_id)
             r = self._load.finish(request_id)
             if r is None:
                 return self._unknown()
@@ -871,26 +806,14 @@ class Router:
         :data:`WARMUP_PLAN_TTL` (the sweep drops those).
         """
         with self._lock:
-            kept = self._warm.pop(session_id, None)
-            if kept is None:
+            if session_id not in self._warmups:
                 return None
-            plan, made = kept
-            if self._clock() - made > WARMUP_PLAN_TTL:
-                return None
-            p = self._load.pos.get(plan.worker)
-            if p is None or not self._load.healthy[p]:
+            plan = self._warmups.take(session_id, self._clock())
+            if plan is None or not self._members.is_healthy(plan.worker):
                 return None
             return plan
 
     # -- admission ---------------------------------------------------------------
-
-    def _saturated(self) -> bool:
-        if self._busy is None:
-            return False
-        lt = self._load
-        busy = self._busy_mask(lt.n)
-        ok = ~busy & lt.healthy[: lt.n]
-        return not bool(ok.any())
 
     def submit(self, request: Request) -> Decision | None:
         """Route ``request`` now, or queue it while every healthy worker is busy.
@@ -908,45 +831,38 @@ class Router:
         prompt = request.num_prompt_tokens(self.block_size)
         with self._lock:
             rid = request.request_id
-            if rid in self._queued_ids or rid in self._load.requests:
+            if rid in self._queue or rid in self._load.requests:
                 raise ValueError(f"request {rid!r} is already queued or in flight")
-            if not self._queued_ids and not self._saturated():
+            if not self._queue and not self._members.saturated():
                 return self._route_locked(request, hashes, prompt)
-            size = float(prompt + (request.expected_output_tokens or 0)) if self._sjf else 0.0
-            heapq.heappush(
-                self._queue,
-                _Queued((request.priority, size, next(self._qseq)), request, hashes, prompt),
-            )
-            self._queued_ids.add(rid)
-            self._log("queued", request)
+            self._queue.push(request, hashes, prompt)
+            self._journal.log("queued", request)
             return None
 
     def pop_ready(self) -> list[Decision]:
         """Route queued requests, in admission order, while some worker is not busy."""
         out: list[Decision] = []
         with self._lock:
-            while self._queue and not self._saturated():
-                q = heapq.heappop(self._queue)
-                rid = q.request.request_id
-                if rid not in self._queued_ids:  # cancelled
-                    continue
-                self._queued_ids.discard(rid)
+            while self._queue and not self._members.saturated():
+                q = self._queue.pop()
+                assert q is not None  # the queue is not empty
                 out.append(self._route_locked(q.request, q.hashes, q.prompt))
         return out
 
     def cancel(self, request_id: str | int) -> bool:
         """Drop a queued request. False if it is not queued."""
         with self._lock:
-            if request_id not in self._queued_ids:
+            if not self._queue.cancel(request_id):
                 return False
-            self._queued_ids.discard(request_id)
-            self._log("cancel", request_id)
+            self._journal.log("cancel", request_id)
             return True
 
     def _check(self) -> None:
-        """Check the router's invariants (load aggregates, predicted residency)."""
+        """Check the router's invariants (load aggregates, membership, predictions, queue)."""
         with self._lock:
             self._load._check()
+            self._members._check()
+            self._queue._check()
             if self._predicted is not None:
                 self._predicted._check()
 

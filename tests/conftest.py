@@ -1,4 +1,4 @@
-"""Shared fixtures: every index test runs against both twins (ids c / py)."""
+"""Shared fixtures: every index and router test runs against both twins (ids c / py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import twin_ids, twins
+from helpers import Twin, compiled, twin_ids, twin_swaps, twins
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -32,6 +32,27 @@ def index_module(request: pytest.FixtureRequest) -> ModuleType:
 @pytest.fixture
 def BlockIndex(index_module: ModuleType) -> type:
     return index_module.BlockIndex  # type: ignore[no-any-return]
+
+
+_CORE_TWINS = ["py"] if compiled("_route") is None else ["c", "py"]
+
+
+@pytest.fixture(params=_CORE_TWINS)
+def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Twin:
+    """Run one test on the compiled cores (``c``) or on their pure-Python twins (``py``).
+
+    For ``py``, every name the imported kvroute modules bound to a compiled
+    core (the index, the router's kernels, the hasher) is rebound to the
+    twin's for the duration of the test, so a ``Router`` built inside it
+    uses the twins throughout: its index, its load tracker's
+    ``ActivePrefixes``, the fresh-decision overlay and the policies' kernels.
+    """
+    if request.param == "py":
+        for module, name, _, twin_obj in twin_swaps():
+            monkeypatch.setattr(module, name, twin_obj)
+    import kvroute
+
+    return Twin(request.param, kvroute.BlockIndex)
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
@@ -38,6 +40,55 @@ def twins(base: str) -> list[ModuleType]:
 def twin_ids(mods: list[ModuleType]) -> list[str]:
     """Test ids for :func:`twins`: ``c`` and ``py``."""
     return ["py" if m.__name__.endswith("_py") else "c" for m in mods]
+
+
+@dataclass(frozen=True)
+class Twin:
+    """Which implementation of the compiled cores a test runs on (conftest's ``twin``).
+
+    :ivar name: ``"c"`` (the extensions) or ``"py"`` (the pure-Python twins).
+    :ivar BlockIndex: that implementation's index class.
+    """
+
+    name: str
+    BlockIndex: type
+
+
+#: The compiled cores, each with a pure-Python twin ``kvroute.<core>_py``.
+CORES = ("_index", "_route", "_hashing")
+
+
+def twin_swaps() -> list[tuple[ModuleType, str, object, object]]:
+    """Every name an imported kvroute module binds to a compiled core, with its twin's object.
+
+    kvroute's modules choose compiled-or-twin once, when imported (``from
+    ._route import ActivePrefixes``, ``from ._index import BlockIndex``), so
+    running already-imported code on the twins means rebinding those names:
+    each name bound to a compiled core's class or function, or to the core
+    module itself, is listed as ``(module, name, compiled, twin)``. Empty when
+    no core is compiled (``KVROUTE_NO_EXTENSIONS``: the twins are in use).
+    """
+    swap: dict[int, tuple[object, object]] = {}
+    owners: set[str] = set()
+    for core in CORES:
+        mod = compiled(core)
+        if mod is None:
+            continue
+        py = importlib.import_module(f"kvroute.{core}_py")
+        owners |= {mod.__name__, py.__name__}
+        swap[id(mod)] = (mod, py)
+        for name, obj in vars(mod).items():
+            if getattr(obj, "__module__", None) == mod.__name__ and hasattr(py, name):
+                swap[id(obj)] = (obj, getattr(py, name))
+    out = []
+    for modname, module in list(sys.modules.items()):
+        if module is None or modname in owners or modname.split(".")[0] != "kvroute":
+            continue
+        for name, value in list(vars(module).items()):
+            hit = swap.get(id(value))
+            if hit is not None and hit[0] is value:
+                out.append((module, name, value, hit[1]))
+    return out
 
 
 class Clock:

@@ -1,4 +1,7 @@
-"""Predicted residency (approximate mode, predict-on-route): TTL, LRU capacity, pins."""
+"""Predicted residency (approximate mode, predict-on-route): TTL, LRU capacity, pins.
+
+Every test runs on the compiled cores and on their pure-Python twins (ids c / py).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,23 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Clock, H
-from hypothesis import given
+from helpers import Clock, H, Twin
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvroute._index_py import BlockIndex as PyIndex
-from kvroute.approx import (
-    FreshDecisions,
-    PredictedResidency,
-    chained_common_prefix,
-)
+import kvroute.approx
+from kvroute.approx import FreshDecisions, PredictedResidency
 from kvroute.hashing import kvroute_block_hashes
 from kvroute.request import CacheControl, Request
 from kvroute.router import Router
+
+pytestmark = pytest.mark.usefixtures("twin")
 
 
 def approx_router(**kw: Any) -> tuple[Router, Clock]:
     clock = Clock()
     kw.setdefault("policy", "cache_aware")
-    r = Router(block_size=4, clock=clock, index_factory=PyIndex, kv_events=False, **kw)
+    r = Router(block_size=4, clock=clock, kv_events=False, **kw)
     return r, clock
 
 
@@ -85,8 +86,8 @@ def test_capacity_from_add_worker_and_shrinking_evicts_now() -> None:
     assert pr.evicted_blocks == 40
 
 
-def test_shared_blocks_survive_eviction_of_an_older_entry() -> None:
-    pr = PredictedResidency(PyIndex, ttl=100.0)
+def test_shared_blocks_survive_eviction_of_an_older_entry(twin: Twin) -> None:
+    pr = PredictedResidency(twin.BlockIndex, ttl=100.0)
     pr.set_capacity(0, 5)
     pr.record(0, H(1, 2, 3), now=0.0)
     pr.record(0, H(1, 2, 7, 8), now=1.0)  # shares 1, 2: 5 distinct blocks, at capacity
@@ -152,15 +153,15 @@ def test_remove_worker_forgets_its_predictions() -> None:
     r._check()
 
 
-def test_forget_and_bad_ttl() -> None:
-    pr = PredictedResidency(PyIndex)
+def test_forget_and_bad_ttl(twin: Twin) -> None:
+    pr = PredictedResidency(twin.BlockIndex)
     e = pr.record(0, H(1, 2), now=0.0)
     pr.forget(e)
     pr.forget(e)
     assert pr.match(H(1)) == {} and len(pr) == 0
     assert pr.record(0, H(), now=0.0) >= 0 and len(pr) == 0
     with pytest.raises(ValueError, match="ttl must be > 0"):
-        PredictedResidency(PyIndex, ttl=0)
+        PredictedResidency(twin.BlockIndex, ttl=0)
 
 
 ops = st.lists(
@@ -180,9 +181,13 @@ ops = st.lists(
 )
 
 
+# the twin fixture only rebinds module names, the same for every example
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops)
-def test_predicted_residency_invariants_under_random_operations(program: list[Any]) -> None:
-    pr = PredictedResidency(PyIndex, ttl=20.0)
+def test_predicted_residency_invariants_under_random_operations(
+    twin: Twin, program: list[Any]
+) -> None:
+    pr = PredictedResidency(twin.BlockIndex, ttl=20.0)
     now = 0.0
     caps: dict[int, int | None] = {}
     for op in program:
@@ -237,6 +242,7 @@ def test_fresh_decisions_keep_the_newest_per_worker_and_expire() -> None:
         FreshDecisions(ttl=0)
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(st.integers(0, 3), min_size=0, max_size=40),
     st.lists(st.integers(0, 3), min_size=0, max_size=40),
@@ -250,5 +256,6 @@ def test_chained_common_prefix_agrees_with_the_full_comparison(
     k = 0
     while k < min(len(ka), len(kb)) and ka[k] == kb[k]:
         k += 1
-    assert chained_common_prefix(ka, kb) == k
-    assert chained_common_prefix(ka, ka) == len(ka)
+    # looked up when called: the twin's under "py"
+    assert kvroute.approx.chained_common_prefix(ka, kb) == k
+    assert kvroute.approx.chained_common_prefix(ka, ka) == len(ka)

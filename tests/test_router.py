@@ -1,4 +1,9 @@
-"""Router: API, load accounting, lifecycle, membership, pins, admission, warm-up, bad input."""
+"""Router: API, load accounting, lifecycle, membership, pins, admission, warm-up, bad input.
+
+Every test runs twice (ids c / py): on the compiled cores and on their
+pure-Python twins (conftest's ``twin`` fixture), so the router's behaviour is
+pinned on both.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from helpers import Clock, H
-from hypothesis import given
+from helpers import Clock, H, Twin
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvroute._index_py import BlockIndex as PyIndex
 from kvroute.policies import Candidates, Choice, Features
 from kvroute.request import CacheControl, Request, cache_segments
 from kvroute.router import WARMUP_PLAN_TTL, BusyThreshold, NoWorkerAvailable, Router
@@ -39,15 +43,28 @@ def fake_hash(
     return np.array(out, np.uint64)
 
 
+pytestmark = pytest.mark.usefixtures("twin")
+
+
 def make(**kw: Any) -> Router:
     kw.setdefault("block_size", 4)
     kw.setdefault("clock", Clock())
-    kw.setdefault("index_factory", PyIndex)
     kw.setdefault("hashing", fake_hash)
     return Router(**kw)
 
 
 # -- API and decisions ----------------------------------------------------------------
+
+
+def test_the_router_runs_on_the_twin_under_test(twin: Twin) -> None:
+    # what the router builds itself must come from the implementation under test
+    suffix = "_py" if twin.name == "py" else ""
+    r = make(workers=[0])
+    assert type(r.index).__module__ == f"kvroute._index{suffix}"
+    assert type(r._load.active_blocks).__module__ == f"kvroute._route{suffix}"
+    approx = make(workers=[0], kv_events=False)
+    assert approx._predicted is not None
+    assert type(approx._predicted._index).__module__ == f"kvroute._index{suffix}"
 
 
 def test_route_picks_the_worker_holding_the_prefix_and_reports_the_alternative() -> None:
@@ -115,7 +132,7 @@ def test_missing_hashing_module_gives_a_clear_error(monkeypatch: pytest.MonkeyPa
         return real(name, *a)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    r = Router(block_size=4, workers=[0], index_factory=PyIndex, clock=Clock())
+    r = Router(block_size=4, workers=[0], clock=Clock())
     with pytest.raises(RuntimeError, match="pass hashing= to Router"):
         r.route(Request("a", tokens=[1, 2, 3, 4]))
     assert r.route(Request("b", block_hashes=H(1))).worker == 0
@@ -630,7 +647,7 @@ def test_journal_records_state_changes_in_order() -> None:
 def test_default_hashing_is_kvroute_block_hashes_with_salt_and_lora() -> None:
     from kvroute.hashing import kvroute_block_hashes
 
-    r = Router(block_size=4, workers=[0, 1], policy="cache_aware", index_factory=PyIndex)
+    r = Router(block_size=4, workers=[0, 1], policy="cache_aware")
     toks = list(range(20))
     r.apply_stored(1, kvroute_block_hashes(toks, 4, lora_name="a", cache_namespace="t"))
     d = r.route(Request("x", tokens=toks, lora_name="a", cache_salt="t"))
@@ -658,6 +675,8 @@ lifecycle_ops = st.lists(
 )
 
 
+# the twin fixture only rebinds module names, the same for every example
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lifecycle_ops, st.sampled_from(["kvroute", "kv_cost", "cache_aware", "least_loaded"]))
 def test_random_lifecycles_keep_load_consistent_and_end_at_zero(
     program: list[Any], policy: str
@@ -735,8 +754,8 @@ def test_host_tier_hits_are_priced_below_device_hits() -> None:
     assert d.predicted_cached_tokens == 16
 
 
-def test_router_uses_the_index_it_is_given() -> None:
-    idx = PyIndex()
+def test_router_uses_the_index_it_is_given(twin: Twin) -> None:
+    idx = twin.BlockIndex()
     idx.store(1, H(9, 8))
     r = make(workers=[0, 1], index=idx, policy="cache_aware")
     assert r.index is idx

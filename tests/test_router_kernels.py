@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Clock, twin_ids, twins
-from hypothesis import given, settings
+from helpers import Clock, Twin, twin_ids, twins
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvroute._route_py as py_twin
@@ -634,9 +634,10 @@ def test_kvroute_costs_refuses_arrays_of_the_wrong_kind(
     ),
     st.sampled_from(["kvroute", "kv_cost", "round_robin"]),
 )
-@settings(deadline=None)
+# the twin fixture only rebinds module names, the same for every example
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_router_decode_blocks_equal_the_unique_keys_in_flight(
-    program: list[tuple[Any, ...]], policy: str
+    twin: Twin, program: list[tuple[Any, ...]], policy: str
 ) -> None:
     # Dynamo's definition, recounted from scratch: the distinct prompt keys of the
     # requests in flight per worker, plus their expected output blocks.
@@ -646,7 +647,7 @@ def test_router_decode_blocks_equal_the_unique_keys_in_flight(
         policy=policy,
         policy_params={"seed": 0} if policy != "round_robin" else None,
         clock=Clock(),
-        index_factory=PyIndex,
+        index_factory=twin.BlockIndex,
     )
     r.apply_stored(1, chain([0, 0, 0]))
     started: list[str] = []

@@ -3,7 +3,8 @@
 Every state-changing call is journaled under the router's lock in the order it
 took effect. Replaying the journal serially on a fresh router must reproduce
 every decision and the final state exactly: concurrency changes the order of
-operations, never their effect.
+operations, never their effect. Runs on the compiled cores and on their
+pure-Python twins (ids c / py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from helpers import Twin
 
 from kvroute.request import Decision, Request
 from kvroute.router import Router
@@ -28,7 +29,7 @@ def H(xs: list[int]) -> npt.NDArray[np.uint64]:
     return np.array(xs, np.uint64)
 
 
-def make(index_module: ModuleType, policy: str) -> Router:
+def make(twin: Twin, policy: str) -> Router:
     params: dict[str, Any] = {} if policy == "cache_aware" else {"seed": 11}
     return Router(
         block_size=16,
@@ -36,7 +37,7 @@ def make(index_module: ModuleType, policy: str) -> Router:
         policy=policy,
         policy_params=params,
         clock=lambda: 0.0,
-        index_factory=index_module.BlockIndex,
+        index_factory=twin.BlockIndex,
         journal=True,
     )
 
@@ -125,8 +126,8 @@ def same(a: Decision, b: Decision) -> bool:
     )
 
 
-def run_stress(index_module: ModuleType, policy: str, n: int = 150) -> None:
-    r = make(index_module, policy)
+def run_stress(twin: Twin, policy: str, n: int = 150) -> None:
+    r = make(twin, policy)
     stop = threading.Event()
     outs: list[list[tuple[int, Decision]]] = [[] for _ in range(4)]
     bg = [
@@ -160,7 +161,7 @@ def run_stress(index_module: ModuleType, policy: str, n: int = 150) -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     got = {seq: d for out in outs for seq, d in out}
     assert len(got) == 4 * n
-    fresh = make(index_module, policy)
+    fresh = make(twin, policy)
     replayed = replay(journal, fresh)
     assert replayed.keys() == got.keys()
     mismatched = [s for s in got if not same(got[s], replayed[s])]
@@ -179,19 +180,13 @@ def run_stress(index_module: ModuleType, policy: str, n: int = 150) -> None:
     assert r.stats()["unknown_request_ids"] == 0
 
 
-def test_concurrent_routes_and_events_match_a_serial_replay_kvroute(
-    index_module: ModuleType,
-) -> None:
-    run_stress(index_module, "kvroute")
+def test_concurrent_routes_and_events_match_a_serial_replay_kvroute(twin: Twin) -> None:
+    run_stress(twin, "kvroute")
 
 
-def test_concurrent_routes_and_events_match_a_serial_replay_kv_cost(
-    index_module: ModuleType,
-) -> None:
-    run_stress(index_module, "kv_cost")
+def test_concurrent_routes_and_events_match_a_serial_replay_kv_cost(twin: Twin) -> None:
+    run_stress(twin, "kv_cost")
 
 
-def test_concurrent_routes_and_events_match_a_serial_replay_cache_aware(
-    index_module: ModuleType,
-) -> None:
-    run_stress(index_module, "cache_aware", n=80)
+def test_concurrent_routes_and_events_match_a_serial_replay_cache_aware(twin: Twin) -> None:
+    run_stress(twin, "cache_aware", n=80)
