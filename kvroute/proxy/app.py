@@ -58,11 +58,11 @@ from .anthropic import (
 from .config import ProxyConfig
 from .errors import Api, ProxyError, error_body, upstream_message
 from .hints import Hints, Usage, common_prefix, pinned_breakpoints
+from .kinds import Kind
 from .openai import OpenAIStream, openai_hints, openai_usage
 from .sse import encode_event
 from .tokenize import (
     RENDER_PATHS,
-    Kind,
     LocalTokenizer,
     local_tokens,
     prompt_token_ids,
@@ -917,9 +917,14 @@ class ProxyApp:
         watcher: OpenAIStream | AnthropicStream
         collector = ReplyCollector(call.kind) if call.collect else None
         if call.kind == "messages":
-            watcher = AnthropicStream(decision.predicted_cached_tokens, collector=collector)
+            watcher = AnthropicStream(
+                decision.predicted_cached_tokens,
+                on_event=None if collector is None else collector.feed,
+            )
         else:
-            watcher = OpenAIStream(strip_usage=call.strip_usage, collector=collector)
+            watcher = OpenAIStream(
+                strip_usage=call.strip_usage, on_event=None if collector is None else collector.feed
+            )
         resp: web.StreamResponse | None = None
         worker = decision.worker
         upstream_error: str | None = None

@@ -14,7 +14,9 @@ carries the status and message; :func:`error_body` renders it for either API.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final
+
+from .kinds import Api
 
 __all__ = [
     "Api",
@@ -24,9 +26,6 @@ __all__ = [
     "openai_error_type",
     "upstream_message",
 ]
-
-#: Which API's conventions a response follows.
-Api = Literal["openai", "anthropic"]
 
 _OPENAI_TYPES: Final = {
     400: "invalid_request_error",

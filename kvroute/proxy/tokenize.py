@@ -30,18 +30,18 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final, NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .anthropic import to_chat
 from .errors import ProxyError
+from .kinds import Kind
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
     "RENDER_PATHS",
-    "Kind",
     "LocalTokenizer",
     "local_tokens",
     "prompt_token_ids",
@@ -49,9 +49,6 @@ __all__ = [
     "tokenize_body",
     "tokenize_token_ids",
 ]
-
-#: The generation endpoints a prompt comes from.
-Kind = Literal["completions", "chat", "messages"]
 
 #: vLLM's render endpoint for each kind of request (same body, answers ``token_ids``).
 RENDER_PATHS: Final[Mapping[str, str]] = {

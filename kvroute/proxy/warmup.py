@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .tokenize import Kind
+from .kinds import Kind
 
 __all__ = ["ReplyCollector", "reply_of", "warmup_body"]
 
