@@ -26,6 +26,7 @@ SERVE = [
     *(f"kvroute.proxy.{m}" for m in ("openai", "server", "sse", "tokenize", "warmup", "workers")),
     "kvroute.metrics",
     "kvroute.events.zmq",
+    "kvroute._serve",
 ]
 
 
