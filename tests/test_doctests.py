@@ -27,6 +27,7 @@ SERVE = [
     "kvroute.metrics",
     "kvroute.events.zmq",
     "kvroute._serve",
+    "kvroute._chat_template",
 ]
 
 

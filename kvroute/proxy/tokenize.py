@@ -24,17 +24,16 @@ depends on the image, so routing sees a shorter, but stable, prefix.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .._chat_template import chat_template_environment
 from .anthropic import to_chat
 from .errors import ProxyError
 from .kinds import Kind
@@ -58,7 +57,8 @@ RENDER_PATHS: Final[Mapping[str, str]] = {
 }
 
 # A template that loops over a message's content takes OpenAI content parts;
-# one that does not expects a string (vLLM's "auto" content format).
+# one that does not expects a string (vLLM's "auto" content format). Found
+# apart from the mock worker's way, which is the reference this is tested against.
 _LOOPS_OVER_CONTENT: Final = re.compile(
     r"for\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content\b)"
 )
@@ -74,27 +74,6 @@ DEFAULT_IMAGE_PLACEHOLDER: Final = "<image>"
 
 def _bad(message: str) -> ProxyError:
     return ProxyError(400, message)
-
-
-def _raise(message: str) -> NoReturn:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's tojson: plain JSON, no HTML escaping.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
 
 
 def _token_text(value: object) -> str:
@@ -160,13 +139,7 @@ class LocalTokenizer:
         self._template: jinja2.Template | None = None
         self._string_content = False
         if chat_template is not None:
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = _strftime_now
-            self._template = env.from_string(chat_template)
+            self._template = chat_template_environment().from_string(chat_template)
             self._string_content = not _LOOPS_OVER_CONTENT.search(chat_template)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
