@@ -180,7 +180,7 @@ def test_completions_continue_as_text_and_token_id_prompts_get_no_warm_up() -> N
 
 
 def _send_warmup(proxy: Any, body: bytes) -> None:
-    send = proxy.proxy._send_warmup(0, "/v1/completions", body, {"X-Request-Id": "x-warmup"})
+    send = proxy.proxy.warmups.send(0, "/v1/completions", body, {"X-Request-Id": "x-warmup"})
     proxy._thread.run(send, timeout=10)
 
 

@@ -10,7 +10,8 @@ Two ways, chosen by :attr:`ProxyConfig.tokenize_with`:
   into chat messages (:func:`kvroute.proxy.anthropic.to_chat`).
 - **by a worker**: vLLM's GPU-less render endpoints
   (:data:`RENDER_PATHS`, answering ``token_ids``) or its ``/tokenize``; the
-  HTTP calls are made by the app, this module builds and reads the bodies.
+  calls are made by :mod:`~kvroute.proxy.prepare`, this module builds and
+  reads the bodies.
 
 Before the template, messages go through what vLLM's ``parse_chat_messages``
 does to them (:meth:`LocalTokenizer.conversation`), and tools are dumped the
@@ -35,8 +36,8 @@ import jinja2
 
 from .._chat_template import chat_template_environment
 from .anthropic import to_chat
+from .call import Kind
 from .errors import ProxyError
-from .kinds import Kind
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
