@@ -261,7 +261,7 @@ def _relaying(p: _Parts, relay: Relay, replies: list[Any]) -> Any:
                           strip_usage=request.headers.get("X-Strip") == "1")  # fmt: skip
 
         async def answer(decision: Any, response: aiohttp.ClientResponse, lc: Lifecycle) -> Any:
-            return await relay.relay(request, call, decision, response, lc, collect=True)
+            return await relay.answer(request, call, decision, response, lc, collect=True)
 
         relayed = await p.upstream.send(Request(next(ids), tokens=[7] * 40), call, answer)
         replies.append(relayed.reply)
@@ -400,9 +400,9 @@ def test_closing_warmups_cancels_those_still_being_sent() -> None:
             call = _chat_call({"model": MODEL, "messages": chat(1)}, "hung")
             warmups.warm(call, "s", {"role": "assistant", "content": "a"})
             await asyncio.sleep(0.1)
-            assert warmups._tasks  # still waiting on the paused worker
+            assert warmups.pending == 1  # still waiting on the paused worker
             await warmups.close()
-            assert not warmups._tasks
+            assert warmups.pending == 0
             for outcome in ("sent", "refused", "failed"):
                 assert p.metrics.value("kvroute_warmups_total", {"outcome": outcome}) == 0
 
@@ -495,7 +495,7 @@ async def _preparing(p: _Parts) -> AsyncIterator[str]:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         try:
-            prepared = await preparer.prepare(request, kinds[request.path])  # type: ignore[arg-type]
+            prepared = await preparer.prepare(request, kinds[request.path])
         except ProxyError as e:
             return web.json_response({"error": e.message}, status=e.status)
         return web.json_response(_summary(prepared))

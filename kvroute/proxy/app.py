@@ -121,7 +121,7 @@ class ProxyApp:
         #: Calls to the workers, and the attempt loop.
         self.upstream = Upstream(router, self.pool, config, self.metrics)
         #: Request preparation: body, hints, tokens, breakpoints.
-        self.prepare = Preparer(config, router, self.models, self.upstream, tokenizer)
+        self.preparer = Preparer(config, router, self.models, self.upstream, tokenizer)
         #: Answers clients from workers' responses.
         self.relay = Relay(self.pool, self.metrics)
         #: Speculative-prefill warm-ups.
@@ -238,7 +238,7 @@ class ProxyApp:
         return await self._serve(request, "messages")
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
-        counted = count_tokens(request, self.prepare, self.upstream)
+        counted = count_tokens(request, self.preparer, self.upstream)
         return await self._answer(request, "anthropic", counted)
 
     async def _answer(
@@ -260,18 +260,18 @@ class ProxyApp:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        prepared = await self.prepare.prepare(request, kind)
+        prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
 
-        async def relay(
-            decision: Decision, upstream: aiohttp.ClientResponse, lc: Lifecycle
+        async def answer(
+            decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
         ) -> Relayed:
-            return await self.relay.relay(
-                request, call, decision, upstream, lc, collect=routed.speculative_prefill
+            return await self.relay.answer(
+                request, call, decision, response, lc, collect=routed.speculative_prefill
             )
 
         try:
-            relayed = await self.upstream.send(routed, call, relay)
+            relayed = await self.upstream.send(routed, call, answer)
         except AttemptFailed as last:  # every attempt failed
             return failure_response(call, last)
         if routed.speculative_prefill:

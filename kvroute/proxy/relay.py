@@ -1,6 +1,6 @@
 """Relay: a worker's answer passed on to the client, its usage and cache figures counted.
 
-:meth:`Relay.relay` answers the client from a worker's response (the
+:meth:`Relay.answer` answers the client from a worker's response (the
 handler of :meth:`~kvroute.proxy.upstream.Upstream.send`):
 
 - an error answer (4xx) passes on as it is; on ``/v1/messages``, one that is
@@ -132,7 +132,7 @@ class Relay:
         self.pool = pool
         self.metrics = metrics
 
-    async def relay(
+    async def answer(
         self,
         request: web.Request,
         call: Call,

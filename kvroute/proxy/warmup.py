@@ -220,6 +220,11 @@ class Warmups:
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def pending(self) -> int:
+        """Warm-ups still being sent."""
+        return len(self._tasks)
+
     def warm(self, call: Call, session_id: str, reply: Any) -> None:
         """Warm ``session_id``'s next turn: ``call``'s conversation with ``reply`` appended.
 
