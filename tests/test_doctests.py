@@ -22,10 +22,13 @@ CORE = [
 ]
 # These need the ``serve`` extra (aiohttp, pyzmq, prometheus_client, ...).
 SERVE = [
-    *(f"kvroute.proxy.{m}" for m in ("anthropic", "app", "cli", "config", "errors", "hints")),
-    *(f"kvroute.proxy.{m}" for m in ("openai", "server", "sse", "tokenize", "warmup", "workers")),
+    *(f"kvroute.proxy.{m}" for m in ("anthropic", "app", "call", "cli", "config", "errors")),
+    *(f"kvroute.proxy.{m}" for m in ("hints", "models", "openai", "relay", "server", "sse")),
+    *(f"kvroute.proxy.{m}" for m in ("tokenize", "upstream", "warmup", "workers")),
     "kvroute.metrics",
     "kvroute.events.zmq",
+    "kvroute._serve",
+    "kvroute._chat_template",
 ]
 
 

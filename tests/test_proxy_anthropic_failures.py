@@ -15,12 +15,9 @@ of a :class:`~kvroute.testing.MockWorker` that answers 404 on some paths.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
-import threading
 import urllib.request
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -38,7 +35,7 @@ from helpers import wait_until  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from test_proxy_support import FAST_HEALTH, SYSTEM, chat, fleet, get, post  # noqa: E402
 
-from kvroute._aio import OwningLoop, close_loop  # noqa: E402
+from kvroute._serve import ServerThread  # noqa: E402
 from kvroute.proxy import (  # noqa: E402
     CACHE_SOURCE_HEADER,
     PREDICTED_HEADER,
@@ -119,9 +116,8 @@ class _Front:
         #: The headers of every POST, in order (case-insensitive mappings).
         self.posted_headers: list[Mapping[str, str]] = []
         self.port = 0
-        self._thread: threading.Thread | None = None
-        self._loop: OwningLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._thread = ServerThread("front", self._startup, self._shutdown)
+        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -129,10 +125,7 @@ class _Front:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> _Front:
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, args=(ready,), daemon=True)
-        self._thread.start()
-        ready.result(10)
+        self._thread.start(10)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -140,40 +133,23 @@ class _Front:
 
     def stop(self) -> None:
         """Stop listening (its port then refuses connections) and join the thread."""
-        if self._thread is None:
-            return
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-        self._thread = None
+        self._thread.stop(10)
 
-    def _main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = self._loop = OwningLoop()
-        try:
-            loop.run_until_complete(self._serve(ready))
-        except BaseException as e:
-            if not ready.done():
-                ready.set_exception(e)
-        finally:
-            close_loop(loop)
-
-    async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
-        self._stop = asyncio.Event()
+    async def _startup(self) -> None:
+        self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        async with aiohttp.ClientSession() as self._session:
-            try:
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                self.port = site.port
-                ready.set_result(None)
-                await self._stop.wait()
-            finally:
-                await runner.cleanup()
-                assert self._loop is not None
-                self._loop.abort_all()
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site.port
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST":

@@ -329,7 +329,7 @@ def test_every_tokenizing_mode_gives_the_workers_token_ids(mode: str, tokenizer_
                         "/v1/messages/render"]  # fmt: skip
         if mode == "render":
             assert all(served.get(p) for p in render_paths), served
-            assert "/tokenize" not in served and not proxy.proxy._no_render
+            assert "/tokenize" not in served and not proxy.proxy.preparer.no_render
         elif mode == "tokenize":
             assert served.get("/tokenize") and not any(p in served for p in render_paths)
         else:
@@ -360,16 +360,16 @@ def test_local_tokenizer_from_a_model_directory(tmp_path: Path, tokenizer_json: 
 def test_render_falls_back_to_tokenize_and_template_errors_are_400(
     tokenizer_json: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvroute.proxy.app as app_module
+    import kvroute.proxy.prepare as prepare_module
 
     # Render paths the workers do not serve: they answer 404, as an older vLLM does.
-    missing = {k: v + "-missing" for k, v in app_module.RENDER_PATHS.items()}
-    monkeypatch.setattr(app_module, "RENDER_PATHS", missing)
+    missing = {k: v + "-missing" for k, v in prepare_module.RENDER_PATHS.items()}
+    monkeypatch.setattr(prepare_module, "RENDER_PATHS", missing)
     with fleet(1) as (proxy, workers):
         body = {"model": MODEL, "messages": chat(1), "max_tokens": 1}
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 200
-        assert proxy.proxy._no_render == {missing["chat"]}
+        assert proxy.proxy.preparer.no_render == {missing["chat"]}
         record = workers[0].requests[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         bad = {"model": MODEL, "messages": [{"role": "user", "content": 7}], "max_tokens": 1}

@@ -8,7 +8,6 @@ loopback to MockWorkers, whose token ids and cache hits are their own.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 from typing import Any
@@ -181,10 +180,8 @@ def test_completions_continue_as_text_and_token_id_prompts_get_no_warm_up() -> N
 
 
 def _send_warmup(proxy: Any, body: bytes) -> None:
-    loop = proxy._loop
-    assert loop is not None
-    send = proxy.proxy._send_warmup(0, "/v1/completions", body, {"X-Request-Id": "x-warmup"})
-    asyncio.run_coroutine_threadsafe(send, loop).result(timeout=10)
+    send = proxy.proxy.warmups.send(0, "/v1/completions", body, {"X-Request-Id": "x-warmup"})
+    proxy._thread.run(send, timeout=10)
 
 
 def test_a_refused_or_failed_warm_up_is_counted_and_never_judges_the_worker() -> None:

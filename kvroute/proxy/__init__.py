@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from .app import CACHE_SOURCE_HEADER, PREDICTED_HEADER, WORKER_HEADER, ProxyApp
+    from .app import ProxyApp
     from .config import (
         DEFAULT_MAX_BODY_SIZE,
         ProxyConfig,
@@ -39,13 +39,14 @@ if TYPE_CHECKING:
         Hints,
         Usage,
     )
+    from .relay import CACHE_SOURCE_HEADER, PREDICTED_HEADER, WORKER_HEADER
     from .server import ProxyServer
     from .tokenize import LocalTokenizer
 
 _WHERE: Final = {
-    "CACHE_SOURCE_HEADER": "app",
-    "PREDICTED_HEADER": "app",
-    "WORKER_HEADER": "app",
+    "CACHE_SOURCE_HEADER": "relay",
+    "PREDICTED_HEADER": "relay",
+    "WORKER_HEADER": "relay",
     "ProxyApp": "app",
     "DEFAULT_MAX_BODY_SIZE": "config",
     "ProxyConfig": "config",

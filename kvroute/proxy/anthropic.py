@@ -19,15 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
 
 from .errors import ProxyError
 from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter, encode_event
-
-if TYPE_CHECKING:
-    from .warmup import ReplyCollector
 
 __all__ = [
     "CONTENT_BLOCK_TYPES",
@@ -481,15 +478,16 @@ class AnthropicStream:
     prediction filled in (see :func:`fill_usage`), and :attr:`predicted` is set.
 
     :param predicted_cached_tokens: the router's prediction for the request.
-    :param collector: fed every content event, to rebuild the reply.
+    :param on_event: called with each content event's JSON (``content_block_start``
+        and ``_delta``), e.g. to rebuild the reply for a warm-up.
     """
 
     def __init__(
-        self, predicted_cached_tokens: int, *, collector: ReplyCollector | None = None
+        self, predicted_cached_tokens: int, *, on_event: Callable[[object], None] | None = None
     ) -> None:
         self._split = SseSplitter()
         self._predicted_tokens = predicted_cached_tokens
-        self._collector = collector
+        self._on_event = on_event
         #: The first ``content_block_delta`` has gone by.
         self.first_token = False
         #: The cache figures passed on are the router's prediction.
@@ -511,11 +509,11 @@ class AnthropicStream:
         out: list[bytes] = []
         for ev in self._split.feed(chunk):
             kind = ev.event
-            if self._collector is not None and kind in (
+            if self._on_event is not None and kind in (
                 "content_block_start",
                 "content_block_delta",
             ):
-                self._collector.feed(ev.json())
+                self._on_event(ev.json())
             if kind == "content_block_delta":
                 self.first_token = True
             elif kind == "message_stop":

@@ -14,19 +14,19 @@ carries the status and message; :func:`error_body` renders it for either API.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final
+
+from .call import Api
 
 __all__ = [
     "Api",
     "ProxyError",
     "anthropic_error_type",
     "error_body",
+    "lacks_endpoint",
     "openai_error_type",
     "upstream_message",
 ]
-
-#: Which API's conventions a response follows.
-Api = Literal["openai", "anthropic"]
 
 _OPENAI_TYPES: Final = {
     400: "invalid_request_error",
@@ -122,3 +122,15 @@ def upstream_message(body: object) -> str | None:
         if isinstance(body.get("detail"), str):  # FastAPI's default error shape
             return str(body["detail"])
     return None
+
+
+def lacks_endpoint(status: int, message: str | None) -> bool:
+    """Whether a worker's error answer says it serves no such endpoint.
+
+    A 404 or 405 whose message is not about the model: vLLM answers an
+    unknown model with 404 too, and that one is the client's to hear.
+
+    >>> lacks_endpoint(404, "Not Found"), lacks_endpoint(404, "The model `x` does not exist.")
+    (True, False)
+    """
+    return status in (404, 405) and "model" not in (message or "").lower()

@@ -11,15 +11,12 @@ Headers take precedence over the body.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from .errors import ProxyError
 from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter
-
-if TYPE_CHECKING:
-    from .warmup import ReplyCollector
 
 __all__ = ["OpenAIStream", "openai_hints", "openai_usage"]
 
@@ -140,14 +137,18 @@ class OpenAIStream:
     b''
     >>> s.usage
     Usage(prompt_tokens=3, cached_tokens=None, output_tokens=1)
+
+    :param strip_usage: drop the usage-only chunk (the proxy asked for it).
+    :param on_event: called with each event's JSON, e.g. to rebuild the reply
+        for a warm-up.
     """
 
     def __init__(
-        self, *, strip_usage: bool = False, collector: ReplyCollector | None = None
+        self, *, strip_usage: bool = False, on_event: Callable[[object], None] | None = None
     ) -> None:
         self._split = SseSplitter()
         self._strip_usage = strip_usage
-        self._collector = collector
+        self._on_event = on_event
         #: A chunk with generated content has gone by.
         self.first_token = False
         #: Chunks with generated content (a fallback count of output tokens).
@@ -175,8 +176,8 @@ class OpenAIStream:
             if "error" in obj:
                 err = obj["error"]
                 self.error = str(err.get("message") if isinstance(err, dict) else err)
-            if self._collector is not None:
-                self._collector.feed(obj)
+            if self._on_event is not None:
+                self._on_event(obj)
             choices = obj.get("choices")
             if isinstance(choices, list) and any(_has_content(c) for c in choices):
                 self.first_token = True

@@ -10,16 +10,11 @@ RuntimeError: the proxy is not running
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import threading
 from types import TracebackType
-from typing import cast
 
 from aiohttp import web
 
-from .._aio import OwningLoop, close_loop
+from .._serve import ServerThread
 from ..metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
@@ -58,9 +53,8 @@ class ProxyServer:
         self.proxy = ProxyApp(config, router=router, metrics=metrics, tokenizer=tokenizer)
         self.host = host
         self._port = port
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = ServerThread("kvroute-proxy", self._startup, self._shutdown)
 
     @property
     def router(self) -> Router:
@@ -88,64 +82,27 @@ class ProxyServer:
         :raises RuntimeError: already running.
         :raises OSError: the port is taken.
         """
-        if self._thread is not None:
+        if self._thread.running:
             raise RuntimeError("the proxy is already running")
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        thread = threading.Thread(
-            target=self._main, args=(ready,), name="kvroute-proxy", daemon=True
-        )
-        self._thread = thread
-        thread.start()
-        try:
-            ready.result(timeout)
-        except BaseException:
-            self._signal_stop()
-            thread.join(timeout)
-            self._thread = None
-            raise
+        self._thread.start(timeout)
         return self
-
-    def _signal_stop(self) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                loop.call_soon_threadsafe(stop.set)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop serving and join the thread. Idempotent."""
-        thread = self._thread
-        if thread is None:
-            return
-        self._signal_stop()
-        thread.join(timeout)
-        self._thread = None
+        self._thread.stop(timeout)
 
-    def _main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = OwningLoop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve(ready))
-        except BaseException as e:
-            if not ready.done():
-                ready.set_exception(e)
-        finally:
-            self._loop = None
-            close_loop(loop)
-
-    async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
-        self._stop = asyncio.Event()
+    async def _startup(self) -> None:
         runner = web.AppRunner(self.proxy.make_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self._port)
-            await site.start()
-            self._port = site.port
-            ready.set_result(None)
-            await self._stop.wait()
-        finally:
+        self._runner = runner
+        site = web.TCPSite(runner, self.host, self._port)
+        await site.start()
+        self._port = site.port
+
+    async def _shutdown(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
             await runner.cleanup()
-            # a client connection aiohttp let go of without closing: a stopped proxy closes it
-            cast(OwningLoop, asyncio.get_running_loop()).abort_all()
 
     def __enter__(self) -> ProxyServer:
         return self.start()

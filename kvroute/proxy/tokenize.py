@@ -10,7 +10,8 @@ Two ways, chosen by :attr:`ProxyConfig.tokenize_with`:
   into chat messages (:func:`kvroute.proxy.anthropic.to_chat`).
 - **by a worker**: vLLM's GPU-less render endpoints
   (:data:`RENDER_PATHS`, answering ``token_ids``) or its ``/tokenize``; the
-  HTTP calls are made by the app, this module builds and reads the bodies.
+  calls are made by :mod:`~kvroute.proxy.prepare`, this module builds and
+  reads the bodies.
 
 Before the template, messages go through what vLLM's ``parse_chat_messages``
 does to them (:meth:`LocalTokenizer.conversation`), and tools are dumped the
@@ -24,24 +25,23 @@ depends on the image, so routing sees a shorter, but stable, prefix.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .._chat_template import chat_template_environment
 from .anthropic import to_chat
+from .call import Kind
 from .errors import ProxyError
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
     "RENDER_PATHS",
-    "Kind",
     "LocalTokenizer",
     "local_tokens",
     "prompt_token_ids",
@@ -49,9 +49,6 @@ __all__ = [
     "tokenize_body",
     "tokenize_token_ids",
 ]
-
-#: The generation endpoints a prompt comes from.
-Kind = Literal["completions", "chat", "messages"]
 
 #: vLLM's render endpoint for each kind of request (same body, answers ``token_ids``).
 RENDER_PATHS: Final[Mapping[str, str]] = {
@@ -61,7 +58,8 @@ RENDER_PATHS: Final[Mapping[str, str]] = {
 }
 
 # A template that loops over a message's content takes OpenAI content parts;
-# one that does not expects a string (vLLM's "auto" content format).
+# one that does not expects a string (vLLM's "auto" content format). Found
+# apart from the mock worker's way, which is the reference this is tested against.
 _LOOPS_OVER_CONTENT: Final = re.compile(
     r"for\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content\b)"
 )
@@ -77,27 +75,6 @@ DEFAULT_IMAGE_PLACEHOLDER: Final = "<image>"
 
 def _bad(message: str) -> ProxyError:
     return ProxyError(400, message)
-
-
-def _raise(message: str) -> NoReturn:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's tojson: plain JSON, no HTML escaping.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
 
 
 def _token_text(value: object) -> str:
@@ -163,13 +140,7 @@ class LocalTokenizer:
         self._template: jinja2.Template | None = None
         self._string_content = False
         if chat_template is not None:
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = _strftime_now
-            self._template = env.from_string(chat_template)
+            self._template = chat_template_environment().from_string(chat_template)
             self._string_content = not _LOOPS_OVER_CONTENT.search(chat_template)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

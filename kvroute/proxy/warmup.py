@@ -11,18 +11,33 @@ that served the turn, if still healthy) and sends it that conversation with
 ``max_tokens`` 1, so the engine prefills it while the agent is busy and the
 next turn only computes its new part (the tool result or user message).
 
-This module rebuilds the reply (from a JSON answer, or piece by piece from
-a stream with :class:`ReplyCollector`) and builds the warm-up body.
+This module rebuilds the reply (from a JSON answer with :func:`reply_of`,
+or piece by piece from a stream with :class:`ReplyCollector`), builds the
+warm-up body (:func:`warmup_body`) and sends it (:class:`Warmups`): in the
+background, with request id ``<id>-warmup``, not routed, not counted as
+load, and counted in ``kvroute_warmups_total{outcome}`` (``sent``,
+``refused``: the worker answered an error, ``failed``: no answer). A
+warm-up is a guess made on the side: its failure says nothing about the
+worker's health.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
-from .tokenize import Kind
+import aiohttp
 
-__all__ = ["ReplyCollector", "reply_of", "warmup_body"]
+from ..metrics import Metrics
+from ..router import Router
+from .call import Call, Kind
+from .upstream import CONNECTION_ERRORS, Upstream
+
+__all__ = ["ReplyCollector", "Warmups", "reply_of", "warmup_body"]
+
+log = logging.getLogger("kvroute.proxy")
 
 
 def _text(value: object) -> str:
@@ -189,3 +204,62 @@ def warmup_body(kind: Kind, body: dict[str, Any], reply: Any) -> dict[str, Any] 
     else:
         out["messages"] = [*body["messages"], reply]
     return out
+
+
+class Warmups:
+    """Sends each session's next-turn prefix to the worker that served the turn, in the background.
+
+    :param router: gives the warm-up plans.
+    :param upstream: sends the warm-ups (:meth:`~.upstream.Upstream.post_aside`).
+    :param metrics: ``kvroute_warmups_total{outcome}`` is counted here.
+    """
+
+    def __init__(self, router: Router, upstream: Upstream, metrics: Metrics) -> None:
+        self.router = router
+        self.upstream = upstream
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        """Warm-ups still being sent."""
+        return len(self._tasks)
+
+    def warm(self, call: Call, session_id: str, reply: Any) -> None:
+        """Warm ``session_id``'s next turn: ``call``'s conversation with ``reply`` appended.
+
+        The router's plan is taken in any case: a response that ended without
+        a reply to continue (the client left, an empty answer) leaves nothing
+        to warm, and its plan must not stay behind.
+        """
+        plan = self.router.warmup_plan(session_id)
+        if plan is None or reply is None:
+            return
+        body = warmup_body(call.kind, call.body, reply)
+        if body is None:
+            return
+        data = json.dumps(body, ensure_ascii=False).encode()
+        headers = {**call.headers, "X-Request-Id": f"{call.client_id}-warmup"}
+        task = asyncio.create_task(self.send(plan.worker, call.path, data, headers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send(self, worker: int, path: str, data: bytes, headers: dict[str, str]) -> None:
+        """Send one warm-up and count its outcome (it never raises for the worker's doing)."""
+        try:
+            status = await self.upstream.post_aside(worker, path, data, headers)
+        except (aiohttp.ClientError, *CONNECTION_ERRORS) as e:
+            outcome, detail = "failed", f"{type(e).__name__} {e}"
+        else:
+            outcome, detail = ("sent", "") if status < 400 else ("refused", f"status {status}")
+        self.metrics.warmups.labels(outcome).inc()
+        log.debug(
+            "warm-up %s to worker %d: %s %s", headers["X-Request-Id"], worker, outcome, detail
+        )
+
+    async def close(self) -> None:
+        """Cancel the warm-ups still being sent, and wait for them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -44,7 +44,6 @@ with ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token`` and
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -54,7 +53,8 @@ from typing import Any, Final, Literal, NoReturn
 
 import jinja2
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .._chat_template import chat_template_environment
 
 __all__ = [
     "BYTE_OFFSET",
@@ -137,32 +137,13 @@ def _fail(message: str) -> NoReturn:
     raise RequestError(message)
 
 
-def _tojson(
-    value: object,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's tojson: plain JSON (no HTML escaping), keys in insertion order.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
-
-
 def _content_format(env: jinja2.Environment, source: str) -> Literal["string", "openai"]:
     """vLLM's "auto" content format: ``openai`` if the template loops over a message's content.
 
     Read from the template's syntax tree (any ``for`` over ``x['content']`` or
     ``x.content``); vLLM also follows the variables such a value is set to.
+    Written apart from the proxy's (a regex over the source), which is tested
+    against this one; only the Jinja environment is shared.
     """
     for loop in env.parse(source).find_all(jinja2.nodes.For):
         it = loop.iter
@@ -216,13 +197,7 @@ class MockTokenizer:
         self.chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token if eos_token is not None else ("" if self._hf else "<|eos|>")
-        # The environment Hugging Face renders chat templates in.
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
+        env = chat_template_environment()
         self._template = env.from_string(self.chat_template)
         #: ``"openai"`` (content as a list of parts) or ``"string"``, as vLLM detects it.
         self.content_format = _content_format(env, self.chat_template)

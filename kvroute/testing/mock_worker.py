@@ -50,17 +50,14 @@ it, then one ``BlockStored`` (nothing is published on a full hit).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import os
-import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from types import TracebackType
-from typing import Final, TypeVar, cast
+from typing import Final
 
 from aiohttp import web
 
-from .._aio import OwningLoop, close_loop
+from .._serve import ServerThread, abort_sockets
 from ..hashing import VllmHashAlgo
 from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
@@ -71,7 +68,6 @@ from ._wire import VllmEvent
 __all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
 
 _HOST: Final = "127.0.0.1"
-_T = TypeVar("_T")
 
 
 class MockWorker:
@@ -185,9 +181,8 @@ class MockWorker:
         self._port = port
         self._events_port = events_port
         self._replay_port = replay_port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._thread = ServerThread(f"MockWorker[{model}]", self._startup, self._shutdown)
 
     # ------------------------------------------------------------------
     # Settings
@@ -272,20 +267,9 @@ class MockWorker:
         :raises RuntimeError: already running.
         :raises OSError: a port is taken (everything started is closed first).
         """
-        if self._thread is not None:
+        if self._thread.running:
             raise RuntimeError("MockWorker is already running")
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        thread = threading.Thread(
-            target=self._thread_main, args=(ready,), name=f"MockWorker[{self.model}]", daemon=True
-        )
-        self._thread = thread
-        thread.start()
-        try:
-            ready.result(timeout)
-        except BaseException:
-            thread.join(timeout)
-            self._thread = None
-            raise
+        self._thread.start(timeout)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -294,15 +278,7 @@ class MockWorker:
         Requests still running are cancelled (recorded as ``"aborted"``);
         their clients see the connection drop.
         """
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            self._thread = None
+        self._thread.stop(timeout)
 
     def restart(self) -> None:
         """:meth:`stop` then :meth:`start`, on the same ports."""
@@ -312,7 +288,7 @@ class MockWorker:
     @property
     def is_running(self) -> bool:
         """Whether the servers are up."""
-        return self._thread is not None
+        return self._thread.running
 
     def __enter__(self) -> MockWorker:
         return self.start()
@@ -343,23 +319,6 @@ class MockWorker:
         tb: TracebackType | None,
     ) -> None:
         await self.astop()
-
-    def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = OwningLoop()
-        try:
-            try:
-                loop.run_until_complete(self._startup())
-            except BaseException as exc:
-                with contextlib.suppress(BaseException):
-                    loop.run_until_complete(self._shutdown())
-                ready.set_exception(exc)
-                return
-            self._loop = loop
-            ready.set_result(None)
-            loop.run_forever()
-        finally:
-            self._loop = None
-            close_loop(loop)
 
     async def _startup(self) -> None:
         publisher: KVEventPublisher | None = None
@@ -394,24 +353,13 @@ class MockWorker:
             await self._runner.cleanup()
             self._runner = None
         # A connection whose handler was cancelled mid-response can outlive the
-        # server's shutdown; a dead engine's sockets all close.
-        cast(OwningLoop, asyncio.get_running_loop()).abort_all()
+        # server's shutdown: its socket closes before the engine ends.
+        abort_sockets()
         await asyncio.sleep(0)  # let the transports' close callbacks run
         publisher = self._engine.publisher
         self._engine.end()
         if publisher is not None:
             await publisher.close()
-
-    def _call(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` on the worker's loop (or right here when stopped); return its result."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or threading.current_thread() is thread:
-            return fn()
-
-        async def run() -> _T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), loop).result()
 
     # ------------------------------------------------------------------
     # Addresses
@@ -472,11 +420,11 @@ class MockWorker:
         In-flight generation freezes at its next token. :meth:`resume` lets
         everything go on; :meth:`stop` cancels it. A start is never paused.
         """
-        self._call(lambda: self._engine.set_paused(True))
+        self._thread.call(lambda: self._engine.set_paused(True))
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
-        self._call(lambda: self._engine.set_paused(False))
+        self._thread.call(lambda: self._engine.set_paused(False))
 
     @property
     def paused(self) -> bool:
@@ -488,7 +436,7 @@ class MockWorker:
 
         :returns: the batch's sequence number, or ``None`` when not publishing.
         """
-        return self._call(self._engine.reset)
+        return self._thread.call(self._engine.reset)
 
     def publish(
         self,
@@ -505,9 +453,9 @@ class MockWorker:
         :raises RuntimeError: the worker is not running or not publishing.
         """
         publisher = self._engine.publisher
-        if self._thread is None or publisher is None:
+        if not self._thread.running or publisher is None:
             raise RuntimeError("the worker is not publishing events")
-        return self._call(lambda: publisher.publish(list(events), ts, dp_rank))
+        return self._thread.call(lambda: publisher.publish(list(events), ts, dp_rank))
 
     def wait_for_subscribers(self, n: int = 1, timeout: float = 10.0) -> bool:
         """Block until ``n`` SUB subscriptions reached the publisher since this start.

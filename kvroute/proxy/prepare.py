@@ -1,0 +1,345 @@
+"""Request preparation: from an HTTP request to the call to forward and the request to route.
+
+For a generation request (:meth:`Preparer.prepare`):
+
+1. read the body (at most ``max_body_size`` bytes, else 413) and parse it
+   (else 400);
+2. check its structure: an Anthropic body fully
+   (:func:`~kvroute.proxy.anthropic.validate_messages`), an OpenAI body's
+   ``messages`` or ``prompt``;
+3. map and check the model (:class:`~kvroute.proxy.models.Models`, else 404);
+4. read the agent hints (session, priority, cache_control, ...; see
+   :mod:`~kvroute.proxy.hints`);
+5. for a streamed OpenAI request, ask for the usage chunk
+   (``stream_options.include_usage``) if the client did not; it is
+   stripped again on the way back;
+6. tokenize the prompt as the engine will (:meth:`Preparer.tokens`):
+   locally with the :class:`~kvroute.proxy.tokenize.LocalTokenizer`, off
+   the event loop; else through a worker's render endpoint, or its
+   ``/tokenize`` once a worker answered 404 for the render endpoint (for
+   good), trying the healthy workers in turn;
+7. measure the cache breakpoints that do not close the prompt, by
+   tokenizing the request cut after each (event-free router only);
+8. build the router's :class:`~kvroute.request.Request`.
+
+The body is sent on as the client's bytes unless steps 3 or 5 changed it.
+The headers sent on are the body's type, the request id (the client's
+``X-Request-Id``, else a new one) and the client's credentials and API
+headers (or ``Authorization: Bearer`` with ``upstream_api_key``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..request import CacheControl, Request
+from ..router import Router
+from .anthropic import anthropic_hints, validate_messages
+from .call import Call, Kind
+from .config import ProxyConfig
+from .errors import ProxyError, lacks_endpoint, upstream_message
+from .hints import Hints, common_prefix, pinned_breakpoints
+from .models import Models
+from .openai import openai_hints
+from .tokenize import (
+    RENDER_PATHS,
+    LocalTokenizer,
+    local_tokens,
+    prompt_token_ids,
+    render_token_ids,
+    tokenize_body,
+    tokenize_token_ids,
+)
+from .upstream import AttemptFailed, Upstream
+
+__all__ = ["Prepared", "Preparer"]
+
+log = logging.getLogger("kvroute.proxy")
+
+# Client headers passed on to workers (besides the body's type and the request id).
+_FORWARDED: Final = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta", "accept")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A generation request, ready: the call to forward and the request to route.
+
+    :param call: what goes to a worker, the same for every attempt.
+    :param request: what the router routes (tokens, hints, breakpoints).
+    """
+
+    call: Call
+    request: Request
+
+
+class Preparer:
+    """Reads, checks and tokenizes requests for the proxy.
+
+    :param config: body limit, session header, tokenizing mode, credentials,
+        ``speculative_prefill``.
+    :param router: routing request ids come from here; whether it has KV
+        events decides whether breakpoints are measured.
+    :param models: maps and checks the body's model.
+    :param upstream: asks workers for token ids when there is no local tokenizer.
+    :param tokenizer: the local tokenizer, or None.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        router: Router,
+        models: Models,
+        upstream: Upstream,
+        tokenizer: LocalTokenizer | None,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.models = models
+        self.upstream = upstream
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+        #: Render endpoints a worker answered 404 for: ``/tokenize`` is used instead.
+        self.no_render: set[str] = set()
+        if config.tokenize_with == "tokenize":
+            self.no_render.update(RENDER_PATHS.values())
+
+    async def prepare(self, request: web.Request, kind: Kind) -> Prepared:
+        """Read, check and tokenize a generation request.
+
+        :raises ProxyError: 4xx for the client's mistakes (see the module
+            docstring); 502 / 503 when the workers cannot tokenize it
+            (see :meth:`tokens`).
+        """
+        call, hints = await self._read(request, kind)
+        tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
+        speculative = hints.speculative_prefill or self.config.speculative_prefill
+        try:
+            routed = Request(
+                next(self._ids),
+                tokens=tokens,
+                session_id=hints.session_id,
+                priority=hints.priority,
+                lora_name=self.models.lora_name(call.body.get("model")),
+                cache_salt=hints.cache_salt,
+                expected_output_tokens=hints.expected_output_tokens,
+                cache_control=breakpoints,
+                speculative_prefill=speculative and hints.session_id is not None,
+            )
+        except (TypeError, ValueError) as e:
+            raise ProxyError(400, str(e)) from None
+        return Prepared(call, routed)
+
+    async def _read(self, request: web.Request, kind: Kind) -> tuple[Call, Hints]:
+        """Steps 1 to 5: the call to forward and the request's hints.
+
+        :raises ProxyError: 413, 400 or 404 (see the module docstring).
+        """
+        body, raw = await self.read_json(request)
+        if kind == "messages":
+            validate_messages(body)
+        elif kind == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ProxyError(400, "messages: must be a non-empty list")
+        elif "prompt" not in body:
+            raise ProxyError(400, "prompt: Field required")
+        changed = self.models.resolve(body)
+        header = self.config.session_header
+        if kind == "messages":
+            hints = anthropic_hints(body, request.headers, header)
+        else:
+            hints = openai_hints(body, request.headers, header)
+        stream = body.get("stream") is True
+        strip_usage = False
+        if stream and kind != "messages":
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                # Ask for the usage chunk (token counts, cache hits); the client
+                # did not, so it is not passed on.
+                body["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+                strip_usage = changed = True
+        data = json.dumps(body, ensure_ascii=False).encode() if changed else raw
+        client_id = self.client_id(request)
+        call = Call(
+            kind, request.path, body, data, stream, strip_usage, client_id,
+            self.forward_headers(request, client_id),
+        )  # fmt: skip
+        return call, hints
+
+    async def read_json(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
+        """The request's body: parsed, and as it came.
+
+        :raises ProxyError: 413 over ``max_body_size``; 400 if it is not a JSON object.
+        """
+        limit = self.config.max_body_size
+        too_big = ProxyError(
+            413, f"request body too large (limit {limit} bytes)", code="request_too_large"
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise too_big
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_big from None
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProxyError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise ProxyError(
+                400, "invalid JSON body: nested too deeply", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise ProxyError(400, "the body must be a JSON object", code="invalid_json")
+        return body, raw
+
+    @staticmethod
+    def client_id(request: web.Request) -> str:
+        """The request id: the client's ``X-Request-Id``, else a new one."""
+        return request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    def forward_headers(self, request: web.Request, client_id: str) -> dict[str, str]:
+        """The headers sent to a worker with the request's body."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": client_id}
+        for name in _FORWARDED:
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        if self.config.upstream_api_key:
+            headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
+        return headers
+
+    # -- tokens --------------------------------------------------------------------------
+
+    async def tokens(self, call: Call) -> list[int]:
+        """The token ids of ``call``'s prompt, as the engine will see them (the first prompt's).
+
+        :raises ProxyError: 400 for a prompt that cannot be rendered (or the
+            workers' own 4xx for it); 502 if the workers asked serve neither
+            render endpoint nor ``/tokenize`` (no retry can help: the proxy
+            needs a local tokenizer); 503 if no healthy worker answered.
+        """
+        if call.kind == "completions":
+            ids = prompt_token_ids(call.body)
+            if ids is not None:
+                return ids
+        if self.tokenizer is not None:
+            loop = asyncio.get_running_loop()
+            # A long prompt takes milliseconds to render and encode: off the loop.
+            return await loop.run_in_executor(
+                None, local_tokens, self.tokenizer, call.kind, call.body
+            )
+        return await self._worker_tokens(call)
+
+    async def _worker_tokens(self, call: Call) -> list[int]:
+        """Token ids from a worker's render endpoint, else its ``/tokenize``."""
+        pool = self.upstream.pool
+        tried: set[int] = set()
+        last = "no healthy worker"
+        lacking: list[int] = []  # workers that serve neither endpoint
+        while (w := pool.pick(tried)) is not None:
+            render = RENDER_PATHS[call.kind]
+            use_render = render not in self.no_render
+            path = render if use_render else "/tokenize"
+            data = call.data if use_render else json.dumps(tokenize_body(call.kind, call.body))
+            try:
+                status, text, _ = await self.upstream.exchange(w, path, data, call.headers)
+            except AttemptFailed as e:
+                tried.add(w)
+                last = f"worker {w}: {e.reason}"
+                continue
+            try:
+                answer = json.loads(text)
+            except ValueError:
+                answer = None
+            message = upstream_message(answer)
+            if lacks_endpoint(status, message):
+                if use_render:
+                    log.info("worker %d has no %s; tokenizing with /tokenize", w, render)
+                    self.no_render.add(render)
+                    continue
+                # Not the prompt's fault: passing this 404 on would tell the
+                # client its endpoint does not exist.
+                tried.add(w)
+                lacking.append(w)
+                continue
+            if status >= 500:
+                tried.add(w)
+                last = f"worker {w} answered {status} to {path}"
+                continue
+            if status >= 400:
+                raise ProxyError(status, message or f"the worker refused the prompt ({status})")
+            try:
+                if use_render:
+                    return render_token_ids(call.kind, answer)
+                return tokenize_token_ids(answer)
+            except ValueError as e:
+                tried.add(w)
+                last = f"worker {w}: {e}"
+        if lacking:
+            raise self._cannot_tokenize(call.kind, lacking)
+        raise ProxyError(503, f"cannot tokenize the request: {last}", code="no_worker_available")
+
+    def _cannot_tokenize(self, kind: Kind, lacking: list[int]) -> ProxyError:
+        if len(lacking) == 1:
+            who = f"worker {lacking[0]} serves"
+        else:
+            who = f"workers {', '.join(map(str, sorted(lacking)))} serve"
+        if self.config.tokenize_with == "tokenize":
+            what = "no /tokenize"
+        else:
+            what = f"neither {RENDER_PATHS[kind]} nor /tokenize"
+        return ProxyError(
+            502,
+            f"the routing proxy cannot tokenize the request: {who} {what}; start the"
+            " proxy with --tokenizer (the model's tokenizer.json and chat template)",
+            code="tokenizer_unavailable",
+            retry=False,
+        )
+
+    async def _prefix_tokens(self, call: Call, prefix: dict[str, Any]) -> list[int] | None:
+        """The tokens of a breakpoint's prefix body (None if it cannot be tokenized)."""
+        data = json.dumps(prefix, ensure_ascii=False).encode()
+        try:
+            return await self.tokens(replace(call, body=prefix, data=data))
+        except ProxyError as e:
+            log.info("request %s: a cache breakpoint's prefix is not pinned: %s", call.client_id, e)
+            return None
+
+    async def _tokens_and_breakpoints(
+        self, call: Call, hints: Hints
+    ) -> tuple[list[int], tuple[CacheControl, ...]]:
+        """The prompt's tokens and its cache breakpoints, each with its prefix's length.
+
+        A breakpoint that does not close the prompt is measured by tokenizing
+        the request cut after its block (beside the request itself): the
+        tokens the two share are the prefix it caches. Only an event-free
+        router uses the lengths (to keep each prefix predicted for its TTL);
+        with KV events the workers report what they hold, and the
+        breakpoints only pin the session, so nothing is measured.
+        """
+        pinned = pinned_breakpoints(hints.cache_control)
+        if self.router.kv_events:
+            return await self.tokens(call), tuple(CacheControl(b.ttl) for b in pinned)
+        cuts = [self._prefix_tokens(call, b.prefix) for b in pinned if b.prefix is not None]
+        tokens, *prefixes = await asyncio.gather(self.tokens(call), *cuts)
+        assert tokens is not None
+        found = iter(prefixes)
+        breakpoints = []
+        for b in pinned:
+            if b.prefix is None:
+                breakpoints.append(CacheControl(b.ttl))
+            elif (prefix := next(found)) is not None:
+                breakpoints.append(CacheControl(b.ttl, common_prefix(tokens, prefix)))
+        return tokens, tuple(breakpoints)

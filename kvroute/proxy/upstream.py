@@ -1,0 +1,322 @@
+"""Upstream: the proxy's calls to its workers, and the attempts that route and fail over.
+
+Calls (:class:`Upstream`, over one connection pool opened by :meth:`~Upstream.start`):
+
+- :meth:`~Upstream.open` posts a generation and returns the response once
+  its headers arrive (read timeout ``read_timeout`` between bytes);
+  :meth:`~Upstream.exchange` posts a short call (render, ``/tokenize``,
+  ``count_tokens``) and reads its whole answer within ``tokenize_timeout``.
+  Both give up at once when the worker is marked unhealthy meanwhile (its
+  *down* future, see :class:`~kvroute.proxy.workers.WorkerPool`) and mark it
+  unhealthy when it cannot be reached; either way they raise
+  :class:`AttemptFailed`. An open response is tracked by the pool, so a
+  worker going down closes it.
+- :meth:`~Upstream.post_aside` posts a call that judges nothing (a warm-up):
+  no health marking, the request timeouts.
+
+Attempts (:meth:`Upstream.send`): route the request (the time taken, the
+worker and the predicted hit go into the metrics), open it on the chosen
+worker and hand the response to the caller's handler, which answers the
+client (see :mod:`~kvroute.proxy.relay`). An attempt fails, before any byte
+reached the client, when the worker cannot be reached, answers 5xx, or the
+handler raises :class:`AttemptFailed`; the router then hears
+:meth:`~kvroute.router.Router.failed` and the request is routed again with
+the workers that failed it excluded, up to ``retries`` more times. A 4xx
+answer is the handler's to pass on. :class:`Lifecycle` reports each routed
+attempt's first token and end to the router exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Final, TypeVar
+
+import aiohttp
+
+from ..metrics import Metrics
+from ..request import Decision, Request
+from ..router import NoWorkerAvailable, Router
+from .call import Call
+from .config import ProxyConfig
+from .errors import ProxyError
+from .workers import WorkerPool
+
+__all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
+
+log = logging.getLogger("kvroute.proxy")
+
+#: What a worker that cannot be reached (or went silent) raises.
+CONNECTION_ERRORS: Final = (aiohttp.ClientConnectionError, TimeoutError, OSError)
+
+_T = TypeVar("_T")
+
+
+class AttemptFailed(Exception):
+    """This attempt failed before any byte reached the client; another worker may serve it.
+
+    :param reason: for the logs.
+    :param status: an upstream 5xx status to pass on if no attempt succeeds.
+    :param body: that answer's body.
+    :param content_type: that answer's content type.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        status: int | None = None,
+        body: bytes = b"",
+        content_type: str = "application/json",
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class Lifecycle:
+    """Reports one routed attempt's lifecycle to the router exactly once.
+
+    >>> from kvroute import Request, Router
+    >>> router = Router(block_size=4, workers=[0])
+    >>> lc = Lifecycle(router, router.route(Request(1, tokens=list(range(8)))).request_id)
+    >>> lc.first_token(); lc.finish(); lc.fail()      # the failure comes too late: ignored
+    >>> lc.first, lc.ended, router.load(0)["active_requests"]
+    (True, True, 0)
+
+    :param router: the router that routed it.
+    :param request_id: the decision's request id.
+    """
+
+    __slots__ = ("_id", "_router", "ended", "first")
+
+    def __init__(self, router: Router, request_id: int) -> None:
+        self._router = router
+        self._id = request_id
+        #: The first token was reported.
+        self.first = False
+        #: The end (finished or failed) was reported.
+        self.ended = False
+
+    def first_token(self) -> None:
+        """Report the first generated token (once, and only before the end)."""
+        if not self.first and not self.ended:
+            self.first = True
+            self._router.first_token(self._id)
+
+    def finish(self) -> None:
+        """Report that the request finished (unless it already ended)."""
+        if not self.ended:
+            self.ended = True
+            self._router.finished(self._id)
+
+    def fail(self) -> None:
+        """Report that the request failed (unless it already ended)."""
+        if not self.ended:
+            self.ended = True
+            self._router.failed(self._id)
+
+
+#: Answers the client from an opened worker response (status below 500).
+Handler = Callable[[Decision, aiohttp.ClientResponse, Lifecycle], Awaitable[_T]]
+
+
+class Upstream:
+    """The proxy's calls to its workers, and the attempt loop over them.
+
+    Use from the proxy's event loop, between :meth:`start` and :meth:`close`.
+
+    :param router: routes each attempt and hears how it went.
+    :param pool: the workers' addresses and health.
+    :param config: timeouts and ``retries``.
+    :param metrics: routing times, retries and upstream errors are counted here.
+    """
+
+    def __init__(
+        self, router: Router, pool: WorkerPool, config: ProxyConfig, metrics: Metrics
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool (and lend it to the worker pool's health checks)."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
+        # No connection limit per host: streams are long-lived and concurrent.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self.pool.bind(self._session)
+
+    async def close(self) -> None:
+        """Close the connection pool. Idempotent."""
+        self.pool.bind(None)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the proxy's upstream connections are not open")
+        return self._session
+
+    # -- attempts ------------------------------------------------------------------------
+
+    async def send(self, request: Request, call: Call, handle: Handler[_T]) -> _T:
+        """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
+
+        :raises ProxyError: 503 when no worker can be routed to at all.
+        :raises AttemptFailed: the last failure, when every attempt failed.
+        """
+        tried: list[int] = []
+        failure: AttemptFailed | None = None
+        for attempt in range(self.config.retries + 1):
+            try:
+                decision = self._route(request, tried)
+            except NoWorkerAvailable as e:
+                if failure is None:
+                    raise ProxyError(503, str(e), code="no_worker_available") from None
+                break
+            if attempt:
+                self.metrics.retries.inc()
+            try:
+                return await self._attempt(call, decision, handle)
+            except AttemptFailed as f:
+                tried.append(decision.worker)
+                failure = f
+                self.metrics.upstream_errors.labels(str(decision.worker)).inc()
+                log.warning(
+                    "request %s: worker %d failed (%s)%s",
+                    call.client_id,
+                    decision.worker,
+                    f.reason,
+                    "; retrying" if attempt < self.config.retries else "",
+                )
+        assert failure is not None
+        raise failure
+
+    def _route(self, request: Request, exclude: list[int]) -> Decision:
+        """Route, with the workers that failed this request excluded."""
+        t0 = time.perf_counter()
+        decision = self.router.route(request, exclude=exclude)
+        elapsed = time.perf_counter() - t0
+        self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
+        return decision
+
+    async def _attempt(self, call: Call, decision: Decision, handle: Handler[_T]) -> _T:
+        worker = decision.worker
+        lc = Lifecycle(self.router, int(decision.request_id))
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await self.open(worker, call.path, call.data, call.headers)
+            if response.status >= 500:
+                try:
+                    body = await response.read()
+                except CONNECTION_ERRORS:
+                    body = b""
+                content_type = response.headers.get("Content-Type", "application/json")
+                status = response.status
+                raise AttemptFailed(f"answered {status}", status, body, content_type)
+            return await handle(decision, response, lc)
+        finally:
+            lc.fail()  # a no-op when the request already ended
+            if response is not None:
+                self.pool.untrack(worker, response)
+                response.release()
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def open(
+        self, worker: int, path: str, data: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST to ``worker``: its response, once the headers came; closed if the worker goes down.
+
+        :raises AttemptFailed: see :meth:`_until_down`.
+        """
+        session = self._client()
+        url = self.pool.url(worker) + path
+
+        async def post() -> aiohttp.ClientResponse:
+            return await session.post(url, data=data, headers=headers)
+
+        response = await self._until_down(worker, f"POST {path}", post)
+        if not self.pool.workers[worker].healthy:  # went down as the answer arrived
+            response.close()
+            raise AttemptFailed(f"worker {worker} was marked unhealthy")
+        self.pool.track(worker, response)
+        return response
+
+    async def exchange(
+        self, worker: int, path: str, data: bytes | str, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, str]:
+        """POST to ``worker`` and read the whole answer: ``(status, body, content type)``.
+
+        :raises AttemptFailed: see :meth:`_until_down`.
+        """
+        session = self._client()
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.tokenize_timeout, connect=self.config.connect_timeout
+        )
+
+        async def go() -> tuple[int, bytes, str]:
+            url = self.pool.url(worker) + path
+            async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+                content_type = r.headers.get("Content-Type", "application/json")
+                return r.status, await r.read(), content_type
+
+        return await self._until_down(worker, f"POST {path}", go)
+
+    async def post_aside(
+        self, worker: int, path: str, data: bytes, headers: Mapping[str, str]
+    ) -> int:
+        """POST to ``worker`` and read the answer; its status. Judges nothing of the worker.
+
+        :raises aiohttp.ClientError: and the :data:`CONNECTION_ERRORS`, as they come.
+        """
+        # A prefill of a long conversation on a busy worker may take a while: the
+        # request timeouts apply, not the tokenizer's, and a slow or failed call
+        # made on the side says nothing about the worker's health (its checks do).
+        session = self._client()
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
+        url = self.pool.url(worker) + path
+        async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+            await r.read()
+            return r.status
+
+    async def _until_down(
+        self, worker: int, what: str, work: Callable[[], Coroutine[Any, Any, _T]]
+    ) -> _T:
+        """Await ``work()`` (a call to ``worker``), giving up if it is marked unhealthy meanwhile.
+
+        :raises AttemptFailed: the worker is unhealthy, became so, or cannot be
+            reached (then it is marked unhealthy), or the call failed otherwise.
+        """
+        down = self.pool.down_future(worker)
+        if down.done():
+            raise AttemptFailed(f"worker {worker} is unhealthy")
+        task = asyncio.create_task(work())
+        try:
+            await asyncio.wait((task, down), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise AttemptFailed(f"worker {worker} was marked unhealthy")
+        try:
+            return task.result()
+        except CONNECTION_ERRORS as e:
+            reason = f"{what}: {type(e).__name__} {e}".strip()
+            self.pool.mark_down(worker, reason)
+            raise AttemptFailed(reason) from None
+        except aiohttp.ClientError as e:
+            raise AttemptFailed(f"{what}: {type(e).__name__} {e}".strip()) from None
