@@ -180,7 +180,7 @@ def test_empty_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_failed_check_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench, "verify_state", lambda *_args: False)
+    monkeypatch.setattr(bench.timing, "verify_state", lambda *_args: False)
     out = tmp_path / "out.json"
     args = ["bench", *FAST, "--trace", str(tiny_trace(tmp_path / "t.jsonl")), "--json", str(out)]
     assert cli.main(args) == 1
