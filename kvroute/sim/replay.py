@@ -455,6 +455,9 @@ def pooled_lru_reuse(
 ) -> dict[str, float]:
     """Prefix reuse of one LRU cache with the whole fleet's capacity, fed in arrival order.
 
+    A plain LRU touched in request order, not :class:`kvroute._block_pool.BlockPool`:
+    it is the textbook bound, and docs/simulator.md's figures were measured with it.
+
     :param requests: the workload, in arrival order.
     :param block_size: tokens per block.
     :param capacity_blocks: the pool's size (workers x blocks per worker).
