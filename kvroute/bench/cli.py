@@ -209,6 +209,25 @@ def _dynamo_tree() -> tuple[Callable[[], Any], str]:
     return RadixTree, version
 
 
+def _requests(
+    name: str, n: int | None, trace: str | None
+) -> tuple[list[Sequence[int]], dict[str, Any]]:
+    """The hash_ids of workload ``name``'s first ``n`` requests, and parameters to report.
+
+    :raises CommandError: the trace cannot be read, or has no requests.
+    """
+    if name == "mooncake":
+        try:
+            rows = traces.load_trace(trace, limit=n)
+        except (OSError, traces.TraceError) as e:
+            raise CommandError(f"cannot read the trace: {e}") from None
+        if not rows:
+            raise CommandError(f"the trace {trace or '(bundled)'} has no requests")
+        return [r.hash_ids for r in rows], {"trace": trace or f"<bundled {traces.DEFAULT_TRACE}>"}
+    make = streams.synthetic_requests if name == "synthetic" else streams.miss_heavy_requests
+    return list(make(n if n is not None else 10_000)), {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``kvroute bench`` with parsed arguments; returns the exit status.
 
@@ -268,21 +287,8 @@ def run(args: argparse.Namespace) -> int:
                 f" ({args.blocks_per_hash}): an engine must hold one hash_id"
             )
         n = args.requests if args.requests is not None else twin_requests or default_requests
-        params: dict[str, Any] = {}
         log(f"building the {name} op stream...")
-        if name == "mooncake":
-            try:
-                rows = traces.load_trace(args.trace, limit=n)
-            except (OSError, traces.TraceError) as e:
-                raise CommandError(f"cannot read the trace: {e}") from None
-            if not rows:
-                raise CommandError(f"the trace {args.trace or '(bundled)'} has no requests")
-            requests: list[Sequence[int]] = [r.hash_ids for r in rows]
-            params["trace"] = args.trace or f"<bundled {traces.DEFAULT_TRACE}>"
-        elif name == "synthetic":
-            requests = list(streams.synthetic_requests(n if n is not None else 10_000))
-        else:
-            requests = list(streams.miss_heavy_requests(n if n is not None else 10_000))
+        requests, params = _requests(name, n, args.trace)
         stream = streams.build_stream(
             requests,
             name=name,
