@@ -199,19 +199,42 @@ def _prompts(n: int, shared: int, length: int, seed: int) -> list[npt.NDArray[np
     ]
 
 
-@pytest.mark.parametrize("route_module", ROUTE_TWINS, ids=_ids(ROUTE_TWINS))
-@pytest.mark.parametrize("in_flight", [0, 10**2, 10**3])
-def bench_active_add_remove(benchmark: Any, route_module: ModuleType, in_flight: int) -> None:
+_ACTIVE_CASES = [(m, n) for n in (0, 10**2, 10**3) for m in ROUTE_TWINS]
+
+
+@pytest.fixture(
+    scope="module",
+    params=_ACTIVE_CASES,
+    ids=[f"{n}-{_ids([m])[0]}" for m, n in _ACTIVE_CASES],
+)
+def active(request: pytest.FixtureRequest) -> tuple[Any, npt.NDArray[np.uint64], int]:
+    """An ActivePrefixes holding ``in_flight`` 2,048-block prompts, and one more prompt.
+
+    The prompts share a 64-block system prompt and are spread over 256
+    workers. Building it is the slow part (2M adds with 1,000 in flight, about
+    15 s in the twin), so it is built once per (twin, size) for the two
+    benchmarks below; module scope makes pytest run both on one build, and
+    each leaves the record as it found it.
+
+    :returns: the record, the prompt to time, and ``in_flight``.
+    """
+    route_module, in_flight = request.param
+    others = _prompts(in_flight + 1, 64, 2048, seed=1)
+    ap = route_module.ActivePrefixes()
+    for i, p in enumerate(others[1:]):
+        ap.add(i % 256, p)
+    return ap, others[0], in_flight
+
+
+def bench_active_add_remove(
+    benchmark: Any, active: tuple[Any, npt.NDArray[np.uint64], int]
+) -> None:
     """ActivePrefixes: a 2,048-block prompt enters and leaves, next to ``in_flight`` others.
 
     The others share a 64-block system prompt and are spread over 256 workers;
     the timed prompt shares it too, on worker 3.
     """
-    others = _prompts(in_flight + 1, 64, 2048, seed=1)
-    ap = route_module.ActivePrefixes()
-    for i, p in enumerate(others[1:]):
-        ap.add(i % 256, p)
-    q = others[0]
+    ap, q, in_flight = active
 
     def call() -> None:
         ap.add(3, q)
@@ -248,17 +271,14 @@ def bench_active_add_remove_as_block_index(
     benchmark(call)
 
 
-@pytest.mark.parametrize("route_module", ROUTE_TWINS, ids=_ids(ROUTE_TWINS))
-@pytest.mark.parametrize("in_flight", [0, 10**2, 10**3])
-def bench_active_new_blocks(benchmark: Any, route_module: ModuleType, in_flight: int) -> None:
+def bench_active_new_blocks(
+    benchmark: Any, active: tuple[Any, npt.NDArray[np.uint64], int]
+) -> None:
     """ActivePrefixes.new_blocks over 256 workers, with ``in_flight`` prompts (as above)."""
-    others = _prompts(in_flight + 1, 64, 2048, seed=1)
-    ap = route_module.ActivePrefixes()
-    for i, p in enumerate(others[1:]):
-        ap.add(i % 256, p)
+    ap, q, in_flight = active
     workers = np.arange(256, dtype=np.uint64)
     benchmark.group = f"active prefixes new_blocks, {in_flight} in flight"
-    benchmark(ap.new_blocks, others[0], workers)
+    benchmark(ap.new_blocks, q, workers)
 
 
 @pytest.mark.parametrize("route_module", ROUTE_TWINS, ids=_ids(ROUTE_TWINS))

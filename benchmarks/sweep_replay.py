@@ -36,6 +36,7 @@ from dataclasses import replace
 from typing import Any
 
 from kvroute.sim import AgenticConfig, ReplayResult
+from kvroute.sim.plots import plot_point, plot_sweep
 from kvroute.sim.sweep import (
     GridPoint,
     SweepRow,
@@ -44,8 +45,6 @@ from kvroute.sim.sweep import (
     median_rows,
     metric_table,
     mooncake_workload,
-    plot_point,
-    plot_sweep,
     run_sweep,
     star_grid,
     win_table,

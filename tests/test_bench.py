@@ -47,7 +47,7 @@ def small_trace_stream(**kwargs: Any) -> OpStream:
 
 
 def test_doctests() -> None:
-    for module in (kvroute.bench, kvroute.traces):
+    for module in (kvroute.bench.streams, kvroute.traces):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
@@ -114,7 +114,7 @@ def replay_both(
     requests: Sequence[Sequence[int]], capacity: int, bpu: int
 ) -> tuple[list[Any], list[Any]]:
     """Run both engine models on the same requests; return comparable event lists."""
-    paths, unit_keys = bench._intern_units(requests)
+    paths, unit_keys = bench.streams._intern_units(requests)
     blocks = LruEngine(capacity)
     units = UnitLruEngine(capacity, bpu)
     per_block, per_unit = [], []
@@ -125,7 +125,7 @@ def replay_both(
         hit, cached, evicted = blocks.serve(keys)
         per_block.append((hit, cached, evicted))
         u_hit, u_cached, u_evicted = units.serve(path.tolist())
-        gone = bench._evicted_keys(unit_keys, u_evicted).tolist() if u_evicted else []
+        gone = bench.streams._evicted_keys(unit_keys, u_evicted).tolist() if u_evicted else []
         per_unit.append((u_hit, u_cached, gone))
     held = units.holdings()
     expect = []
@@ -160,7 +160,7 @@ def test_unit_engine_on_the_mooncake_head() -> None:
 
 
 def test_keys_are_prefix_chained() -> None:
-    paths, unit_keys = bench._intern_units([[7, 8, 9], [7, 8, 5], [1, 8, 9]])
+    paths, unit_keys = bench.streams._intern_units([[7, 8, 9], [7, 8, 5], [1, 8, 9]])
     a, b, c = (bench.block_keys(unit_keys[p], 3) for p in paths)
     assert len(a) == 9 and len(set(a.tolist())) == 9
     assert (a[:6] == b[:6]).all() and not set(a[6:].tolist()) & set(b[6:].tolist())

@@ -6,6 +6,7 @@ the rest call :func:`kvroute.__main__.main` in-process, which is faster.
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 import kvroute
+import kvroute._cli
 from kvroute import __main__ as cli
 from kvroute import bench
 
@@ -180,7 +182,7 @@ def test_empty_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_failed_check_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench, "verify_state", lambda *_args: False)
+    monkeypatch.setattr(bench.timing, "verify_state", lambda *_args: False)
     out = tmp_path / "out.json"
     args = ["bench", *FAST, "--trace", str(tiny_trace(tmp_path / "t.jsonl")), "--json", str(out)]
     assert cli.main(args) == 1
@@ -261,3 +263,8 @@ def test_replay_writes_json_per_policy(tmp_path: Path) -> None:
     for figures in doc["policies"].values():
         for key in ("prefix_reuse", "ttft_mean_ms", "ttft_p99_ms", "throughput_tok_s"):
             assert key in figures
+
+
+def test_shared_cli_helpers_doctests() -> None:
+    result = doctest.testmod(kvroute._cli)
+    assert result.attempted > 0 and result.failed == 0

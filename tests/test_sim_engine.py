@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvroute.sim.engine import Engine, EngineConfig, PrefixCache, TimingModel
+from kvroute.sim.engine import Engine, EngineConfig, TimingModel
 from kvroute.sim.replay import RoundRobinDispatcher, replay
 from kvroute.sim.workloads import SimRequest
 
@@ -60,44 +60,6 @@ def test_config_validation() -> None:
         EngineConfig(num_gpu_blocks=0)
     with pytest.raises(ValueError):
         EngineConfig(decode_load="nope")
-
-
-def test_lru_evicts_released_tail_first() -> None:
-    c = PrefixCache(4)
-    assert c.allocate(3)
-    for k in (1, 2, 3):
-        c.name(k)
-    c.release([1, 2, 3])
-    assert list(c.lru) == [3, 2, 1]
-    assert c.allocate(3)  # one free slot + two evictions
-    assert c.removed == [3, 2]
-    assert c.match([1, 2, 3]) == 1
-    c._check()
-
-
-def test_lru_touch_moves_a_reused_block_out_of_the_lru() -> None:
-    c = PrefixCache(3)
-    c.allocate(3)
-    for k in (1, 2, 3):
-        c.name(k)
-    c.release([1])
-    c.release([2, 3])
-    assert list(c.lru) == [1, 3, 2]
-    c.acquire([1])  # reused: active again, not evictable
-    c.release([1])  # released again: most recent
-    assert list(c.lru) == [3, 2, 1]
-    assert not c.allocate(4)
-    assert c.allocate(1) and c.removed == [3]
-    c._check()
-
-
-def test_duplicate_block_shares_the_cached_copy() -> None:
-    c = PrefixCache(4)
-    c.allocate(2)
-    c.name(7)
-    c.name(7)  # computed twice concurrently: one copy, two references
-    assert c.used() == 1 and c.ref[7] == 2
-    c._check()
 
 
 def test_chunked_prefill_respects_the_token_budget() -> None:

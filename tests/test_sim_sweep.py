@@ -24,6 +24,7 @@ from kvroute.sim import (
     replay,
     unbounded_reuse,
 )
+from kvroute.sim import plots as P
 from kvroute.sim import sweep as S
 from kvroute.sim.sweep import GridPoint, SweepRow
 
@@ -226,15 +227,15 @@ def test_plots_write_small_valid_pngs(swept: Any, tmp_path: Path) -> None:
     _, rows, _ = swept
     med = S.median_rows(rows)
     out = tmp_path / "sweep.png"
-    S.plot_sweep(med, out, center=CENTER, dpi=50)
+    P.plot_sweep(med, out, center=CENTER, dpi=50)
     w, h = _png_size(out)
     assert w > h > 100
     with pytest.raises(ValueError, match="axes"):
-        S.plot_sweep(med, tmp_path / "x.png", axes=("colour",))
+        P.plot_sweep(med, tmp_path / "x.png", axes=("colour",))
     reqs = load_mooncake(block_size=512, limit=100)
     cfg = EngineConfig(num_gpu_blocks=256, block_size=512)
     runs = {k: replay(reqs, make_dispatcher(k), num_workers=2, config=cfg) for k in POLICIES}
-    paths = S.plot_point(tmp_path / "img", runs, med[0].bounds, prefix="x_")
+    paths = P.plot_point(tmp_path / "img", runs, med[0].bounds, prefix="x_")
     assert [Path(p).name for p in paths] == ["x_ttft_cdf.png", "x_reuse.png"]
     for p in paths:
         assert min(_png_size(Path(p))) > 100

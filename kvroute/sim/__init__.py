@@ -10,7 +10,7 @@ summarises the outcome. See docs/simulator.md.
 
 from __future__ import annotations
 
-from .engine import Engine, EngineConfig, PassResult, PrefixCache, TimingModel
+from .engine import Engine, EngineConfig, PassResult, TimingModel
 from .metrics import Records, percentiles, summarize
 from .replay import (
     Dispatcher,
@@ -37,7 +37,6 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "PassResult",
-    "PrefixCache",
     "Records",
     "ReplayResult",
     "RoundRobinDispatcher",

@@ -15,11 +15,13 @@ One :class:`Engine` stands for one vLLM worker. It owns a prefix cache of
    request whose prompt is fully computed emits one token at the pass end
    (the pass that finishes a prompt emits its first token).
 
-Cache semantics follow vLLM's block pool: a block referenced by a running
-request is *active*; when its last reference goes it becomes *inactive* but
-stays cached and reusable until evicted, least recently released first. A
-finished request releases its blocks tail-first, so its last blocks are
-evicted before its first ones (shared prefixes survive longest). A block
+The cache is :class:`kvroute._block_pool.BlockPool`, the model of vLLM's
+block pool that the benchmark and the mock worker use too: a block referenced
+by a running request is *active*; when its last reference goes it becomes
+*inactive* but stays cached and reusable until evicted, least recently
+released first. A finished request releases its blocks tail-first, so its
+last blocks are evicted before its first ones (shared prefixes survive
+longest). Here a slot is allocated before its tokens are computed: a block
 becomes reusable (and a ``stored`` event is emitted) once its tokens are
 computed and it is full; a partial tail block is never shared.
 
@@ -38,20 +40,20 @@ requests and blocks, not with the number of output tokens.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from .._block_pool import BlockPool
 from .workloads import SimRequest, fresh_key
 
 __all__ = [
     "Engine",
     "EngineConfig",
     "PassResult",
-    "PrefixCache",
     "TimingModel",
 ]
 
@@ -165,153 +167,6 @@ class EngineConfig:
             )
 
 
-class PrefixCache:
-    """A vLLM-style block pool: referenced blocks plus an LRU of released, still-cached ones.
-
-    Blocks are named by their (prefix-chained) hash once full; a slot holding a
-    partial block is counted but unnamed. Evicting a named block records its
-    key in :attr:`removed` for the event stream.
-
-    >>> c = PrefixCache(3)
-    >>> c.allocate(3), c.name(11), c.name(12), c.name(13)
-    (True, True, True, True)
-    >>> c.release([11, 12, 13])          # tail-first: 13 is evicted first
-    >>> c.match([11, 12, 13]), c.allocate(1), c.removed
-    (3, True, [13])
-    """
-
-    __slots__ = ("_anon", "_capacity", "lru", "ref", "removed", "stored_new")
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        #: key -> number of running requests holding it (0: inactive, in :attr:`lru`)
-        self.ref: dict[int, int] = {}
-        #: inactive named blocks, least recently released first
-        self.lru: OrderedDict[int, None] = OrderedDict()
-        self._anon = 0
-        #: keys evicted since the owner last drained the list
-        self.removed: list[int] = []
-        #: set by :meth:`name`: True if the key was new to the cache
-        self.stored_new = False
-
-    @property
-    def capacity(self) -> int:
-        """Total slots."""
-        return self._capacity
-
-    def used(self) -> int:
-        """Slots holding a block (active, inactive, or partial)."""
-        return len(self.ref) + self._anon
-
-    def free(self) -> int:
-        """Empty slots (not counting evictable inactive blocks)."""
-        return self._capacity - len(self.ref) - self._anon
-
-    def active_blocks(self) -> int:
-        """Slots referenced by running requests (partial blocks included)."""
-        return len(self.ref) - len(self.lru) + self._anon
-
-    def __contains__(self, key: int) -> bool:
-        return key in self.ref
-
-    def match(self, keys: Sequence[int]) -> int:
-        """Number of leading ``keys`` cached (active or inactive).
-
-        Runtime complexity: O(matched).
-        """
-        ref = self.ref
-        n = 0
-        for k in keys:
-            if k not in ref:
-                break
-            n += 1
-        return n
-
-    def acquire(self, keys: Sequence[int]) -> None:
-        """Take a reference on cached ``keys`` (an inactive block leaves the LRU).
-
-        :raises KeyError: a key is not cached.
-        """
-        ref, lru = self.ref, self.lru
-        for k in keys:
-            c = ref[k]
-            if c == 0:
-                del lru[k]
-            ref[k] = c + 1
-
-    def can_allocate(self, n: int, pinned_inactive: int = 0) -> bool:
-        """Whether ``n`` new slots fit, evicting if needed.
-
-        :param pinned_inactive: inactive blocks about to be acquired (not evictable).
-        """
-        return n <= self.free() + len(self.lru) - pinned_inactive
-
-    def allocate(self, n: int) -> bool:
-        """Take ``n`` unnamed slots, evicting least recently released blocks if needed.
-
-        :returns: False (and nothing changed) if they do not fit.
-        """
-        if n <= 0:
-            return True
-        short = n - self.free()
-        if short > len(self.lru):
-            return False
-        lru, ref, removed = self.lru, self.ref, self.removed
-        for _ in range(short):
-            k, _v = lru.popitem(last=False)
-            del ref[k]
-            removed.append(k)
-        self._anon += n
-        return True
-
-    def name(self, key: int) -> bool:
-        """An unnamed slot became a full block ``key``.
-
-        If ``key`` is already cached (another request computed the same block
-        meanwhile), the slot is freed and a reference taken on the cached copy.
-        Sets :attr:`stored_new`.
-
-        :returns: True.
-        """
-        self._anon -= 1
-        c = self.ref.get(key)
-        if c is None:
-            self.ref[key] = 1
-            self.stored_new = True
-        else:
-            if c == 0:
-                del self.lru[key]
-            self.ref[key] = c + 1
-            self.stored_new = False
-        return True
-
-    def release(self, keys: Sequence[int], anon: int = 0) -> None:
-        """Drop one reference on each of ``keys``, last key first, and free ``anon`` slots.
-
-        Released blocks join the LRU's most-recent end in reverse order, so a
-        sequence's tail is evicted before its head.
-        """
-        ref, lru = self.ref, self.lru
-        for k in reversed(keys):
-            c = ref[k] - 1
-            ref[k] = c
-            if c == 0:
-                lru[k] = None
-        self._anon -= anon
-
-    def _check(self) -> None:
-        """O(n) invariant check.
-
-        :raises AssertionError: an invariant is broken.
-        """
-        assert self._anon >= 0
-        assert self.used() <= self._capacity, (self.used(), self._capacity)
-        for k, c in self.ref.items():
-            assert c >= 0
-            assert (c == 0) == (k in self.lru), k
-        assert all(k in self.ref for k in self.lru)
-
-
 class _Seq:
     """One request inside an engine."""
 
@@ -399,7 +254,7 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self._bulk_ok = bulk_decode
-        self.cache = PrefixCache(self.config.num_gpu_blocks)
+        self.cache = BlockPool(self.config.num_gpu_blocks)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._fresh = on_fresh_key or fresh_key
@@ -602,10 +457,10 @@ class Engine:
                 else:
                     key = self._fresh()
                     hashes.append(key)
-                cache.name(key)
+                new = cache.name(key)
                 s.tail -= 1
                 s.blocks.append(key)
-                if cache.stored_new:
+                if new:
                     chain.append(key)
                 elif chain:
                     res.stored.append((chain, parent))
@@ -680,4 +535,4 @@ class Engine:
             assert math.ceil(s.computed / self.config.block_size) == len(s.blocks) + s.tail
         for k, c in self.cache.ref.items():
             assert held.get(k, 0) == c, (k, c, held.get(k, 0))
-        assert anon == self.cache._anon
+        assert anon == self.cache.unnamed

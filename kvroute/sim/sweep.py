@@ -8,9 +8,7 @@ speed-up) through :func:`kvroute.sim.replay.replay`, exactly as
 (point, policy, seed) with the point's two reuse bounds beside it.
 :func:`star_grid` builds the usual grid (one factor at a time around a
 centre), :func:`median_rows` collapses seeds, :func:`win_table` and
-:func:`metric_table` render markdown, :func:`plot_sweep` and
-:func:`plot_point` draw PNGs (matplotlib, the optional ``plot`` extra,
-imported only when a plot is drawn).
+:func:`metric_table` render markdown; :mod:`kvroute.sim.plots` draws them.
 
 ``benchmarks/sweep_replay.py`` is the command line; docs/simulator.md
 ("Sweeps") shows what it measured.
@@ -25,12 +23,9 @@ True
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import shutil
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -51,8 +46,6 @@ __all__ = [
     "median_rows",
     "metric_table",
     "mooncake_workload",
-    "plot_point",
-    "plot_sweep",
     "run_sweep",
     "star_grid",
     "win_table",
@@ -572,150 +565,3 @@ def metric_table(
             cells += [_num(any_row.bounds.get(b, float("nan")), digits) for b in bnames]
         body.append(cells)
     return _md(head, body)
-
-
-# -- plots ------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, imported on first use."""
-    try:
-        mpl = importlib.import_module("matplotlib")
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'kvroute[plot]'") from None
-    mpl.use("Agg")
-    return importlib.import_module("matplotlib.pyplot")
-
-
-_LABELS = {
-    "workers": "workers",
-    "gpu_blocks": "KV blocks per worker",
-    "speedup": "arrival speed-up",
-}
-
-#: y ticks of the ratio plots: for a narrow range, and for a wide one (> 4x).
-_RATIO_TICKS = (
-    (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0),
-    (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
-)
-_METRICS = {"ttft_mean_ms": "mean TTFT", "ttft_p99_ms": "p99 TTFT", "prefix_reuse": "reuse"}
-
-
-def plot_sweep(
-    rows: Iterable[SweepRow],
-    path: str | os.PathLike[str],
-    *,
-    metric: str = "ttft_mean_ms",
-    baseline: str = "round_robin",
-    axes: Sequence[str] = AXES,
-    center: tuple[int, int, float] = CENTER,
-    dpi: int = 100,
-) -> None:
-    """Plot each policy's ``metric`` as a ratio to ``baseline``'s along each grid axis.
-
-    One panel per (workload, axis): along the axis the other two settings
-    stay at ``center``; a line per policy; 1.0 (the baseline) dashed; below
-    it the policy beats the baseline.
-
-    :param rows: rows with one per (point, policy): see :func:`median_rows`.
-    :param path: the PNG to write.
-    :param metric: a numeric :class:`SweepRow` field.
-    :param baseline: the policy to divide by.
-    :param axes: :class:`GridPoint` fields to sweep along, one panel column each.
-    :param center: the fixed (workers, gpu_blocks, speedup).
-    :param dpi: resolution.
-    :raises ImportError: matplotlib is missing.
-    :raises ValueError: an unknown axis, or two rows for one (point, policy).
-    """
-    bad = [a for a in axes if a not in AXES]
-    if bad:
-        raise ValueError(f"unknown axes {bad!r}; choose from {AXES}")
-    pts = _by_point(rows)
-    workloads = list(dict.fromkeys(p.workload for p in pts))
-    policies = [k for k in dict.fromkeys(k for d in pts.values() for k in d) if k != baseline]
-    plt = _pyplot()
-    nr, nc = max(len(workloads), 1), max(len(axes), 1)
-    fig, grid = plt.subplots(nr, nc, figsize=(3.3 * nc, 2.6 * nr + 0.6), squeeze=False)
-    fixed = dict(zip(AXES, center, strict=True))
-    for i, wl in enumerate(workloads):
-        for j, axis in enumerate(axes):
-            ax = grid[i][j]
-            on = sorted(
-                (p for p in pts if p.workload == wl and all(
-                    getattr(p, a) == fixed[a] for a in AXES if a != axis)),
-                key=lambda p: float(getattr(p, axis)),
-            )  # fmt: skip
-            xs = [float(getattr(p, axis)) for p in on]
-            seen = [1.0]
-            for k in policies:
-                ys = [
-                    getattr(pts[p][k], metric) / getattr(pts[p][baseline], metric)
-                    if k in pts[p] and baseline in pts[p]
-                    else float("nan")
-                    for p in on
-                ]
-                seen += [y for y in ys if y > 0 and math.isfinite(y)]
-                ax.plot(xs, ys, marker="o", markersize=3, label=k)
-            ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-            if xs:
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(xs)
-                ax.set_xticklabels([f"{x:g}" for x in xs])
-            # a log scale: a ratio of 0.5 is as far below 1 as 2 is above, and a
-            # baseline that collapses (x20 slower) does not flatten the others
-            ax.set_yscale("log")
-            lo, hi = min(seen) / 1.15, max(seen) * 1.15
-            ticks = [t for t in _RATIO_TICKS[1 if hi / lo > 4 else 0] if lo <= t <= hi]
-            ax.set_yticks(ticks)
-            ax.set_yticklabels([f"{t:g}" for t in ticks])
-            ax.minorticks_off()
-            ax.set_title(f"{wl}: {_LABELS[axis]}", fontsize=9)
-            ax.tick_params(labelsize=8)
-            if j == 0:
-                ax.set_ylabel(f"{_METRICS.get(metric, metric)} ÷ {baseline}", fontsize=8)
-    cw, cb, cs = center
-    fig.suptitle(
-        f"{_METRICS.get(metric, metric)} as a ratio to {baseline} (log scale; below 1: faster). "
-        f"Other settings: {cw} workers, {cb} blocks, {cs:g}x",
-        fontsize=9,
-    )
-    handles, labels = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(os.fspath(path), dpi=dpi)
-    plt.close(fig)
-
-
-def plot_point(
-    directory: str | os.PathLike[str],
-    runs: Mapping[str, ReplayResult],
-    bounds: Mapping[str, float],
-    *,
-    prefix: str = "",
-) -> list[str]:
-    """The replay command's two plots for one grid point: TTFT CDF per policy, reuse vs bounds.
-
-    Drawn by the same code as ``kvroute replay --plot`` (so the figures look
-    alike), then renamed ``<prefix>ttft_cdf.png`` and ``<prefix>reuse.png``.
-
-    :param directory: where to write (created if missing).
-    :param runs: policy -> its replay at this point.
-    :param bounds: ``SweepRow.bounds`` of the point.
-    :param prefix: file name prefix.
-    :returns: the two paths written.
-    :raises ImportError: matplotlib is missing.
-    """
-    from .replay import _plot  # the CLI's --plot code, reused rather than copied
-
-    _pyplot()  # raise if matplotlib is missing: _plot itself only warns
-    labels = {"unbounded": "unbounded", "pooled_lru": "pooled LRU"}
-    b = {labels.get(k, k): {"prefix_reuse": v} for k, v in bounds.items()}
-    os.makedirs(directory, exist_ok=True)
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        _plot(tmp, dict(runs), b)
-        for name in ("ttft_cdf.png", "reuse.png"):
-            dst = os.path.join(os.fspath(directory), prefix + name)
-            shutil.move(os.path.join(tmp, name), dst)
-            out.append(dst)
-    return out

@@ -17,17 +17,19 @@ It models the part of vLLM 0.33's ``BlockPool`` that routing can observe:
 
 Deliberate simplifications: capacity counts cached full blocks only (a running
 request's partial last block and its decode blocks take no room), and
-generated tokens are never cached.
+generated tokens are never cached. The cache itself is
+:class:`kvroute._block_pool.BlockPool`, shared with the simulator and the
+benchmark; this module turns what it does into vLLM's events.
 
 Not thread-safe: the owner serialises calls.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .._block_pool import BlockPool
 from ._wire import VllmAllBlocksCleared, VllmBlockRemoved, VllmBlockStored, VllmEvent
 
 __all__ = ["Allocation", "PrefixCache"]
@@ -36,12 +38,6 @@ _MEDIUM = "GPU"
 
 
 @dataclass(eq=False, slots=True)
-class _Block:
-    hash: int
-    ref_cnt: int = 0
-
-
-@dataclass(slots=True)
 class Allocation:
     """What :meth:`PrefixCache.acquire` did for one request.
 
@@ -55,11 +51,17 @@ class Allocation:
     stored: tuple[int, ...]
     evicted: tuple[int, ...]
     events: list[VllmEvent]
-    _held: list[_Block] = field(default_factory=list, repr=False)
+    _held: list[int] = field(default_factory=list, repr=False)
+    _epoch: int = field(default=0, repr=False)
 
 
 class PrefixCache:
     """Full KV blocks by vLLM block hash: hits, stores, LRU eviction, events.
+
+    The cache is a :class:`kvroute._block_pool.BlockPool` (the model the
+    simulator and the benchmark share); this class adds what the mock worker
+    publishes: vLLM's ``BlockStored`` / ``BlockRemoved`` events, and stores
+    that stop at the room left instead of failing.
 
     >>> cache = PrefixCache(block_size=2, num_blocks=2)
     >>> a = cache.acquire([11, 12], [1, 2, 3, 4])
@@ -81,40 +83,35 @@ class PrefixCache:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._blocks: dict[int, _Block] = {}
-        # Free (unpinned) cached blocks, least recently used first.
-        self._free: OrderedDict[int, _Block] = OrderedDict()
+        self._pool = BlockPool(num_blocks)
+        # Bumped by clear(): allocations from an older epoch hold void references.
+        self._epoch = 0
 
     def __len__(self) -> int:
         """Number of cached blocks (pinned or free)."""
-        return len(self._blocks)
+        return len(self._pool)
 
     def __contains__(self, block_hash: object) -> bool:
-        return block_hash in self._blocks
+        return block_hash in self._pool
 
     def hashes(self) -> set[int]:
         """The hashes of every cached block."""
-        return set(self._blocks)
+        return set(self._pool.ref)
 
     def lru_order(self) -> list[int]:
         """Evictable blocks, next victim first."""
-        return list(self._free)
+        return list(self._pool.lru)
 
     def pinned(self) -> int:
         """Number of blocks held by running requests."""
-        return len(self._blocks) - len(self._free)
+        return self._pool.active_blocks()
 
     def match(self, hashes: Sequence[int]) -> int:
         """Number of leading ``hashes`` cached, without touching anything.
 
         Runtime complexity: O(hit blocks).
         """
-        n = 0
-        for h in hashes:
-            if h not in self._blocks:
-                break
-            n += 1
-        return n
+        return self._pool.match(hashes)
 
     def acquire(
         self,
@@ -126,6 +123,10 @@ class PrefixCache:
         lora_name: str | None = None,
     ) -> Allocation:
         """Look a request's blocks up, pin the hits and store the missing blocks.
+
+        Pinned blocks are never evicted: if even evicting every free block
+        leaves too little room, only the leading missing blocks that fit are
+        stored.
 
         Runtime complexity: O(blocks of the request + blocks evicted).
 
@@ -140,27 +141,16 @@ class PrefixCache:
             request ends.
         """
         bs = self.block_size
-        hit = self.match(hashes)
-        held: list[_Block] = []
-        for h in hashes[:hit]:
-            block = self._blocks[h]
-            block.ref_cnt += 1
-            self._free.pop(h, None)
-            held.append(block)
-
-        missing = list(hashes[hit:])
+        pool = self._pool
+        hit = pool.match(hashes)
+        pool.acquire(hashes[:hit])
+        missing = hashes[hit:]
+        stored = list(missing[: min(len(missing), pool.free() + len(pool.lru))])
         evicted: list[int] = []
-        room = self.num_blocks - len(self._blocks)
-        while room < len(missing) and self._free:
-            victim, _ = self._free.popitem(last=False)
-            del self._blocks[victim]
-            evicted.append(victim)
-            room += 1
-        stored = missing[: max(room, 0)]
+        pool.removed = evicted
+        pool.allocate(len(stored))  # fits: sized by what is free or evictable
         for h in stored:
-            block = _Block(h, ref_cnt=1)
-            self._blocks[h] = block
-            held.append(block)
+            pool.name(h)
 
         events: list[VllmEvent] = [
             VllmBlockRemoved(block_hashes=[h], medium=_MEDIUM, group_idx=0) for h in evicted
@@ -180,30 +170,25 @@ class PrefixCache:
                     group_idx=0,
                 )
             )
-        return Allocation(hit, tuple(stored), tuple(evicted), events, held)
+        held = list(hashes[: hit + len(stored)])
+        return Allocation(hit, tuple(stored), tuple(evicted), events, held, self._epoch)
 
     def release(self, allocation: Allocation) -> None:
         """Unpin a finished request's blocks; each is freed deepest first.
 
-        Idempotent. Blocks dropped by :meth:`clear` meanwhile are ignored.
+        Idempotent. An allocation made before a :meth:`clear` is ignored.
         """
         held, allocation._held = allocation._held, []
-        for block in reversed(held):
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0 and self._blocks.get(block.hash) is block:
-                self._free[block.hash] = block
+        if allocation._epoch == self._epoch:
+            self._pool.release(held)
 
     def clear(self) -> list[VllmEvent]:
         """Drop every block (``reset_prefix_cache``); returns ``[AllBlocksCleared]``."""
-        self._blocks.clear()
-        self._free.clear()
+        self._pool.clear()
+        self._epoch += 1
         return [VllmAllBlocksCleared()]
 
     def _check(self) -> None:
         """Verify the invariants (O(n)); raises ``AssertionError`` on a broken one."""
-        assert len(self._blocks) <= self.num_blocks
-        for h, block in self._free.items():
-            assert self._blocks.get(h) is block and block.ref_cnt == 0
-        for h, block in self._blocks.items():
-            assert block.hash == h and block.ref_cnt >= 0
-            assert (block.ref_cnt == 0) == (h in self._free)
+        self._pool._check()
+        assert len(self._pool) <= self.num_blocks and self._pool.unnamed == 0
