@@ -1,9 +1,11 @@
 """The proxy's configuration: its workers and its options, validated once.
 
->>> parse_worker("http://10.0.0.5:8000=tcp://10.0.0.5:5557,tcp://10.0.0.5:5558")
-WorkerSpec(url='http://10.0.0.5:8000', events_endpoint='tcp://10.0.0.5:5557', replay_endpoint='tcp://10.0.0.5:5558')
->>> parse_worker("localhost:8001/")
-WorkerSpec(url='http://localhost:8001', events_endpoint=None, replay_endpoint=None)
+Workers are :class:`~kvroute.fleet.spec.WorkerSpec` objects, the one
+definition of a worker every source shares (re-exported here).
+
+>>> parse_worker("localhost:8001/=tcp://localhost:5557")
+WorkerSpec(url='http://localhost:8001', events_endpoint='tcp://localhost:5557', \
+replay_endpoint=None, events_format=None, role='both', bootstrap_port=None, name=None)
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import urlsplit
+
+from ..fleet.spec import WorkerSpec, parse_worker
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -28,59 +31,6 @@ DEFAULT_MAX_BODY_SIZE: Final = 32 << 20
 
 #: How prompts are turned into token ids for routing (see :class:`ProxyConfig`).
 TokenizeWith = Literal["auto", "local", "render", "tokenize"]
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """One worker: its HTTP base URL and, optionally, its KV-event endpoints.
-
-    :param url: base URL, e.g. ``http://10.0.0.5:8000`` (no trailing ``/v1``).
-    :param events_endpoint: the worker's ZMQ KV-event publisher, e.g. ``tcp://10.0.0.5:5557``.
-    :param replay_endpoint: its replay (ROUTER) socket, for events missed in a gap.
-    """
-
-    url: str
-    events_endpoint: str | None = None
-    replay_endpoint: str | None = None
-
-
-def parse_worker(text: str) -> WorkerSpec:
-    """Parse ``URL[=EVENTS_ENDPOINT[,REPLAY_ENDPOINT]]``.
-
-    A URL without a scheme gets ``http://``; a trailing ``/`` is dropped.
-
-    :raises ValueError: an empty URL, a URL that is not http(s), a host
-        missing, or a replay endpoint without an events endpoint.
-    """
-    url, sep, events = text.strip().partition("=")
-    url = url.strip().rstrip("/")
-    if not url:
-        raise ValueError(f"worker {text!r}: the URL is empty")
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"worker {text!r}: expected an http(s) URL like http://host:8000")
-    try:
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as e:
-        raise ValueError(f"worker {text!r}: {e}") from None
-    if url.endswith("/v1"):
-        raise ValueError(f"worker {text!r}: give the base URL, without /v1")
-    ev: str | None = None
-    replay: str | None = None
-    if sep:
-        ev_text, _, replay_text = events.partition(",")
-        ev = ev_text.strip() or None
-        replay = replay_text.strip() or None
-        if ev is None:
-            raise ValueError(f"worker {text!r}: '=' must be followed by an events endpoint")
-        for endpoint in (ev, replay):
-            if endpoint is not None and "://" not in endpoint:
-                raise ValueError(
-                    f"worker {text!r}: endpoint {endpoint!r} needs a scheme (tcp://host:port)"
-                )
-    return WorkerSpec(url, ev, replay)
 
 
 def parse_model_map(text: str) -> tuple[str, str]:
