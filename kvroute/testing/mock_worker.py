@@ -61,7 +61,7 @@ from typing import Final, TypeVar, cast
 from aiohttp import web
 
 from .._aio import OwningLoop, close_loop
-from ..hashing import VllmHashAlgo
+from ..events.engine_hashes import VllmHashAlgo
 from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
 from ._publisher import KVEventPublisher
