@@ -45,7 +45,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from aiohttp import web
 
-from ..metrics import CONTENT_TYPE_LATEST, Metrics
+from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..request import CacheControl, Decision, Request
 from ..router import NoWorkerAvailable, Router
 from .anthropic import (

@@ -20,7 +20,7 @@ from typing import cast
 from aiohttp import web
 
 from .._aio import OwningLoop, close_loop
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
 from .config import ProxyConfig
