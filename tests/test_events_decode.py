@@ -947,6 +947,13 @@ def test_unknown_format_is_a_plain_value_error(fmt: Any) -> None:
     assert not isinstance(info.value, DecodeError)
 
 
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations a test makes are undone after it."""
+    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+
+
+@pytest.mark.usefixtures("registry")
 def test_a_registered_decoder_is_found_by_name() -> None:
     calls: list[tuple[object, int, int]] = []
 
@@ -954,7 +961,7 @@ def test_a_registered_decoder_is_found_by_name() -> None:
         calls.append((payload, max_events, max_tokens))
         return EventBatch(ts=None, events=(AllBlocksCleared(),))
 
-    register_decoder("test-upper", decode_upper, replace=True)
+    register_decoder("test-upper", decode_upper)
     assert get_decoder("test-upper") is decode_upper
     assert decode(b"x", "test-upper", max_events=3, max_tokens=5).events == (AllBlocksCleared(),)
     assert calls == [(b"x", 3, 5)]

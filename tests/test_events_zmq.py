@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from kvroute.events.zmq import _METRIC_STATUSES, END_SEQ
 from kvroute.hashing import kvroute_block_hashes
 
 VECTORS = Path(__file__).parent / "vectors"
+# the module (``kvroute.events.decode`` is also the name of the decode function)
+decode_module = sys.modules["kvroute.events.decode"]
 BASE: list[int] = json.loads((VECTORS / "token_sequences.json").read_text())["base"]
 _VLLM = json.loads((VECTORS / "vllm_kv_events.json").read_text())["batches"]
 VLLM = {b["name"]: bytes.fromhex(b["payload_hex"]) for b in _VLLM}
@@ -242,8 +245,11 @@ def _decode_vllm_json(payload: bytes, *, max_events: int, max_tokens: int) -> Ev
     )
 
 
-def test_a_registered_format_is_carried_by_name(router: Router, publisher: Publisher) -> None:
-    register_decoder("test-vllm-json", _decode_vllm_json, replace=True)
+def test_a_registered_format_is_carried_by_name(
+    router: Router, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decode_module, "_REGISTRY", dict(decode_module._REGISTRY))
+    register_decoder("test-vllm-json", _decode_vllm_json)
 
     def as_json(name: str) -> bytes:
         return json.dumps(msgspec.msgpack.decode(VLLM[name])).encode()
