@@ -32,7 +32,10 @@ CORE_DEPENDENCIES = frozenset({"kvroute", "numpy", "xxhash"})
 #: The edge: subpackages and modules that serve engines, HTTP, the simulator,
 #: the benchmark or the command line, and may import their extras.
 EDGE = ("kvroute.events", "kvroute.proxy", "kvroute.sim", "kvroute.testing", "kvroute.bench")
-EDGE_MODULES = frozenset({"kvroute.__main__", *DEPRECATED})
+#: Edge modules at the package root: the command line, deprecated aliases,
+#: and private helpers the proxy and the test kit share (the chat-template
+#: environment needs jinja2). The core never imports them.
+EDGE_MODULES = frozenset({"kvroute.__main__", "kvroute._chat_template", *DEPRECATED})
 
 #: The heavy dependencies the issue names; none may load with ``import kvroute``.
 HEAVY = ("cbor2", "zmq", "aiohttp", "prometheus_client", "msgspec", "matplotlib")
