@@ -24,9 +24,6 @@ test run collects these with ``--benchmark-disable``, so each runs once.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -35,7 +32,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvroute import _hashing_py, hashing
+from kvroute import _compat, hashing
+from kvroute.events import engine_hashes
 
 BLOCK = 16
 SIZES = [1_000, 10_000, 32_768, 100_000]
@@ -43,12 +41,8 @@ SEED = 20240607
 
 
 def _twins() -> list[ModuleType]:
-    mods = [_hashing_py]
-    if not os.environ.get("KVROUTE_NO_EXTENSIONS"):
-        # a failed import is reported by tests/test_hashing.py
-        with contextlib.suppress(ImportError):
-            mods.insert(0, importlib.import_module("kvroute._hashing"))
-    return mods
+    # a compiled core that failed to import is reported by tests/test_build.py
+    return list(_compat.implementations("hashing"))
 
 
 TWINS = _twins()
@@ -105,8 +99,8 @@ def bench_engine_scheme(benchmark: Any, scheme: str) -> None:
     tokens = prompt(32_768)
     benchmark.group = "engine schemes, 32768 tokens, uint32"
     if scheme == "sglang":
-        result = benchmark(hashing.sglang_block_hashes, tokens, BLOCK)
+        result = benchmark(engine_hashes.sglang_block_hashes, tokens, BLOCK)
     else:
         algo = scheme.removeprefix("vllm_")
-        result = benchmark(hashing.vllm_block_hashes, tokens, BLOCK, algo=algo, seed="0")
+        result = benchmark(engine_hashes.vllm_block_hashes, tokens, BLOCK, algo=algo, seed="0")
     assert result.size == 32_768 // BLOCK

@@ -1,23 +1,21 @@
 """kvroute: KV-cache-aware request routing for vLLM / SGLang fleets, in-process.
 
 The public API is what ``__all__`` lists. ``BlockIndex`` is the compiled
-index unless the extension is missing or ``KVROUTE_NO_EXTENSIONS`` is set, in
-which case its pure-Python twin (same API, same results) is used.
+index unless ``KVROUTE_NO_EXTENSIONS`` is set or the extension failed to
+import, in which case its pure-Python twin (same API, same results, much
+slower) is used; :data:`USE_EXTENSIONS` says which. A failed import also
+warns (:class:`kvroute._compat.ExtensionWarning`), once for all the cores.
+
+Importing kvroute costs numpy and xxhash only: the engine event layer
+(:mod:`kvroute.events`), the proxy, the simulator and the benchmark are
+subpackages imported on demand.
 """
 
 from __future__ import annotations
 
-from ._compat import NO_EXTENSIONS
+from . import _compat
+from ._compat import USE_EXTENSIONS
 from ._convert import TIERS
-
-if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._index_py import MAX_COPIES, BlockIndex
-else:
-    try:
-        from ._index import MAX_COPIES, BlockIndex
-    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._index_py import MAX_COPIES, BlockIndex
-
 from .hashing import kvroute_block_hashes
 from .policies import (
     Candidates,
@@ -31,11 +29,16 @@ from .policies import (
 from .request import CacheControl, Decision, Request, WarmupPlan
 from .router import BusyThreshold, NoWorkerAvailable, Router, RouterConfig
 
+# the compiled index, or its twin (kvroute._compat decides, once)
+BlockIndex = _compat.index.BlockIndex
+MAX_COPIES = _compat.index.MAX_COPIES
+
 __version__ = "0.1.0"
 
 __all__ = [
     "MAX_COPIES",
     "TIERS",
+    "USE_EXTENSIONS",
     "BlockIndex",
     "BusyThreshold",
     "CacheControl",

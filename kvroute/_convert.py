@@ -57,6 +57,19 @@ def check_u64(value: object, what: str) -> int:
     return v
 
 
+def optional_str(value: object, what: str) -> str | None:
+    """Return ``value`` if it is a ``str`` or ``None``, or raise naming ``what``.
+
+    >>> optional_str(None, "lora_name") is None
+    True
+
+    :raises TypeError: ``value`` is neither.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{what} must be a str or None, not {type(value).__name__}")
+
+
 def tier_index(tier: object) -> int:
     """Return the position of ``tier`` in :data:`TIERS`.
 

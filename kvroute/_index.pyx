@@ -47,6 +47,7 @@ from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
 from ._u64map cimport (
     Entry,
     HMap,
+    entries_doubled,
     hm_del,
     hm_del_values,
     hm_free,
@@ -338,22 +339,13 @@ cdef class BlockIndex:
         return NULL
 
     cdef int _grow(self) noexcept nogil:
-        cdef Entry* old = self._t
-        cdef uint64_t old_cap = self._cap, j, i, mask
-        cdef Entry* t = <Entry*>calloc(old_cap * 2, sizeof(Entry))
+        # the map's grow loop (_u64map.pxd), with val 0 marking a free slot
+        cdef Entry* t = entries_doubled(self._t, self._cap, self._bits + 1, 1)
         if t == NULL:
             return -1
         self._t = t
-        self._cap = old_cap * 2
+        self._cap *= 2
         self._bits += 1
-        mask = self._cap - 1
-        for j in range(old_cap):
-            if old[j].val != 0:
-                i = self._home(old[j].key)
-                while t[i].val != 0:
-                    i = (i + 1) & mask
-                t[i] = old[j]
-        free(old)
         return 0
 
     cdef Entry* _find_or_insert(self, uint64_t k) noexcept nogil:

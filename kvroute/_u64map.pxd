@@ -75,23 +75,39 @@ cdef inline int hm_get(HMap* m, uint64_t k, uint64_t* out) noexcept nogil:
     return 0
 
 
+cdef inline Entry* entries_doubled(Entry* old, uint64_t old_cap, uint32_t bits,
+                                   bint empty_val) noexcept nogil:
+    """``old``'s live entries rehashed into a new table twice its size; ``old`` is freed.
+
+    NULL when out of memory, ``old`` then intact. ``bits`` is log2 of the
+    new capacity: an entry goes to its Fibonacci home ``k * FIB >> (64 - bits)``
+    or the first free slot after (linear probing, no deletions yet, so no
+    shifts). The map here marks a free slot by key 0; ``_index.pyx``'s block
+    table, where every key is valid, by value 0 (``empty_val``). Callers pass
+    a constant, so the test folds away where this is inlined.
+    """
+    cdef uint64_t cap = old_cap * 2, mask = cap - 1, j, i
+    cdef uint32_t shift = 64 - bits
+    cdef Entry* t = <Entry*>calloc(cap, sizeof(Entry))
+    if t == NULL:
+        return NULL
+    for j in range(old_cap):
+        if (old[j].val if empty_val else old[j].key) != 0:
+            i = (old[j].key * U64MAP_FIB) >> shift
+            while (t[i].val if empty_val else t[i].key) != 0:
+                i = (i + 1) & mask
+            t[i] = old[j]
+    free(old)
+    return t
+
+
 cdef inline int hm_grow(HMap* m) noexcept nogil:
-    cdef Entry* old = m.e
-    cdef uint64_t old_cap = m.cap, j, i, mask
-    cdef Entry* e = <Entry*>calloc(old_cap * 2, sizeof(Entry))
+    cdef Entry* e = entries_doubled(m.e, m.cap, m.bits + 1, 0)
     if e == NULL:
         return -1
     m.e = e
-    m.cap = old_cap * 2
+    m.cap *= 2
     m.bits += 1
-    mask = m.cap - 1
-    for j in range(old_cap):
-        if old[j].key != 0:
-            i = hm_home(m, old[j].key)
-            while e[i].key != 0:
-                i = (i + 1) & mask
-            e[i] = old[j]
-    free(old)
     return 0
 
 

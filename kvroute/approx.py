@@ -38,15 +38,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._compat import NO_EXTENSIONS
+from ._compat import route as _route
 
-if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._route_py import chained_common_prefix, fresh_overlay
-else:
-    try:
-        from ._route import chained_common_prefix, fresh_overlay
-    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._route_py import chained_common_prefix, fresh_overlay
+chained_common_prefix = _route.chained_common_prefix
+fresh_overlay = _route.fresh_overlay
 
 __all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
 

@@ -29,15 +29,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._compat import NO_EXTENSIONS
+from ._compat import route as _route
 
-if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._route_py import ActivePrefixes
-else:
-    try:
-        from ._route import ActivePrefixes
-    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._route_py import ActivePrefixes
+ActivePrefixes = _route.ActivePrefixes
 
 __all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
 

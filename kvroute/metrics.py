@@ -1,251 +1,26 @@
-"""Prometheus metrics for the event subscriber and the proxy.
+"""Deprecated: the Prometheus metrics moved to :mod:`kvroute.events.metrics`.
 
-One :class:`Metrics` owns its own :class:`prometheus_client.CollectorRegistry`
-(so two proxies, or two tests, in one process never collide) and holds every
-kvroute series. Counters and histograms are updated where things happen; the
-index size and per-worker load are read from the :class:`~kvroute.Router` at
-scrape time, so they cost nothing between scrapes.
-
-Needs the ``serve`` extra (``prometheus_client``); the core library never
-imports this module.
-
->>> from kvroute import Router
->>> m = Metrics(Router(block_size=16, workers=[0]))
->>> m.event_applied(0, "ok", 3)
->>> b"kvroute_events_total" in m.render()
-True
+``from kvroute.metrics import Metrics`` still works, with a
+``DeprecationWarning``, until kvroute 0.2. (The metrics serve the event
+subscriber and the proxy, so they live beside them; the core never imports them.)
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final, Literal, get_args
+import warnings
 
-from prometheus_client import (
+from .events.metrics import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+    EVENT_STATUSES,
+    EventStatus,
+    Metrics,
+    RateLimitedLog,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from ._logging import RateLimitedLog
-
-if TYPE_CHECKING:
-    from .router import Router
 
 __all__ = ["CONTENT_TYPE_LATEST", "EVENT_STATUSES", "EventStatus", "Metrics", "RateLimitedLog"]
 
-#: How an event was applied (per event: ok ... ignored), or what the subscriber
-#: met (per batch: gap, replayed, malformed; per occurrence: replay_failed and
-#: restart, each of which cleared the worker; ``cleared`` is the engine's own
-#: AllBlocksCleared only).
-EventStatus = Literal[
-    "ok",
-    "unknown_block",
-    "gap",
-    "replayed",
-    "cleared",
-    "malformed",
-    "rejected",
-    "mismatch",
-    "ignored",
-    "replay_failed",
-    "restart",
-]
-EVENT_STATUSES: Final[tuple[str, ...]] = get_args(EventStatus)
-
-# Route latency: the interesting range is 5 us .. 10 ms.
-_ROUTE_BUCKETS: Final = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1)
-_TOKEN_BUCKETS: Final = (0, 16, 128, 512, 1024, 4096, 16384, 32768, 65536, 131072)
-
-
-class _RouterCollector(Collector):
-    """Index size and memory, and per-worker load, read at scrape time."""
-
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    def collect(self) -> Iterator[Metric]:
-        r = self._router
-        index = r.index
-        blocks = GaugeMetricFamily("kvroute_index_blocks", "Distinct blocks in the index")
-        blocks.add_metric([], float(len(index)))
-        yield blocks
-        res = GaugeMetricFamily(
-            "kvroute_index_residencies", "(worker, block) residencies in the index"
-        )
-        res.add_metric([], float(index.residencies()))
-        yield res
-        mem = GaugeMetricFamily("kvroute_index_bytes", "Bytes owned by the index")
-        mem.add_metric([], float(index.sizeof()))
-        yield mem
-        labels = ["worker"]
-        fams = {
-            "active_requests": GaugeMetricFamily(
-                "kvroute_worker_active_requests", "Requests in flight", labels=labels
-            ),
-            "prefill_tokens": GaugeMetricFamily(
-                "kvroute_worker_prefill_tokens",
-                "Uncached prompt tokens not yet prefilled",
-                labels=labels,
-            ),
-            "decode_blocks": GaugeMetricFamily(
-                "kvroute_worker_decode_blocks", "KV blocks of requests in flight", labels=labels
-            ),
-            "healthy": GaugeMetricFamily(
-                "kvroute_worker_healthy", "1 if the worker takes requests", labels=labels
-            ),
-        }
-        for w in r.workers():
-            try:
-                load = r.load(w)
-            except KeyError:  # removed between workers() and load()
-                continue
-            for key, fam in fams.items():
-                fam.add_metric([str(w)], float(load[key]))
-        yield from fams.values()
-
-
-class Metrics:
-    """Every kvroute Prometheus series, in a registry of its own.
-
-    :param router: the router whose index and load are exported at scrape time,
-        or ``None`` for counters only.
-    :param registry: a registry to register into (default: a new one).
-    """
-
-    def __init__(self, router: Router | None = None, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self.route_seconds = Histogram(
-            "kvroute_route_seconds",
-            "Time spent in Router.route()",
-            buckets=_ROUTE_BUCKETS,
-            registry=reg,
-        )
-        self.predicted_cached_tokens = Histogram(
-            "kvroute_predicted_cached_tokens",
-            "Prompt tokens the router predicts are cached on the chosen worker",
-            buckets=_TOKEN_BUCKETS,
-            registry=reg,
-        )
-        self.routed = Counter(
-            "kvroute_routed_requests", "Requests routed, by worker", ["worker"], registry=reg
-        )
-        self.events = Counter(
-            "kvroute_events",
-            "KV events by worker and status (batches for gap/replayed/malformed; "
-            "subscriber-side clears for replay_failed/restart)",
-            ["worker", "status"],
-            registry=reg,
-        )
-        self.mismatches = Counter(
-            "kvroute_event_mismatches",
-            "Stored events that disagree with the router's configuration (kind=block_size or hash)",
-            ["worker", "kind"],
-            registry=reg,
-        )
-        self.proxy_requests = Counter(
-            "kvroute_proxy_requests",
-            "Proxy requests by endpoint and HTTP status",
-            ["endpoint", "status"],
-            registry=reg,
-        )
-        self.upstream_errors = Counter(
-            "kvroute_upstream_errors",
-            "Failed attempts to reach a worker (connection errors, 5xx, timeouts)",
-            ["worker"],
-            registry=reg,
-        )
-        self.retries = Counter(
-            "kvroute_proxy_retries", "Requests re-routed after a worker failed", registry=reg
-        )
-        self.warmups = Counter(
-            "kvroute_warmups",
-            "Speculative-prefill warm-ups sent by the proxy, by outcome (sent, refused, failed)",
-            ["outcome"],
-            registry=reg,
-        )
-        self.cache_read_tokens = Counter(
-            "kvroute_cache_read_tokens",
-            "Prompt tokens served from a worker's prefix cache, as the worker reports"
-            " (the router's prediction where it reports none)",
-            registry=reg,
-        )
-        self.cache_write_tokens = Counter(
-            "kvroute_cache_creation_tokens",
-            "Prompt tokens computed and written to a worker's prefix cache",
-            registry=reg,
-        )
-        self._usage_lock = threading.Lock()
-        self._read = 0
-        self._written = 0
-        if router is not None:
-            reg.register(_RouterCollector(router))
-        reg.register(_RatioCollector(self))
-
-    # -- helpers used by the subscriber and the proxy ------------------------------------
-
-    def event_applied(self, worker: int, status: str, n: int = 1) -> None:
-        """Count ``n`` events of ``worker`` applied with ``status``."""
-        if n:
-            self.events.labels(str(worker), status).inc(n)
-
-    def mismatch(self, worker: int, kind: str) -> None:
-        """Count a stored event that disagrees with the router (``block_size`` / ``hash``)."""
-        self.mismatches.labels(str(worker), kind).inc()
-
-    def routed_request(self, worker: int, seconds: float, predicted_cached_tokens: int) -> None:
-        """Record one ``route()`` call: its latency and its prediction."""
-        self.route_seconds.observe(seconds)
-        self.predicted_cached_tokens.observe(predicted_cached_tokens)
-        self.routed.labels(str(worker)).inc()
-
-    def cache_usage(self, read_tokens: int, write_tokens: int) -> None:
-        """Add one response's cache reads and writes (prompt tokens)."""
-        with self._usage_lock:
-            self._read += read_tokens
-            self._written += write_tokens
-        if read_tokens:
-            self.cache_read_tokens.inc(read_tokens)
-        if write_tokens:
-            self.cache_write_tokens.inc(write_tokens)
-
-    def cache_read_write_ratio(self) -> float:
-        """Cache-read prompt tokens per cache-written one so far (0.0 before any write)."""
-        with self._usage_lock:
-            return self._read / self._written if self._written else 0.0
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """One sample's current value (0.0 if absent); for tests and logs.
-
-        >>> m = Metrics()
-        >>> m.event_applied(3, "gap")
-        >>> m.value("kvroute_events_total", {"worker": "3", "status": "gap"})
-        1.0
-        """
-        v = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if v is None else float(v)
-
-    def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
-
-
-class _RatioCollector(Collector):
-    """The fleet's cache read / write ratio (published for four-agent sessions: 11.7x)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        g = GaugeMetricFamily(
-            "kvroute_cache_read_write_ratio",
-            "Cache-read prompt tokens per cache-write prompt token, since start",
-        )
-        g.add_metric([], self._m.cache_read_write_ratio())
-        yield g
+warnings.warn(
+    "kvroute.metrics moved to kvroute.events.metrics; the old name goes in kvroute 0.2",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -23,8 +23,9 @@ from kvroute.events import (
     EventApplier,
     EventBatch,
 )
-from kvroute.hashing import VllmLoRA, kvroute_block_hashes, vllm_block_hashes
-from kvroute.metrics import Metrics
+from kvroute.events.engine_hashes import VllmLoRA, vllm_block_hashes
+from kvroute.events.metrics import Metrics
+from kvroute.hashing import kvroute_block_hashes
 
 VECTORS = Path(__file__).parent / "vectors"
 BASE: list[int] = json.loads((VECTORS / "token_sequences.json").read_text())["base"]

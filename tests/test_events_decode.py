@@ -33,10 +33,13 @@ from kvroute.events.decode import (
     DEFAULT_MAX_TOKENS,
     FORMATS,
     DecodeError,
+    available_formats,
     decode,
     decode_dynamo_json,
     decode_sglang,
     decode_vllm,
+    get_decoder,
+    register_decoder,
     vllm_cache_salt,
 )
 from kvroute.events.types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
@@ -942,6 +945,57 @@ def test_unknown_format_is_a_plain_value_error(fmt: Any) -> None:
     with pytest.raises(ValueError, match="unknown format") as info:
         decode(b"", fmt)
     assert not isinstance(info.value, DecodeError)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations a test makes are undone after it."""
+    monkeypatch.setattr(D, "_REGISTRY", dict(D._REGISTRY))
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_registered_decoder_is_found_by_name() -> None:
+    calls: list[tuple[object, int, int]] = []
+
+    def decode_upper(payload: Any, *, max_events: int, max_tokens: int) -> EventBatch:
+        calls.append((payload, max_events, max_tokens))
+        return EventBatch(ts=None, events=(AllBlocksCleared(),))
+
+    register_decoder("test-upper", decode_upper)
+    assert get_decoder("test-upper") is decode_upper
+    assert decode(b"x", "test-upper", max_events=3, max_tokens=5).events == (AllBlocksCleared(),)
+    assert calls == [(b"x", 3, 5)]
+    assert "test-upper" in available_formats() and "test-upper" in available_formats(zmq=True)
+    assert "test-upper" not in available_formats(zmq=False)
+    with pytest.raises(ValueError, match="already registered"):
+        register_decoder("test-upper", decode_upper)
+    register_decoder("test-upper", decode_vllm, zmq=False, replace=True)
+    assert get_decoder("test-upper") is decode_vllm
+    assert available_formats(zmq=False) == ["dynamo", "test-upper"]
+
+
+def test_the_built_in_formats_are_registered() -> None:
+    assert {f: get_decoder(f) for f in FORMATS} == {
+        "vllm": decode_vllm,
+        "sglang": decode_sglang,
+        "dynamo": decode_dynamo_json,
+    }
+    assert {"vllm", "sglang"} <= set(available_formats(zmq=True))
+    assert "dynamo" in available_formats(zmq=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "decoder", "error"),
+    [("", decode_vllm, TypeError), (None, decode_vllm, TypeError), ("x", "nope", TypeError)],
+)
+def test_register_decoder_rejects_bad_arguments(name: Any, decoder: Any, error: type) -> None:
+    with pytest.raises(error):
+        register_decoder(name, decoder)
+
+
+def test_an_unknown_format_names_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match=r"registered: .*dynamo.*vllm"):
+        get_decoder("trtllm")
 
 
 def test_decode_error_is_a_value_error() -> None:

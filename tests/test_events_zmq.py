@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +27,15 @@ from helpers import wait_until
 
 from kvroute import Router
 from kvroute.events import ZmqSubscriber
-from kvroute.events.decode import decode_vllm
+from kvroute.events.decode import DecodeError, decode_vllm, register_decoder
+from kvroute.events.metrics import EVENT_STATUSES, Metrics
+from kvroute.events.types import EventBatch
 from kvroute.events.zmq import _METRIC_STATUSES, END_SEQ
 from kvroute.hashing import kvroute_block_hashes
-from kvroute.metrics import EVENT_STATUSES, Metrics
 
 VECTORS = Path(__file__).parent / "vectors"
+# the module (``kvroute.events.decode`` is also the name of the decode function)
+decode_module = sys.modules["kvroute.events.decode"]
 BASE: list[int] = json.loads((VECTORS / "token_sequences.json").read_text())["base"]
 _VLLM = json.loads((VECTORS / "vllm_kv_events.json").read_text())["batches"]
 VLLM = {b["name"]: bytes.fromhex(b["payload_hex"]) for b in _VLLM}
@@ -228,6 +232,41 @@ def test_live_batches_build_the_index_and_removals_empty_it(
     assert counts["cleared"] == 1
     assert events_metric(m, "ok") == counts["ok"]
     assert events_metric(m, "cleared") == 1
+
+
+def _decode_vllm_json(payload: bytes, *, max_events: int, max_tokens: int) -> EventBatch:
+    """An engine format kvroute does not ship: vLLM's events as JSON instead of msgpack."""
+    try:
+        batch = json.loads(payload)
+    except ValueError as e:
+        raise DecodeError(f"not JSON: {e}") from e
+    return decode_vllm(
+        msgspec.msgpack.encode(batch), max_events=max_events, max_tokens=max_tokens
+    )
+
+
+def test_a_registered_format_is_carried_by_name(
+    router: Router, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decode_module, "_REGISTRY", dict(decode_module._REGISTRY))
+    register_decoder("test-vllm-json", _decode_vllm_json)
+
+    def as_json(name: str) -> bytes:
+        return json.dumps(msgspec.msgpack.decode(VLLM[name])).encode()
+
+    with ZmqSubscriber(router, fmt="test-vllm-json") as sub:
+        sub.subscribe(0, publisher.endpoint, publisher.replay_endpoint)
+        empty = as_json("empty_events_no_dp_rank")
+        assert any(seen(sub, 0, publisher.publish(empty), 0.05) for _ in range(int(WAIT / 0.05)))
+        publisher.publish(as_json("stored_first_blocks"))
+        seq = publisher.publish(as_json("stored_child_block"))
+        assert seen(sub, 0, seq)
+        assert held(router, BASE[:48]) == 3
+        seq = publisher.publish(VLLM["removed_by_eviction"])  # msgpack: not this format
+        assert seen(sub, 0, seq)
+        counts = sub.streams()[0].counts
+    assert held(router, BASE[:48]) == 3
+    assert counts["malformed"] == 1 and counts["ok"] >= 2
 
 
 def test_late_joiner_takes_the_buffered_history(router: Router, publisher: Publisher) -> None:

@@ -3,8 +3,10 @@ every public scheme against the ground-truth vectors in ``tests/vectors``.
 
 The twin tests run against the compiled :mod:`kvroute._hashing` and the
 pure-Python :mod:`kvroute._hashing_py` (ids c / py). The public functions of
-:mod:`kvroute.hashing` use whichever twin is loaded; the vectors pin them to
-what vLLM 0.33.0, SGLang 0.5.23 and Dynamo 1.6.1 really produce.
+:mod:`kvroute.hashing` (kvroute's key, Dynamo's) use whichever twin is loaded,
+those of :mod:`kvroute.events.engine_hashes` reproduce vLLM's and SGLang's;
+the vectors pin them to what vLLM 0.33.0, SGLang 0.5.23 and Dynamo 1.6.1
+really produce.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from hypothesis import strategies as st
 
 import kvroute._convert
 import kvroute._hashing_py
+import kvroute.events.engine_hashes as E
 import kvroute.hashing as H
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -148,22 +151,37 @@ def test_twins_have_the_same_api() -> None:
                 ], name
 
 
-@pytest.mark.parametrize("module", [kvroute.hashing, kvroute._hashing_py, kvroute._convert])
+@pytest.mark.parametrize("module", [H, E, kvroute._hashing_py, kvroute._convert])
 def test_doctests(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted > 0
 
 
-def test_public_functions_are_documented() -> None:
-    for name in H.__all__:
-        obj = getattr(H, name)
-        if not inspect.isfunction(obj) or obj.__module__ != "kvroute.hashing":
+@pytest.mark.parametrize("module", [H, E], ids=lambda m: m.__name__)
+def test_public_functions_are_documented(module: ModuleType) -> None:
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not inspect.isfunction(obj) or obj.__module__ != module.__name__:
             continue
         doc = inspect.getdoc(obj) or ""
         assert doc.splitlines()[0].endswith("."), name
         assert ">>> " in doc, name
         assert ":returns:" in doc, name
+
+
+def test_engine_hashes_keep_their_old_names_with_a_deprecation_warning() -> None:
+    # They moved to kvroute.events.engine_hashes (cbor2 stays out of the core);
+    # ``from kvroute.hashing import vllm_block_hashes`` still works until 0.2.
+    assert not set(E.__all__) & set(H.__all__)
+    for name in E.__all__:
+        with pytest.warns(DeprecationWarning, match=f"kvroute.events.engine_hashes.{name}"):
+            assert getattr(H, name) is getattr(E, name)
+    with pytest.warns(DeprecationWarning, match="moved"):
+        from kvroute.hashing import vllm_block_hashes
+    assert vllm_block_hashes is E.vllm_block_hashes
+    with pytest.raises(AttributeError, match="no_such_name"):
+        H.no_such_name  # noqa: B018
 
 
 # ---------------------------------------------------------------------------
@@ -661,7 +679,7 @@ def test_dynamo_block_hashes_match_dynamo_core(
 # ---------------------------------------------------------------------------
 
 _VLLM = _load("vllm_block_hashes.json")
-_VLLM_LORA = H.VllmLoRA("my-lora", "/models/my-lora")
+_VLLM_LORA = E.VllmLoRA("my-lora", "/models/my-lora")
 
 
 def _vllm_id(case: dict[str, Any]) -> str:
@@ -677,9 +695,9 @@ def test_vllm_vectors(case: dict[str, Any]) -> None:
     variant = case["variant"]
     common: dict[str, Any] = {"algo": case["hash_algo"], "seed": case["pythonhashseed"]}
     if variant.startswith("resolve_block_hashes"):
-        fine = H.vllm_block_digests(tokens, 16, **common)
+        fine = E.vllm_block_digests(tokens, 16, **common)
         assert [d.hex() for d in fine] == case["hash_block_size_16_hashes_hex"]
-        view = H.vllm_block_digests(tokens, 32, hash_block_size=16, **common)
+        view = E.vllm_block_digests(tokens, 32, hash_block_size=16, **common)
         assert [d.hex() for d in view] == case["block_size_32_view_hex"]
         return
     if case.get("lora_request"):
@@ -690,10 +708,10 @@ def test_vllm_vectors(case: dict[str, Any]) -> None:
         common["cache_salt"] = case["cache_salt"]
     if variant.startswith("num_hash_lookahead_tokens"):
         common["lookahead_tokens"] = int(variant.split("=")[1])
-    digests = H.vllm_block_digests(tokens, case["block_size"], **common)
+    digests = E.vllm_block_digests(tokens, case["block_size"], **common)
     assert [d.hex() for d in digests] == case["block_hashes_hex"]
     if "event_block_hashes_int" in case:
-        ints = H.vllm_block_hashes(tokens, case["block_size"], **common)
+        ints = E.vllm_block_hashes(tokens, case["block_size"], **common)
         assert ints.dtype == np.uint64
         assert ints.tolist() == case["event_block_hashes_int"]
 
@@ -705,7 +723,7 @@ def test_vllm_vectors(case: dict[str, Any]) -> None:
 def test_vllm_none_hash_vectors(setting: str, algo: str) -> None:
     entry = _VLLM["none_hash"][setting][algo]
     seed = None if setting.endswith("unset") else setting.split("=")[1]
-    assert H.vllm_none_hash(algo, seed).hex() == entry["none_hash_hex"]  # type: ignore[arg-type]
+    assert E.vllm_none_hash(algo, seed).hex() == entry["none_hash_hex"]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("algo", ["xxhash", "xxhash_cbor"])
@@ -714,9 +732,9 @@ def test_vllm_xxhash_without_pythonhashseed_is_refused(algo: str) -> None:
     values = _VLLM["none_hash_random_when_unset"]["values"][algo]
     assert len(set(values)) == len(values) == 2
     with pytest.raises(ValueError, match="PYTHONHASHSEED"):
-        H.vllm_none_hash(algo)  # type: ignore[arg-type]
+        E.vllm_none_hash(algo)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="PYTHONHASHSEED"):
-        H.vllm_block_hashes([1] * 16, 16, algo=algo)  # type: ignore[arg-type]
+        E.vllm_block_hashes([1] * 16, 16, algo=algo)  # type: ignore[arg-type]
 
 
 def test_vllm_event_vectors() -> None:
@@ -726,9 +744,9 @@ def test_vllm_event_vectors() -> None:
         None,
         16,
     )
-    a = H.vllm_block_digests(sequence("base[:48]"), 16)
+    a = E.vllm_block_digests(sequence("base[:48]"), 16)
     assert [d.hex() for d in a] == events["request_A_block_hashes_hex"]
-    b = H.vllm_block_digests(
+    b = E.vllm_block_digests(
         sequence("base[:32]"), 16, lora=("my-lora", "/models/my-lora"), cache_salt="tenant-A"
     )
     assert [d.hex() for d in b] == events["request_B_block_hashes_hex"]
@@ -737,12 +755,12 @@ def test_vllm_event_vectors() -> None:
         for batch in events["batches"]
         if batch["decoded"]["events"] and batch["decoded"]["events"][0]["type"] == "BlockStored"
     }
-    first = H.vllm_block_hashes(sequence("base[:40]"), 16).tolist()
+    first = E.vllm_block_hashes(sequence("base[:40]"), 16).tolist()
     assert stored["stored_first_blocks"]["block_hashes"] == first
     child = stored["stored_child_block"]
     assert child["parent_block_hash"] == first[-1]
-    assert child["block_hashes"] == H.vllm_block_hashes(sequence("base[:48]"), 16).tolist()[2:]
-    lora_salt = H.vllm_block_hashes(
+    assert child["block_hashes"] == E.vllm_block_hashes(sequence("base[:48]"), 16).tolist()[2:]
+    lora_salt = E.vllm_block_hashes(
         sequence("base[:32]"), 16, lora=_VLLM_LORA, cache_salt="tenant-A"
     )
     assert stored["stored_lora_salt"]["block_hashes"] == lora_salt.tolist()
@@ -750,19 +768,19 @@ def test_vllm_event_vectors() -> None:
 
 def test_vllm_argument_forms() -> None:
     tokens = sequence("base[:64]")
-    assert H.vllm_block_digests(tokens, 16, algo="xxhash", seed=42) == H.vllm_block_digests(
+    assert E.vllm_block_digests(tokens, 16, algo="xxhash", seed=42) == E.vllm_block_digests(
         tokens, 16, algo="xxhash", seed="42"
     )
-    assert H.vllm_block_digests(
+    assert E.vllm_block_digests(
         tokens, 16, lora=("my-lora", "/models/my-lora")
-    ) == H.vllm_block_digests(tokens, 16, lora=_VLLM_LORA)
+    ) == E.vllm_block_digests(tokens, 16, lora=_VLLM_LORA)
     # an empty salt is no salt; a salt only changes the chain from its first block
-    assert H.vllm_block_digests(tokens, 16, cache_salt="") == H.vllm_block_digests(tokens, 16)
+    assert E.vllm_block_digests(tokens, 16, cache_salt="") == E.vllm_block_digests(tokens, 16)
     assert (
-        H.vllm_block_digests(tokens, 16, cache_salt="s")[0] != H.vllm_block_digests(tokens, 16)[0]
+        E.vllm_block_digests(tokens, 16, cache_salt="s")[0] != E.vllm_block_digests(tokens, 16)[0]
     )
-    assert H.vllm_block_digests(np.array(tokens, np.uint32), 16) == H.vllm_block_digests(tokens, 16)
-    assert H.vllm_event_hash(bytes(range(32))) == int.from_bytes(bytes(range(24, 32)), "big")
+    assert E.vllm_block_digests(np.array(tokens, np.uint32), 16) == E.vllm_block_digests(tokens, 16)
+    assert E.vllm_event_hash(bytes(range(32))) == int.from_bytes(bytes(range(24, 32)), "big")
 
 
 def test_vllm_pickle_does_not_memoise_equal_strings() -> None:
@@ -771,13 +789,13 @@ def test_vllm_pickle_does_not_memoise_equal_strings() -> None:
     tokens = list(range(16))
     name, path, salt = "".join(["ad", "apter"]), "".join(["adap", "ter"]), "".join(["lo", "ra"])
     assert name is not path
-    parent = H.vllm_none_hash("sha256")
+    parent = E.vllm_none_hash("sha256")
     expected = pickle.dumps(
         (parent, tuple(tokens), (("lora", name, path), ("cache_salt", salt))), protocol=5
     )
     import hashlib
 
-    got = H.vllm_block_digests(tokens, 16, lora=("adapter", "adapter"), cache_salt="lora")
+    got = E.vllm_block_digests(tokens, 16, lora=("adapter", "adapter"), cache_salt="lora")
     assert got == [hashlib.sha256(expected).digest()]
 
 
@@ -803,7 +821,7 @@ def test_vllm_pickle_does_not_memoise_equal_strings() -> None:
 )
 def test_vllm_errors(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
     args: dict[str, Any] = {"tokens": list(range(32)), "block_size": 16} | kwargs
-    for fn in (H.vllm_block_digests, H.vllm_block_hashes):
+    for fn in (E.vllm_block_digests, E.vllm_block_hashes):
         with pytest.raises(error, match=text):
             fn(**args)
 
@@ -822,38 +840,38 @@ _SGLANG = _load("sglang_vectors.json")
 )
 def test_sglang_page_hash_vectors(case: dict[str, Any]) -> None:
     tokens, size = sequence(case["sequence"]), case["page_size"]
-    digests = H.sglang_page_digests(tokens, size, partial=True)
+    digests = E.sglang_page_digests(tokens, size, partial=True)
     assert [d.hex() for d in digests] == case["page_hashes_hex"]
-    ints = H.sglang_block_hashes(tokens, size, partial=True)
+    ints = E.sglang_block_hashes(tokens, size, partial=True)
     assert ints.dtype == np.int64
     assert ints.tolist() == case["event_block_hashes_int64"]
     # without partial=True, only whole pages: what the radix cache inserts
     full = len(tokens) // size
-    assert H.sglang_block_hashes(tokens, size).tolist() == case["event_block_hashes_int64"][:full]
+    assert E.sglang_block_hashes(tokens, size).tolist() == case["event_block_hashes_int64"][:full]
 
 
 def test_sglang_namespace_helpers() -> None:
     helpers = _SGLANG["namespace_helpers"]
-    storage = H.sglang_storage_namespace_seed(None, "tenant-A")
+    storage = E.sglang_storage_namespace_seed(None, "tenant-A")
     assert storage is not None
     assert storage.hex() == helpers["storage_namespace_seed(None,'tenant-A')"]
-    seed = H.sglang_kv_event_namespace_seed(None, "tenant-A")
+    seed = E.sglang_kv_event_namespace_seed(None, "tenant-A")
     assert seed is not None
     assert seed.hex() == helpers["kv_event_namespace_seed(extra_key=None,cache_salt='tenant-A')"]
-    lora = H.sglang_kv_event_namespace_seed("lora-x", None)
+    lora = E.sglang_kv_event_namespace_seed("lora-x", None)
     assert lora is not None
     assert lora.hex() == helpers["kv_event_namespace_seed(extra_key='lora-x',cache_salt=None)"]
     assert (
-        H.sglang_namespaced_block_hash(12345, seed)
+        E.sglang_namespaced_block_hash(12345, seed)
         == helpers["namespaced_block_hash(12345, seed(None,'tenant-A'))"]
     )
     assert (
-        H.sglang_namespaced_block_hash(-5, seed)
+        E.sglang_namespaced_block_hash(-5, seed)
         == helpers["namespaced_block_hash(-5, seed(None,'tenant-A'))"]
     )
-    assert H.sglang_kv_event_namespace_seed(None, None) is None
-    assert H.sglang_storage_namespace_seed(None, None) is None
-    assert H.sglang_kv_event_namespace_seed("", None) != H.sglang_kv_event_namespace_seed(None, "")
+    assert E.sglang_kv_event_namespace_seed(None, None) is None
+    assert E.sglang_storage_namespace_seed(None, None) is None
+    assert E.sglang_kv_event_namespace_seed("", None) != E.sglang_kv_event_namespace_seed(None, "")
 
 
 _SGLANG_EVENT_ARGS: dict[str, dict[str, Any]] = {
@@ -880,41 +898,41 @@ def test_sglang_event_vectors(batch: dict[str, Any]) -> None:
     size = args.pop("page_size")
     (event,) = batch["decoded"][1]
     assert event["token_ids"] == tokens
-    got = H.sglang_block_hashes(tokens, size, event_format=fmt, **args)
+    got = E.sglang_block_hashes(tokens, size, event_format=fmt, **args)
     assert got.tolist() == event["block_hashes"]
 
 
 def test_sglang_argument_forms() -> None:
     tokens = sequence("base[:64]")
     assert (
-        H.sglang_block_hashes(tokens, 16, cache_salt="").tolist()
-        == H.sglang_block_hashes(tokens, 16).tolist()
+        E.sglang_block_hashes(tokens, 16, cache_salt="").tolist()
+        == E.sglang_block_hashes(tokens, 16).tolist()
     )
     assert (
-        H.sglang_block_hashes(tokens, 16, extra_key="x").tolist()
-        == H.sglang_block_hashes(tokens, 16).tolist()
+        E.sglang_block_hashes(tokens, 16, extra_key="x").tolist()
+        == E.sglang_block_hashes(tokens, 16).tolist()
     )
     assert (
-        H.sglang_block_hashes(tokens, 16, event_format="dynamo").tolist()
-        == H.sglang_block_hashes(tokens, 16).tolist()
+        E.sglang_block_hashes(tokens, 16, event_format="dynamo").tolist()
+        == E.sglang_block_hashes(tokens, 16).tolist()
     )
-    assert H.sglang_event_hash(bytes([0x80]) + bytes(31)) == -(2**63)
+    assert E.sglang_event_hash(bytes([0x80]) + bytes(31)) == -(2**63)
     with pytest.raises(ValueError, match="event_format"):
-        H.sglang_block_hashes(tokens, 16, event_format="json")  # type: ignore[arg-type]
+        E.sglang_block_hashes(tokens, 16, event_format="json")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="page_size"):
-        H.sglang_block_hashes(tokens, 0)
+        E.sglang_block_hashes(tokens, 0)
     with pytest.raises(TypeError, match="page_size"):
-        H.sglang_page_digests(tokens, 1.5)  # type: ignore[arg-type]
+        E.sglang_page_digests(tokens, 1.5)  # type: ignore[arg-type]
     with pytest.raises(OverflowError, match="tokens"):
-        H.sglang_block_hashes([2**32], 1)
+        E.sglang_block_hashes([2**32], 1)
     with pytest.raises(TypeError, match="cache_salt"):
-        H.sglang_block_hashes(tokens, 16, cache_salt=b"x")  # type: ignore[arg-type]
+        E.sglang_block_hashes(tokens, 16, cache_salt=b"x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="block_hash"):
-        H.sglang_namespaced_block_hash(1.5, b"s")  # type: ignore[arg-type]
+        E.sglang_namespaced_block_hash(1.5, b"s")  # type: ignore[arg-type]
     with pytest.raises(OverflowError):
-        H.sglang_namespaced_block_hash(2**63, b"s")
+        E.sglang_namespaced_block_hash(2**63, b"s")
     with pytest.raises(TypeError, match="seed"):
-        H.sglang_namespaced_block_hash(1, "s")  # type: ignore[arg-type]
+        E.sglang_namespaced_block_hash(1, "s")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
@@ -924,10 +942,10 @@ def test_sglang_argument_forms() -> None:
 PUBLIC_TOKEN_FUNCTIONS: list[Callable[..., Any]] = [
     H.dynamo_block_hashes,
     H.kvroute_block_hashes,
-    H.vllm_block_hashes,
-    H.vllm_block_digests,
-    H.sglang_block_hashes,
-    H.sglang_page_digests,
+    E.vllm_block_hashes,
+    E.vllm_block_digests,
+    E.sglang_block_hashes,
+    E.sglang_page_digests,
 ]
 
 

@@ -1,4 +1,4 @@
-"""kvroute.metrics: the Prometheus series the subscriber and the proxy export."""
+"""kvroute.events.metrics: the Prometheus series the subscriber and the proxy export."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from helpers import Clock
 from prometheus_client.parser import text_string_to_metric_families
 
 import kvroute._logging
-import kvroute.metrics
+import kvroute.events.metrics
 from kvroute import Request, Router
-from kvroute.metrics import Metrics, RateLimitedLog
+from kvroute.events.metrics import Metrics, RateLimitedLog
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -23,7 +23,9 @@ def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-@pytest.mark.parametrize("module", [kvroute.metrics, kvroute._logging], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [kvroute.events.metrics, kvroute._logging], ids=lambda m: m.__name__
+)
 def test_doctests(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.failed == 0 and result.attempted > 0

@@ -35,7 +35,8 @@ import zmq
 from kvroute import Request, Router
 from kvroute.events import BlockStored, EventApplier
 from kvroute.events.decode import decode_vllm, vllm_cache_salt
-from kvroute.hashing import VllmLoRA, kvroute_block_hashes, vllm_block_hashes
+from kvroute.events.engine_hashes import VllmLoRA, vllm_block_hashes
+from kvroute.hashing import kvroute_block_hashes
 from kvroute.testing import (
     BYTE_OFFSET,
     REPLAY_END_SEQ,

@@ -27,7 +27,7 @@ from aiohttp import web  # noqa: E402
 from test_proxy_support import FAST_HEALTH, SYSTEM, chat, sse_data  # noqa: E402
 
 from kvroute import Request, Router  # noqa: E402
-from kvroute.metrics import Metrics  # noqa: E402
+from kvroute.events.metrics import Metrics  # noqa: E402
 from kvroute.proxy import ProxyConfig, ProxyError, WorkerSpec  # noqa: E402
 from kvroute.proxy.call import Call  # noqa: E402
 from kvroute.proxy.models import Models  # noqa: E402

@@ -1,14 +1,19 @@
 """KV-cache events from real engines: decoding, applying, subscribing.
 
 - :mod:`kvroute.events.types` — engine-neutral events (:class:`BlockStored`, ...);
-- :mod:`kvroute.events.decode` — vLLM / SGLang msgpack and Dynamo JSON decoders;
+- :mod:`kvroute.events.decode` — vLLM / SGLang msgpack and Dynamo JSON decoders,
+  registered by name (:func:`register_decoder` adds an engine's format);
 - :mod:`kvroute.events.apply` — :class:`EventApplier`, events into a Router's index;
 - :mod:`kvroute.events.zmq` — :class:`ZmqSubscriber`, the ZMQ transport with
-  gap replay and restart detection (needs ``pyzmq``).
+  gap replay and restart detection (needs ``pyzmq``);
+- :mod:`kvroute.events.engine_hashes` — vLLM's and SGLang's engine-exact block
+  hashes (needs ``cbor2``);
+- :mod:`kvroute.events.metrics` — :class:`~kvroute.events.metrics.Metrics`, the
+  Prometheus series of the subscriber and the proxy (needs ``prometheus_client``).
 
-Decoding needs ``msgspec`` and the subscriber ``pyzmq`` (the ``serve``
-extra); they are imported on first use, so ``kvroute.events.types`` and the
-applier cost nothing extra.
+Decoding needs ``msgspec``, the subscriber ``pyzmq`` (the ``serve`` extra
+holds them all); they are imported on first use, so ``kvroute.events.types``
+and the applier cost nothing extra.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ from .apply import EventApplier
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent, Tier
 
 if TYPE_CHECKING:
-    from .decode import DecodeError, decode, decode_dynamo_json, decode_sglang, decode_vllm
+    from .decode import (
+        DecodeError,
+        available_formats,
+        decode,
+        decode_dynamo_json,
+        decode_sglang,
+        decode_vllm,
+        get_decoder,
+        register_decoder,
+    )
     from .zmq import ZmqSubscriber
 
 __all__ = [
@@ -32,10 +46,13 @@ __all__ = [
     "KVEvent",
     "Tier",
     "ZmqSubscriber",
+    "available_formats",
     "decode",
     "decode_dynamo_json",
     "decode_sglang",
     "decode_vllm",
+    "get_decoder",
+    "register_decoder",
 ]
 
 _LAZY = {
@@ -44,6 +61,9 @@ _LAZY = {
     "decode_dynamo_json": "decode",
     "decode_sglang": "decode",
     "decode_vllm": "decode",
+    "available_formats": "decode",
+    "get_decoder": "decode",
+    "register_decoder": "decode",
     "ZmqSubscriber": "zmq",
 }
 

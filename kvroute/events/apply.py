@@ -30,8 +30,8 @@ from .._logging import RateLimitedLog
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 
 if TYPE_CHECKING:
-    from ..metrics import Metrics
     from ..router import Router
+    from .metrics import Metrics
 
 __all__ = ["EventApplier"]
 
@@ -78,7 +78,7 @@ class EventApplier:
         self.key_on = key_on
         self.groups = frozenset(groups)
         self._warn = RateLimitedLog(logger, log_interval)
-        #: Per worker: events applied by status (see :data:`kvroute.metrics.EVENT_STATUSES`).
+        #: Per worker: events applied by status (see :data:`kvroute.events.metrics.EVENT_STATUSES`).
         self.counts: dict[int, Counter[str]] = {}
         # Per worker: engine hash -> cache salt of the salted blocks it holds.
         # vLLM names the salt only in a prompt's first stored event, but the

@@ -1,6 +1,9 @@
 """Decoders from engine KV-event wire payloads to :mod:`kvroute.events.types`.
 
-Three formats, by name (:data:`FORMATS`):
+Decoders are registered by name, as routing policies are: three come built
+in (:data:`FORMATS`), and :func:`register_decoder` adds an engine's format
+without touching kvroute (:func:`decode`, :class:`~kvroute.events.ZmqSubscriber`
+and the proxy look formats up by name):
 
 ``"vllm"`` (:func:`decode_vllm`)
     One ZMQ payload of vLLM's ``ZmqEventPublisher``: a msgpack array
@@ -77,7 +80,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias, cast
+from typing import Annotated, Any, ClassVar, Final, Literal, Protocol, TypeAlias, cast
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -90,15 +93,19 @@ __all__ = [
     "FORMATS",
     "Buffer",
     "DecodeError",
+    "Decoder",
     "Format",
+    "available_formats",
     "decode",
     "decode_dynamo_json",
     "decode_sglang",
     "decode_vllm",
+    "get_decoder",
+    "register_decoder",
     "vllm_cache_salt",
 ]
 
-#: The wire formats :func:`decode` understands.
+#: The built-in wire formats (:func:`available_formats` lists every registered one).
 Format: TypeAlias = Literal["vllm", "sglang", "dynamo"]
 FORMATS: Final[tuple[Format, ...]] = ("vllm", "sglang", "dynamo")
 
@@ -752,39 +759,117 @@ def decode_dynamo_json(
     return EventBatch(ts=None, events=(event,), dp_rank=dp_rank, event_id=event_id)
 
 
-# --- dispatch -----------------------------------------------------------------
+# --- the registry -----------------------------------------------------------------
 
-_DECODERS: Final[Mapping[str, Callable[..., EventBatch]]] = {
-    "vllm": decode_vllm,
-    "sglang": decode_sglang,
-    "dynamo": decode_dynamo_json,
-}
+
+class Decoder(Protocol):
+    """Turns one wire payload into an :class:`~kvroute.events.types.EventBatch`.
+
+    A decoder raises :class:`DecodeError` for a malformed payload (never
+    another exception for bad bytes: the subscriber counts those and goes
+    on), ``TypeError`` for a payload of the wrong Python type, and honours
+    both size limits (see the module docstring).
+    """
+
+    def __call__(self, payload: Any, /, *, max_events: int, max_tokens: int) -> EventBatch: ...
+
+
+@dataclass(frozen=True)
+class _Registered:
+    decoder: Decoder
+    zmq: bool
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+def register_decoder(
+    name: str, decoder: Decoder, *, zmq: bool = True, replace: bool = False
+) -> None:
+    """Make ``decode(payload, name)`` (and subscriptions in format ``name``) use ``decoder``.
+
+    >>> def decode_blank(payload, *, max_events, max_tokens):
+    ...     return EventBatch(ts=None, events=())
+    >>> register_decoder("blank", decode_blank, replace=True)  # replace: doctests run twice
+    >>> decode(b"anything", "blank").events
+    ()
+    >>> "blank" in available_formats(zmq=True)
+    True
+
+    :param name: the format's name (``"trtllm"``, say).
+    :param decoder: the :class:`Decoder`.
+    :param zmq: its payloads arrive as the last frame of vLLM's ZMQ event
+        protocol (a PUB stream of ``topic, seq, payload`` and a ROUTER replay
+        endpoint), so :class:`~kvroute.events.ZmqSubscriber` can carry them.
+        Dynamo's JSON events come another way (``zmq=False``).
+    :param replace: allow replacing an existing registration (a built-in too).
+    :raises ValueError: ``name`` is already registered and ``replace`` is false.
+    :raises TypeError: ``name`` is not a non-empty str or ``decoder`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError("a format name must be a non-empty str")
+    if not callable(decoder):
+        raise TypeError(f"decoder for {name!r} is not callable")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"format {name!r} is already registered (pass replace=True)")
+    _REGISTRY[name] = _Registered(decoder, bool(zmq))
+
+
+def get_decoder(name: str) -> Decoder:
+    """The decoder registered for format ``name``.
+
+    >>> get_decoder("vllm") is decode_vllm
+    True
+
+    :raises ValueError: no format has that name (the message lists those that do).
+    """
+    try:
+        return _REGISTRY[name].decoder
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown format {name!r}; registered: {', '.join(available_formats())}"
+        ) from None
+
+
+def available_formats(*, zmq: bool | None = None) -> list[str]:
+    """Names of the registered formats, sorted; with ``zmq``, only those it says.
+
+    >>> {"vllm", "sglang", "dynamo"} <= set(available_formats())
+    True
+    >>> "dynamo" in available_formats(zmq=False), "dynamo" in available_formats(zmq=True)
+    (True, False)
+
+    :param zmq: ``True`` for the formats :class:`~kvroute.events.ZmqSubscriber`
+        carries, ``False`` for the others, ``None`` for all.
+    """
+    return sorted(n for n, r in _REGISTRY.items() if zmq is None or r.zmq == zmq)
+
+
+register_decoder("vllm", decode_vllm)
+register_decoder("sglang", decode_sglang)
+register_decoder("dynamo", decode_dynamo_json, zmq=False)
 
 
 def decode(
     payload: Buffer | str | Mapping[str, Any],
-    fmt: Format,
+    fmt: str,
     *,
     max_events: int = DEFAULT_MAX_EVENTS,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> EventBatch:
-    """Decode ``payload`` as format ``fmt`` (one of :data:`FORMATS`).
+    """Decode ``payload`` as format ``fmt`` (a registered name: :func:`available_formats`).
 
     >>> decode(b'{"event_id": 1, "data": {"cleared": null}}', "dynamo").events
     (AllBlocksCleared(),)
 
     :param payload: msgpack bytes for ``"vllm"`` / ``"sglang"``; JSON text or a
-        parsed object for ``"dynamo"``.
+        parsed object for ``"dynamo"``; what its decoder takes for another format.
     :param fmt: the wire format.
     :param max_events: see :func:`decode_vllm`.
     :param max_tokens: see :func:`decode_vllm`.
     :returns: the decoded batch.
-    :raises ValueError: ``fmt`` is not a known format.
+    :raises ValueError: ``fmt`` is not a registered format.
     :raises DecodeError: a malformed payload.
     :raises TypeError: ``payload`` has the wrong Python type for ``fmt``.
     """
-    try:
-        decoder = _DECODERS[fmt]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}") from None
-    return decoder(payload, max_events=max_events, max_tokens=max_tokens)
+    return get_decoder(fmt)(payload, max_events=max_events, max_tokens=max_tokens)

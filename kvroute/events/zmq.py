@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import xxhash
 import zmq
@@ -59,12 +59,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .._logging import RateLimitedLog
 from .apply import EventApplier
-from .decode import DecodeError, decode
+from .decode import DecodeError, available_formats, decode
 from .types import EventBatch
 
 if TYPE_CHECKING:
-    from ..metrics import Metrics
     from ..router import Router
+    from .metrics import Metrics
 
 __all__ = ["END_SEQ", "WorkerStream", "ZmqSubscriber"]
 
@@ -73,7 +73,12 @@ logger = logging.getLogger("kvroute.events")
 #: The sequence number of the replay's end marker (-1 as a signed 64-bit int).
 END_SEQ: Final = 0xFFFF_FFFF_FFFF_FFFF
 
-Format = Literal["vllm", "sglang"]
+def _check_format(fmt: object) -> str:
+    formats = available_formats(zmq=True)
+    if not isinstance(fmt, str) or fmt not in formats:
+        raise ValueError(f"fmt must be one of the ZMQ event formats {formats}, not {fmt!r}")
+    return fmt
+
 
 #: Replayed batches (seq, payload), or None when the replay failed.
 Replayed = list[tuple[int, bytes]] | None
@@ -113,7 +118,7 @@ class WorkerStream:
     endpoint: str
     replay_endpoint: str | None
     topic: str
-    fmt: Format
+    fmt: str
     last_seq: int = -1
     counts: Counter[str] = field(default_factory=Counter)
     sock: Any = field(default=None, repr=False)
@@ -149,8 +154,9 @@ class ZmqSubscriber:
     ...     ...                                      # route() as usual
 
     :param router: the router whose index the events feed.
-    :param fmt: the default wire format (``"vllm"`` or ``"sglang"``).
-    :param metrics: a :class:`kvroute.metrics.Metrics` to count into, or None.
+    :param fmt: the default wire format: ``"vllm"``, ``"sglang"``, or another
+        registered with :func:`kvroute.events.register_decoder` (``zmq=True``).
+    :param metrics: a :class:`kvroute.events.metrics.Metrics` to count into, or None.
     :param topic: the default topic prefix (vLLM's and SGLang's default is ``""``).
     :param applier: a configured :class:`EventApplier` (default: one with
         kvroute-keyed blocks for ``router``).
@@ -173,7 +179,7 @@ class ZmqSubscriber:
         self,
         router: Router,
         *,
-        fmt: Format = "vllm",
+        fmt: str = "vllm",
         metrics: Metrics | None = None,
         topic: str = "",
         applier: EventApplier | None = None,
@@ -183,14 +189,13 @@ class ZmqSubscriber:
         poll_interval: float = 0.05,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        if fmt not in ("vllm", "sglang"):
-            raise ValueError(f"fmt must be 'vllm' or 'sglang', not {fmt!r}")
+        fmt = _check_format(fmt)
         if replay_timeout <= 0 or poll_interval <= 0 or reconnect_interval <= 0:
             raise ValueError("timeouts and intervals must be > 0")
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
         self.router = router
-        self.fmt: Format = fmt
+        self.fmt = fmt
         self.metrics = metrics
         self.topic = topic
         self.applier = applier if applier is not None else EventApplier(router, metrics=metrics)
@@ -219,7 +224,7 @@ class ZmqSubscriber:
         replay_endpoint: str | None = None,
         *,
         topic: str | None = None,
-        fmt: Format | None = None,
+        fmt: str | None = None,
     ) -> None:
         """Start following ``worker``'s events at ``endpoint`` (replacing any earlier one).
 
@@ -229,9 +234,7 @@ class ZmqSubscriber:
 
         :raises ValueError: an unknown format.
         """
-        f = self.fmt if fmt is None else fmt
-        if f not in ("vllm", "sglang"):
-            raise ValueError(f"fmt must be 'vllm' or 'sglang', not {f!r}")
+        f = self.fmt if fmt is None else _check_format(fmt)
         stream = WorkerStream(
             int(worker), endpoint, replay_endpoint, self.topic if topic is None else topic, f
         )

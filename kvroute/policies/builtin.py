@@ -16,16 +16,10 @@ import random
 import numpy as np
 import numpy.typing as npt
 
-from .._compat import NO_EXTENSIONS
+from .._compat import route as _route
 from .base import F64, Candidates, Choice, Features, check_nonneg, register_policy
 
-if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from .._route_py import kvroute_costs
-else:
-    try:
-        from .._route import kvroute_costs
-    except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from .._route_py import kvroute_costs
+kvroute_costs = _route.kvroute_costs
 
 __all__ = [
     "CacheAware",

@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..metrics import CONTENT_TYPE_LATEST, Metrics
+from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..request import Decision
 from ..router import Router
 from .call import Api, Kind, api_of

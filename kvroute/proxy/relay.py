@@ -38,7 +38,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..request import Decision
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call

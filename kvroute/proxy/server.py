@@ -15,7 +15,7 @@ from types import TracebackType
 from aiohttp import web
 
 from .._serve import ServerThread
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
 from .config import ProxyConfig

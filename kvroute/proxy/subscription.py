@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..router import Router
 from .config import ProxyConfig
 from .workers import WorkerPool

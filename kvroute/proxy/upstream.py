@@ -36,7 +36,7 @@ from typing import Any, Final, TypeVar
 
 import aiohttp
 
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..request import Decision, Request
 from ..router import NoWorkerAvailable, Router
 from .call import Call

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from ..metrics import Metrics
+from ..events.metrics import Metrics
 from ..router import Router
 from .call import Call, Kind
 from .upstream import CONNECTION_ERRORS, Upstream

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ..hashing import VllmHashAlgo, VllmLoRA, vllm_block_hashes
+from ..events.engine_hashes import VllmHashAlgo, VllmLoRA, vllm_block_hashes
 from ._formats import completion_pieces
 from ._prefix_cache import Allocation, PrefixCache
 from ._publisher import KVEventPublisher

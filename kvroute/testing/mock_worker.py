@@ -58,7 +58,7 @@ from typing import Final
 from aiohttp import web
 
 from .._serve import ServerThread, abort_sockets
-from ..hashing import VllmHashAlgo
+from ..events.engine_hashes import VllmHashAlgo
 from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
 from ._publisher import KVEventPublisher
