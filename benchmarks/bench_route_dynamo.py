@@ -210,11 +210,8 @@ def dynamo_tree(fleet: Fleet) -> Any:
     for eid, (w, keys, parent) in enumerate(fleet.stores, 1):
         blocks = ",".join(f'{{"block_hash":{k},"tokens_hash":{k}}}' for k in keys.tolist())
         p = "null" if parent is None else str(parent)
-        tree.apply_event(
-            w,
-            f'{{"event_id":{eid},"data":{{"stored":{{"parent_hash":{p},"blocks":[{blocks}]}}}}}}'
-            .encode(),
-        )
+        stored = f'{{"parent_hash":{p},"blocks":[{blocks}]}}'
+        tree.apply_event(w, f'{{"event_id":{eid},"data":{{"stored":{stored}}}}}'.encode())
     return tree
 
 
@@ -327,8 +324,9 @@ def measure(shape: Shape, rounds: int, with_dynamo: bool) -> dict[str, Any]:
         "queries": len(fleet.queries),
         "build_seconds": round(build_s, 1),
         "kinds": {k: fleet.kinds.count(k) for k in sorted(set(fleet.kinds))},
-        "depth_p50": float(np.median([max(r.index.match(q).values(), default=0)
-                                      for q in fleet.queries[:500]])),
+        "depth_p50": float(
+            np.median([max(r.index.match(q).values(), default=0) for q in fleet.queries[:500]])
+        ),
     }
     if tree is not None:
         info["dynamo_mismatches"] = scores_agree(r, tree, fleet.queries[:200])
