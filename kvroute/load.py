@@ -32,12 +32,12 @@ import numpy.typing as npt
 from ._compat import NO_EXTENSIONS
 
 if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._route_py import ActivePrefixes
+    from ._route_py import ActivePrefixes, LoadArrays
 else:
     try:
-        from ._route import ActivePrefixes
+        from ._route import ActivePrefixes, LoadArrays
     except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._route_py import ActivePrefixes
+        from ._route_py import ActivePrefixes, LoadArrays
 
 __all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
 
@@ -103,6 +103,8 @@ class LoadTracker:
         self.ids_frozen = np.zeros(0, np.uint64)
         #: ``(prefill_tokens, decode_blocks, active, waiting, kv_usage)[:n]``, live views.
         self.views: tuple[Any, ...] = ()
+        #: the same views and ids, held for the router's route kernel
+        self.arrays: Any = None
         self._freeze_ids()
 
     _ARRAYS = (
@@ -136,6 +138,7 @@ class LoadTracker:
             self.waiting[:n],
             self.kv_usage[:n],
         )
+        self.arrays = LoadArrays(self.ids_frozen, *self.views, self.active_blocks)
 
     def add_worker(self, worker: int) -> int:
         """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""
@@ -204,6 +207,32 @@ class LoadTracker:
         self.active[p] += 1
         added = 0 if hashes is None else self.active_blocks.add(worker, hashes)
         self.decode_blocks[p] += decode_blocks + added
+
+    def track(
+        self,
+        request_id: str | int,
+        worker: int,
+        prefill_tokens: float,
+        decode_blocks: float,
+        now: float,
+        payload: Any = None,
+        hashes: npt.NDArray[np.uint64] | None = None,
+    ) -> None:
+        """The request table's half of :meth:`start`, for a request already counted in the arrays.
+
+        The router's route kernel (``kvroute._route.kvroute_step``) counts the
+        request in the load arrays and the prompts in flight itself; this
+        records it, so :meth:`first_token` and :meth:`finish` undo it as if
+        :meth:`start` had been called with the same arguments (positional
+        here: this is on the routing path).
+
+        :raises ValueError: ``request_id`` is already in flight.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        self.requests[request_id] = ActiveRequest(
+            worker, float(prefill_tokens), float(decode_blocks), now, payload, hashes
+        )
 
     def new_blocks(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.float64]:
         """Per position, how many of ``hashes`` are not yet among that worker's active blocks.
