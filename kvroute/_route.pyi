@@ -1,5 +1,6 @@
 # The compiled router kernels have exactly the twin's API; mypy reads it from the twin.
 from ._route_py import ActivePrefixes as ActivePrefixes
+from ._route_py import ActiveRequest as ActiveRequest
 from ._route_py import FreshDecisions as FreshDecisions
 from ._route_py import LoadArrays as LoadArrays
 from ._route_py import chained_common_prefix as chained_common_prefix
@@ -10,6 +11,7 @@ from ._route_py import kvroute_step as kvroute_step
 
 __all__ = [
     "ActivePrefixes",
+    "ActiveRequest",
     "FreshDecisions",
     "LoadArrays",
     "chained_common_prefix",

@@ -46,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "ActivePrefixes",
+    "ActiveRequest",
     "FreshDecisions",
     "LoadArrays",
     "chained_common_prefix",
@@ -1452,39 +1453,73 @@ ctypedef struct KvParams:
     double uw
 
 
-cdef int _read_params(object params, object prompt_tokens, object block_size, KvParams* k) except -1:
+ctypedef struct KvRaw:
+    # the policy's parameters as it holds them, in KvRoute._PARAMS order
+    double dtw
+    double art
+    double wrt
+    double hw
+    double dw
+    double kh
+    double kpt
+    double slack
+    double abs_slack
+    double stake_tokens
+    double stake_max
+    double uw
+
+
+cdef int _read_raw(object params, KvRaw* r) except -1:
     """The policy's parameters, read on every call (a test changes them between calls).
 
     From ``params._packed_params`` when it is a 12-tuple (``KvRoute`` keeps
     one current: one read instead of twelve), else attribute by attribute.
     """
-    cdef double bs = <double>block_size
-    cdef double hw, dw, dtw
     try:
         packed = params._packed_params
     except AttributeError:
         packed = None
     if type(packed) is tuple and len(<tuple>packed) == 12:
-        (dtw, k.art, k.wrt, hw, dw, k.kh, k.kpt, k.slack, k.abs_slack, k.stake_tokens,
-         k.stake_max, k.uw) = <tuple>packed
+        (r.dtw, r.art, r.wrt, r.hw, r.dw, r.kh, r.kpt, r.slack, r.abs_slack, r.stake_tokens,
+         r.stake_max, r.uw) = <tuple>packed
     else:
-        dtw = params.decode_token_weight
-        k.art = params.active_request_tokens
-        k.wrt = params.waiting_request_tokens
-        hw = params.host_hit_weight
-        dw = params.disk_hit_weight
-        k.kh = params.kv_high
-        k.kpt = params.kv_pressure_tokens
-        k.slack = params.balance_slack
-        k.abs_slack = params.balance_abs_slack
-        k.stake_tokens = params.balance_stake_tokens
-        k.stake_max = params.balance_stake_limit
-        k.uw = params.uncached_weight
+        r.dtw = params.decode_token_weight
+        r.art = params.active_request_tokens
+        r.wrt = params.waiting_request_tokens
+        r.hw = params.host_hit_weight
+        r.dw = params.disk_hit_weight
+        r.kh = params.kv_high
+        r.kpt = params.kv_pressure_tokens
+        r.slack = params.balance_slack
+        r.abs_slack = params.balance_abs_slack
+        r.stake_tokens = params.balance_stake_tokens
+        r.stake_max = params.balance_stake_limit
+        r.uw = params.uncached_weight
+    return 0
+
+
+cdef inline void _derive(const KvRaw* r, double bs, double prompt, KvParams* k) noexcept:
+    """The pass's parameters for one request (each product as the twin forms it)."""
     k.bs = bs
-    k.prompt = <double>prompt_tokens
-    k.dtw = dtw * bs
-    k.k_host = bs * (1.0 - hw)
-    k.k_disk = bs * (1.0 - dw)
+    k.prompt = prompt
+    k.dtw = r.dtw * bs
+    k.art = r.art
+    k.wrt = r.wrt
+    k.kh = r.kh
+    k.kpt = r.kpt
+    k.slack = r.slack
+    k.abs_slack = r.abs_slack
+    k.stake_tokens = r.stake_tokens
+    k.stake_max = r.stake_max
+    k.uw = r.uw
+    k.k_host = bs * (1.0 - r.hw)
+    k.k_disk = bs * (1.0 - r.dw)
+
+
+cdef int _read_params(object params, object prompt_tokens, object block_size, KvParams* k) except -1:
+    cdef KvRaw r
+    _read_raw(params, &r)
+    _derive(&r, <double>block_size, <double>prompt_tokens, k)
     return 0
 
 
@@ -1736,6 +1771,47 @@ cdef int[5] _LOAD_KINDS = [F64, F64, I64, F64, F64]
 _LOAD_NAMES = ("prefill_tokens", "decode_blocks", "active_requests", "waiting", "kv_usage")
 
 
+cdef class ActiveRequest:
+    """The router's record of one request in flight.
+
+    See :class:`kvroute._route_py.ActiveRequest` (a dataclass there; the
+    fields are the same, the three numbers stored as C doubles).
+    """
+
+    cdef public object worker
+    cdef public double prefill_tokens
+    cdef public double decode_blocks
+    cdef public double last_seen
+    cdef public object payload
+    cdef public object hashes
+
+    def __init__(self, worker, double prefill_tokens, double decode_blocks, double last_seen,
+                 payload=None, hashes=None):
+        self.worker = worker
+        self.prefill_tokens = prefill_tokens
+        self.decode_blocks = decode_blocks
+        self.last_seen = last_seen
+        self.payload = payload
+        self.hashes = hashes
+
+    def __eq__(self, other):
+        if not isinstance(other, ActiveRequest):
+            return NotImplemented
+        o = <ActiveRequest>other
+        return (self.worker, self.prefill_tokens, self.decode_blocks, self.last_seen,
+                self.payload, self.hashes) == (o.worker, o.prefill_tokens, o.decode_blocks,
+                                               o.last_seen, o.payload, o.hashes)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (
+            f"ActiveRequest(worker={self.worker!r}, prefill_tokens={self.prefill_tokens!r}, "
+            f"decode_blocks={self.decode_blocks!r}, last_seen={self.last_seen!r}, "
+            f"payload={self.payload!r}, hashes={self.hashes!r})"
+        )
+
+
 cdef class LoadArrays:
     """A LoadTracker's live per-position arrays, held for :func:`kvroute_step`.
 
@@ -1750,15 +1826,23 @@ cdef class LoadArrays:
     cdef readonly Py_ssize_t n
     cdef readonly object workers, prefill_tokens, decode_blocks, active_requests, waiting
     cdef readonly object kv_usage, active
+    cdef readonly dict requests
     cdef const uint64_t* _ids
     cdef double* _pt
     cdef double* _db
     cdef int64_t* _act
     cdef const double* _wt
     cdef const double* _kv
+    # the step's scratch (new decode blocks, ties, host, disk) and what it last read
+    # from the policy: LoadArrays is used under its router's lock, one step at a time
+    cdef char* _scratch
+    cdef object _packed             # the policy's packed parameters, as last parsed
+    cdef KvRaw _raw
+    cdef object _rng
+    cdef object _getrandbits
 
     def __init__(self, workers, prefill_tokens, decode_blocks, active_requests, waiting,
-                 kv_usage, active):
+                 kv_usage, active, dict requests):
         cdef int j
         cdef Py_ssize_t i
         if self._nb:
@@ -1778,7 +1862,10 @@ cdef class LoadArrays:
         self._wt = <const double*>self._b[4].buf
         self._kv = <const double*>self._b[5].buf
         self._posmap = hm_new()
-        if self._posmap == NULL:
+        self._scratch = <char*>malloc(
+            1 + self.n * (sizeof(double) + sizeof(Py_ssize_t) + 2 * sizeof(int64_t))
+        )
+        if self._posmap == NULL or self._scratch == NULL:
             raise MemoryError()
         for i in range(self.n):
             if hm_put(self._posmap, self._ids[i], <uint64_t>i) < 0:
@@ -1790,12 +1877,14 @@ cdef class LoadArrays:
         self.waiting = waiting
         self.kv_usage = kv_usage
         self.active = active
+        self.requests = requests
 
     def __dealloc__(self):
         cdef int j
         for j in range(self._nb):
             PyBuffer_Release(&self._b[j])
         hm_free(self._posmap)
+        free(self._scratch)
 
     @property
     def pos(self):
@@ -1906,15 +1995,17 @@ cdef int _get_match(object match, Py_buffer* view, Py_ssize_t n) except -1:
     raise TypeError(f"match must be a uint32 array of shape ({n},) or (3, {n})")
 
 
-cdef Py_ssize_t _randbelow(object rng, Py_ssize_t n) except -1:
-    """``rng.randrange(n)`` for n >= 1, drawing the same bits (``_randbelow_with_getrandbits``)."""
+cdef Py_ssize_t _randbelow(object getrandbits, Py_ssize_t n) except -1:
+    """``rng.randrange(n)`` for n >= 1, drawing the same bits (``_randbelow_with_getrandbits``).
+
+    ``getrandbits`` is the generator's bound method.
+    """
     cdef Py_ssize_t r
     cdef int k = 0
     cdef Py_ssize_t m = n
     while m:
         k += 1
         m >>= 1
-    getrandbits = rng.getrandbits
     r = getrandbits(k)
     while r >= n:
         r = getrandbits(k)
@@ -1941,8 +2032,8 @@ cdef object _np_empty = np.empty
 cdef object _I64 = np.dtype(np.int64)
 
 
-def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, block_size,
-                 double out_blocks, busy=None):
+def kvroute_step(policy, load, fresh, request_id, payload, match, hashes, double now,
+                 prompt_tokens, block_size, double out_blocks, busy=None):
     """Choose a worker with the ``kvroute`` policy over every live worker, and count the request.
 
     See :func:`kvroute._route_py.kvroute_step`.
@@ -1958,12 +2049,13 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
     cdef int64_t* disk = NULL
     cdef double* nd
     cdef Py_ssize_t* ties
-    cdef char* scratch = NULL
     cdef bint tiered, pressure, staked
     cdef KvParams k
+    cdef KvRaw raw
     cdef int64_t matched, cached, prompt, bsz
     cdef uint32_t added
     cdef LoadArrays la
+    cdef ActiveRequest rec
     cdef ActivePrefixes ap = None
     cdef _StepCosts costs
     cdef FreshDecisions fd = None
@@ -1972,6 +2064,8 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
     if not isinstance(load, LoadArrays):
         raise TypeError(f"load must be a LoadArrays, not {type(load).__name__}")
     la = <LoadArrays>load
+    if request_id in la.requests:
+        raise ValueError(f"request {request_id!r} is already in flight")
     n = la.n
     entry = None
     try:
@@ -1988,7 +2082,18 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
         if busy is not None:
             _get_array(busy, &bb, BOOL, n, "busy", False, "")
             have_b = True
-        _read_params(policy, prompt_tokens, block_size, &k)
+        try:
+            packed = policy._packed_params
+        except AttributeError:
+            packed = None
+        if packed is None or packed is not la._packed:
+            _read_raw(policy, &raw)
+            if type(packed) is tuple:
+                la._packed = packed
+                la._raw = raw
+        else:
+            raw = la._raw
+        _derive(&raw, <double>block_size, <double>prompt_tokens, &k)
         prompt = prompt_tokens
         bsz = block_size
         # outputs: the overlap, and the costs (their rows, then the gate)
@@ -1999,11 +2104,10 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
         costs = _StepCosts.__new__(_StepCosts)
         costs._n = n
         costs._buf = <double*>malloc(n * (NROWS * sizeof(double) + 1))
-        # scratch: new decode blocks, ties, host and disk
-        scratch = <char*>malloc(n * (sizeof(double) + sizeof(Py_ssize_t) + 2 * sizeof(int64_t)))
-        if scratch == NULL or costs._buf == NULL:
+        if costs._buf == NULL:
             raise MemoryError()
-        nd = <double*>scratch
+        # scratch: new decode blocks, ties, host and disk
+        nd = <double*>la._scratch
         ties = <Py_ssize_t*>(nd + n)
         host = <int64_t*>(ties + n)
         disk = host + n
@@ -2042,7 +2146,14 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
         )
         costs._pressure = pressure
         costs._staked = staked
-        p = ties[0] if nt == 1 else ties[_randbelow(policy._rng, nt)]
+        if nt == 1:
+            p = ties[0]
+        else:
+            rng = policy._rng
+            if rng is not la._rng:
+                la._rng = rng
+                la._getrandbits = rng.getrandbits
+            p = ties[_randbelow(la._getrandbits, nt)]
         worker = la._ids[p]
         matched = ov[p]
         cached = matched * bsz
@@ -2059,8 +2170,15 @@ def kvroute_step(policy, load, fresh, match, hashes, double now, prompt_tokens, 
         else:
             added = la.active.add(worker, <object>kb.obj)
         la._db[p] += out_blocks + <double>added
+        rec = ActiveRequest.__new__(ActiveRequest)
+        rec.worker = worker
+        rec.prefill_tokens = <double>(prompt - cached)
+        rec.decode_blocks = out_blocks
+        rec.last_seen = now
+        rec.payload = payload
+        rec.hashes = <object>kb.obj
+        la.requests[request_id] = rec
     finally:
-        free(scratch)
         if have_o:
             PyBuffer_Release(&ob)
         if have_b:

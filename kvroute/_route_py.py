@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,6 +55,7 @@ from ._convert import as_u64_array, check_u64
 
 __all__ = [
     "ActivePrefixes",
+    "ActiveRequest",
     "FreshDecisions",
     "LoadArrays",
     "chained_common_prefix",
@@ -674,6 +676,30 @@ def kvroute_costs(
     return costs, ties.tolist()
 
 
+@dataclass(slots=True)
+class ActiveRequest:
+    """The router's record of one request in flight (kept by :class:`kvroute.load.LoadTracker`).
+
+    >>> r = ActiveRequest(7, 100.0, 2.0, 0.5)
+    >>> r.worker, r.prefill_tokens, r.payload
+    (7, 100.0, None)
+
+    :param worker: the worker id it was routed to.
+    :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
+    :param decode_blocks: its expected output blocks.
+    :param last_seen: clock time of its last lifecycle event (for the stale sweep).
+    :param payload: the router's own data (kept opaque here).
+    :param hashes: its prompt's block keys, among the active prefixes while it runs.
+    """
+
+    worker: int
+    prefill_tokens: float
+    decode_blocks: float
+    last_seen: float
+    payload: Any = None
+    hashes: npt.NDArray[np.uint64] | None = None
+
+
 def _check_array(a: Any, dtype: type, n: int, name: str, writable: bool = False) -> None:
     # the compiled twin's buffer checks, and its message
     if (
@@ -695,7 +721,7 @@ class LoadArrays:
     changes); the compiled twin holds the arrays' buffers for its lifetime.
 
     >>> la = LoadArrays(np.array([7], np.uint64), np.zeros(1), np.zeros(1),
-    ...                 np.zeros(1, np.int64), np.zeros(1), np.zeros(1), ActivePrefixes())
+    ...                 np.zeros(1, np.int64), np.zeros(1), np.zeros(1), ActivePrefixes(), {})
     >>> la.n, la.pos
     (1, {7: 0})
 
@@ -707,6 +733,8 @@ class LoadArrays:
     :param kv_usage: float64.
     :param active: the tracker's :class:`ActivePrefixes` (or any object with
         its ``new_blocks`` and ``add``).
+    :param requests: the tracker's table of requests in flight (request id ->
+        :class:`ActiveRequest`), where the step records the request it routes.
     :raises TypeError: an array that is not contiguous, of its dtype and of
         ``len(workers)`` values (or read-only, for the written three).
     """
@@ -719,6 +747,7 @@ class LoadArrays:
         "n",
         "pos",
         "prefill_tokens",
+        "requests",
         "waiting",
         "workers",
     )
@@ -732,6 +761,7 @@ class LoadArrays:
         waiting: Any,
         kv_usage: Any,
         active: Any,
+        requests: dict[Any, ActiveRequest],
     ) -> None:
         ids = as_u64_array(workers, "workers")
         n = len(ids)
@@ -750,6 +780,7 @@ class LoadArrays:
         #: worker id -> position
         self.pos: dict[int, int] = {w: i for i, w in enumerate(ids.tolist())}
         self.active: Any = active
+        self.requests = requests
 
     def __repr__(self) -> str:
         return f"<LoadArrays n={self.n}>"
@@ -770,6 +801,8 @@ def kvroute_step(
     policy: Any,
     load: Any,
     fresh: Any,
+    request_id: Any,
+    payload: Any,
     match: Any,
     hashes: Any,
     now: float,
@@ -795,25 +828,29 @@ def kvroute_step(
        ``fresh.record(w, hashes, now)``; then ``prefill_tokens[p] +=
        prompt_tokens - cached``, ``active_requests[p] += 1``,
        ``decode_blocks[p] += out_blocks + load.active.add(w, hashes)``
-       (``cached = min(matched x block_size, prompt_tokens)``) --
-       :meth:`LoadTracker.start <kvroute.load.LoadTracker.start>` without
-       the request table, which the caller fills in
-       (:meth:`~kvroute.load.LoadTracker.track`).
+       (``cached = min(matched x block_size, prompt_tokens)``), and
+       ``load.requests[request_id] = ActiveRequest(w, float(prompt_tokens -
+       cached), float(out_blocks), now, payload, hashes)``:
+       :meth:`LoadTracker.start <kvroute.load.LoadTracker.start>`.
 
     >>> from kvroute.policies import KvRoute
     >>> la = LoadArrays(np.array([5, 6], np.uint64), np.zeros(2), np.zeros(2),
-    ...                 np.zeros(2, np.int64), np.zeros(2), np.zeros(2), ActivePrefixes())
+    ...                 np.zeros(2, np.int64), np.zeros(2), np.zeros(2), ActivePrefixes(), {})
     >>> h = np.array([1, 2, 3], np.uint64)
     >>> p, w, matched, ov, costs, entry = kvroute_step(
-    ...     KvRoute(seed=0), la, None, np.array([0, 2], np.uint32), h, 0.0, 48, 16, 0.0)
+    ...     KvRoute(seed=0), la, None, "r1", None, np.array([0, 2], np.uint32), h, 0.0, 48, 16, 0.0)
     >>> p, w, matched, ov.tolist(), costs["uncached_tokens"].tolist()
     (1, 6, 2, [0, 2], [48.0, 16.0])
     >>> la.prefill_tokens.tolist(), la.active_requests.tolist(), la.decode_blocks.tolist()
     ([0.0, 16.0], [0, 1], [0.0, 3.0])
+    >>> la.requests["r1"].prefill_tokens
+    16.0
 
     :param policy: a :class:`kvroute.policies.KvRoute` (its parameters and its RNG).
     :param load: the router's load, as :class:`LoadArrays` (at least one worker).
     :param fresh: its :class:`kvroute.approx.FreshDecisions`, or None.
+    :param request_id: the request's id (not in ``load.requests``).
+    :param payload: the router's data for the request's record.
     :param match: per position, the index's matched blocks (``match_array``),
         or per tier (``match_tiers_array``): uint32, ``(n,)`` or ``(3, n)``.
     :param hashes: the prompt's block keys.
@@ -828,10 +865,12 @@ def kvroute_step(
         without ``fresh``).
     :raises TypeError: ``load`` is not a :class:`LoadArrays`; ``match`` or
         ``busy`` of the wrong dtype or shape.
-    :raises ValueError: no worker.
+    :raises ValueError: no worker; ``request_id`` is already in flight.
     """
     if not isinstance(load, LoadArrays):
         raise TypeError(f"load must be a LoadArrays, not {type(load).__name__}")
+    if request_id in load.requests:
+        raise ValueError(f"request {request_id!r} is already in flight")
     h = as_u64_array(hashes)
     ids = load.workers
     n = load.n
@@ -874,4 +913,7 @@ def kvroute_step(
     pt[p] += prompt_tokens - cached
     act[p] += 1
     db[p] += out_blocks + load.active.add(worker, h)
+    load.requests[request_id] = ActiveRequest(
+        worker, float(prompt_tokens - cached), float(out_blocks), now, payload, h
+    )
     return p, worker, matched, ov, costs, entry

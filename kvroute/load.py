@@ -23,7 +23,6 @@ Not thread-safe on its own: the router calls it under its lock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,34 +31,14 @@ import numpy.typing as npt
 from ._compat import NO_EXTENSIONS
 
 if NO_EXTENSIONS:  # pragma: no cover - exercised by the KVROUTE_NO_EXTENSIONS run
-    from ._route_py import ActivePrefixes, LoadArrays
+    from ._route_py import ActivePrefixes, ActiveRequest, LoadArrays
 else:
     try:
-        from ._route import ActivePrefixes, LoadArrays
+        from ._route import ActivePrefixes, ActiveRequest, LoadArrays
     except ImportError:  # pragma: no cover - a broken build; tests/test_build.py catches it
-        from ._route_py import ActivePrefixes, LoadArrays
+        from ._route_py import ActivePrefixes, ActiveRequest, LoadArrays
 
 __all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
-
-
-@dataclass(slots=True)
-class ActiveRequest:
-    """The router's record of one request in flight.
-
-    :param worker: the worker id it was routed to.
-    :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
-    :param decode_blocks: its expected output blocks.
-    :param last_seen: clock time of its last lifecycle event (for the stale sweep).
-    :param payload: the router's own data (kept opaque here).
-    :param hashes: its prompt's block keys, among the active prefixes while it runs.
-    """
-
-    worker: int
-    prefill_tokens: float
-    decode_blocks: float
-    last_seen: float
-    payload: Any = None
-    hashes: npt.NDArray[np.uint64] | None = None
 
 
 class LoadTracker:
@@ -138,7 +117,7 @@ class LoadTracker:
             self.waiting[:n],
             self.kv_usage[:n],
         )
-        self.arrays = LoadArrays(self.ids_frozen, *self.views, self.active_blocks)
+        self.arrays = LoadArrays(self.ids_frozen, *self.views, self.active_blocks, self.requests)
 
     def add_worker(self, worker: int) -> int:
         """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""
@@ -207,32 +186,6 @@ class LoadTracker:
         self.active[p] += 1
         added = 0 if hashes is None else self.active_blocks.add(worker, hashes)
         self.decode_blocks[p] += decode_blocks + added
-
-    def track(
-        self,
-        request_id: str | int,
-        worker: int,
-        prefill_tokens: float,
-        decode_blocks: float,
-        now: float,
-        payload: Any = None,
-        hashes: npt.NDArray[np.uint64] | None = None,
-    ) -> None:
-        """The request table's half of :meth:`start`, for a request already counted in the arrays.
-
-        The router's route kernel (``kvroute._route.kvroute_step``) counts the
-        request in the load arrays and the prompts in flight itself; this
-        records it, so :meth:`first_token` and :meth:`finish` undo it as if
-        :meth:`start` had been called with the same arguments (positional
-        here: this is on the routing path).
-
-        :raises ValueError: ``request_id`` is already in flight.
-        """
-        if request_id in self.requests:
-            raise ValueError(f"request {request_id!r} is already in flight")
-        self.requests[request_id] = ActiveRequest(
-            worker, float(prefill_tokens), float(decode_blocks), now, payload, hashes
-        )
 
     def new_blocks(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.float64]:
         """Per position, how many of ``hashes`` are not yet among that worker's active blocks.

@@ -686,7 +686,8 @@ class Router:
         out_blocks = 0.0
         if request.expected_output_tokens:
             out_blocks = float(math.ceil(request.expected_output_tokens / bs))
-        pinned = self._pinned(request, now, cand, n)
+        # only a session has a pin (a call is measurable on the common path)
+        pinned = None if request.session_id is None else self._pinned(request, now, cand, n)
         if pinned is not None and int(lt.worker_ids[pinned]) in exclude:
             pinned = None
         # a policy's compiled path (see policies.RouteStep) takes the common case
@@ -697,27 +698,28 @@ class Router:
         costs: Any
         breakpoints = request.cache_breakpoints()
         if step is not None:
-            # the common path: after the match, one compiled call chooses and counts the
-            # request (load arrays, prompts in flight, fresh decisions); lt.track records it
+            # the common path: after the match, one compiled call chooses and records the
+            # request (load arrays, prompts in flight, request table, fresh decisions)
             if self.kv_events and not (self._tiered and self.policy.uses_tiers):
                 match = self.index.match_array(hashes, lt.ids_frozen)
             else:
                 match = self._match(hashes, n)
             busy = None if self._busy is None else self._busy_mask(n)
-            p, worker, matched, ov, costs, entry = step(
-                lt.arrays, self._fresh, match, hashes, now, prompt, bs, out_blocks, busy
-            )
-            cached = min(matched * bs, prompt)
-            if self._predicted is not None and len(hashes):
-                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
             payload = _Payload(
-                entry,
+                None,
                 request.session_id,
                 request.tokens if request.speculative_prefill else None,
                 hashes if request.speculative_prefill else None,
                 request.speculative_prefill,
             )
-            lt.track(rid, worker, prompt - cached, out_blocks, now, payload, hashes)
+            p, worker, matched, ov, costs, entry = step(
+                lt.arrays, self._fresh, rid, payload, match, hashes, now, prompt, bs, out_blocks,
+                busy,
+            )  # fmt: skip
+            cached = min(matched * bs, prompt)
+            if self._predicted is not None and len(hashes):
+                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
+            payload.entry = entry
             i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         else:
             ov, host, disk = self._overlap(hashes, n, now)

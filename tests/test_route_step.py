@@ -63,12 +63,14 @@ def test_the_route_step_uses_the_compiled_extension() -> None:
         assert kvroute.policies.builtin.kvroute_step is py_twin.kvroute_step
         assert kvroute.approx.FreshDecisions is py_twin.FreshDecisions
         assert kvroute.load.LoadArrays is py_twin.LoadArrays
+        assert kvroute.load.ActiveRequest is py_twin.ActiveRequest
         return
     import kvroute._route as route
 
     assert kvroute.policies.builtin.kvroute_step is route.kvroute_step
     assert kvroute.approx.FreshDecisions is route.FreshDecisions
     assert kvroute.load.LoadArrays is route.LoadArrays
+    assert kvroute.load.ActiveRequest is route.ActiveRequest
     assert KvRoute(seed=0).route_step.__func__ is route.kvroute_step  # type: ignore[attr-defined]
 
 
@@ -122,6 +124,7 @@ def _fused_router(mod: ModuleType, monkeypatch: pytest.MonkeyPatch, **kw: Any) -
     """A router whose state and fused step all come from ``mod`` (one twin or the other)."""
     monkeypatch.setattr(kvroute.load, "ActivePrefixes", mod.ActivePrefixes)
     monkeypatch.setattr(kvroute.load, "LoadArrays", mod.LoadArrays)
+    monkeypatch.setattr(kvroute.load, "ActiveRequest", mod.ActiveRequest)
     monkeypatch.setattr(kvroute.router, "FreshDecisions", mod.FreshDecisions)
     policy = KvRoute(**kw.pop("policy_params"))
 
@@ -386,6 +389,7 @@ def _build(mod: ModuleType, case: dict[str, Any]) -> tuple[Any, Any, Any]:
         np.array(case["waiting"]),
         np.array(case["kv"]),
         active,
+        {},
     )
     fresh = None
     if case["fresh"] is not None:
@@ -408,6 +412,8 @@ def test_kvroute_step_twins_agree(case: dict[str, Any]) -> None:
             policy,
             la,
             fresh,
+            "r",
+            "payload",
             case["match"],
             chain(case["prompt"]),
             case["now"],
@@ -427,7 +433,9 @@ def test_kvroute_step_twins_agree(case: dict[str, Any]) -> None:
                 (k, [(e[0], e[1].tolist(), e[2]) for e in d]) for k, d in fresh._by_first.items()
             ),
             policy._rng.random(),
-        ]
+            [(k, r.worker, r.prefill_tokens, r.decode_blocks, r.last_seen, r.payload,
+              r.hashes.tolist()) for k, r in la.requests.items()],
+        ]  # fmt: skip
         if fresh is not None:
             fresh._check()
             fresh.forget(entry)
@@ -442,7 +450,7 @@ def test_kvroute_step_refuses_bad_input_alike(route_module: ModuleType) -> None:
     mod = route_module
     la = mod.LoadArrays(
         H(1, 2), np.zeros(2), np.zeros(2), np.zeros(2, np.int64), np.zeros(2), np.zeros(2),
-        mod.ActivePrefixes(),
+        mod.ActivePrefixes(), {"busy": None},
     )  # fmt: skip
     h = H(1, 2)
     ok = np.zeros(2, np.uint32)
@@ -456,7 +464,7 @@ def test_kvroute_step_refuses_bad_input_alike(route_module: ModuleType) -> None:
     ]
     for load, match, busy in cases:
         with pytest.raises(TypeError) as got:
-            mod.kvroute_step(KvRoute(), load, None, match, h, 0.0, 16, 16, 0.0, busy)
+            mod.kvroute_step(KvRoute(), load, None, "r", None, match, h, 0.0, 16, 16, 0.0, busy)
         want = pytest.raises(TypeError)
         with want as spec:
             py_twin.kvroute_step(
@@ -465,8 +473,10 @@ def test_kvroute_step_refuses_bad_input_alike(route_module: ModuleType) -> None:
                 if isinstance(load, str)
                 else py_twin.LoadArrays(
                     H(1, 2), np.zeros(2), np.zeros(2), np.zeros(2, np.int64), np.zeros(2),
-                    np.zeros(2), py_twin.ActivePrefixes(),
+                    np.zeros(2), py_twin.ActivePrefixes(), {},
                 ),
+                None,
+                "r",
                 None,
                 match,
                 h,
@@ -481,12 +491,17 @@ def test_kvroute_step_refuses_bad_input_alike(route_module: ModuleType) -> None:
         ) or isinstance(load, str)
     empty = mod.LoadArrays(
         H(), np.zeros(0), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
-        mod.ActivePrefixes(),
+        mod.ActivePrefixes(), {},
     )  # fmt: skip
     with pytest.raises(ValueError, match="at least one worker"):
-        mod.kvroute_step(KvRoute(), empty, None, np.zeros(0, np.uint32), h, 0.0, 16, 16, 0.0)
+        mod.kvroute_step(
+            KvRoute(), empty, None, "r", None, np.zeros(0, np.uint32), h, 0.0, 16, 16, 0.0
+        )
     with pytest.raises(OverflowError):
-        mod.kvroute_step(KvRoute(), la, None, ok, [-1], 0.0, 16, 16, 0.0)
+        mod.kvroute_step(KvRoute(), la, None, "r", None, ok, [-1], 0.0, 16, 16, 0.0)
+    with pytest.raises(ValueError, match="request 'busy' is already in flight"):
+        mod.kvroute_step(KvRoute(), la, None, "busy", None, ok, h, 0.0, 16, 16, 0.0)
+    assert la.prefill_tokens.tolist() == [0.0, 0.0] and list(la.requests) == ["busy"]
 
 
 @pytest.mark.parametrize(
@@ -503,7 +518,7 @@ def test_load_arrays_refuse_arrays_of_the_wrong_kind(
 ) -> None:
     args: list[Any] = [
         H(1, 2), np.zeros(2), np.zeros(2), np.zeros(2, np.int64), np.zeros(2), np.zeros(2),
-        route_module.ActivePrefixes(),
+        route_module.ActivePrefixes(), {},
     ]  # fmt: skip
     args[index] = bad
     with pytest.raises(TypeError, match=message):
@@ -518,15 +533,19 @@ def test_load_arrays_refuse_arrays_of_the_wrong_kind(
 
 def test_load_arrays_are_a_live_view(route_module: ModuleType) -> None:
     pt = np.zeros(2)
+    requests: dict[str, Any] = {}
     la = route_module.LoadArrays(
         H(7, 9), pt, np.zeros(2), np.zeros(2, np.int64), np.zeros(2), np.zeros(2),
-        route_module.ActivePrefixes(),
+        route_module.ActivePrefixes(), requests,
     )  # fmt: skip
     assert la.n == 2 and la.pos == {7: 0, 9: 1} and la.prefill_tokens is pt
+    assert la.requests is requests
     p, w, *_ = route_module.kvroute_step(
-        KvRoute(seed=0), la, None, np.array([0, 3], np.uint32), H(1, 2, 3), 0.0, 48, 16, 0.0
-    )
+        KvRoute(seed=0), la, None, "r", 5, np.array([0, 3], np.uint32), H(1, 2, 3), 0.0, 48, 16,
+        0.0,
+    )  # fmt: skip
     assert (p, w) == (1, 9) and pt.tolist() == [0.0, 0.0]  # all 48 tokens cached on 9
+    assert requests["r"] == route_module.ActiveRequest(9, 0.0, 0.0, 0.0, 5, requests["r"].hashes)
 
 
 # -- FreshDecisions: the twins ----------------------------------------------------------

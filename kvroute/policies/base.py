@@ -220,6 +220,8 @@ class RouteStep(Protocol):
         self,
         load: Any,
         fresh: Any,
+        request_id: Any,
+        payload: Any,
         match: Any,
         hashes: Any,
         now: float,
