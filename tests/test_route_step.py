@@ -738,3 +738,41 @@ def test_a_user_index_without_the_array_form_still_routes_by_tier() -> None:
         ref.apply_stored(w, chain(toks), tier=tier)
         q = Request(i, block_hashes=chain(toks[:3]))
         _same(r.route(q), ref.route(q))
+
+
+@pytest.mark.skipif(len(ROUTE_TWINS) < 2, reason="kvroute._route is not loaded")
+@given(step_cases())
+@settings(deadline=None)
+def test_the_compiled_step_takes_the_twins_records_too(case: dict[str, Any]) -> None:
+    # a LoadTracker built with active_factory=, or a twin FreshDecisions, goes through
+    # their Python methods: the same decision and the same state as with compiled ones
+    compiled = ROUTE_TWINS[0]
+    results = []
+    for mixed in (False, True):
+        la, fresh, policy = _build(compiled, case)
+        if mixed:
+            twin_la, twin_fresh, _ = _build(py_twin, case)
+            la = compiled.LoadArrays(
+                la.workers, la.prefill_tokens, la.decode_blocks, la.active_requests, la.waiting,
+                la.kv_usage, twin_la.active, la.requests,
+            )  # fmt: skip
+            fresh = twin_fresh
+        busy = None if case["busy"] is None else np.array(case["busy"], np.bool_)
+        p, w, matched, ov, costs, _ = compiled.kvroute_step(
+            policy, la, fresh, "r", None, case["match"], chain(case["prompt"]), case["now"],
+            case["tokens"], case["block_size"], case["out_blocks"], busy,
+        )  # fmt: skip
+        results.append(
+            (
+                p,
+                w,
+                matched,
+                ov.tobytes(),
+                {k: v.tobytes() for k, v in costs.items()},
+                la.prefill_tokens.tobytes(),
+                la.decode_blocks.tobytes(),
+                [la.active.worker_len(x) for x in case["workers"]],
+                None if fresh is None else fresh.match(chain(case["prompt"]), case["now"]),
+            )
+        )
+    assert results[0] == results[1]
