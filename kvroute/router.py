@@ -690,7 +690,7 @@ class Router:
         pinned = None if request.session_id is None else self._pinned(request, now, cand, n)
         if pinned is not None and int(lt.worker_ids[pinned]) in exclude:
             pinned = None
-        # a policy's compiled path (see policies.RouteStep) takes the common case
+        # a policy's compiled path (policies.base.RouteStep) takes the common case
         step = getattr(self.policy, "route_step", None)
         if pinned is not None or cand is not None:
             step = None
