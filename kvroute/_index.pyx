@@ -1154,6 +1154,41 @@ cdef class BlockIndex:
             PyBuffer_Release(&wb)
         return result
 
+    def match_tiers_array(self, hashes, workers):
+        """For each id in ``workers``, its matched prefix per tier: rows device, host, disk.
+
+        See :meth:`kvroute._index_py.BlockIndex.match_tiers_array`.
+        """
+        cdef Py_buffer kb, wb
+        cdef uint32_t nhits
+        cdef size_t j, nw
+        cdef const uint64_t* ids
+        cdef uint64_t slot
+        cdef uint32_t[:, ::1] out
+        get_hashes_and_workers(hashes, &kb, workers, &wb)
+        try:
+            nw = <size_t>wb.shape[0]
+            result = np.zeros((3, nw), dtype=np.uint32)
+            out = result
+            ids = <const uint64_t*>wb.buf
+            self._acquire()
+            try:
+                nhits = self._match_locked(&kb, 1)
+                if nhits:
+                    for j in range(nw):
+                        if hm_get(self._slot_map, ids[j], &slot):
+                            slot -= 1
+                            if self._ep[slot] == self._epoch:
+                                out[0, j] = self._tier_cnt[3 * slot]
+                                out[1, j] = self._tier_cnt[3 * slot + 1]
+                                out[2, j] = self._tier_cnt[3 * slot + 2]
+            finally:
+                self._release()
+        finally:
+            PyBuffer_Release(&kb)
+            PyBuffer_Release(&wb)
+        return result
+
     def resolve(self, worker, engine_hash):
         """The kvroute key that ``worker``'s engine hash names, or None if it names none.
 

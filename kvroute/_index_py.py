@@ -303,6 +303,33 @@ class BlockIndex:
         return np.array([m.get(w, 0) for w in ids.tolist()], dtype=np.uint32)
 
     @_atomic
+    def match_tiers_array(self, hashes: HashesLike, workers: HashesLike) -> npt.NDArray[np.uint32]:
+        """For each id in ``workers``, its matched prefix per tier: rows device, host, disk.
+
+        :meth:`match_tiers` laid out in the caller's worker order, as
+        :meth:`match_array` lays out :meth:`match`: a ``(3, len(workers))``
+        uint32 array, zeros for a worker that holds no prefix or is unknown.
+
+        >>> idx = BlockIndex()
+        >>> idx.store(4, [1, 2])
+        >>> idx.store(4, [3], 2, tier="host")
+        >>> idx.match_tiers_array([1, 2, 3], [9, 4]).tolist()
+        [[0, 2], [0, 1], [0, 0]]
+
+        Runtime complexity: that of :meth:`match_tiers`, plus O(len(workers)).
+
+        :raises TypeError, OverflowError: an id is not an int in [0, 2**64).
+        """
+        keys = as_u64_array(hashes)
+        ids = as_u64_array(workers, "workers")
+        m = self.match_tiers(keys)
+        out = np.zeros((3, len(ids)), dtype=np.uint32)
+        for j, w in enumerate(ids.tolist()):
+            if w in m:
+                out[:, j] = m[w]
+        return out
+
+    @_atomic
     def resolve(self, worker: int, engine_hash: int) -> int | None:
         """The kvroute key that ``worker``'s engine hash names, or None if it names none.
 

@@ -30,12 +30,22 @@ C with no temporaries. The compiled build turns off floating-point
 contraction (``-ffp-contract=off``), so each operation rounds as numpy's does
 and the two pick the same workers bit for bit.
 
+:func:`kvroute_step` is the router's common path after the index match, for
+the ``kvroute`` policy: the fresh-decision overlay, the new decode blocks,
+the policy's costs and tie-break, and the bookkeeping of the chosen worker
+(load arrays, prompts in flight, fresh decisions), in one call. Here it is
+the router's own steps, called one after the other; compiled, one call with
+no temporaries but its results.
+
 Not thread-safe: the router calls both under its lock.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,10 +55,14 @@ from ._convert import as_u64_array, check_u64
 
 __all__ = [
     "ActivePrefixes",
+    "ActiveRequest",
+    "FreshDecisions",
+    "LoadArrays",
     "chained_common_prefix",
     "common_prefix",
     "fresh_overlay",
     "kvroute_costs",
+    "kvroute_step",
 ]
 
 U64 = npt.NDArray[np.uint64]
@@ -344,6 +358,192 @@ def fresh_overlay(
     return raised
 
 
+class FreshDecisions:
+    """The newest routing decisions per prompt start, for ``ttl`` seconds.
+
+    Keyed by a prompt's first block hash; each key keeps its ``per_key``
+    newest decisions (worker, hashes, expiry), at most one per worker (a
+    newer decision to the same worker replaces the older). :meth:`match` returns, per
+    worker among them, the longest common prefix with the request: siblings
+    of a fan-out see their first sibling's prompt as cached on its worker.
+
+    >>> fd = FreshDecisions(ttl=5.0)
+    >>> e = fd.record(2, np.array([7, 8, 9], np.uint64), now=0.0)
+    >>> fd.match(np.array([7, 8, 1], np.uint64), now=1.0)
+    {2: 2}
+    >>> fd.match(np.array([7, 8, 1], np.uint64), now=5.0)
+    {}
+
+    Runtime complexity: :meth:`record` O(1); :meth:`match` O(per_key x log
+    prompt blocks), since the hashes are chained keys.
+
+    Model: a dict from first key to a ``deque(maxlen=per_key)`` of
+    ``[worker, hashes, expiry]`` lists, oldest first (the compiled twin keeps
+    C records holding each prompt's buffer). :meth:`record`'s handle is
+    opaque: pass it to :meth:`forget` and nothing else.
+
+    :param ttl: how long a decision is remembered (s).
+    :param per_key: decisions kept per first block.
+    :raises ValueError: ``ttl`` <= 0 or ``per_key`` < 1.
+    """
+
+    def __init__(self, ttl: float = 5.0, per_key: int = 4) -> None:
+        if not ttl > 0:
+            raise ValueError(f"ttl must be > 0, got {ttl}")
+        if per_key < 1:
+            raise ValueError(f"per_key must be >= 1, got {per_key}")
+        self.ttl = float(ttl)
+        self.per_key = int(per_key)
+        #: first key -> its decisions ``[worker, hashes, expiry]``, oldest first
+        self._by_first: dict[int, deque[list[Any]]] = {}
+
+    def __len__(self) -> int:
+        """Number of remembered decisions (expired ones included until purged)."""
+        return sum(len(d) for d in self._by_first.values())
+
+    def record(self, worker: int, hashes: Any, now: float) -> Any:
+        """Remember that ``hashes`` were just routed to ``worker``; return a handle for forget.
+
+        An empty prompt is not recorded (the handle is None).
+
+        :raises TypeError, OverflowError: a bad worker id or key.
+        """
+        worker = check_u64(worker, "worker")
+        hashes = as_u64_array(hashes)
+        if len(hashes) == 0:
+            return None
+        key = int(hashes[0])
+        d = self._by_first.get(key)
+        if d is None:
+            d = self._by_first[key] = deque(maxlen=self.per_key)
+        else:
+            for old in d:
+                if old[0] == worker:
+                    d.remove(old)
+                    break
+        entry = [worker, hashes, now + self.ttl]
+        d.append(entry)
+        return entry
+
+    def forget(self, entry: Any) -> None:
+        """Drop a remembered decision (its request failed); None and stale handles are ignored."""
+        if entry is None:
+            return
+        d = self._by_first.get(int(entry[1][0]))
+        if d is not None:
+            for i, e in enumerate(d):
+                if e is entry:
+                    del d[i]
+                    break
+            if not d:
+                del self._by_first[int(entry[1][0])]
+
+    def match(
+        self,
+        hashes: Any,
+        now: float,
+        known: Mapping[int, int] | None = None,
+    ) -> dict[int, int]:
+        """Per worker, the longest prefix of ``hashes`` among its live remembered decisions.
+
+        :param known: per worker, a match already known (the index's); a
+            decision that cannot beat it (it differs from ``hashes`` at block
+            ``known[worker]``) is skipped without comparing whole arrays.
+        """
+        hashes = as_u64_array(hashes)
+        if len(hashes) == 0:
+            return {}
+        d = self._by_first.get(int(hashes[0]))
+        if not d:
+            return {}
+        out: dict[int, int] = {}
+        for worker, h, expiry in d:
+            if expiry <= now:
+                continue
+            if known:
+                k = known.get(worker, 0)
+                if k >= len(h) or k >= len(hashes) or h[k] != hashes[k]:
+                    continue
+            k = chained_common_prefix(h, hashes)
+            if k > out.get(worker, 0):
+                out[worker] = k
+        return out
+
+    def overlay(
+        self,
+        hashes: Any,
+        now: float,
+        ov: npt.NDArray[np.int64],
+        pos: Mapping[int, int],
+        *,
+        skip_known: bool = False,
+        host: npt.NDArray[np.int64] | None = None,
+        disk: npt.NDArray[np.int64] | None = None,
+    ) -> int:
+        """:meth:`match` merged into per-position overlaps in place, in one compiled pass.
+
+        ``ov[pos[w]]`` becomes the larger of itself and ``match(hashes, now,
+        known)[w]``, where ``known`` is ``ov`` itself when ``skip_known`` (the
+        router passes the index's match) and None otherwise; where it is raised,
+        ``host`` / ``disk`` (if given) are zeroed: a fresh decision counts as a
+        device hit.
+
+        >>> fd = FreshDecisions(ttl=5.0)
+        >>> e = fd.record(2, np.array([7, 8, 9], np.uint64), now=0.0)
+        >>> ov = np.array([0, 1], np.int64)
+        >>> fd.overlay(np.array([7, 8, 1], np.uint64), 1.0, ov, {5: 0, 2: 1}), ov.tolist()
+        (1, [0, 2])
+
+        :param ov: int64 overlaps, one per position (C-contiguous, writable).
+        :param pos: worker id -> position in ``ov``.
+        :returns: how many positions were raised.
+        """
+        hashes = as_u64_array(hashes)
+        if len(hashes) == 0:
+            return 0
+        d = self._by_first.get(int(hashes[0]))
+        if not d:
+            return 0
+        return fresh_overlay(d, hashes, now, ov, pos, skip_known, host, disk)
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget the decisions that went to ``worker``. O(remembered decisions)."""
+        worker = check_u64(worker, "worker")
+        for key in list(self._by_first):
+            d = self._by_first[key]
+            kept = [e for e in d if e[0] != worker]
+            if len(kept) != len(d):
+                d.clear()
+                d.extend(kept)
+            if not d:
+                del self._by_first[key]
+
+    def purge(self, now: float) -> int:
+        """Drop expired decisions; return how many. O(remembered decisions)."""
+        dropped = 0
+        for key in list(self._by_first):
+            d = self._by_first[key]
+            while d and d[0][2] <= now:
+                d.popleft()
+                dropped += 1
+            if not d:
+                del self._by_first[key]
+        return dropped
+
+    def _check(self) -> None:
+        """Check the record's invariants; AssertionError if one fails."""
+        for key, d in self._by_first.items():
+            assert d, "an empty key is kept"
+            assert len(d) <= self.per_key, "more decisions than per_key"
+            workers = [e[0] for e in d]
+            assert len(set(workers)) == len(workers), "two decisions for one worker"
+            for _, h, _ in d:
+                assert len(h) and int(h[0]) == key, "a decision under another key"
+
+    def __repr__(self) -> str:
+        return f"<FreshDecisions decisions={len(self)} keys={len(self._by_first)}>"
+
+
 _CANDIDATE_DTYPES = (
     ("overlap", np.dtype(np.int64)),
     ("prefill_tokens", np.dtype(np.float64)),
@@ -474,3 +674,246 @@ def kvroute_costs(
     costs["eligible"] = eligible
     costs["cost"] = cost
     return costs, ties.tolist()
+
+
+@dataclass(slots=True)
+class ActiveRequest:
+    """The router's record of one request in flight (kept by :class:`kvroute.load.LoadTracker`).
+
+    >>> r = ActiveRequest(7, 100.0, 2.0, 0.5)
+    >>> r.worker, r.prefill_tokens, r.payload
+    (7, 100.0, None)
+
+    :param worker: the worker id it was routed to.
+    :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
+    :param decode_blocks: its expected output blocks.
+    :param last_seen: clock time of its last lifecycle event (for the stale sweep).
+    :param payload: the router's own data (kept opaque here).
+    :param hashes: its prompt's block keys, among the active prefixes while it runs.
+    """
+
+    worker: int
+    prefill_tokens: float
+    decode_blocks: float
+    last_seen: float
+    payload: Any = None
+    hashes: npt.NDArray[np.uint64] | None = None
+
+
+def _check_array(a: Any, dtype: type, n: int, name: str, writable: bool = False) -> None:
+    # the compiled twin's buffer checks, and its message
+    if (
+        not isinstance(a, np.ndarray)
+        or a.dtype != np.dtype(dtype)
+        or a.shape != (n,)
+        or not a.flags.c_contiguous
+        or (writable and not a.flags.writeable)
+    ):
+        raise TypeError(f"{name} must be a contiguous {np.dtype(dtype).name} array of {n} values")
+
+
+class LoadArrays:
+    """A :class:`~kvroute.load.LoadTracker`'s live per-position arrays, for :func:`kvroute_step`.
+
+    Position ``i`` is worker ``workers[i]`` in every array; the step reads
+    them and adds the chosen request to the first three in place. The
+    tracker builds a new one whenever it replaces its arrays (membership
+    changes); the compiled twin holds the arrays' buffers for its lifetime.
+
+    >>> la = LoadArrays(np.array([7], np.uint64), np.zeros(1), np.zeros(1),
+    ...                 np.zeros(1, np.int64), np.zeros(1), np.zeros(1), ActivePrefixes(), {})
+    >>> la.n, la.pos
+    (1, {7: 0})
+
+    :param workers: worker ids (uint64, any form :func:`kvroute._convert.as_u64_array` takes).
+    :param prefill_tokens: float64, written.
+    :param decode_blocks: float64, written.
+    :param active_requests: int64, written.
+    :param waiting: float64.
+    :param kv_usage: float64.
+    :param active: the tracker's :class:`ActivePrefixes` (or any object with
+        its ``new_blocks`` and ``add``).
+    :param requests: the tracker's table of requests in flight (request id ->
+        :class:`ActiveRequest`), where the step records the request it routes.
+    :raises TypeError: an array that is not contiguous, of its dtype and of
+        ``len(workers)`` values (or read-only, for the written three).
+    """
+
+    __slots__ = (
+        "active",
+        "active_requests",
+        "decode_blocks",
+        "kv_usage",
+        "n",
+        "pos",
+        "prefill_tokens",
+        "requests",
+        "waiting",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        workers: Any,
+        prefill_tokens: Any,
+        decode_blocks: Any,
+        active_requests: Any,
+        waiting: Any,
+        kv_usage: Any,
+        active: Any,
+        requests: dict[Any, ActiveRequest],
+    ) -> None:
+        ids = as_u64_array(workers, "workers")
+        n = len(ids)
+        _check_array(prefill_tokens, np.float64, n, "prefill_tokens", True)
+        _check_array(decode_blocks, np.float64, n, "decode_blocks", True)
+        _check_array(active_requests, np.int64, n, "active_requests", True)
+        _check_array(waiting, np.float64, n, "waiting")
+        _check_array(kv_usage, np.float64, n, "kv_usage")
+        self.n = n
+        self.workers: U64 = ids
+        self.prefill_tokens: npt.NDArray[np.float64] = prefill_tokens
+        self.decode_blocks: npt.NDArray[np.float64] = decode_blocks
+        self.active_requests: npt.NDArray[np.int64] = active_requests
+        self.waiting: npt.NDArray[np.float64] = waiting
+        self.kv_usage: npt.NDArray[np.float64] = kv_usage
+        #: worker id -> position
+        self.pos: dict[int, int] = {w: i for i, w in enumerate(ids.tolist())}
+        self.active: Any = active
+        self.requests = requests
+
+    def __repr__(self) -> str:
+        return f"<LoadArrays n={self.n}>"
+
+
+def _step_match(match: Any, n: int) -> tuple[npt.NDArray[np.int64], Any, Any]:
+    # (overlap, host, disk) from a (n,) or (3, n) uint32 match; host / disk None when untiered
+    m = match
+    if not isinstance(m, np.ndarray) or m.dtype != np.uint32 or m.shape not in ((n,), (3, n)):
+        raise TypeError(f"match must be a uint32 array of shape ({n},) or (3, {n})")
+    if m.ndim == 1:
+        return m.astype(np.int64), None, None
+    d, h, k = (row.astype(np.int64) for row in m)
+    return d + h + k, h, k
+
+
+def kvroute_step(
+    policy: Any,
+    load: Any,
+    fresh: Any,
+    request_id: Any,
+    payload: Any,
+    match: Any,
+    hashes: Any,
+    now: float,
+    prompt_tokens: int,
+    block_size: int,
+    out_blocks: float,
+    busy: Any = None,
+) -> tuple[int, int, int, npt.NDArray[np.int64], Mapping[str, npt.NDArray[Any]], Any]:
+    """Choose a worker with the ``kvroute`` policy over every live worker, and count the request.
+
+    The router's common path after the index match, as one call; in order:
+
+    1. the overlap per position is ``match`` (int64), or for a ``(3, n)``
+       match (device, host, disk per tier) their sum; raised by the fresh
+       decisions (``fresh.overlay``), with ``skip_known`` for a one-row
+       match, zeroing host / disk where it raises for a tiered one;
+    2. the new decode blocks per position: ``load.active.new_blocks``,
+       plus ``out_blocks`` when non-zero;
+    3. :func:`kvroute_costs` over every position, tiered when ``match`` is;
+       the chosen position is the only tie, else
+       ``ties[policy._rng.randrange(len(ties))]``;
+    4. on the chosen position ``p`` (worker ``w``): with ``fresh``,
+       ``fresh.record(w, hashes, now)``; then ``prefill_tokens[p] +=
+       prompt_tokens - cached``, ``active_requests[p] += 1``,
+       ``decode_blocks[p] += out_blocks + load.active.add(w, hashes)``
+       (``cached = min(matched x block_size, prompt_tokens)``), and
+       ``load.requests[request_id] = ActiveRequest(w, float(prompt_tokens -
+       cached), float(out_blocks), now, payload, hashes)``:
+       :meth:`LoadTracker.start <kvroute.load.LoadTracker.start>`.
+
+    >>> from kvroute.policies import KvRoute
+    >>> la = LoadArrays(np.array([5, 6], np.uint64), np.zeros(2), np.zeros(2),
+    ...                 np.zeros(2, np.int64), np.zeros(2), np.zeros(2), ActivePrefixes(), {})
+    >>> h = np.array([1, 2, 3], np.uint64)
+    >>> p, w, matched, ov, costs, entry = kvroute_step(
+    ...     KvRoute(seed=0), la, None, "r1", None, np.array([0, 2], np.uint32), h, 0.0, 48, 16, 0.0)
+    >>> p, w, matched, ov.tolist(), costs["uncached_tokens"].tolist()
+    (1, 6, 2, [0, 2], [48.0, 16.0])
+    >>> la.prefill_tokens.tolist(), la.active_requests.tolist(), la.decode_blocks.tolist()
+    ([0.0, 16.0], [0, 1], [0.0, 3.0])
+    >>> la.requests["r1"].prefill_tokens
+    16.0
+
+    :param policy: a :class:`kvroute.policies.KvRoute` (its parameters and its RNG).
+    :param load: the router's load, as :class:`LoadArrays` (at least one worker).
+    :param fresh: its :class:`kvroute.approx.FreshDecisions`, or None.
+    :param request_id: the request's id (not in ``load.requests``).
+    :param payload: the router's data for the request's record.
+    :param match: per position, the index's matched blocks (``match_array``),
+        or per tier (``match_tiers_array``): uint32, ``(n,)`` or ``(3, n)``.
+    :param hashes: the prompt's block keys.
+    :param now: the router's clock.
+    :param prompt_tokens: the prompt's length in tokens.
+    :param block_size: tokens per block.
+    :param out_blocks: the request's expected output blocks.
+    :param busy: per position, over the busy threshold (bool), or None.
+    :returns: ``(position, worker, matched blocks, overlap, costs, fresh entry)``:
+        the costs as :func:`kvroute_costs` gives them (a mapping, perhaps
+        built on first use), the entry as ``fresh.record`` returns it (None
+        without ``fresh``).
+    :raises TypeError: ``load`` is not a :class:`LoadArrays`; ``match`` or
+        ``busy`` of the wrong dtype or shape.
+    :raises ValueError: no worker; ``request_id`` is already in flight.
+    """
+    if not isinstance(load, LoadArrays):
+        raise TypeError(f"load must be a LoadArrays, not {type(load).__name__}")
+    if request_id in load.requests:
+        raise ValueError(f"request {request_id!r} is already in flight")
+    h = as_u64_array(hashes)
+    ids = load.workers
+    n = load.n
+    if n == 0:
+        raise ValueError("Candidates needs at least one worker")
+    ov, host, disk = _step_match(match, n)
+    if busy is None:
+        busy = np.zeros(n, np.bool_)
+    else:
+        _check_array(busy, np.bool_, n, "busy")
+    tiered = host is not None
+    if fresh is not None:
+        fresh.overlay(h, now, ov, load.pos, skip_known=not tiered, host=host, disk=disk)
+    new = load.active.new_blocks(h, ids)
+    if out_blocks:
+        new += out_blocks
+    pt, db, act = load.prefill_tokens, load.decode_blocks, load.active_requests
+    wt, kv = load.waiting, load.kv_usage
+    zeros = np.zeros(n, np.int64)
+    c = SimpleNamespace(
+        workers=ids,
+        overlap=ov,
+        overlap_host=host if tiered else zeros,
+        overlap_disk=disk if tiered else zeros,
+        prefill_tokens=pt,
+        decode_blocks=db,
+        new_decode_blocks=new,
+        active_requests=act,
+        waiting=wt,
+        kv_usage=kv,
+        busy=busy,
+        tiered=tiered,
+    )
+    costs, ties = kvroute_costs(c, prompt_tokens, block_size, policy)
+    p = ties[0] if len(ties) == 1 else ties[policy._rng.randrange(len(ties))]
+    worker = int(ids[p])
+    matched = int(ov[p])
+    cached = min(matched * block_size, prompt_tokens)
+    entry = None if fresh is None else fresh.record(worker, h, now)
+    pt[p] += prompt_tokens - cached
+    act[p] += 1
+    db[p] += out_blocks + load.active.add(worker, h)
+    load.requests[request_id] = ActiveRequest(
+        worker, float(prompt_tokens - cached), float(out_blocks), now, payload, h
+    )
+    return p, worker, matched, ov, costs, entry

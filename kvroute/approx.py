@@ -11,7 +11,8 @@
   subagent fan-out, best-of-N) follow the first one before the engine's first
   "stored" event arrives. It keeps only the few newest decisions per prompt
   start, and matches by comparing hash arrays, so it costs the routing path
-  no index update.
+  no index update. It is a compiled kernel (``kvroute._route``, read by the
+  router's route step); its specification is the twin in ``kvroute._route_py``.
 
 In :class:`PredictedResidency` each decision is an *entry* (worker, hashes,
 expiry) whose blocks are stored once in a private, reference-counted
@@ -27,23 +28,23 @@ Not thread-safe on its own: the router calls it under its lock.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from ._compat import route as _route
 
+FreshDecisions = _route.FreshDecisions
 chained_common_prefix = _route.chained_common_prefix
 fresh_overlay = _route.fresh_overlay
 
-__all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix"]
+__all__ = ["FreshDecisions", "PredictedResidency", "chained_common_prefix", "fresh_overlay"]
 
 if TYPE_CHECKING:
     from .index_api import IndexLike
@@ -186,6 +187,22 @@ class PredictedResidency:
         result: dict[int, int] = self._index.match(hashes)
         return result
 
+    def match_array(
+        self, hashes: npt.NDArray[np.uint64], workers: npt.NDArray[np.uint64]
+    ) -> npt.NDArray[np.uint32]:
+        """:meth:`match` laid out in the order of ``workers`` (0 where none), as uint32.
+
+        >>> from kvroute._index_py import BlockIndex
+        >>> pr = PredictedResidency(BlockIndex)
+        >>> e = pr.record(3, np.array([10, 11], np.uint64), now=0.0)
+        >>> pr.match_array(np.array([10, 11, 12], np.uint64), np.array([5, 3], np.uint64)).tolist()
+        [0, 2]
+        """
+        if not self._entries:
+            return np.zeros(len(workers), np.uint32)
+        out: npt.NDArray[np.uint32] = self._index.match_array(hashes, workers)
+        return out
+
     def worker_len(self, worker: int) -> int:
         """Distinct blocks predicted resident on ``worker``."""
         n: int = self._index.worker_len(worker)
@@ -201,157 +218,3 @@ class PredictedResidency:
             assert ref.worker_len(w) == self._index.worker_len(w), f"worker {w} drifted"
             cap = self._capacity.get(w)
             assert cap is None or self._index.worker_len(w) <= cap, f"worker {w} over capacity"
-
-
-class FreshDecisions:
-    """The newest routing decisions per prompt start, for ``ttl`` seconds.
-
-    Keyed by a prompt's first block hash; each key keeps its ``per_key``
-    newest decisions (worker, hashes, expiry), at most one per worker (a
-    newer decision to the same worker replaces the older). :meth:`match` returns, per
-    worker among them, the longest common prefix with the request: siblings
-    of a fan-out see their first sibling's prompt as cached on its worker.
-
-    >>> fd = FreshDecisions(ttl=5.0)
-    >>> e = fd.record(2, np.array([7, 8, 9], np.uint64), now=0.0)
-    >>> fd.match(np.array([7, 8, 1], np.uint64), now=1.0)
-    {2: 2}
-    >>> fd.match(np.array([7, 8, 1], np.uint64), now=5.0)
-    {}
-
-    Runtime complexity: :meth:`record` O(1); :meth:`match` O(per_key x log
-    prompt blocks), since the hashes are chained keys.
-
-    :param ttl: how long a decision is remembered (s).
-    :param per_key: decisions kept per first block.
-    :raises ValueError: ``ttl`` <= 0 or ``per_key`` < 1.
-    """
-
-    def __init__(self, ttl: float = 5.0, per_key: int = 4) -> None:
-        if not ttl > 0:
-            raise ValueError(f"ttl must be > 0, got {ttl}")
-        if per_key < 1:
-            raise ValueError(f"per_key must be >= 1, got {per_key}")
-        self.ttl = float(ttl)
-        self.per_key = int(per_key)
-        self._by_first: dict[int, deque[list[Any]]] = {}
-
-    def __len__(self) -> int:
-        """Number of remembered decisions (expired ones included until purged)."""
-        return sum(len(d) for d in self._by_first.values())
-
-    def record(self, worker: int, hashes: npt.NDArray[np.uint64], now: float) -> list[Any] | None:
-        """Remember that ``hashes`` were just routed to ``worker``; return a handle for forget."""
-        if len(hashes) == 0:
-            return None
-        key = int(hashes[0])
-        d = self._by_first.get(key)
-        if d is None:
-            d = self._by_first[key] = deque(maxlen=self.per_key)
-        else:
-            for old in d:
-                if old[0] == worker:
-                    d.remove(old)
-                    break
-        entry = [worker, hashes, now + self.ttl]
-        d.append(entry)
-        return entry
-
-    def forget(self, entry: list[Any] | None) -> None:
-        """Drop a remembered decision (its request failed); unknown handles are ignored."""
-        if entry is None:
-            return
-        d = self._by_first.get(int(entry[1][0]))
-        if d is not None:
-            with contextlib.suppress(ValueError):
-                d.remove(entry)
-
-    def match(
-        self,
-        hashes: npt.NDArray[np.uint64],
-        now: float,
-        known: Mapping[int, int] | None = None,
-    ) -> dict[int, int]:
-        """Per worker, the longest prefix of ``hashes`` among its live remembered decisions.
-
-        :param known: per worker, a match already known (the index's); a
-            decision that cannot beat it (it differs from ``hashes`` at block
-            ``known[worker]``) is skipped without comparing whole arrays.
-        """
-        if len(hashes) == 0:
-            return {}
-        d = self._by_first.get(int(hashes[0]))
-        if not d:
-            return {}
-        out: dict[int, int] = {}
-        for worker, h, expiry in d:
-            if expiry <= now:
-                continue
-            if known:
-                k = known.get(worker, 0)
-                if k >= len(h) or k >= len(hashes) or h[k] != hashes[k]:
-                    continue
-            k = chained_common_prefix(h, hashes)
-            if k > out.get(worker, 0):
-                out[worker] = k
-        return out
-
-    def overlay(
-        self,
-        hashes: npt.NDArray[np.uint64],
-        now: float,
-        ov: npt.NDArray[np.int64],
-        pos: Mapping[int, int],
-        *,
-        skip_known: bool = False,
-        host: npt.NDArray[np.int64] | None = None,
-        disk: npt.NDArray[np.int64] | None = None,
-    ) -> int:
-        """:meth:`match` merged into per-position overlaps in place, in one compiled pass.
-
-        ``ov[pos[w]]`` becomes the larger of itself and ``match(hashes, now,
-        known)[w]``, where ``known`` is ``ov`` itself when ``skip_known`` (the
-        router passes the index's match) and None otherwise; where it is raised,
-        ``host`` / ``disk`` (if given) are zeroed: a fresh decision counts as a
-        device hit.
-
-        >>> fd = FreshDecisions(ttl=5.0)
-        >>> e = fd.record(2, np.array([7, 8, 9], np.uint64), now=0.0)
-        >>> ov = np.array([0, 1], np.int64)
-        >>> fd.overlay(np.array([7, 8, 1], np.uint64), 1.0, ov, {5: 0, 2: 1}), ov.tolist()
-        (1, [0, 2])
-
-        :param ov: int64 overlaps, one per position (C-contiguous, writable).
-        :param pos: worker id -> position in ``ov``.
-        :returns: how many positions were raised.
-        """
-        if len(hashes) == 0:
-            return 0
-        d = self._by_first.get(int(hashes[0]))
-        if not d:
-            return 0
-        raised: int = fresh_overlay(d, hashes, now, ov, pos, skip_known, host, disk)
-        return raised
-
-    def remove_worker(self, worker: int) -> None:
-        """Forget the decisions that went to ``worker``. O(remembered decisions)."""
-        for key in list(self._by_first):
-            d = self._by_first[key]
-            kept = [e for e in d if e[0] != worker]
-            if len(kept) != len(d):
-                d.clear()
-                d.extend(kept)
-            if not d:
-                del self._by_first[key]
-
-    def purge(self, now: float) -> int:
-        """Drop expired decisions; return how many. O(remembered decisions)."""
-        dropped = 0
-        for key in list(self._by_first):
-            d = self._by_first[key]
-            while d and d[0][2] <= now:
-                d.popleft()
-                dropped += 1
-            if not d:
-                del self._by_first[key]
-        return dropped

@@ -23,7 +23,6 @@ Not thread-safe on its own: the router calls it under its lock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,28 +31,10 @@ import numpy.typing as npt
 from ._compat import route as _route
 
 ActivePrefixes = _route.ActivePrefixes
+ActiveRequest = _route.ActiveRequest
+LoadArrays = _route.LoadArrays
 
 __all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
-
-
-@dataclass(slots=True)
-class ActiveRequest:
-    """The router's record of one request in flight.
-
-    :param worker: the worker id it was routed to.
-    :param prefill_tokens: its uncached prompt tokens, 0 once its first token arrived.
-    :param decode_blocks: its expected output blocks.
-    :param last_seen: clock time of its last lifecycle event (for the stale sweep).
-    :param payload: the router's own data (kept opaque here).
-    :param hashes: its prompt's block keys, among the active prefixes while it runs.
-    """
-
-    worker: int
-    prefill_tokens: float
-    decode_blocks: float
-    last_seen: float
-    payload: Any = None
-    hashes: npt.NDArray[np.uint64] | None = None
 
 
 class LoadTracker:
@@ -97,6 +78,8 @@ class LoadTracker:
         self.ids_frozen = np.zeros(0, np.uint64)
         #: ``(prefill_tokens, decode_blocks, active, waiting, kv_usage)[:n]``, live views.
         self.views: tuple[Any, ...] = ()
+        #: the same views and ids, held for the router's route kernel
+        self.arrays: Any = None
         self._freeze_ids()
 
     _ARRAYS = (
@@ -130,6 +113,7 @@ class LoadTracker:
             self.waiting[:n],
             self.kv_usage[:n],
         )
+        self.arrays = LoadArrays(self.ids_frozen, *self.views, self.active_blocks, self.requests)
 
     def add_worker(self, worker: int) -> int:
         """Add a worker (healthy, idle); return its position. Adding a known worker is a no-op."""

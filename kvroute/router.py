@@ -524,41 +524,50 @@ class Router:
                 self._predicted.expire(now)
             return n
 
+    def _match(self, hashes: npt.NDArray[np.uint64], n: int) -> npt.NDArray[np.uint32]:
+        """Per position, the matched blocks (uint32): ``(3, n)`` by tier when tiers count.
+
+        From the index with KV events (per tier when it holds other tiers and
+        the policy weighs them), else from the predicted residency.
+        """
+        ids = self._load.ids_frozen
+        if not self.kv_events:
+            assert self._predicted is not None
+            return self._predicted.match_array(hashes, ids)
+        if not (self._tiered and self.policy.uses_tiers):
+            out: npt.NDArray[np.uint32] = self.index.match_array(hashes, ids)
+            return out
+        tiers = getattr(self.index, "match_tiers_array", None)
+        if tiers is not None:
+            out = tiers(hashes, ids)
+            return out
+        # an index of the user's without the array form: its dict, laid out by position
+        out = np.zeros((3, n), np.uint32)
+        pos = self._load.pos
+        for w, counts in self.index.match_tiers(hashes).items():
+            p = pos.get(w)
+            if p is not None:
+                out[:, p] = counts
+        return out
+
     def _overlap(self, hashes: npt.NDArray[np.uint64], n: int, now: float) -> tuple[Any, Any, Any]:
         """Per position: matched blocks (any tier), of which host, of which disk (or None)."""
         host = disk = None
         if len(hashes) == 0 or n == 0:
             return np.zeros(n, np.int64), host, disk
-        lt = self._load
-        if self.kv_events and not (self._tiered and self.policy.uses_tiers):
-            # the common case: one compiled match, one compiled pass over the fresh decisions
-            ov = self.index.match_array(hashes, lt.ids_frozen).astype(np.int64)
-            if self._fresh is not None:
-                self._fresh.overlay(hashes, now, ov, lt.pos, skip_known=True)
-            return ov, host, disk
-        ov = np.zeros(n, np.int64)
-        if self.kv_events:
-            mt = self.index.match_tiers(hashes)
-            if mt:
-                host = np.zeros(n, np.int64)
-                disk = np.zeros(n, np.int64)
-                pos = lt.pos
-                for w, (d, h, k) in mt.items():
-                    p = pos.get(w)
-                    if p is not None:
-                        ov[p] = d + h + k
-                        host[p] = h
-                        disk[p] = k
-            if self._fresh is not None:
-                # predicted residency counts as device: raising ov zeroes host / disk
-                self._fresh.overlay(hashes, now, ov, lt.pos, skip_known=False, host=host, disk=disk)
-        elif self._predicted is not None:
-            pm = self._predicted.match(hashes)
-            pos = lt.pos
-            for w, k in pm.items():
-                p = pos.get(w)
-                if p is not None and k > ov[p]:
-                    ov[p] = k
+        m = self._match(hashes, n)
+        if m.ndim == 1:
+            ov = m.astype(np.int64)
+        else:
+            device, host, disk = m.astype(np.int64)
+            ov = device + host + disk
+            if not ov.any():
+                host = disk = None
+        if self._fresh is not None:
+            # predicted residency counts as device: raising ov zeroes host / disk
+            self._fresh.overlay(
+                hashes, now, ov, self._load.pos, skip_known=host is None, host=host, disk=disk
+            )
         return ov, host, disk
 
     def _zeros(self, n: int) -> npt.NDArray[np.int64]:
@@ -613,98 +622,129 @@ class Router:
         elif n == 0:
             raise NoWorkerAvailable(f"no worker has been added; cannot route request {rid!r}")
         bs = self.block_size
-        ov, host, disk = self._overlap(hashes, n, now)
-        tiered = host is not None and disk is not None
-        if host is None or disk is None:
-            host = disk = self._zeros(n)
         out_blocks = 0.0
         if request.expected_output_tokens:
             out_blocks = float(math.ceil(request.expected_output_tokens / bs))
-        # Dynamo's potential decode blocks: the prompt blocks new to each
-        # worker's requests in flight, plus the expected output
-        new = lt.new_blocks(hashes)
-        if out_blocks:
-            new += out_blocks
-        pinned = self._pinned(request, now, cand, n)
+        # only a session has a pin (a call is measurable on the common path)
+        pinned = None if request.session_id is None else self._pinned(request, now, cand, n)
         if pinned is not None and int(lt.worker_ids[pinned]) in exclude:
             pinned = None
-        if pinned is not None:
-            p = pinned
-            name = "pin"
-            self._stats["pinned_routes"] += 1
-            if cand is None:
-                cw, co = lt.ids_frozen, ov
-            else:
-                cw, co = lt.worker_ids[cand], ov[cand]
-            costs: dict[str, Any] = {}
-            i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
-        else:
-            busy = self._busy_mask(n)
-            if cand is None:
-                # every array is already one entry per position: no slicing
-                pt, db, act, wt, kv = lt.views
-                c = Candidates(
-                    lt.ids_frozen, ov, host, disk, pt, db, new, act, wt, kv, busy, tiered
-                )
-            else:
-                c = Candidates(
-                    lt.worker_ids[cand],
-                    ov[cand],
-                    host[cand],
-                    disk[cand],
-                    lt.prefill_tokens[cand],
-                    lt.decode_blocks[cand],
-                    new[cand],
-                    lt.active[cand],
-                    lt.waiting[cand],
-                    lt.kv_usage[cand],
-                    busy[cand],
-                    tiered,
-                )
-            key: int | None
-            if request.session_id is not None:
-                key = xxhash.xxh3_64_intdigest(request.session_id.encode())
-            else:
-                key = int(hashes[0]) if len(hashes) else None
-            feats = Features(
-                prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
-            )
-            choice = self.policy.choose(c, feats)
-            i = int(choice.index)
-            nc = n if cand is None else len(cand)
-            if not 0 <= i < nc:
-                raise RuntimeError(
-                    f"policy {self.policy.name!r} chose position {i} of {nc} candidates"
-                )
-            p = i if cand is None else int(cand[i])
-            cw = c.workers
-            co = c.overlap
-            costs = choice.costs
-            name = self.policy.name
-        worker = int(lt.worker_ids[p])
-        matched = int(ov[p])
-        cached = min(matched * bs, prompt)
+        # a policy's compiled path (policies.base.RouteStep) takes the common case
+        step = getattr(self.policy, "route_step", None)
+        if pinned is not None or cand is not None:
+            step = None
         entry: Any = None
+        costs: Any
         breakpoints = request.cache_breakpoints()
-        if self._predicted is not None and len(hashes):
-            entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
-        elif self._fresh is not None:
-            entry = self._fresh.record(worker, hashes, now)
-        lt.start(
-            rid,
-            worker,
-            prefill_tokens=prompt - cached,
-            decode_blocks=out_blocks,
-            now=now,
-            hashes=hashes,
-            payload=_Payload(
-                entry,
+        if step is not None:
+            # the common path: after the match, one compiled call chooses and records the
+            # request (load arrays, prompts in flight, request table, fresh decisions)
+            if self.kv_events and not (self._tiered and self.policy.uses_tiers):
+                match = self.index.match_array(hashes, lt.ids_frozen)
+            else:
+                match = self._match(hashes, n)
+            busy = None if self._members.busy is None else self._busy_mask(n)
+            payload = _Payload(
+                None,
                 request.session_id,
                 request.tokens if request.speculative_prefill else None,
                 hashes if request.speculative_prefill else None,
                 request.speculative_prefill,
-            ),
-        )
+            )
+            p, worker, matched, ov, costs, entry = step(
+                lt.arrays, self._fresh, rid, payload, match, hashes, now, prompt, bs, out_blocks,
+                busy,
+            )  # fmt: skip
+            cached = min(matched * bs, prompt)
+            if self._predicted is not None and len(hashes):
+                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
+            payload.entry = entry
+            i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
+        else:
+            ov, host, disk = self._overlap(hashes, n, now)
+            tiered = host is not None and disk is not None
+            if host is None or disk is None:
+                host = disk = self._zeros(n)
+            # Dynamo's potential decode blocks: the prompt blocks new to each
+            # worker's requests in flight, plus the expected output
+            new = lt.new_blocks(hashes)
+            if out_blocks:
+                new += out_blocks
+            if pinned is not None:
+                p = pinned
+                name = "pin"
+                self._stats["pinned_routes"] += 1
+                if cand is None:
+                    cw, co = lt.ids_frozen, ov
+                else:
+                    cw, co = lt.worker_ids[cand], ov[cand]
+                costs = {}
+                i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
+            else:
+                busy = self._busy_mask(n)
+                if cand is None:
+                    # every array is already one entry per position: no slicing
+                    pt, db, act, wt, kv = lt.views
+                    c = Candidates(
+                        lt.ids_frozen, ov, host, disk, pt, db, new, act, wt, kv, busy, tiered
+                    )
+                else:
+                    c = Candidates(
+                        lt.worker_ids[cand],
+                        ov[cand],
+                        host[cand],
+                        disk[cand],
+                        lt.prefill_tokens[cand],
+                        lt.decode_blocks[cand],
+                        new[cand],
+                        lt.active[cand],
+                        lt.waiting[cand],
+                        lt.kv_usage[cand],
+                        busy[cand],
+                        tiered,
+                    )
+                key: int | None
+                if request.session_id is not None:
+                    key = xxhash.xxh3_64_intdigest(request.session_id.encode())
+                else:
+                    key = int(hashes[0]) if len(hashes) else None
+                feats = Features(
+                    prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
+                )
+                choice = self.policy.choose(c, feats)
+                i = int(choice.index)
+                nc = n if cand is None else len(cand)
+                if not 0 <= i < nc:
+                    raise RuntimeError(
+                        f"policy {self.policy.name!r} chose position {i} of {nc} candidates"
+                    )
+                p = i if cand is None else int(cand[i])
+                cw = c.workers
+                co = c.overlap
+                costs = choice.costs
+                name = self.policy.name
+            worker = int(lt.worker_ids[p])
+            matched = int(ov[p])
+            cached = min(matched * bs, prompt)
+            if self._predicted is not None and len(hashes):
+                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
+            elif self._fresh is not None:
+                entry = self._fresh.record(worker, hashes, now)
+            lt.start(
+                rid,
+                worker,
+                prefill_tokens=prompt - cached,
+                decode_blocks=out_blocks,
+                now=now,
+                hashes=hashes,
+                payload=_Payload(
+                    entry,
+                    request.session_id,
+                    request.tokens if request.speculative_prefill else None,
+                    hashes if request.speculative_prefill else None,
+                    request.speculative_prefill,
+                ),
+            )
         if breakpoints and request.session_id is not None:
             self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
         self._stats["routed"] += 1

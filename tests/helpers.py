@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,7 +59,7 @@ class Twin:
 CORES = ("_index", "_route", "_hashing")
 
 
-def twin_swaps() -> list[tuple[ModuleType, str, object, object]]:
+def twin_swaps() -> list[tuple[Any, str, object, object]]:
     """Every name an imported kvroute module binds to a compiled core, with its twin's object.
 
     kvroute's modules choose compiled-or-twin once, when imported (``from
@@ -80,14 +81,22 @@ def twin_swaps() -> list[tuple[ModuleType, str, object, object]]:
         for name, obj in vars(mod).items():
             if getattr(obj, "__module__", None) == mod.__name__ and hasattr(py, name):
                 swap[id(obj)] = (obj, getattr(py, name))
-    out = []
+    out: list[tuple[Any, str, object, object]] = []
     for modname, module in list(sys.modules.items()):
         if module is None or modname in owners or modname.split(".")[0] != "kvroute":
             continue
-        for name, value in list(vars(module).items()):
-            hit = swap.get(id(value))
-            if hit is not None and hit[0] is value:
-                out.append((module, name, value, hit[1]))
+        # module globals, and class attributes of the module's own classes (a policy
+        # binds its compiled route step as a method: KvRoute.route_step)
+        owners_here: list[Any] = [module]
+        owners_here += [
+            v for v in vars(module).values()
+            if isinstance(v, type) and v.__module__ == modname
+        ]  # fmt: skip
+        for owner in owners_here:
+            for name, value in list(vars(owner).items()):
+                hit = swap.get(id(value))
+                if hit is not None and hit[0] is value:
+                    out.append((owner, name, value, hit[1]))
     return out
 
 

@@ -65,6 +65,10 @@ def test_the_router_runs_on_the_twin_under_test(twin: Twin) -> None:
     approx = make(workers=[0], kv_events=False)
     assert approx._predicted is not None
     assert type(approx._predicted._index).__module__ == f"kvroute._index{suffix}"
+    # the compiled route step and its records (a policy binds the step as a method)
+    assert r.policy.route_step.__module__ == f"kvroute._route{suffix}"  # type: ignore[attr-defined]
+    assert type(r._load.arrays).__module__ == f"kvroute._route{suffix}"
+    assert type(r._fresh).__module__ == f"kvroute._route{suffix}"
 
 
 def test_route_picks_the_worker_holding_the_prefix_and_reports_the_alternative() -> None:

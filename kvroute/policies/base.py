@@ -26,6 +26,7 @@ __all__ = [
     "Candidates",
     "Choice",
     "Features",
+    "RouteStep",
     "RoutingPolicy",
     "available_policies",
     "check_nonneg",
@@ -200,6 +201,36 @@ class RoutingPolicy(Protocol):
 
     def choose(self, candidates: Candidates, features: Features) -> Choice:
         """Return the chosen position among ``candidates`` and the per-candidate costs."""
+        ...
+
+
+class RouteStep(Protocol):
+    """Optional: a policy's compiled fast path, which the router uses when it can.
+
+    A policy with a ``route_step`` method (not None) gets the router's common
+    case -- every live worker a candidate, no session pin -- as one call after
+    the index match, instead of :meth:`RoutingPolicy.choose` on a
+    :class:`Candidates` snapshot. It must reach the decision ``choose`` would
+    (bit for bit) and do the router's bookkeeping of the chosen worker, as
+    ``kvroute._route_py.kvroute_step`` specifies (the built-in ``kvroute``
+    policy's). Other policies need not care: the router falls back to ``choose``.
+    """
+
+    def route_step(
+        self,
+        load: Any,
+        fresh: Any,
+        request_id: Any,
+        payload: Any,
+        match: Any,
+        hashes: Any,
+        now: float,
+        prompt_tokens: int,
+        block_size: int,
+        out_blocks: float,
+        busy: Any = None,
+    ) -> tuple[int, int, int, npt.NDArray[np.int64], Any, Any]:
+        """``(position, worker, matched blocks, overlap, costs, fresh entry)``; see above."""
         ...
 
 

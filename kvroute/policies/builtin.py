@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 import random
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +21,7 @@ from .._compat import route as _route
 from .base import F64, Candidates, Choice, Features, check_nonneg, register_policy
 
 kvroute_costs = _route.kvroute_costs
+kvroute_step = _route.kvroute_step
 
 __all__ = [
     "CacheAware",
@@ -416,6 +418,7 @@ class KvRoute:
             raise ValueError(f"balance_stake_tokens must be > 0, got {balance_stake_tokens}")
         self.balance_stake_limit = check_nonneg(balance_stake_limit, "balance_stake_limit")
         self.uncached_weight = check_nonneg(uncached_weight, "uncached_weight")
+        self._packed_params = self._pack()
         # the stdlib's generator: a tie is broken on most requests of an idle fleet,
         # and numpy's Generator.integers costs ~3 us a draw (randrange ~0.4 us)
         self._rng = random.Random(None if seed is None else operator.index(seed))
@@ -425,6 +428,42 @@ class KvRoute:
         costs, ties = kvroute_costs(candidates, features.prompt_tokens, features.block_size, self)
         pick = ties[0] if len(ties) == 1 else ties[self._rng.randrange(len(ties))]
         return Choice(pick, costs)
+
+    # the parameters the compiled arithmetic reads, in its order (kvroute/_route.pyx)
+    _PARAMS = (
+        "decode_token_weight",
+        "active_request_tokens",
+        "waiting_request_tokens",
+        "host_hit_weight",
+        "disk_hit_weight",
+        "kv_high",
+        "kv_pressure_tokens",
+        "balance_slack",
+        "balance_abs_slack",
+        "balance_stake_tokens",
+        "balance_stake_limit",
+        "uncached_weight",
+    )
+
+    def _pack(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in self._PARAMS)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # keep the packed copy current: the compiled step reads it in one go
+        object.__setattr__(self, name, value)
+        if name in self._PARAMS and "_packed_params" in self.__dict__:
+            object.__setattr__(self, "_packed_params", self._pack())
+
+    #: The router's common path with this policy, in one compiled call (``RouteStep``):
+    #: ``kvroute._route.kvroute_step``, the decision :meth:`choose` makes over every live
+    #: worker and the router's bookkeeping of it (a function, so it binds as a method).
+    route_step = kvroute_step
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a subclass that decides differently must not inherit the fused path
+        super().__init_subclass__(**kwargs)
+        if "choose" in vars(cls) and "route_step" not in vars(cls):
+            cls.route_step = None  # type: ignore[assignment]
 
 
 register_policy("round_robin", RoundRobin)
