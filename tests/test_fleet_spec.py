@@ -99,3 +99,14 @@ def test_to_mapping_round_trips_through_json(spec: WorkerSpec) -> None:
     assert WorkerSpec.from_mapping(data) == spec
     assert set(data) <= {"url", "events_endpoint", "replay_endpoint", "events_format", "role",
                          "bootstrap_port", "name"}  # fmt: skip
+
+
+def test_runtime_ids_agree_across_spellings_and_stay_clear_of_positions() -> None:
+    from kvroute.fleet import RUNTIME_ID_BASE, runtime_worker_id
+
+    urls = [f"http://10.0.{i // 256}.{i % 256}:8000" for i in range(2000)]
+    ids = {runtime_worker_id(u) for u in urls}
+    assert len(ids) == len(urls)  # no collision in a large fleet
+    assert all(RUNTIME_ID_BASE <= i < 2**53 for i in ids)
+    assert runtime_worker_id("10.0.0.1:8000/") == runtime_worker_id("http://10.0.0.1:8000")
+    assert runtime_worker_id("https://10.0.0.1:8000") != runtime_worker_id("http://10.0.0.1:8000")

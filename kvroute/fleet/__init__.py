@@ -5,6 +5,22 @@ of naming one produces. Importing this package costs nothing beyond the
 standard library.
 """
 
-from .spec import ROLES, Role, WorkerSpec, normalize_url, parse_worker
+from .spec import (
+    ROLES,
+    RUNTIME_ID_BASE,
+    Role,
+    WorkerSpec,
+    normalize_url,
+    parse_worker,
+    runtime_worker_id,
+)
 
-__all__ = ["ROLES", "Role", "WorkerSpec", "normalize_url", "parse_worker"]
+__all__ = [
+    "ROLES",
+    "RUNTIME_ID_BASE",
+    "Role",
+    "WorkerSpec",
+    "normalize_url",
+    "parse_worker",
+    "runtime_worker_id",
+]

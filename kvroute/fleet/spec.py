@@ -39,10 +39,12 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "ROLES",
+    "RUNTIME_ID_BASE",
     "Role",
     "WorkerSpec",
     "normalize_url",
     "parse_worker",
+    "runtime_worker_id",
 ]
 
 #: A worker's part in serving: both prefill and decode, or one of them
@@ -51,6 +53,11 @@ Role = Literal["both", "prefill", "decode"]
 ROLES: Final[tuple[str, ...]] = get_args(Role)
 
 _FORMAT: Final = re.compile(r"[a-z][a-z0-9_.-]*\Z")
+
+#: Ids of workers that join at run time are at least this (2**52), and below
+#: 2**53 so every JSON reader keeps them exact; workers named at start keep
+#: their positions 0, 1, ... below it.
+RUNTIME_ID_BASE: Final = 1 << 52
 
 
 def normalize_url(text: str) -> str:
@@ -76,6 +83,25 @@ def normalize_url(text: str) -> str:
     if url.endswith("/v1"):
         raise ValueError(f"{text.strip()!r}: give the base URL, without /v1")
     return url
+
+
+def runtime_worker_id(url: str) -> int:
+    """The id of a worker that joins at run time: the same on every replica, from its URL.
+
+    Every replica derives it alone (no coordination), and a URL always gets
+    the same id, so an id never names another worker while that worker's
+    blocks may remain in some replica's index. 52 bits of XXH3-64 of the
+    normalized URL: collisions are negligible for any real fleet (about
+    n**2 / 2**53).
+
+    >>> wid = runtime_worker_id("10.0.0.7:8000/")
+    >>> wid == runtime_worker_id("http://10.0.0.7:8000") and RUNTIME_ID_BASE <= wid < 2**53
+    True
+    """
+    import xxhash  # a core dependency; imported here to keep this module stdlib-only at import
+
+    digest = xxhash.xxh3_64_intdigest(normalize_url(url).encode())
+    return RUNTIME_ID_BASE | (digest & (RUNTIME_ID_BASE - 1))
 
 
 def _endpoint(value: object, what: str) -> str | None:
