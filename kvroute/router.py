@@ -481,12 +481,14 @@ class Router:
         """
         if not isinstance(request, Request):
             raise TypeError(f"route() takes a Request, not {type(request).__name__}")
-        hashes = self._hashes(request)
+        hashes = request.block_hashes
+        if hashes is None:
+            hashes = self._hashes(request)
         prompt = request.num_prompt_tokens(self.block_size)
-        if isinstance(exclude, tuple) and not exclude:  # the default: nothing excluded
-            skip = _NO_WORKERS
-        else:
-            skip = frozenset(check_u64(w, "exclude") for w in exclude)
+        if type(exclude) is tuple and not exclude:  # the default: nothing excluded
+            with self._lock:
+                return self._route_locked(request, hashes, prompt)
+        skip = frozenset(check_u64(w, "exclude") for w in exclude)
         with self._lock:
             return self._route_locked(request, hashes, prompt, skip)
 
@@ -604,15 +606,17 @@ class Router:
         exclude: frozenset[int] = _NO_WORKERS,
     ) -> Decision:
         now = self._clock()
-        self._maintain(now)
+        if now >= self._next_sweep or self._predicted is not None:
+            self._maintain(now)
         lt = self._load
         rid = request.request_id
         if rid in lt.requests:
             raise ValueError(f"request {rid!r} is already in flight")
         n = lt.n
         cand: npt.NDArray[np.intp] | None = None
-        skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else []
-        if not self._all_healthy or skip:
+        skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else None
+        if skip or not self._members.all_healthy:
+            skip = skip or []
             ok = lt.healthy[:n].copy()
             ok[skip] = False
             cand = np.flatnonzero(ok)
@@ -635,7 +639,7 @@ class Router:
             step = None
         entry: Any = None
         costs: Any
-        breakpoints = request.cache_breakpoints()
+        breakpoints = request.cache_breakpoints() if request.cache_control is not None else ()
         if step is not None:
             # the common path: after the match, one compiled call chooses and records the
             # request (load arrays, prompts in flight, request table, fresh decisions)
@@ -749,7 +753,10 @@ class Router:
             self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
-        seq = self._journal.log("route", request, **({"exclude": exclude} if exclude else {}))
+        if exclude:
+            seq = self._journal.log("route", request, exclude=exclude)
+        else:
+            seq = self._journal.log("route", request)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
 
     def _predict(
