@@ -18,11 +18,14 @@ application. A generation request (``/v1/completions``,
    session, warm the session's next turn in the background.
 
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
-``/v1/models``, ``/health`` and ``/metrics``. The startup starts the KV-event
+``/v1/models``, ``/health``, ``/metrics`` and, with an admin token, the
+admin API (:mod:`~kvroute.proxy.admin`). The startup starts the KV-event
 subscriber (:mod:`~kvroute.proxy.subscription`), opens the upstream
-connections and runs the health checker (:mod:`~kvroute.proxy.workers`);
-the cleanup stops them. Errors are answered in the called API's shape
-(:mod:`~kvroute.proxy.errors`), the proxy's own bugs included.
+connections, starts following the fleet's membership
+(:mod:`~kvroute.proxy.fleet`) and runs the health checker
+(:mod:`~kvroute.proxy.workers`); the cleanup stops them. Errors are
+answered in the called API's shape (:mod:`~kvroute.proxy.errors`), the
+proxy's own bugs included.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ import aiohttp
 from aiohttp import web
 
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
+from ..fleet.membership import Membership
 from ..request import Decision
 from ..router import Router
+from .admin import AdminApi
 from .call import Api, Kind, api_of
 from .config import ProxyConfig
 from .count_tokens import count_tokens
 from .errors import ProxyError, error_body
+from .fleet import ProxyFleet
 from .models import Models
 from .prepare import Preparer
 from .relay import (
@@ -81,6 +87,9 @@ class ProxyApp:
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
+    :param membership: the fleet's workers (default: from ``config``; see
+        :class:`~kvroute.proxy.fleet.ProxyFleet`).
+    :raises ValueError, OSError: a bad workers file.
     """
 
     def __init__(
@@ -90,25 +99,28 @@ class ProxyApp:
         router: Router | None = None,
         metrics: Metrics | None = None,
         tokenizer: LocalTokenizer | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.config = config
-        n = len(config.workers)
+        #: The fleet's workers, their sources, and the changes followed while serving.
+        self.fleet = ProxyFleet(config, membership=membership)
+        specs = self.fleet.specs()
         if router is None:
             router = Router(
                 block_size=config.block_size,
                 policy=config.policy,
-                workers=range(n),
-                kv_events=config.kv_events,
+                workers=specs,
+                kv_events=self.fleet.kv_events(),
             )
         else:
-            for w in range(n):
+            for w in specs:
                 router.add_worker(w)
         #: The router every request goes through.
         self.router = router
         #: The Prometheus series served at ``/metrics``.
         self.metrics = metrics if metrics is not None else Metrics(router)
         #: Workers' health and metadata.
-        self.pool = WorkerPool(router, config)
+        self.pool = WorkerPool(router, config, specs)
         if tokenizer is None and config.local_tokenizer:
             assert config.tokenizer is not None
             tokenizer = LocalTokenizer(
@@ -127,9 +139,12 @@ class ProxyApp:
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
-        self.events = EventSubscription(router, config, self.metrics, self.pool)
+        self.events = EventSubscription(
+            router, config, self.metrics, self.pool, enabled=self.fleet.follows_events(router)
+        )
+        self.fleet.attach(router, self.pool, self.events, self.metrics)
         self._health: asyncio.Task[None] | None = None
-        if config.kv_events and not all(w.events_endpoint for w in config.workers):
+        if self.events.enabled and not all(s.events_endpoint for s in specs.values()):
             log.warning(
                 "some workers have no events endpoint: the router only learns their cache"
                 " from its own decisions (for fresh_ttl seconds)"
@@ -147,6 +162,8 @@ class ProxyApp:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health_endpoint)
         app.router.add_get("/metrics", self._metrics)
+        if self.config.admin_token is not None:
+            AdminApi(self.config.admin_token, self.fleet).install(app)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -159,6 +176,7 @@ class ProxyApp:
     async def _startup(self, app: web.Application) -> None:
         self.events.start()  # first: if it fails, nothing else is open yet
         await self.upstream.start()
+        await self.fleet.start()
         await self.pool.check_all()
         self._health = asyncio.create_task(self.pool.run(), name="kvroute-proxy-health")
         log.info(
@@ -170,6 +188,7 @@ class ProxyApp:
         )
 
     async def _cleanup(self, app: web.Application) -> None:
+        await self.fleet.stop()
         await self.warmups.close()
         if self._health is not None:
             self._health.cancel()
@@ -260,6 +279,9 @@ class ProxyApp:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        if not self.pool.workers:
+            why = "the fleet has no worker yet (they join through the admin API, a file or DNS)"
+            raise ProxyError(503, why, code="no_worker_available")
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
 

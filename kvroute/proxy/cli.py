@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+from ..fleet.dns import parse_worker_dns
 from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, parse_model_map, parse_worker
 
 __all__ = ["DESCRIPTION", "EPILOG", "build_config", "configure", "parse_size", "run"]
@@ -22,15 +23,18 @@ An OpenAI- and Anthropic-compatible HTTP proxy that sends each request to the
 worker holding the longest prefix of its prompt in KV cache.
 
 Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
-not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Give every
-worker with --worker; worker ids are their positions (0, 1, ...). With an
-events endpoint per worker the router follows the workers' KV events over
-ZMQ; without, it predicts residency from its own decisions.
+not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Name workers
+with --worker (their ids are their positions: 0, 1, ...), a --workers-file
+(watched), --worker-dns (re-resolved), or the admin API (--admin-token); see
+docs/workers.md. With an events endpoint per worker the router follows the
+workers' KV events over ZMQ; without, it predicts residency from its own
+decisions.
 """
 
 EPILOG: Final = """\
 examples:
   kvroute proxy --worker http://10.0.0.5:8000 --worker http://10.0.0.6:8000
+  kvroute proxy --worker-dns vllm-headless.default.svc:8000=5557,5558 --admin-token "$TOKEN"
   kvroute proxy --worker http://10.0.0.5:8000=tcp://10.0.0.5:5557,tcp://10.0.0.5:5558 \\
                 --worker http://10.0.0.6:8000=tcp://10.0.0.6:5557 \\
                 --tokenizer /models/Qwen3-Coder --port 8080 \\
@@ -103,7 +107,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--worker",
         dest="workers",
         action="append",
-        required=True,
+        default=[],
         type=_arg(parse_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker's base URL, optionally with its ZMQ KV-event endpoint and replay"
@@ -244,12 +248,68 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
+    _add_membership_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="log level (default: info)",
     )
+
+
+def _add_membership_args(p: argparse.ArgumentParser) -> None:
+    """Workers at run time: the workers file, DNS discovery, the admin API, draining."""
+    g = p.add_argument_group("workers at run time (docs/workers.md)")
+    g.add_argument(
+        "--workers-file",
+        metavar="PATH",
+        help="a JSON or YAML list of workers (mappings with url, events_endpoint, ..., or"
+        " URL[=EVENTS[,REPLAY]] strings), reloaded when it changes",
+    )
+    g.add_argument(
+        "--workers-file-interval", type=_positive(float), default=2.0, metavar="S",
+        help="seconds between looks at the workers file (default: 2)",
+    )  # fmt: skip
+    g.add_argument(
+        "--worker-dns",
+        action="append",
+        default=[],
+        type=_arg(parse_worker_dns),
+        metavar="HOST:PORT[=EVENTS_PORT[,REPLAY_PORT]]",
+        help="every address HOST resolves to is a worker http://IP:PORT (events at"
+        " tcp://IP:EVENTS_PORT); re-resolved periodically, e.g. a Kubernetes headless"
+        " Service (repeatable)",
+    )
+    g.add_argument(
+        "--worker-dns-interval", type=_positive(float), default=10.0, metavar="S",
+        help="seconds between DNS resolutions (default: 10)",
+    )  # fmt: skip
+    g.add_argument(
+        "--admin-token",
+        default=os.environ.get("KVROUTE_ADMIN_TOKEN"),
+        metavar="TOKEN",
+        help="enable the admin API (/admin/workers) for requests with 'Authorization: Bearer"
+        " TOKEN' (default: $KVROUTE_ADMIN_TOKEN; unset: no admin API)",
+    )
+    g.add_argument(
+        "--drain-timeout", type=_positive(float), default=600.0, metavar="S",
+        help="seconds a draining worker's requests may take before it is removed anyway"
+        " (default: 600)",
+    )  # fmt: skip
+
+
+def _require_workers(args: argparse.Namespace) -> None:
+    """No source of workers at all is a usage error (with the usage line, from the parser)."""
+    if args.workers or args.workers_file or args.worker_dns or args.admin_token:
+        return
+    message = (
+        "no workers: give --worker (repeatable), --workers-file or --worker-dns,"
+        " or --admin-token to add them through the admin API"
+    )
+    parser = getattr(args, "_parser", None)
+    if isinstance(parser, argparse.ArgumentParser):
+        parser.error(message)  # exits 2
+    raise ValueError(message)
 
 
 def build_config(args: argparse.Namespace) -> ProxyConfig:
@@ -291,6 +351,12 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         scrape_metrics=args.scrape_metrics,
         events_format=args.events_format,
         upstream_api_key=args.upstream_api_key,
+        workers_file=args.workers_file,
+        workers_file_interval=args.workers_file_interval,
+        worker_dns=args.worker_dns,
+        worker_dns_interval=args.worker_dns_interval,
+        admin_token=args.admin_token,
+        drain_timeout=args.drain_timeout,
     )
 
 
@@ -300,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
     :raises ValueError, OSError, RuntimeError, ImportError: bad configuration,
         an unreadable tokenizer or template, a port in use, missing extras.
     """
+    _require_workers(args)
     config = build_config(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

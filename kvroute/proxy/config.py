@@ -11,10 +11,12 @@ replay_endpoint=None, events_format=None, role='both', bootstrap_port=None, name
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from ..fleet.dns import DnsName, parse_worker_dns
 from ..fleet.spec import WorkerSpec, parse_worker
 
 __all__ = [
@@ -49,9 +51,11 @@ def parse_model_map(text: str) -> tuple[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """Everything the proxy needs to know; every option has a default but ``workers``.
+    """Everything the proxy needs to know; every option has a default.
 
-    :param workers: the fleet; worker ids are positions in this list (0..n-1).
+    :param workers: the workers named at start (``--worker``); their ids are
+        their positions in this list (0..n-1). Empty is allowed when workers
+        come from ``workers_file``, ``worker_dns`` or the admin API.
     :param block_size: the engines' KV block size in tokens.
     :param policy: a registered routing policy name.
     :param tokenizer: a Hugging Face ``tokenizer.json``, or a directory holding
@@ -91,10 +95,21 @@ class ProxyConfig:
     :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
         (default: the client's ``Authorization`` is passed on).
-    :raises ValueError: an option out of range.
+    :param workers_file: a JSON or YAML list of workers, read at start and
+        reloaded when it changes (:mod:`kvroute.fleet.files`).
+    :param workers_file_interval: seconds between looks at ``workers_file``.
+    :param worker_dns: DNS names whose every address is a worker
+        (:class:`~kvroute.fleet.dns.DnsName`, or ``HOST:PORT[=EVENTS_PORT[,REPLAY_PORT]]``
+        strings, parsed here).
+    :param worker_dns_interval: seconds between resolutions of ``worker_dns``.
+    :param admin_token: enables the admin API (``/admin/workers``) for
+        requests bearing this token (None: no admin API).
+    :param drain_timeout: seconds a draining worker's requests in flight may
+        take before it is removed anyway.
+    :raises ValueError: an option out of range, or no source of workers at all.
     """
 
-    workers: Sequence[WorkerSpec]
+    workers: Sequence[WorkerSpec] = ()
     block_size: int = 16
     policy: str = "kvroute"
     tokenizer: str | None = None
@@ -117,14 +132,20 @@ class ProxyConfig:
     scrape_metrics: bool = True
     events_format: Literal["vllm", "sglang"] = "vllm"
     upstream_api_key: str | None = field(default=None, repr=False)
+    # -- workers at run time (kvroute.proxy.fleet, kvroute.proxy.admin) --
+    workers_file: str | None = None
+    workers_file_interval: float = 2.0
+    worker_dns: Sequence[DnsName] = ()
+    worker_dns_interval: float = 10.0
+    admin_token: str | None = field(default=None, repr=False)
+    drain_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
+        self._check_fleet()
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "model_map", tuple(tuple(p) for p in self.model_map))
         object.__setattr__(self, "lora_adapters", tuple(self.lora_adapters))
-        if not self.workers:
-            raise ValueError("at least one worker is needed")
         if not all(isinstance(w, WorkerSpec) for w in self.workers):
             raise TypeError("workers must be WorkerSpec objects (see parse_worker)")
         if self.block_size < 1:
@@ -153,6 +174,28 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+
+    def _check_fleet(self) -> None:
+        """Validate (and normalize) the workers-at-run-time block."""
+        dns = tuple(parse_worker_dns(d) if isinstance(d, str) else d for d in self.worker_dns)
+        if not all(isinstance(d, DnsName) for d in dns):
+            raise TypeError("worker_dns must hold DnsName objects or HOST:PORT strings")
+        object.__setattr__(self, "worker_dns", dns)
+        if self.workers_file is not None:
+            object.__setattr__(self, "workers_file", os.fspath(self.workers_file))
+        token = self.admin_token
+        if token is not None and (
+            not isinstance(token, str) or not token or token != token.strip()
+        ):
+            raise ValueError("admin_token must be a non-empty string without surrounding spaces")
+        for name in ("workers_file_interval", "worker_dns_interval", "drain_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if not (self.workers or self.workers_file or dns or token):
+            raise ValueError(
+                "at least one worker is needed: give --worker, --workers-file or --worker-dns,"
+                " or --admin-token to add workers through the admin API"
+            )
 
     @property
     def kv_events(self) -> bool:

@@ -202,8 +202,10 @@ class Upstream:
         raise failure
 
     def _route(self, request: Request, exclude: list[int]) -> Decision:
-        """Route, with the workers that failed this request excluded."""
+        """Route, with the workers that failed this request (and draining ones) excluded."""
         t0 = time.perf_counter()
+        if self.pool.excluded:
+            exclude = [*self.pool.excluded, *exclude]
         decision = self.router.route(request, exclude=exclude)
         elapsed = time.perf_counter() - t0
         self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
@@ -286,6 +288,8 @@ class Upstream:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
         )
+        if worker not in self.pool.workers:
+            raise aiohttp.ClientConnectionError(f"worker {worker} left the fleet")
         url = self.pool.url(worker) + path
         async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
             await r.read()

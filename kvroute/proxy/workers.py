@@ -1,6 +1,13 @@
 """The proxy's worker table: addresses, health, served models and reported load.
 
-Worker ids are positions in the configured worker list. Health has one
+Worker ids are the membership's (:mod:`kvroute.fleet.membership`): the
+positions of the ``--worker`` flags, or ids derived from their URLs for
+workers that join at run time. The pool follows the membership through
+:meth:`WorkerPool.add`, :meth:`~WorkerPool.exclude` and
+:meth:`~WorkerPool.remove` (the proxy's :mod:`~kvroute.proxy.fleet` calls
+them); a worker that joins takes requests once its first health check
+passes, and an *excluded* worker (draining, or leaving) takes no new ones:
+the proxy routes around it and never picks it to tokenize. Health has one
 owner, :class:`WorkerPool`: it marks a worker unhealthy in the router when
 a request cannot reach it (at once) or when ``unhealthy_after`` health
 checks in a row fail, and healthy again when its ``GET /health`` answers 200.
@@ -88,6 +95,8 @@ class WorkerState:
     models_known: bool = False
     down: asyncio.Future[None] | None = None
     responses: set[aiohttp.ClientResponse] = field(default_factory=set)
+    #: False until its first health check passes (a worker that joined at run time).
+    checked: bool = True
 
     @property
     def url(self) -> str:
@@ -102,14 +111,19 @@ class WorkerPool:
 
     :param router: the router whose health flags this pool owns.
     :param config: the proxy's configuration (workers and health options).
+    :param workers: the workers to start with, by id (default: ``config.workers``
+        by position).
     """
 
-    def __init__(self, router: Router, config: ProxyConfig) -> None:
+    def __init__(
+        self, router: Router, config: ProxyConfig, workers: Mapping[int, WorkerSpec] | None = None
+    ) -> None:
         self.router = router
         self.config = config
-        self.workers: dict[int, WorkerState] = {
-            i: WorkerState(i, spec) for i, spec in enumerate(config.workers)
-        }
+        start = dict(enumerate(config.workers)) if workers is None else workers
+        self.workers: dict[int, WorkerState] = {i: WorkerState(i, s) for i, s in start.items()}
+        #: Workers that take no new requests: draining, or on their way out.
+        self.excluded: frozenset[int] = frozenset()
         self._session: aiohttp.ClientSession | None = None
         self._rotation = itertools.count()
         self._model_ids: frozenset[str] | None = None
@@ -121,6 +135,39 @@ class WorkerPool:
         """Use ``session`` for health checks (None: unbind)."""
         self._session = session
 
+    # -- membership --------------------------------------------------------------------
+
+    def add(self, worker: int, spec: WorkerSpec) -> None:
+        """A worker joins: known to the router, unhealthy until its first health check passes."""
+        if worker in self.workers:
+            self.workers[worker].spec = spec
+            return
+        self.workers[worker] = WorkerState(worker, spec, healthy=False, checked=False)
+        self.router.add_worker(worker)
+        self.router.mark_unhealthy(worker)
+        log.info("worker %d (%s) joined; it takes requests once healthy", worker, spec.url)
+
+    def exclude(self, worker: int) -> None:
+        """Route no new request to ``worker`` and never pick it (it drains, or leaves)."""
+        self.excluded = self.excluded | {worker}
+
+    def remove(self, worker: int) -> None:
+        """Forget ``worker``: requests still waiting on it fail over, its open responses close.
+
+        The router's entry is the caller's to remove (after its KV events stop).
+        """
+        state = self.workers.pop(worker, None)
+        self.excluded = self.excluded - {worker}
+        if state is None:
+            return
+        if state.down is not None and not state.down.done():
+            state.down.set_result(None)
+        for resp in list(state.responses):
+            resp.close()
+        state.responses.clear()
+        self._models_changed()
+        log.info("worker %d (%s) left", worker, state.url)
+
     # -- health ------------------------------------------------------------------------
 
     def url(self, worker: int) -> str:
@@ -128,8 +175,13 @@ class WorkerPool:
         return self.workers[worker].url
 
     def down_future(self, worker: int) -> asyncio.Future[None]:
-        """A future resolved when ``worker`` is marked unhealthy (already done while it is)."""
-        state = self.workers[worker]
+        """A future resolved when ``worker`` is marked unhealthy (already done while it is,
+        or once it left)."""
+        state = self.workers.get(worker)
+        if state is None:
+            gone = asyncio.get_running_loop().create_future()
+            gone.set_result(None)
+            return gone
         if state.down is None:
             state.down = asyncio.get_running_loop().create_future()
             if not state.healthy:
@@ -137,8 +189,10 @@ class WorkerPool:
         return state.down
 
     def mark_down(self, worker: int, reason: str) -> None:
-        """Mark ``worker`` unhealthy; fail over requests waiting on it."""
-        state = self.workers[worker]
+        """Mark ``worker`` unhealthy; fail over requests waiting on it. (A no-op once it left.)"""
+        state = self.workers.get(worker)
+        if state is None:
+            return
         if state.healthy:
             state.healthy = False
             self.router.mark_unhealthy(worker)
@@ -150,8 +204,10 @@ class WorkerPool:
         state.responses.clear()
 
     def mark_up(self, worker: int) -> None:
-        """Mark ``worker`` healthy again."""
-        state = self.workers[worker]
+        """Mark ``worker`` healthy again. (A no-op once it left.)"""
+        state = self.workers.get(worker)
+        if state is None:
+            return
         state.failures = 0
         if not state.healthy:
             state.healthy = True
@@ -159,25 +215,33 @@ class WorkerPool:
             state.models_known = False  # it may have restarted with other models
             self._models_changed()
             self.router.mark_healthy(worker)
-            log.info("worker %d (%s) is healthy again", worker, state.url)
+            again = "is healthy again" if state.checked else "is healthy: it takes requests"
+            state.checked = True
+            log.info("worker %d (%s) %s", worker, state.url, again)
             if self.on_up is not None:
                 self.on_up(worker)
 
     def track(self, worker: int, response: aiohttp.ClientResponse) -> None:
-        """Close ``response`` if ``worker`` is marked unhealthy while it is open."""
-        self.workers[worker].responses.add(response)
+        """Close ``response`` if ``worker`` is marked unhealthy (or leaves) while it is open."""
+        state = self.workers.get(worker)
+        if state is None:
+            response.close()
+            return
+        state.responses.add(response)
 
     def untrack(self, worker: int, response: aiohttp.ClientResponse) -> None:
         """Forget ``response`` (it is finished)."""
-        self.workers[worker].responses.discard(response)
+        state = self.workers.get(worker)
+        if state is not None:
+            state.responses.discard(response)
 
     def healthy(self) -> list[int]:
         """Healthy worker ids, ascending."""
         return [i for i, s in self.workers.items() if s.healthy]
 
     def pick(self, exclude: Iterable[int] = ()) -> int | None:
-        """A healthy worker not in ``exclude``, in rotation (for tokenizing and counting)."""
-        skip = set(exclude)
+        """A healthy worker not in ``exclude`` nor excluded, in rotation (to tokenize and count)."""
+        skip = set(exclude) | self.excluded
         ids = [i for i in self.healthy() if i not in skip]
         if not ids:
             return None
@@ -218,7 +282,9 @@ class WorkerPool:
 
     async def check(self, worker: int) -> None:
         """One health check of ``worker`` (and its models and metrics when healthy)."""
-        state = self.workers[worker]
+        state = self.workers.get(worker)
+        if state is None:
+            return
         try:
             status, _ = await self._get(worker, "/health")
             ok = status == 200
@@ -280,5 +346,8 @@ class WorkerPool:
                 log.exception("health round failed")
 
     def snapshot(self) -> list[Mapping[str, Any]]:
-        """Per worker: id, url, healthy (for ``/health``)."""
-        return [{"id": s.id, "url": s.url, "healthy": s.healthy} for s in self.workers.values()]
+        """Per worker: id, url, healthy, draining (for ``/health``)."""
+        return [
+            {"id": s.id, "url": s.url, "healthy": s.healthy, "draining": s.id in self.excluded}
+            for s in self.workers.values()
+        ]
