@@ -265,6 +265,21 @@ def test_plots_are_written_with_the_report(tmp_path: Path) -> None:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_files_are_written_before_the_table(tmp_path: Path) -> None:
+    """Regression: `kvroute replay ... --json r.json | head` lost the report."""
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [*SMALL_MOONCAKE, "--policy", "round_robin", "--json", str(out)]
+    with subprocess.Popen(
+        [sys.executable, "-m", "kvroute", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    ) as p:  # fmt: skip
+        assert p.stdout is not None
+        p.stdout.close()  # the reader is gone before the table is printed
+        assert p.wait(timeout=300) == 0
+    assert json.loads(out.read_text())["trace"]["requests"] == 300
+
+
 # -- progress -------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unb
 from .report import (
     REPORT_FORMAT,
     REPORT_VERSION,
+    RUN_FACTS,
     TABLE_LEGEND,
     dumps_report,
     file_sha256,
@@ -131,6 +132,8 @@ def run(a: argparse.Namespace) -> int:
         return _replay(a)
     except KeyError as e:  # an unknown policy name: the message is the key
         raise CommandError(str(e.args[0])) from None
+    except BrokenPipeError:  # stdout closed early: the entry point ends quietly
+        raise
     except (OSError, TraceError, TypeError, ValueError) as e:
         raise CommandError(str(e)) from None
 
@@ -386,56 +389,69 @@ def _replay(a: argparse.Namespace) -> int:
 
     results = {k: r.summary for k, r in runs.items()}
     title = _title(a, trace, cfg)
+    # the files first: a reader that stops reading the table (`| head`) must not cost them
+    if a.plot:
+        plot_replay = importlib.import_module("kvroute.sim.plots").plot_replay
+        plot_replay(a.plot, runs, bounds, note=title)
+    if a.json_path:
+        walls = {"total": time.perf_counter() - t_start, "load": t_load, "bounds": t_bounds}
+        doc = _report(a, cfg, router, params, workload, trace, runs, bounds, started, walls)
+        with open(a.json_path, "w", encoding="utf-8") as f:
+            f.write(dumps_report(doc))
     print(format_table(results, bounds, title=title, bound_labels=_BOUND_LABELS))
     for line in rejected_notes(results):
         print(f"note: {line}")
     print()
     print(TABLE_LEGEND)
     sys.stdout.flush()
-    if a.plot:
-        plot_replay = importlib.import_module("kvroute.sim.plots").plot_replay
-        plot_replay(a.plot, runs, bounds, note=title)
-    if a.json_path:
-        doc = {
-            "format": REPORT_FORMAT,
-            "format_version": REPORT_VERSION,
-            "kvroute_version": __version__,
-            "command": _command(a),
-            "seed": a.seed,
-            "parameters": {
-                "workload": workload,
-                "fleet": {"workers": a.workers},
-                "engine": dataclasses.asdict(cfg),
-                "router": dataclasses.asdict(router),
-                "events": {
-                    "lag_s": a.event_lag,
-                    "loss": a.event_loss,
-                    "loss_seed": derive_seed(a.seed, "event_loss"),
-                },
-                "policies": params,
-            },
-            "trace": trace,
-            "results": {"policies": results, "bounds": bounds},
-            "run": {
-                "started_utc": started.isoformat(timespec="seconds"),
-                "argv": ["kvroute", *(getattr(a, "argv", None) or sys.argv[1:])],
-                "wall_s": {
-                    "total": time.perf_counter() - t_start,
-                    "load": t_load,
-                    "bounds": t_bounds,
-                    "policies": {k: r.wall_s for k, r in runs.items()},
-                },
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "compiled_cores": USE_EXTENSIONS,
-            },
-        }
-        with open(a.json_path, "w", encoding="utf-8") as f:
-            f.write(dumps_report(doc))
     if not a.quiet:
-        walls = ", ".join(f"{k} {r.wall_s:.1f} s" for k, r in runs.items())
+        each = ", ".join(f"{k} {r.wall_s:.1f} s" for k, r in runs.items())
         sys.stderr.write(
             f"kvroute replay: {time.perf_counter() - t_start:.1f} s wall (trace {t_load:.1f} s, "
-            f"{walls}, bounds {t_bounds:.1f} s)\n"
+            f"{each}, bounds {t_bounds:.1f} s)\n"
         )
     return 0
+
+
+def _report(
+    a: argparse.Namespace,
+    cfg: EngineConfig,
+    router: RouterConfig,
+    params: Mapping[str, Mapping[str, Any]],
+    workload: Mapping[str, Any],
+    trace: Mapping[str, Any],
+    runs: Mapping[str, ReplayResult],
+    bounds: Mapping[str, float],
+    started: datetime,
+    walls: Mapping[str, float],
+) -> dict[str, Any]:
+    """The JSON report, in its schema's order (:mod:`kvroute.sim.report`)."""
+    return {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "kvroute_version": __version__,
+        "command": _command(a),
+        "seed": a.seed,
+        "parameters": {
+            "workload": dict(workload),
+            "fleet": {"workers": a.workers},
+            "engine": dataclasses.asdict(cfg),
+            "router": dataclasses.asdict(router),
+            "events": {
+                "lag_s": a.event_lag,
+                "loss": a.event_loss,
+                "loss_seed": derive_seed(a.seed, "event_loss"),
+            },
+            "policies": {k: dict(v) for k, v in params.items()},
+        },
+        "trace": dict(trace),
+        "results": {"policies": {k: r.summary for k, r in runs.items()}, "bounds": dict(bounds)},
+        RUN_FACTS: {
+            "started_utc": started.isoformat(timespec="seconds"),
+            "argv": ["kvroute", *(getattr(a, "argv", None) or sys.argv[1:])],
+            "wall_s": {**walls, "policies": {k: r.wall_s for k, r in runs.items()}},
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "compiled_cores": USE_EXTENSIONS,
+        },
+    }
