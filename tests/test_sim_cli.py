@@ -182,7 +182,10 @@ def test_the_table_has_units_and_says_what_spread_and_regret_are(
 ) -> None:
     assert cli.main([*SMALL_MOONCAKE, "--policy", "kvroute", "-q"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("default: 300 requests on 4 workers x 1,024 blocks x 512 tokens, seed 0")
+    assert out.startswith(
+        "Mooncake conversation trace (bundled): 300 requests on 4 workers x 1,024 blocks x "
+        "512 tokens, seed 0\n"
+    )
     assert "TTFT (ms)" in out and "req/s" in out
     assert "load spread: requests" in out and "overlap regret: prompt blocks" in out
     assert "bound: pooled LRU" in out and "bound: unbounded" in out

@@ -312,8 +312,14 @@ def _progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[int, 
 
 def _title(a: argparse.Namespace, trace: Mapping[str, Any], cfg: EngineConfig) -> str:
     mode = ", approximate (no KV events)" if a.approximate else ""
+    if a.trace == "default":
+        name = "Mooncake conversation trace (bundled)"
+    elif a.trace.startswith("agentic"):
+        name = "agentic sessions"
+    else:
+        name = os.path.basename(a.trace)
     return (
-        f"{a.trace}: {trace['requests']:,} requests on {a.workers} workers x "
+        f"{name}: {trace['requests']:,} requests on {a.workers} workers x "
         f"{cfg.num_gpu_blocks:,} blocks x {cfg.block_size} tokens, seed {a.seed}{mode}"
     )
 
