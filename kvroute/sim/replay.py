@@ -12,7 +12,10 @@ exists only to calibrate the engine model against Dynamo's mocker and for
 tests; :func:`unbounded_reuse` and :func:`pooled_lru_reuse` compute the two
 bounds every report shows beside the policies.
 
-The ``kvroute replay`` command line is :mod:`kvroute.sim.cli`.
+A replay is deterministic: given a seed, :func:`make_dispatcher` seeds the
+policy and :func:`replay` the event loss, each from its own stream
+(:mod:`kvroute.sim.seeding`), and nothing depends on what ran before in the
+process. The ``kvroute replay`` command line is :mod:`kvroute.sim.cli`.
 """
 
 from __future__ import annotations
