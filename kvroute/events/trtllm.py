@@ -74,10 +74,10 @@ separately, block hashes per batch; a dict event is one event.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeAlias, cast
 
 import msgspec
 from msgspec import Meta, Struct
@@ -274,7 +274,7 @@ def _runs(
             BlockStored(
                 block_hashes=tuple(b.handle for b in run),
                 parent_block_hash=parent if start == 0 else blocks[start - 1].handle,
-                token_ids=tuple(t for b in run for t in b.tokens),
+                token_ids=tuple(itertools.chain.from_iterable(b.tokens for b in run)),
                 block_size=block_size,
                 tier=tier,
                 medium=medium,
@@ -290,22 +290,39 @@ def _runs(
     return out
 
 
-def _token(value: object, what: str) -> tuple[int, str | None]:
-    """A token id as (u32 id, digest or None): a hex digest token hashes as 0."""
-    if type(value) is int:
-        if not 0 <= value <= _U32:
-            raise DecodeError(f"{what}: token id {value} is not a u32")
-        return value, None
-    if isinstance(value, str):
+def _ids(tokens: Sequence[int | str], what: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Token ids as u32s, and the identity of any digest tokens among them (hashed as 0).
+
+    Runtime complexity: O(len(tokens)); all-int lists (the common case) take
+    two C-level scans.
+    """
+    lo: object
+    hi: object
+    try:
+        lo, hi = min(tokens), max(tokens)
+    except TypeError:  # digests (str) among ints
+        lo = hi = None
+    except ValueError:  # empty
+        return (), ()
+    if type(lo) is int and type(hi) is int:
+        if lo < 0 or hi > _U32:
+            raise DecodeError(f"{what}: a token id outside u32 ([{lo}, {hi}])")
+        return tuple(cast("Sequence[int]", tokens)), ()
+    ids: list[int] = []
+    identity: list[str] = []
+    for j, t in enumerate(tokens):
+        if type(t) is int:
+            if not 0 <= t <= _U32:
+                raise DecodeError(f"{what}: token id {t} is not a u32")
+            ids.append(t)
+            continue
         try:
-            bytes.fromhex(value)
+            bytes.fromhex(cast(str, t))
         except ValueError:
-            raise DecodeError(f"{what}: token id {_show(value)} is not a hex digest") from None
-        return 0, value.lower()
-    raise DecodeError(f"{what}: token id must be an int or a hex digest, not {_show(value)}")
-
-
-# --- the dict shape ----------------------------------------------------------------
+            raise DecodeError(f"{what}: token id {_show(t)} is not a hex digest") from None
+        ids.append(0)
+        identity.append(f"digest:{j}:{cast(str, t).lower()}")
+    return tuple(ids), tuple(identity)
 
 
 def _show(value: object) -> str:
@@ -313,113 +330,160 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _mapping(value: object, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise DecodeError(f"{what}: expected an object, got {_show(value)}")
-    return value
+# --- the dict shape ----------------------------------------------------------------
+#
+# A msgspec schema, so that JSON (an HTTP answer) and dicts (the LLM API's) are
+# parsed and validated in C; unknown keys (the serializer's "type" of blocks,
+# tokens and diffs, priority...) are ignored. The event's data is tagged by
+# its "type".
+
+_UInt = Annotated[int, Meta(ge=0)]  # msgspec ints are < 2**64 already
+_UInt32 = Annotated[int, Meta(ge=0, le=_U32)]
+_EngineHash: TypeAlias = int | str
 
 
-def _uint(value: object, limit: int, what: str) -> int:
-    if type(value) is not int or not 0 <= value <= limit:
-        raise DecodeError(f"{what}: expected an int in [0, {limit}], got {_show(value)}")
-    return value
+class _DToken(Struct, gc=False):
+    token_id: int | str
+    token_extra_id: _UInt | None = 0
 
 
-def _opt_uint(obj: Mapping[str, Any], key: str, limit: int, what: str) -> int | None:
-    value = obj.get(key)
-    return None if value is None else _uint(value, limit, f"{what}.{key}")
+class _DMmKey(Struct, gc=False):
+    hash: str
+    start_offset: int = 0
+    uuid: str | None = None
 
 
-def _opt_str(obj: Mapping[str, Any], key: str, what: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise DecodeError(f"{what}.{key}: expected a string or null, got {_show(value)}")
-    return value
+class _DBlock(Struct, gc=False):
+    block_hash: _EngineHash
+    tokens: list[_DToken]
+    cache_level: _UInt32 | None = 0
+    mm_keys: list[_DMmKey] | None = None
+    cache_salt: str | None = None
 
 
-def _list(value: object, what: str, limit: int) -> list[Any] | tuple[Any, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise DecodeError(f"{what}: expected a list, got {_show(value)}")
-    if len(value) > limit:
-        raise DecodeError(f"{what}: more than max_tokens={limit} entries")
-    return value
+class _DStored(Struct, tag="stored", tag_field="type", gc=False):
+    blocks: list[_DBlock]
+    parent_hash: _EngineHash | None = None
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    lora_id: int | None = None
 
 
-def _required(obj: Mapping[str, Any], key: str, what: str) -> Any:
-    try:
-        return obj[key]
-    except KeyError:
-        raise DecodeError(f"{what}: missing field {key!r}") from None
+class _DRemoved(Struct, tag="removed", tag_field="type", gc=False):
+    block_hashes: list[_EngineHash]
 
 
-def _diff(obj: Mapping[str, Any], key: str, what: str) -> tuple[int, int] | None:
-    value = obj.get(key)
-    if value is None:
+class _DDiff(Struct, gc=False):
+    old_value: int
+    new_value: int
+
+
+class _DUpdated(Struct, tag="updated", tag_field="type", gc=False):
+    block_hash: _EngineHash
+    cache_level: _DDiff | None = None
+    priority: _DDiff | None = None
+
+
+class _DCreated(Struct, tag="created", tag_field="type", gc=False):
+    num_blocks_per_cache_level: Annotated[list[_UInt], Meta(max_length=64)]
+
+
+class _DCleared(Struct, tag="all_cleared", tag_field="type", gc=False):
+    pass  # the OpenEngine fan-out's clear after an event-id gap
+
+
+class _DEvent(Struct, gc=False):
+    event_id: _UInt
+    data: _DStored | _DRemoved | _DUpdated | _DCreated | _DCleared
+    window_size: _UInt32 | None = None
+    attention_dp_rank: _UInt32 | None = None
+    layer_group_id: _UInt32 | None = None
+    hash_algo: str | None = None
+
+
+_DICT_JSON: Final = msgspec.json.Decoder(_DEvent)
+
+
+def _mm_identity(keys: list[_DMmKey] | list[_MmKey]) -> tuple[str, ...]:
+    return tuple(f"mm:{k.hash.lower()}:{k.start_offset}:{k.uuid or ''}" for k in keys)
+
+
+def _dict_blocks(data: _DStored, max_tokens: int) -> list[_Block]:
+    blocks: list[_Block] = []
+    budget = max_tokens
+    for i, b in enumerate(data.blocks):
+        what = f"data.blocks[{i}]"
+        budget -= len(b.tokens)
+        if budget < 0:
+            raise DecodeError(f"{what}: more than max_tokens={max_tokens} token ids")
+        if not b.tokens:
+            raise DecodeError(f"{what}: a stored block without tokens")
+        ids, identity = _ids([t.token_id for t in b.tokens], f"{what}.tokens")
+        extras = [t.token_extra_id for t in b.tokens]
+        if any(extras):
+            identity += tuple(f"extra:{j}:{x}" for j, x in enumerate(extras) if x)
+        if b.mm_keys:
+            identity += _mm_identity(b.mm_keys)
+        tier = cache_level_tier(b.cache_level or 0)
+        salt = b.cache_salt if b.cache_salt is not None else data.cache_salt
+        blocks.append(_Block(hash_handle(b.block_hash), ids, identity, tier, salt))
+    return blocks
+
+
+def _dict_text(data: _DStored, max_tokens: int) -> BlockStored | None:
+    """A stored event of text blocks of one tier and salt as one ``BlockStored``, or None.
+
+    The common case, checked in a few passes over the event's tokens rather
+    than block by block; None sends anything else to the general path (which
+    also words the errors).
+    """
+    blocks = data.blocks
+    first = blocks[0]
+    if (
+        data.lora_id
+        or any(b.mm_keys for b in blocks)
+        or any(b.cache_level != first.cache_level for b in blocks)
+        or any(b.cache_salt != first.cache_salt for b in blocks)
+    ):
         return None
-    d = _mapping(value, f"{what}.{key}")
-    old = _required(d, "old_value", f"{what}.{key}")
-    new = _required(d, "new_value", f"{what}.{key}")
-    if type(old) is not int or type(new) is not int:
-        raise DecodeError(f"{what}.{key}: old_value and new_value must be ints")
-    return old, new
-
-
-def _mm_identity(keys: object, what: str) -> tuple[str, ...]:
-    out: list[str] = []
-    for j, key in enumerate(_list(keys, what, _U32)):
-        k = _mapping(key, f"{what}[{j}]")
-        digest = _required(k, "hash", f"{what}[{j}]")
-        if not isinstance(digest, str):
-            raise DecodeError(f"{what}[{j}].hash: expected a hex string, got {_show(digest)}")
-        offset = k.get("start_offset", 0)
-        if type(offset) is not int:
-            raise DecodeError(f"{what}[{j}].start_offset: expected an int")
-        uuid = k.get("uuid")
-        out.append(f"mm:{digest.lower()}:{offset}:{uuid if isinstance(uuid, str) else ''}")
-    return tuple(out)
-
-
-def _dict_block(block: object, what: str, data_salt: str | None, budget: list[int]) -> _Block:
-    b = _mapping(block, what)
-    handle = hash_handle(_required(b, "block_hash", what))
-    tokens_in = _list(_required(b, "tokens", what), f"{what}.tokens", budget[0])
-    budget[0] -= len(tokens_in)
-    if not tokens_in:
-        raise DecodeError(f"{what}: a stored block without tokens")
-    tokens: list[int] = []
-    identity: list[str] = []
-    for j, tok in enumerate(tokens_in):
-        where = f"{what}.tokens[{j}]"
-        t = _mapping(tok, where)
-        tid, digest = _token(_required(t, "token_id", where), where)
-        extra = t.get("token_extra_id", 0)
-        if extra is None:
-            extra = 0
-        _uint(extra, _U64, f"{where}.token_extra_id")
-        if digest is not None:
-            identity.append(f"digest:{j}:{digest}")
-        if extra:
-            identity.append(f"extra:{j}:{extra}")
-        tokens.append(tid)
-    mm = b.get("mm_keys")
-    if mm:
-        identity.extend(_mm_identity(mm, f"{what}.mm_keys"))
-    level = b.get("cache_level", 0)
-    tier = cache_level_tier(_uint(0 if level is None else level, _U32, f"{what}.cache_level"))
-    salt = _opt_str(b, "cache_salt", what)
-    return _Block(
-        handle, tuple(tokens), tuple(identity), tier, salt if salt is not None else data_salt
+    sizes = [len(b.tokens) for b in blocks]
+    size = sizes[0]
+    if not size or any(n != size for n in sizes[:-1]) or sizes[-1] > size or not sizes[-1]:
+        return None
+    if sum(sizes) > max_tokens:
+        return None
+    tokens = [t for b in blocks for t in b.tokens]
+    if any([t.token_extra_id for t in tokens]):
+        return None
+    ids = [t.token_id for t in tokens]
+    try:
+        lo, hi = min(ids), max(ids)
+    except TypeError:
+        return None
+    if type(lo) is not int or type(hi) is not int or lo < 0 or hi > _U32:
+        return None
+    salt = first.cache_salt if first.cache_salt is not None else data.cache_salt
+    return BlockStored(
+        block_hashes=_handles([b.block_hash for b in blocks]),
+        parent_block_hash=None if data.parent_hash is None else hash_handle(data.parent_hash),
+        token_ids=tuple(cast("list[int]", ids)),
+        block_size=size if len(blocks) > 1 else None,
+        tier=cache_level_tier(first.cache_level or 0),
+        lora_name=data.lora_name,
+        lora_id=data.lora_id,
+        cache_salt=salt,
     )
 
 
-def _dict_stored(data: Mapping[str, Any], max_tokens: int) -> list[BlockStored]:
-    what = "data"
-    parent_raw = data.get("parent_hash")
-    parent = None if parent_raw is None else hash_handle(parent_raw)
-    blocks_in = _list(_required(data, "blocks", what), "data.blocks", max_tokens)
-    salt = _opt_str(data, "cache_salt", what)
-    budget = [max_tokens]  # token ids left for this event
-    blocks = [_dict_block(b, f"data.blocks[{i}]", salt, budget) for i, b in enumerate(blocks_in)]
+def _dict_stored(data: _DStored, max_tokens: int) -> list[BlockStored]:
+    if len(data.blocks) > max_tokens:
+        raise DecodeError(f"data.blocks: more than max_tokens={max_tokens} blocks")
+    if not data.blocks:
+        return []
+    text = _dict_text(data, max_tokens)
+    if text is not None:
+        return [text]
+    blocks = _dict_blocks(data, max_tokens)
     if not blocks:
         return []
     sizes = {len(b.tokens) for b in blocks[:-1]}
@@ -428,75 +492,42 @@ def _dict_stored(data: Mapping[str, Any], max_tokens: int) -> list[BlockStored]:
             "data.blocks: blocks of different sizes (only the last may be partial): "
             f"{[len(b.tokens) for b in blocks]}"
         )
-    lora_name = _opt_str(data, "lora_name", what)
-    lora_id = data.get("lora_id")
-    if lora_id is not None and type(lora_id) is not int:
-        raise DecodeError(f"data.lora_id: expected an int or null, got {_show(lora_id)}")
-    event_identity = (f"lora_id:{lora_id}",) if lora_id and lora_name is None else ()
+    lora = data.lora_id
     return _runs(
         blocks,
-        parent,
+        None if data.parent_hash is None else hash_handle(data.parent_hash),
         block_size=next(iter(sizes)) if sizes else None,
         medium=None,
-        lora_name=lora_name,
-        lora_id=lora_id,
-        event_identity=event_identity,
+        lora_name=data.lora_name,
+        lora_id=lora,
+        event_identity=(f"lora_id:{lora}",) if lora and data.lora_name is None else (),
     )
 
 
-def _dict_data(
-    data: Mapping[str, Any], max_tokens: int
+def _dict_events(
+    data: _DStored | _DRemoved | _DUpdated | _DCreated | _DCleared, max_tokens: int
 ) -> list[KVEvent | BlockUpdated | CacheCreated]:
-    kind = _required(data, "type", "data")
-    if kind == "stored":
+    if isinstance(data, _DStored):
         return list(_dict_stored(data, max_tokens))
-    if kind == "removed":
-        hashes = _list(_required(data, "block_hashes", "data"), "data.block_hashes", max_tokens)
-        return [BlockRemoved(tuple(hash_handle(h) for h in hashes))]
-    if kind == "updated":
+    if isinstance(data, _DRemoved):
+        if len(data.block_hashes) > max_tokens:
+            raise DecodeError(f"data.block_hashes: more than max_tokens={max_tokens} hashes")
+        return [BlockRemoved(tuple(hash_handle(h) for h in data.block_hashes))]
+    if isinstance(data, _DUpdated):
+        level = data.cache_level
+        if level is not None and min(level.old_value, level.new_value) < 0:
+            raise DecodeError("data.cache_level: a negative cache level")
+        prio = data.priority
         return [
             BlockUpdated(
-                hash_handle(_required(data, "block_hash", "data")),
-                _level_diff(_diff(data, "cache_level", "data")),
-                _diff(data, "priority", "data"),
+                hash_handle(data.block_hash),
+                None if level is None else (level.old_value, level.new_value),
+                None if prio is None else (prio.old_value, prio.new_value),
             )
         ]
-    if kind == "created":
-        levels = _list(
-            _required(data, "num_blocks_per_cache_level", "data"),
-            "data.num_blocks_per_cache_level",
-            64,
-        )
-        return [
-            CacheCreated(tuple(_uint(n, _U64, "data.num_blocks_per_cache_level") for n in levels))
-        ]
-    if kind == "all_cleared":  # the OpenEngine fan-out's clear after an event-id gap
-        return [AllBlocksCleared()]
-    raise DecodeError(f"data.type: unknown event type {_show(kind)}")
-
-
-def _level_diff(diff: tuple[int, int] | None) -> tuple[int, int] | None:
-    if diff is not None and min(diff) < 0:
-        raise DecodeError(f"data.cache_level: negative cache level in {diff}")
-    return diff
-
-
-def _parse_json(payload: Buffer | str) -> object:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        try:
-            text = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"trtllm: not UTF-8: {exc}") from exc
-    else:
-        text = payload
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise DecodeError(f"trtllm: not JSON: {exc}") from exc
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
+    if isinstance(data, _DCreated):
+        return [CacheCreated(tuple(data.num_blocks_per_cache_level))]
+    return [AllBlocksCleared()]
 
 
 def decode_trtllm_event(
@@ -532,39 +563,27 @@ def decode_trtllm_event(
     :raises DecodeError: a malformed event (see the module docstring).
     :raises TypeError: ``event`` is not a mapping, bytes or str.
     """
-    if isinstance(event, Mapping):
-        obj: object = event
-    elif isinstance(event, (bytes, bytearray, memoryview, str)):
-        obj = _parse_json(event)
-    else:
-        raise TypeError(f"event must be a mapping, bytes or str, not {type(event).__name__}")
-    if isinstance(obj, list):
-        raise DecodeError(
-            "trtllm: a JSON list holds several events (a /kv_cache_events answer): "
-            "decode each element"
-        )
     try:
-        ev = _mapping(obj, "event")
         if max_events < 1:
             raise DecodeError(f"batch holds more than max_events={max_events} events")
-        event_id = _uint(_required(ev, "event_id", "event"), _U64, "event_id")
-        window = _opt_uint(ev, "window_size", _U32, "event")
-        rank = _opt_uint(ev, "attention_dp_rank", _U32, "event")
-        group = _opt_uint(ev, "layer_group_id", _U32, "event")
-        algo = _opt_str(ev, "hash_algo", "event")
-        events = _dict_data(_mapping(_required(ev, "data", "event"), "data"), max_tokens)
-    except DecodeError as exc:
-        raise DecodeError(f"trtllm: {exc}") from exc
-    except ValueError as exc:  # a negative cache level
+        if isinstance(event, Mapping):
+            ev = msgspec.convert(event if type(event) is dict else dict(event), _DEvent)
+        elif isinstance(event, (bytes, bytearray, memoryview, str)):
+            ev = _DICT_JSON.decode(event)
+        else:
+            raise TypeError(f"event must be a mapping, bytes or str, not {type(event).__name__}")
+        events = _dict_events(ev.data, max_tokens)
+    except (msgspec.DecodeError, RecursionError, DecodeError) as exc:
+        # msgspec names the path: "Expected `int`, got `str` - at `$.data.blocks[0]...`"
         raise DecodeError(f"trtllm: {exc}") from exc
     return TrtllmBatch(
         ts=None,
         events=tuple(events),  # type: ignore[arg-type]
-        dp_rank=rank,
-        event_id=event_id,
-        window_size=window,
-        hash_algo=algo,
-        layer_group_id=group,
+        dp_rank=ev.attention_dp_rank,
+        event_id=ev.event_id,
+        window_size=ev.window_size,
+        hash_algo=ev.hash_algo,
+        layer_group_id=ev.layer_group_id,
     )
 
 
@@ -575,6 +594,7 @@ def decode_trtllm_event(
 # decode call and hold no cycles.
 
 _BlockSize = Annotated[int, Meta(ge=1, le=_U32)]
+_CLEARED: Final = AllBlocksCleared()  # field-less: one is enough
 
 
 class _MmKey(Struct, tag="mm_key", tag_field="type", gc=False):
@@ -584,21 +604,34 @@ class _MmKey(Struct, tag="mm_key", tag_field="type", gc=False):
 
 
 class _WireStored(Struct, tag="BlockStored", tag_field="type", gc=False):
-    block_hashes: list[int | str]
-    parent_block_hash: int | str | None
+    block_hashes: list[_EngineHash]
+    parent_block_hash: _EngineHash | None
     token_ids: list[int | str]
     block_size: _BlockSize
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
-    group_idx: Annotated[int, Meta(ge=0, le=_U32)] | None = None
+    group_idx: _UInt32 | None = None
     mm_keys: list[list[_MmKey]] | None = None
 
 
-class _WireRemoved(Struct, tag="BlockRemoved", tag_field="type", gc=False):
-    block_hashes: list[int | str]
+class _TextStored(Struct, tag="BlockStored", tag_field="type", gc=False):
+    # The common case, validated in C: int hashes, u32 tokens, no media.
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[_UInt32]
+    block_size: _BlockSize
+    lora_id: int | None = None
     medium: str | None = None
-    group_idx: Annotated[int, Meta(ge=0, le=_U32)] | None = None
+    lora_name: str | None = None
+    group_idx: _UInt32 | None = None
+    mm_keys: None = None
+
+
+class _WireRemoved(Struct, tag="BlockRemoved", tag_field="type", gc=False):
+    block_hashes: list[_EngineHash]
+    medium: str | None = None
+    group_idx: _UInt32 | None = None
 
 
 class _WireCleared(Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
@@ -608,35 +641,63 @@ class _WireCleared(Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
 class _WireBatch(Struct, array_like=True, gc=False):
     ts: float
     events: list[_WireStored | _WireRemoved | _WireCleared]
-    data_parallel_rank: Annotated[int, Meta(ge=0, le=_U32)] | None = None
+    data_parallel_rank: _UInt32 | None = None
+
+
+class _TextBatch(Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_TextStored | _WireRemoved | _WireCleared]
+    data_parallel_rank: _UInt32 | None = None
 
 
 _WIRE: Final = msgspec.msgpack.Decoder(_WireBatch)
+_WIRE_TEXT: Final = msgspec.msgpack.Decoder(_TextBatch)
 
 
-def _wire_stored(ev: _WireStored) -> list[BlockStored]:
+def _handles(hashes: list[int] | list[_EngineHash]) -> tuple[int, ...]:
+    """Engine hashes as u64 handles; all-int lists take a C-level scan or one comprehension."""
+    try:
+        lo, hi = min(hashes), max(hashes)
+    except (TypeError, ValueError):
+        return tuple(hash_handle(h) for h in hashes)
+    if type(lo) is int and type(hi) is int and lo >= -(1 << 63) and hi <= _U64:
+        ints = cast("list[int]", hashes)
+        return tuple(ints) if lo >= 0 else tuple([h & _U64 for h in ints])
+    return tuple(hash_handle(h) for h in hashes)
+
+
+def _wire_stored(ev: _WireStored | _TextStored) -> list[BlockStored]:
     n, bs = len(ev.block_hashes), ev.block_size
     if len(ev.token_ids) != n * bs:
         raise DecodeError(f"{len(ev.token_ids)} token ids for {n} blocks of {bs}")
-    if ev.mm_keys is not None and len(ev.mm_keys) != n:
-        raise DecodeError(f"{len(ev.mm_keys)} mm_keys lists for {n} blocks")
-    tier = _tier(ev.medium)
-    blocks: list[_Block] = []
-    for i, h in enumerate(ev.block_hashes):
-        tokens: list[int] = []
-        identity: list[str] = []
-        for j, tok in enumerate(ev.token_ids[i * bs : (i + 1) * bs]):
-            tid, digest = _token(tok, f"block {i}")
-            tokens.append(tid)
-            if digest is not None:
-                identity.append(f"digest:{j}:{digest}")
-        if ev.mm_keys is not None:
-            identity.extend(
-                f"mm:{k.hash.lower()}:{k.start_offset}:{k.uuid or ''}" for k in ev.mm_keys[i]
-            )
-        blocks.append(_Block(hash_handle(h), tuple(tokens), tuple(identity), tier, None))
-    parent = None if ev.parent_block_hash is None else hash_handle(ev.parent_block_hash)
     lora = ev.lora_id
+    event_identity = (f"lora_id:{lora}",) if lora and ev.lora_name is None else ()
+    parent = None if ev.parent_block_hash is None else hash_handle(ev.parent_block_hash)
+    tier = _tier(ev.medium)
+    if isinstance(ev, _TextStored) and not event_identity:
+        # Plain text: one event as sent, tokens already checked u32.
+        stored = BlockStored(
+            block_hashes=_handles(ev.block_hashes),
+            parent_block_hash=parent,
+            token_ids=tuple(ev.token_ids),
+            block_size=bs,
+            tier=tier,
+            medium=ev.medium,
+            lora_name=ev.lora_name,
+            lora_id=lora,
+            group_idx=ev.group_idx,
+        )
+        return [stored]
+    mm = ev.mm_keys
+    if mm is not None and len(mm) != n:
+        raise DecodeError(f"{len(mm)} mm_keys lists for {n} blocks")
+    handles = _handles(ev.block_hashes)
+    blocks: list[_Block] = []
+    for i in range(n):
+        ids, identity = _ids(ev.token_ids[i * bs : (i + 1) * bs], f"block {i}")
+        if mm is not None and mm[i]:
+            identity += _mm_identity(mm[i])
+        blocks.append(_Block(handles[i], ids, identity, tier, None))
     runs = _runs(
         blocks,
         parent,
@@ -644,7 +705,7 @@ def _wire_stored(ev: _WireStored) -> list[BlockStored]:
         medium=ev.medium,
         lora_name=ev.lora_name,
         lora_id=lora,
-        event_identity=(f"lora_id:{lora}",) if lora and ev.lora_name is None else (),
+        event_identity=event_identity,
     )
     for run in runs:
         run.group_idx = ev.group_idx
@@ -652,8 +713,14 @@ def _wire_stored(ev: _WireStored) -> list[BlockStored]:
 
 
 def _decode_wire(payload: Buffer, max_events: int, max_tokens: int) -> EventBatch:
+    batch: _WireBatch | _TextBatch
     try:
-        batch = _WIRE.decode(payload)
+        batch = _WIRE_TEXT.decode(payload)
+    except msgspec.ValidationError:
+        try:  # digests, hex hashes or media: the general schema, and its precise errors
+            batch = _WIRE.decode(payload)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise DecodeError(f"trtllm: not an event batch [ts, events, rank]: {exc}") from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"trtllm: not an event batch [ts, events, rank]: {exc}") from exc
     if len(batch.events) > max_events:
@@ -668,13 +735,13 @@ def _decode_wire(payload: Buffer, max_events: int, max_tokens: int) -> EventBatc
                     raise DecodeError(f"batch holds more than max_tokens={max_tokens} hashes")
                 events.append(
                     BlockRemoved(
-                        tuple(hash_handle(h) for h in ev.block_hashes),
+                        _handles(ev.block_hashes),
                         tier=_tier(ev.medium),
                         medium=ev.medium,
                         group_idx=ev.group_idx,
                     )
                 )
-            elif isinstance(ev, _WireStored):
+            elif isinstance(ev, (_WireStored, _TextStored)):
                 n_hashes += len(ev.block_hashes)
                 n_tokens += len(ev.token_ids)
                 if n_hashes > max_tokens or n_tokens > max_tokens:
@@ -683,7 +750,7 @@ def _decode_wire(payload: Buffer, max_events: int, max_tokens: int) -> EventBatc
                     )
                 events.extend(_wire_stored(ev))
             else:
-                events.append(AllBlocksCleared())
+                events.append(_CLEARED)
         except DecodeError as exc:
             raise DecodeError(f"trtllm: event {i}: {exc}") from exc
     return EventBatch(ts=batch.ts, events=tuple(events), dp_rank=batch.data_parallel_rank)

@@ -53,6 +53,8 @@ Not thread-safe: one thread (a poller's, or the LLM API's event loop) feeds it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -184,8 +186,8 @@ class TrtllmApplier:
                     out[("device", "host", "disk")[min(level, 2)]] += n
         return out
 
-    def feed(self, event: Mapping[str, Any] | bytes | str) -> str:
-        """Decode one dict-shape event and apply it; returns its outcome.
+    def feed(self, event: Mapping[str, Any] | bytes | memoryview | str) -> str:
+        """Decode one dict-shape event (a dict, or its JSON text) and apply it; returns its outcome.
 
         A malformed event is counted ``malformed`` (its ``event_id`` still
         advances its rank when it names one) and returns ``"malformed"``.
@@ -200,6 +202,9 @@ class TrtllmApplier:
     def malformed(self, event: object, why: str) -> None:
         """Count an event that could not be decoded; advance its rank's ids if it names them."""
         rank = event_id = None
+        if isinstance(event, (bytes, bytearray, memoryview, str)):
+            with contextlib.suppress(ValueError, RecursionError):  # read what it names
+                event = json.loads(bytes(event) if not isinstance(event, str) else event)
         if isinstance(event, Mapping):
             r, e = event.get("attention_dp_rank"), event.get("event_id")
             rank = r if type(r) is int and r >= 0 else None
