@@ -44,6 +44,12 @@ and the proxy look formats up by name):
     Stores carry Dynamo's per-block content hash (``tokens_hashes``) instead
     of token ids.
 
+``"trtllm"`` (:func:`kvroute.events.trtllm.decode_trtllm`)
+    TensorRT-LLM's events, streamed (this framing, with map events) or in its
+    dict shape (the LLM API's, ``trtllm-serve``'s ``/kv_cache_events``);
+    defined and registered by :mod:`kvroute.events.trtllm`, which this module
+    loads.
+
 What the decoders normalise:
 
 - Block hashes become u64 ints: an unsigned int is kept, a negative (signed

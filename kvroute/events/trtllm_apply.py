@@ -149,7 +149,8 @@ class TrtllmApplier:
             raise ValueError(f"window_size must be an int >= 1, not {window_size!r}")
         self.window_size = window_size
         self.max_tokens = max_tokens
-        #: Per worker: dict events by outcome, and the stream's own ``gap``,
+        #: Per worker: dict events by outcome (a stored event the decoder split
+        #: into runs counts once per run), and the stream's own ``gap``,
         #: ``restart``, ``replay_failed``, ``malformed`` and ``window_switch``.
         self.counts: dict[int, Counter[str]] = {}
         #: Events of ranks mapped to no worker, by rank.
