@@ -108,6 +108,7 @@ def test_a_single_partial_block_is_its_own_event(router: Router) -> None:
 def test_a_block_size_mismatch_is_loud_and_not_indexed(router: Router) -> None:
     ap, ev = TrtllmApplier(router, 0), Events()
     assert ap.feed(ev.stored(None, (10, [1, 2]), (11, [3, 4]))) == "mismatch"
+    assert ap.feed(ev.stored(None, (12, A[:8]))) == "mismatch"  # one block, larger than ours
     assert router.index.worker_len(0) == 0
 
 

@@ -377,6 +377,10 @@ class TrtllmApplier:
         bs = self.router.block_size
         n = len(ev.block_hashes)
         full = len(ev.token_ids) // bs
+        if ev.block_size is None and len(ev.token_ids) > n * bs:
+            # A single block (its size unknown to the decoder) longer than the
+            # router's: the engine's blocks are larger. Say so, as for any event.
+            ev = replace(ev, block_size=-(-len(ev.token_ids) // n))
         if (ev.block_size is None or ev.block_size == bs) and full < n:
             # A partial last block: never matched, but its handle resolves its removal.
             st.partial.update(ev.block_hashes[full:])
