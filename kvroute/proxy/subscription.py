@@ -77,10 +77,18 @@ class EventSubscription:
             if spec.events_endpoint:
                 http = transport_of(spec.events_endpoint) == "http"
                 (http_workers if http else zmq_workers).append((w, spec.events_endpoint, spec))
-        if http_workers:
-            self._start_polls(http_workers)
-        if zmq_workers:
-            self._start_zmq(zmq_workers)
+        try:
+            if zmq_workers:
+                self._start_zmq(zmq_workers)
+            if http_workers:
+                self._start_polls(http_workers)
+        except BaseException:
+            # nothing half-started outlives a failed start (the app opens nothing else first)
+            if self._subscriber is not None:
+                self.pool.on_up = None
+                self._subscriber.stop()
+                self._subscriber = None
+            raise
 
     def _start_zmq(self, workers: list[tuple[int, str, WorkerSpec]]) -> None:
         try:
