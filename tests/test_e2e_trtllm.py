@@ -25,7 +25,7 @@ from test_proxy_support import FAST_HEALTH
 
 from kvroute.proxy import PREDICTED_HEADER, WORKER_HEADER, ProxyConfig, ProxyServer, WorkerSpec
 from kvroute.proxy.cli import build_config
-from kvroute.proxy.event_sources import check_single_consumer
+from kvroute.proxy.event_sources import check_single_consumer, check_worker_events
 from kvroute.testing import MockWorker, TrtllmOptions
 
 N_WORKERS = 3
@@ -206,3 +206,14 @@ def test_replica_sync_refuses_a_single_consumer_transport_saying_why() -> None:
     SyncedConfig([streamed], sync_url="redis://127.0.0.1:6379")  # every replica gets the stream
     SyncedConfig([polled])  # one router: fine
     check_single_consumer(ProxyConfig([polled], events_format="trtllm"))  # no sync_url at all
+
+
+def test_a_worker_joining_at_run_time_is_checked_alike() -> None:
+    url = "http://127.0.0.1:8000"
+    polled = WorkerSpec(url, url + "/kv_cache_events")
+    check_worker_events(polled, "trtllm")
+    with pytest.raises(ValueError, match="events_format 'trtllm'"):
+        check_worker_events(polled, "vllm")
+    with pytest.raises(ValueError, match="drains the engine's event queue"):
+        check_worker_events(polled, "trtllm", sync_url="redis://127.0.0.1:6379")
+    check_worker_events(WorkerSpec(url, "tcp://127.0.0.1:5557"), "trtllm", sync_url="redis://x")

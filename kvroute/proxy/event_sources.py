@@ -35,6 +35,7 @@ __all__ = [
     "Transport",
     "check_event_sources",
     "check_single_consumer",
+    "check_worker_events",
     "transport_of",
     "worker_format",
 ]
@@ -70,17 +71,52 @@ def check_single_consumer(config: ProxyConfig) -> None:
         a single-consumer transport; the message says which and why.
     """
     sync_url = getattr(config, "sync_url", None)
-    if not sync_url:
-        return
     for spec in config.workers:
-        if spec.events_endpoint and transport_of(spec.events_endpoint) in SINGLE_CONSUMER:
+        _refuse_single_consumer(spec, sync_url)
+
+
+def _refuse_single_consumer(spec: WorkerSpec, sync_url: str | None) -> None:
+    if sync_url and spec.events_endpoint and transport_of(spec.events_endpoint) in SINGLE_CONSUMER:
+        raise ValueError(
+            f"worker {spec.label}: its KV events come from {spec.events_endpoint}, which "
+            "drains the engine's event queue, so each event reaches one consumer only; "
+            f"with replica sync ({sync_url}) every replica needs every event, and each "
+            "would index only the events it polled first. Give the worker TensorRT-LLM's "
+            "ZMQ stream (KVEventsConfig, tcp://HOST:PORT) instead, or run one replica."
+        )
+
+
+def check_worker_events(
+    spec: WorkerSpec, default_format: str, *, sync_url: str | None = None
+) -> None:
+    """Check one worker's events format and transport (also for a worker joining at run time).
+
+    :param spec: the worker.
+    :param default_format: the proxy's ``events_format``, for a worker naming none.
+    :param sync_url: the proxy's replica-sync URL, or None.
+    :raises ValueError: see :func:`check_event_sources`.
+    """
+    from ..events.decode import available_formats
+
+    known = available_formats(zmq=True)
+    fmt = worker_format(spec, default_format)
+    if fmt not in known:
+        raise ValueError(
+            f"worker {spec.label}: events_format {fmt!r} is not a registered ZMQ event "
+            f"format ({', '.join(known)})"
+        )
+    if spec.events_endpoint and transport_of(spec.events_endpoint) == "http":
+        if fmt not in HTTP_FORMATS:
             raise ValueError(
-                f"worker {spec.label}: its KV events come from {spec.events_endpoint}, which "
-                "drains the engine's event queue, so each event reaches one consumer only; "
-                f"with replica sync ({sync_url}) every replica needs every event, and each "
-                "would index only the events it polled first. Give the worker TensorRT-LLM's "
-                "ZMQ stream (KVEventsConfig, tcp://HOST:PORT) instead, or run one replica."
+                f"worker {spec.label}: an http(s) events endpoint is polled as trtllm-serve's "
+                f"/kv_cache_events; give it events_format 'trtllm', not {fmt!r}"
             )
+        if spec.replay_endpoint:
+            raise ValueError(
+                f"worker {spec.label}: its events come over HTTP ({spec.events_endpoint}), "
+                "which has no replay; drop the replay endpoint"
+            )
+    _refuse_single_consumer(spec, sync_url)
 
 
 def check_event_sources(config: ProxyConfig) -> None:
@@ -99,22 +135,5 @@ def check_event_sources(config: ProxyConfig) -> None:
             f"not {config.events_format!r}"
         )
     for spec in config.workers:
-        fmt = worker_format(spec, config.events_format)
-        if fmt not in known:
-            raise ValueError(
-                f"worker {spec.label}: events_format {fmt!r} is not a registered ZMQ event "
-                f"format ({', '.join(known)})"
-            )
-        if not spec.events_endpoint or transport_of(spec.events_endpoint) != "http":
-            continue
-        if fmt not in HTTP_FORMATS:
-            raise ValueError(
-                f"worker {spec.label}: an http(s) events endpoint is polled as trtllm-serve's "
-                f"/kv_cache_events; give it events_format 'trtllm', not {fmt!r}"
-            )
-        if spec.replay_endpoint:
-            raise ValueError(
-                f"worker {spec.label}: its events come over HTTP ({spec.events_endpoint}), "
-                "which has no replay; drop the replay endpoint"
-            )
+        check_worker_events(spec, config.events_format)
     check_single_consumer(config)
