@@ -156,7 +156,7 @@ class AdminApi:
             spec = WorkerSpec.from_mapping(body)
         except (ValueError, TypeError) as e:
             raise ProxyError(400, str(e), code="invalid_worker") from None
-        _check_format(spec)
+        self._check_events(spec)
         membership = self.fleet.membership
         known = membership.by_url(spec.url)
         if known is not None and known.state == "draining":
@@ -174,6 +174,18 @@ class AdminApi:
         current = membership.get(member.id) or member
         return web.json_response(self.describe(current), status=200 if known else 201)
 
+    def _check_events(self, spec: WorkerSpec) -> None:
+        """A worker's events must be followable: a known format, a transport that fits it."""
+        from .event_sources import check_worker_events
+
+        config = self.fleet.config
+        try:
+            check_worker_events(
+                spec, config.events_format, sync_url=getattr(config, "sync_url", None)
+            )
+        except ValueError as e:
+            raise ProxyError(400, str(e), code="invalid_worker") from None
+
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         member = self._member(request)
         gone = self.fleet.membership.remove(member.id, source="admin")
@@ -189,18 +201,3 @@ class AdminApi:
         if current is None:  # nothing was in flight: it has left already
             return web.json_response(self.describe(draining, "removed"), status=202)
         return web.json_response(self.describe(current), status=202)
-
-
-def _check_format(spec: WorkerSpec) -> None:
-    """A worker's events format must be one the subscriber can decode."""
-    if spec.events_format is None:
-        return
-    from ..events.decode import available_formats
-
-    formats = available_formats(zmq=True)
-    if spec.events_format not in formats:
-        raise ProxyError(
-            400,
-            f"events_format {spec.events_format!r} is not one of {', '.join(formats)}",
-            code="invalid_worker",
-        )

@@ -100,6 +100,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _events_format(text: str) -> str:
+    """A registered ZMQ event format's name (the registry is loaded on first use)."""
+    from ..events.decode import available_formats
+
+    formats = available_formats(zmq=True)
+    if text not in formats:
+        raise ValueError(f"unknown events format {text!r} (choose from {', '.join(formats)})")
+    return text
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     """Add ``proxy``'s arguments to its parser."""
     fleet = p.add_argument_group("fleet")
@@ -115,9 +125,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument(
         "--events-format",
-        choices=("vllm", "sglang"),
+        type=_arg(_events_format),
         default="vllm",
-        help="the workers' KV-event wire format (default: vllm)",
+        metavar="FORMAT",
+        help="the KV-event wire format of workers that name none: vllm (default), sglang,"
+        " trtllm, or another registered ZMQ format. An http(s) events endpoint"
+        " (URL=http://HOST:PORT/kv_cache_events) is trtllm-serve's, polled",
     )
     fleet.add_argument(
         "--block-size",

@@ -18,6 +18,7 @@ from typing import Final, Literal
 
 from ..fleet.dns import DnsName, parse_worker_dns
 from ..fleet.spec import WorkerSpec, parse_worker
+from .event_sources import check_event_sources
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -92,7 +93,10 @@ class ProxyConfig:
         (a connection error on a request marks it at once).
     :param scrape_metrics: read each worker's ``/metrics`` (waiting requests,
         KV usage) with every health check.
-    :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
+    :param events_format: the KV-event wire format of workers that name none
+        (``"vllm"``, ``"sglang"``, ``"trtllm"``: any registered ZMQ format). An
+        http(s) events endpoint is polled as ``trtllm-serve``'s
+        ``/kv_cache_events`` (see :mod:`kvroute.proxy.event_sources`).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
         (default: the client's ``Authorization`` is passed on).
     :param workers_file: a JSON or YAML list of workers, read at start and
@@ -130,7 +134,7 @@ class ProxyConfig:
     health_timeout: float = 2.0
     unhealthy_after: int = 2
     scrape_metrics: bool = True
-    events_format: Literal["vllm", "sglang"] = "vllm"
+    events_format: str = "vllm"
     upstream_api_key: str | None = field(default=None, repr=False)
     # -- workers at run time (kvroute.proxy.fleet, kvroute.proxy.admin) --
     workers_file: str | None = None
@@ -165,10 +169,7 @@ class ProxyConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.events_format not in ("vllm", "sglang"):
-            raise ValueError(
-                f"events_format must be 'vllm' or 'sglang', not {self.events_format!r}"
-            )
+        check_event_sources(self)
         if not self.session_header.strip():
             raise ValueError("session_header must not be empty")
         for name in self.lora_adapters:

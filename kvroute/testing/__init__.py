@@ -7,6 +7,10 @@
   prompts with, so a proxy under test can tokenize exactly the same way.
 - :func:`encode_batch` / :func:`decode_batch` and the ``Vllm*`` event structs:
   vLLM 0.33's msgpack payloads, byte-exact.
+- :class:`TrtllmOptions`: ``MockWorker(trtllm=...)`` acts as a ``trtllm-serve``
+  worker instead, publishing TensorRT-LLM's KV events (``POST /kv_cache_events``,
+  the LLM API's calls, the ZMQ stream); :class:`TrtllmMock` is what a test
+  reaches of it (``MockWorker.trtllm``).
 
 Needs the test dependencies ``aiohttp``, ``pyzmq``, ``msgspec`` and
 ``jinja2`` (``tokenizers`` only for a Hugging Face ``tokenizer.json``).
@@ -26,6 +30,7 @@ from ._tokenizer import (
     RequestError,
     anthropic_to_chat,
 )
+from ._trtllm import TrtllmLlm, TrtllmMock, TrtllmOptions
 from ._wire import (
     REPLAY_END_SEQ,
     VllmAllBlocksCleared,
@@ -55,6 +60,9 @@ __all__ = [
     "PrefixCache",
     "RequestError",
     "RequestRecord",
+    "TrtllmLlm",
+    "TrtllmMock",
+    "TrtllmOptions",
     "VllmAllBlocksCleared",
     "VllmBlockRemoved",
     "VllmBlockStored",

@@ -50,6 +50,7 @@ it, then one ``BlockStored`` (nothing is published on a full hit).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Collection, Sequence
 from types import TracebackType
@@ -63,6 +64,7 @@ from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
 from ._publisher import KVEventPublisher
 from ._tokenizer import MockTokenizer
+from ._trtllm import TrtllmEngine, TrtllmMock, TrtllmOptions, add_routes
 from ._wire import VllmEvent
 
 __all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
@@ -114,6 +116,9 @@ class MockWorker:
     :param buffer_steps: batches kept for replay.
     :param drop_seqs: sequence numbers buffered for replay but never sent live.
     :param dp_rank: the data-parallel rank written into every batch.
+    :param trtllm: act as a ``trtllm-serve`` worker instead (``True``, or its
+        :class:`~kvroute.testing.TrtllmOptions`): TensorRT-LLM's hashes and KV
+        events, streamed and at ``POST /kv_cache_events`` (see :attr:`trtllm`).
     :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
         xxhash algorithm without ``hash_seed`` (its hashes are random then), or
         a LoRA adapter name is empty, repeated or the base model's.
@@ -144,6 +149,7 @@ class MockWorker:
         buffer_steps: int = 10_000,
         drop_seqs: Collection[int] = (),
         dp_rank: int | None = 0,
+        trtllm: TrtllmOptions | bool = False,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -156,7 +162,9 @@ class MockWorker:
         if token_delay < 0 or prefill_delay_per_token < 0 or default_max_tokens < 0:
             raise ValueError("delays and default_max_tokens must not be negative")
         adapters = _check_lora_adapters(model, lora_adapters)
-        self._engine = Engine(
+        opts = TrtllmOptions() if trtllm is True else trtllm or None
+        engine = Engine if opts is None else functools.partial(TrtllmEngine, opts)
+        self._engine = engine(
             model=model,
             block_size=block_size,
             num_blocks=num_blocks,
@@ -337,7 +345,10 @@ class MockWorker:
                 self._replay_port = _port_of(publisher.replay_endpoint)
         self._engine.begin(publisher)
         # A short shutdown grace: stopping cancels in-flight requests promptly.
-        self._runner = web.AppRunner(self._api.app(), access_log=None, shutdown_timeout=0.1)
+        app = self._api.app()
+        if isinstance(self._engine, TrtllmEngine):
+            add_routes(app, self._engine)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
@@ -396,6 +407,13 @@ class MockWorker:
         if not (self.publish_events and self.replay):
             return None
         return f"tcp://{_HOST}:{self._replay_port}"
+
+    @property
+    def trtllm(self) -> TrtllmMock | None:
+        """The TensorRT-LLM mode's surface (events URL, LLM API, event ids), or None."""
+        if not isinstance(self._engine, TrtllmEngine):
+            return None
+        return TrtllmMock(self._engine, self.url)
 
     # ------------------------------------------------------------------
     # Test hooks
