@@ -52,6 +52,7 @@ from .openai import openai_hints
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
+    answer_token_ids,
     local_tokens,
     prompt_token_ids,
     render_token_ids,
@@ -259,6 +260,10 @@ class Preparer:
                 tried.add(w)
                 last = f"worker {w}: {e.reason}"
                 continue
+            if status == 200:
+                ids = answer_token_ids(call.kind, use_render, text)
+                if ids is not None:
+                    return ids
             try:
                 answer = json.loads(text)
             except ValueError:
