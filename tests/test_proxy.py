@@ -173,31 +173,47 @@ def test_bad_hints_are_400(
 
 
 def test_error_codes_and_shapes() -> None:
+    # OpenAI's shape everywhere: param names the bad field, code is always a string.
     with fleet(1, max_body_size=4096) as (proxy, _workers):
         url = proxy.url + "/v1/chat/completions"
+        cmpl = proxy.url + "/v1/completions"
         cases = [
-            (post(url, raw=b"{not json"), 400, "invalid_json"),
-            (post(url, [1, 2]), 400, "invalid_json"),
-            (post(url, {"model": MODEL}), 400, 400),
-            (post(url, {"model": "gpt-nope", "messages": chat(1)}), 404, "model_not_found"),
+            (post(url, raw=b"{not json"), 400, "invalid_json", None),
+            (post(url, [1, 2]), 400, "invalid_json", None),
+            (post(url, {"model": MODEL}), 400, "missing_required_parameter", "messages"),
+            (post(url, {"model": MODEL, "messages": "hi"}), 400, "invalid_value", "messages"),
+            (post(url, {"model": "gpt-nope", "messages": chat(1)}), 404, "model_not_found",
+             "model"),
             (post(url, {"model": MODEL, "messages": chat(1), "pad": "x" * 8000}), 413,
-             "request_too_large"),
-            (post(proxy.url + "/v1/completions", {"model": MODEL}), 400, 400),
-            (post(proxy.url + "/v1/nothing", {}), 404, 404),
+             "request_too_large", None),
+            (post(cmpl, {"model": MODEL}), 400, "missing_required_parameter", "prompt"),
+            (post(url, {"model": MODEL, "messages": chat(1), "priority": "x"}), 400,
+             "invalid_type", "priority"),
+            (post(url, {"model": MODEL, "messages": chat(1)}, {"X-Kvroute-Priority": "high"}),
+             400, "invalid_type", "X-Kvroute-Priority"),
+            (post(proxy.url + "/v1/nothing", {}), 404, "not_found", None),
         ]  # fmt: skip
-        for (status, headers, raw), want_status, want_code in cases:
+        for (status, headers, raw), want_status, want_code, want_param in cases:
             assert status == want_status, raw
             assert headers["Content-Type"].startswith("application/json")
             err = json.loads(raw)["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
-            assert err["code"] == want_code
-        # An upstream 4xx passes through as it is (token ids: no tokenizing first).
-        status, _, raw = post(
-            proxy.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": -1}
-        )
-        assert status == 400
-        assert "max_tokens must be a non-negative integer" in json.loads(raw)["error"]["message"]
-        assert json.loads(raw)["error"]["type"] == "BadRequestError"  # the worker's own body
+            assert (err["code"], err["param"]) == (want_code, want_param), raw
+        # max_tokens 0 is answered as vLLM answers it (its sampling parameters
+        # need at least 1), before anything is routed.
+        for field in ("max_tokens", "max_completion_tokens"):
+            status, _, raw = post(url, {"model": MODEL, "messages": chat(1), field: 0})
+            err = json.loads(raw)["error"]
+            assert status == 400 and err["message"] == f"{field} must be at least 1, got 0."
+            assert (err["type"], err["param"], err["code"]) == (
+                "invalid_request_error", field, "invalid_value")  # fmt: skip
+        assert proxy.router.stats()["routed"] == 0
+        # A worker's own 4xx keeps its message, in the proxy's shape (token ids:
+        # no tokenizing first): vLLM's "code": 400 becomes a string.
+        status, _, raw = post(cmpl, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 40000})
+        err = json.loads(raw)["error"]
+        assert status == 400 and "maximum context length is 32768 tokens" in err["message"]
+        assert (err["type"], err["code"]) == ("invalid_request_error", "bad_request")
         # Still serving.
         assert post(url, {"model": MODEL, "messages": chat(1), "max_tokens": 1})[0] == 200
         assert proxy.router.stats()["routed"] == 2

@@ -302,7 +302,8 @@ def test_worker_errors_not_in_anthropic_shape_are_rewrapped_on_messages() -> Non
             "type": "invalid_request_error",
             "message": "prompt too long",
         }
-        # the OpenAI endpoints pass such answers on as they are
+        # the OpenAI endpoints pass them on in OpenAI's one shape: message kept,
+        # type and code the proxy's (a string), param null when none is named
         front.answers["/v1/chat/completions"] = (
             400,
             "application/json",
@@ -310,7 +311,14 @@ def test_worker_errors_not_in_anthropic_shape_are_rewrapped_on_messages() -> Non
         )
         chat = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         status, _, raw = post(proxy.url + "/v1/chat/completions", chat)
-        assert status == 400 and json.loads(raw) == openai_shaped
+        assert status == 400 and json.loads(raw) == {"error": {
+            "message": "prompt too long", "type": "invalid_request_error", "param": None,
+            "code": "bad_request"}}  # fmt: skip
+        front.answers["/v1/chat/completions"] = (502, "text/html", b"<html>Bad Gateway</html>")
+        status, _, raw = post(proxy.url + "/v1/chat/completions", chat)
+        assert status == 502 and json.loads(raw)["error"] == {
+            "message": "the worker answered 502", "type": "server_error", "param": None,
+            "code": "bad_gateway"}  # fmt: skip
 
 
 def test_no_healthy_worker_answers_503_overloaded_on_messages_and_count_tokens(

@@ -179,7 +179,10 @@ def test_when_every_attempt_fails_the_last_answer_is_raised() -> None:
             # Two workers, two attempts: the third found no worker left to try.
             assert [op for op, _ in _ops(p.router)] == ["route", "failed", "route", "failed"]
             response = failure_response(_chat_call(body, "last"), failure)
-            assert response.status == 503 and response.body == failure.body
+            # the worker's message, in the proxy's OpenAI shape (a string code)
+            passed = json.loads(response.body)["error"]
+            assert response.status == 503 and passed["code"] == "service_unavailable"
+            assert passed["message"] == json.loads(failure.body)["error"]["message"]
             assert response.headers["X-Request-Id"] == "last"
 
     with _workers(2) as workers:
@@ -342,9 +345,14 @@ def test_error_answers_pass_on_in_the_apis_shape() -> None:
     r = error_response("anthropic", 404, b"", {}, fallback="no count_tokens here")
     assert json.loads(r.body)["error"]["message"] == "no count_tokens here"
     anthropic_shaped = b'{"type": "error", "error": {"type": "overloaded_error", "message": "m"}}'
-    for api, body in (("anthropic", anthropic_shaped), ("openai", html)):
-        r = error_response(api, 503, body, {"Content-Type": "x/y"})
-        assert r.body == body and r.headers["Content-Type"] == "x/y"  # byte for byte
+    r = error_response("anthropic", 503, anthropic_shaped, {"Content-Type": "x/y"})
+    assert r.body == anthropic_shaped and r.headers["Content-Type"] == "x/y"  # byte for byte
+    # OpenAI endpoints: one shape too, whatever the worker sent
+    r = error_response("openai", 503, html, {"Content-Type": "text/html", "X": "1"})
+    assert r.headers["Content-Type"] == "application/json" and r.headers["X"] == "1"
+    assert json.loads(r.body) == {"error": {
+        "message": "the worker answered 503", "type": "server_error", "param": None,
+        "code": "service_unavailable"}}  # fmt: skip
     with pytest.raises(ProxyError) as info:
         failure_response(_chat_call({}), AttemptFailed("POST /v1/chat/completions: refused"))
     assert info.value.status == 502 and "refused" in info.value.message

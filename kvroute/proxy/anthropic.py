@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-from .errors import ProxyError
+from .errors import ProxyError, invalid
 from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter, encode_event
 
@@ -62,7 +62,7 @@ _BILLING_PREFIX: Final = "x-anthropic-billing-header"
 
 
 def _bad(message: str) -> ProxyError:
-    return ProxyError(400, message)
+    return invalid(message)
 
 
 def _check_inner(content: object, where: str) -> None:

@@ -45,10 +45,10 @@ from ..router import Router
 from .anthropic import anthropic_hints, validate_messages
 from .call import Call, Kind
 from .config import ProxyConfig
-from .errors import ProxyError, lacks_endpoint, upstream_message
+from .errors import ProxyError, invalid, lacks_endpoint, upstream_message
 from .hints import Hints, common_prefix, pinned_breakpoints
 from .models import Models
-from .openai import openai_hints
+from .openai import check_max_tokens, openai_hints
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
@@ -147,10 +147,14 @@ class Preparer:
             validate_messages(body)
         elif kind == "chat":
             messages = body.get("messages")
+            if messages is None:
+                raise invalid("messages: Field required (a non-empty list)")
             if not isinstance(messages, list) or not messages:
-                raise ProxyError(400, "messages: must be a non-empty list")
-        elif "prompt" not in body:
-            raise ProxyError(400, "prompt: Field required")
+                raise invalid("messages: must be a non-empty list")
+        elif kind == "completions" and "prompt" not in body:
+            raise invalid("prompt: Field required")
+        if kind != "messages":
+            check_max_tokens(body)
         changed = self.models.resolve(body)
         header = self.config.session_header
         if kind == "messages":
@@ -279,7 +283,13 @@ class Preparer:
                 last = f"worker {w} answered {status} to {path}"
                 continue
             if status >= 400:
-                raise ProxyError(status, message or f"the worker refused the prompt ({status})")
+                err = answer.get("error") if isinstance(answer, dict) else None
+                param = err.get("param") if isinstance(err, dict) else None
+                raise ProxyError(
+                    status,
+                    message or f"the worker refused the prompt ({status})",
+                    param=param if isinstance(param, str) else None,
+                )
             try:
                 if use_render:
                     return render_token_ids(call.kind, answer)

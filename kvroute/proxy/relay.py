@@ -42,7 +42,7 @@ from ..events.metrics import Metrics
 from ..request import Decision
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call
-from .errors import ProxyError, error_body, upstream_message
+from .errors import ProxyError, error_body, openai_error, upstream_message
 from .hints import Usage
 from .openai import OpenAIStream, openai_usage
 from .sse import encode_event
@@ -86,25 +86,34 @@ class Relayed:
 def error_response(
     api: Api, status: int, body: bytes, headers: dict[str, str], fallback: str = ""
 ) -> web.Response:
-    """A worker's error answer, passed on; in Anthropic's shape on ``/v1/messages``.
+    """A worker's error answer, passed on in the shape of the API called.
 
-    (vLLM's own Messages errors already are; a gateway's HTML page or an
-    OpenAI-shaped error before the engine is rewrapped, its message kept,
-    else ``fallback``, else the status.)
+    On ``/v1/messages``, vLLM's own Messages errors already are Anthropic's;
+    a gateway's HTML page or an OpenAI-shaped error before the engine is
+    rewrapped, its message kept, else ``fallback``, else the status. On
+    OpenAI endpoints every error is rewritten in the proxy's OpenAI shape
+    (:func:`~kvroute.proxy.errors.openai_error`: the worker's message and
+    ``param``, a string ``code``).
 
     >>> r = error_response("anthropic", 502, b"<html>Bad Gateway</html>", {})
     >>> r.status, json.loads(r.body)["error"]
     (502, {'type': 'api_error', 'message': 'the worker answered 502'})
+    >>> vllm = b'{"error": {"message": "bad", "type": "BadRequestError", "code": 400}}'
+    >>> json.loads(error_response("openai", 400, vllm, {}).body)["error"]["code"]
+    'bad_request'
     """
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
     if api == "anthropic":
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
         if not (isinstance(obj, dict) and obj.get("type") == "error"):
             message = upstream_message(obj) or fallback or f"the worker answered {status}"
             body = json.dumps(error_body("anthropic", ProxyError(status, message))).encode()
             headers = {**headers, "Content-Type": "application/json"}
+    else:
+        body = json.dumps(openai_error(status, obj, fallback), ensure_ascii=False).encode()
+        headers = {**headers, "Content-Type": "application/json"}
     return web.Response(status=status, body=body, headers=headers)
 
 

@@ -37,7 +37,7 @@ import jinja2
 from .._chat_template import chat_template_environment
 from .anthropic import to_chat
 from .call import Kind
-from .errors import ProxyError
+from .errors import ProxyError, invalid
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
@@ -74,7 +74,7 @@ DEFAULT_IMAGE_PLACEHOLDER: Final = "<image>"
 
 
 def _bad(message: str) -> ProxyError:
-    return ProxyError(400, message)
+    return invalid(message)
 
 
 def _token_text(value: object) -> str:
@@ -338,7 +338,7 @@ def prompt_token_ids(body: Mapping[str, Any]) -> list[int] | None:
             return None
         if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             return list(ids)
-        raise ProxyError(400, "prompt: token ids must be non-negative integers")
+        raise invalid("prompt: token ids must be non-negative integers")
     return None
 
 
@@ -356,12 +356,12 @@ def _first_text_prompt(body: Mapping[str, Any]) -> str:
 def _chat_parts(body: Mapping[str, Any]) -> tuple[list[Any], list[Any] | None]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProxyError(400, "messages: must be a non-empty list")
+        raise invalid("messages: must be a non-empty list")
     if not all(isinstance(m, dict) for m in messages):
-        raise ProxyError(400, "messages: every message must be an object")
+        raise invalid("messages: every message must be an object")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
-        raise ProxyError(400, "tools: must be a list")
+        raise invalid("tools: must be a list")
     return messages, tools
 
 

@@ -159,16 +159,16 @@ def _status_name(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def openai_error(message: str, status: int) -> dict[str, Any]:
-    """vLLM's ``ErrorResponse`` body.
+def openai_error(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """vLLM's ``ErrorResponse`` body (its ``code`` is the HTTP status, a number).
 
     >>> openai_error("boom", 500)["error"]["type"]
     'InternalServerError'
-    >>> openai_error("bad", 400)["error"]["type"]
-    'BadRequestError'
+    >>> openai_error("bad", 400, "max_tokens")["error"]
+    {'message': 'bad', 'type': 'BadRequestError', 'param': 'max_tokens', 'code': 400}
     """
     return {
-        "error": {"message": message, "type": _status_name(status), "param": None, "code": status}
+        "error": {"message": message, "type": _status_name(status), "param": param, "code": status}
     }
 
 

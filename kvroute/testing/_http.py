@@ -154,7 +154,10 @@ class HttpApi:
                 raise _fail(f"injected failure (HTTP {status})", status)
             return await handler(request)
         except RequestError as exc:
-            body = (anthropic_error if anthropic else openai_error)(str(exc), exc.status)
+            if anthropic:
+                body = anthropic_error(str(exc), exc.status)
+            else:
+                body = openai_error(str(exc), exc.status, exc.param)
             return web.json_response(body, status=exc.status)
 
     # -- request parsing -------------------------------------------------------
@@ -181,8 +184,11 @@ class HttpApi:
             if required:
                 raise _fail("max_tokens: Field required")
             value = engine.default_max_tokens
-        if type(value) is not int or value < 0:
-            raise _fail(f"max_tokens must be a non-negative integer, got {value!r}")
+        if type(value) is not int:
+            raise RequestError(f"max_tokens must be an integer, got {value!r}", 400, "max_tokens")
+        if value < 1:
+            # vLLM's sampling parameters refuse it, naming the field
+            raise RequestError(f"max_tokens must be at least 1, got {value}.", 400, "max_tokens")
         if prompt_len + value > engine.max_model_len:
             raise _fail(
                 f"This model's maximum context length is {engine.max_model_len} tokens. "
@@ -279,8 +285,6 @@ class HttpApi:
                         async for piece in gen:
                             n += 1
                             await resp.write(chunk(i, piece, "length" if n == max_tokens else None))
-                    if max_tokens == 0:
-                        await resp.write(chunk(i, "", "length"))
                 if _include_usage(body):
                     usage = {
                         "id": rid,
@@ -351,8 +355,6 @@ class HttpApi:
                         await resp.write(
                             chunk({"content": piece}, "length" if n == max_tokens else None)
                         )
-                if max_tokens == 0:
-                    await resp.write(chunk({}, "length"))
                 if _include_usage(body):
                     usage = {
                         "id": rid,
@@ -413,7 +415,7 @@ class HttpApi:
         max_tokens = self._max_tokens(body.get("max_tokens"), len(tokens), required=True)
         base = _request_id(request, body)
         mid = f"msg_{base}"
-        tool = _forced_tool(body) if max_tokens else None
+        tool = _forced_tool(body)
         req = self.engine.admit(base, request.path, tokens, _cache_salt(body), self._lora(model))
         pieces: list[str] | None = None
         if tool is not None:
