@@ -225,6 +225,7 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
     _report_no_cache_reads(monkeypatch)
     with fleet(2) as (proxy, workers):
         client = anthropic_client(proxy.url)
+        written = 0
         for turn, messages in enumerate(_session(2)):
             rid = f"p{turn}"
             kwargs: dict[str, Any] = {
@@ -242,12 +243,19 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
                 message = raw.parse()
             record = workers[worker].requests[-1]
             usage = message.usage
-            assert usage.input_tokens + usage.cache_read_input_tokens == record.prompt_tokens
-            assert usage.cache_creation_input_tokens == 0
-            # Event-free routing predicted exactly what the worker had cached.
+            # Event-free routing predicted exactly what the worker had cached,
+            # and the rest of the prompt was written to its cache: on the
+            # first turn too (its system prompt carries a breakpoint).
             assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
+            assert usage.cache_creation_input_tokens == (
+                record.prompt_tokens - usage.cache_read_input_tokens
+            )
+            assert usage.cache_creation_input_tokens > 0 and usage.input_tokens == 0
+            written += usage.cache_creation_input_tokens
             if turn:
                 assert usage.cache_read_input_tokens > 0
+        # the answers and /metrics count the same writes
+        assert proxy.proxy.metrics.value("kvroute_cache_creation_tokens_total") == written
 
 
 def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl(anthropic_client: Any) -> None:
@@ -317,22 +325,32 @@ def test_stream_watcher_patches_message_start_and_delta_only_when_needed() -> No
     w = AnthropicStream(predicted_cached_tokens=32)
     out = w.feed(start[:20]) + w.feed(start[20:] + ev("ping", {}) + delta) + w.feed(end)
     events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data")]
-    assert events[0]["message"]["usage"] == {"input_tokens": 8, "output_tokens": 0,
-        "cache_read_input_tokens": 32, "cache_creation_input_tokens": 0}  # fmt: skip
+    assert events[0]["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0,
+        "cache_read_input_tokens": 32, "cache_creation_input_tokens": 8}  # fmt: skip
     assert events[-1]["usage"]["cache_read_input_tokens"] == 32
     assert w.predicted and w.first_token and w.usage is not None
     assert (w.usage.prompt_tokens, w.usage.cached_tokens, w.usage.output_tokens) == (40, 32, 3)
     # Reported by the worker: every byte passes unchanged.
     reported = start.replace(b'"output_tokens": 0}', b'"output_tokens": 0, '
-                             b'"cache_read_input_tokens": 16}')  # fmt: skip
+                             b'"cache_read_input_tokens": 16, '
+                             b'"cache_creation_input_tokens": 24}')  # fmt: skip
     w2 = AnthropicStream(predicted_cached_tokens=32)
     assert w2.feed(reported + delta + end) == reported + delta + end
     assert not w2.predicted
+    # Reads reported, writes not: the worker's reads stay, the rest is its writes.
+    reads_only = start.replace(b'"output_tokens": 0}', b'"output_tokens": 0, '
+                               b'"cache_read_input_tokens": 16}')  # fmt: skip
+    w4 = AnthropicStream(predicted_cached_tokens=32)
+    first = json.loads(w4.feed(reads_only).decode().split("data: ")[1])
+    assert first["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0,
+        "cache_read_input_tokens": 16, "cache_creation_input_tokens": 40}  # fmt: skip
+    assert not w4.predicted
     # Reported in message_delta only (vLLM with prompt token details): message_start
     # carries the prediction, the worker's final figures pass unchanged and count.
     late = ev("message_delta", {"delta": {"stop_reason": "end_turn"},
                                 "usage": {"input_tokens": 24, "output_tokens": 3,
-                                          "cache_read_input_tokens": 16}})  # fmt: skip
+                                          "cache_read_input_tokens": 16,
+                                          "cache_creation_input_tokens": 0}})  # fmt: skip
     w3 = AnthropicStream(predicted_cached_tokens=32)
     out = w3.feed(start + delta + late)
     assert out.endswith(late) and b'"cache_read_input_tokens":32' in out

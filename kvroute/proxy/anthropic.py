@@ -10,8 +10,9 @@
 - :func:`to_chat` turns the request into OpenAI chat messages and tools the
   way vLLM does before applying the chat template, for local tokenization
   and for workers without ``/v1/messages/render``.
-- :func:`fill_usage` and :class:`AnthropicStream` complete ``usage`` with the
-  router's prediction when a worker reports no cache reads.
+- :func:`fill_usage` and :class:`AnthropicStream` complete ``usage`` with
+  what the router knows when a worker reports no cache figures: the reads it
+  predicted, and as cache writes the prompt tokens not read.
 """
 
 from __future__ import annotations
@@ -442,31 +443,44 @@ def anthropic_usage(usage: object) -> Usage | None:
 
 
 def fill_usage(usage: dict[str, Any], predicted_cached_tokens: int) -> bool:
-    """Complete a ``usage`` that reports no cache reads with the router's prediction.
+    """Complete a ``usage`` that lacks cache figures with what the router knows.
 
-    The worker's ``input_tokens`` is then the whole prompt; the predicted
-    reads move out of it into ``cache_read_input_tokens`` (Anthropic counts
-    them apart), and ``cache_creation_input_tokens`` becomes 0 if absent.
+    Anthropic splits the prompt in three: ``cache_read_input_tokens`` (read
+    from the prefix cache), ``cache_creation_input_tokens`` (written to it)
+    and ``input_tokens`` (neither). A worker that reports no reads (vLLM's
+    Messages API without ``--enable-prompt-tokens-details``) gives the whole
+    prompt as ``input_tokens``: the router's predicted reads move out of it.
+    A worker that reports no writes gets, as writes, the tokens not read:
+    the engine computed them and keeps them in its prefix cache, and the
+    proxy's ``kvroute_cache_creation_tokens_total`` counts the same; what
+    is left in ``input_tokens`` is then 0. Figures the worker reported stay.
 
     >>> u = {"input_tokens": 40, "output_tokens": 2}
     >>> fill_usage(u, 32)
     True
     >>> u["input_tokens"], u["cache_read_input_tokens"], u["cache_creation_input_tokens"]
-    (8, 32, 0)
-    >>> fill_usage(u, 16)   # already reported: left alone
+    (0, 32, 8)
+    >>> fill_usage(u, 16)   # already there: left alone
     False
+    >>> u = {"input_tokens": 5, "cache_read_input_tokens": 30}   # reads reported, no writes
+    >>> fill_usage(u, 16), u["cache_read_input_tokens"], u["cache_creation_input_tokens"]
+    (True, 30, 5)
 
     :returns: whether ``usage`` was changed.
     """
-    if _count(usage, "cache_read_input_tokens") is not None:
-        return False
+    changed = False
     inp = _count(usage, "input_tokens") or 0
-    read = min(max(predicted_cached_tokens, 0), inp)
-    usage["input_tokens"] = inp - read
-    usage["cache_read_input_tokens"] = read
+    if _count(usage, "cache_read_input_tokens") is None:
+        read = min(max(predicted_cached_tokens, 0), inp)
+        inp -= read
+        usage["input_tokens"] = inp
+        usage["cache_read_input_tokens"] = read
+        changed = True
     if _count(usage, "cache_creation_input_tokens") is None:
-        usage["cache_creation_input_tokens"] = 0
-    return True
+        usage["cache_creation_input_tokens"] = inp
+        usage["input_tokens"] = 0
+        changed = True
+    return changed
 
 
 class AnthropicStream:
@@ -529,14 +543,15 @@ class AnthropicStream:
                 else:
                     holder = obj.get("message") if kind == "message_start" else obj
                     usage = holder.get("usage") if isinstance(holder, dict) else None
+                    reported = isinstance(usage, dict) and "cache_read_input_tokens" in usage
                     patched = (kind == "message_start" or self.predicted) and self._patch(usage)
-                    if patched:
-                        self.predicted = True
-                    elif isinstance(usage, dict) and "cache_read_input_tokens" in usage:
-                        # The worker's own figures after all (a vLLM with prompt
-                        # token details reports them in message_delta only):
-                        # they are the final usage the client keeps.
+                    if reported:
+                        # The worker's own reads (a vLLM with prompt token details
+                        # reports them in message_delta only): they are the
+                        # final usage the client keeps.
                         self.predicted = False
+                    elif patched:
+                        self.predicted = True
                     self._update_usage(usage)
                     if patched:
                         out.append(encode_event(obj, kind))

@@ -8,7 +8,8 @@ handler of :meth:`~kvroute.proxy.upstream.Upstream.send`):
   engine) is rewrapped, its message kept (:func:`error_response`);
 - a JSON answer passes on once read whole; on ``/v1/messages`` its
   ``usage`` gets the router's prediction where the worker reported no cache
-  reads (:func:`~kvroute.proxy.anthropic.fill_usage`);
+  reads, and the tokens not read as cache writes where it reported none
+  (:func:`~kvroute.proxy.anthropic.fill_usage`);
 - an SSE stream passes on event by event, unchanged but for the few events
   :class:`~kvroute.proxy.openai.OpenAIStream` and
   :class:`~kvroute.proxy.anthropic.AnthropicStream` describe. A worker
@@ -229,11 +230,10 @@ class Relay:
         if isinstance(obj, dict):
             raw_usage = obj.get("usage")
             if call.kind == "messages":
-                if isinstance(raw_usage, dict) and fill_usage(
-                    raw_usage, decision.predicted_cached_tokens
-                ):
-                    predicted = True
-                    data = json.dumps(obj, ensure_ascii=False).encode()
+                if isinstance(raw_usage, dict):
+                    predicted = "cache_read_input_tokens" not in raw_usage
+                    if fill_usage(raw_usage, decision.predicted_cached_tokens):
+                        data = json.dumps(obj, ensure_ascii=False).encode()
                 usage = anthropic_usage(raw_usage)
             else:
                 usage = openai_usage(raw_usage)
