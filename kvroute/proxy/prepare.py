@@ -49,6 +49,7 @@ from .errors import ProxyError, invalid, lacks_endpoint, upstream_message
 from .hints import Hints, common_prefix, pinned_breakpoints
 from .models import Models
 from .openai import check_max_tokens, openai_hints
+from .responses import check_responses
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
@@ -120,7 +121,10 @@ class Preparer:
         """
         call, hints = await self._read(request, kind)
         tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
-        speculative = hints.speculative_prefill or self.config.speculative_prefill
+        # a Responses conversation continues in the worker's memory: nothing to warm
+        speculative = kind != "responses" and (
+            hints.speculative_prefill or self.config.speculative_prefill
+        )
         try:
             routed = Request(
                 next(self._ids),
@@ -153,6 +157,8 @@ class Preparer:
                 raise invalid("messages: must be a non-empty list")
         elif kind == "completions" and "prompt" not in body:
             raise invalid("prompt: Field required")
+        elif kind == "responses":
+            check_responses(body)
         if kind != "messages":
             check_max_tokens(body)
         changed = self.models.resolve(body)
@@ -161,9 +167,13 @@ class Preparer:
             hints = anthropic_hints(body, request.headers, header)
         else:
             hints = openai_hints(body, request.headers, header)
+            key = body.get("prompt_cache_key")
+            if kind == "responses" and hints.session_id is None and isinstance(key, str) and key:
+                # OpenAI's cache-routing key; Codex sends its conversation's id
+                hints = replace(hints, session_id=key)
         stream = body.get("stream") is True
         strip_usage = False
-        if stream and kind != "messages":
+        if stream and kind in ("completions", "chat"):
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for the usage chunk (token counts, cache hits); the client
@@ -257,6 +267,10 @@ class Preparer:
             use_render = render not in self.no_render
             path = render if use_render else "/tokenize"
             data = call.data if use_render else json.dumps(tokenize_body(call.kind, call.body))
+            if use_render and call.body.get("previous_response_id") is not None:
+                # vLLM's Responses render is stateless: the request's own prompt only
+                own = {k: v for k, v in call.body.items() if k != "previous_response_id"}
+                data = json.dumps(own, ensure_ascii=False)
             try:
                 status, text, _ = await self.upstream.exchange(w, path, data, call.headers)
             except AttemptFailed as e:

@@ -46,6 +46,7 @@ from .call import Api, Call
 from .errors import ProxyError, error_body, openai_error, upstream_message
 from .hints import Usage
 from .openai import OpenAIStream, openai_usage
+from .responses import ResponsesStream, response_id_of, responses_usage
 from .sse import encode_event
 from .upstream import CONNECTION_ERRORS, AttemptFailed, Lifecycle
 from .warmup import ReplyCollector, reply_of
@@ -78,10 +79,12 @@ class Relayed:
     :param response: the response the client got (already sent when streamed).
     :param reply: the reply generated, when asked for and the answer completed
         (see :func:`~kvroute.proxy.warmup.reply_of`); else None.
+    :param response_id: a Responses API answer's id (the worker keeps it), else None.
     """
 
     response: web.StreamResponse
     reply: Any = None
+    response_id: str | None = None
 
 
 def error_response(
@@ -235,6 +238,8 @@ class Relay:
                     if fill_usage(raw_usage, decision.predicted_cached_tokens):
                         data = json.dumps(obj, ensure_ascii=False).encode()
                 usage = anthropic_usage(raw_usage)
+            elif call.kind == "responses":
+                usage = responses_usage(raw_usage)
             else:
                 usage = openai_usage(raw_usage)
         if usage is not None:
@@ -245,7 +250,8 @@ class Relay:
         self._account(call, decision, usage, predicted)
         lc.finish()
         response = web.Response(status=upstream.status, body=data, headers=headers)
-        return Relayed(response, reply_of(call.kind, obj) if collect else None)
+        response_id = response_id_of(obj) if call.kind == "responses" else None
+        return Relayed(response, reply_of(call.kind, obj) if collect else None, response_id)
 
     async def _stream(
         self,
@@ -256,11 +262,13 @@ class Relay:
         lc: Lifecycle,
         collect: bool,
     ) -> Relayed:
-        watcher: OpenAIStream | AnthropicStream
+        watcher: OpenAIStream | AnthropicStream | ResponsesStream
         collector = ReplyCollector(call.kind) if collect else None
         on_event = None if collector is None else collector.feed
         if call.kind == "messages":
             watcher = AnthropicStream(decision.predicted_cached_tokens, on_event=on_event)
+        elif call.kind == "responses":
+            watcher = ResponsesStream(on_event=on_event)
         else:
             watcher = OpenAIStream(strip_usage=call.strip_usage, on_event=on_event)
         resp: web.StreamResponse | None = None
@@ -305,9 +313,15 @@ class Relay:
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
             err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
+            body = error_body(call.api, err)
             event = "error" if call.api == "anthropic" else None
+            if isinstance(watcher, ResponsesStream):
+                # the Responses stream's own error event
+                body = {**body["error"], "type": "error",
+                        "sequence_number": watcher.sequence_number + 1}  # fmt: skip
+                event = "error"
             with contextlib.suppress(ConnectionError):
-                await resp.write(encode_event(error_body(call.api, err), event))
+                await resp.write(encode_event(body, event))
             lc.fail()
         else:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
@@ -320,4 +334,5 @@ class Relay:
                 lc.finish()
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
-        return Relayed(resp, reply)
+        response_id = watcher.response_id if isinstance(watcher, ResponsesStream) else None
+        return Relayed(resp, reply, response_id)

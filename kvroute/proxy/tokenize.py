@@ -38,6 +38,7 @@ from .._chat_template import chat_template_environment
 from .anthropic import to_chat
 from .call import Kind
 from .errors import ProxyError, invalid
+from .responses import responses_to_chat
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
@@ -55,6 +56,8 @@ RENDER_PATHS: Final[Mapping[str, str]] = {
     "completions": "/v1/completions/render",
     "chat": "/v1/chat/completions/render",
     "messages": "/v1/messages/render",
+    # stateless: previous_response_id is refused there (the proxy leaves it out)
+    "responses": "/v1/responses/render",
 }
 
 # A template that loops over a message's content takes OpenAI content parts;
@@ -381,6 +384,9 @@ def local_tokens(tok: LocalTokenizer, kind: Kind, body: Mapping[str, Any]) -> li
     if kind == "messages":
         messages, tools = to_chat(body)
         return tok.render_chat(messages, tools=tools, template_kwargs=kwargs)
+    if kind == "responses":
+        messages, tools = responses_to_chat(body)
+        return tok.render_chat(messages, tools=tools, template_kwargs=_reasoning_kwargs(body))
     messages, tools = _chat_parts(body)
     return tok.render_chat(
         messages,
@@ -388,6 +394,13 @@ def local_tokens(tok: LocalTokenizer, kind: Kind, body: Mapping[str, Any]) -> li
         add_generation_prompt=bool(body.get("add_generation_prompt", True)),
         template_kwargs=kwargs,
     )
+
+
+def _reasoning_kwargs(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The template keywords vLLM adds for a Responses request: its ``reasoning.effort``."""
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    return {"reasoning_effort": effort} if effort is not None else None
 
 
 def _ids(value: object) -> list[int] | None:
@@ -425,6 +438,9 @@ def tokenize_body(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "messages":
         messages, tools = to_chat(body)
         add_generation_prompt = True
+    elif kind == "responses":
+        messages, tools = responses_to_chat(body)
+        add_generation_prompt = True
     else:
         messages, tools = _chat_parts(body)
         add_generation_prompt = bool(body.get("add_generation_prompt", True))
@@ -435,6 +451,8 @@ def tokenize_body(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
     out["add_special_tokens"] = False
     if isinstance(body.get("chat_template_kwargs"), dict):
         out["chat_template_kwargs"] = body["chat_template_kwargs"]
+    elif kind == "responses" and (kwargs := _reasoning_kwargs(body)):
+        out["chat_template_kwargs"] = kwargs
     return out
 
 

@@ -159,7 +159,9 @@ def _status_name(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def openai_error(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+def openai_error(
+    message: str, status: int, param: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
     """vLLM's ``ErrorResponse`` body (its ``code`` is the HTTP status, a number).
 
     >>> openai_error("boom", 500)["error"]["type"]
@@ -168,7 +170,12 @@ def openai_error(message: str, status: int, param: str | None = None) -> dict[st
     {'message': 'bad', 'type': 'BadRequestError', 'param': 'max_tokens', 'code': 400}
     """
     return {
-        "error": {"message": message, "type": _status_name(status), "param": param, "code": status}
+        "error": {
+            "message": message,
+            "type": kind or _status_name(status),
+            "param": param,
+            "code": status,
+        }
     }
 
 

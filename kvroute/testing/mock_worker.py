@@ -14,6 +14,12 @@ HTTP endpoints:
   ``add_generation_prompt``, ``cache_salt``;
 - ``POST /v1/messages`` (Anthropic Messages, as vLLM serves it) and
   ``POST /v1/messages/count_tokens``;
+- ``POST /v1/responses`` (OpenAI's Responses API, streaming or not, with
+  ``previous_response_id`` continuation from the responses this start
+  served) and ``POST /v1/responses/render`` (see
+  :mod:`kvroute.testing._responses`);
+- ``POST /v1/embeddings`` (deterministic unit vectors, ``float`` or
+  ``base64``; see :mod:`kvroute.testing._embeddings`);
 - ``POST /tokenize`` and ``POST /detokenize``;
 - ``POST /v1/completions/render``, ``/v1/chat/completions/render``,
   ``/v1/messages/render``: vLLM's GPU-less render endpoints, answering
@@ -114,6 +120,9 @@ class MockWorker:
     :param buffer_steps: batches kept for replay.
     :param drop_seqs: sequence numbers buffered for replay but never sent live.
     :param dp_rank: the data-parallel rank written into every batch.
+    :param store_responses: keep ``/v1/responses`` answers for
+        ``previous_response_id`` (vLLM with ``VLLM_ENABLE_RESPONSES_API_STORE=1``;
+        False: vLLM's default, where every continuation is a 404).
     :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
         xxhash algorithm without ``hash_seed`` (its hashes are random then), or
         a LoRA adapter name is empty, repeated or the base model's.
@@ -144,6 +153,7 @@ class MockWorker:
         buffer_steps: int = 10_000,
         drop_seqs: Collection[int] = (),
         dp_rank: int | None = 0,
+        store_responses: bool = True,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -171,7 +181,7 @@ class MockWorker:
         )
         # Fail here, not on the first request, for an unusable hash setting.
         self._engine.block_hashes([0] * block_size)
-        self._api = HttpApi(self._engine)
+        self._api = HttpApi(self._engine, store_responses=store_responses)
         self.topic = topic
         self.publish_events = publish_events
         self.replay = replay
