@@ -41,13 +41,13 @@ def test_chat_multi_turn_sticks_and_reports_the_workers_real_hits() -> None:
             answer = json.loads(body)
             cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
             # The figure the client sees is the worker's own count for this request.
-            assert workers[worker].cache_hits[rid] == cached
+            assert workers[worker].cache_hits()[rid] == cached
             assert headers[CACHE_SOURCE_HEADER] == "worker"
             if turn > 1:
                 assert cached > len(SYSTEM) // 2
         assert len(set(served)) == 1, served
         # The router was given the same token ids the worker rendered.
-        rec = workers[served[0]].requests[-1]
+        rec = workers[served[0]].requests()[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(rec.prompt_token_ids)
 
 
@@ -69,7 +69,7 @@ def test_chat_stream_passes_chunks_and_strips_the_usage_it_asked_for() -> None:
         w = workers[int(headers[WORKER_HEADER])]
         usage = next(c for c in sse_data(raw)[:-1] if not c["choices"])["usage"]
         assert usage["completion_tokens"] == 5
-        assert usage["prompt_tokens_details"]["cached_tokens"] == w.cache_hits["s2"] > 0
+        assert usage["prompt_tokens_details"]["cached_tokens"] == w.cache_hits()["s2"] > 0
         assert proxy.router.stats()["routed"] == 2
         assert proxy.router.load(int(headers[WORKER_HEADER]))["active_requests"] == 0
 
@@ -81,7 +81,7 @@ def test_completions_text_and_token_prompts_stream_and_not() -> None:
         status, h1, body = post(url, {"model": MODEL, "prompt": prompt, "max_tokens": 3})
         assert status == 200 and len(json.loads(body)["choices"][0]["text"].split()) == 3
         w = int(h1[WORKER_HEADER])
-        tokens = list(workers[w].requests[-1].prompt_token_ids)
+        tokens = list(workers[w].requests()[-1].prompt_token_ids)
         # The same prompt as token ids, streamed: same worker, the whole prefix hit.
         status, h2, raw = post(
             url,
@@ -92,7 +92,7 @@ def test_completions_text_and_token_prompts_stream_and_not() -> None:
         assert status == 200 and int(h2[WORKER_HEADER]) == w
         events = sse_data(raw)
         usage = events[-2]["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] == workers[w].cache_hits["ids"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == workers[w].cache_hits()["ids"]
         assert usage["prompt_tokens_details"]["cached_tokens"] >= len(tokens) - 16
         assert list(routed_requests(proxy.router)[-1].tokens) == tokens
 
@@ -169,7 +169,7 @@ def test_bad_hints_are_400(
         err = json.loads(raw)["error"]
         assert status == 400 and err["type"] == "invalid_request_error"
         assert message in err["message"]
-        assert workers[0].requests == []
+        assert workers[0].requests() == []
 
 
 def test_error_codes_and_shapes() -> None:
@@ -285,7 +285,7 @@ def test_health_and_metrics() -> None:
                 {"model": MODEL, "messages": chat(turn), "max_tokens": 2},
                 {"X-Session-Id": "m", "X-Request-Id": rid},
             )
-            hits += workers[int(h[WORKER_HEADER])].cache_hits[rid]
+            hits += workers[int(h[WORKER_HEADER])].cache_hits()[rid]
         post(proxy.url + "/v1/chat/completions", {"model": "nope", "messages": chat(1)})
         status, headers, raw = get(proxy.url + "/metrics")
         text = raw.decode()

@@ -108,10 +108,10 @@ def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(
             served.append(worker)
             usage = message.usage
             reads.append(usage.cache_read_input_tokens)
-            record = workers[worker].requests[-1]
+            record = workers[worker].requests()[-1]
             assert record.request_id == rid
             # The SDK's figures are the worker's real hits and its prompt.
-            assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
+            assert usage.cache_read_input_tokens == workers[worker].cache_hits()[rid]
             assert usage.input_tokens + usage.cache_read_input_tokens == record.prompt_tokens
             # The router saw the tokens the worker rendered.
             assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
@@ -199,7 +199,7 @@ def test_bad_input_gets_anthropic_errors_and_the_proxy_keeps_serving(anthropic_c
             status, _, answer = post(proxy.url + "/v1/messages", raw=raw)
             assert status == 400
             assert json.loads(answer)["error"]["type"] == "invalid_request_error"
-        assert all(w.requests == [] for w in workers)
+        assert all(w.requests() == [] for w in workers)
         assert client.messages.create(**ok).content[0].type == "text"
 
 
@@ -241,12 +241,12 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
                 assert raw.headers[CACHE_SOURCE_HEADER] == "predicted"
                 worker = int(raw.headers[WORKER_HEADER])
                 message = raw.parse()
-            record = workers[worker].requests[-1]
+            record = workers[worker].requests()[-1]
             usage = message.usage
             # Event-free routing predicted exactly what the worker had cached,
             # and the rest of the prompt was written to its cache: on the
             # first turn too (its system prompt carries a breakpoint).
-            assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
+            assert usage.cache_read_input_tokens == workers[worker].cache_hits()[rid]
             assert usage.cache_creation_input_tokens == (
                 record.prompt_tokens - usage.cache_read_input_tokens
             )
@@ -303,7 +303,7 @@ def test_with_kv_events_breakpoints_pin_the_session_without_extra_renders(
                 model=MODEL, max_tokens=2, system=_system(), tools=TOOLS, messages=messages,
                 metadata={"user_id": "s"},
             )  # fmt: skip
-            renders = sum(w.http_requests.get("/v1/messages/render", 0) for w in workers)
+            renders = sum(w.http_requests().get("/v1/messages/render", 0) for w in workers)
             assert renders == turn + 1  # the request itself, nothing more
         # the tools' 1 h breakpoint and the newest block's 5 min one, unmeasured
         assert routed_requests(router)[-1].cache_control == (

@@ -49,7 +49,7 @@ def test_stopped_worker_request_is_retried_and_worker_recovers(stream: bool) -> 
         assert status == 200 and served == other, raw
         if stream:
             assert sse_data(raw)[-1] == "[DONE]"
-        assert "t2" in workers[other].cache_hits
+        assert "t2" in workers[other].cache_hits()
         m = proxy.proxy.metrics
         assert m.value("kvroute_proxy_retries_total") == 1
         assert m.value("kvroute_upstream_errors_total", {"worker": str(first)}) == 1

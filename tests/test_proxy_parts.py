@@ -163,7 +163,7 @@ def test_a_5xx_is_retried_on_another_worker_and_the_router_hears_each_attempt() 
 
     with _workers(2) as workers:
         asyncio.run(scenario(workers))
-        assert sum(len(w.requests) for w in workers) == 2  # the failed one was never admitted
+        assert sum(len(w.requests()) for w in workers) == 2  # the failed one was never admitted
 
 
 def test_when_every_attempt_fails_the_last_answer_is_raised() -> None:
@@ -322,7 +322,7 @@ def test_relay_streams_strips_the_usage_it_asked_for_and_rebuilds_the_reply() ->
             text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
             assert replies == [{"role": "assistant", "content": text}] and text
             # The usage it stripped was still counted.
-            prompt = len(workers[0].requests[-1].prompt_token_ids)
+            prompt = len(workers[0].requests()[-1].prompt_token_ids)
             written = p.metrics.value("kvroute_cache_creation_tokens_total")
             assert p.metrics.value("kvroute_cache_read_tokens_total") + written == prompt
 
@@ -392,8 +392,8 @@ def test_warmups_send_the_next_turn_where_the_plan_says_and_take_every_plan() ->
 
     with _workers(2) as workers:
         worker = asyncio.run(scenario(workers))
-        assert [r.request_id for w in workers for r in w.requests] == ["t1-warmup"]
-        (record,) = workers[worker].requests
+        assert [r.request_id for w in workers for r in w.requests()] == ["t1-warmup"]
+        (record,) = workers[worker].requests()
         # The conversation with the reply appended, one token, not streamed.
         expected = workers[worker].tokenizer.render_chat([*chat(1), reply])
         assert list(record.prompt_token_ids) == expected
@@ -583,5 +583,5 @@ def test_preparation_tokenizes_on_a_worker_and_measures_breakpoints(tokenize_wit
         assert got["cache_control"] == [[3600.0, prefix]]
         # The request and its cut, each tokenized the chosen way.
         render = "/v1/chat/completions/render"
-        served = workers[0].http_requests
+        served = workers[0].http_requests()
         assert served == ({render: 2} if tokenize_with == "render" else {"/tokenize": 2})

@@ -63,7 +63,7 @@ def test_responses_are_routed_by_the_prompt_the_worker_renders(
         raw = client.responses.with_raw_response.create(**kwargs)
         worker = int(raw.headers[WORKER_HEADER])
         response = raw.parse()
-        record = workers[worker].requests[-1]
+        record = workers[worker].requests()[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         assert len(response.output_text.split()) == 5 and response.status == "incomplete"
         assert response.usage.input_tokens == record.prompt_tokens
@@ -77,8 +77,8 @@ def test_responses_are_routed_by_the_prompt_the_worker_renders(
         assert [e.sequence_number for e in events] == list(range(len(events)))
         assert "".join(deltas) == final.output_text == response.output_text
         assert again == worker and final.usage.input_tokens_details.cached_tokens > 0
-        assert final.usage.input_tokens_details.cached_tokens == workers[worker].cache_hits[
-            workers[worker].requests[-1].request_id
+        assert final.usage.input_tokens_details.cached_tokens == workers[worker].cache_hits()[
+            workers[worker].requests()[-1].request_id
         ]
 
 
@@ -103,7 +103,7 @@ def test_previous_response_id_goes_to_the_worker_holding_the_response(openai_cli
                 assert response.previous_response_id == previous
                 # the worker rendered the whole conversation it keeps
                 assert f"Task {c}" in workers[worker].tokenizer.decode(
-                    workers[worker].requests[-1].prompt_token_ids
+                    workers[worker].requests()[-1].prompt_token_ids
                 )
                 chains[c] = (worker, response.id)
         assert len(proxy.proxy.responses) == 16  # type: ignore[arg-type]
@@ -123,11 +123,11 @@ def test_an_unknown_or_lost_previous_response_is_the_workers_404(openai_client: 
         raw = client.responses.with_raw_response.create(model=MODEL, input="hi")
         holder, rid = int(raw.headers[WORKER_HEADER]), raw.parse().id
         other = workers[1 - holder]
-        before = other.http_requests.get("/v1/responses", 0)
+        before = other.http_requests().get("/v1/responses", 0)
         workers[holder].stop()
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model=MODEL, input="more", previous_response_id=rid)
-        assert other.http_requests["/v1/responses"] == before + 1
+        assert other.http_requests()["/v1/responses"] == before + 1
 
 
 def test_responses_request_errors_name_the_field(openai_client: Any) -> None:
@@ -145,7 +145,7 @@ def test_responses_request_errors_name_the_field(openai_client: Any) -> None:
             status, _, raw = post(url, body)
             err = json.loads(raw)["error"]
             assert status == 400 and (err["param"], err["code"]) == (param, code), raw
-        assert not workers[0].requests
+        assert not workers[0].requests()
 
 
 def test_a_stream_breaking_ends_with_a_responses_error_event() -> None:
@@ -237,7 +237,7 @@ def test_embeddings_tokenize_and_detokenize_pass_through(openai_client: Any) -> 
         assert status == 400 and (err["param"], err["code"]) == ("input", "bad_request")
         status, _, raw = post(proxy.url + "/tokenize", {"model": "nope", "prompt": "hi"})
         assert status == 404 and json.loads(raw)["error"]["code"] == "model_not_found"
-        assert all(not w.requests for w in workers)  # nothing generated, nothing cached
+        assert all(not w.requests() for w in workers)  # nothing generated, nothing cached
         for w in workers:
             w.stop()
         status, _, raw = post(proxy.url + "/tokenize", {"model": MODEL, "prompt": "hi"})

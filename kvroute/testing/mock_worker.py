@@ -87,7 +87,14 @@ class MockWorker:
     The servers run on a background thread with its own event loop;
     :meth:`start` returns once the HTTP, PUB and replay sockets are listening.
     :meth:`stop` then :meth:`start` is an engine restart: same ports, sequence
-    numbers from 0, empty cache (the request log and counters are kept).
+    numbers from 0, empty cache and no stored Responses (the request log and
+    counters are kept).
+
+    Settings and addresses are properties; what reads the worker's state is
+    a method returning a snapshot (:meth:`stats`, :meth:`requests`,
+    :meth:`http_requests`, :meth:`cache_hits`, :meth:`cached_block_hashes`),
+    as ``Router.stats()`` is. ``kvroute mock-worker`` runs one from the
+    command line (:mod:`kvroute.testing.cli`).
 
     :param model: the served model name; requests naming another model (and no
         LoRA adapter) get 404.
@@ -494,15 +501,13 @@ class MockWorker:
         return publisher.next_seq if publisher is not None else 0
 
     # ------------------------------------------------------------------
-    # Observation (any thread)
+    # Observation (any thread): snapshots, so methods
     # ------------------------------------------------------------------
 
-    @property
     def requests(self) -> list[RequestRecord]:
         """Every admitted prompt, in admission order (snapshots)."""
         return self._engine.requests()
 
-    @property
     def http_requests(self) -> dict[str, int]:
         """HTTP requests received so far, by path (e.g. ``"/v1/messages/render"``).
 
@@ -511,12 +516,10 @@ class MockWorker:
         """
         return self._engine.http_requests()
 
-    @property
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
         return self._engine.cache_hits()
 
-    @property
     def stats(self) -> WorkerStats:
         """Counters and cache occupancy."""
         return self._engine.stats()
