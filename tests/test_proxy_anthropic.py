@@ -110,9 +110,13 @@ def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(
             reads.append(usage.cache_read_input_tokens)
             record = workers[worker].requests()[-1]
             assert record.request_id == rid
-            # The SDK's figures are the worker's real hits and its prompt.
+            # The SDK's figures are the worker's real hits and its prompt; the
+            # worker reported no writes: the rest of the prompt is its writes.
             assert usage.cache_read_input_tokens == workers[worker].cache_hits()[rid]
-            assert usage.input_tokens + usage.cache_read_input_tokens == record.prompt_tokens
+            assert usage.cache_creation_input_tokens == (
+                record.prompt_tokens - usage.cache_read_input_tokens
+            )
+            assert usage.input_tokens == 0
             # The router saw the tokens the worker rendered.
             assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         assert len(set(served)) == 1, served

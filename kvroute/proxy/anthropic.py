@@ -486,10 +486,10 @@ def fill_usage(usage: dict[str, Any], predicted_cached_tokens: int) -> bool:
 class AnthropicStream:
     """Watch an Anthropic SSE stream going through; fill cache reads in if missing.
 
-    Events pass byte for byte, except ``message_start`` (and the
-    ``message_delta`` after it) when the worker's usage lacks
-    ``cache_read_input_tokens``: those are re-encoded with the router's
-    prediction filled in (see :func:`fill_usage`), and :attr:`predicted` is set.
+    Events pass byte for byte, except a ``message_start`` or ``message_delta``
+    whose usage (with ``input_tokens``) lacks cache figures: it is re-encoded
+    with them filled in (see :func:`fill_usage`); :attr:`predicted` says
+    whether the reads passed on are the router's prediction.
 
     :param predicted_cached_tokens: the router's prediction for the request.
     :param on_event: called with each content event's JSON (``content_block_start``
@@ -544,7 +544,11 @@ class AnthropicStream:
                     holder = obj.get("message") if kind == "message_start" else obj
                     usage = holder.get("usage") if isinstance(holder, dict) else None
                     reported = isinstance(usage, dict) and "cache_read_input_tokens" in usage
-                    patched = (kind == "message_start" or self.predicted) and self._patch(usage)
+                    # a delta is completed when the start was, or when it
+                    # carries the worker's own reads (its writes then filled)
+                    patched = (
+                        kind == "message_start" or self.predicted or reported
+                    ) and self._patch(usage)
                     if reported:
                         # The worker's own reads (a vLLM with prompt token details
                         # reports them in message_delta only): they are the

@@ -78,20 +78,18 @@ def anthropic_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) 
     """Anthropic ``usage`` with the prefix-cache hit: ``input_tokens`` excludes cache reads.
 
     Not every vLLM reports this. Its Anthropic converter long reported only
-    ``input_tokens`` (the whole prompt) and ``output_tokens``; the newest one
-    (``_build_anthropic_usage``) adds ``cache_read_input_tokens`` and
-    ``cache_creation_input_tokens`` when the server runs with
-    ``--enable-prompt-tokens-details``, and in streams only in the final
-    ``message_delta``. The mock always reports them, everywhere, with no
-    cache writes (``cache_creation_input_tokens`` is 0), so that
-    ``input_tokens + cache_read_input_tokens`` is the prompt length and tests
-    can compare the worker's real hits with what a client is told.
+    ``input_tokens`` (the whole prompt) and ``output_tokens``; newer ones add
+    the cache figures when the server runs with
+    ``--enable-prompt-tokens-details``, in streams only in the final
+    ``message_delta``. The mock always reports its reads, everywhere, so that
+    tests can compare the worker's real hits with what a client is told, and
+    no ``cache_creation_input_tokens`` (the proxy fills it in:
+    ``input_tokens + cache_read_input_tokens`` is the prompt length).
     """
     return {
         "input_tokens": prompt_tokens - cached_tokens,
         "output_tokens": output_tokens,
         "cache_read_input_tokens": cached_tokens,
-        "cache_creation_input_tokens": 0,
     }
 
 
