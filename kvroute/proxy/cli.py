@@ -21,8 +21,9 @@ DESCRIPTION: Final = """\
 An OpenAI- and Anthropic-compatible HTTP proxy that sends each request to the
 worker holding the longest prefix of its prompt in KV cache.
 
-Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
-not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Give every
+Serves /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages
+(streaming or not), /v1/messages/count_tokens, /v1/embeddings, /tokenize,
+/detokenize, /v1/models, /health and /metrics. Give every
 worker with --worker; worker ids are their positions (0, 1, ...). With an
 events endpoint per worker the router follows the workers' KV events over
 ZMQ; without, it predicts residency from its own decisions.
