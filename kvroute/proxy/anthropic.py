@@ -126,8 +126,13 @@ def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) ->
         raise _bad("model: Field required (a string)")
     if not count_tokens:
         mt = body.get("max_tokens")
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+        if mt is None:
             raise _bad("max_tokens: Field required (an integer >= 1)")
+        if isinstance(mt, bool) or not isinstance(mt, int):
+            raise _bad("max_tokens: must be an integer")
+        if mt < 1:
+            # vLLM's own answer (its sampling parameters refuse it)
+            raise ProxyError(400, f"max_tokens must be at least 1, got {mt}.", param="max_tokens")
         if "stream" in body and not isinstance(body["stream"], bool):
             raise _bad("stream: must be a boolean")
     messages = body.get("messages")
