@@ -472,9 +472,10 @@ class Router:
             hashes were given as keys; and as ``BlockIndex.store``.
         """
         keys = as_u64_array(keys)
-        if engine_hashes is not None and len(keys):
-            handles = as_u64_array(engine_hashes, "engine_hashes")
-            if np.array_equal(handles, keys):
+        if engine_hashes is not None:
+            engine_hashes = as_u64_array(engine_hashes, "engine_hashes")
+            # one comparison before the whole arrays: this runs for every stored event
+            if len(keys) and engine_hashes[0] == keys[0] and np.array_equal(engine_hashes, keys):
                 raise ValueError(
                     "apply_stored(): keys equal engine_hashes. keys are kvroute keys "
                     "(kvroute_block_hashes(token_ids, block_size)), not the engine's block "

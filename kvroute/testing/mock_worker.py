@@ -529,7 +529,7 @@ class MockWorker:
         return self._engine.cached_block_hashes()
 
     def clear_log(self) -> None:
-        """Forget finished requests, counters and :attr:`http_requests` (the cache is kept)."""
+        """Forget finished requests, counters and :meth:`http_requests` (the cache is kept)."""
         self._engine.clear_log()
 
     def block_hashes(
