@@ -61,7 +61,10 @@ class PassThrough:
         start = ids.index(first)
 
         def load(w: int) -> float:
-            view = self.router.load(w)
+            try:
+                view = self.router.load(w)
+            except KeyError:  # left the router while the pool still lists it
+                return float("inf")
             return float(view["active_requests"]) + float(view["waiting_requests"])
 
         rotated = ids[start:] + ids[:start]
