@@ -49,7 +49,7 @@ def test_stopped_worker_request_is_retried_and_worker_recovers(stream: bool) -> 
         assert status == 200 and served == other, raw
         if stream:
             assert sse_data(raw)[-1] == "[DONE]"
-        assert "t2" in workers[other].cache_hits
+        assert "t2" in workers[other].cache_hits()
         m = proxy.proxy.metrics
         assert m.value("kvroute_proxy_retries_total") == 1
         assert m.value("kvroute_upstream_errors_total", {"worker": str(first)}) == 1
@@ -175,7 +175,7 @@ def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event() ->
             workers[worker].pause()
             rest = r.read()
         payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
-        assert "error" in payloads[-1] and payloads[-1]["error"]["code"] == 502
+        assert "error" in payloads[-1] and payloads[-1]["error"]["code"] == "bad_gateway"
         assert proxy.router.load(worker)["healthy"] is False
         assert proxy.router.load(worker)["active_requests"] == 0
         assert (

@@ -318,14 +318,14 @@ def test_every_tokenizing_mode_gives_the_workers_token_ids(mode: str, tokenizer_
             status, headers, raw = post(proxy.url + path, body, {"X-Request-Id": path})
             assert status == 200, raw
             worker = workers[int(headers["X-Kvroute-Worker"])]
-            record = worker.requests[-1]
+            record = worker.requests()[-1]
             assert record.request_id == path
             routed = routed_requests(proxy.router)[-1]
             assert list(routed.tokens) == list(record.prompt_token_ids), path
         # The tokens came the chosen way, not through a silent fallback.
         served: dict[str, int] = {}
         for w in workers:
-            for p, n in w.http_requests.items():
+            for p, n in w.http_requests().items():
                 served[p] = served.get(p, 0) + n
         render_paths = ["/v1/chat/completions/render", "/v1/completions/render",
                         "/v1/messages/render"]  # fmt: skip
@@ -372,7 +372,7 @@ def test_render_falls_back_to_tokenize_and_template_errors_are_400(
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 200
         assert proxy.proxy.preparer.no_render == {missing["chat"]}
-        record = workers[0].requests[-1]
+        record = workers[0].requests()[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         bad = {"model": MODEL, "messages": [{"role": "user", "content": 7}], "max_tokens": 1}
         status, _, raw = post(proxy.url + "/v1/chat/completions", bad)
@@ -383,7 +383,7 @@ def test_render_falls_back_to_tokenize_and_template_errors_are_400(
     ):
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 400 and "nope" in json.loads(raw)["error"]["message"]
-        assert workers[0].requests == []
+        assert workers[0].requests() == []
 
 
 # -- token ids in a worker's answer ------------------------------------------------------

@@ -2,7 +2,7 @@
 
 :class:`ProxyApp` holds the proxy's state and wires its parts into an aiohttp
 application. A generation request (``/v1/completions``,
-``/v1/chat/completions``, ``/v1/messages``) goes through them in turn:
+``/v1/chat/completions``, ``/v1/messages``, ``/v1/responses``) goes through them in turn:
 
 1. :mod:`~kvroute.proxy.prepare`: read and check the body, map the model
    (:mod:`~kvroute.proxy.models`), read the hints, tokenize the prompt as
@@ -17,15 +17,20 @@ application. A generation request (``/v1/completions``,
 4. :mod:`~kvroute.proxy.warmup`: with the speculative-prefill hint and a
    session, warm the session's next turn in the background.
 
+A ``/v1/responses`` request continuing a ``previous_response_id`` goes
+first to the worker that produced it (:mod:`~kvroute.proxy.responses`: its
+:class:`~kvroute.proxy.responses.ResponseStore`), whose memory holds it.
+
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
-``/v1/models``, ``/health``, ``/metrics`` and, with an admin token, the
-admin API (:mod:`~kvroute.proxy.admin`). The startup starts the KV-event
-subscriber (:mod:`~kvroute.proxy.subscription`), opens the upstream
-connections, starts following the fleet's membership
+``/v1/embeddings``, ``/tokenize`` and ``/detokenize`` (sent to one worker,
+:mod:`~kvroute.proxy.passthrough`), ``/v1/models``, ``/health``, ``/metrics``
+and, with an admin token, the admin API (:mod:`~kvroute.proxy.admin`). The
+startup starts the KV-event subscriber (:mod:`~kvroute.proxy.subscription`),
+opens the upstream connections, starts following the fleet's membership
 (:mod:`~kvroute.proxy.fleet`) and runs the health checker
-(:mod:`~kvroute.proxy.workers`); the cleanup stops them. Errors are
-answered in the called API's shape (:mod:`~kvroute.proxy.errors`), the
-proxy's own bugs included.
+(:mod:`~kvroute.proxy.workers`); the cleanup stops them. Errors are answered
+in the called API's shape (:mod:`~kvroute.proxy.errors`), the proxy's own
+bugs included.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ from ..fleet.membership import Membership
 from ..request import Decision
 from ..router import Router
 from .admin import AdminApi
-from .call import Api, Kind, api_of
+from .call import Api, Call, Kind, api_of
 from .config import ProxyConfig
 from .count_tokens import count_tokens
 from .errors import ProxyError, error_body
 from .fleet import ProxyFleet
 from .models import Models
+from .passthrough import PASS_THROUGH_PATHS, PassThrough
 from .prepare import Preparer
 from .relay import (
     CACHE_SOURCE_HEADER,
@@ -59,6 +65,7 @@ from .relay import (
     Relayed,
     failure_response,
 )
+from .responses import LocalResponseStore, ResponseStore
 from .subscription import EventSubscription
 from .tokenize import LocalTokenizer
 from .upstream import AttemptFailed, Lifecycle, Upstream
@@ -89,6 +96,8 @@ class ProxyApp:
         ``config.tokenizer`` when tokenizing locally).
     :param membership: the fleet's workers (default: from ``config``; see
         :class:`~kvroute.proxy.fleet.ProxyFleet`).
+    :param responses: where Responses API answers live (default: a
+        :class:`~kvroute.proxy.responses.LocalResponseStore`).
     :raises ValueError, OSError: a bad workers file.
     """
 
@@ -100,6 +109,7 @@ class ProxyApp:
         metrics: Metrics | None = None,
         tokenizer: LocalTokenizer | None = None,
         membership: Membership | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.config = config
         #: The fleet's workers, their sources, and the changes followed while serving.
@@ -143,6 +153,10 @@ class ProxyApp:
             router, config, self.metrics, self.pool, enabled=self.fleet.follows_events(router)
         )
         self.fleet.attach(router, self.pool, self.events, self.metrics)
+        #: Which worker holds each Responses API answer.
+        self.responses: ResponseStore = responses if responses is not None else LocalResponseStore()
+        #: Embeddings, tokenize and detokenize, sent to one worker.
+        self.passthrough = PassThrough(router, self.preparer, self.upstream)
         self._health: asyncio.Task[None] | None = None
         if self.events.enabled and not all(s.events_endpoint for s in specs.values()):
             log.warning(
@@ -159,6 +173,9 @@ class ProxyApp:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_post("/v1/responses", self._responses)
+        for path in PASS_THROUGH_PATHS:
+            app.router.add_post(path, self._passthrough)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health_endpoint)
         app.router.add_get("/metrics", self._metrics)
@@ -256,6 +273,12 @@ class ProxyApp:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "messages")
 
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "responses")
+
+    async def _passthrough(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "openai", self.passthrough.serve(request))
+
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
         counted = count_tokens(request, self.preparer, self.upstream)
         return await self._answer(request, "anthropic", counted)
@@ -278,6 +301,13 @@ class ProxyApp:
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
+    def _holder(self, call: Call) -> int | None:
+        """The healthy worker holding the response a Responses request continues, if known."""
+        previous = call.body.get("previous_response_id") if call.kind == "responses" else None
+        worker = self.responses.worker_of(previous) if isinstance(previous, str) else None
+        state = self.pool.workers.get(worker) if worker is not None else None
+        return worker if state is not None and state.healthy else None
+
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         if not self.pool.workers:
             why = "the fleet has no worker yet (they join through the admin API, a file or DNS)"
@@ -288,12 +318,15 @@ class ProxyApp:
         async def answer(
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
         ) -> Relayed:
-            return await self.relay.answer(
+            relayed = await self.relay.answer(
                 request, call, decision, response, lc, collect=routed.speculative_prefill
             )
+            if relayed.response_id is not None and call.body.get("store") is not False:
+                self.responses.remember(relayed.response_id, decision.worker)
+            return relayed
 
         try:
-            relayed = await self.upstream.send(routed, call, answer)
+            relayed = await self.upstream.send(routed, call, answer, prefer=self._holder(call))
         except AttemptFailed as last:  # every attempt failed
             return failure_response(call, last)
         if routed.speculative_prefill:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 __all__ = ["Api", "Call", "Kind", "api_of"]
 
 #: The generation endpoints a prompt comes from.
-Kind = Literal["completions", "chat", "messages"]
+Kind = Literal["completions", "chat", "messages", "responses"]
 #: Which API's conventions a response follows.
 Api = Literal["openai", "anthropic"]
 

@@ -22,13 +22,13 @@ DESCRIPTION: Final = """\
 An OpenAI- and Anthropic-compatible HTTP proxy that sends each request to the
 worker holding the longest prefix of its prompt in KV cache.
 
-Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
-not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Name workers
-with --worker (their ids are their positions: 0, 1, ...), a --workers-file
-(watched), --worker-dns (re-resolved), or the admin API (--admin-token); see
+Serves /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages
+(streaming or not), /v1/messages/count_tokens, /v1/embeddings, /tokenize,
+/detokenize, /v1/models, /health and /metrics. Name workers with --worker
+(their ids are their positions: 0, 1, ...), a --workers-file (watched),
+--worker-dns (re-resolved), or the admin API (--admin-token); see
 docs/workers.md. With an events endpoint per worker the router follows the
-workers' KV events over ZMQ; without, it predicts residency from its own
-decisions.
+workers' KV events; without, it predicts residency from its own decisions.
 """
 
 EPILOG: Final = """\

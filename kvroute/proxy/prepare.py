@@ -45,10 +45,11 @@ from ..router import Router
 from .anthropic import anthropic_hints, validate_messages
 from .call import Call, Kind
 from .config import ProxyConfig
-from .errors import ProxyError, lacks_endpoint, upstream_message
+from .errors import ProxyError, invalid, lacks_endpoint, upstream_message
 from .hints import Hints, common_prefix, pinned_breakpoints
 from .models import Models
-from .openai import openai_hints
+from .openai import check_max_tokens, openai_hints
+from .responses import check_responses
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
@@ -121,7 +122,10 @@ class Preparer:
         """
         call, hints = await self._read(request, kind)
         tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
-        speculative = hints.speculative_prefill or self.config.speculative_prefill
+        # a Responses conversation continues in the worker's memory: nothing to warm
+        speculative = kind != "responses" and (
+            hints.speculative_prefill or self.config.speculative_prefill
+        )
         try:
             routed = Request(
                 next(self._ids),
@@ -148,19 +152,29 @@ class Preparer:
             validate_messages(body)
         elif kind == "chat":
             messages = body.get("messages")
+            if messages is None:
+                raise invalid("messages: Field required (a non-empty list)")
             if not isinstance(messages, list) or not messages:
-                raise ProxyError(400, "messages: must be a non-empty list")
-        elif "prompt" not in body:
-            raise ProxyError(400, "prompt: Field required")
+                raise invalid("messages: must be a non-empty list")
+        elif kind == "completions" and "prompt" not in body:
+            raise invalid("prompt: Field required")
+        elif kind == "responses":
+            check_responses(body)
+        if kind != "messages":
+            check_max_tokens(body)
         changed = self.models.resolve(body)
         header = self.config.session_header
         if kind == "messages":
             hints = anthropic_hints(body, request.headers, header)
         else:
             hints = openai_hints(body, request.headers, header)
+            key = body.get("prompt_cache_key")
+            if kind == "responses" and hints.session_id is None and isinstance(key, str) and key:
+                # OpenAI's cache-routing key; Codex sends its conversation's id
+                hints = replace(hints, session_id=key)
         stream = body.get("stream") is True
         strip_usage = False
-        if stream and kind != "messages":
+        if stream and kind in ("completions", "chat"):
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for the usage chunk (token counts, cache hits); the client
@@ -254,6 +268,10 @@ class Preparer:
             use_render = render not in self.no_render
             path = render if use_render else "/tokenize"
             data = call.data if use_render else json.dumps(tokenize_body(call.kind, call.body))
+            if use_render and call.body.get("previous_response_id") is not None:
+                # vLLM's Responses render is stateless: the request's own prompt only
+                own = {k: v for k, v in call.body.items() if k != "previous_response_id"}
+                data = json.dumps(own, ensure_ascii=False)
             try:
                 status, text, _ = await self.upstream.exchange(w, path, data, call.headers)
             except AttemptFailed as e:
@@ -284,7 +302,13 @@ class Preparer:
                 last = f"worker {w} answered {status} to {path}"
                 continue
             if status >= 400:
-                raise ProxyError(status, message or f"the worker refused the prompt ({status})")
+                err = answer.get("error") if isinstance(answer, dict) else None
+                param = err.get("param") if isinstance(err, dict) else None
+                raise ProxyError(
+                    status,
+                    message or f"the worker refused the prompt ({status})",
+                    param=param if isinstance(param, str) else None,
+                )
             try:
                 if use_render:
                     return render_token_ids(call.kind, answer)

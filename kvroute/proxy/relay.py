@@ -8,7 +8,8 @@ handler of :meth:`~kvroute.proxy.upstream.Upstream.send`):
   engine) is rewrapped, its message kept (:func:`error_response`);
 - a JSON answer passes on once read whole; on ``/v1/messages`` its
   ``usage`` gets the router's prediction where the worker reported no cache
-  reads (:func:`~kvroute.proxy.anthropic.fill_usage`);
+  reads, and the tokens not read as cache writes where it reported none
+  (:func:`~kvroute.proxy.anthropic.fill_usage`);
 - an SSE stream passes on event by event, unchanged but for the few events
   :class:`~kvroute.proxy.openai.OpenAIStream` and
   :class:`~kvroute.proxy.anthropic.AnthropicStream` describe. A worker
@@ -42,9 +43,10 @@ from ..events.metrics import Metrics
 from ..request import Decision
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call
-from .errors import ProxyError, error_body, upstream_message
+from .errors import ProxyError, error_body, openai_error, upstream_message
 from .hints import Usage
 from .openai import OpenAIStream, openai_usage
+from .responses import ResponsesStream, response_id_of, responses_usage
 from .sse import encode_event
 from .upstream import CONNECTION_ERRORS, AttemptFailed, Lifecycle
 from .warmup import ReplyCollector, reply_of
@@ -77,34 +79,45 @@ class Relayed:
     :param response: the response the client got (already sent when streamed).
     :param reply: the reply generated, when asked for and the answer completed
         (see :func:`~kvroute.proxy.warmup.reply_of`); else None.
+    :param response_id: a Responses API answer's id (the worker keeps it), else None.
     """
 
     response: web.StreamResponse
     reply: Any = None
+    response_id: str | None = None
 
 
 def error_response(
     api: Api, status: int, body: bytes, headers: dict[str, str], fallback: str = ""
 ) -> web.Response:
-    """A worker's error answer, passed on; in Anthropic's shape on ``/v1/messages``.
+    """A worker's error answer, passed on in the shape of the API called.
 
-    (vLLM's own Messages errors already are; a gateway's HTML page or an
-    OpenAI-shaped error before the engine is rewrapped, its message kept,
-    else ``fallback``, else the status.)
+    On ``/v1/messages``, vLLM's own Messages errors already are Anthropic's;
+    a gateway's HTML page or an OpenAI-shaped error before the engine is
+    rewrapped, its message kept, else ``fallback``, else the status. On
+    OpenAI endpoints every error is rewritten in the proxy's OpenAI shape
+    (:func:`~kvroute.proxy.errors.openai_error`: the worker's message and
+    ``param``, a string ``code``).
 
     >>> r = error_response("anthropic", 502, b"<html>Bad Gateway</html>", {})
     >>> r.status, json.loads(r.body)["error"]
     (502, {'type': 'api_error', 'message': 'the worker answered 502'})
+    >>> vllm = b'{"error": {"message": "bad", "type": "BadRequestError", "code": 400}}'
+    >>> json.loads(error_response("openai", 400, vllm, {}).body)["error"]["code"]
+    'bad_request'
     """
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
     if api == "anthropic":
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
         if not (isinstance(obj, dict) and obj.get("type") == "error"):
             message = upstream_message(obj) or fallback or f"the worker answered {status}"
             body = json.dumps(error_body("anthropic", ProxyError(status, message))).encode()
             headers = {**headers, "Content-Type": "application/json"}
+    else:
+        body = json.dumps(openai_error(status, obj, fallback), ensure_ascii=False).encode()
+        headers = {**headers, "Content-Type": "application/json"}
     return web.Response(status=status, body=body, headers=headers)
 
 
@@ -220,12 +233,13 @@ class Relay:
         if isinstance(obj, dict):
             raw_usage = obj.get("usage")
             if call.kind == "messages":
-                if isinstance(raw_usage, dict) and fill_usage(
-                    raw_usage, decision.predicted_cached_tokens
-                ):
-                    predicted = True
-                    data = json.dumps(obj, ensure_ascii=False).encode()
+                if isinstance(raw_usage, dict):
+                    predicted = "cache_read_input_tokens" not in raw_usage
+                    if fill_usage(raw_usage, decision.predicted_cached_tokens):
+                        data = json.dumps(obj, ensure_ascii=False).encode()
                 usage = anthropic_usage(raw_usage)
+            elif call.kind == "responses":
+                usage = responses_usage(raw_usage)
             else:
                 usage = openai_usage(raw_usage)
         if usage is not None:
@@ -236,7 +250,8 @@ class Relay:
         self._account(call, decision, usage, predicted)
         lc.finish()
         response = web.Response(status=upstream.status, body=data, headers=headers)
-        return Relayed(response, reply_of(call.kind, obj) if collect else None)
+        response_id = response_id_of(obj) if call.kind == "responses" else None
+        return Relayed(response, reply_of(call.kind, obj) if collect else None, response_id)
 
     async def _stream(
         self,
@@ -247,11 +262,13 @@ class Relay:
         lc: Lifecycle,
         collect: bool,
     ) -> Relayed:
-        watcher: OpenAIStream | AnthropicStream
+        watcher: OpenAIStream | AnthropicStream | ResponsesStream
         collector = ReplyCollector(call.kind) if collect else None
         on_event = None if collector is None else collector.feed
         if call.kind == "messages":
             watcher = AnthropicStream(decision.predicted_cached_tokens, on_event=on_event)
+        elif call.kind == "responses":
+            watcher = ResponsesStream(on_event=on_event)
         else:
             watcher = OpenAIStream(strip_usage=call.strip_usage, on_event=on_event)
         resp: web.StreamResponse | None = None
@@ -296,9 +313,15 @@ class Relay:
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
             err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
+            body = error_body(call.api, err)
             event = "error" if call.api == "anthropic" else None
+            if isinstance(watcher, ResponsesStream):
+                # the Responses stream's own error event
+                body = {**body["error"], "type": "error",
+                        "sequence_number": watcher.sequence_number + 1}  # fmt: skip
+                event = "error"
             with contextlib.suppress(ConnectionError):
-                await resp.write(encode_event(error_body(call.api, err), event))
+                await resp.write(encode_event(body, event))
             lc.fail()
         else:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
@@ -311,4 +334,5 @@ class Relay:
                 lc.finish()
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
-        return Relayed(resp, reply)
+        response_id = watcher.response_id if isinstance(watcher, ResponsesStream) else None
+        return Relayed(resp, reply, response_id)

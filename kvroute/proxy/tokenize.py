@@ -38,7 +38,8 @@ import msgspec
 from .._chat_template import chat_template_environment
 from .anthropic import to_chat
 from .call import Kind
-from .errors import ProxyError
+from .errors import ProxyError, invalid
+from .responses import responses_to_chat
 
 __all__ = [
     "DEFAULT_IMAGE_PLACEHOLDER",
@@ -57,6 +58,8 @@ RENDER_PATHS: Final[Mapping[str, str]] = {
     "completions": "/v1/completions/render",
     "chat": "/v1/chat/completions/render",
     "messages": "/v1/messages/render",
+    # stateless: previous_response_id is refused there (the proxy leaves it out)
+    "responses": "/v1/responses/render",
 }
 
 # A template that loops over a message's content takes OpenAI content parts;
@@ -76,7 +79,7 @@ DEFAULT_IMAGE_PLACEHOLDER: Final = "<image>"
 
 
 def _bad(message: str) -> ProxyError:
-    return ProxyError(400, message)
+    return invalid(message)
 
 
 def _token_text(value: object) -> str:
@@ -340,7 +343,7 @@ def prompt_token_ids(body: Mapping[str, Any]) -> list[int] | None:
             return None
         if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             return list(ids)
-        raise ProxyError(400, "prompt: token ids must be non-negative integers")
+        raise invalid("prompt: token ids must be non-negative integers")
     return None
 
 
@@ -358,12 +361,12 @@ def _first_text_prompt(body: Mapping[str, Any]) -> str:
 def _chat_parts(body: Mapping[str, Any]) -> tuple[list[Any], list[Any] | None]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProxyError(400, "messages: must be a non-empty list")
+        raise invalid("messages: must be a non-empty list")
     if not all(isinstance(m, dict) for m in messages):
-        raise ProxyError(400, "messages: every message must be an object")
+        raise invalid("messages: every message must be an object")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
-        raise ProxyError(400, "tools: must be a list")
+        raise invalid("tools: must be a list")
     return messages, tools
 
 
@@ -383,6 +386,9 @@ def local_tokens(tok: LocalTokenizer, kind: Kind, body: Mapping[str, Any]) -> li
     if kind == "messages":
         messages, tools = to_chat(body)
         return tok.render_chat(messages, tools=tools, template_kwargs=kwargs)
+    if kind == "responses":
+        messages, tools = responses_to_chat(body)
+        return tok.render_chat(messages, tools=tools, template_kwargs=_reasoning_kwargs(body))
     messages, tools = _chat_parts(body)
     return tok.render_chat(
         messages,
@@ -390,6 +396,13 @@ def local_tokens(tok: LocalTokenizer, kind: Kind, body: Mapping[str, Any]) -> li
         add_generation_prompt=bool(body.get("add_generation_prompt", True)),
         template_kwargs=kwargs,
     )
+
+
+def _reasoning_kwargs(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The template keywords vLLM adds for a Responses request: its ``reasoning.effort``."""
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    return {"reasoning_effort": effort} if effort is not None else None
 
 
 def _ids(value: object) -> list[int] | None:
@@ -467,6 +480,9 @@ def tokenize_body(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "messages":
         messages, tools = to_chat(body)
         add_generation_prompt = True
+    elif kind == "responses":
+        messages, tools = responses_to_chat(body)
+        add_generation_prompt = True
     else:
         messages, tools = _chat_parts(body)
         add_generation_prompt = bool(body.get("add_generation_prompt", True))
@@ -477,6 +493,8 @@ def tokenize_body(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
     out["add_special_tokens"] = False
     if isinstance(body.get("chat_template_kwargs"), dict):
         out["chat_template_kwargs"] = body["chat_template_kwargs"]
+    elif kind == "responses" and (kwargs := _reasoning_kwargs(body)):
+        out["chat_template_kwargs"] = kwargs
     return out
 
 

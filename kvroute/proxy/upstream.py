@@ -29,6 +29,7 @@ attempt's first token and end to the router exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -168,9 +169,14 @@ class Upstream:
 
     # -- attempts ------------------------------------------------------------------------
 
-    async def send(self, request: Request, call: Call, handle: Handler[_T]) -> _T:
+    async def send(
+        self, request: Request, call: Call, handle: Handler[_T], *, prefer: int | None = None
+    ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
+        :param prefer: a worker the first attempt goes to while it is routable
+            (the one holding a Responses conversation); the router still
+            records the decision. Later attempts are routed as usual.
         :raises ProxyError: 503 when no worker can be routed to at all.
         :raises AttemptFailed: the last failure, when every attempt failed.
         """
@@ -178,7 +184,13 @@ class Upstream:
         failure: AttemptFailed | None = None
         for attempt in range(self.config.retries + 1):
             try:
-                decision = self._route(request, tried)
+                decision = None
+                if prefer is not None and not attempt:
+                    others = [w for w in self.router.workers() if w != prefer]
+                    with contextlib.suppress(NoWorkerAvailable):
+                        decision = self._route(request, others)
+                if decision is None:
+                    decision = self._route(request, tried)
             except NoWorkerAvailable as e:
                 if failure is None:
                     raise ProxyError(503, str(e), code="no_worker_available") from None

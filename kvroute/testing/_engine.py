@@ -32,7 +32,13 @@ __all__ = ["GENERATION_PATHS", "Engine", "RequestRecord", "RequestStatus", "Work
 
 #: The endpoints that generate (and so touch the cache); ``fail_next`` applies to these.
 GENERATION_PATHS: Final = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/messages", "/inference/v1/generate"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/responses",
+        "/inference/v1/generate",
+    }
 )
 
 RequestStatus = Literal["running", "finished", "aborted"]

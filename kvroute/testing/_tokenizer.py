@@ -126,11 +126,20 @@ _BILLING_HEADER: Final = "x-anthropic-billing-header"
 
 
 class RequestError(ValueError):
-    """A request the worker rejects; ``status`` is the HTTP status to answer with."""
+    """A request the worker rejects; ``status`` is the HTTP status to answer with.
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    ``param`` names the request field to blame, as vLLM's validation errors
+    do; ``kind`` is the error's ``type`` where vLLM names one (default: from
+    the status, e.g. ``BadRequestError``).
+    """
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, *, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+        self.kind = kind
 
 
 def _fail(message: str) -> NoReturn:
