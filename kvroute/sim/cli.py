@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from .._cli import CommandError
+from ..policies.params import parse_assignment
 from ..traces import TraceError
 from .engine import EngineConfig
 from .plots import plot_replay
@@ -52,6 +53,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Add the ``replay`` command's arguments to ``p``."""
     p.add_argument("trace", metavar="TRACE", help="a trace path, 'default' or 'agentic[:N]'")
     p.add_argument("--policy", default="kvroute", help="comma-separated policy names")
+    p.add_argument(
+        "--policy-param",
+        dest="policy_params",
+        action="append",
+        default=[],
+        type=_assignment,
+        metavar="[POLICY.]NAME=VALUE",
+        help="a policy constructor parameter, e.g. router_temperature=0.5 (repeatable;"
+        " POLICY.NAME sets it for that policy only, a plain NAME for every policy run)",
+    )
     p.add_argument("--workers", type=int, default=8, help="simulated workers (default 8)")
     p.add_argument(
         "--gpu-blocks", type=int, default=_DEFAULTS.num_gpu_blocks, help="KV blocks per worker"
@@ -70,6 +81,26 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="DIR", help="directory for PNG plots")
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    try:
+        return parse_assignment(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _policy_params(names: list[str], assignments: list[tuple[str, str]]) -> dict[str, Any]:
+    """Each policy's parameters (checked before anything runs)."""
+    from ..policies import available_policies, params_by_policy
+
+    registered = [n for n in names if n in available_policies()]
+    for key, _ in assignments:  # the simulator's own dispatchers (sim:...) take none
+        scope = key.rpartition(".")[0]
+        if scope in names and scope not in registered:
+            raise ValueError(f"{key}: {scope!r} takes no parameters")
+    params: dict[str, Any] = params_by_policy(registered, assignments)
+    return {name: params.get(name, {}) for name in names}
+
+
 def run(a: argparse.Namespace) -> int:
     """Run the ``replay`` command with parsed arguments; returns the exit status.
 
@@ -85,6 +116,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _replay(a: argparse.Namespace) -> int:
+    names = [x.strip() for x in a.policy.split(",") if x.strip()]
+    policy_params = _policy_params(names, a.policy_params)  # before the trace loads
     cfg = EngineConfig(
         num_gpu_blocks=a.gpu_blocks,
         block_size=a.block_size,
@@ -109,10 +142,11 @@ def _replay(a: argparse.Namespace) -> int:
         reqs = reqs[: a.limit]
     router_kwargs = {"kv_events": False} if a.approximate else {}
     runs: dict[str, ReplayResult] = {}
-    for name in [x.strip() for x in a.policy.split(",") if x.strip()]:
+    for name in names:
+        params = {"policy_params": policy_params[name]} if policy_params[name] else {}
         runs[name] = replay(
             reqs,
-            make_dispatcher(name, **router_kwargs),
+            make_dispatcher(name, **router_kwargs, **params),
             num_workers=a.workers,
             config=cfg,
             event_lag=a.event_lag,
