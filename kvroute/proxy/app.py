@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..config import RouterConfig
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..request import Decision
 from ..router import Router
@@ -44,7 +45,9 @@ from .config import ProxyConfig
 from .count_tokens import count_tokens
 from .errors import ProxyError, error_body
 from .models import Models
+from .observe import RECORD, Observer
 from .prepare import Preparer
+from .probes import Probes
 from .relay import (
     CACHE_SOURCE_HEADER,
     PREDICTED_HEADER,
@@ -76,8 +79,9 @@ class ProxyApp:
 
     :param config: the configuration.
     :param router: a router to use (default: one built from ``config``:
-        its block size and policy, workers ``0..n-1``, ``kv_events`` when any
-        worker has an events endpoint). Missing workers are added to it.
+        its block size, policy and policy parameters, its ``router`` settings,
+        workers ``0..n-1``, ``kv_events`` when any worker has an events
+        endpoint). Missing workers are added to it.
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
@@ -94,11 +98,14 @@ class ProxyApp:
         self.config = config
         n = len(config.workers)
         if router is None:
+            settings = RouterConfig(
+                block_size=config.block_size, kv_events=config.kv_events, **config.router
+            )
             router = Router(
-                block_size=config.block_size,
                 policy=config.policy,
                 workers=range(n),
-                kv_events=config.kv_events,
+                config=settings,
+                policy_params=config.policy_params,
             )
         else:
             for w in range(n):
@@ -128,6 +135,10 @@ class ProxyApp:
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
         self.events = EventSubscription(router, config, self.metrics, self.pool)
+        #: The access log, request metrics and spans.
+        self.observer = Observer(config, self.metrics, self.pool)
+        #: ``/livez`` and ``/readyz``.
+        self.probes = Probes(self.pool, lambda: self.events.subscriber, config)
         self._health: asyncio.Task[None] | None = None
         if config.kv_events and not all(w.events_endpoint for w in config.workers):
             log.warning(
@@ -139,13 +150,16 @@ class ProxyApp:
 
     def make_app(self) -> web.Application:
         """A new aiohttp application serving this proxy (startup and cleanup included)."""
-        app = web.Application(client_max_size=self.config.max_body_size, middlewares=[self._errors])
+        middlewares = [self.observer.middleware, self._errors]
+        app = web.Application(client_max_size=self.config.max_body_size, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health_endpoint)
+        app.router.add_get("/livez", self.probes.livez)
+        app.router.add_get("/readyz", self.probes.readyz)
         app.router.add_get("/metrics", self._metrics)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -157,17 +171,11 @@ class ProxyApp:
         return self.events.subscriber
 
     async def _startup(self, app: web.Application) -> None:
-        self.events.start()  # first: if it fails, nothing else is open yet
+        self.observer.start()  # first: if it fails, nothing else is open yet
+        self.events.start()
         await self.upstream.start()
         await self.pool.check_all()
         self._health = asyncio.create_task(self.pool.run(), name="kvroute-proxy-health")
-        log.info(
-            "kvroute proxy: %d workers (%d healthy), %s, tokenizing %s",
-            len(self.pool.workers),
-            len(self.pool.healthy()),
-            "KV events" if self.config.kv_events else "approximate mode (no KV events)",
-            "locally" if self.tokenizer is not None else "on the workers",
-        )
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.warmups.close()
@@ -178,6 +186,7 @@ class ProxyApp:
             self._health = None
         await self.upstream.close()
         await self.events.stop()
+        self.observer.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -262,6 +271,9 @@ class ProxyApp:
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
+        record = request.get(RECORD)
+        if record is not None:
+            self.observer.prepared(record, prepared)
 
         async def answer(
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
@@ -271,9 +283,13 @@ class ProxyApp:
             )
 
         try:
-            relayed = await self.upstream.send(routed, call, answer)
+            relayed = await self.upstream.send(routed, call, answer, record)
         except AttemptFailed as last:  # every attempt failed
+            if record is not None:
+                record.outcome = "upstream_failed"
             return failure_response(call, last)
+        if record is not None:
+            record.relayed(relayed)
         if routed.speculative_prefill:
             assert routed.session_id is not None
             self.warmups.warm(call, routed.session_id, relayed.reply)
