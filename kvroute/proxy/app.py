@@ -18,10 +18,14 @@ application. A generation request (``/v1/completions``,
    session, warm the session's next turn in the background.
 
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
-``/v1/models``, ``/health`` and ``/metrics``. The startup starts the KV-event
-subscriber (:mod:`~kvroute.proxy.subscription`), opens the upstream
-connections and runs the health checker (:mod:`~kvroute.proxy.workers`);
-the cleanup stops them. Errors are answered in the called API's shape
+``/v1/models``, ``/health``, ``/livez`` and ``/readyz``
+(:mod:`~kvroute.proxy.probes`) and ``/metrics``. Every API request is
+recorded from arrival to end (:mod:`~kvroute.proxy.observe`: the access
+log, the request histograms, a span with ``tracing``). The startup opens
+the access log, starts the KV-event subscriber
+(:mod:`~kvroute.proxy.subscription`), opens the upstream connections and
+runs the health checker (:mod:`~kvroute.proxy.workers`); the cleanup stops
+them. Errors are answered in the called API's shape
 (:mod:`~kvroute.proxy.errors`), the proxy's own bugs included.
 """
 
