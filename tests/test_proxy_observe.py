@@ -489,6 +489,33 @@ def test_cli_drains_on_sigterm(tmp_path: Path) -> None:
     assert lines["late"]["status"] == 200
 
 
+def test_cli_cuts_off_what_outlives_the_drain_timeout(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    worker = MockWorker(publish_events=False, token_delay=0.1).start()
+    try:
+        with _proxy_process("--worker", worker.url, "--drain-timeout", "0.5",
+                            "--access-log", str(log)) as (proc, url):  # fmt: skip
+            def cut_off() -> None:
+                # the stream is cut when the proxy stops: the read fails
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    post(url + "/v1/chat/completions", _stream_body(100),
+                         {"X-Request-Id": "long"}, timeout=30)  # fmt: skip
+
+            t = threading.Thread(target=cut_off)
+            t.start()
+            assert wait_until(lambda: worker.requests and worker.requests[-1].completion_tokens > 0)
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=30)
+            t.join(30)
+    finally:
+        worker.stop()
+    assert proc.returncode == 0, err
+    assert "SIGINT received: draining 1 request (up to 0.5s)" in err
+    assert "stopped: 1 request cut off" in err
+    line = _lines(log)["long"]
+    assert line["outcome"] == "shutdown" and line["status"] == 499
+
+
 def test_cli_port_in_use_fails_before_announcing() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

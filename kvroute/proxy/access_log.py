@@ -8,10 +8,12 @@ A line is built once, from the request's
 - ``time``: when it ended, UTC, ISO 8601 with milliseconds;
 - ``id``: the request id (``X-Request-Id``, the client's or the proxy's);
 - ``method``, ``path``: the API called (``POST /v1/chat/completions``...);
-- ``status``: the HTTP status answered (499: the client left before it);
+- ``status``: the HTTP status answered (499: the handler was cancelled before
+  it ended: the proxy stopped, or the connection was dropped);
 - ``outcome``: ``ok``, ``error`` (an error status), ``client_closed``,
   ``stream_broken`` (the worker's stream broke), ``stream_error`` (the
-  worker sent an error event), ``upstream_failed`` (every attempt failed);
+  worker sent an error event), ``upstream_failed`` (every attempt failed),
+  ``shutdown`` (cut off when the proxy stopped, after its drain timeout);
 - ``model``: the model sent to the worker (after ``--model-map``);
 - ``session``: the agent session, if any;
 - ``stream``: whether the client asked for a stream;

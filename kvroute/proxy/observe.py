@@ -255,6 +255,8 @@ class Observer:
             self.tracing = Tracing()
         #: API requests being served now.
         self.in_flight = 0
+        #: Set when the proxy stops: requests cut off then are logged as ``shutdown``.
+        self.stopping = False
         self._idle: asyncio.Event | None = None
         with contextlib.suppress(ValueError):  # a Metrics shared by two proxies has them
             metrics.registry.register(_WorkerCollector(self))
@@ -304,8 +306,9 @@ class Observer:
                 if transport is None or transport.is_closing():  # gone before its answer
                     record.outcome = "client_closed"
             return response
-        except asyncio.CancelledError:  # the client went away before the answer
-            record.status, record.outcome = 499, "client_closed"
+        except asyncio.CancelledError:  # the client went away, or the proxy cut it at its stop
+            record.status = 499
+            record.outcome = "shutdown" if self.stopping else "client_closed"
             raise
         except web.HTTPException as e:
             record.status = e.status

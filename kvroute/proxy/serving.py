@@ -152,5 +152,6 @@ async def serve(
         for sig in signals:
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
+    proxy.observer.stopping = True
     await runner.cleanup()
     log.info("stopped%s", f": {plural(left, 'request')} cut off" if left else "")
