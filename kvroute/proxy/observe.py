@@ -228,8 +228,13 @@ def _ms(seconds: float) -> float:
     return float(f"{seconds * 1000.0:.3f}")
 
 
-#: Where a request's record is kept while it is served.
-RECORD: Final = web.RequestKey("kvroute_record", RequestRecord)
+#: Where a request's record is kept while it is served (a plain key before
+#: aiohttp 3.12, which has no ``RequestKey``).
+RECORD: Final[Any] = (
+    web.RequestKey("kvroute_record", RequestRecord)
+    if hasattr(web, "RequestKey")
+    else "kvroute_record"
+)
 
 
 class Observer:
