@@ -454,7 +454,7 @@ def test_cli_drains_on_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     worker = MockWorker(publish_events=False, token_delay=0.1).start()
     try:
-        with _proxy_process("--worker", worker.url, "--drain-delay", "1", "--access-log",
+        with _proxy_process("--worker", worker.url, "--shutdown-delay", "1", "--access-log",
                             str(log), "--health-interval", "0.2") as (proc, url):  # fmt: skip
             got: dict[str, Any] = {}
 
@@ -489,11 +489,11 @@ def test_cli_drains_on_sigterm(tmp_path: Path) -> None:
     assert lines["late"]["status"] == 200
 
 
-def test_cli_cuts_off_what_outlives_the_drain_timeout(tmp_path: Path) -> None:
+def test_cli_cuts_off_what_outlives_the_shutdown_timeout(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     worker = MockWorker(publish_events=False, token_delay=0.1).start()
     try:
-        with _proxy_process("--worker", worker.url, "--drain-timeout", "0.5",
+        with _proxy_process("--worker", worker.url, "--shutdown-timeout", "0.5",
                             "--access-log", str(log)) as (proc, url):  # fmt: skip
             def cut_off() -> None:
                 # the stream is cut when the proxy stops: the read fails

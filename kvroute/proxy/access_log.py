@@ -13,7 +13,7 @@ A line is built once, from the request's
 - ``outcome``: ``ok``, ``error`` (an error status), ``client_closed``,
   ``stream_broken`` (the worker's stream broke), ``stream_error`` (the
   worker sent an error event), ``upstream_failed`` (every attempt failed),
-  ``shutdown`` (cut off when the proxy stopped, after its drain timeout);
+  ``shutdown`` (cut off when the proxy stopped, after its shutdown timeout);
 - ``model``: the model sent to the worker (after ``--model-map``);
 - ``session``: the agent session, if any;
 - ``stream``: whether the client asked for a stream;

@@ -356,14 +356,14 @@ def _add_observability_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_shutdown_args(p: argparse.ArgumentParser) -> None:
-    """Draining on SIGTERM (kvroute.proxy.serving)."""
-    g = p.add_argument_group("stopping")
+    """The proxy's own stop: draining on SIGTERM (kvroute.proxy.serving)."""
+    g = p.add_argument_group("stopping the proxy")
     g.add_argument(
-        "--drain-timeout", type=_positive(float), default=30.0, metavar="S",
+        "--shutdown-timeout", type=_positive(float), default=30.0, metavar="S",
         help="seconds the requests in flight get to finish after SIGINT/SIGTERM (default: 30)",
     )  # fmt: skip
     g.add_argument(
-        "--drain-delay", type=_arg(_non_negative_float), default=0.0, metavar="S",
+        "--shutdown-delay", type=_arg(_non_negative_float), default=0.0, metavar="S",
         help="seconds to keep accepting requests after SIGTERM while /readyz answers 503,"
         " for a load balancer to notice (default: 0)",
     )  # fmt: skip
@@ -474,8 +474,8 @@ def run(args: argparse.Namespace) -> int:
                 proxy,
                 args.host,
                 args.port,
-                drain_timeout=args.drain_timeout,
-                drain_delay=args.drain_delay,
+                shutdown_timeout=args.shutdown_timeout,
+                shutdown_delay=args.shutdown_delay,
                 source=settings.describe(),
             )
         )

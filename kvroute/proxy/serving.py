@@ -12,9 +12,9 @@ SIGTERM:
    prompts are tokenized and where the settings came from (:func:`start_line`);
 3. on the first signal, log it with the requests in flight, and drain:
    ``/readyz`` answers 503 from then on; after SIGTERM the proxy keeps
-   accepting requests for ``drain_delay`` seconds (so a load balancer that
+   accepting requests for ``shutdown_delay`` seconds (so a load balancer that
    polls readiness takes it out first), then stops accepting, and waits up
-   to ``drain_timeout`` seconds for the requests in flight to finish. A
+   to ``shutdown_timeout`` seconds for the requests in flight to finish. A
    second signal ends the waiting;
 4. stop (what is still running is cut), log ``stopped``.
 """
@@ -102,8 +102,8 @@ async def serve(
     host: str,
     port: int,
     *,
-    drain_timeout: float = 30.0,
-    drain_delay: float = 0.0,
+    shutdown_timeout: float = 30.0,
+    shutdown_delay: float = 0.0,
     source: str | None = None,
 ) -> None:
     """Serve ``proxy`` on ``host:port`` until SIGINT or SIGTERM, then drain and stop.
@@ -111,9 +111,9 @@ async def serve(
     :param proxy: the proxy.
     :param host: the address to listen on.
     :param port: the port (0: any free one).
-    :param drain_timeout: seconds the requests in flight get to finish once
+    :param shutdown_timeout: seconds the requests in flight get to finish once
         the listener is closed.
-    :param drain_delay: seconds to keep accepting requests after SIGTERM
+    :param shutdown_delay: seconds to keep accepting requests after SIGTERM
         (``/readyz`` answers 503 meanwhile).
     :param source: where the settings came from, for the start line.
     :raises ListenError: the address cannot be bound.
@@ -139,14 +139,15 @@ async def serve(
     try:
         name = await received.get()
         n = proxy.observer.in_flight
-        log.info("%s received: draining %s (up to %gs)", name, plural(n, "request"), drain_timeout)
+        timeout = shutdown_timeout
+        log.info("%s received: draining %s (up to %gs)", name, plural(n, "request"), timeout)
         proxy.probes.drain()
-        if name == "SIGTERM" and drain_delay > 0:
-            log.info("accepting requests for %gs more while /readyz answers 503", drain_delay)
-            await _first(received.get(), asyncio.sleep(drain_delay))
+        if name == "SIGTERM" and shutdown_delay > 0:
+            log.info("accepting requests for %gs more while /readyz answers 503", shutdown_delay)
+            await _first(received.get(), asyncio.sleep(shutdown_delay))
         await site.stop()  # no new connections
         if received.empty():
-            await _first(received.get(), proxy.observer.wait_idle(drain_timeout))
+            await _first(received.get(), proxy.observer.wait_idle(shutdown_timeout))
         left = proxy.observer.in_flight
     finally:
         for sig in signals:
