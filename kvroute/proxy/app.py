@@ -142,7 +142,7 @@ class ProxyApp:
         #: The access log, request metrics and spans.
         self.observer = Observer(config, self.metrics, self.pool)
         #: ``/livez`` and ``/readyz``.
-        self.probes = Probes(self.pool, lambda: self.events.subscriber, config)
+        self.probes = Probes(self.pool, lambda: self.events.subscriber, lambda: config.kv_events)
         self._health: asyncio.Task[None] | None = None
         if config.kv_events and not all(w.events_endpoint for w in config.workers):
             log.warning(

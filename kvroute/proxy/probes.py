@@ -17,7 +17,8 @@ access log or the request metrics.
 >>> from kvroute.proxy import ProxyConfig, parse_worker
 >>> from kvroute.proxy.workers import WorkerPool
 >>> config = ProxyConfig([parse_worker("http://127.0.0.1:9")])
->>> probes = Probes(WorkerPool(Router(block_size=16, workers=[0]), config), lambda: None, config)
+>>> pool = WorkerPool(Router(block_size=16, workers=[0]), config)
+>>> probes = Probes(pool, subscriber=lambda: None, events_expected=lambda: False)
 >>> probes.reasons()
 []
 >>> probes.drain(); probes.reasons()
@@ -31,7 +32,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import ProxyConfig
 from .workers import WorkerPool
 
 __all__ = ["Probes"]
@@ -42,15 +42,19 @@ class Probes:
 
     :param pool: the workers' health.
     :param subscriber: returns the running KV-event subscriber, or None.
-    :param config: whether KV events are expected.
+    :param events_expected: returns whether the proxy follows KV events (then
+        a subscriber must be running).
     """
 
     def __init__(
-        self, pool: WorkerPool, subscriber: Callable[[], Any], config: ProxyConfig
+        self,
+        pool: WorkerPool,
+        subscriber: Callable[[], Any],
+        events_expected: Callable[[], bool],
     ) -> None:
         self.pool = pool
         self._subscriber = subscriber
-        self.config = config
+        self._events_expected = events_expected
         #: Set by :meth:`drain`: the proxy is stopping.
         self.draining = False
 
@@ -65,7 +69,7 @@ class Probes:
             out.append("draining")
         if not self.pool.healthy():
             out.append("no healthy worker")
-        if self.config.kv_events:
+        if self._events_expected():
             sub = self._subscriber()
             if sub is None or not sub.running:
                 out.append("the KV-event subscriber is not running")
