@@ -23,14 +23,17 @@ first to the worker that produced it (:mod:`~kvroute.proxy.responses`: its
 
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
 ``/v1/embeddings``, ``/tokenize`` and ``/detokenize`` (sent to one worker,
-:mod:`~kvroute.proxy.passthrough`), ``/v1/models``, ``/health``, ``/metrics``
-and, with an admin token, the admin API (:mod:`~kvroute.proxy.admin`). The
-startup starts the KV-event subscriber (:mod:`~kvroute.proxy.subscription`),
-opens the upstream connections, starts following the fleet's membership
-(:mod:`~kvroute.proxy.fleet`) and runs the health checker
-(:mod:`~kvroute.proxy.workers`); the cleanup stops them. Errors are answered
-in the called API's shape (:mod:`~kvroute.proxy.errors`), the proxy's own
-bugs included.
+:mod:`~kvroute.proxy.passthrough`), ``/v1/models``, ``/health``, ``/livez``
+and ``/readyz`` (:mod:`~kvroute.proxy.probes`), ``/metrics`` and, with an
+admin token, the admin API (:mod:`~kvroute.proxy.admin`). Every API request
+is recorded from arrival to end (:mod:`~kvroute.proxy.observe`: the access
+log, the request histograms, a span with ``tracing``). The startup opens
+the access log, starts the KV-event subscriber
+(:mod:`~kvroute.proxy.subscription`), opens the upstream connections,
+starts following the fleet's membership (:mod:`~kvroute.proxy.fleet`) and
+runs the health checker (:mod:`~kvroute.proxy.workers`); the cleanup stops
+them. Errors are answered in the called API's shape
+(:mod:`~kvroute.proxy.errors`), the proxy's own bugs included.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..config import RouterConfig
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..fleet.membership import Membership
 from ..request import Decision
@@ -55,8 +59,10 @@ from .count_tokens import count_tokens
 from .errors import ProxyError, error_body
 from .fleet import ProxyFleet
 from .models import Models
+from .observe import RECORD, Observer
 from .passthrough import PASS_THROUGH_PATHS, PassThrough
 from .prepare import Preparer
+from .probes import Probes
 from .relay import (
     CACHE_SOURCE_HEADER,
     PREDICTED_HEADER,
@@ -89,8 +95,9 @@ class ProxyApp:
 
     :param config: the configuration.
     :param router: a router to use (default: one built from ``config``:
-        its block size and policy, workers ``0..n-1``, ``kv_events`` when any
-        worker has an events endpoint). Missing workers are added to it.
+        its block size, policy and policy parameters, its ``router`` settings,
+        workers ``0..n-1``, ``kv_events`` when any worker has an events
+        endpoint). Missing workers are added to it.
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
@@ -116,11 +123,14 @@ class ProxyApp:
         self.fleet = ProxyFleet(config, membership=membership)
         specs = self.fleet.specs()
         if router is None:
+            settings = RouterConfig(
+                block_size=config.block_size, kv_events=self.fleet.kv_events(), **config.router
+            )
             router = Router(
-                block_size=config.block_size,
                 policy=config.policy,
                 workers=specs,
-                kv_events=self.fleet.kv_events(),
+                config=settings,
+                policy_params=config.policy_params,
             )
         else:
             for w in specs:
@@ -157,6 +167,12 @@ class ProxyApp:
         self.responses: ResponseStore = responses if responses is not None else LocalResponseStore()
         #: Embeddings, tokenize and detokenize, sent to one worker.
         self.passthrough = PassThrough(router, self.preparer, self.upstream)
+        #: The access log, request metrics and spans.
+        self.observer = Observer(config, self.metrics, self.pool)
+        #: ``/livez`` and ``/readyz``.
+        self.probes = Probes(
+            self.pool, lambda: self.events.subscriber, lambda: self.events.enabled
+        )
         self._health: asyncio.Task[None] | None = None
         if self.events.enabled and not all(s.events_endpoint for s in specs.values()):
             log.warning(
@@ -168,7 +184,8 @@ class ProxyApp:
 
     def make_app(self) -> web.Application:
         """A new aiohttp application serving this proxy (startup and cleanup included)."""
-        app = web.Application(client_max_size=self.config.max_body_size, middlewares=[self._errors])
+        middlewares = [self.observer.middleware, self._errors]
+        app = web.Application(client_max_size=self.config.max_body_size, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
@@ -178,6 +195,8 @@ class ProxyApp:
             app.router.add_post(path, self._passthrough)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health_endpoint)
+        app.router.add_get("/livez", self.probes.livez)
+        app.router.add_get("/readyz", self.probes.readyz)
         app.router.add_get("/metrics", self._metrics)
         if self.config.admin_token is not None:
             AdminApi(self.config.admin_token, self.fleet).install(app)
@@ -191,18 +210,12 @@ class ProxyApp:
         return self.events.subscriber
 
     async def _startup(self, app: web.Application) -> None:
-        self.events.start()  # first: if it fails, nothing else is open yet
+        self.observer.start()  # first: if it fails, nothing else is open yet
+        self.events.start()
         await self.upstream.start()
         await self.fleet.start()
         await self.pool.check_all()
         self._health = asyncio.create_task(self.pool.run(), name="kvroute-proxy-health")
-        log.info(
-            "kvroute proxy: %d workers (%d healthy), %s, tokenizing %s",
-            len(self.pool.workers),
-            len(self.pool.healthy()),
-            "KV events" if self.config.kv_events else "approximate mode (no KV events)",
-            "locally" if self.tokenizer is not None else "on the workers",
-        )
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.fleet.stop()
@@ -214,6 +227,7 @@ class ProxyApp:
             self._health = None
         await self.upstream.close()
         await self.events.stop()
+        self.observer.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -314,6 +328,9 @@ class ProxyApp:
             raise ProxyError(503, why, code="no_worker_available")
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
+        record = request.get(RECORD)
+        if record is not None:
+            self.observer.prepared(record, prepared)
 
         async def answer(
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
@@ -326,9 +343,15 @@ class ProxyApp:
             return relayed
 
         try:
-            relayed = await self.upstream.send(routed, call, answer, prefer=self._holder(call))
+            relayed = await self.upstream.send(
+                routed, call, answer, record, prefer=self._holder(call)
+            )
         except AttemptFailed as last:  # every attempt failed
+            if record is not None:
+                record.outcome = "upstream_failed"
             return failure_response(call, last)
+        if record is not None:
+            record.relayed(relayed)
         if routed.speculative_prefill:
             assert routed.session_id is not None
             self.warmups.warm(call, routed.session_id, relayed.reply)

@@ -12,21 +12,31 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Final, Literal
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
+from ..config import BusyThreshold, RouterConfig
 from ..fleet.dns import DnsName, parse_worker_dns
 from ..fleet.spec import WorkerSpec, parse_worker
+from ..policies import available_policies, check_policy_params, get_policy
+from ..policies.params import coerce
 from .event_sources import check_event_sources
 
 __all__ = [
+    "ACCESS_LOG_FORMATS",
     "DEFAULT_MAX_BODY_SIZE",
+    "ROUTER_SETTINGS",
     "ProxyConfig",
     "TokenizeWith",
     "WorkerSpec",
+    "is_secret",
     "parse_model_map",
     "parse_worker",
+    "router_settings",
+    "secret_field",
 ]
 
 #: Largest request body accepted by default (32 MiB: a 128k-token prompt with tool output).
@@ -34,6 +44,84 @@ DEFAULT_MAX_BODY_SIZE: Final = 32 << 20
 
 #: How prompts are turned into token ids for routing (see :class:`ProxyConfig`).
 TokenizeWith = Literal["auto", "local", "render", "tokenize"]
+
+
+#: Access log line formats: JSON lines, or logfmt ``key=value`` text.
+ACCESS_LOG_FORMATS: Final = ("json", "text")
+
+#: The :class:`~kvroute.config.RouterConfig` fields the proxy passes on from
+#: ``router`` (``block_size`` is the proxy's own option; ``kv_events`` follows
+#: from the workers' events endpoints).
+ROUTER_SETTINGS: Final = tuple(
+    f.name for f in fields(RouterConfig) if f.name not in ("block_size", "kv_events")
+)
+
+
+def secret_field() -> Any:
+    """A ``str | None`` field holding a secret (default None).
+
+    A secret is left out of the config's repr, redacted by ``--print-config``,
+    and read from the environment as ``KVROUTE_<FIELD NAME>`` (see
+    :func:`is_secret`).
+    """
+    return field(default=None, repr=False, metadata={"secret": True})
+
+
+def is_secret(f: Field[Any]) -> bool:
+    """Whether a :class:`ProxyConfig` field holds a secret (made by :func:`secret_field`,
+    or declared ``repr=False``)."""
+    return bool(f.metadata.get("secret")) or not f.repr
+
+
+def router_settings(data: Mapping[str, object]) -> dict[str, object]:
+    """Router settings (:data:`ROUTER_SETTINGS`) checked and typed by :class:`RouterConfig`.
+
+    Values may be text (``"10"``, ``"sjf"``, ``"true"``) or typed;
+    ``busy_threshold`` is a :class:`~kvroute.config.BusyThreshold` or a mapping
+    of its fields (None: no threshold).
+
+    >>> router_settings({"fresh_ttl": "10", "busy_threshold": {"max_active_requests": "8"}})
+    {'fresh_ttl': 10.0, 'busy_threshold': BusyThreshold(max_prefill_tokens=None, \
+max_active_requests=8, max_waiting_requests=None, max_kv_usage=None)}
+
+    :raises ValueError: an unknown setting or a bad value, named as ``router.NAME``.
+    """
+    hints = typing.get_type_hints(RouterConfig)
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        what = f"router.{key}"
+        if key not in ROUTER_SETTINGS:
+            known = ", ".join(ROUTER_SETTINGS)
+            raise ValueError(f"{what}: unknown router setting (known: {known})")
+        if key == "busy_threshold":
+            out[key] = _busy_threshold(value, what)
+        else:
+            out[key] = coerce(value, hints[key], what)
+    try:
+        RouterConfig(**out)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"router.{e}") from None
+    return out
+
+
+def _busy_threshold(value: object, what: str) -> BusyThreshold | None:
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    if value is None or isinstance(value, BusyThreshold):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what}: expected a table of limits, got {value!r}")
+    hints = typing.get_type_hints(BusyThreshold)
+    limits: dict[str, Any] = {}
+    for key, limit in value.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ValueError(f"{what}.{key}: unknown limit (known: {known})")
+        limits[key] = coerce(limit, hints[key], f"{what}.{key}")
+    try:
+        return BusyThreshold(**limits)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}.{e}") from None
 
 
 def parse_model_map(text: str) -> tuple[str, str]:
@@ -98,7 +186,7 @@ class ProxyConfig:
         http(s) events endpoint is polled as ``trtllm-serve``'s
         ``/kv_cache_events`` (see :mod:`kvroute.proxy.event_sources`).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
-        (default: the client's ``Authorization`` is passed on).
+        (default: the client's ``Authorization`` is passed on). A secret.
     :param workers_file: a JSON or YAML list of workers, read at start and
         reloaded when it changes (:mod:`kvroute.fleet.files`).
     :param workers_file_interval: seconds between looks at ``workers_file``.
@@ -107,9 +195,18 @@ class ProxyConfig:
         strings, parsed here).
     :param worker_dns_interval: seconds between resolutions of ``worker_dns``.
     :param admin_token: enables the admin API (``/admin/workers``) for
-        requests bearing this token (None: no admin API).
+        requests bearing this token (None: no admin API). A secret.
     :param drain_timeout: seconds a draining worker's requests in flight may
         take before it is removed anyway.
+    :param policy_params: the routing policy's constructor parameters
+        (name -> value, text or typed), checked against its signature and
+        typed by it (see :func:`kvroute.policies.check_policy_params`).
+    :param router: :class:`~kvroute.config.RouterConfig` settings for the
+        router the proxy builds (:data:`ROUTER_SETTINGS`, see :func:`router_settings`).
+    :param access_log: where the access log goes: ``"stderr"``, ``"stdout"``,
+        a file path (appended to), or ``"off"``.
+    :param access_log_format: ``"json"`` (JSON lines) or ``"text"`` (logfmt).
+    :param tracing: an OpenTelemetry span per request (needs ``opentelemetry-api``).
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -135,14 +232,20 @@ class ProxyConfig:
     unhealthy_after: int = 2
     scrape_metrics: bool = True
     events_format: str = "vllm"
-    upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_api_key: str | None = secret_field()
     # -- workers at run time (kvroute.proxy.fleet, kvroute.proxy.admin) --
     workers_file: str | None = None
     workers_file_interval: float = 2.0
     worker_dns: Sequence[DnsName] = ()
     worker_dns_interval: float = 10.0
-    admin_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = secret_field()
     drain_timeout: float = 600.0
+    # -- policy parameters, router settings, observability (operations)
+    policy_params: Mapping[str, object] = field(default_factory=dict)
+    router: Mapping[str, Any] = field(default_factory=dict)
+    access_log: str = "stderr"
+    access_log_format: Literal["json", "text"] = "json"
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -175,6 +278,22 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+        # -- policy parameters, router settings, observability
+        params = dict(self.policy_params)
+        if self.policy in available_policies():  # an unknown one fails when the router is built
+            try:
+                params = check_policy_params(self.policy, params)
+                get_policy(self.policy, **params)  # its own range checks
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"policy_params.{e}") from None
+        object.__setattr__(self, "policy_params", MappingProxyType(params))
+        object.__setattr__(self, "router", MappingProxyType(router_settings(self.router)))
+        if not isinstance(self.access_log, str) or not self.access_log.strip():
+            raise ValueError("access_log must be stderr, stdout, off or a file path")
+        if self.access_log_format not in ACCESS_LOG_FORMATS:
+            raise ValueError(
+                f"access_log_format must be 'json' or 'text', not {self.access_log_format!r}"
+            )
 
     def _check_fleet(self) -> None:
         """Validate (and normalize) the workers-at-run-time block."""

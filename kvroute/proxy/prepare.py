@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -76,10 +77,13 @@ class Prepared:
 
     :param call: what goes to a worker, the same for every attempt.
     :param request: what the router routes (tokens, hints, breakpoints).
+    :param tokenize_seconds: how long tokenizing the prompt (and measuring its
+        breakpoints) took.
     """
 
     call: Call
     request: Request
+    tokenize_seconds: float | None = None
 
 
 class Preparer:
@@ -121,7 +125,9 @@ class Preparer:
             (see :meth:`tokens`).
         """
         call, hints = await self._read(request, kind)
+        t0 = time.perf_counter()
         tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
+        tokenized = time.perf_counter() - t0
         # a Responses conversation continues in the worker's memory: nothing to warm
         speculative = kind != "responses" and (
             hints.speculative_prefill or self.config.speculative_prefill
@@ -140,7 +146,7 @@ class Preparer:
             )
         except (TypeError, ValueError) as e:
             raise ProxyError(400, str(e)) from None
-        return Prepared(call, routed)
+        return Prepared(call, routed, tokenized)
 
     async def _read(self, request: web.Request, kind: Kind) -> tuple[Call, Hints]:
         """Steps 1 to 5: the call to forward and the request's hints.

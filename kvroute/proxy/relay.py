@@ -80,11 +80,25 @@ class Relayed:
     :param reply: the reply generated, when asked for and the answer completed
         (see :func:`~kvroute.proxy.warmup.reply_of`); else None.
     :param response_id: a Responses API answer's id (the worker keeps it), else None.
+    :param usage: the worker's usage as it reported it (cache reads None
+        where it reported none, even when the answer carries the router's
+        prediction), or None.
+    :param outcome: ``"ok"``, ``"client_closed"``, ``"stream_broken"`` (the
+        worker's stream broke) or ``"stream_error"`` (it sent an error event).
     """
 
     response: web.StreamResponse
     reply: Any = None
     response_id: str | None = None
+    usage: Usage | None = None
+    outcome: str = "ok"
+
+
+def _reported(usage: Usage | None, predicted: bool) -> Usage | None:
+    """The worker's own usage: without the cache reads the router's prediction filled in."""
+    if usage is None or not predicted:
+        return usage
+    return Usage(usage.prompt_tokens, None, usage.output_tokens)
 
 
 def error_response(
@@ -251,7 +265,8 @@ class Relay:
         lc.finish()
         response = web.Response(status=upstream.status, body=data, headers=headers)
         response_id = response_id_of(obj) if call.kind == "responses" else None
-        return Relayed(response, reply_of(call.kind, obj) if collect else None, response_id)
+        reply = reply_of(call.kind, obj) if collect else None
+        return Relayed(response, reply, response_id, _reported(usage, predicted))
 
     async def _stream(
         self,
@@ -303,13 +318,18 @@ class Relay:
                         lc.finish()
                     else:
                         lc.fail()
-                    return Relayed(resp)
+                    predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
+                    usage = _reported(watcher.usage, predicted)
+                    return Relayed(resp, usage=usage, outcome="client_closed")
             if not chunk:
                 break
         if resp is None:
             raise AttemptFailed("empty stream")
         reply = None
+        predicted = False
+        outcome = "ok"
         if upstream_error is not None:
+            outcome = "stream_broken"
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
             err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
@@ -327,6 +347,7 @@ class Relay:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
             self._account(call, decision, watcher.usage, predicted)
             if watcher.error is not None:
+                outcome = "stream_error"
                 lc.fail()
             else:
                 if collector is not None:
@@ -335,4 +356,4 @@ class Relay:
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         response_id = watcher.response_id if isinstance(watcher, ResponsesStream) else None
-        return Relayed(resp, reply, response_id)
+        return Relayed(resp, reply, response_id, _reported(watcher.usage, predicted), outcome)

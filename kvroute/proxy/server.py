@@ -10,6 +10,7 @@ RuntimeError: the proxy is not running
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 from aiohttp import web
@@ -19,9 +20,12 @@ from ..events.metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
 from .config import ProxyConfig
+from .serving import start_line
 from .tokenize import LocalTokenizer
 
 __all__ = ["ProxyServer"]
+
+log = logging.getLogger("kvroute.proxy")
 
 
 class ProxyServer:
@@ -98,6 +102,7 @@ class ProxyServer:
         site = web.TCPSite(runner, self.host, self._port)
         await site.start()
         self._port = site.port
+        log.info("%s", start_line(self.proxy, self.url))
 
     async def _shutdown(self) -> None:
         runner, self._runner = self._runner, None

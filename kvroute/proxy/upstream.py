@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
 
@@ -44,6 +44,9 @@ from .call import Call
 from .config import ProxyConfig
 from .errors import ProxyError
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .observe import RequestRecord
 
 __all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
 
@@ -92,13 +95,15 @@ class Lifecycle:
     :param request_id: the decision's request id.
     """
 
-    __slots__ = ("_id", "_router", "ended", "first")
+    __slots__ = ("_id", "_router", "ended", "first", "first_at")
 
     def __init__(self, router: Router, request_id: int) -> None:
         self._router = router
         self._id = request_id
         #: The first token was reported.
         self.first = False
+        #: When (``time.perf_counter()``), for the request's time to first token.
+        self.first_at = 0.0
         #: The end (finished or failed) was reported.
         self.ended = False
 
@@ -106,6 +111,7 @@ class Lifecycle:
         """Report the first generated token (once, and only before the end)."""
         if not self.first and not self.ended:
             self.first = True
+            self.first_at = time.perf_counter()
             self._router.first_token(self._id)
 
     def finish(self) -> None:
@@ -170,10 +176,17 @@ class Upstream:
     # -- attempts ------------------------------------------------------------------------
 
     async def send(
-        self, request: Request, call: Call, handle: Handler[_T], *, prefer: int | None = None
+        self,
+        request: Request,
+        call: Call,
+        handle: Handler[_T],
+        record: RequestRecord | None = None,
+        *,
+        prefer: int | None = None,
     ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
+        :param record: told of each routed attempt and of the first token.
         :param prefer: a worker the first attempt goes to while it is routable
             (the one holding a Responses conversation); the router still
             records the decision. Later attempts are routed as usual.
@@ -197,8 +210,10 @@ class Upstream:
                 break
             if attempt:
                 self.metrics.retries.inc()
+            if record is not None:
+                record.routed(decision)
             try:
-                return await self._attempt(call, decision, handle)
+                return await self._attempt(call, decision, handle, record)
             except AttemptFailed as f:
                 tried.append(decision.worker)
                 failure = f
@@ -223,7 +238,9 @@ class Upstream:
         self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
         return decision
 
-    async def _attempt(self, call: Call, decision: Decision, handle: Handler[_T]) -> _T:
+    async def _attempt(
+        self, call: Call, decision: Decision, handle: Handler[_T], record: RequestRecord | None
+    ) -> _T:
         worker = decision.worker
         lc = Lifecycle(self.router, int(decision.request_id))
         response: aiohttp.ClientResponse | None = None
@@ -240,6 +257,8 @@ class Upstream:
             return await handle(decision, response, lc)
         finally:
             lc.fail()  # a no-op when the request already ended
+            if record is not None and lc.first:
+                record.first = lc.first_at
             if response is not None:
                 self.pool.untrack(worker, response)
                 response.release()

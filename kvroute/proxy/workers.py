@@ -97,6 +97,9 @@ class WorkerState:
     responses: set[aiohttp.ClientResponse] = field(default_factory=set)
     #: False until its first health check passes (a worker that joined at run time).
     checked: bool = True
+    #: Waiting requests and KV usage from the worker's last ``/metrics`` (None: never said).
+    waiting: float | None = None
+    kv_usage: float | None = None
 
     @property
     def url(self) -> str:
@@ -326,6 +329,7 @@ class WorkerPool:
         if status != 200:
             return
         waiting, usage = parse_worker_metrics(data.decode("utf-8", errors="replace"))
+        state.waiting, state.kv_usage = waiting, usage
         if waiting is not None or usage is not None:
             with contextlib.suppress(ValueError, TypeError):
                 self.router.update_worker_metrics(
