@@ -63,22 +63,33 @@ def test_stopped_worker_request_is_retried_and_worker_recovers(stream: bool) -> 
 
 
 def test_killing_and_restarting_a_worker_mid_run_loses_no_request() -> None:
-    with fleet(3) as (proxy, workers):
+    # Generation is slow enough (40 tokens at 10 ms) that requests are still
+    # running on worker 1 when it is stopped: the stop waits for them rather
+    # than for a fixed sleep, so the run always exercises the failover.
+    with fleet(3, worker_kw={"token_delay": 0.01}) as (proxy, workers):
+        served: dict[str, int] = {}
 
         def run(i: int) -> int:
-            body = {"model": MODEL, "messages": chat(1 + i % 3), "max_tokens": 4}
-            return post(
-                proxy.url + "/v1/chat/completions", body, {"X-Session-Id": f"agent-{i % 6}"}
-            )[0]
+            body = {"model": MODEL, "messages": chat(1 + i % 3), "max_tokens": 40}
+            rid = f"run-{i}"
+            headers = {"X-Session-Id": f"agent-{i % 6}", "X-Request-Id": rid}
+            status, got, _ = post(proxy.url + "/v1/chat/completions", body, headers)
+            served[rid] = int(got.get(WORKER_HEADER, -1))
+            return status
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(run, i) for i in range(60)]
-            time.sleep(0.05)
+            assert wait_until(lambda: workers[1].stats.running >= 2, timeout=10)
             workers[1].stop()
-            time.sleep(0.3)
             workers[1].start()
             statuses = [f.result() for f in futures]
         assert statuses == [200] * 60
+        # The requests the stop cut off on worker 1 were answered by another worker.
+        cut = {r.request_id for r in workers[1].requests if r.status == "aborted"}
+        assert len(cut) >= 2
+        assert all(served[rid] in (0, 2) for rid in cut), served
+        assert proxy.proxy.metrics.value("kvroute_proxy_retries_total") >= len(cut)
+        assert proxy.proxy.metrics.value("kvroute_upstream_errors_total", {"worker": "1"}) >= 2
         assert wait_until(lambda: proxy.router.load(1)["healthy"], timeout=5)
         assert all(proxy.router.load(w)["active_requests"] == 0 for w in range(3))
 
