@@ -25,7 +25,9 @@ For a generation request (:meth:`Preparer.prepare`):
 The body is sent on as the client's bytes unless steps 3 or 5 changed it.
 The headers sent on are the body's type, the request id (the client's
 ``X-Request-Id``, else a new one) and the client's credentials and API
-headers (or ``Authorization: Bearer`` with ``upstream_api_key``).
+headers; with ``upstream_api_key``, ``Authorization: Bearer`` with it and
+none of the client's credential headers (``Authorization``, ``x-api-key``,
+cookies...).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ log = logging.getLogger("kvroute.proxy")
 
 # Client headers passed on to workers (besides the body's type and the request id).
 _FORWARDED: Final = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta", "accept")
+# Headers that carry a client's credentials: when the proxy has credentials of
+# its own, none of these goes upstream, whichever part added it.
+_CREDENTIALS: Final = frozenset(
+    {"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +224,7 @@ class Preparer:
             if value is not None:
                 headers[name] = value
         if self.config.upstream_api_key:
+            headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
             headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
         return headers
 

@@ -146,7 +146,7 @@ class HttpApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         await self.engine.wait_resumed()
-        self.engine.count_http_request(request.path)
+        self.engine.count_http_request(request.path, request.headers)
         anthropic = request.path.startswith("/v1/messages")
         status = self.engine.take_failure(request.path)
         try:

@@ -502,6 +502,14 @@ class MockWorker:
         return self._engine.http_requests()
 
     @property
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """``(path, headers)`` of the last 1000 HTTP requests, oldest first (names lowercased).
+
+        :meth:`clear_log` clears them.
+        """
+        return self._engine.request_headers()
+
+    @property
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
         return self._engine.cache_hits()
