@@ -70,6 +70,6 @@ def test_without_an_upstream_key_the_clients_credentials_pass_on_but_not_its_coo
     with fleet(1) as (proxy, workers):
         body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}
         assert post(proxy.url + "/v1/completions", body, {**CLIENT, "X-Request-Id": "p1"})[0] == 200
-        ((path, h),) = _sent(workers, "p1")
+        ((_, h),) = _sent(workers, "p1")
         assert h["authorization"] == "Bearer client-token" and h["x-api-key"] == "client-key"
         assert "cookie" not in h and "proxy-authorization" not in h
