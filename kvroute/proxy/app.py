@@ -44,6 +44,7 @@ from .config import ProxyConfig
 from .count_tokens import count_tokens
 from .errors import ProxyError, error_body
 from .models import Models
+from .outliers import OutlierDetector
 from .prepare import Preparer
 from .relay import (
     CACHE_SOURCE_HEADER,
@@ -118,8 +119,10 @@ class ProxyApp:
         self.tokenizer = tokenizer
         #: The served model names.
         self.models = Models(config, self.pool)
+        #: Ejects workers that fail attempts in a row.
+        self.outliers = OutlierDetector(self.pool, config, self.metrics.registry)
         #: Calls to the workers, and the attempt loop.
-        self.upstream = Upstream(router, self.pool, config, self.metrics)
+        self.upstream = Upstream(router, self.pool, config, self.metrics, self.outliers)
         #: Request preparation: body, hints, tokens, breakpoints.
         self.preparer = Preparer(config, router, self.models, self.upstream, tokenizer)
         #: Answers clients from workers' responses.

@@ -244,12 +244,42 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
+    _add_outlier_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="log level (default: info)",
     )
+
+
+def _add_outlier_args(p: argparse.ArgumentParser) -> None:
+    out = p.add_argument_group("outlier detection (workers failing every generation)")
+    out.add_argument(
+        "--eject-after", type=_arg(_non_negative_int), default=5, metavar="N",
+        help="attempts a worker fails in a row (5xx, broken connections or streams) that eject"
+        " it for a while; 0: never (default: 5)",
+    )  # fmt: skip
+    out.add_argument(
+        "--ejection-time", type=_positive(float), default=10.0, metavar="S",
+        help="seconds of a first ejection; the n-th lasts n times as long (default: 10)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejection-time", type=_positive(float), default=300.0, metavar="S",
+        help="the longest ejection, in seconds (default: 300)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejected-percent", type=_arg(_percent), default=50.0, metavar="P",
+        help="the most workers ejected at once, in percent of the fleet; one may always be,"
+        " and never the last usable one (default: 50)",
+    )  # fmt: skip
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be within 0..100, got {text}")
+    return value
 
 
 def build_config(args: argparse.Namespace) -> ProxyConfig:
@@ -291,6 +321,10 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         scrape_metrics=args.scrape_metrics,
         events_format=args.events_format,
         upstream_api_key=args.upstream_api_key,
+        eject_after=args.eject_after,
+        ejection_time=args.ejection_time,
+        max_ejection_time=args.max_ejection_time,
+        max_ejected_percent=args.max_ejected_percent,
     )
 
 

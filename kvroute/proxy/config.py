@@ -91,6 +91,13 @@ class ProxyConfig:
     :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
         (default: the client's ``Authorization`` is passed on).
+    :param eject_after: attempts a worker fails in a row (5xx, broken
+        connections or streams) that eject it for a while (0: never); see
+        :mod:`~kvroute.proxy.outliers`.
+    :param ejection_time: seconds of a worker's first ejection; the n-th lasts n times as long.
+    :param max_ejection_time: the longest ejection, in seconds.
+    :param max_ejected_percent: the most workers ejected at once, in percent of
+        the fleet (one may always be, and never the last usable one).
     :raises ValueError: an option out of range.
     """
 
@@ -117,6 +124,11 @@ class ProxyConfig:
     scrape_metrics: bool = True
     events_format: Literal["vllm", "sglang"] = "vllm"
     upstream_api_key: str | None = field(default=None, repr=False)
+    # -- outlier detection (kvroute.proxy.outliers) --
+    eject_after: int = 5
+    ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
+    max_ejected_percent: float = 50.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -153,6 +165,15 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+        self._check_outliers()
+
+    def _check_outliers(self) -> None:
+        if self.eject_after < 0:
+            raise ValueError("eject_after must be >= 0")
+        if not 0 < self.ejection_time <= self.max_ejection_time:
+            raise ValueError("ejection_time must be > 0 and <= max_ejection_time")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ValueError("max_ejected_percent must be within 0..100")
 
     @property
     def kv_events(self) -> bool:

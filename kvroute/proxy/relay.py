@@ -293,6 +293,7 @@ class Relay:
             raise AttemptFailed("empty stream")
         reply = None
         if upstream_error is not None:
+            lc.worker_failed = True
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
             err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
@@ -304,6 +305,7 @@ class Relay:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
             self._account(call, decision, watcher.usage, predicted)
             if watcher.error is not None:
+                lc.worker_failed = True
                 lc.fail()
             else:
                 if collector is not None:

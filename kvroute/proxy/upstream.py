@@ -23,7 +23,9 @@ handler raises :class:`AttemptFailed`; the router then hears
 :meth:`~kvroute.router.Router.failed` and the request is routed again with
 the workers that failed it excluded, up to ``retries`` more times. A 4xx
 answer is the handler's to pass on. :class:`Lifecycle` reports each routed
-attempt's first token and end to the router exactly once.
+attempt's first token and end to the router exactly once. Each attempt's
+outcome (the worker failed it, or answered) feeds the
+:class:`~kvroute.proxy.outliers.OutlierDetector`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..router import NoWorkerAvailable, Router
 from .call import Call
 from .config import ProxyConfig
 from .errors import ProxyError
+from .outliers import OutlierDetector
 from .workers import WorkerPool
 
 __all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
@@ -91,7 +94,7 @@ class Lifecycle:
     :param request_id: the decision's request id.
     """
 
-    __slots__ = ("_id", "_router", "ended", "first")
+    __slots__ = ("_id", "_router", "ended", "first", "worker_failed")
 
     def __init__(self, router: Router, request_id: int) -> None:
         self._router = router
@@ -100,6 +103,9 @@ class Lifecycle:
         self.first = False
         #: The end (finished or failed) was reported.
         self.ended = False
+        #: The worker failed the attempt after answering (its stream broke or
+        #: carried an error): the outlier detector counts it against the worker.
+        self.worker_failed = False
 
     def first_token(self) -> None:
         """Report the first generated token (once, and only before the end)."""
@@ -133,15 +139,22 @@ class Upstream:
     :param pool: the workers' addresses and health.
     :param config: timeouts and ``retries``.
     :param metrics: routing times, retries and upstream errors are counted here.
+    :param outliers: hears how each attempt went, and ejects failing workers (or None).
     """
 
     def __init__(
-        self, router: Router, pool: WorkerPool, config: ProxyConfig, metrics: Metrics
+        self,
+        router: Router,
+        pool: WorkerPool,
+        config: ProxyConfig,
+        metrics: Metrics,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self.outliers = outliers
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -223,7 +236,18 @@ class Upstream:
                 content_type = response.headers.get("Content-Type", "application/json")
                 status = response.status
                 raise AttemptFailed(f"answered {status}", status, body, content_type)
-            return await handle(decision, response, lc)
+            result = await handle(decision, response, lc)
+        except AttemptFailed:
+            if self.outliers is not None:
+                self.outliers.failed(worker)
+            raise
+        else:
+            if self.outliers is not None:
+                if lc.worker_failed:
+                    self.outliers.failed(worker)
+                else:
+                    self.outliers.succeeded(worker)
+            return result
         finally:
             lc.fail()  # a no-op when the request already ended
             if response is not None:
