@@ -41,7 +41,9 @@ from ..request import Decision
 from ..router import Router
 from .call import Api, Kind, api_of
 from .config import ProxyConfig
+from .connections import ConnectionGuard
 from .count_tokens import count_tokens
+from .disconnect import HangUps
 from .errors import ProxyError, error_body
 from .models import Models
 from .outliers import OutlierDetector
@@ -119,6 +121,10 @@ class ProxyApp:
         self.tokenizer = tokenizer
         #: The served model names.
         self.models = Models(config, self.pool)
+        #: Client connections: the cap, the header and body deadlines.
+        self.connections = ConnectionGuard(config, self.metrics.registry)
+        #: Counts clients that hang up.
+        self.hangups = HangUps(self.metrics.registry)
         #: Ejects workers that fail attempts in a row.
         self.outliers = OutlierDetector(self.pool, config, self.metrics.registry)
         #: Calls to the workers, and the attempt loop.
@@ -142,7 +148,9 @@ class ProxyApp:
 
     def make_app(self) -> web.Application:
         """A new aiohttp application serving this proxy (startup and cleanup included)."""
-        app = web.Application(client_max_size=self.config.max_body_size, middlewares=[self._errors])
+        # The connection guard is outermost: it sees each request from its headers to its end.
+        middlewares = [self.connections.middleware, self._errors]
+        app = web.Application(client_max_size=self.config.max_body_size, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
@@ -252,10 +260,14 @@ class ProxyApp:
         try:
             resp = await work
             status = resp.status
+            self.hangups.note(request)
             return resp
         except ProxyError as e:
             status = e.status
             return self._error(api, e)
+        except asyncio.CancelledError:
+            status = self.hangups.cancelled(request)
+            raise
         finally:
             self._count_request(request, status)
 

@@ -245,6 +245,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
     _add_outlier_args(p)
+    _add_connection_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -272,6 +273,29 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         "--max-ejected-percent", type=_arg(_percent), default=50.0, metavar="P",
         help="the most workers ejected at once, in percent of the fleet; one may always be,"
         " and never the last usable one (default: 50)",
+    )  # fmt: skip
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    conn = p.add_argument_group("client connections (slow or too many clients)")
+    conn.add_argument(
+        "--max-connections", type=_positive(int), default=1024, metavar="N",
+        help="open client connections beyond which a new one is refused with 503"
+        " (default: 1024; mind the file-descriptor limit: each request also opens one"
+        " to a worker)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--header-timeout", type=_positive(float), default=10.0, metavar="S",
+        help="seconds a request's headers may take to arrive, else 408 (default: 10)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--body-timeout", type=_positive(float), default=60.0, metavar="S",
+        help="seconds a request's body may take to arrive after its headers, else 408"
+        " (default: 60)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--idle-timeout", type=_positive(float), default=75.0, metavar="S",
+        help="seconds an idle kept-alive client connection stays open (default: 75)",
     )  # fmt: skip
 
 
@@ -325,6 +349,10 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         ejection_time=args.ejection_time,
         max_ejection_time=args.max_ejection_time,
         max_ejected_percent=args.max_ejected_percent,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        idle_timeout=args.idle_timeout,
     )
 
 
@@ -338,12 +366,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from aiohttp import web
-
     from .app import ProxyApp
+    from .connections import serve_forever
 
     proxy = ProxyApp(config)
     log = logging.getLogger("kvroute.proxy")
     log.info("listening on http://%s:%d", args.host, args.port)
-    web.run_app(proxy.make_app(), host=args.host, port=args.port, access_log=None, print=None)
+    serve_forever(proxy, args.host, args.port, access_log=None)
     return 0

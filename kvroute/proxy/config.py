@@ -98,6 +98,12 @@ class ProxyConfig:
     :param max_ejection_time: the longest ejection, in seconds.
     :param max_ejected_percent: the most workers ejected at once, in percent of
         the fleet (one may always be, and never the last usable one).
+    :param max_connections: open client connections beyond which a new one is
+        refused with 503; see :mod:`~kvroute.proxy.connections`.
+    :param header_timeout: seconds a request's headers may take to arrive (else 408).
+    :param body_timeout: seconds a request's body may take to arrive, from its headers
+        (else 408).
+    :param idle_timeout: seconds an idle kept-alive client connection stays open.
     :raises ValueError: an option out of range.
     """
 
@@ -129,6 +135,11 @@ class ProxyConfig:
     ejection_time: float = 10.0
     max_ejection_time: float = 300.0
     max_ejected_percent: float = 50.0
+    # -- client connections (kvroute.proxy.connections) --
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -166,6 +177,14 @@ class ProxyConfig:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
         self._check_outliers()
+        self._check_connections()
+
+    def _check_connections(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        for name in ("header_timeout", "body_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
 
     def _check_outliers(self) -> None:
         if self.eject_after < 0:

@@ -18,7 +18,9 @@ Until a byte has reached the client, a failure to read the answer fails the
 attempt (:class:`~kvroute.proxy.upstream.AttemptFailed`): another worker may
 serve it. The router hears of the first generated content and of the end
 (:class:`~kvroute.proxy.upstream.Lifecycle`); a client that leaves
-mid-stream ends the request as finished once a token went out, else failed.
+mid-stream, or whose connection drops while it waits (see
+:mod:`~kvroute.proxy.disconnect`), ends the request as finished once a token
+went out, else failed (:meth:`~kvroute.proxy.upstream.Lifecycle.abandon`).
 
 Every answer carries ``X-Request-Id``, :data:`WORKER_HEADER` and
 :data:`PREDICTED_HEADER`; a JSON answer with usage also
@@ -42,6 +44,7 @@ from ..events.metrics import Metrics
 from ..request import Decision
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call
+from .disconnect import mark_streaming
 from .errors import ProxyError, error_body, upstream_message
 from .hints import Usage
 from .openai import OpenAIStream, openai_usage
@@ -278,14 +281,12 @@ class Relay:
                     )
                     resp.headers["Cache-Control"] = "no-cache"
                     await resp.prepare(request)
+                    mark_streaming(request)
                 try:
                     await resp.write(out)
                 except ConnectionError:  # the client went away
                     log.info("request %s: client disconnected", call.client_id)
-                    if lc.first:
-                        lc.finish()
-                    else:
-                        lc.fail()
+                    lc.abandon()
                     return Relayed(resp)
             if not chunk:
                 break

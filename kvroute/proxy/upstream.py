@@ -125,6 +125,21 @@ class Lifecycle:
             self.ended = True
             self._router.failed(self._id)
 
+    def abandon(self) -> None:
+        """The client hung up (or gave up): finished once a token went out, else failed.
+
+        After the first token the engine has prefilled the prompt and holds
+        its blocks, so the router's predicted residency is true: finishing
+        keeps it. Before, the prefill may not have happened (the engine
+        aborts a queued request): failing forgets it, rather than send the
+        next turn after blocks that are not there. Either way the request's
+        load goes at once.
+        """
+        if self.first:
+            self.finish()
+        else:
+            self.fail()
+
 
 #: Answers the client from an opened worker response (status below 500).
 Handler = Callable[[Decision, aiohttp.ClientResponse, Lifecycle], Awaitable[_T]]
@@ -237,6 +252,12 @@ class Upstream:
                 status = response.status
                 raise AttemptFailed(f"answered {status}", status, body, content_type)
             result = await handle(decision, response, lc)
+        except asyncio.CancelledError:
+            # The client hung up (or the proxy is stopping): not the worker's
+            # fault. Leaving closes the upstream connection, which aborts the
+            # request on the worker.
+            lc.abandon()
+            raise
         except AttemptFailed:
             if self.outliers is not None:
                 self.outliers.failed(worker)

@@ -337,7 +337,11 @@ class MockWorker:
                 self._replay_port = _port_of(publisher.replay_endpoint)
         self._engine.begin(publisher)
         # A short shutdown grace: stopping cancels in-flight requests promptly.
-        self._runner = web.AppRunner(self._api.app(), access_log=None, shutdown_timeout=0.1)
+        # A client's hang-up cancels its request, streamed or not, as vLLM's
+        # handlers are cancelled when their client disconnects.
+        self._runner = web.AppRunner(
+            self._api.app(), access_log=None, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
