@@ -66,11 +66,13 @@ def test_a_client_hanging_up_stops_the_worker_and_releases_the_load(stream: bool
         m = proxy.proxy.metrics
         stage = "streaming" if stream else "waiting"
         assert wait_until(
-            lambda: m.value(
-                "kvroute_proxy_client_disconnects_total",
-                {"endpoint": "/v1/completions", "stage": stage},
+            lambda: (
+                m.value(
+                    "kvroute_proxy_client_disconnects_total",
+                    {"endpoint": "/v1/completions", "stage": stage},
+                )
+                == 1
             )
-            == 1
         )
         assert m.value(
             "kvroute_proxy_requests_total", {"endpoint": "/v1/completions", "status": "499"}

@@ -204,6 +204,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         " worker (as X-Kvroute-Speculative-Prefill: true does per request)",
     )
     api.add_argument(
+        "--max-prompt-tokens",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="refuse longer prompts with 400 before routing them (a token-id prompt before"
+        " its ids are parsed; default: no limit)",
+    )
+    api.add_argument(
         "--max-body-size",
         type=_arg(parse_size),
         default=DEFAULT_MAX_BODY_SIZE,
@@ -336,6 +344,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         session_header=args.session_header,
         speculative_prefill=args.speculative_prefill,
         max_body_size=args.max_body_size,
+        max_prompt_tokens=args.max_prompt_tokens,
         retries=args.retries,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,

@@ -104,6 +104,10 @@ class ProxyConfig:
     :param body_timeout: seconds a request's body may take to arrive, from its headers
         (else 408).
     :param idle_timeout: seconds an idle kept-alive client connection stays open.
+    :param max_prompt_tokens: longer prompts are refused with 400
+        (``context_length_exceeded``) before they are routed; a token-id
+        prompt before its ids are parsed (see :mod:`~kvroute.proxy.bodies`).
+        None: no limit (the engines check their own).
     :raises ValueError: an option out of range.
     """
 
@@ -140,6 +144,8 @@ class ProxyConfig:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     idle_timeout: float = 75.0
+    # -- big bodies (kvroute.proxy.bodies) --
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -180,6 +186,8 @@ class ProxyConfig:
         self._check_connections()
 
     def _check_connections(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1 (or None: no limit)")
         if self.max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         for name in ("header_timeout", "body_timeout", "idle_timeout"):

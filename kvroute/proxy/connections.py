@@ -64,7 +64,6 @@ __all__ = ["ConnectionGuard", "GuardedSite", "serve_forever", "server_options"]
 log = logging.getLogger("kvroute.proxy")
 
 
-
 def _raw_response(status: str, body: bytes, *headers: str) -> bytes:
     head = [f"HTTP/1.1 {status}", *headers, "Connection: close", f"Content-Length: {len(body)}"]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

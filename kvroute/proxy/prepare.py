@@ -38,13 +38,14 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 
 from ..request import CacheControl, Request
 from ..router import Router
 from .anthropic import anthropic_hints, validate_messages
+from .bodies import BodyError, TokenIds, TooManyTokenIds, encode_body, parse_body
 from .call import Call, Kind
 from .config import ProxyConfig
 from .errors import ProxyError, lacks_endpoint, upstream_message
@@ -66,6 +67,8 @@ __all__ = ["Prepared", "Preparer"]
 
 log = logging.getLogger("kvroute.proxy")
 
+# Prompts this long are hashed off the event loop.
+_HASH_ASIDE: Final = 1 << 16
 # Client headers passed on to workers (besides the body's type and the request id).
 _FORWARDED: Final = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta", "accept")
 # Headers that carry a client's credentials: when the proxy has credentials of
@@ -127,6 +130,9 @@ class Preparer:
         """
         call, hints = await self._read(request, kind)
         tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(tokens) > limit:
+            raise self._too_long(len(tokens))
         speculative = hints.speculative_prefill or self.config.speculative_prefill
         try:
             routed = Request(
@@ -142,6 +148,17 @@ class Preparer:
             )
         except (TypeError, ValueError) as e:
             raise ProxyError(400, str(e)) from None
+        if len(tokens) >= _HASH_ASIDE:
+            # Hashing a long prompt takes milliseconds per 100k tokens: off the
+            # loop (the kvroute hashing releases the GIL), as the router would.
+            hashes = await asyncio.to_thread(
+                self.router.hashing,
+                tokens,
+                self.router.block_size,
+                lora_name=routed.lora_name,
+                cache_namespace=routed.cache_salt,
+            )
+            routed = replace(routed, block_hashes=hashes)
         return Prepared(call, routed)
 
     async def _read(self, request: web.Request, kind: Kind) -> tuple[Call, Hints]:
@@ -149,7 +166,7 @@ class Preparer:
 
         :raises ProxyError: 413, 400 or 404 (see the module docstring).
         """
-        body, raw = await self.read_json(request)
+        body, raw = await self.read_json(request, token_ids=kind == "completions")
         if kind == "messages":
             validate_messages(body)
         elif kind == "chat":
@@ -176,7 +193,7 @@ class Preparer:
                     "include_usage": True,
                 }
                 strip_usage = changed = True
-        data = json.dumps(body, ensure_ascii=False).encode() if changed else raw
+        data = encode_body(body) if changed else raw
         client_id = self.client_id(request)
         call = Call(
             kind, request.path, body, data, stream, strip_usage, client_id,
@@ -184,10 +201,15 @@ class Preparer:
         )  # fmt: skip
         return call, hints
 
-    async def read_json(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
-        """The request's body: parsed, and as it came.
+    async def read_json(
+        self, request: web.Request, *, token_ids: bool = False
+    ) -> tuple[dict[str, Any], bytes]:
+        """The request's body: parsed (a big one off the loop, see :mod:`.bodies`), and as it came.
 
-        :raises ProxyError: 413 over ``max_body_size``; 400 if it is not a JSON object.
+        :param token_ids: a big top-level ``prompt`` of token ids is parsed
+            into a :class:`~kvroute.proxy.bodies.TokenIds` (completions).
+        :raises ProxyError: 413 over ``max_body_size``; 400 if it is not a JSON
+            object, or its token-id prompt is longer than ``max_prompt_tokens``.
         """
         limit = self.config.max_body_size
         too_big = ProxyError(
@@ -200,16 +222,23 @@ class Preparer:
         except web.HTTPRequestEntityTooLarge:
             raise too_big from None
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProxyError(400, f"invalid JSON body: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise ProxyError(
-                400, "invalid JSON body: nested too deeply", code="invalid_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise ProxyError(400, "the body must be a JSON object", code="invalid_json")
+            body = await parse_body(
+                raw, token_ids=token_ids, max_ids=self.config.max_prompt_tokens
+            )
+        except TooManyTokenIds as e:
+            raise self._too_long(e.count) from None
+        except BodyError as e:
+            raise ProxyError(400, str(e), code="invalid_json") from None
         return body, raw
+
+    def _too_long(self, count: int) -> ProxyError:
+        return ProxyError(
+            400,
+            f"the prompt has {count} tokens, more than this proxy accepts"
+            f" (max_prompt_tokens={self.config.max_prompt_tokens})",
+            code="context_length_exceeded",
+            retry=False,
+        )
 
     @staticmethod
     def client_id(request: web.Request) -> str:
@@ -239,6 +268,10 @@ class Preparer:
             needs a local tokenizer); 503 if no healthy worker answered.
         """
         if call.kind == "completions":
+            prompt = call.body.get("prompt")
+            if isinstance(prompt, TokenIds):
+                # a numpy array: the router and Request take arrays as they are
+                return cast("list[int]", prompt.ids)
             ids = prompt_token_ids(call.body)
             if ids is not None:
                 return ids

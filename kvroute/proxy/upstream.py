@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -53,6 +53,28 @@ log = logging.getLogger("kvroute.proxy")
 
 #: What a worker that cannot be reached (or went silent) raises.
 CONNECTION_ERRORS: Final = (aiohttp.ClientConnectionError, TimeoutError, OSError)
+
+# Bodies larger than this go upstream a piece at a time.
+_PIECE: Final = 1 << 20
+
+
+def _sendable(
+    data: bytes | str, headers: Mapping[str, str]
+) -> tuple[Any, Mapping[str, str]]:
+    """``data`` and ``headers`` as aiohttp is to send them.
+
+    A big body is sent in 1 MiB pieces (with its length, so not chunked):
+    written at once, its copy into the socket's buffer would hold up the loop.
+    """
+    if isinstance(data, str) or len(data) <= _PIECE:
+        return data, headers
+    view = memoryview(data)
+
+    async def pieces() -> AsyncIterator[memoryview]:
+        for at in range(0, len(view), _PIECE):
+            yield view[at : at + _PIECE]
+
+    return pieces(), {**headers, "Content-Length": str(len(view))}
 
 _T = TypeVar("_T")
 
@@ -288,7 +310,8 @@ class Upstream:
         url = self.pool.url(worker) + path
 
         async def post() -> aiohttp.ClientResponse:
-            return await session.post(url, data=data, headers=headers)
+            body, sent_headers = _sendable(data, headers)
+            return await session.post(url, data=body, headers=sent_headers)
 
         response = await self._until_down(worker, f"POST {path}", post)
         if not self.pool.workers[worker].healthy:  # went down as the answer arrived
@@ -311,7 +334,8 @@ class Upstream:
 
         async def go() -> tuple[int, bytes, str]:
             url = self.pool.url(worker) + path
-            async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+            body, sent = _sendable(data, headers)
+            async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
                 content_type = r.headers.get("Content-Type", "application/json")
                 return r.status, await r.read(), content_type
 
@@ -332,7 +356,8 @@ class Upstream:
             total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
         )
         url = self.pool.url(worker) + path
-        async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+        body, sent = _sendable(data, headers)
+        async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
             await r.read()
             return r.status
 
