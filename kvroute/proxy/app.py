@@ -43,8 +43,10 @@ from .call import Api, Kind, api_of
 from .config import ProxyConfig
 from .connections import ConnectionGuard
 from .count_tokens import count_tokens
+from .deadlines import Deadlines
 from .disconnect import HangUps
 from .errors import ProxyError, error_body
+from .migration import Migrator
 from .models import Models
 from .outliers import OutlierDetector
 from .prepare import Preparer
@@ -131,8 +133,12 @@ class ProxyApp:
         self.upstream = Upstream(router, self.pool, config, self.metrics, self.outliers)
         #: Request preparation: body, hints, tokens, breakpoints.
         self.preparer = Preparer(config, router, self.models, self.upstream, tokenizer)
+        #: Continues streams whose worker failed mid-way.
+        self.migrator = Migrator(self.upstream, config, self.metrics.registry)
+        #: Arms each generation request's deadline.
+        self.deadlines = Deadlines(config, self.metrics.registry)
         #: Answers clients from workers' responses.
-        self.relay = Relay(self.pool, self.metrics)
+        self.relay = Relay(self.pool, self.metrics, self.migrator)
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
@@ -275,6 +281,21 @@ class ProxyApp:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        deadline = self.deadlines.start(request)
+        try:
+            return await self._generate_within(request, kind)
+        except asyncio.CancelledError:
+            streaming = self.hangups.stage_of(request) == "streaming"
+            if deadline is None or not deadline.expired or streaming:
+                raise
+            deadline.uncancel()
+            deadline.count("waiting")
+            raise deadline.error() from None
+        finally:
+            if deadline is not None:
+                deadline.disarm()
+
+    async def _generate_within(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
 
@@ -282,8 +303,9 @@ class ProxyApp:
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
         ) -> Relayed:
             return await self.relay.answer(
-                request, call, decision, response, lc, collect=routed.speculative_prefill
-            )
+                request, call, decision, response, lc, collect=routed.speculative_prefill,
+                routed=routed,
+            )  # fmt: skip
 
         try:
             relayed = await self.upstream.send(routed, call, answer)

@@ -254,6 +254,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     _add_outlier_args(p)
     _add_connection_args(p)
+    _add_deadline_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -304,6 +305,24 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     conn.add_argument(
         "--idle-timeout", type=_positive(float), default=75.0, metavar="S",
         help="seconds an idle kept-alive client connection stays open (default: 75)",
+    )  # fmt: skip
+
+
+def _add_deadline_args(p: argparse.ArgumentParser) -> None:
+    dl = p.add_argument_group("deadlines and mid-stream recovery")
+    dl.add_argument(
+        "--deadline", type=_positive(float), default=None, metavar="S",
+        help="seconds a generation request may take in all (default: none); a client sets"
+        " its own with X-Kvroute-Deadline",
+    )  # fmt: skip
+    dl.add_argument(
+        "--max-deadline", type=_positive(float), default=3600.0, metavar="S",
+        help="the longest deadline a client may ask for (default: 3600)",
+    )  # fmt: skip
+    dl.add_argument(
+        "--migrations", type=_arg(_non_negative_int), default=1, metavar="N",
+        help="times a stream whose worker failed mid-way is continued on another worker;"
+        " 0: never (default: 1)",
     )  # fmt: skip
 
 
@@ -362,6 +381,9 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         idle_timeout=args.idle_timeout,
+        deadline=args.deadline,
+        max_deadline=args.max_deadline,
+        migrations=args.migrations,
     )
 
 

@@ -108,6 +108,12 @@ class ProxyConfig:
         (``context_length_exceeded``) before they are routed; a token-id
         prompt before its ids are parsed (see :mod:`~kvroute.proxy.bodies`).
         None: no limit (the engines check their own).
+    :param deadline: seconds a generation request may take in all, from its
+        arrival (None: no deadline); see :mod:`~kvroute.proxy.deadlines`.
+    :param max_deadline: the longest deadline a client may set with
+        ``X-Kvroute-Deadline`` (or its SDK's ``X-Stainless-Timeout``).
+    :param migrations: times a stream whose worker failed mid-way may be
+        continued on another worker (0: never); see :mod:`~kvroute.proxy.migration`.
     :raises ValueError: an option out of range.
     """
 
@@ -146,6 +152,10 @@ class ProxyConfig:
     idle_timeout: float = 75.0
     # -- big bodies (kvroute.proxy.bodies) --
     max_prompt_tokens: int | None = None
+    # -- deadlines (kvroute.proxy.deadlines) and mid-stream migration (kvroute.proxy.migration) --
+    deadline: float | None = None
+    max_deadline: float = 3600.0
+    migrations: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -184,6 +194,15 @@ class ProxyConfig:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
         self._check_outliers()
         self._check_connections()
+        self._check_deadlines()
+
+    def _check_deadlines(self) -> None:
+        if self.deadline is not None and not 0 < self.deadline <= self.max_deadline:
+            raise ValueError("deadline must be > 0 and <= max_deadline (or None)")
+        if not self.max_deadline > 0:
+            raise ValueError("max_deadline must be > 0")
+        if self.migrations < 0:
+            raise ValueError("migrations must be >= 0")
 
     def _check_connections(self) -> None:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -50,6 +50,7 @@ from .call import Call, Kind
 from .config import ProxyConfig
 from .errors import ProxyError, lacks_endpoint, upstream_message
 from .hints import Hints, common_prefix, pinned_breakpoints
+from .migration import ask_for_token_ids
 from .models import Models
 from .openai import openai_hints
 from .tokenize import (
@@ -193,11 +194,12 @@ class Preparer:
                     "include_usage": True,
                 }
                 strip_usage = changed = True
-        data = encode_body(body) if changed else raw
+        strip_ids = self.config.migrations > 0 and stream and ask_for_token_ids(kind, body)
+        data = encode_body(body) if changed or strip_ids else raw
         client_id = self.client_id(request)
         call = Call(
             kind, request.path, body, data, stream, strip_usage, client_id,
-            self.forward_headers(request, client_id),
+            self.forward_headers(request, client_id), strip_token_ids=strip_ids,
         )  # fmt: skip
         return call, hints
 

@@ -12,7 +12,10 @@ handler of :meth:`~kvroute.proxy.upstream.Upstream.send`):
 - an SSE stream passes on event by event, unchanged but for the few events
   :class:`~kvroute.proxy.openai.OpenAIStream` and
   :class:`~kvroute.proxy.anthropic.AnthropicStream` describe. A worker
-  failing mid-stream ends it with an ``error`` event in the API's shape.
+  failing mid-stream has its stream continued on another worker where that
+  can be done (:mod:`~kvroute.proxy.migration`), else ended with an
+  ``error`` event in the API's shape; so does a deadline passing
+  (:mod:`~kvroute.proxy.deadlines`).
 
 Until a byte has reached the client, a failure to read the answer fails the
 attempt (:class:`~kvroute.proxy.upstream.AttemptFailed`): another worker may
@@ -31,9 +34,11 @@ says so).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,12 +46,14 @@ import aiohttp
 from aiohttp import web
 
 from ..events.metrics import Metrics
-from ..request import Decision
+from ..request import Decision, Request
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call
+from .deadlines import deadline_of
 from .disconnect import mark_streaming
 from .errors import ProxyError, error_body, upstream_message
 from .hints import Usage
+from .migration import Migrator, Transcript, strip_token_ids
 from .openai import OpenAIStream, openai_usage
 from .sse import encode_event
 from .upstream import CONNECTION_ERRORS, AttemptFailed, Lifecycle
@@ -129,11 +136,15 @@ class Relay:
 
     :param pool: workers whose answer breaks off are marked unhealthy here.
     :param metrics: cache reads and writes, and mid-stream failures, are counted here.
+    :param migrator: continues a stream whose worker failed mid-way (or None).
     """
 
-    def __init__(self, pool: WorkerPool, metrics: Metrics) -> None:
+    def __init__(
+        self, pool: WorkerPool, metrics: Metrics, migrator: Migrator | None = None
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.migrator = migrator
 
     async def answer(
         self,
@@ -144,10 +155,12 @@ class Relay:
         lc: Lifecycle,
         *,
         collect: bool = False,
+        routed: Request | None = None,
     ) -> Relayed:
         """Answer ``request`` from ``upstream``, the worker's response to ``call``.
 
         :param collect: keep the reply (see :class:`Relayed`).
+        :param routed: the request as routed (a broken stream's continuation needs it).
         :raises AttemptFailed: the answer broke off before a byte reached the client.
         """
         if upstream.status >= 400:
@@ -158,7 +171,7 @@ class Relay:
             headers = self._headers(upstream, call, decision)
             return Relayed(error_response(call.api, upstream.status, body, headers))
         if call.stream and upstream.content_type == "text/event-stream":
-            return await self._stream(request, call, decision, upstream, lc, collect)
+            return await self._stream(request, call, decision, upstream, lc, collect, routed)
         return await self._json(call, decision, upstream, lc, collect)
 
     @staticmethod
@@ -249,14 +262,56 @@ class Relay:
         upstream: aiohttp.ClientResponse,
         lc: Lifecycle,
         collect: bool,
+        routed: Request | None,
     ) -> Relayed:
         watcher: OpenAIStream | AnthropicStream
         collector = ReplyCollector(call.kind) if collect else None
-        on_event = None if collector is None else collector.feed
+        transcript = self.migrator.transcript(call) if self.migrator is not None else None
+        feeds = [f.feed for f in (collector, transcript) if f is not None]
+        on_event = _fan_out(feeds)
         if call.kind == "messages":
             watcher = AnthropicStream(decision.predicted_cached_tokens, on_event=on_event)
         else:
-            watcher = OpenAIStream(strip_usage=call.strip_usage, on_event=on_event)
+            transform = strip_token_ids if call.strip_token_ids else None
+            watcher = OpenAIStream(
+                strip_usage=call.strip_usage, on_event=on_event, transform=transform
+            )
+        opened: list[web.StreamResponse] = []  # the client's stream, once begun
+        try:
+            return await self._pass_stream(
+                request, call, decision, upstream, lc, watcher, collector, transcript, routed,
+                opened,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            deadline = deadline_of(request)
+            if not opened or deadline is None or not deadline.expired:
+                raise
+            # The deadline passed mid-stream: end the stream with an error event.
+            deadline.uncancel()
+            deadline.count("streaming")
+            lc.abandon()
+            log.info("request %s: %s mid-stream", call.client_id, deadline.message())
+            err = ProxyError(504, deadline.message(), code="deadline_exceeded")
+            resp = opened[0]
+            with contextlib.suppress(ConnectionError):
+                event = "error" if call.api == "anthropic" else None
+                await resp.write(encode_event(error_body(call.api, err), event))
+                await resp.write_eof()
+            return Relayed(resp)
+
+    async def _pass_stream(
+        self,
+        request: web.Request,
+        call: Call,
+        decision: Decision,
+        upstream: aiohttp.ClientResponse,
+        lc: Lifecycle,
+        watcher: OpenAIStream | AnthropicStream,
+        collector: ReplyCollector | None,
+        transcript: Transcript | None,
+        routed: Request | None,
+        opened: list[web.StreamResponse],
+    ) -> Relayed:
         resp: web.StreamResponse | None = None
         worker = decision.worker
         upstream_error: str | None = None
@@ -281,7 +336,10 @@ class Relay:
                     )
                     resp.headers["Cache-Control"] = "no-cache"
                     await resp.prepare(request)
+                    opened.append(resp)
                     mark_streaming(request)
+                    if (deadline := deadline_of(request)) is not None:
+                        deadline.answer_started()
                 try:
                     await resp.write(out)
                 except ConnectionError:  # the client went away
@@ -295,13 +353,17 @@ class Relay:
         reply = None
         if upstream_error is not None:
             lc.worker_failed = True
+            lc.fail()
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
-            err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
-            event = "error" if call.api == "anthropic" else None
-            with contextlib.suppress(ConnectionError):
-                await resp.write(encode_event(error_body(call.api, err), event))
-            lc.fail()
+            resumed = self.migrator is not None and await self.migrator.resume(
+                request, call, routed, decision, transcript, resp, self._account
+            )
+            if not resumed:
+                err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
+                event = "error" if call.api == "anthropic" else None
+                with contextlib.suppress(ConnectionError):
+                    await resp.write(encode_event(error_body(call.api, err), event))
         else:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
             self._account(call, decision, watcher.usage, predicted)
@@ -315,3 +377,17 @@ class Relay:
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return Relayed(resp, reply)
+
+
+def _fan_out(feeds: Sequence[Callable[[object], None]]) -> Callable[[object], None] | None:
+    """One ``on_event`` callback feeding each of ``feeds`` (None when there are none)."""
+    if not feeds:
+        return None
+    if len(feeds) == 1:
+        return feeds[0]
+
+    def feed_all(obj: object) -> None:
+        for feed in feeds:
+            feed(obj)
+
+    return feed_all

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 import aiohttp
@@ -118,7 +118,7 @@ class Lifecycle:
 
     __slots__ = ("_id", "_router", "ended", "first", "worker_failed")
 
-    def __init__(self, router: Router, request_id: int) -> None:
+    def __init__(self, router: Router, request_id: str | int) -> None:
         self._router = router
         self._id = request_id
         #: The first token was reported.
@@ -218,13 +218,16 @@ class Upstream:
 
     # -- attempts ------------------------------------------------------------------------
 
-    async def send(self, request: Request, call: Call, handle: Handler[_T]) -> _T:
+    async def send(
+        self, request: Request, call: Call, handle: Handler[_T], *, exclude: Iterable[int] = ()
+    ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
+        :param exclude: workers not to try (e.g. the one a stream broke on).
         :raises ProxyError: 503 when no worker can be routed to at all.
         :raises AttemptFailed: the last failure, when every attempt failed.
         """
-        tried: list[int] = []
+        tried: list[int] = list(exclude)
         failure: AttemptFailed | None = None
         for attempt in range(self.config.retries + 1):
             try:
@@ -261,7 +264,7 @@ class Upstream:
 
     async def _attempt(self, call: Call, decision: Decision, handle: Handler[_T]) -> _T:
         worker = decision.worker
-        lc = Lifecycle(self.router, int(decision.request_id))
+        lc = Lifecycle(self.router, decision.request_id)
         response: aiohttp.ClientResponse | None = None
         try:
             response = await self.open(worker, call.path, call.data, call.headers)

@@ -206,6 +206,7 @@ class HttpApi:
             messages,
             tools=tools,
             add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
         )
 
     def _prompts(self, body: Mapping[str, Any]) -> list[list[int]]:
@@ -254,14 +255,21 @@ class HttpApi:
                     headers={"X-Request-Id": base},
                 )
 
+            token_ids = bool(body.get("return_token_ids"))
+
             def chunk(index: int, text: str, finish: str | None) -> bytes:
-                choice = {
+                choice: dict[str, Any] = {
                     "index": index,
                     "text": text,
                     "logprobs": None,
                     "finish_reason": finish,
                     "stop_reason": None,
                 }
+                if token_ids:  # vLLM: the prompt's ids with the first chunk, then each delta's
+                    choice["token_ids"] = [self._piece_id(text)] if text else []
+                    if first[index]:
+                        choice["prompt_token_ids"] = prompts[index]
+                        first[index] = False
                 return openai_sse(
                     {
                         "id": rid,
@@ -271,6 +279,8 @@ class HttpApi:
                         "choices": [choice],
                     }
                 )
+
+            first = [True] * len(prompts)
 
             async def stream(resp: web.StreamResponse) -> None:
                 for i, req in enumerate(admitted):
@@ -368,6 +378,10 @@ class HttpApi:
             return await _stream(request, base, stream)
         finally:
             req.release()
+
+    def _piece_id(self, piece: str) -> int:
+        """The token id of a generated piece: its last token (the generate endpoint's too)."""
+        return self.engine.tokenizer.encode(piece.strip())[-1]
 
     async def _generate_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
