@@ -601,5 +601,6 @@ class HttpApi:
             f"vllm:kv_cache_usage_perc{label} {s.cached_blocks / s.num_blocks}",
             f"vllm:prefix_cache_queries_total{label} {s.prompt_tokens}",
             f"vllm:prefix_cache_hits_total{label} {s.cached_tokens}",
+            f"vllm:generation_tokens_total{label} {s.completion_tokens}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -35,14 +35,19 @@ _READY: Final = "kvroute-mock-worker-ready "
 class MockWorkerProcess:
     """A MockWorker served by a child process, to be killed, stopped and restarted for real.
 
+    :param fail_next: ``(n, status)``: the child calls
+        :meth:`~kvroute.testing.MockWorker.fail_next` with them at each start
+        (a worker answering every generation with an error, say).
     :param kwargs: :class:`~kvroute.testing.MockWorker` keyword arguments
         (JSON-serializable); ports given as 0 are chosen at the first start
         and kept across restarts.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, fail_next: tuple[int, int] | None = None, **kwargs: Any) -> None:
         json.dumps(kwargs)  # fail here, not in the child
         self.kwargs = dict(kwargs)
+        #: ``(n, status)`` failures the child queues at each start, or None.
+        self.fail_next = fail_next
         self._proc: subprocess.Popen[str] | None = None
         self._addresses: dict[str, Any] = {}
         self._stderr: list[str] = []
@@ -61,8 +66,9 @@ class MockWorkerProcess:
             if self._addresses.get(key):
                 kwargs[key] = self._addresses[key]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        spec = {"kwargs": kwargs, "fail_next": self.fail_next}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvroute.testing.process", json.dumps(kwargs)],
+            [sys.executable, "-m", "kvroute.testing.process", json.dumps(spec)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -189,17 +195,21 @@ class MockWorkerProcess:
 def main(argv: list[str] | None = None) -> int:
     """The child: serve a MockWorker until ``SIGTERM`` (or ``SIGINT``).
 
-    :param argv: ``[kwargs_json]`` (default: ``sys.argv[1:]``).
+    :param argv: ``[spec_json]``: ``{"kwargs": {...}, "fail_next": [n, status] | null}``
+        (default: ``sys.argv[1:]``).
     :returns: the exit status.
     """
     from .mock_worker import MockWorker
 
     args = sys.argv[1:] if argv is None else argv
-    kwargs = json.loads(args[0]) if args else {}
+    spec = json.loads(args[0]) if args else {}
+    kwargs = spec.get("kwargs") or {}
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker = MockWorker(**kwargs).start()
+    if spec.get("fail_next"):
+        worker.fail_next(*spec["fail_next"])
     try:
         addresses = {
             "url": worker.url,
