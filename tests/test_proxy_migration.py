@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
@@ -191,3 +192,109 @@ def test_migrations_zero_keeps_the_error_event() -> None:
         assert "error" in events[-1] and spare.requests == []
         # the proxy asked for no token ids it would not use
         assert not any("token_ids" in ch for e in events[:-1] for ch in e["choices"])
+
+
+# -- the parts, alone ------------------------------------------------------------------------
+
+from kvroute.proxy.bodies import TokenIds, encode_body  # noqa: E402
+from kvroute.proxy.call import Call  # noqa: E402
+from kvroute.proxy.migration import (  # noqa: E402
+    Migrator,
+    Transcript,
+    ask_for_token_ids,
+    strip_token_ids,
+    why_not,
+)
+
+
+def _call(kind: str, body: dict[str, Any], *, stream: bool = True, strip: bool = False) -> Call:
+    path = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}[kind]
+    data = encode_body(body)
+    return Call(kind, path, body, data, stream, False, "r", {}, strip_token_ids=strip)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "reason"),
+    [
+        ("completions", {"prompt": "text"}, None),
+        ("completions", {"prompt": [1, 2, 3]}, None),
+        ("completions", {"prompt": ["a", "b"]}, "not a single prompt"),
+        ("completions", {"prompt": "x", "echo": True}, "echo or prompt_logprobs"),
+        ("completions", {"prompt": "x", "n": 2}, "n > 1"),
+        ("chat", {"messages": [], "tool_choice": "required"}, "a forced tool choice"),
+        ("chat", {"messages": [], "tool_choice": "auto"}, None),
+        ("chat", {"messages": [], "guided_json": {}}, "structured output"),
+        ("chat", {"messages": [], "response_format": {"type": "text"}}, None),
+    ],
+)
+def test_what_can_be_continued(kind: str, body: dict[str, Any], reason: str | None) -> None:
+    assert why_not(_call(kind, body)) == reason
+    assert why_not(_call(kind, body, stream=False)) == "not streamed"
+
+
+def test_token_ids_are_asked_for_a_token_id_prompt_only_and_stripped_again() -> None:
+    body: dict[str, Any] = {"prompt": [1, 2]}
+    assert ask_for_token_ids("completions", body) and body["return_token_ids"] is True
+    assert not ask_for_token_ids("completions", {"prompt": [1], "return_token_ids": True})
+    assert not ask_for_token_ids("completions", {"prompt": "text"})
+    assert not ask_for_token_ids("chat", {"messages": []})
+    chunk = {"id": "c", "prompt_token_ids": [1], "choices": [{"text": "a", "token_ids": [7]}]}
+    assert strip_token_ids(chunk) == {"id": "c", "choices": [{"text": "a"}]}
+    plain = {"id": "c", "choices": [{"text": "a"}]}
+    assert strip_token_ids(plain) is plain
+
+
+def test_a_transcript_records_text_ids_and_what_blocks_a_continuation() -> None:
+    t = Transcript("completions", ids=True)
+    t.feed({"id": "x", "created": 5, "choices": [{"index": 0, "text": "a", "token_ids": [1]}]})
+    t.feed({"id": "x", "choices": [{"index": 0, "text": " b", "token_ids": [2, 3]}]})
+    assert (t.id, t.created, t.text, t.ids, t.generated) == ("x", 5, ["a", " b"], [1, 2, 3], 3)
+    t.feed({"id": "x", "choices": [{"index": 0, "text": "c"}]})  # no ids: cannot go on exactly
+    assert t.ids is None and t.blocked == "the worker gave no token ids"
+    chat = Transcript("chat")
+    chat.feed({"id": "y", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    chat.feed({"id": "y", "choices": [{"index": 0, "delta": {"content": "hi"}}]})
+    assert chat.text == ["hi"] and chat.blocked is None
+    chat.feed({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]})
+    assert chat.blocked == "a tool call was under way"
+    chat.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    assert chat.finished
+
+
+def test_continuations_carry_the_prompt_and_what_was_generated_with_the_budget_reduced() -> None:
+    from kvroute.proxy import ProxyConfig, WorkerSpec
+
+    m = Migrator(None, ProxyConfig([WorkerSpec("http://w")]))  # type: ignore[arg-type]
+    t = Transcript("completions", ids=True)
+    t.feed(
+        {
+            "choices": [
+                {"text": "a", "token_ids": [7]},
+            ]
+        }
+    )
+    t.feed({"choices": [{"text": "b", "token_ids": [8]}]})
+    ids = TokenIds(np.array([1, 2], dtype=np.int64), b"[1, 2]")
+    body = {"model": "m", "prompt": ids, "max_tokens": 10, "min_tokens": 5, "stream": True}
+    cont = m._continuation(_call("completions", body), t, 1)
+    assert cont is not None and cont.headers["X-Request-Id"] == "r-m1"
+    sent = json.loads(cont.data)
+    assert sent["prompt"] == [1, 2, 7, 8] and sent["max_tokens"] == 8 and sent["min_tokens"] == 3
+    text = Transcript("completions")
+    text.feed({"choices": [{"text": " more"}]})
+    cont = m._continuation(_call("completions", {"prompt": "Once", "stream": True}), text, 1)
+    assert cont is not None and json.loads(cont.data)["prompt"] == "Once more"
+    assert json.loads(cont.data)["max_tokens"] == 15  # vLLM's default budget, 16, less one
+    chat = Transcript("chat")
+    chat.feed({"choices": [{"delta": {"content": "Hel"}}]})
+    msgs = [{"role": "user", "content": "hi"}]
+    cont = m._continuation(_call("chat", {"messages": msgs, "max_completion_tokens": 4}), chat, 2)
+    assert cont is not None
+    sent = json.loads(cont.data)
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Hel"}
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["max_completion_tokens"] == 3
+    spent = Transcript("chat")
+    for _ in range(4):
+        spent.feed({"choices": [{"delta": {"content": "x"}}]})
+    assert m._continuation(_call("chat", {"messages": msgs, "max_tokens": 4}), spent, 1) is None
