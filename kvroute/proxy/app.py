@@ -281,19 +281,7 @@ class ProxyApp:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        deadline = self.deadlines.start(request)
-        try:
-            return await self._generate_within(request, kind)
-        except asyncio.CancelledError:
-            streaming = self.hangups.stage_of(request) == "streaming"
-            if deadline is None or not deadline.expired or streaming:
-                raise
-            deadline.uncancel()
-            deadline.count("waiting")
-            raise deadline.error() from None
-        finally:
-            if deadline is not None:
-                deadline.disarm()
+        return await self.deadlines.run(request, lambda: self._generate_within(request, kind))
 
     async def _generate_within(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         prepared = await self.preparer.prepare(request, kind)

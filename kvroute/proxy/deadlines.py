@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from aiohttp import web
 
 from .config import ProxyConfig
-from .disconnect import request_key
+from .disconnect import STREAMING_KEY, request_key
 from .errors import ProxyError
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ DEADLINE_HEADER: Final = "X-Kvroute-Deadline"
 #: The OpenAI and Anthropic SDKs' timeout, in seconds: a bound on the time to the first byte.
 SDK_TIMEOUT_HEADER: Final = "X-Stainless-Timeout"
 _KEY: Final = request_key("kvroute_deadline", object)
+_T = TypeVar("_T")
 
 Stage = Literal["waiting", "streaming"]
 
@@ -221,6 +222,26 @@ class Deadlines:
         request[_KEY] = deadline
         deadline.arm()
         return deadline
+
+    async def run(self, request: web.Request, work: Callable[[], Awaitable[_T]]) -> _T:
+        """``work()`` within ``request``'s deadline.
+
+        :raises ProxyError: 504 when the deadline passed before the answer
+            began (after, the relay ends the stream); 400 for a malformed
+            :data:`DEADLINE_HEADER`.
+        """
+        deadline = self.start(request)
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.expired or request.get(STREAMING_KEY):
+                raise
+            deadline.uncancel()
+            deadline.count("waiting")
+            raise deadline.error() from None
+        finally:
+            if deadline is not None:
+                deadline.disarm()
 
     def count(self, stage: Stage) -> None:
         """Count a request ended by its deadline."""
