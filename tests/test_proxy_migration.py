@@ -116,7 +116,7 @@ def test_a_token_id_completion_is_continued_token_exactly_on_another_worker() ->
         m = proxy.proxy.metrics
         assert m.value("kvroute_proxy_migrations_total", {"outcome": "continued"}) == 1
         assert m.value("kvroute_routed_requests_total", {"worker": "1"}) == 1
-        assert proxy.router.load(0)["healthy"] is False
+        assert wait_until(lambda: proxy.router.load(0)["healthy"] is False)  # dead: found out
         assert wait_until(lambda: all(proxy.router.load(w)["active_requests"] == 0 for w in (0, 1)))
 
 

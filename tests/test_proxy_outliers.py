@@ -193,17 +193,18 @@ def test_a_worker_failing_every_generation_is_ejected_and_loses_its_traffic() ->
 
 
 def test_an_ejected_worker_is_probed_back_once_it_recovers() -> None:
-    with fleet(2, eject_after=2, ejection_time=0.3) as (proxy, workers):
+    with fleet(2, eject_after=2, ejection_time=0.5) as (proxy, workers):
         workers[1].fail_next(2, status=503)  # two failures, then it recovers
-        for i in range(6):
+        m = proxy.proxy.metrics
+        for i in range(20):
             body = {"model": MODEL, "prompt": [i, *range(40)], "max_tokens": 1}
             assert post(proxy.url + "/v1/completions", body)[0] == 200
-            if proxy.proxy.pool.ejected_count():
+            if m.value("kvroute_worker_ejections_total", {"worker": "1"}):
                 break
-        assert proxy.proxy.pool.ejected_count() == 1
+        assert m.value("kvroute_worker_ejections_total", {"worker": "1"}) == 1
         # The health round after the ejection time returns it, on probation.
-        assert wait_until(lambda: proxy.router.load(1)["healthy"], timeout=5)
-        assert proxy.proxy.outliers.state(1).probation
+        assert wait_until(lambda: proxy.proxy.outliers.state(1).probation, timeout=5)
+        assert proxy.router.load(1)["healthy"] is True
         served = set()
         for i in range(8):
             body = {"model": MODEL, "prompt": [50 + i, *range(40)], "max_tokens": 1}
