@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from types import TracebackType
 from typing import Any, Final
 
@@ -112,13 +113,31 @@ class MockWorkerProcess:
         """``SIGKILL``: the worker dies at once, its connections cut. Idempotent."""
         self._reap(signal.SIGKILL)
 
-    def pause(self) -> None:
-        """``SIGSTOP``: the worker freezes, its sockets open (nothing is answered)."""
-        self._signal(signal.SIGSTOP)
+    def pause(self, timeout: float = 5.0) -> None:
+        """``SIGSTOP``: the worker freezes, its sockets open (nothing is answered).
 
-    def resume(self) -> None:
-        """``SIGCONT``: undo :meth:`pause`."""
+        Returns once the child is stopped (where ``/proc`` tells).
+        """
+        self._signal(signal.SIGSTOP)
+        self._await_state(stopped=True, timeout=timeout)
+
+    def resume(self, timeout: float = 5.0) -> None:
+        """``SIGCONT``: undo :meth:`pause` (returns once the child runs again)."""
         self._signal(signal.SIGCONT)
+        self._await_state(stopped=False, timeout=timeout)
+
+    def _await_state(self, *, stopped: bool, timeout: float) -> None:
+        stat = f"/proc/{self.pid}/stat"
+        if not os.path.exists(stat):
+            return  # no /proc: the signal is all there is
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with open(stat) as f:
+                # the state follows the command name, which is in parentheses
+                state = f.read().rpartition(")")[2].split()[0]
+            if (state == "T") == stopped:
+                return
+            time.sleep(0.005)
 
     def _signal(self, sig: signal.Signals) -> None:
         if not self.running:
