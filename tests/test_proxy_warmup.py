@@ -78,7 +78,10 @@ def test_the_next_turn_prefix_is_prefilled_on_the_same_worker(kind: str, stream:
         assert list(warm.prompt_token_ids) == list(expected)
         assert wait_until(lambda: _record(worker, "t1-warmup").status == "finished")
         assert _record(worker, "t1-warmup").completion_tokens == 1
-        assert proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        # counted once its answer is read, just after the worker's record finished
+        assert wait_until(
+            lambda: proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        )
         assert all(_record(w, "t1-warmup") is None for w in workers if w is not worker)
 
         # The next turn (the tool result / the user's answer) hits the warmed prefix:

@@ -11,8 +11,10 @@ A line is built once, from the request's
 - ``status``: the HTTP status answered (499: the handler was cancelled before
   it ended: the proxy stopped, or the connection was dropped);
 - ``outcome``: ``ok``, ``error`` (an error status), ``client_closed``,
-  ``stream_broken`` (the worker's stream broke), ``stream_error`` (the
-  worker sent an error event), ``upstream_failed`` (every attempt failed),
+  ``stream_broken`` (the worker's stream broke), ``migrated`` (it broke and
+  went on on another worker), ``stream_error`` (the worker sent an error
+  event), ``deadline_exceeded`` (its deadline passed mid-stream),
+  ``upstream_failed`` (every attempt failed),
   ``shutdown`` (cut off when the proxy stopped, after its shutdown timeout);
 - ``model``: the model sent to the worker (after ``--model-map``);
 - ``session``: the agent session, if any;

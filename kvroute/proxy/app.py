@@ -55,11 +55,16 @@ from ..router import Router
 from .admin import AdminApi
 from .call import Api, Call, Kind, api_of
 from .config import ProxyConfig
+from .connections import ConnectionGuard
 from .count_tokens import count_tokens
+from .deadlines import Deadlines
+from .disconnect import HangUps
 from .errors import ProxyError, error_body
 from .fleet import ProxyFleet
+from .migration import Migrator
 from .models import Models
 from .observe import RECORD, Observer
+from .outliers import OutlierDetector
 from .passthrough import PASS_THROUGH_PATHS, PassThrough
 from .prepare import Preparer
 from .probes import Probes
@@ -150,12 +155,22 @@ class ProxyApp:
         self.tokenizer = tokenizer
         #: The served model names.
         self.models = Models(config, self.pool)
+        #: Client connections: the cap, the header and body deadlines.
+        self.connections = ConnectionGuard(config, self.metrics.registry)
+        #: Counts clients that hang up.
+        self.hangups = HangUps(self.metrics.registry)
+        #: Ejects workers that fail attempts in a row.
+        self.outliers = OutlierDetector(self.pool, config, self.metrics.registry)
         #: Calls to the workers, and the attempt loop.
-        self.upstream = Upstream(router, self.pool, config, self.metrics)
+        self.upstream = Upstream(router, self.pool, config, self.metrics, self.outliers)
         #: Request preparation: body, hints, tokens, breakpoints.
         self.preparer = Preparer(config, router, self.models, self.upstream, tokenizer)
+        #: Continues streams whose worker failed mid-way.
+        self.migrator = Migrator(self.upstream, config, self.metrics.registry)
+        #: Arms each generation request's deadline.
+        self.deadlines = Deadlines(config, self.metrics.registry)
         #: Answers clients from workers' responses.
-        self.relay = Relay(self.pool, self.metrics)
+        self.relay = Relay(self.pool, self.metrics, self.migrator)
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
@@ -184,7 +199,9 @@ class ProxyApp:
 
     def make_app(self) -> web.Application:
         """A new aiohttp application serving this proxy (startup and cleanup included)."""
-        middlewares = [self.observer.middleware, self._errors]
+        # The connection guard is outermost: it sees each request from its headers to its end;
+        # then each API request's record (access log, metrics, span), then error shaping.
+        middlewares = [self.connections.middleware, self.observer.middleware, self._errors]
         app = web.Application(client_max_size=self.config.max_body_size, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -305,10 +322,14 @@ class ProxyApp:
         try:
             resp = await work
             status = resp.status
+            self.hangups.note(request)
             return resp
         except ProxyError as e:
             status = e.status
             return self._error(api, e)
+        except asyncio.CancelledError:
+            status = self.hangups.cancelled(request)
+            raise
         finally:
             self._count_request(request, status)
 
@@ -326,6 +347,9 @@ class ProxyApp:
         if not self.pool.workers:
             why = "the fleet has no worker yet (they join through the admin API, a file or DNS)"
             raise ProxyError(503, why, code="no_worker_available")
+        return await self.deadlines.run(request, lambda: self._generate_within(request, kind))
+
+    async def _generate_within(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
         record = request.get(RECORD)
@@ -336,8 +360,9 @@ class ProxyApp:
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
         ) -> Relayed:
             relayed = await self.relay.answer(
-                request, call, decision, response, lc, collect=routed.speculative_prefill
-            )
+                request, call, decision, response, lc, collect=routed.speculative_prefill,
+                routed=routed,
+            )  # fmt: skip
             if relayed.response_id is not None and call.body.get("store") is not False:
                 self.responses.remember(relayed.response_id, decision.worker)
             return relayed

@@ -42,6 +42,9 @@ class Call:
         (:class:`~kvroute.proxy.openai.OpenAIStream` drops it again).
     :param client_id: the request id (the client's ``X-Request-Id``, else new).
     :param headers: the headers sent to the worker.
+    :param strip_token_ids: the proxy asked for the stream's token ids (so
+        that it can be continued elsewhere, see :mod:`~kvroute.proxy.migration`)
+        and the client did not: they are stripped from its chunks.
     """
 
     kind: Kind
@@ -52,6 +55,7 @@ class Call:
     strip_usage: bool
     client_id: str
     headers: dict[str, str]
+    strip_token_ids: bool = False
 
     @property
     def api(self) -> Api:

@@ -251,6 +251,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         " worker (as X-Kvroute-Speculative-Prefill: true does per request)",
     )
     api.add_argument(
+        "--max-prompt-tokens",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="refuse longer prompts with 400 before routing them (a token-id prompt before"
+        " its ids are parsed; default: no limit)",
+    )
+    api.add_argument(
         "--max-body-size",
         type=_arg(parse_size),
         default=DEFAULT_MAX_BODY_SIZE,
@@ -292,6 +300,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
     _add_membership_args(p)
+    _add_outlier_args(p)
+    _add_connection_args(p)
+    _add_deadline_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -443,6 +454,76 @@ def _add_shutdown_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_outlier_args(p: argparse.ArgumentParser) -> None:
+    out = p.add_argument_group("outlier detection (workers failing every generation)")
+    out.add_argument(
+        "--eject-after", type=_arg(_non_negative_int), default=5, metavar="N",
+        help="attempts a worker fails in a row (5xx, broken connections or streams) that eject"
+        " it for a while; 0: never (default: 5)",
+    )  # fmt: skip
+    out.add_argument(
+        "--ejection-time", type=_positive(float), default=10.0, metavar="S",
+        help="seconds of a first ejection; the n-th lasts n times as long (default: 10)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejection-time", type=_positive(float), default=300.0, metavar="S",
+        help="the longest ejection, in seconds (default: 300)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejected-percent", type=_arg(_percent), default=50.0, metavar="P",
+        help="the most workers ejected at once, in percent of the fleet; one may always be,"
+        " and never the last usable one (default: 50)",
+    )  # fmt: skip
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    conn = p.add_argument_group("client connections (slow or too many clients)")
+    conn.add_argument(
+        "--max-connections", type=_positive(int), default=1024, metavar="N",
+        help="open client connections beyond which a new one is refused with 503"
+        " (default: 1024; mind the file-descriptor limit: each request also opens one"
+        " to a worker)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--header-timeout", type=_positive(float), default=10.0, metavar="S",
+        help="seconds a request's headers may take to arrive, else 408 (default: 10)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--body-timeout", type=_positive(float), default=60.0, metavar="S",
+        help="seconds a request's body may take to arrive after its headers, else 408"
+        " (default: 60)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--idle-timeout", type=_positive(float), default=75.0, metavar="S",
+        help="seconds an idle kept-alive client connection stays open (default: 75)",
+    )  # fmt: skip
+
+
+def _add_deadline_args(p: argparse.ArgumentParser) -> None:
+    dl = p.add_argument_group("deadlines and mid-stream recovery")
+    dl.add_argument(
+        "--deadline", type=_positive(float), default=None, metavar="S",
+        help="seconds a generation request may take in all (default: none); a client sets"
+        " its own with X-Kvroute-Deadline",
+    )  # fmt: skip
+    dl.add_argument(
+        "--max-deadline", type=_positive(float), default=3600.0, metavar="S",
+        help="the longest deadline a client may ask for (default: 3600)",
+    )  # fmt: skip
+    dl.add_argument(
+        "--migrations", type=_arg(_non_negative_int), default=1, metavar="N",
+        help="times a stream whose worker failed mid-way is continued on another worker;"
+        " 0: never (default: 1)",
+    )  # fmt: skip
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be within 0..100, got {text}")
+    return value
+
+
 def build_config(
     args: argparse.Namespace, flagless: Mapping[str, Any] | None = None
 ) -> ProxyConfig:
@@ -481,6 +562,7 @@ def build_config(
         session_header=args.session_header,
         speculative_prefill=args.speculative_prefill,
         max_body_size=args.max_body_size,
+        max_prompt_tokens=args.max_prompt_tokens,
         retries=args.retries,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
@@ -501,6 +583,17 @@ def build_config(
         access_log=args.access_log,
         access_log_format=args.access_log_format,
         tracing=args.tracing,
+        eject_after=args.eject_after,
+        ejection_time=args.ejection_time,
+        max_ejection_time=args.max_ejection_time,
+        max_ejected_percent=args.max_ejected_percent,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        idle_timeout=args.idle_timeout,
+        deadline=args.deadline,
+        max_deadline=args.max_deadline,
+        migrations=args.migrations,
     )
     # fields without a flag of their own are set by name
     return dataclasses.replace(config, **flagless) if flagless else config

@@ -207,6 +207,29 @@ class ProxyConfig:
         a file path (appended to), or ``"off"``.
     :param access_log_format: ``"json"`` (JSON lines) or ``"text"`` (logfmt).
     :param tracing: an OpenTelemetry span per request (needs ``opentelemetry-api``).
+    :param eject_after: attempts a worker fails in a row (5xx, broken
+        connections or streams) that eject it for a while (0: never); see
+        :mod:`~kvroute.proxy.outliers`.
+    :param ejection_time: seconds of a worker's first ejection; the n-th lasts n times as long.
+    :param max_ejection_time: the longest ejection, in seconds.
+    :param max_ejected_percent: the most workers ejected at once, in percent of
+        the fleet (one may always be, and never the last usable one).
+    :param max_connections: open client connections beyond which a new one is
+        refused with 503; see :mod:`~kvroute.proxy.connections`.
+    :param header_timeout: seconds a request's headers may take to arrive (else 408).
+    :param body_timeout: seconds a request's body may take to arrive, from its headers
+        (else 408).
+    :param idle_timeout: seconds an idle kept-alive client connection stays open.
+    :param max_prompt_tokens: longer prompts are refused with 400
+        (``context_length_exceeded``) before they are routed; a token-id
+        prompt before its ids are parsed (see :mod:`~kvroute.proxy.bodies`).
+        None: no limit (the engines check their own).
+    :param deadline: seconds a generation request may take in all, from its
+        arrival (None: no deadline); see :mod:`~kvroute.proxy.deadlines`.
+    :param max_deadline: the longest deadline a client may set with
+        ``X-Kvroute-Deadline`` (or its SDK's ``X-Stainless-Timeout``).
+    :param migrations: times a stream whose worker failed mid-way may be
+        continued on another worker (0: never); see :mod:`~kvroute.proxy.migration`.
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -246,6 +269,22 @@ class ProxyConfig:
     access_log: str = "stderr"
     access_log_format: Literal["json", "text"] = "json"
     tracing: bool = False
+    # -- outlier detection (kvroute.proxy.outliers) --
+    eject_after: int = 5
+    ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
+    max_ejected_percent: float = 50.0
+    # -- client connections (kvroute.proxy.connections) --
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    # -- big bodies (kvroute.proxy.bodies) --
+    max_prompt_tokens: int | None = None
+    # -- deadlines (kvroute.proxy.deadlines) and mid-stream migration (kvroute.proxy.migration) --
+    deadline: float | None = None
+    max_deadline: float = 3600.0
+    migrations: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -294,6 +333,9 @@ class ProxyConfig:
             raise ValueError(
                 f"access_log_format must be 'json' or 'text', not {self.access_log_format!r}"
             )
+        self._check_outliers()
+        self._check_connections()
+        self._check_deadlines()
 
     def _check_fleet(self) -> None:
         """Validate (and normalize) the workers-at-run-time block."""
@@ -316,6 +358,31 @@ class ProxyConfig:
                 "at least one worker is needed: give --worker, --workers-file or --worker-dns,"
                 " or --admin-token to add workers through the admin API"
             )
+
+    def _check_deadlines(self) -> None:
+        if self.deadline is not None and not 0 < self.deadline <= self.max_deadline:
+            raise ValueError("deadline must be > 0 and <= max_deadline (or None)")
+        if not self.max_deadline > 0:
+            raise ValueError("max_deadline must be > 0")
+        if self.migrations < 0:
+            raise ValueError("migrations must be >= 0")
+
+    def _check_connections(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1 (or None: no limit)")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        for name in ("header_timeout", "body_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def _check_outliers(self) -> None:
+        if self.eject_after < 0:
+            raise ValueError("eject_after must be >= 0")
+        if not 0 < self.ejection_time <= self.max_ejection_time:
+            raise ValueError("ejection_time must be > 0 and <= max_ejection_time")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ValueError("max_ejected_percent must be within 0..100")
 
     @property
     def kv_events(self) -> bool:

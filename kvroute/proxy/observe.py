@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 from ..events.metrics import Metrics
 from .access_log import AccessLog, json_string, open_access_log, utc_time
 from .config import ProxyConfig
+from .disconnect import HangUps
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -313,7 +314,7 @@ class Observer:
                     record.outcome = "client_closed"
             return response
         except asyncio.CancelledError:  # the client went away, or the proxy cut it at its stop
-            record.status = 499
+            record.status = HangUps.status_when_cancelled(request)
             record.outcome = "shutdown" if self.stopping else "client_closed"
             raise
         except web.HTTPException as e:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .errors import ProxyError
 from .hints import Hints, Usage, header_hints, parse_breakpoints
-from .sse import SseSplitter
+from .sse import SseSplitter, encode_event
 
 __all__ = ["MAX_TOKENS_FIELDS", "OpenAIStream", "check_max_tokens", "openai_hints", "openai_usage"]
 
@@ -178,14 +178,22 @@ class OpenAIStream:
     :param strip_usage: drop the usage-only chunk (the proxy asked for it).
     :param on_event: called with each event's JSON, e.g. to rebuild the reply
         for a warm-up.
+    :param transform: called with each event's JSON (after ``on_event``):
+        the event to pass on instead (re-encoded when it is another object),
+        or None to drop it; see :mod:`~kvroute.proxy.migration`.
     """
 
     def __init__(
-        self, *, strip_usage: bool = False, on_event: Callable[[object], None] | None = None
+        self,
+        *,
+        strip_usage: bool = False,
+        on_event: Callable[[object], None] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
     ) -> None:
         self._split = SseSplitter()
         self._strip_usage = strip_usage
         self._on_event = on_event
+        self._transform = transform
         #: A chunk with generated content has gone by.
         self.first_token = False
         #: Chunks with generated content (a fallback count of output tokens).
@@ -215,6 +223,13 @@ class OpenAIStream:
                 self.error = str(err.get("message") if isinstance(err, dict) else err)
             if self._on_event is not None:
                 self._on_event(obj)
+            raw = ev.raw
+            if self._transform is not None:
+                changed = self._transform(obj)
+                if changed is None:
+                    continue
+                if changed is not obj:
+                    obj, raw = changed, encode_event(changed, ev.event)
             choices = obj.get("choices")
             if isinstance(choices, list) and any(_has_content(c) for c in choices):
                 self.first_token = True
@@ -224,7 +239,7 @@ class OpenAIStream:
                 self.usage = usage
                 if self._strip_usage and not choices:
                     continue
-            out.append(ev.raw)
+            out.append(raw)
         return b"".join(out)
 
     def flush(self) -> bytes:

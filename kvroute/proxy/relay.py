@@ -13,13 +13,18 @@ handler of :meth:`~kvroute.proxy.upstream.Upstream.send`):
 - an SSE stream passes on event by event, unchanged but for the few events
   :class:`~kvroute.proxy.openai.OpenAIStream` and
   :class:`~kvroute.proxy.anthropic.AnthropicStream` describe. A worker
-  failing mid-stream ends it with an ``error`` event in the API's shape.
+  failing mid-stream has its stream continued on another worker where that
+  can be done (:mod:`~kvroute.proxy.migration`), else ended with an
+  ``error`` event in the API's shape; so does a deadline passing
+  (:mod:`~kvroute.proxy.deadlines`).
 
 Until a byte has reached the client, a failure to read the answer fails the
 attempt (:class:`~kvroute.proxy.upstream.AttemptFailed`): another worker may
 serve it. The router hears of the first generated content and of the end
 (:class:`~kvroute.proxy.upstream.Lifecycle`); a client that leaves
-mid-stream ends the request as finished once a token went out, else failed.
+mid-stream, or whose connection drops while it waits (see
+:mod:`~kvroute.proxy.disconnect`), ends the request as finished once a token
+went out, else failed (:meth:`~kvroute.proxy.upstream.Lifecycle.abandon`).
 
 Every answer carries ``X-Request-Id``, :data:`WORKER_HEADER` and
 :data:`PREDICTED_HEADER`; a JSON answer with usage also
@@ -30,9 +35,11 @@ says so).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,11 +47,14 @@ import aiohttp
 from aiohttp import web
 
 from ..events.metrics import Metrics
-from ..request import Decision
+from ..request import Decision, Request
 from .anthropic import AnthropicStream, anthropic_usage, fill_usage
 from .call import Api, Call
+from .deadlines import deadline_of
+from .disconnect import mark_streaming
 from .errors import ProxyError, error_body, openai_error, upstream_message
 from .hints import Usage
+from .migration import Migrator, Transcript, strip_token_ids
 from .openai import OpenAIStream, openai_usage
 from .responses import ResponsesStream, response_id_of, responses_usage
 from .sse import encode_event
@@ -84,7 +94,9 @@ class Relayed:
         where it reported none, even when the answer carries the router's
         prediction), or None.
     :param outcome: ``"ok"``, ``"client_closed"``, ``"stream_broken"`` (the
-        worker's stream broke) or ``"stream_error"`` (it sent an error event).
+        worker's stream broke), ``"migrated"`` (it broke and the stream went on
+        on another worker), ``"stream_error"`` (it sent an error event) or
+        ``"deadline_exceeded"`` (the request's deadline passed mid-stream).
     """
 
     response: web.StreamResponse
@@ -153,11 +165,15 @@ class Relay:
 
     :param pool: workers whose answer breaks off are marked unhealthy here.
     :param metrics: cache reads and writes, and mid-stream failures, are counted here.
+    :param migrator: continues a stream whose worker failed mid-way (or None).
     """
 
-    def __init__(self, pool: WorkerPool, metrics: Metrics) -> None:
+    def __init__(
+        self, pool: WorkerPool, metrics: Metrics, migrator: Migrator | None = None
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.migrator = migrator
 
     async def answer(
         self,
@@ -168,10 +184,12 @@ class Relay:
         lc: Lifecycle,
         *,
         collect: bool = False,
+        routed: Request | None = None,
     ) -> Relayed:
         """Answer ``request`` from ``upstream``, the worker's response to ``call``.
 
         :param collect: keep the reply (see :class:`Relayed`).
+        :param routed: the request as routed (a broken stream's continuation needs it).
         :raises AttemptFailed: the answer broke off before a byte reached the client.
         """
         if upstream.status >= 400:
@@ -182,7 +200,7 @@ class Relay:
             headers = self._headers(upstream, call, decision)
             return Relayed(error_response(call.api, upstream.status, body, headers))
         if call.stream and upstream.content_type == "text/event-stream":
-            return await self._stream(request, call, decision, upstream, lc, collect)
+            return await self._stream(request, call, decision, upstream, lc, collect, routed)
         return await self._json(call, decision, upstream, lc, collect)
 
     @staticmethod
@@ -276,16 +294,58 @@ class Relay:
         upstream: aiohttp.ClientResponse,
         lc: Lifecycle,
         collect: bool,
+        routed: Request | None,
     ) -> Relayed:
         watcher: OpenAIStream | AnthropicStream | ResponsesStream
         collector = ReplyCollector(call.kind) if collect else None
-        on_event = None if collector is None else collector.feed
+        transcript = self.migrator.transcript(call) if self.migrator is not None else None
+        feeds = [f.feed for f in (collector, transcript) if f is not None]
+        on_event = _fan_out(feeds)
         if call.kind == "messages":
             watcher = AnthropicStream(decision.predicted_cached_tokens, on_event=on_event)
         elif call.kind == "responses":
             watcher = ResponsesStream(on_event=on_event)
         else:
-            watcher = OpenAIStream(strip_usage=call.strip_usage, on_event=on_event)
+            transform = strip_token_ids if call.strip_token_ids else None
+            watcher = OpenAIStream(
+                strip_usage=call.strip_usage, on_event=on_event, transform=transform
+            )
+        opened: list[web.StreamResponse] = []  # the client's stream, once begun
+        try:
+            return await self._pass_stream(
+                request, call, decision, upstream, lc, watcher, collector, transcript, routed,
+                opened,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            deadline = deadline_of(request)
+            if not opened or deadline is None or not deadline.expired:
+                raise
+            # The deadline passed mid-stream: end the stream with an error event.
+            deadline.uncancel()
+            deadline.count("streaming")
+            lc.abandon()
+            log.info("request %s: %s mid-stream", call.client_id, deadline.message())
+            err = ProxyError(504, deadline.message(), code="deadline_exceeded")
+            resp = opened[0]
+            with contextlib.suppress(ConnectionError):
+                event = "error" if call.api == "anthropic" else None
+                await resp.write(encode_event(error_body(call.api, err), event))
+                await resp.write_eof()
+            return Relayed(resp, outcome="deadline_exceeded")
+
+    async def _pass_stream(
+        self,
+        request: web.Request,
+        call: Call,
+        decision: Decision,
+        upstream: aiohttp.ClientResponse,
+        lc: Lifecycle,
+        watcher: OpenAIStream | AnthropicStream | ResponsesStream,
+        collector: ReplyCollector | None,
+        transcript: Transcript | None,
+        routed: Request | None,
+        opened: list[web.StreamResponse],
+    ) -> Relayed:
         resp: web.StreamResponse | None = None
         worker = decision.worker
         upstream_error: str | None = None
@@ -310,14 +370,15 @@ class Relay:
                     )
                     resp.headers["Cache-Control"] = "no-cache"
                     await resp.prepare(request)
+                    opened.append(resp)
+                    mark_streaming(request)
+                    if (deadline := deadline_of(request)) is not None:
+                        deadline.answer_started()
                 try:
                     await resp.write(out)
                 except ConnectionError:  # the client went away
                     log.info("request %s: client disconnected", call.client_id)
-                    if lc.first:
-                        lc.finish()
-                    else:
-                        lc.fail()
+                    lc.abandon()
                     predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
                     usage = _reported(watcher.usage, predicted)
                     return Relayed(resp, usage=usage, outcome="client_closed")
@@ -330,24 +391,32 @@ class Relay:
         outcome = "ok"
         if upstream_error is not None:
             outcome = "stream_broken"
+            lc.worker_failed = True
+            lc.fail()
             self.metrics.upstream_errors.labels(str(worker)).inc()
             log.warning("request %s: worker %d %s", call.client_id, worker, upstream_error)
-            err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
-            body = error_body(call.api, err)
-            event = "error" if call.api == "anthropic" else None
-            if isinstance(watcher, ResponsesStream):
-                # the Responses stream's own error event
-                body = {**body["error"], "type": "error",
-                        "sequence_number": watcher.sequence_number + 1}  # fmt: skip
-                event = "error"
-            with contextlib.suppress(ConnectionError):
-                await resp.write(encode_event(body, event))
-            lc.fail()
+            resumed = self.migrator is not None and await self.migrator.resume(
+                request, call, routed, decision, transcript, resp, self._account
+            )
+            if resumed:
+                outcome = "migrated"
+            else:
+                err = ProxyError(502, f"the worker failed mid-stream: {upstream_error}")
+                body = error_body(call.api, err)
+                event = "error" if call.api == "anthropic" else None
+                if isinstance(watcher, ResponsesStream):
+                    # the Responses stream's own error event
+                    body = {**body["error"], "type": "error",
+                            "sequence_number": watcher.sequence_number + 1}  # fmt: skip
+                    event = "error"
+                with contextlib.suppress(ConnectionError):
+                    await resp.write(encode_event(body, event))
         else:
             predicted = isinstance(watcher, AnthropicStream) and watcher.predicted
             self._account(call, decision, watcher.usage, predicted)
             if watcher.error is not None:
                 outcome = "stream_error"
+                lc.worker_failed = True
                 lc.fail()
             else:
                 if collector is not None:
@@ -357,3 +426,17 @@ class Relay:
             await resp.write_eof()
         response_id = watcher.response_id if isinstance(watcher, ResponsesStream) else None
         return Relayed(resp, reply, response_id, _reported(watcher.usage, predicted), outcome)
+
+
+def _fan_out(feeds: Sequence[Callable[[object], None]]) -> Callable[[object], None] | None:
+    """One ``on_event`` callback feeding each of ``feeds`` (None when there are none)."""
+    if not feeds:
+        return None
+    if len(feeds) == 1:
+        return feeds[0]
+
+    def feed_all(obj: object) -> None:
+        for feed in feeds:
+            feed(obj)
+
+    return feed_all

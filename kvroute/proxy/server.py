@@ -20,6 +20,7 @@ from ..events.metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
 from .config import ProxyConfig
+from .connections import GuardedSite, server_options
 from .serving import start_line
 from .tokenize import LocalTokenizer
 
@@ -96,10 +97,13 @@ class ProxyServer:
         self._thread.stop(timeout)
 
     async def _startup(self) -> None:
-        runner = web.AppRunner(self.proxy.make_app(), access_log=None, shutdown_timeout=1.0)
+        options = server_options(self.proxy.config)
+        runner = web.AppRunner(
+            self.proxy.make_app(), access_log=None, shutdown_timeout=1.0, **options
+        )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.host, self._port)
+        site = GuardedSite(runner, self.host, self._port, self.proxy.connections)
         await site.start()
         self._port = site.port
         log.info("%s", start_line(self.proxy, self.url))

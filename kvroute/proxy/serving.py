@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .connections import GuardedSite, server_options
+
 if TYPE_CHECKING:
     from .app import ProxyApp
 
@@ -119,10 +121,15 @@ async def serve(
     :raises ListenError: the address cannot be bound.
     """
     runner = web.AppRunner(
-        proxy.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        proxy.make_app(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        **server_options(proxy.config),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # the guarded site enforces the connection cap and the header deadline (connections.py)
+    site = GuardedSite(runner, host, port, proxy.connections)
     try:
         await site.start()
     except OSError as e:

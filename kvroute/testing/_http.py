@@ -160,7 +160,7 @@ class HttpApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         await self.engine.wait_resumed()
-        self.engine.count_http_request(request.path)
+        self.engine.count_http_request(request.path, request.headers)
         anthropic = request.path.startswith("/v1/messages")
         status = self.engine.take_failure(request.path)
         try:
@@ -226,6 +226,7 @@ class HttpApi:
             messages,
             tools=tools,
             add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
         )
 
     def _prompts(self, body: Mapping[str, Any]) -> list[list[int]]:
@@ -274,14 +275,21 @@ class HttpApi:
                     headers={"X-Request-Id": base},
                 )
 
+            token_ids = bool(body.get("return_token_ids"))
+
             def chunk(index: int, text: str, finish: str | None) -> bytes:
-                choice = {
+                choice: dict[str, Any] = {
                     "index": index,
                     "text": text,
                     "logprobs": None,
                     "finish_reason": finish,
                     "stop_reason": None,
                 }
+                if token_ids:  # vLLM: the prompt's ids with the first chunk, then each delta's
+                    choice["token_ids"] = [self._piece_id(text)] if text else []
+                    if first[index]:
+                        choice["prompt_token_ids"] = prompts[index]
+                        first[index] = False
                 return openai_sse(
                     {
                         "id": rid,
@@ -291,6 +299,8 @@ class HttpApi:
                         "choices": [choice],
                     }
                 )
+
+            first = [True] * len(prompts)
 
             async def stream(resp: web.StreamResponse) -> None:
                 for i, req in enumerate(admitted):
@@ -384,6 +394,10 @@ class HttpApi:
             return await _stream(request, base, stream)
         finally:
             req.release()
+
+    def _piece_id(self, piece: str) -> int:
+        """The token id of a generated piece: its last token (the generate endpoint's too)."""
+        return self.engine.tokenizer.encode(piece.strip())[-1]
 
     async def _generate_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
@@ -603,5 +617,6 @@ class HttpApi:
             f"vllm:kv_cache_usage_perc{label} {s.cached_blocks / s.num_blocks}",
             f"vllm:prefix_cache_queries_total{label} {s.prompt_tokens}",
             f"vllm:prefix_cache_hits_total{label} {s.cached_tokens}",
+            f"vllm:generation_tokens_total{label} {s.completion_tokens}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -365,7 +365,11 @@ class MockWorker:
         app = self._api.app()
         if isinstance(self._engine, TrtllmEngine):
             add_routes(app, self._engine)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        # A client's hang-up cancels its request, streamed or not, as vLLM's
+        # handlers are cancelled when their client disconnects.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
@@ -533,6 +537,13 @@ class MockWorker:
         :meth:`clear_log` clears them.
         """
         return self._engine.http_requests()
+
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """``(path, headers)`` of the last 1000 HTTP requests, oldest first (names lowercased).
+
+        :meth:`clear_log` clears them.
+        """
+        return self._engine.request_headers()
 
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
