@@ -14,7 +14,8 @@ in turn, run:
 
 A load generator (this process, aiohttp) keeps ``--clients`` streamed chat
 requests in flight (``--max-tokens`` tokens each; agent-like prompts: 64
-sessions that grow a turn at a time over a shared system prompt) and reads
+sessions that grow a turn at a time over a shared system prompt, see
+:func:`conversations`; ``--churn`` for the cache-thrashing extreme) and reads
 every event. The figure is the server process's own CPU time (user + system,
 from ``/proc/PID/stat``) over the requests of a round, divided by their
 number; rounds of every server alternate (A B A B ...), each after a warm-up,
@@ -26,6 +27,7 @@ Usage::
     python benchmarks/bench_proxy_cpu.py                       # defaults: 32 clients, 5 rounds
     python benchmarks/bench_proxy_cpu.py --requests 3000 --rounds 7
     python benchmarks/bench_proxy_cpu.py --variant quiet='--access-log off'
+    python benchmarks/bench_proxy_cpu.py --variant blind='--no-kv-events'
 
 Not measured: the load generator's and the workers' CPU (other processes),
 the network (loopback), tokenization in the proxy (the workers render), and
@@ -59,7 +61,7 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _WORKER = """\
 import json, signal, sys
 from kvroute.testing import MockWorker
-w = MockWorker(token_delay=0.0, prefill_delay_per_token=0.0, num_blocks=8192).start()
+w = MockWorker(token_delay=0.0, prefill_delay_per_token=0.0, num_blocks=int(sys.argv[1])).start()
 print(json.dumps({"url": w.url, "events": w.events_endpoint, "replay": w.replay_endpoint}),
       flush=True)
 signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -147,12 +149,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
-def start_workers(n: int) -> tuple[list[subprocess.Popen[bytes]], list[dict[str, str]]]:
-    """``n`` mock workers, each in its own process; their endpoints."""
+#: Blocks per mock worker: what an 80 GB GPU holds for an 8B model (2 MiB per 16-token block).
+WORKER_BLOCKS = 32_768
+
+
+def start_workers(
+    n: int, blocks: int = WORKER_BLOCKS
+) -> tuple[list[subprocess.Popen[bytes]], list[dict[str, str]]]:
+    """``n`` mock workers of ``blocks`` KV blocks each, each in its own process; their endpoints."""
     procs, info = [], []
     for _ in range(n):
         p = subprocess.Popen(
-            [sys.executable, "-c", _WORKER], stdout=subprocess.PIPE, env=_env()
+            [sys.executable, "-c", _WORKER, str(blocks)], stdout=subprocess.PIPE, env=_env()
         )
         procs.append(p)
         assert p.stdout is not None
@@ -175,12 +183,29 @@ async def _wait_ready(url: str, path: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+#: A variant's pseudo-argument: name the workers without their KV-event endpoints.
+NO_EVENTS = "--no-kv-events"
+
+#: What runs by default: the proxy as shipped, then the parts of its cost taken off one by one.
+DEFAULT_VARIANTS: dict[str, list[str]] = {
+    "kvroute proxy (defaults)": [],
+    "access log off": ["--access-log", "off"],
+    "+ no KV events": ["--access-log", "off", NO_EVENTS],
+}
+
+
 def start_proxy(name: str, workers: list[dict[str, str]], extra: Sequence[str]) -> Server:
-    """The bundled proxy in front of ``workers``, with ``extra`` command-line arguments."""
+    """The bundled proxy in front of ``workers``, with ``extra`` command-line arguments.
+
+    ``extra`` may hold :data:`NO_EVENTS`: the workers are then named by URL alone, and the
+    router predicts residency from its own decisions instead of following events.
+    """
     port = free_port()
     argv = [sys.executable, "-m", "kvroute", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    events = NO_EVENTS not in extra
+    extra = [a for a in extra if a != NO_EVENTS]
     for w in workers:
-        argv += ["--worker", f"{w['url']}={w['events']},{w['replay']}"]
+        argv += ["--worker", f"{w['url']}={w['events']},{w['replay']}" if events else w["url"]]
     proc = subprocess.Popen([*argv, *extra], env=_env(), stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     asyncio.run(_wait_ready(url, "/v1/models"))
@@ -215,15 +240,27 @@ def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 # -- load ---------------------------------------------------------------------------------
 
 
-def conversations(sessions: int = 64) -> Iterator[list[dict[str, str]]]:
-    """Agent-like chat prompts: sessions that grow a turn at a time over one system prompt."""
+def conversations(sessions: int = 64, *, churn: bool = False) -> Iterator[list[dict[str, str]]]:
+    """Agent-like chat prompts: sessions that grow a turn at a time over one system prompt.
+
+    A session that reaches 24 turns ends and a new one starts in its place (a new
+    task): each turn extends the prompt the worker already holds, so the caches
+    see the reuse agentic sessions show. With ``churn`` the session instead
+    drops its two oldest turns (a sliding window): every later prompt differs
+    after the system prompt, so each request stores its whole conversation anew
+    and, once the caches are full, evicts as much — the KV-event-heavy extreme.
+    """
     system = {"role": "system", "content": "You are a careful coding agent. " * 40}
     turns = [[system] for _ in range(sessions)]
     for i in itertools.count():
         t = turns[i % sessions]
         t.append({"role": "user", "content": f"step {i}: look at file_{i % 97}.py " * 8})
         if len(t) > 24:
-            del t[1:3]
+            if churn:
+                del t[1:3]
+            else:
+                del t[1:]
+                t.append({"role": "user", "content": f"task {i}: fix file_{i % 97}.py " * 8})
         yield list(t)
 
 
@@ -266,15 +303,16 @@ def measure_round(server: Server, requests: int, clients: int, max_tokens: int,
 
 
 def run(variants: dict[str, list[str]], *, requests: int, rounds: int, clients: int,
-        max_tokens: int) -> list[Server]:  # fmt: skip
+        max_tokens: int, churn: bool = False,
+        worker_blocks: int = WORKER_BLOCKS) -> list[Server]:  # fmt: skip
     """Every server, ``rounds`` alternating rounds each; returns them with their figures."""
-    workers, info = start_workers(2)
+    workers, info = start_workers(2, worker_blocks)
     servers: list[Server] = []
     try:
         servers.append(start_relay(info))
         for name, extra in variants.items():
             servers.append(start_proxy(name, info, extra))
-        prompts = conversations()
+        prompts = conversations(churn=churn)
         for _ in range(rounds):
             for s in servers:
                 measure_round(s, requests, clients, max_tokens, prompts)
@@ -315,15 +353,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (32)")
     p.add_argument("--variant", type=_variant, action="append", default=[],
                    help="NAME='PROXY ARGS': a proxy run with these extra arguments "
-                        "(repeatable; default: one run with the proxy's defaults)")  # fmt: skip
+                        f"(repeatable; {NO_EVENTS} names the workers without KV events; "
+                        "default: the proxy's defaults, with the access log off, and also "
+                        "without KV events)")  # fmt: skip
+    p.add_argument("--churn", action="store_true",
+                   help="sliding-window sessions: every request misses after the system "
+                        "prompt, so it stores and evicts hundreds of blocks (KV events "
+                        "dominate)")  # fmt: skip
+    p.add_argument("--worker-blocks", type=int, default=WORKER_BLOCKS,
+                   help=f"KV blocks per mock worker ({WORKER_BLOCKS:,})")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     if args.serve_relay is not None:
         serve_relay(args.serve_relay, args.relay_workers)
         return
-    variants = dict(args.variant) or {"kvroute proxy (defaults)": []}
+    variants = dict(args.variant) or DEFAULT_VARIANTS
     servers = run(variants, requests=args.requests, rounds=args.rounds, clients=args.clients,
-                  max_tokens=args.max_tokens)  # fmt: skip
+                  max_tokens=args.max_tokens, churn=args.churn,
+                  worker_blocks=args.worker_blocks)  # fmt: skip
     if args.json:
         figures = {
             s.name: {"cpu_per_request_s": s.cpu_per_request, "requests_per_s": s.requests_per_s}

@@ -75,6 +75,33 @@ def test_sse_splitter_keeps_bytes_across_any_chunking() -> None:
     assert list(s.feed(b"data: unterminated")) == [] and s.flush() == b"data: unterminated"
 
 
+def test_sse_events_decode_the_same_on_the_single_line_path_and_the_general_one() -> None:
+    # one data line (the engines' usual event) takes a fast path; the rest split lines
+    chunk = {"choices": [{"delta": {"content": "a\u2028b"}}], "n": 2**70, "x": float("nan")}
+    one_line = ("data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n").encode()
+    shapes = [
+        one_line,
+        one_line.replace(b"\n\n", b"\r\n\r\n"),
+        b"event: x\n" + one_line,
+        one_line.replace(b"data: ", b"data:"),
+        b"data: [DONE]\n\n",
+        b"data: \xff{\n\n",
+    ]
+    for i, raw in enumerate(shapes):
+        (ev,) = SseSplitter().feed(raw)
+        assert ev.raw == raw
+        if i < 4:  # the chunk, whichever way it was framed
+            assert ev.json()["choices"] == chunk["choices"]
+            assert ev.event == ("x" if i == 2 else None)
+    (ev,) = SseSplitter().feed(one_line)
+    # U+2028 is no SSE line end; msgspec declines NaN and 2**70, json takes them
+    assert ev.data == json.dumps(chunk, ensure_ascii=False)
+    got = ev.json()
+    assert got["choices"] == chunk["choices"] and got["n"] == 2**70 and got["x"] != got["x"]
+    (ev,) = SseSplitter().feed(b"data: [DONE]\n\n")
+    assert ev.data == "[DONE]" and ev.json() is None
+
+
 # -- configuration ---------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any, Final
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -260,18 +261,23 @@ def _parse_ids(raw: bytes, start: int, end: int, count: int) -> npt.NDArray[np.i
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
-    """``body`` as JSON (a :class:`TokenIds` as the bytes it came in).
+    """``body`` as compact JSON (a :class:`TokenIds` as the bytes it came in).
+
+    msgspec encodes a chat body ten times faster than :mod:`json` (the proxy
+    re-encodes every streamed request it asks for usage); like JavaScript, it
+    writes a NaN or infinite float as ``null``, which no engine accepts as a
+    sampling parameter either way.
 
     >>> encode_body({"model": "m", "prompt": "x"})
-    b'{"model": "m", "prompt": "x"}'
+    b'{"model":"m","prompt":"x"}'
     """
-    if not any(isinstance(v, TokenIds) for v in body.values()):
-        return json.dumps(body, ensure_ascii=False).encode()
-    import msgspec
+    return _ENCODER.encode(body)
 
-    def raw_ids(value: Any) -> Any:
-        if isinstance(value, TokenIds):
-            return msgspec.Raw(value.raw)
-        raise TypeError(f"cannot encode {type(value).__name__}")
 
-    return msgspec.json.encode(body, enc_hook=raw_ids)
+def _raw_ids(value: Any) -> Any:
+    if isinstance(value, TokenIds):
+        return msgspec.Raw(value.raw)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=_raw_ids)

@@ -16,9 +16,15 @@ b''
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
+
+_decode_json = msgspec.json.decode
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 __all__ = ["SseEvent", "SseSplitter", "encode_event"]
 
@@ -34,15 +40,31 @@ class SseEvent:
     def json(self) -> Any:
         """``data`` decoded as JSON, or None when it is not JSON (e.g. ``[DONE]``)."""
         try:
+            return _decode_json(self.data)
+        except msgspec.DecodeError:
+            pass  # msgspec is strict (no NaN, 64-bit ints): json has the last word
+        try:
             return json.loads(self.data)
         except ValueError:
             return None
 
 
 def _parse(raw: bytes) -> SseEvent:
+    # The engines' usual event, one ``data: `` line and a blank line, parsed
+    # without splitting lines (the relay parses one per streamed token).
+    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.find(b"\n", 6) == len(raw) - 2:
+        line = raw[6:-2]
+        if b"\r" not in line:
+            return SseEvent(None, line.decode("utf-8", errors="replace"), raw)
+    return _parse_lines(raw)
+
+
+def _parse_lines(raw: bytes) -> SseEvent:
     name: str | None = None
     data: list[str] = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
+    # SSE ends lines with CR, LF or CRLF only (str.splitlines would also split
+    # on U+2028 and other breaks a JSON string may hold).
+    for line in _LINE_END.split(raw.decode("utf-8", errors="replace")):
         if not line or line.startswith(":"):
             continue
         field, _, value = line.partition(":")
@@ -68,10 +90,15 @@ class SseSplitter:
         """The events completed by ``chunk``, in order."""
         buf = self._buf + chunk if self._buf else chunk
         start = 0
+        lf = crlf = -2  # the next separator of each kind at or after start; -1: none left
         while True:
             # Events end with a blank line; lines end with \n, \r\n (or, rarely, \r).
-            lf = buf.find(b"\n\n", start)
-            crlf = buf.find(b"\r\n\r\n", start)
+            # Each kind is searched for again only once passed: a chunk holding a
+            # whole reply (many events, one line ending) is scanned once, not once per event.
+            if -1 != lf < start:
+                lf = buf.find(b"\n\n", start)
+            if -1 != crlf < start:
+                crlf = buf.find(b"\r\n\r\n", start)
             if lf < 0 and crlf < 0:
                 break
             end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
