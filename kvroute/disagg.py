@@ -27,10 +27,14 @@ what the coordinator (:class:`~kvroute.router.Router`) asks of it:
   decode worker already holds (the previous turn's transfer left it there)
   need not move again, which the ``transfer`` term counts: a session's turns
   keep to one decode worker while its load allows.
-* **Conditional disaggregation** (:meth:`DisaggConfig.prefill_locally`):
+* **Conditional disaggregation** (:meth:`Disaggregation.prefill_locally`):
   when fewer than ``local_prefill_tokens`` prompt tokens are uncached on the
   chosen decode worker, it prefills them itself and nothing moves (Dynamo's
-  and llm-d's rule). 0 (the default) always prefills remotely.
+  and llm-d's rule). With ``local_if_held`` (the default) it also does when
+  it holds more of the prompt than every prefill candidate: a session whose
+  turns were prefilled on its decode worker is not sent back to a prefill
+  worker that would recompute them (``docs/disaggregation.md`` measures
+  both). 0 (the default threshold) always prefills remotely.
 * **Both legs' load.** A remotely prefilled request is counted twice in the
   router's :class:`~kvroute.load.LoadTracker`: on the prefill worker under its
   own id (its uncached prompt tokens, until ``prefill_done`` or
@@ -135,19 +139,28 @@ class DisaggConfig:
     :param kv_pressure_tokens: the pressure term at full KV usage.
     :param balance_slack: relative slack of the fair-share gate on requests.
     :param balance_abs_slack: absolute slack of that gate, in requests.
+    :param balance_stake_tokens: each this many prompt tokens a worker holds
+        beyond the cheapest worker within the gate buys it one more bound of
+        room (as the ``kvroute`` policy's gate); 0: no stake.
+    :param balance_stake_limit: the stake counted at most, in tokens.
+    :param local_if_held: with the conditional rule on, also prefill on a decode
+        worker that holds more of the prompt than every prefill candidate.
     :param seed: seeds the tie-break among equally cheap workers.
     :raises TypeError, ValueError: a setting out of range, naming it.
     """
 
     local_prefill_tokens: int = 0
-    decode_token_weight: float = 0.05
+    decode_token_weight: float = 0.1
     transfer_weight: float = 1.0
     active_request_tokens: float = 32.0
     waiting_request_tokens: float = 1024.0
     kv_high: float = 0.9
     kv_pressure_tokens: float = 4096.0
-    balance_slack: float = 0.5
+    balance_slack: float = 0.25
     balance_abs_slack: float = 2.0
+    balance_stake_tokens: float = 40_000.0
+    balance_stake_limit: float = 60_000.0
+    local_if_held: bool = True
     seed: int | None = 0
 
     def __post_init__(self) -> None:
@@ -155,7 +168,7 @@ class DisaggConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"local_prefill_tokens must be an int >= 0, got {n!r}")
         for f in fields(self):
-            if f.name in ("local_prefill_tokens", "seed"):
+            if f.name in ("local_prefill_tokens", "seed", "local_if_held"):
                 continue
             object.__setattr__(self, f.name, check_nonneg(getattr(self, f.name), f.name))
         if self.kv_high >= 1.0:
@@ -290,7 +303,8 @@ def decode_costs(
     bs = float(block_size)
     need = new_blocks
     decode = (decode_blocks + need) * (config.decode_token_weight * bs)
-    transfer = np.maximum(float(prompt_tokens) - overlap * bs, 0.0) * config.transfer_weight
+    uncached = np.maximum(float(prompt_tokens) - overlap * bs, 0.0)
+    transfer = uncached * config.transfer_weight
     queue = active * config.active_request_tokens + waiting * config.waiting_request_tokens
     pressure = np.maximum(kv_usage - config.kv_high, 0.0)
     pressure *= config.kv_pressure_tokens / (1.0 - config.kv_high)
@@ -300,6 +314,13 @@ def decode_costs(
     n = len(cost)
     bound = (1.0 + config.balance_slack) * (float(load.sum()) + 1.0) / n + config.balance_abs_slack
     eligible = load <= bound - 1.0
+    if not eligible.all() and config.balance_stake_tokens > 0:
+        # as the kvroute policy's gate: the prompt a worker holds beyond the cheapest
+        # worker within the bound buys it room, so a session is not moved for a few
+        # requests of imbalance
+        alt = int(np.argmin(np.where(eligible, cost, np.inf)))
+        stake = np.clip(uncached[alt] - uncached, 0.0, config.balance_stake_limit)
+        eligible = load <= stake * (bound / config.balance_stake_tokens) + (bound - 1.0)
     for keep in (free_blocks >= need, ~busy):
         if (eligible & keep).any():
             eligible &= keep
@@ -404,6 +425,28 @@ class Disaggregation:
         cached = min(matched * block_size, prompt_tokens)
         local = self.config.prefill_locally(prompt_tokens, cached)
         return DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i)
+
+    def prefill_locally(
+        self, dec: DecodeChoice, overlap: I64, prefill: npt.NDArray[np.intp]
+    ) -> bool:
+        """Whether the decode worker prefills the request itself (the conditional rule).
+
+        With ``local_prefill_tokens`` > 0: when fewer than that many prompt
+        tokens are uncached on it (:attr:`DecodeChoice.local`); or, with
+        ``local_if_held``, when it holds more of the prompt than every prefill
+        candidate (a remote prefill would recompute what it holds); or when no
+        prefill worker is left. With 0: never.
+
+        :param dec: the decode choice.
+        :param overlap: per position, the prompt's matched blocks.
+        :param prefill: the prefill candidates' positions.
+        """
+        cfg = self.config
+        if not cfg.local_prefill_tokens:
+            return False
+        if dec.local or len(prefill) == 0:
+            return True
+        return cfg.local_if_held and int(overlap[dec.position]) > int(overlap[prefill].max())
 
     def counters(self) -> dict[str, int]:
         """``remote_prefills`` and ``local_prefills`` so far."""

@@ -847,7 +847,7 @@ class Router:
             raise NoWorkerAvailable(f"no healthy decode worker among {n} for request {rid!r}")
         may_prefill, _ = pd.roles.masks(lt.ids_frozen)
         cand = np.flatnonzero(ok & may_prefill)
-        if dec.local or (len(cand) == 0 and pd.config.local_prefill_tokens):
+        if pd.prefill_locally(dec, ov, cand):
             # the conditional rule (or no prefill worker left, where local prefill is allowed)
             i, p, cw, co, costs = dec.index, dec.position, dec.workers, dec.overlap, dec.costs
             name = "local"

@@ -32,10 +32,15 @@ PREFIX = [101, 102, 103, 104]
 
 
 def fleet(
-    clock: Clock | None = None, *, local: int = 0, both: tuple[int, ...] = (), **kw: Any
+    clock: Clock | None = None,
+    *,
+    local: int = 0,
+    held: bool = True,
+    both: tuple[int, ...] = (),
+    **kw: Any,
 ) -> Router:
     """2 prefill + 2 decode workers (and any 'both' ones), block size 4, seeded."""
-    cfg = DisaggConfig(local_prefill_tokens=local)
+    cfg = DisaggConfig(local_prefill_tokens=local, local_if_held=held)
     r = Router(
         block_size=4,
         policy="kvroute",
@@ -166,7 +171,7 @@ def test_a_decode_worker_holding_the_prefix_is_preferred_and_needs_no_transfer(
 def test_conditional_disaggregation_prefills_on_the_decode_worker_holding_the_prefix(
     twin: Twin,
 ) -> None:
-    r = fleet(local=8)
+    r = fleet(local=8, held=False)
     r.apply_stored(D0, PREFIX)
     d = r.route(req("a", [*PREFIX, 7], expected_output_tokens=4))  # 4 of 20 tokens uncached
     assert d.worker == d.decode_worker == D0 and not d.remote_prefill
@@ -184,6 +189,27 @@ def test_conditional_disaggregation_prefills_on_the_decode_worker_holding_the_pr
     st = r.stats()
     assert (st["local_prefills"], st["remote_prefills"]) == (1, 1)
     r._check()
+
+
+def test_a_decode_worker_holding_more_than_every_prefill_worker_prefills_locally(
+    twin: Twin,
+) -> None:
+    r = fleet(local=8)
+    r.apply_stored(D0, [*PREFIX, 7])
+    r.apply_stored(P0, PREFIX[:2])
+    r.apply_stored(P1, PREFIX[:3])
+    # 12 tokens uncached on D0: over the threshold, but a prefill worker would redo more
+    d = r.route(req("a", [*PREFIX, 7, 8, 9, 10]))
+    assert (d.worker, d.decode_worker, d.remote_prefill, d.policy) == (D0, D0, False, "local")
+    assert r.finished("a")
+    # a prefill worker holding as much as the decode worker: remote, as the threshold says
+    r.apply_stored(P1, [*PREFIX, 7])
+    d = r.route(req("b", [*PREFIX, 7, 20, 21, 22]))  # (a's whole prompt is fresh on D0)
+    assert d.remote_prefill and d.worker == P1
+    # the clause is off without a threshold, and when asked
+    for r in (fleet(local=0), fleet(local=8, held=False)):
+        r.apply_stored(D0, [*PREFIX, 7])
+        assert r.route(req("c", [*PREFIX, 7, 8, 9, 10])).remote_prefill
 
 
 def test_without_a_threshold_nothing_is_prefilled_locally(twin: Twin) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .._cli import CommandError
 from ..traces import TraceError
+from . import disagg
 from .engine import EngineConfig
 from .plots import plot_replay
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
@@ -68,6 +69,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of losses and generators")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write figures")
     p.add_argument("--plot", default=None, metavar="DIR", help="directory for PNG plots")
+    disagg.add_disagg_args(p)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -107,6 +109,8 @@ def _replay(a: argparse.Namespace) -> int:
         )
     if a.limit is not None:
         reqs = reqs[: a.limit]
+    if a.prefill_workers is not None or a.decode_workers is not None:
+        return disagg.main(a, reqs, cfg, _bar)
     router_kwargs = {"kv_events": False} if a.approximate else {}
     runs: dict[str, ReplayResult] = {}
     for name in [x.strip() for x in a.policy.split(",") if x.strip()]:
