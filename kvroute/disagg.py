@@ -489,6 +489,27 @@ class DisaggDecision(Decision):
         self.decode_matched_blocks = decode.matched_blocks
         self.remote_prefill = remote
 
+    def decode_view(self) -> Decision:
+        """The decision as the decode worker's answer shows it: its worker, the prefill's hit.
+
+        A proxy relays the decode worker's reply with this view (its worker
+        header, its health on a broken stream), while the cache figures stay
+        the prefill's, where the cache hit happened.
+        """
+        return Decision(
+            self.request_id,
+            self._decode.worker,
+            self.policy,
+            self.matched_blocks,
+            self.predicted_cached_tokens,
+            self.prompt_tokens,
+            self.seq,
+            self._workers,
+            self._overlap,
+            self._costs,
+            self._index,
+        )
+
     def transfer_blocks(self, block_size: int) -> int:
         """Full prompt blocks the decode worker lacks and pulls from the prefill worker.
 

@@ -17,6 +17,10 @@ application. A generation request (``/v1/completions``,
 4. :mod:`~kvroute.proxy.warmup`: with the speculative-prefill hint and a
    session, warm the session's next turn in the background.
 
+In a prefill/decode-disaggregated fleet (workers with a role) step 2's
+attempts are :mod:`~kvroute.proxy.disagg`'s: the prefill leg, then (or with)
+the decode leg, whose answer step 3 relays.
+
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
 ``/v1/models``, ``/health`` and ``/metrics``. The startup starts the KV-event
 subscriber (:mod:`~kvroute.proxy.subscription`), opens the upstream
@@ -36,12 +40,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..disagg import DisaggConfig
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..request import Decision
 from ..router import Router
 from .call import Api, Kind, api_of
 from .config import ProxyConfig
 from .count_tokens import count_tokens
+from .disagg import DisaggLegs
 from .errors import ProxyError, error_body
 from .models import Models
 from .prepare import Preparer
@@ -77,7 +83,7 @@ class ProxyApp:
     :param config: the configuration.
     :param router: a router to use (default: one built from ``config``:
         its block size and policy, workers ``0..n-1``, ``kv_events`` when any
-        worker has an events endpoint). Missing workers are added to it.
+        worker has an events endpoint). Missing workers are added to it, with their roles.
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
@@ -99,10 +105,10 @@ class ProxyApp:
                 policy=config.policy,
                 workers=range(n),
                 kv_events=config.kv_events,
+                disagg=DisaggConfig(local_prefill_tokens=config.disagg_local_prefill_tokens),
             )
-        else:
-            for w in range(n):
-                router.add_worker(w)
+        for w, spec in enumerate(config.workers):
+            router.add_worker(w, role=spec.role)
         #: The router every request goes through.
         self.router = router
         #: The Prometheus series served at ``/metrics``.
@@ -126,6 +132,8 @@ class ProxyApp:
         self.relay = Relay(self.pool, self.metrics)
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
+        #: A disaggregated request's two legs.
+        self.disagg = DisaggLegs(router, self.pool, self.upstream, config)
         #: The KV-event subscriber's lifecycle.
         self.events = EventSubscription(router, config, self.metrics, self.pool)
         self._health: asyncio.Task[None] | None = None
@@ -270,8 +278,9 @@ class ProxyApp:
                 request, call, decision, response, lc, collect=routed.speculative_prefill
             )
 
+        attempt = self.disagg.attempt if self.router.disaggregated else None
         try:
-            relayed = await self.upstream.send(routed, call, answer)
+            relayed = await self.upstream.send(routed, call, answer, attempt=attempt)
         except AttemptFailed as last:  # every attempt failed
             return failure_response(call, last)
         if routed.speculative_prefill:

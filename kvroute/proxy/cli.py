@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, parse_model_map, parse_worker
@@ -23,9 +24,11 @@ worker holding the longest prefix of its prompt in KV cache.
 
 Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
 not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Give every
-worker with --worker; worker ids are their positions (0, 1, ...). With an
-events endpoint per worker the router follows the workers' KV events over
-ZMQ; without, it predicts residency from its own decisions.
+worker with --worker (or, in a prefill/decode-disaggregated fleet,
+--prefill-worker and --decode-worker); worker ids are their positions (0, 1,
+...) in the order given. With an events endpoint per worker the router
+follows the workers' KV events over ZMQ; without, it predicts residency from
+its own decisions.
 """
 
 EPILOG: Final = """\
@@ -35,6 +38,9 @@ examples:
                 --worker http://10.0.0.6:8000=tcp://10.0.0.6:5557 \\
                 --tokenizer /models/Qwen3-Coder --port 8080 \\
                 --model-map 'claude-*=Qwen/Qwen3-Coder-30B-A3B-Instruct'
+  kvroute proxy --prefill-worker http://10.0.0.5:8100=tcp://10.0.0.5:5557 \
+                --decode-worker http://10.0.0.6:8200=tcp://10.0.0.6:5557 \
+                --disagg-protocol vllm --disagg-local-prefill-tokens 1024
 
 agent hints (headers): X-Session-Id (see --session-header), X-Kvroute-Priority,
 X-Kvroute-Cache-Ttl (5m|1h), X-Kvroute-Expected-Output-Tokens,
@@ -96,6 +102,60 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _add_disagg_args(p: argparse.ArgumentParser) -> None:
+    """Prefill/decode disaggregation: workers by role, the protocol, the conditional rule."""
+    g = p.add_argument_group(
+        "prefill/decode disaggregation",
+        "A prefill worker prefills each request, its KV moves to a decode worker, which"
+        " streams the reply (see docs/disaggregation.md).",
+    )
+    g.add_argument(
+        "--prefill-worker",
+        dest="workers",
+        action="append",
+        type=_arg(partial(parse_worker, role="prefill")),
+        metavar="URL[=EVENTS[,REPLAY]]",
+        help="a worker that only prefills (repeatable; ids follow the order of every worker flag)",
+    )
+    g.add_argument(
+        "--decode-worker",
+        dest="workers",
+        action="append",
+        type=_arg(partial(parse_worker, role="decode")),
+        metavar="URL[=EVENTS[,REPLAY]]",
+        help="a worker that only decodes (repeatable)",
+    )
+    g.add_argument(
+        "--disagg-protocol",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="how the two legs talk to the workers: vllm (NixlConnector's kv_transfer_params,"
+        " prefill then decode) or sglang (bootstrap_host/port/room, both at once; default: vllm)",
+    )
+    g.add_argument(
+        "--disagg-local-prefill-tokens",
+        type=_arg(_non_negative_int),
+        default=0,
+        metavar="N",
+        help="conditional disaggregation: prefill on the decode worker when fewer than N prompt"
+        " tokens are uncached there (vllm only; default 0: always on a prefill worker)",
+    )
+    g.add_argument(
+        "--disagg-bootstrap-port",
+        type=_arg(_port),
+        default=8998,
+        metavar="PORT",
+        help="SGLang's bootstrap port on the prefill workers (default: 8998, SGLang's)",
+    )
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"must be a port number, got {text}")
+    return value
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     """Add ``proxy``'s arguments to its parser."""
     fleet = p.add_argument_group("fleet")
@@ -103,11 +163,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--worker",
         dest="workers",
         action="append",
-        required=True,
         type=_arg(parse_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker's base URL, optionally with its ZMQ KV-event endpoint and replay"
-        " endpoint (repeatable; ids follow the order given)",
+        " endpoint (repeatable; ids follow the order given); it prefills and decodes",
     )
     fleet.add_argument(
         "--events-format",
@@ -244,6 +303,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
+    _add_disagg_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -264,6 +324,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         raise ValueError(
             f"unknown routing policy {args.policy!r}; choose from {', '.join(available_policies())}"
         )
+    if not args.workers:
+        raise ValueError("give the workers: --worker, or --prefill-worker and --decode-worker")
     template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as f:
@@ -291,6 +353,9 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         scrape_metrics=args.scrape_metrics,
         events_format=args.events_format,
         upstream_api_key=args.upstream_api_key,
+        disagg_protocol=args.disagg_protocol,
+        disagg_local_prefill_tokens=args.disagg_local_prefill_tokens,
+        disagg_bootstrap_port=args.disagg_bootstrap_port,
     )
 
 

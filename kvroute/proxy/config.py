@@ -91,6 +91,17 @@ class ProxyConfig:
     :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
         (default: the client's ``Authorization`` is passed on).
+    :param disagg_protocol: in a fleet with ``"prefill"`` / ``"decode"``
+        workers, how a request's two legs talk to them: ``"vllm"`` (NIXL's
+        ``kv_transfer_params``) or ``"sglang"`` (``bootstrap_*`` fields); see
+        :mod:`kvroute.proxy.disagg`.
+    :param disagg_local_prefill_tokens: conditional disaggregation: prefill on
+        the decode worker when fewer than this many prompt tokens are uncached
+        there (or it holds more of the prompt than every prefill worker);
+        0: always on a prefill worker. vLLM only (an SGLang decode server
+        cannot prefill).
+    :param disagg_bootstrap_port: SGLang's bootstrap port of a prefill worker
+        whose spec names none (SGLang's default, 8998).
     :raises ValueError: an option out of range.
     """
 
@@ -117,6 +128,10 @@ class ProxyConfig:
     scrape_metrics: bool = True
     events_format: Literal["vllm", "sglang"] = "vllm"
     upstream_api_key: str | None = field(default=None, repr=False)
+    # prefill/decode disaggregation (workers with role "prefill" / "decode")
+    disagg_protocol: Literal["vllm", "sglang"] = "vllm"
+    disagg_local_prefill_tokens: int = 0
+    disagg_bootstrap_port: int = 8998
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -153,6 +168,37 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+        self._check_disagg()
+
+    def _check_disagg(self) -> None:
+        if self.disagg_protocol not in ("vllm", "sglang"):
+            raise ValueError(
+                f"disagg_protocol must be 'vllm' or 'sglang', not {self.disagg_protocol!r}"
+            )
+        n = self.disagg_local_prefill_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"disagg_local_prefill_tokens must be an int >= 0, got {n!r}")
+        port = self.disagg_bootstrap_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"disagg_bootstrap_port must be a port number, not {port!r}")
+        roles = {w.role for w in self.workers}
+        if roles == {"both"}:
+            return
+        if not roles & {"prefill", "both"} or not roles & {"decode", "both"}:
+            raise ValueError(
+                "a disaggregated fleet needs a worker that prefills (--prefill-worker or"
+                " --worker) and one that decodes (--decode-worker or --worker)"
+            )
+        if self.disagg_protocol == "sglang" and n:
+            raise ValueError(
+                "disagg_local_prefill_tokens needs disagg_protocol 'vllm': an SGLang decode"
+                " server cannot prefill a request alone"
+            )
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether some worker only prefills or only decodes."""
+        return any(w.role != "both" for w in self.workers)
 
     @property
     def kv_events(self) -> bool:

@@ -44,7 +44,7 @@ from .config import ProxyConfig
 from .errors import ProxyError
 from .workers import WorkerPool
 
-__all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
+__all__ = ["CONNECTION_ERRORS", "Attempt", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -61,6 +61,8 @@ class AttemptFailed(Exception):
     :param status: an upstream 5xx status to pass on if no attempt succeeds.
     :param body: that answer's body.
     :param content_type: that answer's content type.
+    :param worker: the worker that failed, when not the decision's (a
+        disaggregated request's decode leg: :mod:`~kvroute.proxy.disagg`).
     """
 
     def __init__(
@@ -69,12 +71,15 @@ class AttemptFailed(Exception):
         status: int | None = None,
         body: bytes = b"",
         content_type: str = "application/json",
+        *,
+        worker: int | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.worker = worker
 
 
 class Lifecycle:
@@ -122,6 +127,8 @@ class Lifecycle:
 
 #: Answers the client from an opened worker response (status below 500).
 Handler = Callable[[Decision, aiohttp.ClientResponse, Lifecycle], Awaitable[_T]]
+#: One attempt at a routed request: ``(call, decision, handler) -> handler's result``.
+Attempt = Callable[[Call, Decision, Handler[_T]], Awaitable[_T]]
 
 
 class Upstream:
@@ -168,35 +175,47 @@ class Upstream:
 
     # -- attempts ------------------------------------------------------------------------
 
-    async def send(self, request: Request, call: Call, handle: Handler[_T]) -> _T:
+    async def send(
+        self,
+        request: Request,
+        call: Call,
+        handle: Handler[_T],
+        *,
+        attempt: Attempt[_T] | None = None,
+    ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
+        :param attempt: runs one attempt instead of a plain call to the chosen
+            worker (a disaggregated fleet's two legs); its failures name the
+            worker that failed (:attr:`AttemptFailed.worker`), which is excluded.
         :raises ProxyError: 503 when no worker can be routed to at all.
         :raises AttemptFailed: the last failure, when every attempt failed.
         """
+        run = self._attempt if attempt is None else attempt
         tried: list[int] = []
         failure: AttemptFailed | None = None
-        for attempt in range(self.config.retries + 1):
+        for k in range(self.config.retries + 1):
             try:
                 decision = self._route(request, tried)
             except NoWorkerAvailable as e:
                 if failure is None:
                     raise ProxyError(503, str(e), code="no_worker_available") from None
                 break
-            if attempt:
+            if k:
                 self.metrics.retries.inc()
             try:
-                return await self._attempt(call, decision, handle)
+                return await run(call, decision, handle)
             except AttemptFailed as f:
-                tried.append(decision.worker)
+                bad = decision.worker if f.worker is None else f.worker
+                tried.append(bad)
                 failure = f
-                self.metrics.upstream_errors.labels(str(decision.worker)).inc()
+                self.metrics.upstream_errors.labels(str(bad)).inc()
                 log.warning(
                     "request %s: worker %d failed (%s)%s",
                     call.client_id,
-                    decision.worker,
+                    bad,
                     f.reason,
-                    "; retrying" if attempt < self.config.retries else "",
+                    "; retrying" if k < self.config.retries else "",
                 )
         assert failure is not None
         raise failure
