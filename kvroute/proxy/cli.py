@@ -11,10 +11,9 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from functools import partial
 from typing import Final
 
-from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, parse_model_map, parse_worker
+from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, WorkerSpec, parse_model_map, parse_worker
 
 __all__ = ["DESCRIPTION", "EPILOG", "build_config", "configure", "parse_size", "run"]
 
@@ -113,7 +112,7 @@ def _add_disagg_args(p: argparse.ArgumentParser) -> None:
         "--prefill-worker",
         dest="workers",
         action="append",
-        type=_arg(partial(parse_worker, role="prefill")),
+        type=_arg(_prefill_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker that only prefills (repeatable; ids follow the order of every worker flag)",
     )
@@ -121,7 +120,7 @@ def _add_disagg_args(p: argparse.ArgumentParser) -> None:
         "--decode-worker",
         dest="workers",
         action="append",
-        type=_arg(partial(parse_worker, role="decode")),
+        type=_arg(_decode_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker that only decodes (repeatable)",
     )
@@ -147,6 +146,14 @@ def _add_disagg_args(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="SGLang's bootstrap port on the prefill workers (default: 8998, SGLang's)",
     )
+
+
+def _prefill_worker(text: str) -> WorkerSpec:
+    return parse_worker(text, role="prefill")
+
+
+def _decode_worker(text: str) -> WorkerSpec:
+    return parse_worker(text, role="decode")
 
 
 def _port(text: str) -> int:
@@ -364,7 +371,12 @@ def run(args: argparse.Namespace) -> int:
 
     :raises ValueError, OSError, RuntimeError, ImportError: bad configuration,
         an unreadable tokenizer or template, a port in use, missing extras.
+    :raises SystemExit: no worker was given (a usage error, as argparse reports one).
     """
+    parser = getattr(args, "_parser", None)
+    if not args.workers and parser is not None:
+        # one of three flags is required: argparse cannot say so for flags sharing a dest
+        parser.error("one of the arguments --worker --prefill-worker --decode-worker is required")
     config = build_config(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
