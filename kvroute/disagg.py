@@ -28,10 +28,13 @@ what the coordinator (:class:`~kvroute.router.Router`) asks of it:
   need not move again, which the ``transfer`` term counts: a session's turns
   keep to one decode worker while its load allows.
 * **Conditional disaggregation** (:meth:`Disaggregation.prefill_locally`):
-  when fewer than ``local_prefill_tokens`` prompt tokens are uncached on the
-  chosen decode worker, it prefills them itself and nothing moves (Dynamo's
-  and llm-d's rule). With ``local_if_held`` (the default) it also does when
-  it holds more of the prompt than every prefill candidate: a session whose
+  when the chosen decode worker's prefill work, the prompt's tokens
+  uncached there plus the prefill tokens it has queued, stays under
+  ``local_prefill_tokens``, it prefills the prompt itself and nothing moves
+  (Dynamo's and llm-d's rule, with the decode worker's queue counted so its
+  decoding is never stalled by more than that). With ``local_if_held`` (the
+  default) it also does, while its queue is under the threshold, when it
+  holds more of the prompt than every prefill candidate: a session whose
   turns were prefilled on its decode worker is not sent back to a prefill
   worker that would recompute them (``docs/disaggregation.md`` measures
   both). 0 (the default threshold) always prefills remotely.
@@ -127,8 +130,9 @@ class DisaggConfig:
     ValueError: local_prefill_tokens must be an int >= 0, got -1
 
     :param local_prefill_tokens: prefill on the decode worker, skipping the
-        transfer, when fewer than this many prompt tokens are uncached there;
-        0 (default): always prefill on a prefill worker.
+        transfer, when fewer than this many prompt tokens are uncached there
+        (its queued prefill tokens counted too); 0 (default): always prefill
+        on a prefill worker.
     :param decode_token_weight: weight of a token of decode context (active
         decode blocks, the request's new ones included).
     :param transfer_weight: weight of a prompt token the decode worker does
@@ -144,7 +148,8 @@ class DisaggConfig:
         room (as the ``kvroute`` policy's gate); 0: no stake.
     :param balance_stake_limit: the stake counted at most, in tokens.
     :param local_if_held: with the conditional rule on, also prefill on a decode
-        worker that holds more of the prompt than every prefill candidate.
+        worker that holds more of the prompt than every prefill candidate (while
+        its queued prefill tokens are under ``local_prefill_tokens``).
     :param seed: seeds the tie-break among equally cheap workers.
     :raises TypeError, ValueError: a setting out of range, naming it.
     """
@@ -176,13 +181,17 @@ class DisaggConfig:
         if self.seed is not None:
             object.__setattr__(self, "seed", operator.index(self.seed))
 
-    def prefill_locally(self, prompt_tokens: int, cached_tokens: int) -> bool:
+    def prefill_locally(self, prompt_tokens: int, cached_tokens: int, backlog: float = 0.0) -> bool:
         """Whether the decode worker, holding ``cached_tokens`` of the prompt, prefills it itself.
+
+        It does when its prefill work, the prompt's uncached tokens and what it
+        has queued already, stays under ``local_prefill_tokens``.
 
         :param prompt_tokens: the prompt's length.
         :param cached_tokens: its tokens cached on the decode worker.
+        :param backlog: prefill tokens already queued on the decode worker.
         """
-        return prompt_tokens - cached_tokens < self.local_prefill_tokens
+        return backlog + prompt_tokens - cached_tokens < self.local_prefill_tokens
 
 
 class Roles:
@@ -252,11 +261,12 @@ class DecodeChoice:
     :param position: its position in the load arrays.
     :param worker: its id.
     :param matched_blocks: prompt blocks it holds already.
-    :param local: it prefills the request itself (the conditional rule).
+    :param local: it prefills the request itself (the conditional rule's threshold).
     :param workers: the decode candidates' ids.
     :param overlap: their matched blocks.
     :param costs: per cost term, one value per candidate.
     :param index: the chosen candidate's index in those arrays.
+    :param backlog: prefill tokens queued on it already.
     """
 
     position: int
@@ -267,6 +277,7 @@ class DecodeChoice:
     overlap: I64
     costs: dict[str, npt.NDArray[Any]]
     index: int
+    backlog: float = 0.0
 
 
 def decode_costs(
@@ -423,19 +434,21 @@ class Disaggregation:
         i = int(ties[0]) if len(ties) == 1 else int(ties[self._rng.randrange(len(ties))])
         matched = int(ov[i])
         cached = min(matched * block_size, prompt_tokens)
-        local = self.config.prefill_locally(prompt_tokens, cached)
-        return DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i)
+        backlog = float(lt.prefill_tokens[int(cand[i])])
+        local = self.config.prefill_locally(prompt_tokens, cached, backlog)
+        return DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i, backlog)
 
     def prefill_locally(
         self, dec: DecodeChoice, overlap: I64, prefill: npt.NDArray[np.intp]
     ) -> bool:
         """Whether the decode worker prefills the request itself (the conditional rule).
 
-        With ``local_prefill_tokens`` > 0: when fewer than that many prompt
-        tokens are uncached on it (:attr:`DecodeChoice.local`); or, with
-        ``local_if_held``, when it holds more of the prompt than every prefill
-        candidate (a remote prefill would recompute what it holds); or when no
-        prefill worker is left. With 0: never.
+        With ``local_prefill_tokens`` > 0: when its prefill work, the prompt's
+        uncached tokens there and its queued prefill tokens, stays under that
+        (:attr:`DecodeChoice.local`); or, with ``local_if_held``, when it holds
+        more of the prompt than every prefill candidate (a remote prefill would
+        recompute what it holds) and its queued prefill tokens are under the
+        threshold; or when no prefill worker is left. With 0: never.
 
         :param dec: the decode choice.
         :param overlap: per position, the prompt's matched blocks.
@@ -446,7 +459,9 @@ class Disaggregation:
             return False
         if dec.local or len(prefill) == 0:
             return True
-        return cfg.local_if_held and int(overlap[dec.position]) > int(overlap[prefill].max())
+        if not cfg.local_if_held or dec.backlog >= cfg.local_prefill_tokens:
+            return False
+        return int(overlap[dec.position]) > int(overlap[prefill].max())
 
     def counters(self) -> dict[str, int]:
         """``remote_prefills`` and ``local_prefills`` so far."""

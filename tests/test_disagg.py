@@ -191,6 +191,26 @@ def test_conditional_disaggregation_prefills_on_the_decode_worker_holding_the_pr
     r._check()
 
 
+def test_the_decode_workers_queued_prefill_counts_against_the_threshold(twin: Twin) -> None:
+    r = fleet(local=8, held=False)
+    r.apply_stored(D0, PREFIX)
+    r.mark_unhealthy(D1)
+    a = r.route(req("a", [*PREFIX, 7]))  # 4 tokens uncached: local
+    assert not a.remote_prefill and r.load(D0)["prefill_tokens"] == 4
+    # 4 more uncached, 4 queued already: 8, not under 8
+    assert r.route(req("b", [*PREFIX, 8])).remote_prefill
+    # the held clause does not send it there either while the queue is full
+    r = fleet(local=8)
+    r.apply_stored(D0, PREFIX)
+    r.mark_unhealthy(D1)
+    a = r.route(req("a", [*PREFIX, 7, 8]))  # 8 uncached, but D0 holds more than any prefill
+    assert not a.remote_prefill and r.load(D0)["prefill_tokens"] == 8
+    assert r.route(req("b", [*PREFIX, 20])).remote_prefill
+    assert r.first_token("a")  # its prefill is done: the queue is empty again
+    c = r.route(req("c", [*PREFIX, 21]))
+    assert not c.remote_prefill and c.worker == D0
+
+
 def test_a_decode_worker_holding_more_than_every_prefill_worker_prefills_locally(
     twin: Twin,
 ) -> None:
