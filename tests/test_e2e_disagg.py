@@ -68,7 +68,7 @@ def record(workers: list[MockWorker], rid: str) -> tuple[int, RequestRecord] | N
     """The worker (index) that admitted request ``rid`` last, and its record."""
     found = None
     for i, w in enumerate(workers):
-        for r in w.requests:
+        for r in w.requests():
             if r.request_id == rid:
                 found = (i, r)
     return found
@@ -196,8 +196,8 @@ def test_sessions_are_prefilled_then_decoded_and_return_to_their_prefill_worker(
     # the decode load is spread over both decode workers
     assert min(decoded_on.count(0), decoded_on.count(1)) >= len(decoded_on) // 4, decoded_on
     for w in (*prefill, *decode):
-        assert w.transfers.refused == 0
-    assert sum(w.transfers.pulled for w in prefill) == len(decoded_on)
+        assert w.transfers().refused == 0
+    assert sum(w.transfers().pulled for w in prefill) == len(decoded_on)
     # both pools' caches are in the index (the decode workers' received blocks too)...
     workers = [*prefill, *decode]
 
@@ -229,7 +229,7 @@ def test_a_prefill_worker_killed_mid_run_loses_no_request(fleet: Fleet) -> None:
         victim = prefill[0]
         with concurrent.futures.ThreadPoolExecutor(len(agents)) as pool:
             round2 = [pool.submit(a.turn) for a in agents]
-            assert wait_until(lambda: victim.stats.running > 0, timeout=10)
+            assert wait_until(lambda: victim.stats().running > 0, timeout=10)
             victim.stop()
             rids = [f.result() for f in round2]  # every request answered
         assert server.proxy.metrics.value("kvroute_proxy_retries_total") >= 1

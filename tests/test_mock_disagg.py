@@ -69,7 +69,7 @@ def test_a_vllm_prefill_worker_answers_with_kv_transfer_params(
     status, answer = request(p.url + "/v1/chat/completions", body, rid="pd-1")
     assert status == 200, answer
     params = answer["kv_transfer_params"]
-    rec = p.requests[-1]
+    rec = p.requests()[-1]
     assert set(params) == {
         "do_remote_prefill", "do_remote_decode", "remote_block_ids", "remote_engine_id",
         "remote_request_id", "remote_host", "remote_port", "tp_size",
@@ -84,25 +84,25 @@ def test_a_vllm_prefill_worker_answers_with_kv_transfer_params(
     status, out = request(d.url + "/v1/chat/completions", dbody, rid="pd-1")
     assert status == 200, out
     assert out["usage"]["completion_tokens"] == 5
-    got = d.requests[-1]
+    got = d.requests()[-1]
     assert got.transferred_tokens == len(params["remote_block_ids"]) * BS
     assert got.cached_tokens == 0  # its own cache held nothing
     # vLLM counts the received tokens as computed, in cached_tokens
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == got.transferred_tokens
-    assert p.transfers.pulled == 1 and d.transfers.received == 1
+    assert p.transfers().pulled == 1 and d.transfers().received == 1
     # the received blocks are cached on the decode worker
     assert set(rec.block_hashes) <= d.cached_block_hashes()
     # an offer is pulled once: the same parameters again are refused
     status, again = request(d.url + "/v1/chat/completions", dbody, rid="pd-1b")
     assert status == 500 and "refused" in again["error"]["message"]
-    assert p.transfers.refused == 1
+    assert p.transfers().refused == 1
 
 
 def test_a_vllm_decode_worker_refuses_a_transfer_never_offered(
     vllm_pd: tuple[MockWorker, MockWorker],
 ) -> None:
     p, d = vllm_pd
-    refused = p.transfers.refused
+    refused = p.transfers().refused
     params = {
         "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [1, 2],
         "remote_engine_id": p.engine_id, "remote_request_id": "never-offered",
@@ -112,7 +112,7 @@ def test_a_vllm_decode_worker_refuses_a_transfer_never_offered(
         d.url + "/v1/completions", {"prompt": PROMPT, "kv_transfer_params": params}
     )
     assert status == 500 and "nothing offered" in out["error"]["message"]
-    assert p.transfers.refused == refused + 1
+    assert p.transfers().refused == refused + 1
     # wrong blocks for a real offer: refused too
     body = {"prompt": PROMPT, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
     _, answer = request(p.url + "/v1/completions", body, rid="pd-2")
@@ -139,7 +139,7 @@ def test_a_vllm_decode_worker_serves_a_plain_request(
     _, d = vllm_pd
     status, out = request(d.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert status == 200 and out["usage"]["completion_tokens"] == 2
-    assert d.requests[-1].transferred_tokens == 0
+    assert d.requests()[-1].transferred_tokens == 0
 
 
 def test_the_sglang_flow_sends_both_legs_at_once() -> None:
@@ -170,8 +170,8 @@ def test_the_sglang_flow_sends_both_legs_at_once() -> None:
         assert ps == 200 and ds == 200, (pout, dout)
         assert pout["usage"]["completion_tokens"] == 1  # a prefill server generates one token
         assert dout["usage"]["completion_tokens"] == 6
-        assert d.requests[-1].transferred_tokens == p.requests[-1].prompt_tokens // BS * BS
-        assert p.transfers.pulled == 1 and d.transfers.received == 1
+        assert d.requests()[-1].transferred_tokens == p.requests()[-1].prompt_tokens // BS * BS
+        assert p.transfers().pulled == 1 and d.transfers().received == 1
         # a decode server cannot prefill alone
         status, out = request(d.url + "/v1/chat/completions", {"messages": CHAT})
         assert status == 400 and "bootstrap_room" in out["error"]["message"]
@@ -192,7 +192,7 @@ def test_an_sglang_prefill_without_its_decode_side_fails_after_the_timeout() -> 
         }
         status, out = request(p.url + "/v1/completions", body)
         assert status == 500 and "no decode server" in out["error"]["message"]
-        assert p.transfers.expired == 1 and p.transfers.pulled == 0
+        assert p.transfers().expired == 1 and p.transfers().pulled == 0
 
 
 def test_bad_roles_and_protocols_are_refused() -> None:

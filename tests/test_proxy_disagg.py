@@ -180,7 +180,8 @@ def test_the_command_line_names_workers_by_role() -> None:
     for name in ("disagg_protocol", "disagg_local_prefill_tokens", "disagg_bootstrap_port"):
         assert hasattr(args, name) and hasattr(config, name)
     args = parser.parse_args(["proxy", "--disagg-local-prefill-tokens", "512"])
-    with pytest.raises(ValueError, match="give the workers"):
+    needed = r"at least one worker is needed: give --worker \(or --prefill-worker and --decode"
+    with pytest.raises(ValueError, match=needed):
         build_config(args)
     args = parser.parse_args(
         ["proxy", "--prefill-worker", "p:1", "--decode-worker", "d:2",
@@ -194,16 +195,21 @@ def test_the_command_line_names_workers_by_role() -> None:
 
 @contextlib.contextmanager
 def fleet(
-    roles: list[str], protocol: str = "vllm", **config_kw: Any
+    roles: list[str],
+    protocol: str = "vllm",
+    worker_kw: dict[str, dict[str, Any]] | None = None,
+    **config_kw: Any,
 ) -> Iterator[tuple[ProxyServer, list[MockWorker]]]:
-    """Mock workers in ``roles`` (no KV events) behind a proxy; everything stopped afterwards."""
+    """Mock workers in ``roles`` (no KV events; ``worker_kw``: a role's MockWorker
+    options) behind a proxy; everything stopped afterwards."""
     workers: list[MockWorker] = []
     server: ProxyServer | None = None
     try:
         for r in roles:
             w = MockWorker(
-                publish_events=False, role=r, disagg_protocol=protocol, transfer_timeout=3.0
-            )
+                publish_events=False, role=r, disagg_protocol=protocol, transfer_timeout=3.0,
+                **(worker_kw or {}).get(r, {}),
+            )  # fmt: skip
             workers.append(w.start())
         specs = [
             WorkerSpec(w.url, role=r, bootstrap_port=w.bootstrap_port or None)  # type: ignore[arg-type]
@@ -244,7 +250,7 @@ def until_hit(server: ProxyServer, worker: MockWorker) -> str:
         status, _, raw = post(server.url + "/v1/chat/completions", body, {"X-Request-Id": rid})
         assert status == 200, raw
         assert json.loads(raw)["usage"]["completion_tokens"] == 4
-        if worker.http_requests.get("/v1/chat/completions"):
+        if worker.http_requests().get("/v1/chat/completions"):
             return rid
     raise AssertionError("no request reached the worker")
 
@@ -255,9 +261,9 @@ def test_a_failed_decode_leg_is_retried_with_a_new_prefill(protocol: str) -> Non
         d0.fail_next(1)
         rid = until_hit(server, d0)
         # d0 failed it; d1 decoded the KV of a second prefill
-        assert [r.request_id for r in p.requests].count(rid) == 2
-        assert [r.request_id for r in d1.requests].count(rid) == 1
-        assert not any(r.request_id == rid for r in d0.requests)
+        assert [r.request_id for r in p.requests()].count(rid) == 2
+        assert [r.request_id for r in d1.requests()].count(rid) == 1
+        assert not any(r.request_id == rid for r in d0.requests())
         assert server.proxy.metrics.value("kvroute_proxy_retries_total") == 1
         assert released(server)
 
@@ -282,9 +288,9 @@ def test_a_failed_prefill_leg_is_retried_on_another_prefill_worker(protocol: str
         rid = until_hit(server, p0)
         assert server.proxy.metrics.value("kvroute_proxy_retries_total") == 1
         # the failed prefill was never admitted; p1 prefilled it, d decoded its KV
-        assert not any(r.request_id == rid for r in p0.requests)
-        assert [r.request_id for r in p1.requests].count(rid) == 1
-        got = [r for r in d.requests if r.request_id == rid]
+        assert not any(r.request_id == rid for r in p0.requests())
+        assert [r.request_id for r in p1.requests()].count(rid) == 1
+        got = [r for r in d.requests() if r.request_id == rid]
         assert len(got) == 1 and got[0].transferred_tokens > 0
         assert released(server)
 
@@ -293,7 +299,7 @@ def test_a_prefill_workers_4xx_is_the_clients_answer() -> None:
     with fleet(["prefill", "decode"]) as (server, (_, d)):
         status, _, out = chat(server, messages=[{"role": "user", "content": "x" * 40_000}])
         assert status == 400 and "maximum context length" in out["error"]["message"]
-        assert d.requests == [] and released(server)
+        assert d.requests() == [] and released(server)
         assert server.proxy.metrics.value("kvroute_proxy_retries_total") == 0
 
 
@@ -303,7 +309,7 @@ def test_a_prefill_worker_that_is_no_vllm_prefill_fails_over_then_errs_cleanly()
         server.router.add_worker(0, role="prefill")
         status, _, out = chat(server)
         assert status == 502 and "kv_transfer_params" in out["error"]["message"]
-        assert d.requests == [] and released(server)
+        assert d.requests() == [] and released(server)
 
 
 def test_an_sglang_prefill_failure_ends_the_waiting_decode_leg() -> None:
@@ -321,12 +327,12 @@ def test_an_sglang_prefill_failure_ends_the_waiting_decode_leg() -> None:
 def test_conditional_disaggregation_prefills_warm_turns_on_the_decode_worker() -> None:
     with fleet(["prefill", "decode"], disagg_local_prefill_tokens=100) as (server, (p, d)):
         status, _, _ = chat(server, messages=CHAT)
-        assert status == 200 and len(p.requests) == 1  # nothing cached yet: remote
+        assert status == 200 and len(p.requests()) == 1  # nothing cached yet: remote
         turn = [*CHAT, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "go"}]
         status, _, second = chat(server, messages=turn)
         assert status == 200, second
         # the decode worker holds the first turn (predicted on route): it prefills itself
-        assert len(p.requests) == 1 and len(d.requests) == 2
-        assert d.requests[-1].transferred_tokens == 0
+        assert len(p.requests()) == 1 and len(d.requests()) == 2
+        assert d.requests()[-1].transferred_tokens == 0
         assert server.router.stats()["local_prefills"] == 1
         assert released(server)

@@ -1,10 +1,13 @@
-"""The fleet around a router: the definition of a worker, and (later) membership and replicas.
+"""The fleet around a router: the definition of a worker, its membership, and (later) replicas.
 
 :mod:`kvroute.fleet.spec` is the one definition of a worker that every way
-of naming one produces. Importing this package costs nothing beyond the
-standard library.
+of naming one produces; :mod:`kvroute.fleet.membership` holds the fleet's
+workers, who named them and which are draining; :mod:`kvroute.fleet.files`
+and :mod:`kvroute.fleet.dns` are two of those ways. Importing this package
+costs nothing beyond the standard library.
 """
 
+from .membership import Member, Membership, MembershipChange
 from .spec import (
     ROLES,
     RUNTIME_ID_BASE,
@@ -18,6 +21,9 @@ from .spec import (
 __all__ = [
     "ROLES",
     "RUNTIME_ID_BASE",
+    "Member",
+    "Membership",
+    "MembershipChange",
     "Role",
     "WorkerSpec",
     "normalize_url",

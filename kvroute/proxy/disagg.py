@@ -55,7 +55,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
 
@@ -70,6 +70,9 @@ from .openai import OpenAIStream, openai_usage
 from .sse import SseSplitter, encode_event
 from .upstream import CONNECTION_ERRORS, AttemptFailed, Handler, Lifecycle, Upstream
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .observe import RequestRecord
 
 __all__ = [
     "REMOTE_DECODE",
@@ -351,16 +354,48 @@ class DisaggLegs:
     #: Seconds an SGLang decode leg's failure waits for its prefill leg's outcome.
     PREFILL_GRACE: Final = 1.0
 
-    async def attempt(self, call: Call, decision: Decision, handle: Handler[_T]) -> _T:
+    async def attempt(
+        self,
+        call: Call,
+        decision: Decision,
+        handle: Handler[_T],
+        record: RequestRecord | None = None,
+    ) -> _T:
         """One attempt at ``call`` as ``decision`` says (an :data:`~.upstream.Attempt`).
+
+        Each leg's outcome feeds the outlier detector (a leg that failed counts
+        against its own worker), and ``record`` hears the first token.
 
         :raises AttemptFailed: naming the worker that failed.
         """
         if not isinstance(decision, DisaggDecision) or not decision.remote_prefill:
-            return await self.upstream._attempt(call, decision, handle)
-        if self.config.disagg_protocol == "sglang":
-            return await self._sglang(call, decision, handle)
-        return await self._vllm(call, decision, handle)
+            return await self.upstream._attempt(call, decision, handle, record)
+        d = decision.decode_worker
+        assert d is not None
+        lc = Lifecycle(self.router, decision.request_id)
+        outliers = self.upstream.outliers
+        try:
+            if self.config.disagg_protocol == "sglang":
+                result = await self._sglang(call, decision, handle, lc)
+            else:
+                result = await self._vllm(call, decision, handle, lc)
+        except asyncio.CancelledError:
+            # the client hung up or its deadline passed: both legs' load goes
+            lc.abandon()
+            raise
+        except AttemptFailed as f:
+            if outliers is not None and f.worker is not None:
+                outliers.failed(f.worker)
+            raise
+        else:
+            if outliers is not None:
+                outliers.succeeded(decision.worker)
+                (outliers.failed if lc.worker_failed else outliers.succeeded)(d)
+            return result
+        finally:
+            lc.fail()  # a no-op once the request ended
+            if record is not None and lc.first:
+                record.first = lc.first_at
 
     # -- the legs' calls ------------------------------------------------------------
 
@@ -419,11 +454,12 @@ class DisaggLegs:
 
     # -- vLLM: the prefill leg, then the decode leg -----------------------------------
 
-    async def _vllm(self, call: Call, decision: DisaggDecision, handle: Handler[_T]) -> _T:
+    async def _vllm(
+        self, call: Call, decision: DisaggDecision, handle: Handler[_T], lc: Lifecycle
+    ) -> _T:
         p = decision.worker
         d = decision.decode_worker
         assert d is not None
-        lc = Lifecycle(self.router, int(decision.request_id))
         first: aiohttp.ClientResponse | None = None
         second: aiohttp.ClientResponse | None = None
         try:
@@ -458,20 +494,20 @@ class DisaggLegs:
                 raise self._failed_answer(d, second, body, "the decode worker")
             return await self._relay(decision, second, handle, lc, lambda: cached, call.kind)
         finally:
-            lc.fail()  # a no-op once the request ended
             self._release(p, first)
             self._release(d, second)
 
     # -- SGLang: both legs at once --------------------------------------------------
 
-    async def _sglang(self, call: Call, decision: DisaggDecision, handle: Handler[_T]) -> _T:
+    async def _sglang(
+        self, call: Call, decision: DisaggDecision, handle: Handler[_T], lc: Lifecycle
+    ) -> _T:
         p = decision.worker
         d = decision.decode_worker
         assert d is not None
         spec = self.pool.workers[p].spec
         port = spec.bootstrap_port or self.config.disagg_bootstrap_port
         body = sglang_body(call.body, spec.host, port, self._rng.getrandbits(63))
-        lc = Lifecycle(self.router, int(decision.request_id))
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[AttemptFailed] = loop.create_future()
         usage: list[Usage | None] = []
@@ -515,7 +551,6 @@ class DisaggLegs:
                 raise self._failed_answer(d, second, data, "the decode worker")
             return await self._relay(decision, second, handle, lc, cached, call.kind, failed)
         finally:
-            lc.fail()
             if not opening.done():
                 opening.cancel()
                 await asyncio.gather(opening, return_exceptions=True)

@@ -43,7 +43,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +58,9 @@ from .engine import Engine, EngineConfig, PassResult
 from .metrics import Records, percentiles, summarize
 from .replay import SimClock
 from .workloads import SimRequest
+
+#: ``progress(label, total)``: a context manager giving a run's progress callback, or None.
+Progress = Callable[[str, int], AbstractContextManager[Callable[[int, int], None] | None]]
 
 __all__ = [
     "DEFAULT_KV_BYTES_PER_TOKEN",
@@ -427,14 +431,17 @@ def run(
     a: argparse.Namespace,
     requests: Sequence[SimRequest],
     config: EngineConfig,
-    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+    progress: Progress | None = None,
+    policy_params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, DisaggResult]]:
     """Replay ``requests`` on the disaggregated fleet ``a`` describes, every policy and threshold.
 
     :param a: the ``replay`` command's arguments (:func:`add_disagg_args`' included).
     :param requests: the workload.
     :param config: the engine settings; each pool's block count from its option.
-    :param progress: makes a progress callback for a run's label.
+    :param progress: ``progress(label, total)`` is a context manager giving a run's
+        progress callback (or None).
+    :param policy_params: policy name -> its constructor parameters (its seed).
     :returns: a JSON-ready document (the fleet and, per run label ``policy`` or
         ``policy@T``, its summary) and the runs themselves.
     :raises ValueError: a bad option.
@@ -459,15 +466,18 @@ def run(
     for name in [x.strip() for x in a.policy.split(",") if x.strip()]:
         for thr in thresholds or [0]:
             label = name if len(thresholds) <= 1 else f"{name}@{thr}"
-            res = replay_disagg(
-                requests,
-                name,
-                fleet,
-                local_prefill_tokens=thr,
-                event_lag=a.event_lag,
-                seed=a.seed,
-                progress=None if progress is None else progress(label),
-            )
+            params = (policy_params or {}).get(name)
+            with progress(label, len(requests)) if progress else nullcontext() as bar:
+                res = replay_disagg(
+                    requests,
+                    name,
+                    fleet,
+                    local_prefill_tokens=thr,
+                    policy_params=dict(params) if params else None,
+                    event_lag=a.event_lag,
+                    seed=a.seed,
+                    progress=bar,
+                )
             res.summary["wall_s"] = res.wall_s
             res.summary["local_prefill_tokens"] = thr
             runs[label] = res
@@ -559,14 +569,15 @@ def main(
     a: argparse.Namespace,
     requests: Sequence[SimRequest],
     config: EngineConfig,
-    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+    progress: Progress | None = None,
+    policy_params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> int:
     """``kvroute replay ... --prefill-workers P --decode-workers D``: print, ``--json``, ``--plot``.
 
     :returns: the exit status (0).
     :raises ValueError: a bad option.
     """
-    doc, runs = run(a, requests, config, progress)
+    doc, runs = run(a, requests, config, progress, policy_params)
     print(table(doc["policies"]))
     if a.json_path:
         doc = {"trace": a.trace, "speedup": a.speedup, "event_lag_s": a.event_lag, **doc}
