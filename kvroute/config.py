@@ -27,9 +27,10 @@ max_kv_usage=None)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal, TypedDict
 
+from .disagg import DisaggConfig
 from .policies.base import check_nonneg
 
 __all__ = ["Admission", "BusyThreshold", "RouterConfig", "RouterSettings"]
@@ -99,6 +100,7 @@ class RouterSettings(TypedDict, total=False):
     pin_abs_slack: float
     tiered: bool
     journal: bool
+    disagg: DisaggConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +129,8 @@ class RouterConfig:
         first ``apply_stored`` with a tier other than ``"device"``.
     :param journal: record every state-changing call (see ``Router.journal``);
         it grows without bound, so it is meant for tests and debugging sessions.
+    :param disagg: in a prefill/decode-disaggregated fleet, the decode
+        choice's weights and the conditional rule (:mod:`kvroute.disagg`).
     :raises ValueError, TypeError: a bad setting, naming it.
     """
 
@@ -143,6 +147,8 @@ class RouterConfig:
     pin_abs_slack: float = 2.0
     tiered: bool = False
     journal: bool = False
+    # prefill/decode disaggregation (used once a worker has a role other than "both")
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -152,6 +158,8 @@ class RouterConfig:
             raise ValueError(f"admission must be 'fcfs' or 'sjf', not {self.admission!r}")
         if self.busy_threshold is not None and not isinstance(self.busy_threshold, BusyThreshold):
             raise TypeError("busy_threshold must be a BusyThreshold")
+        if not isinstance(self.disagg, DisaggConfig):
+            raise TypeError("disagg must be a DisaggConfig")
         for name in ("predicted_ttl", "fresh_ttl", "request_timeout"):
             v = check_nonneg(getattr(self, name), name)
             if v == 0:

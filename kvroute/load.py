@@ -22,7 +22,7 @@ Not thread-safe on its own: the router calls it under its lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,11 @@ ActivePrefixes = _route.ActivePrefixes
 ActiveRequest = _route.ActiveRequest
 LoadArrays = _route.LoadArrays
 
-__all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker"]
+__all__ = ["ActivePrefixes", "ActiveRequest", "LoadTracker", "RequestKey"]
+
+#: What the tracker keys a request by: its id, or for the decode leg of a
+#: disaggregated request :func:`kvroute.disagg.decode_key` of its id.
+RequestKey = Hashable
 
 
 class LoadTracker:
@@ -74,7 +78,7 @@ class LoadTracker:
         self.kv_usage = np.zeros(cap, np.float64)
         self.healthy = np.ones(cap, np.bool_)
         self.pos: dict[int, int] = {}
-        self.requests: dict[str | int, ActiveRequest] = {}
+        self.requests: dict[RequestKey, ActiveRequest] = {}
         self.ids_frozen = np.zeros(0, np.uint64)
         #: ``(prefill_tokens, decode_blocks, active, waiting, kv_usage)[:n]``, live views.
         self.views: tuple[Any, ...] = ()
@@ -131,7 +135,7 @@ class LoadTracker:
         self._freeze_ids()
         return p
 
-    def remove_worker(self, worker: int) -> list[str | int]:
+    def remove_worker(self, worker: int) -> list[RequestKey]:
         """Forget a worker and its requests in flight; return those requests' ids.
 
         Runtime complexity: O(requests in flight).
@@ -155,7 +159,7 @@ class LoadTracker:
 
     def start(
         self,
-        request_id: str | int,
+        request_id: RequestKey,
         worker: int,
         *,
         prefill_tokens: float,
@@ -194,7 +198,7 @@ class LoadTracker:
         out: npt.NDArray[np.float64] = self.active_blocks.new_blocks(hashes, self.ids_frozen)
         return out
 
-    def first_token(self, request_id: str | int, now: float) -> bool:
+    def first_token(self, request_id: RequestKey, now: float) -> bool:
         """The request's prefill is done: drop its prefill tokens. False if unknown."""
         r = self.requests.get(request_id)
         if r is None:
@@ -206,7 +210,7 @@ class LoadTracker:
             r.prefill_tokens = 0.0
         return True
 
-    def finish(self, request_id: str | int) -> ActiveRequest | None:
+    def finish(self, request_id: RequestKey) -> ActiveRequest | None:
         """The request left (finished, failed or swept): drop all its load. None if unknown."""
         r = self.requests.pop(request_id, None)
         if r is None:
@@ -221,7 +225,7 @@ class LoadTracker:
         self.decode_blocks[p] = max(self.decode_blocks[p] - gone, 0.0)
         return r
 
-    def stale(self, now: float, timeout: float) -> list[str | int]:
+    def stale(self, now: float, timeout: float) -> list[RequestKey]:
         """Ids of requests with no lifecycle event for more than ``timeout``. O(in flight)."""
         limit = now - timeout
         return [rid for rid, r in self.requests.items() if r.last_seen < limit]

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import BusyThreshold
-from .load import LoadTracker
+from .load import LoadTracker, RequestKey
 from .policies.base import check_nonneg
 
 __all__ = ["Members", "WorkerMetrics", "check_capacity", "check_metrics"]
@@ -115,7 +115,7 @@ class Members:
         self._update()
         return True
 
-    def remove(self, worker: int) -> list[str | int] | None:
+    def remove(self, worker: int) -> list[RequestKey] | None:
         """Forget a worker and its load; return the ids of its requests in flight.
 
         :returns: None if the worker is unknown.

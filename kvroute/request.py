@@ -334,7 +334,15 @@ class Decision:
     :ivar predicted_cached_tokens: prompt tokens expected to hit the cache.
     :ivar prompt_tokens: the prompt length.
     :ivar seq: the router's operation number (orders decisions and events).
+    :ivar decode_worker: in a prefill/decode-disaggregated fleet, the worker
+        that decodes (see :class:`kvroute.disagg.DisaggDecision`); else None.
+    :ivar remote_prefill: whether the prefill runs on another worker than the
+        decode (False outside a disaggregated fleet).
     """
+
+    # Outside a disaggregated fleet (kvroute.disagg.DisaggDecision's slots shadow them).
+    decode_worker: int | None = None
+    remote_prefill: bool = False
 
     __slots__ = (
         "_alt",

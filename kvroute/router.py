@@ -27,6 +27,10 @@ one small part per job, each a module with its own specification and tests:
   and the replayable record of state-changing calls.
 * the routing policy (:mod:`kvroute.policies`), which chooses among the
   candidates the router lays out.
+* :class:`~kvroute.disagg.Disaggregation` (``disagg.py``): worker roles in a
+  prefill/decode-disaggregated fleet, the decode worker's choice and the
+  conditional rule; :meth:`Router.route` asks it only once some worker has a
+  role other than ``"both"``.
 
 :meth:`Router.route` itself lives here: it asks each part in turn and
 records the decision in each. A call that changes what the router knows
@@ -66,10 +70,11 @@ from ._convert import as_u64_array, check_u64
 from .admission import AdmissionQueue
 from .approx import FreshDecisions, PredictedResidency
 from .config import BusyThreshold, RouterConfig, RouterSettings
+from .disagg import DisaggDecision, Disaggregation, Role, check_role, decode_key
 from .index_api import IndexLike
 from .journal import Journal, JournalEntry
 from .keycheck import StoredKeyCheck
-from .load import LoadTracker
+from .load import LoadTracker, RequestKey
 from .members import Members, check_capacity, check_metrics
 from .pins import WARMUP_PLAN_TTL, SessionPins, WarmupPlans
 from .policies import (
@@ -138,6 +143,7 @@ class _Payload:
     tokens: Sequence[int] | None  # kept for a warm-up plan (speculative prefill)
     hashes: npt.NDArray[np.uint64] | None
     speculative: bool
+    prefill_worker: int | None = None  # a decode leg's: where its prompt was prefilled
 
 
 class Router:
@@ -236,6 +242,10 @@ class Router:
         self._queue = AdmissionQueue(config.admission)
         self._journal = Journal(config.journal)
         self._tiered = config.tiered
+        self._pd = Disaggregation(config.disagg)
+        # route() asks self._pd only in a disaggregated fleet; lifecycle calls look
+        # for decode legs once the fleet ever was one
+        self._split = self._pd_used = False
         self._next_sweep = -math.inf
         self._zero_cache = np.zeros(0, np.int64)
         self._lock = threading.Lock()
@@ -281,30 +291,45 @@ class Router:
         dropped_with_worker, unknown_workers; stored_starts_routed /
         stored_starts_unrouted (prompt starts stored by :meth:`apply_stored`
         that did / did not start a recent decision: see :mod:`kvroute.keycheck`);
-        and now: queued (waiting for admission), warmup_plans (made and not yet taken)."""
+        and now: queued (waiting for admission), warmup_plans (made and not yet taken);
+        in a fleet that has been disaggregated also remote_prefills and local_prefills."""
         with self._lock:
             out = dict(self._stats)
             out.update(self._keycheck.counts())
             out["queued"] = len(self._queue)
             out["warmup_plans"] = len(self._warmups)
+            if self._pd_used:
+                out.update(self._pd.counters())
             return out
 
     # -- workers -----------------------------------------------------------------
 
-    def add_worker(self, worker: int, *, kv_capacity_blocks: int | None = None) -> None:
-        """Add a worker (healthy, idle). Adding a known worker only updates its capacity.
+    def add_worker(
+        self, worker: int, *, kv_capacity_blocks: int | None = None, role: Role = "both"
+    ) -> None:
+        """Add a worker (healthy, idle). Adding a known worker only updates its capacity and role.
 
         :param kv_capacity_blocks: the worker's KV capacity in blocks; bounds its
-            predicted residency in approximate mode.
+            predicted residency in approximate mode, and a decode worker's room.
+        :param role: ``"both"``, ``"prefill"`` or ``"decode"`` (see :mod:`kvroute.disagg`).
         :raises TypeError, OverflowError: ``worker`` is not an int in [0, 2**64).
+        :raises ValueError: an unknown role.
         """
         w = check_u64(worker, "worker")
         cap = check_capacity(kv_capacity_blocks)
+        role = check_role(role)
         with self._lock:
-            self._journal.log("add_worker", w, kv_capacity_blocks=cap)
+            # the role is journalled only when given, so plain journals keep their shape
+            extra = {} if role == "both" else {"role": role}
+            self._journal.log("add_worker", w, kv_capacity_blocks=cap, **extra)
             self._members.add(w)
             if cap is not None and self._predicted is not None:
                 self._predicted.set_capacity(w, cap)
+            self._pd.roles.set(w, role)
+            if cap is not None:
+                self._pd.set_capacity(w, cap)
+            self._split = self._pd.roles.disaggregated
+            self._pd_used |= self._split
 
     def remove_worker(self, worker: int) -> bool:
         """Remove a worker: never route to it again, drop its blocks and its requests' load.
@@ -319,6 +344,8 @@ class Router:
                 self._stats["unknown_workers"] += 1
                 return False
             self._stats["dropped_with_worker"] += len(dropped)
+            self._pd.drop(w)
+            self._split = self._pd.roles.disaggregated
             # every record that names the worker's cache goes with it; a pin or
             # warm-up plan naming it is dropped when next read
             self.index.remove_worker(w)
@@ -349,6 +376,22 @@ class Router:
         """Known workers (healthy or not), ascending."""
         with self._lock:
             return self._members.workers()
+
+    def role(self, worker: int) -> Role:
+        """A worker's role: ``"both"``, ``"prefill"`` or ``"decode"``.
+
+        :raises KeyError: unknown worker.
+        """
+        w = check_u64(worker, "worker")
+        with self._lock:
+            if w not in self._members:
+                raise KeyError(worker)
+            return self._pd.roles.get(w)
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether some worker only prefills or only decodes (then decisions name both)."""
+        return self._split
 
     def load(self, worker: int) -> dict[str, float | int | bool]:
         """The router's view of one worker's load.
@@ -390,6 +433,8 @@ class Router:
                 return False
             if cap is not None and self._predicted is not None:
                 self._predicted.set_capacity(w, cap)
+            if cap is not None:
+                self._pd.set_capacity(w, cap)
             return True
 
     # -- events ------------------------------------------------------------------
@@ -701,6 +746,8 @@ class Router:
         rid = request.request_id
         if rid in lt.requests:
             raise ValueError(f"request {rid!r} is already in flight")
+        if self._split:
+            return self._route_split(request, hashes, prompt, exclude, now)
         n = lt.n
         cand: npt.NDArray[np.intp] | None = None
         skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else None
@@ -755,67 +802,12 @@ class Router:
             i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         else:
             ov, host, disk = self._overlap(hashes, n, now)
-            tiered = host is not None and disk is not None
-            if host is None or disk is None:
-                host = disk = self._zeros(n)
-            # Dynamo's potential decode blocks: the prompt blocks new to each
-            # worker's requests in flight, plus the expected output
             new = lt.new_blocks(hashes)
             if out_blocks:
                 new += out_blocks
-            if pinned is not None:
-                p = pinned
-                name = "pin"
-                self._stats["pinned_routes"] += 1
-                if cand is None:
-                    cw, co = lt.ids_frozen, ov
-                else:
-                    cw, co = lt.worker_ids[cand], ov[cand]
-                costs = {}
-                i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
-            else:
-                busy = self._busy_mask(n)
-                if cand is None:
-                    # every array is already one entry per position: no slicing
-                    pt, db, act, wt, kv = lt.views
-                    c = Candidates(
-                        lt.ids_frozen, ov, host, disk, pt, db, new, act, wt, kv, busy, tiered
-                    )
-                else:
-                    c = Candidates(
-                        lt.worker_ids[cand],
-                        ov[cand],
-                        host[cand],
-                        disk[cand],
-                        lt.prefill_tokens[cand],
-                        lt.decode_blocks[cand],
-                        new[cand],
-                        lt.active[cand],
-                        lt.waiting[cand],
-                        lt.kv_usage[cand],
-                        busy[cand],
-                        tiered,
-                    )
-                key: int | None
-                if request.session_id is not None:
-                    key = xxhash.xxh3_64_intdigest(request.session_id.encode())
-                else:
-                    key = int(hashes[0]) if len(hashes) else None
-                feats = Features(
-                    prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
-                )
-                choice = self.policy.choose(c, feats)
-                i = int(choice.index)
-                nc = n if cand is None else len(cand)
-                if not 0 <= i < nc:
-                    raise RuntimeError(
-                        f"policy {self.policy.name!r} chose position {i} of {nc} candidates"
-                    )
-                p = i if cand is None else int(cand[i])
-                cw = c.workers
-                co = c.overlap
-                costs = choice.costs
-                name = self.policy.name
+            i, p, cw, co, costs, name = self._choose(
+                request, hashes, prompt, cand, pinned, ov, host, disk, new
+            )
             worker = int(lt.worker_ids[p])
             matched = int(ov[p])
             cached = min(matched * bs, prompt)
@@ -847,6 +839,165 @@ class Router:
         else:
             seq = self._journal.log("route", request)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+
+    def _choose(
+        self,
+        request: Request,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        cand: npt.NDArray[np.intp] | None,
+        pinned: int | None,
+        ov: npt.NDArray[np.int64],
+        host: Any,
+        disk: Any,
+        new: npt.NDArray[np.float64],
+    ) -> tuple[int, int, Any, Any, Any, str]:
+        """The policy's choice among the candidates (every position when ``cand`` is None).
+
+        :returns: ``(index among the candidates, position, candidates' ids, their
+            overlaps, costs, policy name)``; a session pin decides when ``pinned``
+            is a position.
+        """
+        lt = self._load
+        n = lt.n
+        bs = self.block_size
+        tiered = host is not None and disk is not None
+        if host is None or disk is None:
+            host = disk = self._zeros(n)
+        if pinned is not None:
+            p = pinned
+            self._stats["pinned_routes"] += 1
+            if cand is None:
+                cw, co = lt.ids_frozen, ov
+            else:
+                cw, co = lt.worker_ids[cand], ov[cand]
+            i = int(np.flatnonzero(cw == lt.worker_ids[p])[0])
+            return i, p, cw, co, {}, "pin"
+        busy = self._busy_mask(n)
+        if cand is None:
+            # every array is already one entry per position: no slicing
+            pt, db, act, wt, kv = lt.views
+            c = Candidates(lt.ids_frozen, ov, host, disk, pt, db, new, act, wt, kv, busy, tiered)
+        else:
+            c = Candidates(
+                lt.worker_ids[cand],
+                ov[cand],
+                host[cand],
+                disk[cand],
+                lt.prefill_tokens[cand],
+                lt.decode_blocks[cand],
+                new[cand],
+                lt.active[cand],
+                lt.waiting[cand],
+                lt.kv_usage[cand],
+                busy[cand],
+                tiered,
+            )
+        key: int | None
+        if request.session_id is not None:
+            key = xxhash.xxh3_64_intdigest(request.session_id.encode())
+        else:
+            key = int(hashes[0]) if len(hashes) else None
+        feats = Features(
+            prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
+        )
+        choice = self.policy.choose(c, feats)
+        i = int(choice.index)
+        nc = n if cand is None else len(cand)
+        if not 0 <= i < nc:
+            raise RuntimeError(f"policy {self.policy.name!r} chose position {i} of {nc} candidates")
+        p = i if cand is None else int(cand[i])
+        return i, p, c.workers, c.overlap, choice.costs, self.policy.name
+
+    def _route_split(
+        self,
+        request: Request,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        exclude: frozenset[int],
+        now: float,
+    ) -> Decision:
+        """route() in a disaggregated fleet: the decode worker, then where to prefill.
+
+        The decode part chooses the decode worker; if the conditional rule keeps
+        the prefill there, it is routed like any request to that worker; else the
+        policy chooses among the prefill workers, and the request's decode leg is
+        counted on the decode worker under :func:`~kvroute.disagg.decode_key`.
+        """
+        lt, pd, rid = self._load, self._pd, request.request_id
+        if decode_key(rid) in lt.requests:
+            raise ValueError(f"request {rid!r} is already in flight")
+        n = lt.n
+        ok = lt.healthy[:n].copy()
+        ok[[p for p in map(lt.pos.get, exclude) if p is not None]] = False
+        bs = self.block_size
+        out_blocks = 0.0
+        if request.expected_output_tokens:
+            out_blocks = float(math.ceil(request.expected_output_tokens / bs))
+        ov, host, disk = self._overlap(hashes, n, now)
+        new = lt.new_blocks(hashes)
+        if out_blocks:
+            new += out_blocks
+        dec = pd.choose_decode(lt, ok, ov, new, self._busy_mask(n), prompt, bs)
+        if dec is None:
+            raise NoWorkerAvailable(f"no healthy decode worker among {n} for request {rid!r}")
+        may_prefill, _ = pd.roles.masks(lt.ids_frozen)
+        cand = np.flatnonzero(ok & may_prefill)
+        if pd.prefill_locally(dec, ov, cand):
+            # the conditional rule (or no prefill worker left, where local prefill is allowed)
+            i, p, cw, co, costs = dec.index, dec.position, dec.workers, dec.overlap, dec.costs
+            name = "local"
+        else:
+            if len(cand) == 0:
+                raise NoWorkerAvailable(f"no healthy prefill worker among {n} for request {rid!r}")
+            pinned = None if request.session_id is None else self._pinned(request, now, cand, n)
+            if pinned is not None and not (ok[pinned] and may_prefill[pinned]):
+                pinned = None
+            i, p, cw, co, costs, name = self._choose(
+                request, hashes, prompt, cand, pinned, ov, host, disk, new
+            )
+        worker = int(lt.worker_ids[p])
+        remote = p != dec.position
+        matched = int(ov[p])
+        cached = min(matched * bs, prompt)
+        breakpoints = request.cache_breakpoints()
+        spec = request.speculative_prefill
+        legs: list[tuple[RequestKey, int, float, float, int | None]] = [
+            (rid, p, prompt - cached, 0.0 if remote else out_blocks, None)
+        ]
+        if remote:
+            legs.append((decode_key(rid), dec.position, 0.0, out_blocks, worker))
+            pd.remote += 1
+        else:
+            pd.local += 1
+        for key, pos, prefill_tokens, blocks, prefilled_on in legs:
+            w = int(lt.worker_ids[pos])
+            entry: Any = None
+            if self._predicted is not None and len(hashes):
+                entry = self._predict(self._predicted, w, hashes, now, breakpoints)
+            elif self._fresh is not None:
+                entry = self._fresh.record(w, hashes, now)
+            payload = _Payload(
+                entry,
+                request.session_id,
+                request.tokens if spec else None,
+                hashes if spec else None,
+                spec,
+                prefilled_on,
+            )
+            lt.start(
+                key, w, prefill_tokens=prefill_tokens, decode_blocks=blocks, now=now,
+                hashes=hashes, payload=payload,
+            )  # fmt: skip
+        if breakpoints and request.session_id is not None:
+            self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
+        self._stats["routed"] += 1
+        if exclude:
+            seq = self._journal.log("route", request, exclude=exclude)
+        else:
+            seq = self._journal.log("route", request)
+        base = Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+        return DisaggDecision(base, dec, remote)
 
     def _predict(
         self,
@@ -883,7 +1034,27 @@ class Router:
         """
         with self._lock:
             self._journal.log("first_token", request_id)
-            return self._load.first_token(request_id, self._clock()) or self._unknown()
+            now = self._clock()
+            found = self._load.first_token(request_id, now)
+            if self._pd_used:  # the decode leg: seen now (the stale sweep reads it)
+                found = self._load.first_token(decode_key(request_id), now) or found
+            return found or self._unknown()
+
+    def prefill_done(self, request_id: str | int) -> bool:
+        """A remotely prefilled request's prefill leg ended: release the prefill worker.
+
+        In a disaggregated fleet the prefill worker's part ends when it answers
+        (vLLM: its ``max_tokens=1`` response; SGLang: its leg of the request),
+        while the decode worker's goes on until :meth:`finished`.
+
+        :returns: False if the request has no prefill leg in flight (unknown, or
+            prefilled on its decode worker); not counted as unknown.
+        """
+        with self._lock:
+            self._journal.log("prefill_done", request_id)
+            if not self._pd_used or decode_key(request_id) not in self._load.requests:
+                return False
+            return self._load.finish(request_id) is not None
 
     def finished(
         self,
@@ -921,13 +1092,17 @@ class Router:
         with self._lock:
             self._journal.log("finished", request_id, output_tokens=output_tokens)
             r = self._load.finish(request_id)
+            if self._pd_used:
+                r = self._load.finish(decode_key(request_id)) or r
             if r is None:
                 return self._unknown()
             pl: _Payload = r.payload
             if pl.speculative and pl.session_id is not None:
                 assert pl.hashes is not None
+                # a disaggregated request warms its prefill worker, whose next turn it is
+                worker = r.worker if pl.prefill_worker is None else pl.prefill_worker
                 self._warmups.record(
-                    pl.session_id, r.worker, pl.tokens, ids, pl.hashes, self._clock()
+                    pl.session_id, worker, pl.tokens, ids, pl.hashes, self._clock()
                 )
             return True
 
@@ -938,16 +1113,21 @@ class Router:
         """
         with self._lock:
             self._journal.log("failed", request_id)
-            r = self._load.finish(request_id)
-            if r is None:
-                return self._unknown()
-            pl: _Payload = r.payload
-            if pl.entry is not None and self._predicted is not None:
-                for entry in pl.entry:
-                    self._predicted.forget(entry)
-            elif self._fresh is not None:
-                self._fresh.forget(pl.entry)
-            return True
+            legs = [self._load.finish(request_id)]
+            if self._pd_used:
+                legs.append(self._load.finish(decode_key(request_id)))
+            found = False
+            for r in legs:
+                if r is None:
+                    continue
+                found = True
+                pl: _Payload = r.payload
+                if pl.entry is not None and self._predicted is not None:
+                    for entry in pl.entry:
+                        self._predicted.forget(entry)
+                elif self._fresh is not None:
+                    self._fresh.forget(pl.entry)
+            return found or self._unknown()
 
     def warmup_plan(self, session_id: str) -> WarmupPlan | None:
         """Where to send a ``max_tokens=1`` prefill so the session's next turn is warm.
@@ -1014,6 +1194,7 @@ class Router:
         with self._lock:
             self._load._check()
             self._members._check()
+            self._pd.roles._check(self._load.pos)
             self._queue._check()
             if self._predicted is not None:
                 self._predicted._check()

@@ -12,6 +12,7 @@ import pytest
 import kvroute
 import kvroute.config
 from kvroute.config import BusyThreshold, RouterConfig, RouterSettings
+from kvroute.disagg import DisaggConfig
 from kvroute.router import Router
 
 #: A value other than the default for every field, valid.
@@ -29,6 +30,7 @@ OTHER: dict[str, Any] = {
     "pin_abs_slack": 1.0,
     "tiered": True,
     "journal": True,
+    "disagg": DisaggConfig(local_prefill_tokens=512),
 }
 
 

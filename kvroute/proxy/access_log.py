@@ -21,6 +21,9 @@ A line is built once, from the request's
 - ``stream``: whether the client asked for a stream;
 - ``worker``, ``worker_label``: the worker that served it (the last one
   tried), and its name or ``host:port``;
+- ``decode_worker``: in a prefill/decode-disaggregated fleet, the worker that
+  decoded it (``worker`` prefilled it; the same worker when the conditional
+  rule kept the prefill there); null otherwise;
 - ``policy``: what chose it (the policy's name, or ``pin``);
 - ``matched_blocks``: prompt blocks the router found cached there;
 - ``predicted_cached_tokens``: prompt tokens the router predicted cached there;
@@ -74,9 +77,9 @@ __all__ = [
 #: The fields of a line, in order.
 FIELDS: Final = (
     "time", "id", "method", "path", "status", "outcome", "model", "session", "stream",
-    "worker", "worker_label", "policy", "matched_blocks", "predicted_cached_tokens",
-    "reported_cached_tokens", "prompt_tokens", "output_tokens", "ttft_ms", "duration_ms",
-    "tokenize_ms", "retries", "client",
+    "worker", "worker_label", "decode_worker", "policy", "matched_blocks",
+    "predicted_cached_tokens", "reported_cached_tokens", "prompt_tokens", "output_tokens",
+    "ttft_ms", "duration_ms", "tokenize_ms", "retries", "client",
 )  # fmt: skip
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

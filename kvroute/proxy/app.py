@@ -21,6 +21,10 @@ A ``/v1/responses`` request continuing a ``previous_response_id`` goes
 first to the worker that produced it (:mod:`~kvroute.proxy.responses`: its
 :class:`~kvroute.proxy.responses.ResponseStore`), whose memory holds it.
 
+In a prefill/decode-disaggregated fleet (workers with a role) step 2's
+attempts are :mod:`~kvroute.proxy.disagg`'s: the prefill leg, then (or with)
+the decode leg, whose answer step 3 relays.
+
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
 ``/v1/embeddings``, ``/tokenize`` and ``/detokenize`` (sent to one worker,
 :mod:`~kvroute.proxy.passthrough`), ``/v1/models``, ``/health``, ``/livez``
@@ -48,6 +52,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import RouterConfig
+from ..disagg import DisaggConfig
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..fleet.membership import Membership
 from ..request import Decision
@@ -58,6 +63,7 @@ from .config import ProxyConfig
 from .connections import ConnectionGuard
 from .count_tokens import count_tokens
 from .deadlines import Deadlines
+from .disagg import DisaggLegs
 from .disconnect import HangUps
 from .errors import ProxyError, error_body
 from .fleet import ProxyFleet
@@ -102,7 +108,7 @@ class ProxyApp:
     :param router: a router to use (default: one built from ``config``:
         its block size, policy and policy parameters, its ``router`` settings,
         workers ``0..n-1``, ``kv_events`` when any worker has an events
-        endpoint). Missing workers are added to it.
+        endpoint). Missing workers are added to it, with their roles.
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
@@ -129,7 +135,10 @@ class ProxyApp:
         specs = self.fleet.specs()
         if router is None:
             settings = RouterConfig(
-                block_size=config.block_size, kv_events=self.fleet.kv_events(), **config.router
+                block_size=config.block_size,
+                kv_events=self.fleet.kv_events(),
+                disagg=DisaggConfig(local_prefill_tokens=config.disagg_local_prefill_tokens),
+                **config.router,
             )
             router = Router(
                 policy=config.policy,
@@ -137,9 +146,8 @@ class ProxyApp:
                 config=settings,
                 policy_params=config.policy_params,
             )
-        else:
-            for w in specs:
-                router.add_worker(w)
+        for w, spec in specs.items():
+            router.add_worker(w, role=spec.role)
         #: The router every request goes through.
         self.router = router
         #: The Prometheus series served at ``/metrics``.
@@ -173,6 +181,8 @@ class ProxyApp:
         self.relay = Relay(self.pool, self.metrics, self.migrator)
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
+        #: A disaggregated request's two legs.
+        self.disagg = DisaggLegs(router, self.pool, self.upstream, config)
         #: The KV-event subscriber's lifecycle.
         self.events = EventSubscription(
             router, config, self.metrics, self.pool, enabled=self.fleet.follows_events(router)
@@ -347,6 +357,9 @@ class ProxyApp:
         if not self.pool.workers:
             why = "the fleet has no worker yet (they join through the admin API, a file or DNS)"
             raise ProxyError(503, why, code="no_worker_available")
+        if kind == "responses" and self.router.disaggregated:
+            why = "the Responses API is not served by a prefill/decode-disaggregated fleet"
+            raise ProxyError(501, why, code="not_supported")
         return await self.deadlines.run(request, lambda: self._generate_within(request, kind))
 
     async def _generate_within(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -367,9 +380,10 @@ class ProxyApp:
                 self.responses.remember(relayed.response_id, decision.worker)
             return relayed
 
+        attempt = self.disagg.attempt if self.router.disaggregated else None
         try:
             relayed = await self.upstream.send(
-                routed, call, answer, record, prefer=self._holder(call)
+                routed, call, answer, record, prefer=self._holder(call), attempt=attempt
             )
         except AttemptFailed as last:  # every attempt failed
             if record is not None:

@@ -22,6 +22,7 @@ from .config import (
     ACCESS_LOG_FORMATS,
     DEFAULT_MAX_BODY_SIZE,
     ProxyConfig,
+    WorkerSpec,
     parse_model_map,
     parse_worker,
 )
@@ -35,7 +36,8 @@ worker holding the longest prefix of its prompt in KV cache.
 Serves /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages
 (streaming or not), /v1/messages/count_tokens, /v1/embeddings, /tokenize,
 /detokenize, /v1/models, /health, /livez, /readyz and /metrics. Name workers
-with --worker (their ids are their positions: 0, 1, ...), in --config FILE,
+with --worker (their ids are their positions: 0, 1, ...; in a
+prefill/decode-disaggregated fleet --prefill-worker and --decode-worker), in --config FILE,
 a --workers-file (watched), --worker-dns (re-resolved), or the admin API
 (--admin-token); see docs/workers.md. With an events endpoint per worker the
 router follows the workers' KV events; without, it predicts residency from
@@ -56,6 +58,9 @@ examples:
                 --worker http://10.0.0.6:8000=tcp://10.0.0.6:5557 \\
                 --tokenizer /models/Qwen3-Coder --port 8080 \\
                 --model-map 'claude-*=Qwen/Qwen3-Coder-30B-A3B-Instruct'
+  kvroute proxy --prefill-worker http://10.0.0.5:8100=tcp://10.0.0.5:5557 \
+                --decode-worker http://10.0.0.6:8200=tcp://10.0.0.6:5557 \
+                --disagg-protocol vllm --disagg-local-prefill-tokens 1024
 
   kvroute proxy --config proxy.toml --policy kv_cost --policy-param router_temperature=0.5
   kvroute proxy --config proxy.toml --print-config > effective.toml
@@ -124,6 +129,68 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _add_disagg_args(p: argparse.ArgumentParser) -> None:
+    """Prefill/decode disaggregation: workers by role, the protocol, the conditional rule."""
+    g = p.add_argument_group(
+        "prefill/decode disaggregation",
+        "A prefill worker prefills each request, its KV moves to a decode worker, which"
+        " streams the reply (see docs/disaggregation.md).",
+    )
+    g.add_argument(
+        "--prefill-worker",
+        dest="workers",
+        action="append",
+        type=_arg(_prefill_worker),
+        metavar="URL[=EVENTS[,REPLAY]]",
+        help="a worker that only prefills (repeatable; ids follow the order of every worker flag)",
+    )
+    g.add_argument(
+        "--decode-worker",
+        dest="workers",
+        action="append",
+        type=_arg(_decode_worker),
+        metavar="URL[=EVENTS[,REPLAY]]",
+        help="a worker that only decodes (repeatable)",
+    )
+    g.add_argument(
+        "--disagg-protocol",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="how the two legs talk to the workers: vllm (NixlConnector's kv_transfer_params,"
+        " prefill then decode) or sglang (bootstrap_host/port/room, both at once; default: vllm)",
+    )
+    g.add_argument(
+        "--disagg-local-prefill-tokens",
+        type=_arg(_non_negative_int),
+        default=0,
+        metavar="N",
+        help="conditional disaggregation: prefill on the decode worker when fewer than N prompt"
+        " tokens are uncached there (vllm only; default 0: always on a prefill worker)",
+    )
+    g.add_argument(
+        "--disagg-bootstrap-port",
+        type=_arg(_port),
+        default=8998,
+        metavar="PORT",
+        help="SGLang's bootstrap port on the prefill workers (default: 8998, SGLang's)",
+    )
+
+
+def _prefill_worker(text: str) -> WorkerSpec:
+    return parse_worker(text, role="prefill")
+
+
+def _decode_worker(text: str) -> WorkerSpec:
+    return parse_worker(text, role="decode")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"must be a port number, got {text}")
+    return value
+
+
 def _events_format(text: str) -> str:
     """A registered ZMQ event format's name (the registry is loaded on first use)."""
     from ..events.decode import available_formats
@@ -151,7 +218,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=_arg(parse_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker's base URL, optionally with its ZMQ KV-event endpoint and replay"
-        " endpoint (repeatable; ids follow the order given; at least one, here or in --config)",
+        " endpoint (repeatable; ids follow the order given; at least one, here or in --config);"
+        " it prefills and decodes",
     )
     fleet.add_argument(
         "--events-format",
@@ -303,6 +371,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     _add_outlier_args(p)
     _add_connection_args(p)
     _add_deadline_args(p)
+    _add_disagg_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -361,8 +430,9 @@ def _require_workers(args: argparse.Namespace) -> None:
     if args.workers or args.workers_file or args.worker_dns or args.admin_token:
         return
     message = (
-        "no workers: give --worker (repeatable), workers in --config FILE, --workers-file"
-        " or --worker-dns, or --admin-token to add them through the admin API"
+        "no workers: give --worker (repeatable; or --prefill-worker and --decode-worker),"
+        " workers in --config FILE, --workers-file or --worker-dns, or --admin-token to add"
+        " them through the admin API"
     )
     parser = getattr(args, "_parser", None)
     if isinstance(parser, argparse.ArgumentParser):
@@ -594,6 +664,9 @@ def build_config(
         deadline=args.deadline,
         max_deadline=args.max_deadline,
         migrations=args.migrations,
+        disagg_protocol=args.disagg_protocol,
+        disagg_local_prefill_tokens=args.disagg_local_prefill_tokens,
+        disagg_bootstrap_port=args.disagg_bootstrap_port,
     )
     # fields without a flag of their own are set by name
     return dataclasses.replace(config, **flagless) if flagless else config

@@ -53,7 +53,7 @@ ACCESS_LOG_FORMATS: Final = ("json", "text")
 #: ``router`` (``block_size`` is the proxy's own option; ``kv_events`` follows
 #: from the workers' events endpoints).
 ROUTER_SETTINGS: Final = tuple(
-    f.name for f in fields(RouterConfig) if f.name not in ("block_size", "kv_events")
+    f.name for f in fields(RouterConfig) if f.name not in ("block_size", "kv_events", "disagg")
 )
 
 
@@ -230,6 +230,17 @@ class ProxyConfig:
         ``X-Kvroute-Deadline`` (or its SDK's ``X-Stainless-Timeout``).
     :param migrations: times a stream whose worker failed mid-way may be
         continued on another worker (0: never); see :mod:`~kvroute.proxy.migration`.
+    :param disagg_protocol: in a fleet with ``"prefill"`` / ``"decode"``
+        workers, how a request's two legs talk to them: ``"vllm"`` (NIXL's
+        ``kv_transfer_params``) or ``"sglang"`` (``bootstrap_*`` fields); see
+        :mod:`kvroute.proxy.disagg`.
+    :param disagg_local_prefill_tokens: conditional disaggregation: prefill on
+        the decode worker when fewer than this many prompt tokens are uncached
+        there (or it holds more of the prompt than every prefill worker);
+        0: always on a prefill worker. vLLM only (an SGLang decode server
+        cannot prefill).
+    :param disagg_bootstrap_port: SGLang's bootstrap port of a prefill worker
+        whose spec names none (SGLang's default, 8998).
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -285,6 +296,10 @@ class ProxyConfig:
     deadline: float | None = None
     max_deadline: float = 3600.0
     migrations: int = 1
+    # -- prefill/decode disaggregation (kvroute.proxy.disagg; workers with a role) --
+    disagg_protocol: Literal["vllm", "sglang"] = "vllm"
+    disagg_local_prefill_tokens: int = 0
+    disagg_bootstrap_port: int = 8998
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -336,6 +351,7 @@ class ProxyConfig:
         self._check_outliers()
         self._check_connections()
         self._check_deadlines()
+        self._check_disagg()
 
     def _check_fleet(self) -> None:
         """Validate (and normalize) the workers-at-run-time block."""
@@ -355,8 +371,9 @@ class ProxyConfig:
                 raise ValueError(f"{name} must be > 0")
         if not (self.workers or self.workers_file or dns or token):
             raise ValueError(
-                "at least one worker is needed: give --worker, --workers-file or --worker-dns,"
-                " or --admin-token to add workers through the admin API"
+                "at least one worker is needed: give --worker (or --prefill-worker and"
+                " --decode-worker), --workers-file or --worker-dns, or --admin-token to add"
+                " workers through the admin API"
             )
 
     def _check_deadlines(self) -> None:
@@ -383,6 +400,36 @@ class ProxyConfig:
             raise ValueError("ejection_time must be > 0 and <= max_ejection_time")
         if not 0 <= self.max_ejected_percent <= 100:
             raise ValueError("max_ejected_percent must be within 0..100")
+
+    def _check_disagg(self) -> None:
+        if self.disagg_protocol not in ("vllm", "sglang"):
+            raise ValueError(
+                f"disagg_protocol must be 'vllm' or 'sglang', not {self.disagg_protocol!r}"
+            )
+        n = self.disagg_local_prefill_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"disagg_local_prefill_tokens must be an int >= 0, got {n!r}")
+        port = self.disagg_bootstrap_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"disagg_bootstrap_port must be a port number, not {port!r}")
+        roles = {w.role for w in self.workers}
+        if self.disagg_protocol == "sglang" and n:
+            raise ValueError(
+                "disagg_local_prefill_tokens needs disagg_protocol 'vllm': an SGLang decode"
+                " server cannot prefill a request alone"
+            )
+        if roles <= {"both"} or self.workers_file or self.worker_dns or self.admin_token:
+            return  # workers that join at run time may complete the fleet
+        if not roles & {"prefill", "both"} or not roles & {"decode", "both"}:
+            raise ValueError(
+                "a disaggregated fleet needs a worker that prefills (--prefill-worker or"
+                " --worker) and one that decodes (--decode-worker or --worker)"
+            )
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether some worker only prefills or only decodes."""
+        return any(w.role != "both" for w in self.workers)
 
     @property
     def kv_events(self) -> bool:

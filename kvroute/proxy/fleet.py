@@ -9,11 +9,11 @@ and DNS names, re-resolved (:mod:`kvroute.fleet.dns`); the admin API
 directly. Every change is applied, one at a time and in order, on the
 proxy's event loop, wherever it was made:
 
-- **added**: the router learns the worker and the pool holds it, unhealthy
-  until its first health check passes (checked at once); its KV events are
-  followed;
-- **updated**: the pool takes its new fields; changed event endpoints are
-  followed instead of the old ones;
+- **added**: the router learns the worker, with its role (a disaggregated
+  fleet grows a pool at a time), and the pool holds it, unhealthy until its
+  first health check passes (checked at once); its KV events are followed;
+- **updated**: the pool takes its new fields (the router a new role);
+  changed event endpoints are followed instead of the old ones;
 - **draining**: the worker takes no new request (the pool *excludes* it:
   the proxy routes around it, as around a worker that failed the request;
   its health, blocks and load stay as they are) while its requests in
@@ -320,6 +320,8 @@ class ProxyFleet:
         if state is None:
             return
         old, state.spec = state.spec, m.spec
+        if old.role != m.spec.role:  # a disaggregated fleet's worker changed its part
+            self.router.add_worker(m.id, role=m.spec.role)
         events = self._events
         ends = ("events_endpoint", "replay_endpoint", "events_format")
         if events is None or all(getattr(old, f) == getattr(m.spec, f) for f in ends):

@@ -21,9 +21,10 @@ migration). What can be continued, and how exactly:
   template's rendering of a partial assistant turn.
 
 Never continued (the stream ends with an error event, as without migration):
-``/v1/messages``; ``n`` or ``best_of`` above 1; ``echo``; several prompts;
-``prompt_logprobs``; structured output (``response_format`` other than text,
-``guided_*``, ``structured_outputs``); a forced ``tool_choice``; a stream
+any stream of a prefill/decode-disaggregated fleet; ``/v1/messages``; ``n``
+or ``best_of`` above 1; ``echo``; several prompts; ``prompt_logprobs``;
+structured output (``response_format`` other than text, ``guided_*``,
+``structured_outputs``); a forced ``tool_choice``; a stream
 whose output already holds a tool call or reasoning (a parser's state cannot
 be carried over); a non-streamed request (its answer is retried whole by the
 attempt loop instead). A sampled continuation is a new sample: with a
@@ -260,9 +261,16 @@ class Migrator:
 
     def transcript(self, call: Call) -> Transcript | None:
         """A transcript to feed ``call``'s stream events, if it may ever be continued."""
-        if self.config.migrations == 0 or why_not(call) is not None:
+        if self.config.migrations == 0 or self._why_not(call) is not None:
             return None
         return Transcript(call.kind, ids=call.kind == "completions" and _token_prompt(call.body))
+
+    def _why_not(self, call: Call) -> str | None:
+        if self.upstream.router.disaggregated:
+            # a continuation would need both legs again, and the prefill worker's
+            # protocol state; declined (see docs/disaggregation.md)
+            return "a disaggregated fleet's streams are not continued"
+        return why_not(call)
 
     def _count(self, outcome: Outcome) -> None:
         self.outcomes[outcome] += 1
@@ -289,7 +297,7 @@ class Migrator:
             ended with an error event after a continuation began); False:
             nothing was written, the caller ends it.
         """
-        reason = why_not(call) if transcript is None else transcript.blocked
+        reason = self._why_not(call) if transcript is None else transcript.blocked
         if transcript is None or routed is None or reason is not None:
             self._count("not_migratable")
             log.info("request %s: not continued elsewhere: %s", call.client_id, reason)

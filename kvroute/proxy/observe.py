@@ -77,7 +77,8 @@ class RequestRecord:
     """
 
     __slots__ = (
-        "attempts", "cached_tokens", "client", "end", "first", "id", "matched_blocks",
+        "attempts", "cached_tokens", "client", "decode_worker", "end", "first", "id",
+        "matched_blocks",
         "method", "model", "outcome", "output_tokens", "path", "policy",
         "predicted_cached_tokens", "prompt_tokens", "session", "span", "start", "status",
         "stream", "tokenize_seconds", "worker",
@@ -95,6 +96,8 @@ class RequestRecord:
         self.session: str | None = None
         self.stream = False
         self.worker = -1
+        #: A disaggregated request's decode worker (``worker`` prefilled it).
+        self.decode_worker: int | None = None
         self.policy: str | None = None
         self.matched_blocks = 0
         self.predicted_cached_tokens = 0
@@ -123,6 +126,7 @@ class RequestRecord:
         """One routed attempt."""
         self.attempts += 1
         self.worker = decision.worker
+        self.decode_worker = getattr(decision, "decode_worker", None)
         self.policy = decision.policy
         self.matched_blocks = decision.matched_blocks
         self.predicted_cached_tokens = decision.predicted_cached_tokens
@@ -174,6 +178,7 @@ class RequestRecord:
             f'"outcome":{json_string(self.outcome)},"model":{_s(self.model)},'
             f'"session":{_s(self.session)},"stream":{"true" if self.stream else "false"},'
             f'"worker":{self.worker if routed else "null"},"worker_label":{_s(label)},'
+            f'"decode_worker":{_i(self.decode_worker)},'
             f'"policy":{_s(self.policy)},'
             f'"matched_blocks":{self.matched_blocks if routed else "null"},'
             f'"predicted_cached_tokens":{self.predicted_cached_tokens if routed else "null"},'
@@ -203,6 +208,7 @@ class RequestRecord:
             "stream": self.stream,
             "worker": self.worker if routed else None,
             "worker_label": label,
+            "decode_worker": self.decode_worker,
             "policy": self.policy,
             "matched_blocks": self.matched_blocks if routed else None,
             "predicted_cached_tokens": self.predicted_cached_tokens if routed else None,

@@ -51,7 +51,7 @@ from .workers import WorkerPool
 if TYPE_CHECKING:
     from .observe import RequestRecord
 
-__all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
+__all__ = ["CONNECTION_ERRORS", "Attempt", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -90,6 +90,8 @@ class AttemptFailed(Exception):
     :param status: an upstream 5xx status to pass on if no attempt succeeds.
     :param body: that answer's body.
     :param content_type: that answer's content type.
+    :param worker: the worker that failed, when not the decision's (a
+        disaggregated request's decode leg: :mod:`~kvroute.proxy.disagg`).
     """
 
     def __init__(
@@ -98,12 +100,15 @@ class AttemptFailed(Exception):
         status: int | None = None,
         body: bytes = b"",
         content_type: str = "application/json",
+        *,
+        worker: int | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.worker = worker
 
 
 class Lifecycle:
@@ -172,6 +177,8 @@ class Lifecycle:
 
 #: Answers the client from an opened worker response (status below 500).
 Handler = Callable[[Decision, aiohttp.ClientResponse, Lifecycle], Awaitable[_T]]
+#: One attempt at a routed request: ``(call, decision, handler, record) -> handler's result``.
+Attempt = Callable[[Call, Decision, Handler[_T], "RequestRecord | None"], Awaitable[_T]]
 
 
 class Upstream:
@@ -234,6 +241,7 @@ class Upstream:
         *,
         prefer: int | None = None,
         exclude: Iterable[int] = (),
+        attempt: Attempt[_T] | None = None,
     ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
@@ -242,15 +250,19 @@ class Upstream:
             (the one holding a Responses conversation); the router still
             records the decision. Later attempts are routed as usual.
         :param exclude: workers not to try (e.g. the one a stream broke on).
+        :param attempt: runs one attempt instead of a plain call to the chosen
+            worker (a disaggregated fleet's two legs); its failures name the
+            worker that failed (:attr:`AttemptFailed.worker`), which is excluded.
         :raises ProxyError: 503 when no worker can be routed to at all.
         :raises AttemptFailed: the last failure, when every attempt failed.
         """
+        run = self._attempt if attempt is None else attempt
         tried: list[int] = list(exclude)
         failure: AttemptFailed | None = None
-        for attempt in range(self.config.retries + 1):
+        for k in range(self.config.retries + 1):
             try:
                 decision = None
-                if prefer is not None and not attempt and prefer not in tried:
+                if prefer is not None and not k and prefer not in tried:
                     others = [w for w in self.router.workers() if w != prefer]
                     with contextlib.suppress(NoWorkerAvailable):
                         decision = self._route(request, others)
@@ -260,22 +272,23 @@ class Upstream:
                 if failure is None:
                     raise ProxyError(503, str(e), code="no_worker_available") from None
                 break
-            if attempt:
+            if k:
                 self.metrics.retries.inc()
             if record is not None:
                 record.routed(decision)
             try:
-                return await self._attempt(call, decision, handle, record)
+                return await run(call, decision, handle, record)
             except AttemptFailed as f:
-                tried.append(decision.worker)
+                bad = decision.worker if f.worker is None else f.worker
+                tried.append(bad)
                 failure = f
-                self.metrics.upstream_errors.labels(str(decision.worker)).inc()
+                self.metrics.upstream_errors.labels(str(bad)).inc()
                 log.warning(
                     "request %s: worker %d failed (%s)%s",
                     call.client_id,
-                    decision.worker,
+                    bad,
                     f.reason,
-                    "; retrying" if attempt < self.config.retries else "",
+                    "; retrying" if k < self.config.retries else "",
                 )
         assert failure is not None
         raise failure

@@ -160,10 +160,13 @@ class WorkerPool:
     def add(self, worker: int, spec: WorkerSpec) -> None:
         """A worker joins: known to the router, unhealthy until its first health check passes."""
         if worker in self.workers:
-            self.workers[worker].spec = spec
+            state = self.workers[worker]
+            if state.spec.role != spec.role:  # a disaggregated fleet's worker changed its part
+                self.router.add_worker(worker, role=spec.role)
+            state.spec = spec
             return
         self.workers[worker] = WorkerState(worker, spec, healthy=False, checked=False)
-        self.router.add_worker(worker)
+        self.router.add_worker(worker, role=spec.role)
         self.router.mark_unhealthy(worker)
         log.info("worker %d (%s) joined; it takes requests once healthy", worker, spec.url)
 

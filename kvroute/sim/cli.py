@@ -41,6 +41,7 @@ from .._compat import USE_EXTENSIONS
 from ..config import RouterConfig
 from ..policies.params import parse_assignment
 from ..traces import DEFAULT_TRACE, TraceError
+from . import disagg
 from .engine import EngineConfig
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
 from .report import (
@@ -129,6 +130,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar or timings on stderr"
     )
+    disagg.add_disagg_args(p)
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -399,6 +401,10 @@ def _replay(a: argparse.Namespace) -> int:
         )
 
     show = not a.quiet and sys.stderr.isatty()
+    if a.prefill_workers is not None or a.decode_workers is not None:
+        return disagg.main(
+            a, reqs, cfg, lambda label, total: _progress(label, total, show), params
+        )
     runs: dict[str, ReplayResult] = {}
     for i, name in enumerate(names):
         factory = make_dispatcher(

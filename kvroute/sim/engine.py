@@ -190,15 +190,18 @@ class _Seq:
         "hashes",
         "idx",
         "out_len",
+        "preloaded",
         "prompt_len",
         "req",
         "seq_len",
         "tail",
     )
 
-    def __init__(self, req: SimRequest, idx: int) -> None:
+    def __init__(self, req: SimRequest, idx: int, preloaded: int = 0) -> None:
         self.req = req
         self.idx = idx
+        #: prompt tokens whose KV arrives from elsewhere (a disaggregated prefill)
+        self.preloaded = preloaded
         self.prompt_len = req.prompt_len
         self.out_len = max(1, req.output_len)
         self.seq_len = req.prompt_len
@@ -281,12 +284,17 @@ class Engine:
 
     # -- queueing ----------------------------------------------------------------
 
-    def enqueue(self, req: SimRequest) -> int:
+    def enqueue(self, req: SimRequest, preloaded: int = 0) -> int:
         """Add a request to the waiting queue.
 
+        :param preloaded: leading prompt tokens whose KV another worker computed
+            and sent (prefill/decode disaggregation, :mod:`kvroute.sim.disagg`):
+            at admission their full blocks are allocated and cached without being
+            computed, beyond what this engine's cache already holds. A request
+            preempted later recomputes them (the sender's copy is gone).
         :returns: its local index (as reported in :class:`PassResult`).
         """
-        s = _Seq(req, self._next_idx)
+        s = _Seq(req, self._next_idx, preloaded)
         self._next_idx += 1
         self.requests.append(s)
         self.waiting.append(s)
@@ -413,7 +421,7 @@ class Engine:
             keys = s.hashes
             nfull = min(len(keys), (s.seq_len - 1) // bs)
             m = cache.match(keys[:nfull]) if cfg.enable_prefix_caching else 0
-            start = m * bs
+            start = max(m * bs, min(s.preloaded // bs, nfull) * bs)
             want = min(s.seq_len - start, budget)
             need = -(-(start + want) // bs) - m
             pinned = sum(1 for k in keys[:m] if cache.ref[k] == 0)
@@ -424,7 +432,7 @@ class Engine:
             s.blocks = list(keys[:m])
             s.computed = start
             if s.cached < 0:
-                s.cached = min(start, s.prompt_len)
+                s.cached = min(m * bs, s.prompt_len)
             ok = self._grow(s, start + want, res)
             assert ok
             new_tokens += want
@@ -488,6 +496,7 @@ class Engine:
         s.blocks = []
         s.tail = 0
         s.computed = 0
+        s.preloaded = 0
         self.preemptions += 1
         self.waiting.appendleft(s)
 

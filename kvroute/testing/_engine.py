@@ -64,6 +64,8 @@ class RequestRecord:
         or the worker stopped).
     :ivar prompt_token_ids: the prompt's token ids.
     :ivar lora_name: the LoRA adapter the request named, or ``None`` (base model).
+    :ivar transferred_tokens: leading prompt tokens whose KV another worker sent
+        (a disaggregated prefill, :mod:`kvroute.testing._disagg`).
     """
 
     request_id: str
@@ -79,6 +81,7 @@ class RequestRecord:
     status: RequestStatus
     prompt_token_ids: tuple[int, ...]
     lora_name: str | None = None
+    transferred_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,7 @@ class _Record:
     completion_tokens: int = 0
     status: RequestStatus = "running"
     lora_name: str | None = None
+    transferred: int = 0
 
     def snapshot(self) -> RequestRecord:
         return RequestRecord(
@@ -144,6 +148,7 @@ class _Record:
             status=self.status,
             prompt_token_ids=self.prompt_token_ids,
             lora_name=self.lora_name,
+            transferred_tokens=self.transferred,
         )
 
 
@@ -164,8 +169,8 @@ class Request:
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens served from the prefix cache."""
-        return self._record.cached_tokens
+        """Prompt tokens not computed here: cache hits, or (as vLLM counts) KV received."""
+        return max(self._record.cached_tokens, self._record.transferred)
 
     @property
     def completion_tokens(self) -> int:
@@ -192,7 +197,7 @@ class Request:
             pieces = completion_pieces(rec.prompt_token_ids, max_tokens)
         finished = False
         try:
-            uncached = len(rec.prompt_token_ids) - rec.cached_tokens
+            uncached = len(rec.prompt_token_ids) - max(rec.cached_tokens, rec.transferred)
             if engine.prefill_delay_per_token and uncached:
                 await asyncio.sleep(engine.prefill_delay_per_token * uncached)
             for piece in pieces:
@@ -270,6 +275,8 @@ class Engine:
         self._headers: deque[tuple[str, dict[str, str]]] = deque(maxlen=1000)
         self._resumed: asyncio.Event | None = None
         self.paused = False
+        # request id -> prompt tokens whose KV a prefill worker sent (on the loop only)
+        self._transfers: dict[str, int] = {}
 
     # -- lifecycle (on the loop) ----------------------------------------
 
@@ -376,6 +383,10 @@ class Engine:
         publisher = self.publisher
         return None if publisher is None else publisher.publish(events)
 
+    def expect_transfer(self, request_id: str, tokens: int) -> None:
+        """The next admission of ``request_id`` has its first ``tokens`` prompt tokens' KV."""
+        self._transfers[request_id] = tokens
+
     def admit(
         self,
         request_id: str,
@@ -412,6 +423,7 @@ class Engine:
                 evicted_hashes=alloc.evicted,
                 cache_salt=cache_salt,
                 lora_name=lora_name,
+                transferred=min(self._transfers.pop(request_id, 0), len(tokens)),
             )
             self._log.append(rec)
         if alloc.events:

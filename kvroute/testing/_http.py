@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ._disagg import MAX_TOKENS_OVERRIDE, DisaggMock
 from ._embeddings import EmbeddingsApi
 from ._engine import Engine, Request
 from ._formats import (
@@ -124,15 +125,26 @@ class HttpApi:
     """The routes of one mock worker, bound to its :class:`Engine`.
 
     :param store_responses: keep ``/v1/responses`` answers for ``previous_response_id``.
+    :param disagg: its prefill/decode role (a middleware and a route), if any.
     """
 
-    def __init__(self, engine: Engine, *, store_responses: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, *, store_responses: bool = True, disagg: DisaggMock | None = None
+    ) -> None:
         self.engine = engine
         self.store_responses = store_responses
+        self.disagg = disagg
+        if disagg is not None:
+            disagg.api = self
 
     def app(self) -> web.Application:
         """A fresh application (one per start: aiohttp apps are not restartable)."""
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 2**20)
+        middlewares = [self._middleware]
+        if self.disagg is not None:
+            middlewares.append(self.disagg.middleware)
+        app = web.Application(middlewares=middlewares, client_max_size=64 * 2**20)
+        if self.disagg is not None:
+            self.disagg.install(app)
         post: dict[str, _Handler] = {
             "/v1/completions": self._completions,
             "/v1/chat/completions": self._chat,
@@ -194,6 +206,9 @@ class HttpApi:
 
     def _max_tokens(self, value: object, prompt_len: int, *, required: bool = False) -> int:
         engine = self.engine
+        forced = MAX_TOKENS_OVERRIDE.get()
+        if forced is not None:  # an SGLang prefill server generates one token
+            value = forced
         if value is None:
             if required:
                 raise _fail("max_tokens: Field required")

@@ -51,11 +51,17 @@ published as one batch: the ``BlockRemoved`` events of the blocks evicted for
 it, then one ``BlockStored`` (nothing is published on a full hit).
 ``usage.prompt_tokens_details.cached_tokens`` (Anthropic:
 ``cache_read_input_tokens``) is the hit, in tokens.
+
+With ``role="prefill"`` or ``"decode"`` the worker takes part in a
+prefill/decode-disaggregated flow, vLLM's (NIXL ``kv_transfer_params``) or
+SGLang's (``bootstrap_*`` fields), with the KV transfer mocked over HTTP; see
+:mod:`kvroute.testing._disagg`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import Collection, Sequence
@@ -66,6 +72,7 @@ from aiohttp import web
 
 from .._serve import ServerThread, abort_sockets
 from ..events.engine_hashes import VllmHashAlgo
+from ._disagg import DisaggMock, TransferStats
 from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
 from ._publisher import KVEventPublisher
@@ -135,6 +142,13 @@ class MockWorker:
     :param store_responses: keep ``/v1/responses`` answers for
         ``previous_response_id`` (vLLM with ``VLLM_ENABLE_RESPONSES_API_STORE=1``;
         False: vLLM's default, where every continuation is a 404).
+    :param role: ``"both"`` (default), ``"prefill"`` or ``"decode"``.
+    :param disagg_protocol: the disaggregation protocol spoken in a role:
+        ``"vllm"`` (NIXL's ``kv_transfer_params``) or ``"sglang"`` (bootstrap).
+    :param bootstrap_port: an SGLang prefill worker's bootstrap port (0: a free
+        one, then kept).
+    :param transfer_timeout: seconds offered KV waits to be pulled, and a pull
+        waits for its offer.
     :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
         xxhash algorithm without ``hash_seed`` (its hashes are random then), or
         a LoRA adapter name is empty, repeated or the base model's.
@@ -167,6 +181,10 @@ class MockWorker:
         dp_rank: int | None = 0,
         trtllm: TrtllmOptions | bool = False,
         store_responses: bool = True,
+        role: str = "both",
+        disagg_protocol: str = "vllm",
+        bootstrap_port: int = 0,
+        transfer_timeout: float = 30.0,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -196,7 +214,13 @@ class MockWorker:
         )
         # Fail here, not on the first request, for an unusable hash setting.
         self._engine.block_hashes([0] * block_size)
-        self._api = HttpApi(self._engine, store_responses=store_responses)
+        self._disagg = DisaggMock(self._engine, role, disagg_protocol, transfer_timeout)
+        self._api = HttpApi(
+            self._engine,
+            store_responses=store_responses,
+            disagg=self._disagg if role != "both" else None,
+        )
+        self._bootstrap_port = bootstrap_port
         self.topic = topic
         self.publish_events = publish_events
         self.replay = replay
@@ -374,6 +398,12 @@ class MockWorker:
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
         self._port = site.port
+        self._disagg.host, self._disagg.port = _HOST, self._port
+        if self.role == "prefill" and self.disagg_protocol == "sglang":
+            # SGLang's bootstrap server: here the same routes on a second port
+            boot = web.TCPSite(self._runner, _HOST, self._bootstrap_port)
+            await boot.start()
+            self._bootstrap_port = boot.port
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
@@ -406,6 +436,30 @@ class MockWorker:
     def url(self) -> str:
         """``http://127.0.0.1:<port>``."""
         return f"http://{_HOST}:{self._port}"
+
+    @property
+    def role(self) -> str:
+        """``"both"``, ``"prefill"`` or ``"decode"``."""
+        return self._disagg.role
+
+    @property
+    def disagg_protocol(self) -> str:
+        """``"vllm"`` or ``"sglang"``: the disaggregation protocol its role speaks."""
+        return self._disagg.protocol
+
+    @property
+    def bootstrap_port(self) -> int:
+        """An SGLang prefill worker's bootstrap port (0 otherwise, or before the first start)."""
+        return self._bootstrap_port
+
+    @property
+    def engine_id(self) -> str:
+        """vLLM's ``remote_engine_id`` of this worker (a prefill worker's answers carry it)."""
+        return self._disagg.engine_id
+
+    def transfers(self) -> TransferStats:
+        """Its KV transfers so far: offered, pulled, refused, expired; received (decode side)."""
+        return dataclasses.replace(self._disagg.stats)
 
     @property
     def events_port(self) -> int:
