@@ -63,9 +63,60 @@ __all__ = [
     "fresh_overlay",
     "kvroute_costs",
     "kvroute_step",
+    "rendezvous_pick",
 ]
 
 U64 = npt.NDArray[np.uint64]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def rendezvous_pick(ties: Any, workers: Any, key: int) -> int:
+    """Among the tied positions ``ties``, the one whose worker ranks first for ``key``.
+
+    Rendezvous (highest-random-weight) hashing: each worker's weight is
+    ``splitmix64(key ^ splitmix64(worker id))``; the heaviest wins, the
+    lowest position on an exact tie of weights. Every router that sees the
+    same tie for the same key picks the same worker, without talking to
+    the others; a worker leaving moves only the keys it won.
+
+    >>> rendezvous_pick([0, 1, 2], np.array([5, 6, 7], np.uint64), 42) in (0, 1, 2)
+    True
+    >>> a = rendezvous_pick([0, 2], np.array([5, 6, 7], np.uint64), 42)
+    >>> a == rendezvous_pick([2, 0], np.array([5, 6, 7], np.uint64), 42)
+    True
+
+    :param ties: positions into ``workers`` (at least one).
+    :param workers: worker ids, uint64.
+    :param key: the request's key (kvroute's first block key), in [0, 2**64).
+    :returns: the chosen position.
+    :raises ValueError: no ties.
+    :raises IndexError: a tie outside ``workers``.
+    :raises TypeError, OverflowError: a key or worker id that is not a uint64.
+    """
+    k = check_u64(key, "key")
+    ids = as_u64_array(workers, "workers")
+    n = len(ids)
+    best = -1
+    best_w = -1
+    for t in ties:
+        p = int(t)
+        if not 0 <= p < n:
+            raise IndexError(f"tie {p} is not a position among {n} workers")
+        w = _splitmix64(k ^ _splitmix64(int(ids[p])))
+        if w > best_w or (w == best_w and p < best):
+            best, best_w = p, w
+    if best < 0:
+        raise ValueError("rendezvous_pick needs at least one tie")
+    return best
 
 
 def common_prefix(a: U64, b: U64) -> int:
@@ -822,8 +873,10 @@ def kvroute_step(
     2. the new decode blocks per position: ``load.active.new_blocks``,
        plus ``out_blocks`` when non-zero;
     3. :func:`kvroute_costs` over every position, tiered when ``match`` is;
-       the chosen position is the only tie, else
-       ``ties[policy._rng.randrange(len(ties))]``;
+       the chosen position is the only tie, else, when the policy breaks
+       ties by rendezvous (``policy._rendezvous``),
+       :func:`rendezvous_pick` over the ties with the first block key (0 for
+       an empty prompt), else ``ties[policy._rng.randrange(len(ties))]``;
     4. on the chosen position ``p`` (worker ``w``): with ``fresh``,
        ``fresh.record(w, hashes, now)``; then ``prefill_tokens[p] +=
        prompt_tokens - cached``, ``active_requests[p] += 1``,
@@ -905,7 +958,12 @@ def kvroute_step(
         tiered=tiered,
     )
     costs, ties = kvroute_costs(c, prompt_tokens, block_size, policy)
-    p = ties[0] if len(ties) == 1 else ties[policy._rng.randrange(len(ties))]
+    if len(ties) == 1:
+        p = ties[0]
+    elif getattr(policy, "_rendezvous", False):
+        p = rendezvous_pick(ties, ids, int(h[0]) if len(h) else 0)
+    else:
+        p = ties[policy._rng.randrange(len(ties))]
     worker = int(ids[p])
     matched = int(ov[p])
     cached = min(matched * block_size, prompt_tokens)

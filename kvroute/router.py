@@ -709,8 +709,9 @@ class Router:
                 else:
                     key = int(hashes[0]) if len(hashes) else None
                 feats = Features(
-                    prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
-                )
+                    prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority,
+                    int(hashes[0]) if len(hashes) else None,
+                )  # fmt: skip
                 choice = self.policy.choose(c, feats)
                 i = int(choice.index)
                 nc = n if cand is None else len(cand)
