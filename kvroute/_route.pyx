@@ -55,6 +55,7 @@ __all__ = [
     "kvroute_costs",
     "kvroute_step",
     "rendezvous_pick",
+    "tie_key",
 ]
 
 cdef object _deque = deque
@@ -2017,6 +2018,39 @@ cdef Py_ssize_t _rendezvous(const Py_ssize_t* ties, Py_ssize_t nt, const uint64_
     return best
 
 
+cdef inline uint64_t _tie_key(const uint64_t* q, size_t L, const Py_ssize_t* ties, Py_ssize_t nt,
+                              const int64_t* ov) noexcept nogil:
+    """The key of the prompt's first block no tied worker holds (its last, 0 if empty)."""
+    cdef Py_ssize_t i
+    cdef int64_t m = 0
+    if L == 0:
+        return 0
+    for i in range(nt):
+        if ov[ties[i]] > m:
+            m = ov[ties[i]]
+    if <size_t>m >= L:
+        m = <int64_t>L - 1
+    return q[m]
+
+
+def tie_key(hashes, ties, overlap):
+    """The block key a rendezvous tie-break hashes.
+
+    See :func:`kvroute._route_py.tie_key`.
+    """
+    cdef Py_buffer kb
+    get_keys(hashes, "hashes", &kb)
+    try:
+        L = kb.shape[0]
+        if L == 0:
+            return 0
+        m = max([int(overlap[t]) for t in ties], default=0)
+        m = min(max(m, 0), L - 1)
+        return (<const uint64_t*>kb.buf)[m]
+    finally:
+        PyBuffer_Release(&kb)
+
+
 def rendezvous_pick(ties, workers, key):
     """Among the tied positions, the one whose worker ranks first for ``key``.
 
@@ -2200,7 +2234,7 @@ def kvroute_step(policy, load, fresh, request_id, payload, match, hashes, double
         if nt == 1:
             p = ties[0]
         elif getattr(policy, "_rendezvous", False):
-            p = _rendezvous(ties, nt, la._ids, q[0] if L else 0)
+            p = _rendezvous(ties, nt, la._ids, _tie_key(q, L, ties, nt, ov))
         else:
             rng = policy._rng
             if rng is not la._rng:

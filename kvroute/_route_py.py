@@ -64,6 +64,7 @@ __all__ = [
     "kvroute_costs",
     "kvroute_step",
     "rendezvous_pick",
+    "tie_key",
 ]
 
 U64 = npt.NDArray[np.uint64]
@@ -117,6 +118,31 @@ def rendezvous_pick(ties: Any, workers: Any, key: int) -> int:
     if best < 0:
         raise ValueError("rendezvous_pick needs at least one tie")
     return best
+
+
+def tie_key(hashes: Any, ties: Any, overlap: Any) -> int:
+    """The block key a rendezvous tie-break hashes: the first block no tied worker holds.
+
+    That is the first block of the prompt's *new* part: siblings of a
+    fan-out share it (their common context is new everywhere), while
+    unrelated prompts that only share a system prompt (held everywhere) do
+    not, so the tie-break keeps the former together and spreads the
+    latter. With the whole prompt held, its last block; with no blocks, 0.
+
+    >>> tie_key(np.array([10, 11, 12], np.uint64), [0, 2], np.array([1, 0, 1]))
+    11
+    >>> tie_key(np.array([10, 11], np.uint64), [0], np.array([5])), tie_key([], [0], [0])
+    (11, 0)
+
+    :param hashes: the prompt's block keys.
+    :param ties: the tied positions.
+    :param overlap: per position, its matched blocks.
+    """
+    h = as_u64_array(hashes)
+    if not len(h):
+        return 0
+    m = max((int(overlap[t]) for t in ties), default=0)
+    return int(h[min(max(m, 0), len(h) - 1)])
 
 
 def common_prefix(a: U64, b: U64) -> int:
@@ -875,8 +901,8 @@ def kvroute_step(
     3. :func:`kvroute_costs` over every position, tiered when ``match`` is;
        the chosen position is the only tie, else, when the policy breaks
        ties by rendezvous (``policy._rendezvous``),
-       :func:`rendezvous_pick` over the ties with the first block key (0 for
-       an empty prompt), else ``ties[policy._rng.randrange(len(ties))]``;
+       :func:`rendezvous_pick` over the ties with :func:`tie_key`, else
+       ``ties[policy._rng.randrange(len(ties))]``;
     4. on the chosen position ``p`` (worker ``w``): with ``fresh``,
        ``fresh.record(w, hashes, now)``; then ``prefill_tokens[p] +=
        prompt_tokens - cached``, ``active_requests[p] += 1``,
@@ -961,7 +987,7 @@ def kvroute_step(
     if len(ties) == 1:
         p = ties[0]
     elif getattr(policy, "_rendezvous", False):
-        p = rendezvous_pick(ties, ids, int(h[0]) if len(h) else 0)
+        p = rendezvous_pick(ties, ids, tie_key(h, ties, ov))
     else:
         p = ties[policy._rng.randrange(len(ties))]
     worker = int(ids[p])

@@ -121,11 +121,15 @@ class RemoteUpdate:
     :param load: its own load (None: unchanged since its last update, which
         is still renewed: an update is a heartbeat).
     :param routed: its decisions since its last update, oldest first.
+    :param load_ttl: seconds its load counts from now unless renewed (None:
+        the receiver's ``load_ttl``); a sender that heart-beats at another
+        pace says so here.
     """
 
     replica: str
     load: ReplicaLoad | None = None
     routed: Sequence[Routed] = field(default_factory=tuple)
+    load_ttl: float | None = None
 
 
 class RemoteState:
@@ -202,13 +206,14 @@ class RemoteState:
 
     def apply(self, update: RemoteUpdate, now: float) -> None:
         """Apply one replica's update: its load (if given) and its decisions."""
+        ttl = self.load_ttl if update.load_ttl is None else update.load_ttl
         if update.load is not None:
-            self.set_load(update.replica, update.load, now)
+            self.set_load(update.replica, update.load, now, ttl)
         else:
             kept = self._loads.get(update.replica)
             if kept is not None:
-                self._loads[update.replica] = (kept[0], now + self.load_ttl)
-                self.next_expiry = min(self.next_expiry, now + self.load_ttl)
+                self._loads[update.replica] = (kept[0], now + ttl)
+                self.next_expiry = min(self.next_expiry, now + ttl)
         for r in update.routed:
             self.apply_routed(r, now)
 
@@ -225,8 +230,14 @@ class RemoteState:
         if r.session_id is not None and r.pin_ttl is not None and r.pin_ttl > r.age:
             self._pins.pin(r.session_id, r.worker, now + r.pin_ttl - r.age)
 
-    def set_load(self, replica: str, load: ReplicaLoad, now: float) -> None:
-        """Replace ``replica``'s share of the load; it counts until ``now + load_ttl``."""
+    def set_load(
+        self, replica: str, load: ReplicaLoad, now: float, ttl: float | None = None
+    ) -> None:
+        """Replace ``replica``'s share of the load; it counts until ``now + ttl``.
+
+        :param ttl: seconds (default: ``load_ttl``).
+        """
+        ttl = self.load_ttl if ttl is None else ttl
         new = {
             int(w): (int(a), float(p), float(d))
             for w, a, p, d in zip(
@@ -239,8 +250,8 @@ class RemoteState:
             if a or p or d
         }
         old = self._loads.get(replica, ({}, 0.0))[0]
-        self._loads[replica] = (new, now + self.load_ttl)
-        self.next_expiry = min(self.next_expiry, now + self.load_ttl)
+        self._loads[replica] = (new, now + ttl)
+        self.next_expiry = min(self.next_expiry, now + ttl)
         self._shift(old, new)
 
     def drop(self, replica: str) -> bool:

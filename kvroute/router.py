@@ -719,7 +719,7 @@ class Router:
                     key = int(hashes[0]) if len(hashes) else None
                 feats = Features(
                     prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority,
-                    int(hashes[0]) if len(hashes) else None,
+                    hashes,
                 )  # fmt: skip
                 choice = self.policy.choose(c, feats)
                 i = int(choice.index)

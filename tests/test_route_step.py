@@ -344,6 +344,20 @@ def test_rendezvous_ties_agree_across_routers_and_paths(route_module: ModuleType
             picks.add(a.route(r).worker)
             a.finished(f"s{j}")
         assert len(picks) == 1
+        # prompts that share only a system prompt every worker holds spread: the key
+        # is the first block of their new part, not the shared first block
+        for r in (a, b):
+            for w in range(9):
+                r.apply_stored(w, chain([5]))
+        spread = set()
+        for j in range(40):
+            req = {"block_hashes": chain([5, 1000 + j, 7])}
+            da, db = a.route(Request(f"u{j}", **req)), b.route(Request(f"u{j}", **req))
+            assert da.worker == db.worker and da.matched_blocks == 1
+            spread.add(da.worker)
+            a.finished(f"u{j}")
+            b.finished(f"u{j}")
+        assert len(spread) > 4
 
 
 def test_the_fused_step_breaks_ties_with_the_policys_generator(route_module: ModuleType) -> None:

@@ -163,8 +163,8 @@ class Features:
         hash if any, else the first block hash, else None.
     :param expected_output_tokens: predicted output length, if hinted.
     :param priority: the request's priority (lower is more urgent).
-    :param first_block: the prompt's first block key, or None for an empty
-        prompt (a key every router computes alike, for deterministic tie-breaks).
+    :param block_hashes: the prompt's block keys (what every router computes
+        alike, for deterministic tie-breaks), or None.
     """
 
     prompt_tokens: int
@@ -173,7 +173,7 @@ class Features:
     affinity_key: int | None = None
     expected_output_tokens: int | None = None
     priority: int = 0
-    first_block: int | None = None
+    block_hashes: npt.NDArray[np.uint64] | None = None
 
 
 @dataclass(slots=True)

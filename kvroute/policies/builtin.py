@@ -23,6 +23,7 @@ from .base import F64, Candidates, Choice, Features, check_nonneg, register_poli
 kvroute_costs = _route.kvroute_costs
 kvroute_step = _route.kvroute_step
 rendezvous_pick = _route.rendezvous_pick
+tie_key = _route.tie_key
 
 __all__ = [
     "CacheAware",
@@ -371,10 +372,11 @@ class KvRoute:
     Workers over the router's busy threshold are skipped while another is
     not. Among equal costs the least-loaded wins, then (``tie_break``) a
     uniformly random one (``"random"``), or the one a rendezvous hash of
-    the prompt's first block key ranks first (``"rendezvous"``): routers
-    that know nothing of a new prefix yet still agree where it goes, which
-    is what replicas that have not heard from each other need
-    (:func:`kvroute._route_py.rendezvous_pick`). A NaN or infinite cost (a
+    the first block of the prompt's new part ranks first
+    (``"rendezvous"``): routers that know nothing of a new prefix yet still
+    agree where it goes, which is what replicas that have not heard from
+    each other need (:func:`kvroute._route_py.rendezvous_pick`,
+    :func:`kvroute._route_py.tie_key`). A NaN or infinite cost (a
     worker with broken state) never wins over a finite one. The returned
     cost arrays are fresh (never views of the snapshot), as every policy's
     must be: a Decision formats them later. State: an RNG seeded with
@@ -442,8 +444,9 @@ class KvRoute:
         if len(ties) == 1:
             pick = ties[0]
         elif self._rendezvous:
-            key = features.first_block
-            pick = rendezvous_pick(ties, candidates.workers, 0 if key is None else key)
+            h = features.block_hashes
+            key = 0 if h is None else tie_key(h, ties, candidates.overlap)
+            pick = rendezvous_pick(ties, candidates.workers, key)
         else:
             pick = ties[self._rng.randrange(len(ties))]
         return Choice(pick, costs)

@@ -25,6 +25,7 @@ from ..traces import TraceError
 from .engine import EngineConfig
 from .plots import plot_replay
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
+from .replicas import add_replica_args, replica_factory, replica_settings, spread_arrivals
 from .workloads import AgenticConfig, agentic_sessions, load_mooncake
 
 __all__ = ["DESCRIPTION", "EPILOG", "configure", "run"]
@@ -68,6 +69,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of losses and generators")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write figures")
     p.add_argument("--plot", default=None, metavar="DIR", help="directory for PNG plots")
+    add_replica_args(p)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -107,12 +109,13 @@ def _replay(a: argparse.Namespace) -> int:
         )
     if a.limit is not None:
         reqs = reqs[: a.limit]
+    reqs = spread_arrivals(reqs, a.arrival_jitter, a.seed)
     router_kwargs = {"kv_events": False} if a.approximate else {}
     runs: dict[str, ReplayResult] = {}
     for name in [x.strip() for x in a.policy.split(",") if x.strip()]:
         runs[name] = replay(
             reqs,
-            make_dispatcher(name, **router_kwargs),
+            replica_factory(a, name, **router_kwargs) or make_dispatcher(name, **router_kwargs),
             num_workers=a.workers,
             config=cfg,
             event_lag=a.event_lag,
@@ -139,6 +142,7 @@ def _replay(a: argparse.Namespace) -> int:
             "event_loss": a.event_loss,
             "policies": {k: r.summary for k, r in runs.items()},
             "bounds": bounds,
+            **replica_settings(a),
         }
         with open(a.json_path, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
