@@ -124,12 +124,15 @@ class RemoteUpdate:
     :param load_ttl: seconds its load counts from now unless renewed (None:
         the receiver's ``load_ttl``); a sender that heart-beats at another
         pace says so here.
+    :param pins: session pins on their own ``(session, worker, seconds
+        left)``, as a replica that starts late reads them from the store.
     """
 
     replica: str
     load: ReplicaLoad | None = None
     routed: Sequence[Routed] = field(default_factory=tuple)
     load_ttl: float | None = None
+    pins: Sequence[tuple[str, int, float]] = field(default_factory=tuple)
 
 
 class RemoteState:
@@ -216,6 +219,9 @@ class RemoteState:
                 self.next_expiry = min(self.next_expiry, now + ttl)
         for r in update.routed:
             self.apply_routed(r, now)
+        for session, worker, left in update.pins:
+            if left > 0 and worker in self._lt.pos:
+                self._pins.pin(session, worker, now + left)
 
     def apply_routed(self, r: Routed, now: float) -> None:
         """Record another replica's decision as this router's own belief (not its load)."""

@@ -253,6 +253,11 @@ class Router:
             self.add_worker(w)
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the router reads (``time.monotonic`` unless one was given)."""
+        return self._clock
+
+    @property
     def _all_healthy(self) -> bool:
         # route()'s candidate filter reads it: no filtering while all are healthy
         return self._members.all_healthy
@@ -797,14 +802,17 @@ class Router:
         with self._lock:
             return ReplicaLoad(*self._load.local())
 
-    def apply_remote(self, update: RemoteUpdate) -> None:
+    def apply_remote(self, update: RemoteUpdate | None) -> None:
         """Apply another replica's load and decisions (see :mod:`kvroute.remote`).
 
+        Either way (None: nothing to apply), the load of replicas not heard
+        from within their TTL stops counting.
         Runtime complexity: O(workers + the decisions' blocks).
         """
         with self._lock:
             now = self._clock()
-            self._remote.apply(update, now)
+            if update is not None:
+                self._remote.apply(update, now)
             self._remote.expire(now)
 
     def drop_remote(self, replica: str) -> bool:

@@ -158,3 +158,13 @@ def test_generic_path_sees_remote_load_too(twin: Twin, kv_events: bool) -> None:
     b.mark_unhealthy(0)
     b.apply_remote(RemoteUpdate("x", load=load([1, 2], [0, 0], [0.0, 0.0], [500.0, 500.0])))
     assert b.route(Request("r", block_hashes=H(1, 2))).worker == 3
+
+
+def test_pins_alone_are_applied_with_the_time_they_have_left(twin: Twin) -> None:
+    _, b, _, clock = pair(twin)
+    b.apply_remote(RemoteUpdate("x", pins=[("s", 2, 10.0), ("t", 99, 10.0), ("u", 1, 0.0)]))
+    d = b.route(Request("r", block_hashes=H(1), session_id="s"))
+    assert (d.worker, d.policy) == (2, "pin")
+    b.finished("r")
+    clock.t = 10.0
+    assert b.route(Request("q", block_hashes=H(1), session_id="s")).policy != "pin"

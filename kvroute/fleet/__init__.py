@@ -1,8 +1,9 @@
-"""The fleet around a router: the definition of a worker, and (later) membership and replicas.
+"""The fleet around a router: the definition of a worker, membership, and router replicas.
 
 :mod:`kvroute.fleet.spec` is the one definition of a worker that every way
-of naming one produces. Importing this package costs nothing beyond the
-standard library.
+of naming one produces; :mod:`kvroute.fleet.sync` shares a router's state
+with its replicas through Redis or Valkey (the ``fleet`` extra). Importing
+this package costs nothing beyond the standard library.
 """
 
 from .spec import (
