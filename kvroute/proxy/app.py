@@ -53,6 +53,7 @@ from .relay import (
     Relayed,
     failure_response,
 )
+from .replicas import ProxySync
 from .subscription import EventSubscription
 from .tokenize import LocalTokenizer
 from .upstream import AttemptFailed, Lifecycle, Upstream
@@ -128,6 +129,9 @@ class ProxyApp:
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
         self.events = EventSubscription(router, config, self.metrics, self.pool)
+        #: Replica sync (``sync_url``), or None.
+        self.replicas = ProxySync(router, config, self.pool, self.metrics) if (
+            config.sync_url) else None  # fmt: skip
         self._health: asyncio.Task[None] | None = None
         if config.kv_events and not all(w.events_endpoint for w in config.workers):
             log.warning(
@@ -157,7 +161,12 @@ class ProxyApp:
         return self.events.subscriber
 
     async def _startup(self, app: web.Application) -> None:
-        self.events.start()  # first: if it fails, nothing else is open yet
+        # the sync first: a snapshot it loads is where the events resume
+        resume = await self.replicas.start() if self.replicas is not None else {}
+        salts = self.replicas.sync.salts if self.replicas is not None else None
+        self.events.start(resume, salts)  # if it fails, little else is open yet
+        if self.replicas is not None:
+            self.replicas.attach(self.events.subscriber)
         await self.upstream.start()
         await self.pool.check_all()
         self._health = asyncio.create_task(self.pool.run(), name="kvroute-proxy-health")
@@ -177,6 +186,8 @@ class ProxyApp:
                 await self._health
             self._health = None
         await self.upstream.close()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.events.stop()
 
     @web.middleware

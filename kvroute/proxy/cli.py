@@ -244,11 +244,45 @@ def configure(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
+    _add_sync_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default="info",
         help="log level (default: info)",
+    )
+
+
+def _add_sync_args(p: argparse.ArgumentParser) -> None:
+    """Replica sync: several proxies behind a load balancer share state through Redis."""
+    g = p.add_argument_group("replicas (several proxies behind one load balancer)")
+    g.add_argument(
+        "--sync-url",
+        default=os.environ.get("KVROUTE_SYNC_URL"),
+        metavar="redis://HOST:PORT/DB",
+        help="share load, routing decisions, pins and an index snapshot with the other"
+        " replicas through this Redis or Valkey (default: $KVROUTE_SYNC_URL; unset: route"
+        " alone). Every replica needs the same --worker list",
+    )
+    g.add_argument(
+        "--replica-id",
+        metavar="NAME",
+        help="this replica's name in the fleet (default: HOSTNAME-PID)",
+    )
+    g.add_argument(
+        "--sync-prefix",
+        default="kvroute",
+        metavar="NAME",
+        help="prefix of the fleet's Redis keys (default: kvroute)",
+    )
+    g.add_argument(
+        "--sync-snapshot-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between the index snapshots kept for replicas that start later"
+        " (default: 30; 0: none); keep it well below the time the engines' KV-event"
+        " replay buffers take to turn over",
     )
 
 
@@ -291,6 +325,10 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         scrape_metrics=args.scrape_metrics,
         events_format=args.events_format,
         upstream_api_key=args.upstream_api_key,
+        sync_url=args.sync_url,
+        replica_id=args.replica_id,
+        sync_prefix=args.sync_prefix,
+        sync_snapshot_interval=args.sync_snapshot_interval,
     )
 
 

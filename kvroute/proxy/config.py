@@ -91,6 +91,14 @@ class ProxyConfig:
     :param events_format: the workers' KV-event wire format (``"vllm"`` / ``"sglang"``).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
         (default: the client's ``Authorization`` is passed on).
+    :param sync_url: ``redis://HOST:PORT/DB``: this proxy is one replica of a
+        fleet sharing load, decisions and pins through that Redis / Valkey
+        (:mod:`kvroute.fleet.sync`); None: it routes alone.
+    :param replica_id: this replica's name in the fleet (default: ``HOST-PID``).
+    :param sync_prefix: the prefix of the fleet's Redis keys.
+    :param sync_snapshot_interval: seconds between the index snapshots one
+        replica writes for replicas that start later (0: none); keep it well
+        below the time the engines' replay buffers take to turn over.
     :raises ValueError: an option out of range.
     """
 
@@ -117,6 +125,11 @@ class ProxyConfig:
     scrape_metrics: bool = True
     events_format: Literal["vllm", "sglang"] = "vllm"
     upstream_api_key: str | None = field(default=None, repr=False)
+    # -- replica sync (kvroute.fleet.sync) --
+    sync_url: str | None = field(default=None, repr=False)  # may hold a password
+    replica_id: str | None = None
+    sync_prefix: str = "kvroute"
+    sync_snapshot_interval: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -153,6 +166,17 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+        if self.sync_url is not None and not self.sync_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("sync_url must be redis://HOST:PORT/DB (or rediss://, unix://)")
+        rid = self.replica_id
+        if rid is not None and (not rid or any(c.isspace() for c in rid)):
+            raise ValueError(f"replica_id must be a name without spaces, not {rid!r}")
+        if not self.sync_snapshot_interval >= 0:
+            raise ValueError("sync_snapshot_interval must be >= 0")
+        if not self.sync_prefix or ":" in self.sync_prefix:
+            raise ValueError(f"sync_prefix must be a name without ':', not {self.sync_prefix!r}")
 
     @property
     def kv_events(self) -> bool:

@@ -45,9 +45,16 @@ class EventSubscription:
         """The running :class:`kvroute.events.ZmqSubscriber`, or None."""
         return self._subscriber
 
-    def start(self) -> None:
+    def start(
+        self,
+        resume: dict[int, tuple[int, int]] | None = None,
+        salts: dict[int, dict[int, str]] | None = None,
+    ) -> None:
         """Subscribe to every worker's events (nothing without KV events).
 
+        :param resume: per worker, where an index snapshot loaded into the
+            router left its stream (``ZmqSubscriber.subscribe``'s ``resume``).
+        :param salts: the snapshot's cache salts (``EventApplier.restore_salts``).
         :raises RuntimeError: KV events are configured but pyzmq (or the
             events module) cannot be imported.
         """
@@ -60,9 +67,12 @@ class EventSubscription:
                 f"KV events need kvroute.events.zmq and pyzmq, which cannot be imported: {e}"
             ) from None
         sub = ZmqSubscriber(self.router, fmt=self.config.events_format, metrics=self.metrics)
+        if salts:
+            sub.applier.restore_salts(salts)
+        resume = resume or {}
         for w, spec in enumerate(self.config.workers):
             if spec.events_endpoint:
-                sub.subscribe(w, spec.events_endpoint, spec.replay_endpoint)
+                sub.subscribe(w, spec.events_endpoint, spec.replay_endpoint, resume=resume.get(w))
         sub.start()
         self._subscriber = sub
         replayable = {w for w, spec in enumerate(self.config.workers) if spec.replay_endpoint}
