@@ -46,7 +46,8 @@ class ProxyProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "kvroute", "proxy", "--port", str(self.port),
-               "--health-interval", "0.2", "--health-timeout", "0.5", "--log-level", "info"]  # fmt: skip
+               "--health-interval", "0.2", "--health-timeout", "0.5",
+               "--log-level", "info"]  # fmt: skip
         for w in workers:
             cmd += ["--worker", w]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}

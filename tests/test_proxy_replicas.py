@@ -63,7 +63,7 @@ def fleet(
 
 
 def stickiness(replicas: list[ProxyProcess], conversations: range, turns: int) -> float:
-    """Turns alternate between replicas; the share of turns after the first on the first's worker."""
+    """Turns alternate between replicas: the share of later turns on the first turn's worker."""
     first: dict[int, int] = {}
     same = total = 0
     for t in range(1, turns + 1):
@@ -91,8 +91,8 @@ def _inflight(proxy: ProxyProcess, n: int, tag: str) -> list[threading.Thread]:
     out: list[Any] = []
 
     def one(i: int) -> None:
-        out.append(chat(proxy, conversation(10_000 + i, 1) + [
-            {"role": "user", "content": f"{tag} {i}"}], max_tokens=100))  # fmt: skip
+        msgs = [*conversation(10_000 + i, 1), {"role": "user", "content": f"{tag} {i}"}]
+        out.append(chat(proxy, msgs, max_tokens=100))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
@@ -139,7 +139,7 @@ def _burst(first: ProxyProcess, siblings: list[ProxyProcess], k: int,
     # its own first block: nothing any replica routed before shares a block with it
     ctx = [{"role": "system", "content": f"{k:05d} subagents of one task. " * 8},
            {"role": "user", "content": files}]  # fmt: skip
-    sib = [ctx + [{"role": "user", "content": f"subtask {i}"}] for i in range(len(siblings) + 1)]
+    sib = [[*ctx, {"role": "user", "content": f"subtask {i}"}] for i in range(len(siblings) + 1)]
     if propagated:
         # the first sibling runs a while; the others start once its decision reached them
         out: list[Any] = []
@@ -186,7 +186,8 @@ def test_replicas_that_never_heard_of_each_other_agree_by_the_tie_break(
     # two synced replicas under different key prefixes: they share nothing at all
     logs: Path = fleet["logs"]
     p, q = start_all([
-        (fleet["urls"], ["--sync-url", fleet["redis"], "--sync-prefix", f"iso{i}"], logs / f"iso{i}.log")
+        (fleet["urls"], ["--sync-url", fleet["redis"], "--sync-prefix", f"iso{i}"],
+         logs / f"iso{i}.log")
         for i in range(2)
     ])  # fmt: skip
     try:
