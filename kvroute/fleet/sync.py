@@ -244,6 +244,7 @@ class ReplicaSync:
         self._own_pins: dict[str, tuple[int, float]] = {}  # session -> worker, expiry (mono)
         self._rw: Redis | None = None
         self._rd: Redis | None = None
+        self._big: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake: asyncio.Event | None = None
@@ -365,12 +366,23 @@ class ReplicaSync:
         self._up = False
         await self._close_clients()
 
+    def _big_client(self) -> Redis:
+        """A client for snapshots: tens of MB take longer than a command's timeout."""
+        if self._big is None:
+            from redis.asyncio import Redis
+
+            t = max(30.0, 10 * self.timeout)
+            self._big = Redis.from_url(
+                self.url, socket_timeout=t, socket_connect_timeout=self.timeout
+            )
+        return self._big
+
     async def _close_clients(self) -> None:
-        for c in (self._rw, self._rd):
+        for c in (self._rw, self._rd, self._big):
             if c is not None:
                 with contextlib.suppress(Exception):
                     await c.aclose()
-        self._rw = self._rd = None
+        self._rw = self._rd = self._big = None
 
     # -- joining ------------------------------------------------------------------------
 
@@ -450,8 +462,16 @@ class ReplicaSync:
         r = self.router
         if not r.kv_events or len(r.index) or r.index.workers():
             return
-        assert self._rw is not None
-        data = await asyncio.wait_for(self._rw.get(self.keys.snapshot), 10 * self.timeout)
+        try:
+            data = await self._big_client().get(self.keys.snapshot)
+        except _redis_errors() as e:
+            log.warning(
+                "replica sync: could not read the index snapshot (%s: %s); following the"
+                " events from scratch",
+                type(e).__name__,
+                e,
+            )
+            return
         if data is None:
             log.info("replica sync: no index snapshot yet; following the events from scratch")
             return
@@ -472,7 +492,9 @@ class ReplicaSync:
             log.warning("replica sync: the router's index has no load(); snapshot not used")
             return
         try:
-            load(snap.index)
+            # off the event loop: a million residencies take a second or so (the
+            # compiled load runs without the GIL), and the loop has sockets to serve
+            await asyncio.to_thread(load, snap.index)
         except ValueError as e:
             log.warning("replica sync: ignoring a corrupt index snapshot: %s", e)
             return
@@ -869,8 +891,7 @@ class ReplicaSync:
             salts=salts,
             index=index,
         )
-        assert self._rw is not None
-        await asyncio.wait_for(self._rw.set(self.keys.snapshot, data), 10 * self.timeout)
+        await self._big_client().set(self.keys.snapshot, data)
         self._stats["snapshots"] += 1
         self._stats["snapshot_bytes"] = len(data)
 
