@@ -233,7 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for wl, runs in kept.items():  # per-request TTFTs: only from a fresh run
             b = next(r.bounds for r in rows if r.point == GridPoint(wl, *center))
-            plot_point(img, runs, b, prefix=f"sim_{wl}_")
+            note = (
+                f"{wl}: {center[0]} workers x {center[1]:,} blocks x {doc['block_size']} tokens, "
+                f"{center[2]:g}x arrival speed; seeded policies: policy seed {doc['seeds'][0]}"
+            )
+            plot_point(img, runs, b, prefix=f"sim_{wl}_", note=note)
         for metric in ("ttft_mean_ms", "ttft_p99_ms"):
             path = os.path.join(img, f"sim_sweep_{metric}.png")
             plot_sweep(rows, path, metric=metric, baseline=base, center=center)

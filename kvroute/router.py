@@ -1,10 +1,12 @@
 """The router: per request, the worker where its prefix is cached, without herding.
 
-A proxy builds one :class:`Router`, feeds it the workers' KV events (through
-:meth:`Router.apply_stored` / :meth:`Router.apply_removed`, or straight into
-:attr:`Router.index`), calls :meth:`Router.route` for each request and reports
-its lifecycle (:meth:`Router.first_token`, :meth:`Router.finished`,
-:meth:`Router.failed`).
+A proxy builds one :class:`Router`, feeds it the workers' KV events
+(:meth:`Router.apply_event` for each decoded event, or a
+:class:`kvroute.events.ZmqSubscriber` that does it on its own thread), calls
+:meth:`Router.route` for each request and reports its lifecycle
+(:meth:`Router.first_token`, :meth:`Router.finished`, :meth:`Router.failed`).
+:meth:`Router.apply_stored` / :meth:`Router.apply_removed` are the level
+below: they take kvroute's keys, not an engine's hashes.
 
 Parts: the router is a coordinator. It holds the lock, the block index, and
 one small part per job, each a module with its own specification and tests:
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import math
 import threading
 import time
@@ -65,6 +68,7 @@ from .approx import FreshDecisions, PredictedResidency
 from .config import BusyThreshold, RouterConfig, RouterSettings
 from .index_api import IndexLike
 from .journal import Journal, JournalEntry
+from .keycheck import StoredKeyCheck
 from .load import LoadTracker
 from .members import Members, check_capacity, check_metrics
 from .pins import WARMUP_PLAN_TTL, SessionPins, WarmupPlans
@@ -82,6 +86,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._index_py import HashesLike
+    from .events.apply import EventApplier
+    from .events.types import KVEvent
 
 __all__ = [
     "WARMUP_PLAN_TTL",
@@ -96,6 +102,8 @@ __all__ = [
 HashFn = Callable[..., npt.NDArray[np.uint64]]
 
 _NO_WORKERS: frozenset[int] = frozenset()
+
+logger = logging.getLogger("kvroute.router")
 
 
 def _default_index_factory() -> Callable[[], IndexLike]:
@@ -237,6 +245,9 @@ class Router:
         self._next_sweep = -math.inf
         self._zero_cache = np.zeros(0, np.int64)
         self._lock = threading.Lock()
+        self._keycheck = StoredKeyCheck()
+        self._applier: EventApplier | None = None
+        self._applier_lock = threading.Lock()
         self._stats = dict.fromkeys(
             (
                 "routed",
@@ -278,10 +289,13 @@ class Router:
 
     def stats(self) -> dict[str, int]:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
-        dropped_with_worker, unknown_workers; and now: queued (waiting for
-        admission), warmup_plans (made and not yet taken)."""
+        dropped_with_worker, unknown_workers; stored_starts_routed /
+        stored_starts_unrouted (prompt starts stored by :meth:`apply_stored`
+        that did / did not start a recent decision: see :mod:`kvroute.keycheck`);
+        and now: queued (waiting for admission), warmup_plans (made and not yet taken)."""
         with self._lock:
             out = dict(self._stats)
+            out.update(self._keycheck.counts())
             out["queued"] = len(self._queue)
             out["warmup_plans"] = len(self._warmups)
             return out
@@ -392,23 +406,98 @@ class Router:
 
     # -- events ------------------------------------------------------------------
 
+    def apply_event(self, worker: int, event: KVEvent) -> str:
+        """Apply one of ``worker``'s KV events: the way to feed events you receive yourself.
+
+        ``event`` is a :class:`kvroute.events.BlockStored`,
+        :class:`~kvroute.events.BlockRemoved` or
+        :class:`~kvroute.events.AllBlocksCleared` (what
+        :func:`kvroute.events.decode` makes of an engine's payload; see
+        docs/events.md for their fields). A stored event's blocks are keyed by
+        this router's hash of its ``token_ids`` (chained from its parent's key,
+        found through the parent's engine hash), its engine hashes kept as the
+        handles later removals name: requests then match whatever hash
+        algorithm or seed the engine runs. One
+        :class:`kvroute.events.EventApplier` per router does the work
+        (statuses, salts, the checks it logs); calls from several threads are
+        serialised.
+
+        >>> from kvroute import Request, Router
+        >>> from kvroute.events import BlockRemoved, BlockStored
+        >>> r = Router(block_size=4, workers=[0, 1])
+        >>> r.apply_event(1, BlockStored(block_hashes=(901, 902), parent_block_hash=None,
+        ...                              token_ids=tuple(range(8)), block_size=4))
+        'ok'
+        >>> r.route(Request("a", tokens=list(range(10)))).matched_blocks
+        2
+        >>> r.apply_event(1, BlockRemoved(block_hashes=(902,)))
+        'ok'
+
+        :returns: its status: ``ok``, ``unknown_block`` (a removal of a block
+            the worker does not hold, or a store whose parent it does not
+            hold: skipped), ``cleared``, ``mismatch`` (the event's block size
+            is not the router's: skipped, logged), ``ignored`` (another
+            KV-cache group) or ``rejected`` (values the index refuses).
+        :raises TypeError: ``event`` is not a KV event.
+        """
+        # the event layer's own applier: keys, salts, parents, its checks
+        from .events.apply import EventApplier
+        from .events.types import AllBlocksCleared, BlockRemoved, BlockStored
+
+        if not isinstance(event, (BlockStored, BlockRemoved, AllBlocksCleared)):
+            raise TypeError(
+                "apply_event() takes a kvroute.events BlockStored, BlockRemoved or "
+                f"AllBlocksCleared, not {type(event).__name__}"
+            )
+        with self._applier_lock:
+            if self._applier is None:
+                self._applier = EventApplier(self)
+            return self._applier.apply(worker, event)
+
     def apply_stored(
         self,
         worker: int,
-        hashes: HashesLike,
+        keys: HashesLike,
         parent: int | None = None,
         *,
         tier: str = "device",
         engine_hashes: HashesLike | None = None,
     ) -> int:
-        """Apply a "blocks stored" event to :attr:`index`, ordered with routing decisions.
+        """Record that ``worker`` holds the blocks with these kvroute keys, in prefix order.
 
-        Same parameters and errors as ``BlockIndex.store``.
+        ``keys`` are kvroute's routing keys, the ones :meth:`route` computes:
+        ``kvroute_block_hashes(token_ids, block_size)`` (or this router's
+        ``hashing``), continuing from ``parent``'s key. **Not the engine's
+        block hashes** that a KV event carries: those never match a request.
+        To apply an engine's event, use :meth:`apply_event`. Same parameters
+        and errors as ``BlockIndex.store``; applied under the router's lock,
+        so it is ordered with routing decisions.
 
+        :param keys: the blocks' kvroute keys (uint64s).
+        :param parent: the kvroute key of the block before the first, or None
+            for a prompt's start.
+        :param tier: ``"device"``, ``"host"`` or ``"disk"``.
+        :param engine_hashes: the engine's hashes of the same blocks, kept as
+            handles for later removals by engine hash.
         :returns: the operation's sequence number.
+        :raises ValueError: ``engine_hashes`` equal ``keys``: the engine's
+            hashes were given as keys; and as ``BlockIndex.store``.
         """
-        keys = as_u64_array(hashes)
+        keys = as_u64_array(keys)
+        if engine_hashes is not None:
+            engine_hashes = as_u64_array(engine_hashes, "engine_hashes")
+            # one comparison before the whole arrays: this runs for every stored event
+            if len(keys) and engine_hashes[0] == keys[0] and np.array_equal(engine_hashes, keys):
+                raise ValueError(
+                    "apply_stored(): keys equal engine_hashes. keys are kvroute keys "
+                    "(kvroute_block_hashes(token_ids, block_size)), not the engine's block "
+                    "hashes; Router.apply_event(worker, event) keys an engine's event itself"
+                )
         with self._lock:
+            if parent is None and len(keys) and self._fresh is not None:
+                started = self._fresh.started(int(keys[0]))
+                if started is not None and (warning := self._keycheck.observe(started)):
+                    logger.warning(warning)
             self.index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
             if tier != "device":
                 self._tiered = True
@@ -493,12 +582,14 @@ class Router:
         """
         if not isinstance(request, Request):
             raise TypeError(f"route() takes a Request, not {type(request).__name__}")
-        hashes = self._hashes(request)
+        hashes = request.block_hashes
+        if hashes is None:
+            hashes = self._hashes(request)
         prompt = request.num_prompt_tokens(self.block_size)
-        if isinstance(exclude, tuple) and not exclude:  # the default: nothing excluded
-            skip = _NO_WORKERS
-        else:
-            skip = frozenset(check_u64(w, "exclude") for w in exclude)
+        if type(exclude) is tuple and not exclude:  # the default: nothing excluded
+            with self._lock:
+                return self._route_locked(request, hashes, prompt)
+        skip = frozenset(check_u64(w, "exclude") for w in exclude)
         with self._lock:
             return self._route_locked(request, hashes, prompt, skip)
 
@@ -618,15 +709,19 @@ class Router:
         exclude: frozenset[int] = _NO_WORKERS,
     ) -> Decision:
         now = self._clock()
-        self._maintain(now)
+        if now >= self._next_sweep or self._predicted is not None or (
+            now >= self._remote.next_expiry
+        ):
+            self._maintain(now)
         lt = self._load
         rid = request.request_id
         if rid in lt.requests:
             raise ValueError(f"request {rid!r} is already in flight")
         n = lt.n
         cand: npt.NDArray[np.intp] | None = None
-        skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else []
-        if not self._all_healthy or skip:
+        skip = [p for p in map(lt.pos.get, exclude) if p is not None] if exclude else None
+        if skip or not self._members.all_healthy:
+            skip = skip or []
             ok = lt.healthy[:n].copy()
             ok[skip] = False
             cand = np.flatnonzero(ok)
@@ -649,7 +744,7 @@ class Router:
             step = None
         entry: Any = None
         costs: Any
-        breakpoints = request.cache_breakpoints()
+        breakpoints = request.cache_breakpoints() if request.cache_control is not None else ()
         if step is not None:
             # the common path: after the match, one compiled call chooses and records the
             # request (load arrays, prompts in flight, request table, fresh decisions)
@@ -766,7 +861,10 @@ class Router:
             self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
-        seq = self._journal.log("route", request, **({"exclude": exclude} if exclude else {}))
+        if exclude:
+            seq = self._journal.log("route", request, exclude=exclude)
+        else:
+            seq = self._journal.log("route", request)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
 
     def _predict(
@@ -845,19 +943,35 @@ class Router:
         self,
         request_id: str | int,
         *,
-        output_tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        output_tokens: int | Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
     ) -> bool:
         """The request completed: drop its load; record a warm-up plan if it asked for one.
 
-        :param output_tokens: the generated tokens, appended to the warm-up prefix.
+        :param output_tokens: the generated token ids (a sequence of ints),
+            appended to the prompt in the warm-up plan of a request routed
+            with ``speculative_prefill``; or just how many were generated (an
+            int), when the ids are not at hand: the plan then holds the prompt
+            alone (its ``tokens`` end where the prompt does), since what the
+            reply's tokens were is unknown. The router's load does not depend
+            on it. None: as a count.
         :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
-        :raises TypeError: ``output_tokens`` is not a sequence of ints.
+        :raises TypeError: ``output_tokens`` is neither token ids nor a count.
+        :raises ValueError: a negative count.
         """
-        if output_tokens is not None and (
+        ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None
+        if isinstance(output_tokens, (int, np.integer)) and not isinstance(output_tokens, bool):
+            if output_tokens < 0:
+                raise ValueError(f"output_tokens must be >= 0, got {output_tokens}")
+        elif output_tokens is not None and (
             isinstance(output_tokens, (str, bytes))
             or not isinstance(output_tokens, (Sequence, np.ndarray))
         ):
-            raise TypeError("output_tokens must be a sequence of ints")
+            raise TypeError(
+                "output_tokens must be a sequence of ints (the generated token ids) or an "
+                f"int (how many), not {type(output_tokens).__name__}"
+            )
+        else:
+            ids = output_tokens
         with self._lock:
             self._journal.log("finished", request_id, output_tokens=output_tokens)
             r = self._load.finish(request_id)
@@ -867,7 +981,7 @@ class Router:
             if pl.speculative and pl.session_id is not None:
                 assert pl.hashes is not None
                 self._warmups.record(
-                    pl.session_id, r.worker, pl.tokens, output_tokens, pl.hashes, self._clock()
+                    pl.session_id, r.worker, pl.tokens, ids, pl.hashes, self._clock()
                 )
             return True
 

@@ -464,3 +464,14 @@ def test_a_store_continuing_a_salted_prompt_inherits_the_salt(router: Router) ->
     assert overlap(router, BASE[:48], lora_name="my-lora") == {}
     ap.cleared(0)
     assert len(router.index) == 0 and 0 not in ap._salts
+
+
+def test_an_unrecoverable_gap_clears_the_worker_and_counts_replay_failed(router: Router) -> None:
+    metrics = Metrics(router)
+    ap = EventApplier(router, metrics=metrics)
+    for w in (0, 1):
+        assert ap.apply_batch(w, vllm_batch("stored_first_blocks")) == {"ok": 1}
+    ap.unrecoverable_gap(0, "event ids 3..5 never arrived")
+    assert router.index.worker_len(0) == 0 and router.index.worker_len(1) > 0
+    assert ap.counts[0]["replay_failed"] == 1
+    assert metrics.value("kvroute_events_total", {"worker": "0", "status": "replay_failed"}) == 1

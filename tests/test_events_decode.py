@@ -940,7 +940,7 @@ def test_formats_and_dispatch() -> None:
         decode(enc([1.0, [["AllBlocksCleared"]] * 2, 0]), "sglang", max_events=1)
 
 
-@pytest.mark.parametrize("fmt", ["VLLM", "trtllm", "", None, ["vllm"]])
+@pytest.mark.parametrize("fmt", ["VLLM", "tgi", "", None, ["vllm"]])
 def test_unknown_format_is_a_plain_value_error(fmt: Any) -> None:
     with pytest.raises(ValueError, match="unknown format") as info:
         decode(b"", fmt)
@@ -995,7 +995,7 @@ def test_register_decoder_rejects_bad_arguments(name: Any, decoder: Any, error: 
 
 def test_an_unknown_format_names_the_registered_ones() -> None:
     with pytest.raises(ValueError, match=r"registered: .*dynamo.*vllm"):
-        get_decoder("trtllm")
+        get_decoder("tgi")
 
 
 def test_decode_error_is_a_value_error() -> None:

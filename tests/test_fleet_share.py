@@ -1,84 +1,27 @@
 """Membership and response ids shared through a real Redis (MembershipShare, RedisResponseStore).
 
-``kvroute.fleet.membership`` (the replicas' Membership) is built apart; the
-adapter is tested here against ``TinyMembership``, a minimal implementation
-of the interface it needs (the merge runs it against the real one).
+Each replica's membership is a real :class:`kvroute.fleet.membership.Membership`;
+the proxy's end-to-end tests (tests/test_proxy_replicas.py) run the same
+through the admin API and a workers file.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 from redis_server import RedisServer
 from test_fleet_sync import router, run, sync, until
 
+from kvroute.fleet.membership import Membership
 from kvroute.fleet.responses import RedisResponseStore
 from kvroute.fleet.share import MembershipShare
-from kvroute.fleet.spec import RUNTIME_ID_BASE, WorkerSpec, parse_worker, runtime_worker_id
+from kvroute.fleet.spec import RUNTIME_ID_BASE, WorkerSpec, parse_worker
 
 
-@dataclass(frozen=True)
-class Member:
-    id: int
-    spec: WorkerSpec
-    state: str
-    source: str
-
-
-@dataclass(frozen=True)
-class MembershipChange:
-    kind: str
-    member: Member
-
-
-class TinyMembership:
-    """The Membership interface, minimally: static workers 0..n-1, runtime ones by URL."""
-
-    def __init__(self, static: list[str]) -> None:
-        self._m = {i: Member(i, parse_worker(u), "active", "flag") for i, u in enumerate(static)}
-        self._listeners: list[Callable[[MembershipChange], None]] = []
-
-    def members(self) -> dict[int, Member]:
-        return dict(self._m)
-
-    def get(self, id: int) -> Member | None:
-        return self._m.get(id)
-
-    def by_url(self, url: str) -> Member | None:
-        return next((m for m in self._m.values() if m.spec.url == url), None)
-
-    def _tell(self, kind: str, m: Member) -> None:
-        for cb in list(self._listeners):
-            cb(MembershipChange(kind, m))
-
-    def add(self, spec: WorkerSpec, *, source: str) -> Member:
-        old = self.by_url(spec.url)
-        if old is not None:
-            if old.spec == spec:
-                return old
-            new = replace(old, spec=spec, source=source)
-            self._m[old.id] = new
-            self._tell("updated", new)
-            return new
-        m = Member(runtime_worker_id(spec.url), spec, "active", source)
-        self._m[m.id] = m
-        self._tell("added", m)
-        return m
-
-    def remove(self, id: int, *, source: str) -> None:
-        m = self._m.pop(id)
-        self._tell("removed", replace(m, source=source))
-
-    def drain(self, id: int, *, source: str) -> None:
-        m = self._m[id] = replace(self._m[id], state="draining", source=source)
-        self._tell("draining", m)
-
-    def listen(self, callback: Callable[[MembershipChange], None]) -> Callable[[], None]:
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback)
+def membership(static: list[str]) -> Membership:
+    """A replica's membership, its workers named by flags as on the command line."""
+    return Membership([parse_worker(u) for u in static])
 
 
 STATIC = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
@@ -90,7 +33,7 @@ def test_runtime_workers_drains_and_removals_reach_every_replica(
 ) -> None:
     async def main() -> None:
         url = redis_server.url()
-        ma, mb = TinyMembership(STATIC), TinyMembership(STATIC)
+        ma, mb = membership(STATIC), membership(STATIC)
         sa, sb = sync(router(), url, "a", workers=STATIC), sync(router(), url, "b", workers=STATIC)
         await sa.start()
         await sb.start()
@@ -112,12 +55,18 @@ def test_runtime_workers_drains_and_removals_reach_every_replica(
         await asyncio.sleep(0.05)
         assert sb.stats()["sent"] - sent_before < 20
         # a replica that starts now reads what Redis holds: the drain (the removal is gone)
-        late = TinyMembership(STATIC)
+        late = membership(STATIC)
         sc = sync(router(), url, "c", workers=STATIC)
         await sc.start()
         share_c = MembershipShare(late, sc)
         await share_c.start()
         assert late.members()[0].state == "draining" and late.get(added.id) is None
+        # a's drain ends (its own requests on worker 0 are done): b and c finish their own
+        assert ma.evict(0) is not None
+        await until(lambda: not sa._members)
+        await asyncio.sleep(0.05)
+        assert mb.members()[0].state == "draining" and late.members()[0].state == "draining"
+        assert 0 not in await sc.members_snapshot()  # a replica starting now needs no drain
         for s in (share_a, share_b, share_c):
             s.stop()
         for x in (sa, sb, sc):
@@ -129,7 +78,7 @@ def test_runtime_workers_drains_and_removals_reach_every_replica(
 def test_members_come_back_after_redis_returns_empty(redis_server: RedisServer) -> None:
     async def main() -> None:
         url = redis_server.url()
-        ma = TinyMembership(STATIC)
+        ma = membership(STATIC)
         sa = sync(router(), url, "a")
         await sa.start()
         share = MembershipShare(ma, sa)
@@ -141,7 +90,7 @@ def test_members_come_back_after_redis_returns_empty(redis_server: RedisServer) 
         redis_server.start()  # empty: no persistence
         await until(lambda: sa.up)
         await until(lambda: not sa._members)  # the re-published members went out
-        late = TinyMembership(STATIC)
+        late = membership(STATIC)
         sc = sync(router(), url, "c")
         await sc.start()
         await MembershipShare(late, sc).start()
@@ -161,18 +110,18 @@ def test_response_ids_are_known_everywhere(redis_server: RedisServer) -> None:
         await sa.start()
         await sb.start()
         ra, rb = RedisResponseStore(sa), RedisResponseStore(sb)
-        ra.put("resp_abc", 2, ttl=30.0)
-        assert ra.get("resp_abc") == 2
-        await until(lambda: rb.get("resp_abc") == 2)
-        ra.put("resp_short", 1, ttl=0.2)
-        await until(lambda: rb.get("resp_short") == 1)
+        ra.remember("resp_abc", 2, ttl=30.0)
+        assert ra.worker_of("resp_abc") == 2
+        await until(lambda: rb.worker_of("resp_abc") == 2)
+        ra.remember("resp_short", 1, ttl=0.2)
+        await until(lambda: rb.worker_of("resp_short") == 1)
         await asyncio.sleep(0.3)
-        assert rb.get("resp_short") is None and ra.get("resp_short") is None
+        assert rb.worker_of("resp_short") is None and ra.worker_of("resp_short") is None
         # a replica that starts later asks Redis when its memory has no answer
         sc = sync(router(), url, "c", history=0.01)
         await sc.start()
         rc = RedisResponseStore(sc)
-        assert await rc.aget("resp_abc") == 2 and await rc.aget("resp_none") is None
+        assert await rc.aworker_of("resp_abc") == 2 and await rc.aworker_of("resp_none") is None
         for s in (sa, sb, sc):
             await s.stop()
 
@@ -189,5 +138,7 @@ def test_the_response_store_bounds_its_memory() -> None:
 
     store = RedisResponseStore(Quiet(), max_entries=3, clock=lambda: 0.0)  # type: ignore[arg-type]
     for i in range(5):
-        store.put(f"r{i}", i)
-    assert len(store) == 3 and store.get("r0") is None and store.get("r4") == 4
+        store.remember(f"r{i}", i)
+    assert len(store) == 3 and store.worker_of("r0") is None and store.worker_of("r4") == 4
+    store.forget_worker(4)
+    assert len(store) == 2 and store.worker_of("r4") is None and store.worker_of("r3") == 3

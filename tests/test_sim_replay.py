@@ -196,9 +196,19 @@ def test_kv_cost_calibration_against_dynamo_mocker() -> None:
     The simulator issue's bar is +/-0.02 reuse. This regression test caught
     the decode term: counting only each request's uncached blocks (instead of
     Dynamo's unique blocks of the requests in flight) gave 0.235.
+
+    Seeded as ``kvroute replay default --policy kv_cost --workers 8
+    --gpu-blocks 2048 --block-size 512 --seed 0`` is, the replay is one run:
+    its exact figures are pinned (compiled cores and twins alike), so any
+    change to what the simulator or the policy computes shows here.
     """
     reqs = load_mooncake(block_size=512)
     cfg = EngineConfig(num_gpu_blocks=2048, block_size=512)
-    res = replay(reqs, make_dispatcher("kv_cost"), num_workers=8, config=cfg, track_regret=False)
+    res = replay(
+        reqs, make_dispatcher("kv_cost", seed=0), num_workers=8, config=cfg, track_regret=False
+    )
     assert res.summary["completed"] == 12031
     assert res.summary["prefix_reuse"] == pytest.approx(0.203, abs=0.02)
+    assert int(res.records.cached_tokens.sum()) == 29_774_336
+    assert res.summary["prefix_reuse"] == 0.20563263945313467
+    assert res.summary["ttft_ms"]["mean"] == pytest.approx(270.7062161886709, rel=1e-12)

@@ -116,7 +116,12 @@ def test_replay_command_takes_replicas(tmp_path: Path, capsys: pytest.CaptureFix
                      "0.01", "--arrival-jitter", "0.5", "--json", str(out)])  # fmt: skip
     assert code == 0
     doc = json.loads(out.read_text())
-    assert (doc["replicas"], doc["sync"], doc["sync_lag_s"], doc["arrival_jitter_s"]) == (
-        2, True, 0.01, 0.5)  # fmt: skip
-    assert cli.main(["replay", "agentic:6", "--workers", "3", "--replicas", "2", "--no-sync"]) == 0
+    fleet, workload = doc["parameters"]["fleet"], doc["parameters"]["workload"]
+    assert (fleet["replicas"], fleet["sync"], fleet["sync_lag_s"]) == (2, True, 0.01)
+    assert workload["arrival_jitter_s"] == 0.5
+    assert "--no-sync" not in doc["command"]
+    assert cli.main(["replay", "agentic:6", "--workers", "3", "--replicas", "2", "--no-sync",
+                     "--json", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["parameters"]["fleet"]["sync"] is False and "--no-sync" in doc["command"]
     assert "kvroute" in capsys.readouterr().out

@@ -79,7 +79,7 @@ def swept() -> tuple[list[GridPoint], list[SweepRow], list[tuple[Any, ...]]]:
     calls: list[tuple[Any, ...]] = []
 
     def keep(p: GridPoint, policy: str, seed: int | None, r: ReplayResult) -> None:
-        calls.append((p, policy, seed, r.summary["ttft_mean_ms"]))
+        calls.append((p, policy, seed, r.summary["ttft_ms"]["mean"]))
 
     rows = S.run_sweep(pts, POLICIES, WORKLOADS, seeds=SEEDS, on_replay=keep)
     return pts, rows, calls
@@ -108,8 +108,8 @@ def test_rows_are_the_replay_api_figures(swept: Any) -> None:
     s = replay(reqs, disp, num_workers=row.workers, config=cfg).summary
     assert (row.prefix_reuse, row.ttft_mean_ms, row.ttft_p99_ms) == (
         s["prefix_reuse"],
-        s["ttft_mean_ms"],
-        s["ttft_p99_ms"],
+        s["ttft_ms"]["mean"],
+        s["ttft_ms"]["p99"],
     )
     assert row.bounds == {
         "unbounded": unbounded_reuse(reqs, 512)["prefix_reuse"],

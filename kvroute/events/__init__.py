@@ -6,6 +6,11 @@
 - :mod:`kvroute.events.apply` — :class:`EventApplier`, events into a Router's index;
 - :mod:`kvroute.events.zmq` — :class:`ZmqSubscriber`, the ZMQ transport with
   gap replay and restart detection (needs ``pyzmq``);
+- :mod:`kvroute.events.trtllm` — TensorRT-LLM's events in both shapes (the
+  ``"trtllm"`` decoder); :mod:`~kvroute.events.trtllm_apply` —
+  :class:`TrtllmApplier`, their semantics; :mod:`~kvroute.events.trtllm_http` —
+  :class:`HttpEventPoller` for ``trtllm-serve``'s ``/kv_cache_events``;
+  :mod:`~kvroute.events.trtllm_llmapi` — :class:`LlmApiFeed` for the LLM API;
 - :mod:`kvroute.events.engine_hashes` — vLLM's and SGLang's engine-exact block
   hashes (needs ``cbor2``);
 - :mod:`kvroute.events.metrics` — :class:`~kvroute.events.metrics.Metrics`, the
@@ -34,6 +39,10 @@ if TYPE_CHECKING:
         get_decoder,
         register_decoder,
     )
+    from .trtllm import decode_trtllm
+    from .trtllm_apply import TrtllmApplier
+    from .trtllm_http import HttpEventPoller
+    from .trtllm_llmapi import LlmApiFeed
     from .zmq import ZmqSubscriber
 
 __all__ = [
@@ -43,13 +52,17 @@ __all__ = [
     "DecodeError",
     "EventApplier",
     "EventBatch",
+    "HttpEventPoller",
     "KVEvent",
+    "LlmApiFeed",
     "Tier",
+    "TrtllmApplier",
     "ZmqSubscriber",
     "available_formats",
     "decode",
     "decode_dynamo_json",
     "decode_sglang",
+    "decode_trtllm",
     "decode_vllm",
     "get_decoder",
     "register_decoder",
@@ -65,6 +78,10 @@ _LAZY = {
     "get_decoder": "decode",
     "register_decoder": "decode",
     "ZmqSubscriber": "zmq",
+    "decode_trtllm": "trtllm",
+    "TrtllmApplier": "trtllm_apply",
+    "HttpEventPoller": "trtllm_http",
+    "LlmApiFeed": "trtllm_llmapi",
 }
 
 

@@ -151,6 +151,26 @@ class EventApplier:
         self.router.apply_cleared(worker)
         self._salts.pop(worker, None)
 
+    def unrecoverable_gap(self, worker: int, why: str) -> None:
+        """Events of ``worker`` were lost and no replay can bring them back.
+
+        The one place a transport without replay calls (TensorRT-LLM's HTTP
+        poller and LLM API feed, on an ``event_id`` gap): today the worker's
+        blocks are cleared, since a lost removal would leave blocks the router
+        believes in but the worker no longer holds, and ``replay_failed`` is
+        counted, as :class:`~kvroute.events.ZmqSubscriber` does when a replay
+        cannot fill a gap. The degraded-state handling of the self-healing
+        work plugs in here.
+
+        :param worker: the worker whose events were lost.
+        :param why: what was lost, for the log.
+        """
+        self._warn.warning(
+            (worker, "lost"), "worker %s: KV events lost (%s); clearing its blocks", worker, why
+        )
+        self.cleared(worker)
+        self._tally(worker, "replay_failed", 1)
+
     def _tally(self, worker: int, status: str, n: int) -> None:
         counts = self.counts.get(worker)
         if counts is None:

@@ -44,6 +44,12 @@ and the proxy look formats up by name):
     Stores carry Dynamo's per-block content hash (``tokens_hashes``) instead
     of token ids.
 
+``"trtllm"`` (:func:`kvroute.events.trtllm.decode_trtllm`)
+    TensorRT-LLM's events, streamed (this framing, with map events) or in its
+    dict shape (the LLM API's, ``trtllm-serve``'s ``/kv_cache_events``);
+    defined and registered by :mod:`kvroute.events.trtllm`, which this module
+    loads.
+
 What the decoders normalise:
 
 - Block hashes become u64 ints: an unsigned int is kept, a negative (signed
@@ -76,6 +82,7 @@ byte length) and before the events are built.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -105,7 +112,8 @@ __all__ = [
     "vllm_cache_salt",
 ]
 
-#: The built-in wire formats (:func:`available_formats` lists every registered one).
+#: The wire formats this module decodes; :mod:`kvroute.events.trtllm` registers
+#: ``"trtllm"`` beside them (:func:`available_formats` lists every registered one).
 Format: TypeAlias = Literal["vllm", "sglang", "dynamo"]
 FORMATS: Final[tuple[Format, ...]] = ("vllm", "sglang", "dynamo")
 
@@ -873,3 +881,9 @@ def decode(
     :raises TypeError: ``payload`` has the wrong Python type for ``fmt``.
     """
     return get_decoder(fmt)(payload, max_events=max_events, max_tokens=max_tokens)
+
+
+# TensorRT-LLM's decoder lives in its own module, which imports this one and
+# registers "trtllm" when it runs: importing it here (last, once the registry
+# exists) makes the format known to whoever imports the registry first.
+importlib.import_module(f"{__package__}.trtllm")

@@ -274,9 +274,18 @@ class ZmqSubscriber:
         self._commands.put(("capture", (fn, fut)))
         return fut
 
-    def unsubscribe(self, worker: int) -> None:
-        """Stop following ``worker`` (its blocks stay in the index)."""
-        self._commands.put(("unsubscribe", int(worker)))
+    def unsubscribe(self, worker: int) -> threading.Event:
+        """Stop following ``worker`` (its blocks stay in the index).
+
+        :returns: an event set once the subscriber thread has closed the
+            worker's sockets: none of its batches is applied after that (set
+            at once if the subscriber is not running).
+        """
+        done = threading.Event()
+        if self._thread is None:
+            done.set()
+        self._commands.put(("unsubscribe", (int(worker), done)))
+        return done
 
     def resync(self, worker: int) -> None:
         """Check ``worker``'s engine through its replay endpoint, as after a reconnect.
@@ -402,7 +411,14 @@ class ZmqSubscriber:
                 old = self._streams.get(arg.worker)
                 if old is not None:
                     self._close(poller, old)
-                self._open(poller, arg)
+                    with self._lock:
+                        del self._streams[arg.worker]
+                try:
+                    self._open(poller, arg)
+                except zmq.ZMQError as e:  # a bad endpoint must not stop the other workers
+                    logger.error(
+                        "worker %s: cannot subscribe to %s: %s", arg.worker, arg.endpoint, e
+                    )
             elif cmd == "resync":
                 stream = self._streams.get(arg)
                 if stream is not None and stream.replay_endpoint is not None:
@@ -415,12 +431,14 @@ class ZmqSubscriber:
                     except BaseException as e:  # handed to the caller, not raised here
                         fut.set_exception(e)
             elif cmd == "unsubscribe":
-                old = self._streams.get(arg)
+                worker, done = arg
+                old = self._streams.get(worker)
                 if old is not None:
                     self._close(poller, old)
                     with self._lock:
-                        del self._streams[arg]
-                    self.applier.forget(arg)
+                        del self._streams[worker]
+                    self.applier.forget(worker)
+                done.set()
 
     def _positions(self) -> dict[int, tuple[int, int]]:
         out = {}
@@ -434,6 +452,7 @@ class ZmqSubscriber:
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)  # IPv6 endpoints too (a worker found by an AAAA record)
         sock.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(self._reconnect_ms, 2000))
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -441,7 +460,16 @@ class ZmqSubscriber:
         stream.monitor = sock.get_monitor_socket(_MONITORED)
         poller.register(stream.monitor, zmq.POLLIN)
         self._by_sock[stream.monitor] = stream
-        sock.connect(stream.endpoint)
+        try:
+            sock.connect(stream.endpoint)
+        except zmq.ZMQError:  # e.g. a transport ZMQ does not know: undo, tell the caller
+            poller.unregister(stream.monitor)
+            self._by_sock.pop(stream.monitor, None)
+            sock.disable_monitor()
+            stream.monitor.close(linger=0)
+            stream.monitor = None
+            sock.close(linger=0)
+            raise
         stream.sock = sock
         poller.register(sock, zmq.POLLIN)
         self._by_sock[sock] = stream
@@ -703,6 +731,7 @@ class ZmqSubscriber:
         assert stream.replay is None and stream.replay_endpoint is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
         try:
             sock.connect(stream.replay_endpoint)
             sock.send_multipart([b"", start.to_bytes(8, "big")], zmq.NOBLOCK)

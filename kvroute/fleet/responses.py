@@ -12,14 +12,15 @@ trip after it was put (long before a client can send the next turn).
 :meth:`~RedisResponseStore.aget` also asks Redis when memory has no answer
 (a replica that started after the put and before the history it replayed).
 
-It has the local store's interface (``get(response_id) -> int | None``,
-``put(response_id, worker, ttl)``): plug it in where the proxy builds its
-response store, with the replica sync the proxy runs::
+It is a :class:`kvroute.proxy.responses.ResponseStore` (``remember``,
+``worker_of``, ``forget_worker``), the one the proxy uses with ``--sync-url``
+(:mod:`kvroute.proxy.replicas`); a proxy of one's own builds it on its
+replica sync::
 
-    store = RedisResponseStore(proxy.sync.sync)     # kvroute.proxy.replicas
+    store = RedisResponseStore(sync)                     # a started ReplicaSync
     ...
-    worker = store.get(previous_response_id)        # or: await store.aget(...)
-    store.put(response_id, decision.worker, ttl=3600.0)
+    worker = store.worker_of(previous_response_id)       # or: await store.aworker_of(...)
+    store.remember(response_id, decision.worker)
 
 When Redis is away, puts stay local (and are re-published when it
 returns); gets answer from memory.
@@ -44,12 +45,13 @@ class RedisResponseStore:
     ...     on_response = None; on_reconnect = []
     ...     def publish_response(self, *a): pass
     >>> store = RedisResponseStore(Quiet(), clock=lambda: 0.0)
-    >>> store.put("resp_1", 3, ttl=60.0)
-    >>> store.get("resp_1"), store.get("resp_2")
+    >>> store.remember("resp_1", 3, ttl=60.0)
+    >>> store.worker_of("resp_1"), store.worker_of("resp_2")
     (3, None)
 
     :param sync: the replica sync (its ``on_response`` is taken).
-    :param default_ttl: seconds a put lasts when no TTL is given.
+    :param default_ttl: seconds an id lasts when no TTL is given (as long as the
+        local store keeps one).
     :param max_entries: ids kept in memory at most (the oldest go first).
     :param clock: monotonic seconds (for expiry).
     :raises ValueError: a TTL or size that is not positive.
@@ -59,7 +61,7 @@ class RedisResponseStore:
         self,
         sync: ReplicaSync,
         *,
-        default_ttl: float = 3600.0,
+        default_ttl: float = 86_400.0,
         max_entries: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,7 +80,7 @@ class RedisResponseStore:
         """Ids held (expired ones not yet dropped included)."""
         return len(self._ids)
 
-    def get(self, response_id: str) -> int | None:
+    def worker_of(self, response_id: str) -> int | None:
         """The worker that produced ``response_id``, or None (unknown or expired). No I/O."""
         got = self._ids.get(response_id)
         if got is None:
@@ -88,7 +90,7 @@ class RedisResponseStore:
             return None
         return got[0]
 
-    def put(self, response_id: str, worker: int, ttl: float | None = None) -> None:
+    def remember(self, response_id: str, worker: int, ttl: float | None = None) -> None:
         """Record that ``worker`` produced ``response_id``, for ``ttl`` seconds, everywhere."""
         t = self.default_ttl if ttl is None else float(ttl)
         if not t > 0:
@@ -96,12 +98,21 @@ class RedisResponseStore:
         self._keep(response_id, int(worker), t, True)
         self.sync.publish_response(response_id, int(worker), t)
 
-    async def aget(self, response_id: str) -> int | None:
-        """:meth:`get`, else what Redis holds (one round trip; None if Redis is away)."""
-        w = self.get(response_id)
+    async def aworker_of(self, response_id: str) -> int | None:
+        """:meth:`worker_of`, else what Redis holds (one round trip; None if Redis is away)."""
+        w = self.worker_of(response_id)
         if w is not None:
             return w
         return await self.sync.fetch_response(response_id)
+
+    def forget_worker(self, worker: int) -> None:
+        """Drop this replica's memory of ``worker``'s responses (it left, or restarted empty).
+
+        Runtime complexity: O(entries). The other replicas forget it when they
+        see it leave; Redis' keys expire.
+        """
+        for rid in [k for k, v in self._ids.items() if v[0] == worker]:
+            del self._ids[rid]
 
     def _remote(self, response_id: str, worker: int, left: float) -> None:
         self._keep(response_id, worker, left, False)

@@ -2,66 +2,58 @@
 
 Workers added, drained or removed at run time (the admin API, a workers
 file, DNS discovery) on one replica must reach every replica.
-:class:`MembershipShare` connects a replica's membership (``Membership``, the
-interface below, which :mod:`kvroute.fleet.membership` implements) to its
+:class:`MembershipShare` connects a replica's
+:class:`~kvroute.fleet.membership.Membership` to its
 :class:`~kvroute.fleet.sync.ReplicaSync`:
 
-* every local change whose source is not ``"sync"`` is published (the
-  stream for the live replicas; the hash ``P:members`` for later ones);
+* every local change not made by the sync itself (``MembershipChange.by``
+  is not ``"sync"``) is published: on the stream for the live replicas, in
+  the hash ``P:members`` for later ones;
 * every change another replica published is applied with ``source="sync"``
-  (so it is not published again): ``added`` / ``updated`` add the spec (the
+  (the membership ranks it with the admin API: the operator's word, relayed),
+  so it is not published again: ``added`` / ``updated`` add the spec (the
   worker's id is derived from its URL the same way on every replica:
   :func:`kvroute.fleet.spec.runtime_worker_id`), ``draining`` drains,
-  ``removed`` removes;
-* a replica that starts reads ``P:members`` and applies what it lacks; after
-  an outage of Redis each replica re-publishes its runtime workers and its
-  drains (Redis may have come back empty).
+  ``removed`` removes at once;
+* the end of a drain (``by="evict"``: the replica's own requests on the
+  worker have finished) travels as ``left``: it leaves ``P:members``, and a
+  replica that still holds the worker active drains it, but one that is
+  draining it finishes its own requests first (each replica evicts when its
+  own in-flight requests end, or its ``drain_timeout`` passes);
+* a replica that starts reads ``P:members`` and applies what it lacks, then
+  publishes the runtime workers it has and Redis lacks (a workers file only
+  one replica reads reaches them all); after an outage of Redis each
+  replica re-publishes its runtime workers and its drains (Redis may have
+  come back empty).
 
 Workers named at start (``--worker``) are the same on every replica (the
 sync checks it), so only their drains and removals travel.
 
-The interface this adapter needs (duck-typed)::
-
-    members() -> dict[int, Member]; get(id) -> Member | None
-    add(spec, *, source) -> Member; remove(id, *, source); drain(id, *, source)
-    listen(callback(MembershipChange)) -> unsubscribe
-    Member(id, spec: WorkerSpec, state: "active" | "draining", source: str)
-    MembershipChange(kind: "added" | "updated" | "draining" | "removed", member)
+Listeners of a membership run on the thread that made the change;
+:meth:`ReplicaSync.publish_member` only queues and wakes the sync's loop,
+so a change made on any thread is published from the loop.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from .spec import RUNTIME_ID_BASE, WorkerSpec
 
 if TYPE_CHECKING:
+    from .membership import Membership
     from .sync import ReplicaSync
 
-__all__ = ["SYNC_SOURCE", "MembershipLike", "MembershipShare"]
+__all__ = ["EVICT", "SYNC_SOURCE", "MembershipShare"]
 
 log = logging.getLogger("kvroute.sync")
 
 #: The source of every change this adapter applies.
 SYNC_SOURCE: Final = "sync"
-
-
-class MembershipLike(Protocol):
-    """What :class:`MembershipShare` calls on a replica's membership."""
-
-    def members(self) -> Mapping[int, Any]: ...
-
-    def get(self, id: int) -> Any: ...
-
-    def add(self, spec: WorkerSpec, *, source: str) -> Any: ...
-
-    def remove(self, id: int, *, source: str) -> Any: ...
-
-    def drain(self, id: int, *, source: str) -> Any: ...
-
-    def listen(self, callback: Callable[[Any], None]) -> Callable[[], None]: ...
+#: ``MembershipChange.by`` of a drain's end.
+EVICT: Final = "evict"
 
 
 class MembershipShare:
@@ -71,7 +63,7 @@ class MembershipShare:
     :param sync: this replica's replica sync (its ``on_member`` is taken).
     """
 
-    def __init__(self, membership: MembershipLike, sync: ReplicaSync) -> None:
+    def __init__(self, membership: Membership, sync: ReplicaSync) -> None:
         self.membership = membership
         self.sync = sync
         self._unsubscribe: Callable[[], None] | None = None
@@ -81,9 +73,13 @@ class MembershipShare:
         """Apply what Redis holds, then publish local changes and apply remote ones."""
         self.sync.on_member = self._remote
         self.sync.on_reconnect.append(self._republish)
-        for mid, (spec, state) in sorted((await self.sync.members_snapshot()).items()):
+        held = await self.sync.members_snapshot()
+        for mid, (spec, state) in sorted(held.items()):
             self._apply("updated" if state == "active" else "draining", mid, spec, state)
         self._unsubscribe = self.membership.listen(self._local)
+        for m in list(self.membership.members().values()):
+            if m.id >= RUNTIME_ID_BASE and m.id not in held:
+                self.sync.publish_member("added", m.id, m.spec.to_mapping(), m.state)
 
     def stop(self) -> None:
         """Stop publishing and applying."""
@@ -95,10 +91,11 @@ class MembershipShare:
             self.sync.on_reconnect.remove(self._republish)
 
     def _local(self, change: Any) -> None:
-        m = change.member
-        if m.source == SYNC_SOURCE:
+        m, by = change.member, getattr(change, "by", None)
+        if by == SYNC_SOURCE:
             return  # applied from another replica: not ours to publish again
-        self.sync.publish_member(change.kind, m.id, m.spec.to_mapping(), m.state)
+        kind = "left" if by == EVICT else change.kind
+        self.sync.publish_member(kind, m.id, m.spec.to_mapping(), m.state)
 
     def _remote(
         self, replica: str, kind: str, member_id: int, spec: Mapping[str, Any], state: str
@@ -108,6 +105,12 @@ class MembershipShare:
     def _apply(self, kind: str, member_id: int, spec: Mapping[str, Any], state: str) -> None:
         ms = self.membership
         try:
+            if kind == "left":  # one replica's drain ended: the others finish their own
+                cur = ms.get(member_id)
+                if cur is not None and cur.state != "draining":
+                    ms.drain(member_id, source=SYNC_SOURCE)
+                    self.applied += 1
+                return
             if kind == "removed":
                 if ms.get(member_id) is not None:
                     ms.remove(member_id, source=SYNC_SOURCE)
@@ -135,7 +138,8 @@ class MembershipShare:
             log.warning("replica sync: could not apply a membership change (%s): %s", kind, e)
 
     def _republish(self) -> None:
+        # every live replica re-publishes all it holds: the one that made a change may be gone
         for m in list(self.membership.members().values()):
-            if m.source != SYNC_SOURCE and (m.id >= RUNTIME_ID_BASE or m.state == "draining"):
+            if m.id >= RUNTIME_ID_BASE or m.state == "draining":
                 kind = "draining" if m.state == "draining" else "updated"
                 self.sync.publish_member(kind, m.id, m.spec.to_mapping(), m.state)

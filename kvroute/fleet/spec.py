@@ -123,7 +123,9 @@ class WorkerSpec:
 
     :param url: base URL, e.g. ``http://10.0.0.5:8000`` (no trailing ``/v1``);
         normalized by :func:`normalize_url`. The worker's identity.
-    :param events_endpoint: its ZMQ KV-event publisher, e.g. ``tcp://10.0.0.5:5557``.
+    :param events_endpoint: its ZMQ KV-event publisher, e.g. ``tcp://10.0.0.5:5557``,
+        or ``trtllm-serve``'s ``http://10.0.0.5:8000/kv_cache_events`` (polled; see
+        :mod:`kvroute.proxy.event_sources`).
     :param replay_endpoint: its replay (ROUTER) socket, for events missed in a gap.
     :param events_format: the wire format of its KV events, a registered
         decoder's name (``"vllm"``, ``"sglang"``, ...); None: the proxy's default.

@@ -559,7 +559,8 @@ class ReplicaSync:
     def publish_member(
         self, kind: str, member_id: int, spec: Mapping[str, Any], state: str
     ) -> None:
-        """Share a membership change (``added``, ``updated``, ``draining``, ``removed``)."""
+        """Share a membership change (``added``, ``updated``, ``draining``, ``removed``,
+        or ``left``: this replica's drain of it ended)."""
         self._members.append((str(kind), int(member_id), dict(spec), str(state)))
         self._arm()
 
@@ -657,7 +658,7 @@ class ReplicaSync:
                 pipe.set(self.keys.response(w[1]), int(w[2]), px=max(int(w[3] * 1000), 1))
             elif w[0] == "member":
                 _, kind, mid, spec, state = w
-                if kind == "removed":
+                if kind in ("removed", "left"):
                     pipe.hdel(self.keys.members, str(mid))
                 else:
                     pipe.hset(self.keys.members, str(mid),

@@ -4,7 +4,11 @@ With ``sync_url`` set, the proxy is one replica of a fleet of proxies
 behind a load balancer. :class:`ProxySync` starts the replica sync before
 the KV-event subscriber (so a snapshot it loads is where the subscriber
 resumes), hands it the subscriber (so it can write snapshots), shares the
-worker pool's health, and adds to ``/metrics``:
+worker pool's health, the fleet's membership (the admin API's, the workers
+file's and DNS's changes reach every replica:
+:class:`~kvroute.fleet.share.MembershipShare`) and which worker produced
+each Responses API answer (:class:`~kvroute.fleet.responses.RedisResponseStore`,
+the proxy's response store with sync), and adds to ``/metrics``:
 
 * ``kvroute_sync_up``: 1 while Redis answers and this replica takes part;
 * ``kvroute_sync_replicas``: the other replicas whose load counts here;
@@ -35,6 +39,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..events.metrics import Metrics
+from ..fleet.membership import Membership
+from ..fleet.responses import RedisResponseStore
+from ..fleet.share import MembershipShare
 from ..fleet.sync import ReplicaSync
 from ..router import Router
 from .config import ProxyConfig
@@ -52,10 +59,17 @@ class ProxySync:
     :param config: the proxy's configuration (``sync_url`` set).
     :param pool: the worker pool (health).
     :param metrics: the proxy's metrics (the sync's series are added).
+    :param membership: the fleet's workers, shared with the other replicas
+        (None: only what the sync itself carries).
     """
 
     def __init__(
-        self, router: Router, config: ProxyConfig, pool: WorkerPool, metrics: Metrics
+        self,
+        router: Router,
+        config: ProxyConfig,
+        pool: WorkerPool,
+        metrics: Metrics,
+        membership: Membership | None = None,
     ) -> None:
         assert config.sync_url is not None
         self.pool = pool
@@ -69,6 +83,10 @@ class ProxySync:
             snapshot_interval=config.sync_snapshot_interval,
         )
         self.sync.on_health = self._remote_health
+        #: Which worker produced each Responses API answer, known to every replica.
+        self.responses = RedisResponseStore(self.sync)
+        #: The membership's changes, to and from the other replicas (None without one).
+        self.members = MembershipShare(membership, self.sync) if membership is not None else None
         self._seen: dict[int, bool] = {}
         self._checking: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -81,6 +99,9 @@ class ProxySync:
             replicas name different workers.
         """
         resume = await self.sync.start()
+        if self.members is not None:
+            # what it applies reaches the proxy's parts when the fleet starts following
+            await self.members.start()
         self._task = asyncio.create_task(self._watch_health(), name="kvroute-sync-health")
         return resume
 
@@ -91,6 +112,8 @@ class ProxySync:
 
     async def stop(self) -> None:
         """Leave the fleet."""
+        if self.members is not None:
+            self.members.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -233,8 +233,8 @@ class Warmups:
         to warm, and its plan must not stay behind.
         """
         plan = self.router.warmup_plan(session_id)
-        if plan is None or reply is None:
-            return
+        if plan is None or reply is None or plan.worker in self.upstream.pool.excluded:
+            return  # nothing to warm, or its worker drains: its next turn goes elsewhere
         body = warmup_body(call.kind, call.body, reply)
         if body is None:
             return

@@ -5,7 +5,9 @@ batches, calibrated against NVIDIA Dynamo's mocker); :mod:`.workloads` turns
 Mooncake traces and an agentic-session generator into requests;
 :mod:`.replay` runs them through a dispatcher (the real
 :class:`kvroute.router.Router`) on a simulated clock; :mod:`.metrics`
-summarises the outcome. See docs/simulator.md.
+summarises the outcome; :mod:`.seeding` derives every random stream's seed
+from the run's one seed; :mod:`.report` is the replay command's table and
+JSON report. See docs/simulator.md.
 """
 
 from __future__ import annotations

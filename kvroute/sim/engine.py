@@ -156,6 +156,18 @@ class EngineConfig:
     decode_load: str = "logical"
     timing: TimingModel = field(default_factory=TimingModel)
 
+    def blocks_needed(self, prompt_len: int, output_len: int) -> int:
+        """KV blocks a request holds when it ends; more than ``num_gpu_blocks`` and it is rejected.
+
+        >>> EngineConfig(block_size=4).blocks_needed(8, 0)   # at least one token is generated
+        3
+
+        :param prompt_len: prompt tokens.
+        :param output_len: tokens to generate.
+        :returns: ``ceil((prompt_len + max(1, output_len)) / block_size)``.
+        """
+        return -(-(prompt_len + max(1, output_len)) // self.block_size)
+
     def __post_init__(self) -> None:
         for name in ("num_gpu_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
@@ -394,7 +406,7 @@ class Engine:
         waiting = self.waiting
         while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
             s = waiting[0]
-            if -(-(s.prompt_len + s.out_len) // bs) > cache.capacity:
+            if cfg.blocks_needed(s.prompt_len, s.out_len) > cache.capacity:
                 waiting.popleft()  # can never fit, even alone
                 res.rejected.append(s.idx)
                 continue

@@ -109,10 +109,9 @@ def summarize(rec: Records, num_workers: int) -> dict[str, object]:
 
     :param rec: the records.
     :param num_workers: fleet size (for the load spread).
-    :returns: a JSON-ready dict: ``requests``, ``completed``, ``prefix_reuse``
-        (cached prompt tokens / prompt tokens, over admitted requests),
-        ``ttft_mean_ms``, ``ttft_p99_ms``, ``throughput_tok_s`` (output tokens/s),
-        ``ttft_ms``, ``tpot_ms`` (over requests with > 1 output token),
+    :returns: a JSON-ready dict, each figure once: ``requests``, ``completed``,
+        ``prefix_reuse`` (cached prompt tokens / prompt tokens, over admitted
+        requests), ``ttft_ms``, ``tpot_ms`` (over requests with > 1 output token),
         ``e2e_ms`` (each with mean/p50/p95/p99), ``duration_s``,
         ``throughput`` (requests/s, output tokens/s, prompt tokens/s),
         ``load_spread`` (requests and prompt tokens per worker: max/mean and
@@ -149,10 +148,6 @@ def summarize(rec: Records, num_workers: int) -> dict[str, object]:
         "requests": len(rec.arrival),
         "completed": int(done.sum()),
         "prefix_reuse": reuse,
-        # the headline figures, flat, for scripts that compare runs
-        "ttft_mean_ms": ttft_ms["mean"],
-        "ttft_p99_ms": ttft_ms["p99"],
-        "throughput_tok_s": out_tok_s,
         "ttft_ms": ttft_ms,
         "tpot_ms": _stats_ms(tpot),
         "e2e_ms": _stats_ms(e2e),

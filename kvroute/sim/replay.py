@@ -12,7 +12,10 @@ exists only to calibrate the engine model against Dynamo's mocker and for
 tests; :func:`unbounded_reuse` and :func:`pooled_lru_reuse` compute the two
 bounds every report shows beside the policies.
 
-The ``kvroute replay`` command line is :mod:`kvroute.sim.cli`.
+A replay is deterministic: given a seed, :func:`make_dispatcher` seeds the
+policy and :func:`replay` the event loss, each from its own stream
+(:mod:`kvroute.sim.seeding`), and nothing depends on what ran before in the
+process. The ``kvroute replay`` command line is :mod:`kvroute.sim.cli`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..request import Request
 from ..router import Router
 from .engine import Engine, EngineConfig, PassResult
 from .metrics import Records, summarize
-from .workloads import SimRequest
+from .seeding import derive_seed, policy_seed, takes_seed
+from .workloads import SimRequest, fresh_key_at
 
 __all__ = [
     "Dispatcher",
@@ -206,18 +210,34 @@ class RouterDispatcher:
 DispatcherFactory = Callable[[SimClock, int, EngineConfig], Dispatcher]
 
 
-def make_dispatcher(name: str, **router_kwargs: Any) -> DispatcherFactory:
+def make_dispatcher(
+    name: str, *, seed: int | None = None, **router_kwargs: Any
+) -> DispatcherFactory:
     """A factory for the dispatcher called ``name``.
 
     ``"sim:round_robin"`` is the simulator's own round-robin (calibration);
     any other name is a Router policy, driven by :class:`RouterDispatcher`.
 
+    With ``seed``, a policy that draws random numbers gets
+    :func:`kvroute.sim.seeding.policy_seed` ``(seed, name)``, unless
+    ``router_kwargs["policy_params"]`` names a seed: so a replay seeded
+    with ``seed`` is the same run every time (``kvroute replay --seed``).
+
     :param name: the dispatcher or policy name.
-    :param router_kwargs: passed to ``Router``.
+    :param seed: the run's seed (None: the policy's RNG is as given, unseeded if not given).
+    :param router_kwargs: passed to ``Router`` (``policy_params``, ``kv_events``, ...).
     :returns: the factory.
+    :raises KeyError: with ``seed``, an unknown policy name (checked here, not on first use).
     """
     if name == "sim:round_robin":
         return lambda clock, n, cfg: RoundRobinDispatcher(n)
+    if seed is not None:
+        given = dict(router_kwargs.get("policy_params") or {})
+        if "seed" not in given and takes_seed(name):
+            router_kwargs = {
+                **router_kwargs,
+                "policy_params": {**given, "seed": policy_seed(seed, name)},
+            }
 
     def build(clock: SimClock, n: int, cfg: EngineConfig) -> Dispatcher:
         return RouterDispatcher(
@@ -237,8 +257,11 @@ class ReplayResult:
     """The outcome of :func:`replay`.
 
     :param records: per-request outcomes.
-    :param summary: :func:`kvroute.sim.metrics.summarize` of them, plus engine counters.
-    :param wall_s: wall-clock seconds the replay took.
+    :param summary: :func:`kvroute.sim.metrics.summarize` of them, plus engine
+        counters (``preemptions``, ``engine_steps``) and ``rejected`` (requests
+        an engine dropped: they could never fit its cache).
+    :param wall_s: wall-clock seconds the replay took (a fact of the run, not a result).
+    :param engines: the engines, in their final state.
     """
 
     records: Records
@@ -248,6 +271,170 @@ class ReplayResult:
 
 
 _DELIVER, _PASS = 0, 1
+
+
+class _FreshKeys:
+    """Block keys for unnamed blocks, counted per replay: a replay's outcome never
+    depends on what ran before it in the process (the order of ``--policy`` included)."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self) -> int:
+        k = self._next
+        self._next = k + 1
+        return fresh_key_at(k)
+
+
+class _Replay:
+    """The state of one replay and its three event handlers.
+
+    The loop touches the router side only through :attr:`disp` (routing,
+    lifecycle calls, and KV events through :meth:`_publish`) and the
+    worker side only through :attr:`engines`: the seams for a front
+    balancer over several routers (a :class:`Dispatcher` that owns them) and
+    for pools of engines with different roles.
+    """
+
+    def __init__(
+        self,
+        requests: Sequence[SimRequest],
+        disp: Dispatcher,
+        engines: list[Engine],
+        clock: SimClock,
+        *,
+        event_lag: float,
+        event_loss: float,
+        loss_rng: np.random.Generator,
+        track_regret: bool,
+    ) -> None:
+        self.requests = requests
+        self.disp = disp
+        self.engines = engines
+        self.clock = clock
+        self.event_lag = event_lag
+        self.event_loss = event_loss
+        self.loss_rng = loss_rng
+        self.track_regret = track_regret
+        self.wants_events = bool(getattr(disp, "wants_events", True))
+        self.bs = engines[0].config.block_size
+        n, w = len(requests), len(engines)
+        self.rec = Records.empty(n)
+        self.rejected = 0
+        self.owner: list[list[int]] = [[] for _ in range(w)]  # engine-local index -> request
+        self.version = [0] * w  # bumped when a pass end is moved: the old heap entry is stale
+        self.busy = [False] * w
+        self.heap: list[tuple[float, int, int, Any, Any]] = []
+        self.seq = 0  # heap tie-breaker: equal times pop in push order
+
+    def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, a, b))
+
+    # -- the router side ------------------------------------------------------------
+
+    def _publish(self, w: int, res: PassResult, t: float) -> None:
+        """Send a pass's KV events to the dispatcher: a pass's evictions before its stores."""
+        disp = self.disp
+        batches: list[tuple[Any, ...]] = []
+        if res.removed:
+            batches.append((disp.removed, w, res.removed))
+        for keys, parent in res.stored:
+            batches.append((disp.stored, w, keys, parent))
+        for b in batches:
+            if self.event_loss and self.loss_rng.random() < self.event_loss:
+                continue
+            if self.event_lag:
+                self._push(t + self.event_lag, _DELIVER, b, None)
+            else:
+                b[0](*b[1:])
+
+    # -- the worker side ------------------------------------------------------------
+
+    def _pass_end(self, w: int, t: float) -> None:
+        eng = self.engines[w]
+        res = eng.finish()
+        own, rec, reqs, disp = self.owner[w], self.rec, self.requests, self.disp
+        for li in res.first_token:
+            g = own[li]
+            rec.first_token[g] = t
+            rec.cached_tokens[g] = max(eng.requests[li].cached, 0)
+            disp.first_token(reqs[g].request_id)
+        for li in res.finished:
+            g = own[li]
+            rec.finish[g] = t
+            rec.output_tokens[g] = eng.requests[li].generated
+            disp.finished(reqs[g].request_id)
+        for li in res.rejected:
+            self.rejected += 1
+            disp.failed(reqs[own[li]].request_id)
+        if self.wants_events and (res.stored or res.removed):
+            self._publish(w, res, t)
+        end = eng.begin(t)
+        if end is None:
+            self.busy[w] = False
+        else:
+            self._push(end, _PASS, w, self.version[w])
+
+    def _arrive(self, i: int, t: float) -> None:
+        req = self.requests[i]
+        n = len(self.engines)
+        w = self.disp.route(req)
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w < n:
+            raise ValueError(f"dispatcher returned worker {w!r}, not in [0, {n})")
+        w = int(w)
+        rec = self.rec
+        rec.arrival[i] = t
+        rec.prompt_tokens[i] = req.prompt_len
+        rec.worker[i] = w
+        if self.track_regret:
+            bs = self.bs
+            keys = req.hashes[: min(req.prompt_blocks(bs), (req.prompt_len - 1) // bs)]
+            ov = [e.cached_prefix(keys) for e in self.engines]
+            rec.chosen_overlap[i] = ov[w]
+            rec.best_overlap[i] = max(ov)
+        eng = self.engines[w]
+        self.owner[w].append(i)
+        eng.enqueue(req)
+        if not self.busy[w]:
+            self.busy[w] = True
+            end = eng.begin(t)
+            assert end is not None
+            self._push(end, _PASS, w, self.version[w])
+        else:
+            cut = eng.interrupt(t)
+            if cut is not None:
+                self.version[w] += 1
+                self._push(cut, _PASS, w, self.version[w])
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self, progress: Callable[[int, int], None] | None) -> None:
+        reqs, heap, clk = self.requests, self.heap, self.clock
+        n = len(reqs)
+        step = max(1, n // 200)
+        prev_arrival = -math.inf
+        i = 0
+        while i < n or heap:
+            ta = reqs[i].arrival if i < n else math.inf
+            if heap and heap[0][0] <= ta:
+                t, kind, _s, a, b = heapq.heappop(heap)
+                clk.now = t
+                if kind == _DELIVER:
+                    a[0](*a[1:])
+                elif b == self.version[a]:
+                    self._pass_end(a, t)
+                continue
+            if ta < prev_arrival:
+                raise ValueError("requests must be sorted by arrival")
+            prev_arrival = ta
+            clk.now = ta
+            self._arrive(i, ta)
+            i += 1
+            if progress is not None and (i % step == 0 or i == n):
+                progress(i, n)
 
 
 def replay(
@@ -266,6 +453,9 @@ def replay(
 ) -> ReplayResult:
     """Replay ``requests`` (sorted by arrival) through a dispatcher and ``num_workers`` engines.
 
+    Deterministic: the same arguments (and a dispatcher seeded alike) give
+    the same records and summary, whatever ran before in the process.
+
     :param requests: the workload, sorted by arrival.
     :param dispatcher: a dispatcher, or a factory ``(clock, n, config) -> dispatcher``.
     :param num_workers: fleet size.
@@ -273,7 +463,9 @@ def replay(
     :param event_lag: seconds between a KV event and its delivery to the dispatcher.
     :param event_loss: probability an event batch (one stored chain, or one
         pass's removals) is lost.
-    :param seed: seeds the loss draws.
+    :param seed: the run's seed; the loss draws use ``derive_seed(seed,
+        "event_loss")`` (:mod:`kvroute.sim.seeding`). The dispatcher's
+        policy is seeded by :func:`make_dispatcher`, not here.
     :param track_regret: measure overlap regret (best cached prefix over all
         workers at routing time minus the chosen worker's).
     :param progress: called as ``progress(arrived, total)`` about 200 times.
@@ -294,114 +486,26 @@ def replay(
     clk = clock or SimClock()
     disp: Dispatcher
     disp = dispatcher if isinstance(dispatcher, Dispatcher) else dispatcher(clk, num_workers, cfg)
-    wants_events = bool(getattr(disp, "wants_events", True))
-    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    n = len(requests)
-    rec = Records.empty(n)
-    engines = [Engine(cfg, bulk_decode=bulk_decode) for _ in range(num_workers)]
-    owner: list[list[int]] = [[] for _ in range(num_workers)]
-    version = [0] * num_workers
-    busy = [False] * num_workers
-    heap: list[tuple[float, int, int, Any, Any]] = []
-    seq = 0
-    bs = cfg.block_size
-    step = max(1, n // 200)
-    prev_arrival = -math.inf
-
-    def deliver(w: int, res: PassResult, t: float) -> None:
-        nonlocal seq
-        batches: list[tuple[Any, ...]] = []
-        if res.removed:
-            batches.append((disp.removed, w, res.removed))
-        for keys, parent in res.stored:
-            batches.append((disp.stored, w, keys, parent))
-        for b in batches:
-            if event_loss and rng.random() < event_loss:
-                continue
-            if event_lag:
-                seq += 1
-                heapq.heappush(heap, (t + event_lag, _DELIVER, seq, b, None))
-            else:
-                b[0](*b[1:])
-
-    def on_pass_end(w: int, t: float) -> None:
-        nonlocal seq
-        eng = engines[w]
-        res = eng.finish()
-        own = owner[w]
-        for li in res.first_token:
-            g = own[li]
-            rec.first_token[g] = t
-            rec.cached_tokens[g] = max(eng.requests[li].cached, 0)
-            disp.first_token(requests[g].request_id)
-        for li in res.finished:
-            g = own[li]
-            rec.finish[g] = t
-            rec.output_tokens[g] = eng.requests[li].generated
-            disp.finished(requests[g].request_id)
-        for li in res.rejected:
-            disp.failed(requests[own[li]].request_id)
-        if wants_events and (res.stored or res.removed):
-            deliver(w, res, t)
-        end = eng.begin(t)
-        if end is None:
-            busy[w] = False
-        else:
-            seq += 1
-            heapq.heappush(heap, (end, _PASS, seq, w, version[w]))
-
-    i = 0
-    while i < n or heap:
-        ta = requests[i].arrival if i < n else math.inf
-        if heap and heap[0][0] <= ta:
-            t, kind, _s, a, b = heapq.heappop(heap)
-            clk.now = t
-            if kind == _DELIVER:
-                a[0](*a[1:])
-            elif b == version[a]:
-                on_pass_end(a, t)
-            continue
-        req = requests[i]
-        if ta < prev_arrival:
-            raise ValueError("requests must be sorted by arrival")
-        prev_arrival = ta
-        clk.now = ta
-        w = disp.route(req)
-        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w < num_workers:
-            raise ValueError(f"dispatcher returned worker {w!r}, not in [0, {num_workers})")
-        w = int(w)
-        rec.arrival[i] = ta
-        rec.prompt_tokens[i] = req.prompt_len
-        rec.worker[i] = w
-        if track_regret:
-            keys = req.hashes[: min(req.prompt_blocks(bs), (req.prompt_len - 1) // bs)]
-            ov = [e.cached_prefix(keys) for e in engines]
-            rec.chosen_overlap[i] = ov[w]
-            rec.best_overlap[i] = max(ov)
-        eng = engines[w]
-        owner[w].append(i)
-        eng.enqueue(req)
-        if not busy[w]:
-            busy[w] = True
-            end = eng.begin(ta)
-            assert end is not None
-            seq += 1
-            heapq.heappush(heap, (end, _PASS, seq, w, version[w]))
-        else:
-            cut = eng.interrupt(ta)
-            if cut is not None:
-                version[w] += 1
-                seq += 1
-                heapq.heappush(heap, (cut, _PASS, seq, w, version[w]))
-        i += 1
-        if progress is not None and (i % step == 0 or i == n):
-            progress(i, n)
+    fresh = _FreshKeys()  # one key space for the fleet: unnamed blocks never collide
+    engines = [Engine(cfg, fresh, bulk_decode=bulk_decode) for _ in range(num_workers)]
+    loop = _Replay(
+        requests,
+        disp,
+        engines,
+        clk,
+        event_lag=event_lag,
+        event_loss=event_loss,
+        loss_rng=np.random.default_rng(derive_seed(seed, "event_loss")),
+        track_regret=track_regret,
+    )
+    loop.run(progress)
     wall = time.perf_counter() - t0
-    summary: dict[str, Any] = summarize(rec, num_workers)
+    summary: dict[str, Any] = summarize(loop.rec, num_workers)
+    summary["rejected"] = loop.rejected
     summary["preemptions"] = sum(e.preemptions for e in engines)
     summary["engine_steps"] = sum(e.steps for e in engines)
-    return ReplayResult(rec, summary, wall, engines)
+    return ReplayResult(loop.rec, summary, wall, engines)
 
 
 # -- bounds -----------------------------------------------------------------------

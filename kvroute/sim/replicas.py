@@ -307,16 +307,15 @@ def replica_factory(
     n = getattr(args, "replicas", 1)
     if n < 1:
         raise ValueError(f"--replicas must be >= 1, got {n}")
-    if n == 1:
+    if n == 1 or name.startswith("sim:"):  # the simulator's own dispatchers keep no state
         return None
     return make_replicas(name, n, sync=args.sync, sync_lag=args.sync_lag, **router_kwargs)
 
 
 def replica_settings(args: Any) -> dict[str, Any]:
-    """The ``--replicas`` settings of a run, for its JSON report."""
+    """The ``--replicas`` settings of a run, for its JSON report's ``parameters.fleet``."""
     return {
         "replicas": getattr(args, "replicas", 1),
         "sync": getattr(args, "sync", True),
         "sync_lag_s": getattr(args, "sync_lag", 0.0),
-        "arrival_jitter_s": getattr(args, "arrival_jitter", 0.0),
     }

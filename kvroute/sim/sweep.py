@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..policies import get_policy
 from .engine import EngineConfig
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
+from .seeding import takes_seed
 from .workloads import AgenticConfig, SimRequest, agentic_sessions, load_mooncake
 
 __all__ = [
@@ -256,18 +256,11 @@ class SweepRow:
 
 
 def _takes_seed(name: str) -> bool:
-    """Whether the Router policy ``name`` accepts a ``seed`` (draws random numbers).
+    """Whether ``name`` is a Router policy that takes a ``seed`` (draws random numbers).
 
     :raises KeyError: no policy has that name.
     """
-    if name.startswith("sim:"):
-        return False
-    try:
-        get_policy(name, seed=0)
-    except TypeError:
-        get_policy(name)  # an unknown name raises KeyError here
-        return False
-    return True
+    return not name.startswith("sim:") and takes_seed(name)
 
 
 def _row(
@@ -282,9 +275,9 @@ def _row(
         speedup=p.speedup,
         seeds=seeds,
         prefix_reuse=float(s["prefix_reuse"]),
-        ttft_mean_ms=float(s["ttft_mean_ms"]),
-        ttft_p99_ms=float(s["ttft_p99_ms"]),
-        throughput_tok_s=float(s["throughput_tok_s"]),
+        ttft_mean_ms=float(s["ttft_ms"]["mean"]),
+        ttft_p99_ms=float(s["ttft_ms"]["p99"]),
+        throughput_tok_s=float(s["throughput"]["output_tokens_per_s"]),
         tpot_mean_ms=float(s["tpot_ms"]["mean"]),
         e2e_mean_ms=float(s["e2e_ms"]["mean"]),
         load_spread=float(s["load_spread"]["requests"]["max_over_mean"]),

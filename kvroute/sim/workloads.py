@@ -34,6 +34,7 @@ __all__ = [
     "SimRequest",
     "agentic_sessions",
     "fresh_key",
+    "fresh_key_at",
     "load_mooncake",
     "mix64",
     "mooncake_requests",
@@ -72,12 +73,25 @@ def _mix_int(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def fresh_key() -> int:
-    """A block key no workload produces (for blocks of unshared content).
+def fresh_key_at(k: int) -> int:
+    """The ``k``-th block key no workload produces (for blocks of unshared content).
 
-    :returns: a unique uint64 key (process-wide counter, top bit set before mixing).
+    :param k: a counter value (>= 0); distinct values give distinct keys.
+    :returns: a uint64 key (top bit set before mixing, so it never equals a workload's).
     """
-    return _mix_int(_FRESH_BASE + next(_fresh_counter))
+    return _mix_int(_FRESH_BASE + k)
+
+
+def fresh_key() -> int:
+    """A block key no workload produces, from a process-wide counter.
+
+    An engine outside a replay uses it; :func:`kvroute.sim.replay.replay`
+    counts its own keys (:func:`fresh_key_at`) so a replay's outcome never
+    depends on what ran before it in the process.
+
+    :returns: a unique uint64 key.
+    """
+    return fresh_key_at(next(_fresh_counter))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,12 @@ HTTP endpoints:
   ``add_generation_prompt``, ``cache_salt``;
 - ``POST /v1/messages`` (Anthropic Messages, as vLLM serves it) and
   ``POST /v1/messages/count_tokens``;
+- ``POST /v1/responses`` (OpenAI's Responses API, streaming or not, with
+  ``previous_response_id`` continuation from the responses this start
+  served) and ``POST /v1/responses/render`` (see
+  :mod:`kvroute.testing._responses`);
+- ``POST /v1/embeddings`` (deterministic unit vectors, ``float`` or
+  ``base64``; see :mod:`kvroute.testing._embeddings`);
 - ``POST /tokenize`` and ``POST /detokenize``;
 - ``POST /v1/completions/render``, ``/v1/chat/completions/render``,
   ``/v1/messages/render``: vLLM's GPU-less render endpoints, answering
@@ -50,6 +56,7 @@ it, then one ``BlockStored`` (nothing is published on a full hit).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Collection, Sequence
 from types import TracebackType
@@ -63,6 +70,7 @@ from ._engine import GENERATION_PATHS, Engine, RequestRecord, WorkerStats
 from ._http import HttpApi
 from ._publisher import KVEventPublisher
 from ._tokenizer import MockTokenizer
+from ._trtllm import TrtllmEngine, TrtllmMock, TrtllmOptions, add_routes
 from ._wire import VllmEvent
 
 __all__ = ["GENERATION_PATHS", "MockWorker", "RequestRecord", "WorkerStats"]
@@ -81,7 +89,14 @@ class MockWorker:
     The servers run on a background thread with its own event loop;
     :meth:`start` returns once the HTTP, PUB and replay sockets are listening.
     :meth:`stop` then :meth:`start` is an engine restart: same ports, sequence
-    numbers from 0, empty cache (the request log and counters are kept).
+    numbers from 0, empty cache and no stored Responses (the request log and
+    counters are kept).
+
+    Settings and addresses are properties; what reads the worker's state is
+    a method returning a snapshot (:meth:`stats`, :meth:`requests`,
+    :meth:`http_requests`, :meth:`cache_hits`, :meth:`cached_block_hashes`),
+    as ``Router.stats()`` is. ``kvroute mock-worker`` runs one from the
+    command line (:mod:`kvroute.testing.cli`).
 
     :param model: the served model name; requests naming another model (and no
         LoRA adapter) get 404.
@@ -114,6 +129,12 @@ class MockWorker:
     :param buffer_steps: batches kept for replay.
     :param drop_seqs: sequence numbers buffered for replay but never sent live.
     :param dp_rank: the data-parallel rank written into every batch.
+    :param trtllm: act as a ``trtllm-serve`` worker instead (``True``, or its
+        :class:`~kvroute.testing.TrtllmOptions`): TensorRT-LLM's hashes and KV
+        events, streamed and at ``POST /kv_cache_events`` (see :attr:`trtllm`).
+    :param store_responses: keep ``/v1/responses`` answers for
+        ``previous_response_id`` (vLLM with ``VLLM_ENABLE_RESPONSES_API_STORE=1``;
+        False: vLLM's default, where every continuation is a 404).
     :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
         xxhash algorithm without ``hash_seed`` (its hashes are random then), or
         a LoRA adapter name is empty, repeated or the base model's.
@@ -144,6 +165,8 @@ class MockWorker:
         buffer_steps: int = 10_000,
         drop_seqs: Collection[int] = (),
         dp_rank: int | None = 0,
+        trtllm: TrtllmOptions | bool = False,
+        store_responses: bool = True,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -156,7 +179,9 @@ class MockWorker:
         if token_delay < 0 or prefill_delay_per_token < 0 or default_max_tokens < 0:
             raise ValueError("delays and default_max_tokens must not be negative")
         adapters = _check_lora_adapters(model, lora_adapters)
-        self._engine = Engine(
+        opts = TrtllmOptions() if trtllm is True else trtllm or None
+        engine = Engine if opts is None else functools.partial(TrtllmEngine, opts)
+        self._engine = engine(
             model=model,
             block_size=block_size,
             num_blocks=num_blocks,
@@ -171,7 +196,7 @@ class MockWorker:
         )
         # Fail here, not on the first request, for an unusable hash setting.
         self._engine.block_hashes([0] * block_size)
-        self._api = HttpApi(self._engine)
+        self._api = HttpApi(self._engine, store_responses=store_responses)
         self.topic = topic
         self.publish_events = publish_events
         self.replay = replay
@@ -337,7 +362,14 @@ class MockWorker:
                 self._replay_port = _port_of(publisher.replay_endpoint)
         self._engine.begin(publisher)
         # A short shutdown grace: stopping cancels in-flight requests promptly.
-        self._runner = web.AppRunner(self._api.app(), access_log=None, shutdown_timeout=0.1)
+        app = self._api.app()
+        if isinstance(self._engine, TrtllmEngine):
+            add_routes(app, self._engine)
+        # A client's hang-up cancels its request, streamed or not, as vLLM's
+        # handlers are cancelled when their client disconnects.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
@@ -396,6 +428,13 @@ class MockWorker:
         if not (self.publish_events and self.replay):
             return None
         return f"tcp://{_HOST}:{self._replay_port}"
+
+    @property
+    def trtllm(self) -> TrtllmMock | None:
+        """The TensorRT-LLM mode's surface (events URL, LLM API, event ids), or None."""
+        if not isinstance(self._engine, TrtllmEngine):
+            return None
+        return TrtllmMock(self._engine, self.url)
 
     # ------------------------------------------------------------------
     # Test hooks
@@ -484,15 +523,13 @@ class MockWorker:
         return publisher.next_seq if publisher is not None else 0
 
     # ------------------------------------------------------------------
-    # Observation (any thread)
+    # Observation (any thread): snapshots, so methods
     # ------------------------------------------------------------------
 
-    @property
     def requests(self) -> list[RequestRecord]:
         """Every admitted prompt, in admission order (snapshots)."""
         return self._engine.requests()
 
-    @property
     def http_requests(self) -> dict[str, int]:
         """HTTP requests received so far, by path (e.g. ``"/v1/messages/render"``).
 
@@ -501,12 +538,17 @@ class MockWorker:
         """
         return self._engine.http_requests()
 
-    @property
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """``(path, headers)`` of the last 1000 HTTP requests, oldest first (names lowercased).
+
+        :meth:`clear_log` clears them.
+        """
+        return self._engine.request_headers()
+
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
         return self._engine.cache_hits()
 
-    @property
     def stats(self) -> WorkerStats:
         """Counters and cache occupancy."""
         return self._engine.stats()
@@ -516,7 +558,7 @@ class MockWorker:
         return self._engine.cached_block_hashes()
 
     def clear_log(self) -> None:
-        """Forget finished requests, counters and :attr:`http_requests` (the cache is kept)."""
+        """Forget finished requests, counters and :meth:`http_requests` (the cache is kept)."""
         self._engine.clear_log()
 
     def block_hashes(
