@@ -11,8 +11,11 @@ MockWorkers on loopback; the Redis server is real (``redis_server.py``).
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -306,3 +309,98 @@ def test_redis_killed_mid_run_fails_no_request_and_resyncs(tmp_path: Path) -> No
         finally:
             a.stop()
             b.stop()
+
+
+# -- workers at run time ----------------------------------------------------------------------
+
+TOKEN = "fleet-admin-token"
+
+
+def admin(proxy: ProxyProcess, method: str, path: str, body: Any = None,
+          token: str | None = TOKEN) -> tuple[int, Any]:  # fmt: skip
+    """An admin API call (with the token unless ``token`` is None): status, its JSON."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(proxy.url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read() or b"null")
+
+
+def listed(proxy: ProxyProcess) -> dict[str, dict[str, Any]]:
+    """The proxy's workers by URL, as its admin API lists them."""
+    status, answer = admin(proxy, "GET", "/admin/workers")
+    assert status == 200, answer
+    return {w["url"]: w for w in answer["workers"]}
+
+
+def residencies(proxy: ProxyProcess) -> float:
+    return proxy.value("kvroute_index_residencies")
+
+
+def test_workers_added_drained_and_removed_at_run_time_reach_every_replica(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    with mock_workers(4) as workers:
+        flags = [f"{w.url}={w.events_endpoint},{w.replay_endpoint}" for w in workers[:2]]
+        late, filed = workers[2], workers[3]
+        files = {n: tmp_path / f"workers-{n}.json" for n in "ax"}
+        for f in files.values():
+            f.write_text("[]")
+        common = ["--admin-token", TOKEN, "--workers-file-interval", "0.1"]
+        sync = ["--sync-url", redis_server.url(3)]
+        a, b, x, y = start_all([
+            (flags, [*common, *sync, "--replica-id", "a", "--workers-file", str(files["a"])],
+             tmp_path / "a.log"),
+            (flags, [*common, *sync, "--replica-id", "b"], tmp_path / "b.log"),
+            (flags, [*common, "--workers-file", str(files["x"])], tmp_path / "x.log"),
+            (flags, common, tmp_path / "y.log"),
+        ])  # fmt: skip
+        try:
+            # without the token (or with another) the admin API refuses, on every replica
+            for p in (a, b):
+                assert admin(p, "GET", "/admin/workers", token=None)[0] == 401
+                assert admin(p, "POST", "/admin/workers", {"url": late.url}, token="no")[0] == 401
+            assert late.url not in listed(b)
+            spec = {"url": late.url, "events": late.events_endpoint, "replay": late.replay_endpoint}
+            # one worker through a's admin API, one through a's workers file; x, y the control
+            for p, f in ((a, files["a"]), (x, files["x"])):
+                assert admin(p, "POST", "/admin/workers", spec)[0] == 201
+                f.write_text(json.dumps([{"url": filed.url, "events": filed.events_endpoint}]))
+            for p in (a, b, x):
+                wait_for(lambda p=p: {late.url, filed.url} <= set(listed(p)), what="new workers")
+            there = listed(b)
+            assert there[late.url]["source"] == "sync" and there[filed.url]["source"] == "sync"
+            ids = {there[late.url]["id"], there[filed.url]["id"]}
+            assert ids == {listed(a)[late.url]["id"], listed(a)[filed.url]["id"]}
+            time.sleep(0.3)
+            assert not {late.url, filed.url} & set(listed(y))  # the control never hears of them
+            # b routes to both, once healthy (new conversations: rendezvous-spread)
+            wait_for(lambda: all(listed(b)[u]["healthy"] for u in (late.url, filed.url)),
+                     what="healthy on b")  # fmt: skip
+            served = {chat(b, conversation(2000 + c, 1))[1] for c in range(40)}
+            assert ids <= served, served
+            # the late worker drained through b: it leaves every replica, with its blocks
+            wid = there[late.url]["id"]
+            blocks = len(late.cached_block_hashes())
+            assert blocks > 0
+            time.sleep(0.3)  # the last requests' events reach both indexes
+            before = {p: residencies(p) for p in (a, b)}
+            taken = len(late.requests())
+            status, drained = admin(b, "POST", f"/admin/workers/{wid}/drain")
+            assert status == 202 and drained["state"] in ("draining", "removed")  # idle: at once
+            for p in (a, b):
+                wait_for(lambda p=p: late.url not in listed(p), what="drained worker gone")
+                wait_for(lambda p=p: residencies(p) == before[p] - blocks,
+                         what="its blocks out of the index")  # fmt: skip
+            for c in range(20):
+                assert chat((a, b)[c % 2], conversation(3000 + c, 1))[1] != wid
+            assert len(late.requests()) == taken  # no new request after the drain
+        finally:
+            for p in (a, b, x, y):
+                p.stop()
