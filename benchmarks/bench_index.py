@@ -197,3 +197,49 @@ def bench_replay_dynamo(benchmark: Any, small_stream: bench.OpStream) -> None:
         bench.run_dynamo(encoded, tree)
 
     benchmark.pedantic(replay, setup=setup, rounds=ROUNDS)
+
+
+#: Residencies in a snapshot: a million for the compiled index (what a
+#: large fleet holds), less for the twin, which would take minutes to fill.
+DUMP_SIZES = {"c": [10**5, 10**6], "py": [10**4, 10**5]}
+
+
+@pytest.fixture(params=[(m, n) for m, i in zip(TWINS, TWIN_IDS, strict=True)
+                        for n in DUMP_SIZES[i]],
+                ids=[f"{i}-{n}" for i in TWIN_IDS for n in DUMP_SIZES[i]])  # fmt: skip
+def snapshot_index(request: pytest.FixtureRequest) -> tuple[Any, Any, int]:
+    """An index of n residencies with engine handles, as KV events leave it (n / 8 shared)."""
+    mod, n = request.param
+    parts = chains(n * 8 // 9, seed=6)
+    idx = mod.BlockIndex()
+    for i, c in enumerate(parts):
+        e = bench.engine_hashes_of(c)
+        idx.store(i % WORKERS, c, engine_hashes=e)
+        if i % 8 == 0:
+            idx.store((i + 1) % WORKERS, c, engine_hashes=e)
+    return mod, idx, idx.residencies()
+
+
+def bench_dump(benchmark: Any, snapshot_index: tuple[Any, Any, int]) -> None:
+    """``BlockIndex.dump()`` of an index of n residencies (the replica-sync snapshot)."""
+    _, idx, n = snapshot_index
+    benchmark.group = f"dump {n:,} residencies"
+    data = benchmark.pedantic(idx.dump, rounds=ROUNDS)
+    benchmark.extra_info["bytes"] = len(data)
+    benchmark.extra_info["residencies"] = n
+
+
+def bench_load(benchmark: Any, snapshot_index: tuple[Any, Any, int]) -> None:
+    """``BlockIndex.load()`` of that dump into an empty index (a replica starting late)."""
+    mod, idx, n = snapshot_index
+    data = idx.dump()
+    benchmark.group = f"load {n:,} residencies"
+    benchmark.extra_info["bytes"] = len(data)
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (mod.BlockIndex(),), {}
+
+    def load(fresh: Any) -> None:
+        fresh.load(data)
+
+    benchmark.pedantic(load, setup=setup, rounds=ROUNDS)

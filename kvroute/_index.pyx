@@ -38,10 +38,11 @@ from cpython.pythread cimport (
     PyThread_release_lock,
     PyThread_type_lock,
 )
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from cpython.buffer cimport PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 from ._buffers cimport as_u64, get_hashes_and_workers, get_keys, grow_array
 from ._u64map cimport (
@@ -52,6 +53,7 @@ from ._u64map cimport (
     hm_del_values,
     hm_free,
     hm_get,
+    hm_grow,
     hm_home,
     hm_new,
     hm_put,
@@ -82,6 +84,11 @@ cdef extern from *:
 import numpy as np
 
 from ._convert import TIERS, tier_index
+from ._dump import (
+    MAGIC as _DUMP_MAGIC,
+    positions as _dump_positions,
+    unpack as _dump_unpack,
+)
 
 __all__ = ["MAX_COPIES", "TIERS", "BlockIndex"]
 
@@ -934,24 +941,234 @@ cdef class BlockIndex:
         See :meth:`kvroute._index_py.BlockIndex.remove_worker`.
         """
         cdef uint64_t w = as_u64(worker, "worker")
-        cdef object s
-        cdef uint32_t slot
-        cdef uint64_t n
         self._acquire()
         try:
-            s = self._slot_of.get(w)
-            if s is None:
-                return 0
-            slot = s
-            n = self._clear_slot(slot)
-            del self._slot_of[w]
-            hm_del(self._slot_map, w)
-            self._slot_live[slot] = 0
-            self._slot_free[self._nslot_free] = slot
-            self._nslot_free += 1
-            return n
+            return self._drop_worker_locked(w)
         finally:
             self._release()
+
+    # -- snapshots -----------------------------------------------------------
+
+    def dump(self):
+        """The whole index as bytes, for :meth:`load`.
+
+        See :meth:`kvroute._index_py.BlockIndex.dump`. Written straight into
+        the bytes object, in one pass (``kvroute._dump``'s format, little-endian).
+        """
+        cdef uint64_t nres = 0, nh = 0, nw, i, j, k, r, v, total
+        cdef uint32_t slot, n
+        cdef uint64_t* s
+        cdef HMap* hm
+        cdef char* buf
+        cdef char* p_rk
+        cdef char* p_rw
+        cdef char* p_hw
+        cdef char* p_he
+        cdef char* p_hk
+        cdef char* p_rc
+        self._acquire()
+        try:
+            for slot in range(self._nslots):
+                if self._slot_live[slot]:
+                    nres += self._slot_resident[slot]
+                    hm = self._slot_handles[slot]
+                    if hm != NULL:
+                        nh += hm.used + hm.has_zero
+            workers = sorted(self._slot_of)
+            nw = len(workers)
+            total = 40 + 8 * (nw + 2 * nres + 3 * nh) + 6 * nres
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)
+            buf = PyBytes_AS_STRING(out)
+            memcpy(buf, <const char*>_DUMP_MAGIC, 8)
+            _put64(buf + 8, nw)
+            _put64(buf + 16, nres)
+            _put64(buf + 24, nh)
+            _put64(buf + 32, 0)
+            for i in range(nw):
+                _put64(buf + 40 + 8 * i, <uint64_t>workers[i])
+            p_rk = buf + 40 + 8 * nw
+            p_rw = p_rk + 8 * nres
+            p_hw = p_rw + 8 * nres
+            p_he = p_hw + 8 * nh
+            p_hk = p_he + 8 * nh
+            p_rc = p_hk + 8 * nh
+            with nogil:
+                j = 0
+                for i in range(self._cap):
+                    v = self._t[i].val
+                    if v == 0:
+                        continue
+                    k = self._t[i].key
+                    if v & SPILL:
+                        s = self._sets[v & 0xFFFFFFFFu]
+                        for n in range(set_len(s)):
+                            r = set_items(s)[n]
+                            _put_res(p_rk, p_rw, p_rc, j, k, self._slot_worker[res_slot(r)], r)
+                            j += 1
+                    else:
+                        _put_res(p_rk, p_rw, p_rc, j, k, self._slot_worker[res_slot(v)], v)
+                        j += 1
+                j = 0
+                for slot in range(self._nslots):
+                    hm = self._slot_handles[slot]
+                    if hm == NULL or not self._slot_live[slot]:
+                        continue
+                    if hm.has_zero:
+                        _put64(p_hw + 8 * j, self._slot_worker[slot])
+                        _put64(p_he + 8 * j, 0)
+                        _put64(p_hk + 8 * j, hm.zero_val)
+                        j += 1
+                    for i in range(hm.cap):
+                        if hm.e[i].key != 0:
+                            _put64(p_hw + 8 * j, self._slot_worker[slot])
+                            _put64(p_he + 8 * j, hm.e[i].key)
+                            _put64(p_hk + 8 * j, hm.e[i].val)
+                            j += 1
+        finally:
+            self._release()
+        return out
+
+    def load(self, data):
+        """Fill this index, which must know no worker yet, from a :meth:`dump`.
+
+        See :meth:`kvroute._index_py.BlockIndex.load`.
+        """
+        cdef const uint64_t[::1] rk, hw, he, hk
+        cdef const uint32_t[::1] rslot, hslot
+        cdef const uint16_t[:, ::1] rc
+        cdef size_t i, nr, nh
+        cdef uint64_t word, old
+        cdef uint32_t slot
+        cdef Entry* ent
+        cdef uint64_t* rp
+        cdef HMap* hm
+        cdef long sid
+        cdef int bad = 0       # 1: a residency twice, 2: a handle to a block its worker lacks, 3: OOM
+        cdef uint64_t bad_key = 0, bad_worker = 0
+        d = _dump_unpack(data)
+        self._acquire()
+        try:
+            if self._slot_of:
+                raise ValueError("load() needs an empty index (one that knows no worker)")
+            workers = d.workers.tolist()
+            for w in workers:
+                self._slot_for(w)
+            slots = np.array([self._slot_of[w] for w in workers], np.uint32)
+            try:
+                rpos, hpos = _dump_positions(d)
+            except ValueError:
+                for w in workers:
+                    self._drop_worker_locked(w)
+                raise
+            rslot = slots[rpos]
+            d_hslot = slots[hpos]
+            hslot = d_hslot
+            rk = np.ascontiguousarray(d.res_keys)
+            rc = np.ascontiguousarray(d.res_counts)
+            hw = np.ascontiguousarray(d.handle_workers)
+            he = np.ascontiguousarray(d.handle_engine)
+            hk = np.ascontiguousarray(d.handle_keys)
+            nr = rk.shape[0]
+            nh = hk.shape[0]
+            # A dump lists blocks in table order, i.e. sorted by home slot. Inserted
+            # in that order into a table that grows on the way, linear probing
+            # piles them into ever longer runs (quadratic); into a table already
+            # as large as the original (or larger), they fall where they were.
+            # The handle maps likewise.
+            while nr * 4 > self._cap * 3:
+                if self._grow() < 0:
+                    raise MemoryError("BlockIndex.load: out of memory")
+            per_slot = np.bincount(d_hslot, minlength=self._nslots) if nh else []
+            for slot in range(len(per_slot)):
+                if per_slot[slot]:
+                    hm = self._slot_handles[slot] = hm_new()
+                    while hm != NULL and <uint64_t>per_slot[slot] * 4 > hm.cap * 3:
+                        if hm_grow(hm) < 0:
+                            break
+                    if hm == NULL or <uint64_t>per_slot[slot] * 4 > hm.cap * 3:
+                        for w in workers:
+                            self._drop_worker_locked(w)
+                        raise MemoryError("BlockIndex.load: out of memory")
+            with nogil:
+                for i in range(nr):
+                    slot = rslot[i]
+                    word = (<uint64_t>rc[i, 0] | (<uint64_t>rc[i, 1] << COUNT_BITS)
+                            | (<uint64_t>rc[i, 2] << (2 * COUNT_BITS))
+                            | (<uint64_t>slot << SLOT_SHIFT))
+                    ent = self._find_or_insert(rk[i])
+                    if ent == NULL:
+                        bad = 3
+                        break
+                    if ent.val == 0:
+                        ent.val = word
+                    elif self._res(ent, slot) != NULL:
+                        bad = 1
+                        bad_key = rk[i]
+                        bad_worker = self._slot_worker[slot]
+                        break
+                    elif ent.val & SPILL:
+                        if self._set_insert(ent, word) < 0:
+                            bad = 3
+                            break
+                    else:
+                        sid = self._set_new(ent.val, word)
+                        if sid < 0:
+                            bad = 3
+                            break
+                        ent.val = SPILL | <uint64_t>sid
+                    self._slot_resident[slot] += 1
+                if not bad:
+                    for i in range(nh):
+                        slot = hslot[i]
+                        ent = self._find(hk[i])
+                        rp = NULL if ent == NULL else self._res(ent, slot)
+                        if rp == NULL:
+                            bad = 2
+                            bad_key = hk[i]
+                            bad_worker = hw[i]
+                            break
+                        hm = self._slot_handles[slot]
+                        if hm == NULL:
+                            hm = self._slot_handles[slot] = hm_new()
+                            if hm == NULL:
+                                bad = 3
+                                break
+                        if not hm_get(hm, he[i], &old) or old != hk[i]:
+                            if hm_put(hm, he[i], hk[i]) < 0:
+                                bad = 3
+                                break
+                            if res_hc(rp[0]) < 2:
+                                rp[0] += (<uint64_t>1) << HC_SHIFT
+            if bad:
+                for w in workers:
+                    self._drop_worker_locked(w)
+                if bad == 3:
+                    raise MemoryError("BlockIndex.load: out of memory")
+                if bad == 1:
+                    raise ValueError(
+                        f"a BlockIndex dump names block {bad_key} on worker {bad_worker} twice"
+                    )
+                raise ValueError(
+                    f"a BlockIndex dump has a handle of {bad_worker} to a block it lacks"
+                )
+        finally:
+            self._release()
+
+    cdef uint64_t _drop_worker_locked(self, uint64_t w) except? 0xFFFFFFFFFFFFFFFF:
+        """``remove_worker`` with the lock held."""
+        cdef object s = self._slot_of.get(w)
+        cdef uint32_t slot
+        cdef uint64_t n
+        if s is None:
+            return 0
+        slot = s
+        n = self._clear_slot(slot)
+        del self._slot_of[w]
+        hm_del(self._slot_map, w)
+        self._slot_live[slot] = 0
+        self._slot_free[self._nslot_free] = slot
+        self._nslot_free += 1
+        return n
 
     cdef uint32_t _match_run(self, const uint64_t* keys, size_t n, int tiers) noexcept nogil:
         """Walk ``keys``; leave counts in _cnt (and _tier_cnt) for the slots in _hits.
@@ -1356,6 +1573,25 @@ cdef class BlockIndex:
         )
 
 
+
+
+cdef inline void _put64(char* p, uint64_t v) noexcept nogil:
+    # little-endian whatever the host (compilers make it one store on x86 / arm64)
+    cdef int b
+    for b in range(8):
+        p[b] = <char>((v >> (8 * b)) & 0xFF)
+
+
+cdef inline void _put_res(char* rk, char* rw, char* rc, uint64_t j, uint64_t key,
+                          uint64_t worker, uint64_t r) noexcept nogil:
+    cdef int t
+    cdef uint64_t c
+    _put64(rk + 8 * j, key)
+    _put64(rw + 8 * j, worker)
+    for t in range(3):
+        c = res_count(r, t)
+        rc[6 * j + 2 * t] = <char>(c & 0xFF)
+        rc[6 * j + 2 * t + 1] = <char>(c >> 8)
 
 
 cdef inline int _tier(object tier) except -1:

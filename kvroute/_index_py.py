@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._convert import TIERS, U64_MAX, as_u64_array, check_u64, tier_index
+from ._dump import Dump, pack, positions, unpack
 
 __all__ = ["MAX_COPIES", "TIERS", "BlockIndex", "HashesLike"]
 
@@ -240,6 +241,87 @@ class BlockIndex:
         self._handles.pop(w, None)
         self._resident.pop(w, None)
         return dropped
+
+    # -- snapshots --------------------------------------------------------
+
+    @_atomic
+    def dump(self) -> bytes:
+        """The whole index as bytes (:mod:`kvroute._dump`'s format), for :meth:`load`.
+
+        Every residency with its copy counts per tier, every engine handle,
+        and every known worker (one holding nothing too). Counters
+        (:meth:`stats`) are not kept. Either twin loads the other's dump.
+
+        >>> a = BlockIndex()
+        >>> a.store(0, [11, 12], engine_hashes=[101, 102])
+        >>> a.store(1, [11], tier="host")
+        >>> b = BlockIndex()
+        >>> b.load(a.dump())
+        >>> sorted(b.match_tiers([11, 12]).items()), b.resolve(0, 102)
+        ([(0, (2, 0, 0)), (1, (0, 1, 0))], 12)
+
+        Runtime complexity: O(residencies + handles).
+        """
+        keys, holders, counts = [], [], []
+        for k, by_worker in self._blocks.items():
+            for w, c in by_worker.items():
+                keys.append(k)
+                holders.append(w)
+                counts.append(c)
+        hw, he, hk = [], [], []
+        for w, handles in self._handles.items():
+            for e, k in handles.items():
+                hw.append(w)
+                he.append(e)
+                hk.append(k)
+        u64 = np.uint64
+        return pack(
+            Dump(
+                np.array(sorted(self._resident), u64),
+                np.array(keys, u64),
+                np.array(holders, u64),
+                np.array(hw, u64),
+                np.array(he, u64),
+                np.array(hk, u64),
+                np.array(counts, np.uint16).reshape(len(counts), 3),
+            )
+        )
+
+    @_atomic
+    def load(self, data: bytes | bytearray | memoryview) -> None:
+        """Fill this index, which must know no worker yet, from a :meth:`dump`.
+
+        Runtime complexity: O(residencies + handles).
+
+        :raises ValueError: the index is not empty, or ``data`` is not a
+            valid dump (the index is then left empty).
+        :raises TypeError: ``data`` is not bytes-like.
+        """
+        if self._resident:
+            raise ValueError("load() needs an empty index (one that knows no worker)")
+        d = unpack(data)
+        positions(d)  # every record's worker is listed
+        blocks: dict[int, dict[int, list[int]]] = {}
+        resident = {w: 0 for w in d.workers.tolist()}
+        for k, w, c in zip(
+            d.res_keys.tolist(), d.res_workers.tolist(), d.res_counts.tolist(), strict=True
+        ):
+            holders = blocks.setdefault(k, {})
+            if w in holders:
+                raise ValueError(f"a BlockIndex dump names block {k} on worker {w} twice")
+            holders[w] = c
+            resident[w] += 1
+        handles: dict[int, dict[int, int]] = {w: {} for w in resident}
+        for w, e, k in zip(
+            d.handle_workers.tolist(),
+            d.handle_engine.tolist(),
+            d.handle_keys.tolist(),
+            strict=True,
+        ):
+            if w not in blocks.get(k, {}):
+                raise ValueError(f"a BlockIndex dump has a handle of {w} to a block it lacks")
+            handles[w][e] = k
+        self._blocks, self._resident, self._handles = blocks, resident, handles
 
     # -- queries ----------------------------------------------------------
 

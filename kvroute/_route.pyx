@@ -54,6 +54,8 @@ __all__ = [
     "fresh_overlay",
     "kvroute_costs",
     "kvroute_step",
+    "rendezvous_pick",
+    "tie_key",
 ]
 
 cdef object _deque = deque
@@ -2005,6 +2007,89 @@ cdef int _get_match(object match, Py_buffer* view, Py_ssize_t n) except -1:
     raise TypeError(f"match must be a uint32 array of shape ({n},) or (3, {n})")
 
 
+cdef inline uint64_t _splitmix64(uint64_t x) noexcept nogil:
+    x += 0x9E3779B97F4A7C15ULL
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
+
+
+cdef Py_ssize_t _rendezvous(const Py_ssize_t* ties, Py_ssize_t nt, const uint64_t* ids,
+                            uint64_t key) noexcept nogil:
+    """The tie whose worker weighs most for ``key`` (see ``rendezvous_pick``); nt >= 1."""
+    cdef Py_ssize_t i, p, best = -1
+    cdef uint64_t w, best_w = 0
+    for i in range(nt):
+        p = ties[i]
+        w = _splitmix64(key ^ _splitmix64(ids[p]))
+        if best < 0 or w > best_w or (w == best_w and p < best):
+            best = p
+            best_w = w
+    return best
+
+
+cdef inline uint64_t _tie_key(const uint64_t* q, size_t L, const Py_ssize_t* ties, Py_ssize_t nt,
+                              const int64_t* ov) noexcept nogil:
+    """The key of the prompt's first block no tied worker holds (its last, 0 if empty)."""
+    cdef Py_ssize_t i
+    cdef int64_t m = 0
+    if L == 0:
+        return 0
+    for i in range(nt):
+        if ov[ties[i]] > m:
+            m = ov[ties[i]]
+    if <size_t>m >= L:
+        m = <int64_t>L - 1
+    return q[m]
+
+
+def tie_key(hashes, ties, overlap):
+    """The block key a rendezvous tie-break hashes.
+
+    See :func:`kvroute._route_py.tie_key`.
+    """
+    cdef Py_buffer kb
+    get_keys(hashes, "hashes", &kb)
+    try:
+        L = kb.shape[0]
+        if L == 0:
+            return 0
+        m = max([int(overlap[t]) for t in ties], default=0)
+        m = min(max(m, 0), L - 1)
+        return (<const uint64_t*>kb.buf)[m]
+    finally:
+        PyBuffer_Release(&kb)
+
+
+def rendezvous_pick(ties, workers, key):
+    """Among the tied positions, the one whose worker ranks first for ``key``.
+
+    See :func:`kvroute._route_py.rendezvous_pick`.
+    """
+    cdef Py_buffer wb
+    cdef uint64_t k = as_u64(key, "key")
+    cdef Py_ssize_t n, i, p, best = -1
+    cdef uint64_t w, best_w = 0
+    cdef const uint64_t* ids
+    get_keys(workers, "workers", &wb)
+    try:
+        ids = <const uint64_t*>wb.buf
+        n = wb.shape[0]
+        for t in ties:
+            p = t
+            if p < 0 or p >= n:
+                raise IndexError(f"tie {p} is not a position among {n} workers")
+            w = _splitmix64(k ^ _splitmix64(ids[p]))
+            if best < 0 or w > best_w or (w == best_w and p < best):
+                best = p
+                best_w = w
+    finally:
+        PyBuffer_Release(&wb)
+    if best < 0:
+        raise ValueError("rendezvous_pick needs at least one tie")
+    return best
+
+
 cdef Py_ssize_t _randbelow(object getrandbits, Py_ssize_t n) except -1:
     """``rng.randrange(n)`` for n >= 1, drawing the same bits (``_randbelow_with_getrandbits``).
 
@@ -2158,6 +2243,8 @@ def kvroute_step(policy, load, fresh, request_id, payload, match, hashes, double
         costs._staked = staked
         if nt == 1:
             p = ties[0]
+        elif getattr(policy, "_rendezvous", False):
+            p = _rendezvous(ties, nt, la._ids, _tie_key(q, L, ties, nt, ov))
         else:
             rng = policy._rng
             if rng is not la._rng:

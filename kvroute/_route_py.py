@@ -63,9 +63,86 @@ __all__ = [
     "fresh_overlay",
     "kvroute_costs",
     "kvroute_step",
+    "rendezvous_pick",
+    "tie_key",
 ]
 
 U64 = npt.NDArray[np.uint64]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def rendezvous_pick(ties: Any, workers: Any, key: int) -> int:
+    """Among the tied positions ``ties``, the one whose worker ranks first for ``key``.
+
+    Rendezvous (highest-random-weight) hashing: each worker's weight is
+    ``splitmix64(key ^ splitmix64(worker id))``; the heaviest wins, the
+    lowest position on an exact tie of weights. Every router that sees the
+    same tie for the same key picks the same worker, without talking to
+    the others; a worker leaving moves only the keys it won.
+
+    >>> rendezvous_pick([0, 1, 2], np.array([5, 6, 7], np.uint64), 42) in (0, 1, 2)
+    True
+    >>> a = rendezvous_pick([0, 2], np.array([5, 6, 7], np.uint64), 42)
+    >>> a == rendezvous_pick([2, 0], np.array([5, 6, 7], np.uint64), 42)
+    True
+
+    :param ties: positions into ``workers`` (at least one).
+    :param workers: worker ids, uint64.
+    :param key: the request's key (kvroute's first block key), in [0, 2**64).
+    :returns: the chosen position.
+    :raises ValueError: no ties.
+    :raises IndexError: a tie outside ``workers``.
+    :raises TypeError, OverflowError: a key or worker id that is not a uint64.
+    """
+    k = check_u64(key, "key")
+    ids = as_u64_array(workers, "workers")
+    n = len(ids)
+    best = -1
+    best_w = -1
+    for t in ties:
+        p = int(t)
+        if not 0 <= p < n:
+            raise IndexError(f"tie {p} is not a position among {n} workers")
+        w = _splitmix64(k ^ _splitmix64(int(ids[p])))
+        if w > best_w or (w == best_w and p < best):
+            best, best_w = p, w
+    if best < 0:
+        raise ValueError("rendezvous_pick needs at least one tie")
+    return best
+
+
+def tie_key(hashes: Any, ties: Any, overlap: Any) -> int:
+    """The block key a rendezvous tie-break hashes: the first block no tied worker holds.
+
+    That is the first block of the prompt's *new* part: siblings of a
+    fan-out share it (their common context is new everywhere), while
+    unrelated prompts that only share a system prompt (held everywhere) do
+    not, so the tie-break keeps the former together and spreads the
+    latter. With the whole prompt held, its last block; with no blocks, 0.
+
+    >>> tie_key(np.array([10, 11, 12], np.uint64), [0, 2], np.array([1, 0, 1]))
+    11
+    >>> tie_key(np.array([10, 11], np.uint64), [0], np.array([5])), tie_key([], [0], [0])
+    (11, 0)
+
+    :param hashes: the prompt's block keys.
+    :param ties: the tied positions.
+    :param overlap: per position, its matched blocks.
+    """
+    h = as_u64_array(hashes)
+    if not len(h):
+        return 0
+    m = max((int(overlap[t]) for t in ties), default=0)
+    return int(h[min(max(m, 0), len(h) - 1)])
 
 
 def common_prefix(a: U64, b: U64) -> int:
@@ -836,7 +913,9 @@ def kvroute_step(
     2. the new decode blocks per position: ``load.active.new_blocks``,
        plus ``out_blocks`` when non-zero;
     3. :func:`kvroute_costs` over every position, tiered when ``match`` is;
-       the chosen position is the only tie, else
+       the chosen position is the only tie, else, when the policy breaks
+       ties by rendezvous (``policy._rendezvous``),
+       :func:`rendezvous_pick` over the ties with :func:`tie_key`, else
        ``ties[policy._rng.randrange(len(ties))]``;
     4. on the chosen position ``p`` (worker ``w``): with ``fresh``,
        ``fresh.record(w, hashes, now)``; then ``prefill_tokens[p] +=
@@ -919,7 +998,12 @@ def kvroute_step(
         tiered=tiered,
     )
     costs, ties = kvroute_costs(c, prompt_tokens, block_size, policy)
-    p = ties[0] if len(ties) == 1 else ties[policy._rng.randrange(len(ties))]
+    if len(ties) == 1:
+        p = ties[0]
+    elif getattr(policy, "_rendezvous", False):
+        p = rendezvous_pick(ties, ids, tie_key(h, ties, ov))
+    else:
+        p = ties[policy._rng.randrange(len(ties))]
     worker = int(ids[p])
     matched = int(ov[p])
     cached = min(matched * block_size, prompt_tokens)

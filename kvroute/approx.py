@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,6 +114,45 @@ class PredictedResidency:
         if cap is not None:
             self._evict(worker, cap)
         return eid
+
+    def record_prompt(
+        self,
+        worker: int,
+        hashes: npt.NDArray[np.uint64],
+        now: float,
+        segments: Sequence[tuple[int, float]] = (),
+        age: float = 0.0,
+    ) -> tuple[int, ...]:
+        """Record a routed prompt, its cache breakpoints' prefixes for their own TTLs.
+
+        The prompt lives for the default TTL; each segment ``(leading blocks,
+        ttl)`` (:func:`kvroute.request.cache_segments`) for its own TTL when
+        that is longer. The whole prompt is recorded first, so a capacity
+        bound trims its tail before the pinned prefixes. ``age`` seconds have
+        already passed since the decision (another replica made it): every
+        TTL is that much shorter, and what has expired is not recorded.
+
+        >>> from kvroute._index_py import BlockIndex
+        >>> pr = PredictedResidency(BlockIndex, ttl=120.0)
+        >>> ids = pr.record_prompt(3, np.array([10, 11, 12], np.uint64), 0.0, [(1, 3600.0)])
+        >>> len(ids), pr.expire(now=200.0), pr.match(np.array([10, 11], np.uint64))
+        (2, 1, {3: 1})
+
+        :returns: the entry ids (for :meth:`forget`).
+        """
+        if not len(hashes):
+            return ()
+        ttl = self.ttl
+        rest = list(segments)
+        if rest and rest[0][0] == len(hashes):
+            ttl = max(ttl, rest.pop(0)[1])
+        ids = []
+        if ttl > age:
+            ids.append(self.record(worker, hashes, now, ttl - age))
+        ids += [
+            self.record(worker, hashes[:k], now, t - age) for k, t in rest if t > ttl and t > age
+        ]
+        return tuple(ids)
 
     def forget(self, entry_id: int) -> None:
         """Drop one entry now (its request failed). Unknown ids are ignored."""

@@ -17,6 +17,13 @@ block, and :meth:`LoadTracker.new_blocks` says in one compiled call, per
 worker, how many of a request's blocks would be new to that worker's active
 set.
 
+Other router replicas' load (:mod:`kvroute.remote`) is added into the same
+arrays, so every policy and the compiled route step see the fleet's load
+without reading a second set: :meth:`LoadTracker.set_remote` replaces a
+worker's remote share (kept apart in ``remote_*``), and
+:meth:`LoadTracker.local` gives this router's own share, which is what a
+replica publishes.
+
 Not thread-safe on its own: the router calls it under its lock.
 """
 
@@ -77,6 +84,10 @@ class LoadTracker:
         self.waiting = np.zeros(cap, np.float64)
         self.kv_usage = np.zeros(cap, np.float64)
         self.healthy = np.ones(cap, np.bool_)
+        # the other replicas' share of the three load arrays above (included in them)
+        self.remote_prefill = np.zeros(cap, np.float64)
+        self.remote_decode = np.zeros(cap, np.float64)
+        self.remote_active = np.zeros(cap, np.int64)
         self.pos: dict[int, int] = {}
         self.requests: dict[RequestKey, ActiveRequest] = {}
         self.ids_frozen = np.zeros(0, np.uint64)
@@ -94,6 +105,9 @@ class LoadTracker:
         "waiting",
         "kv_usage",
         "healthy",
+        "remote_prefill",
+        "remote_decode",
+        "remote_active",
     )
 
     def _grow(self) -> None:
@@ -230,6 +244,45 @@ class LoadTracker:
         limit = now - timeout
         return [rid for rid, r in self.requests.items() if r.last_seen < limit]
 
+    def set_remote(
+        self, worker: int, active: int, prefill_tokens: float, decode_blocks: float
+    ) -> bool:
+        """Make the other replicas' load on ``worker`` this (replacing their previous share).
+
+        The share is added into :attr:`active`, :attr:`prefill_tokens` and
+        :attr:`decode_blocks`, where policies read the fleet's load.
+
+        >>> lt = LoadTracker(); lt.add_worker(7)
+        0
+        >>> lt.set_remote(7, 3, 50.0, 4.0), lt.active[:1].tolist(), lt.local()[1].tolist()
+        (True, [3], [0])
+
+        :returns: False if the worker is unknown (nothing changes).
+        """
+        p = self.pos.get(worker)
+        if p is None:
+            return False
+        self.active[p] += int(active) - int(self.remote_active[p])
+        self.prefill_tokens[p] += float(prefill_tokens) - self.remote_prefill[p]
+        self.decode_blocks[p] += float(decode_blocks) - self.remote_decode[p]
+        self.remote_active[p] = active
+        self.remote_prefill[p] = prefill_tokens
+        self.remote_decode[p] = decode_blocks
+        return True
+
+    def local(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.float64],
+                             npt.NDArray[np.float64]]:  # fmt: skip
+        """This router's own load, without the other replicas': fresh arrays by position.
+
+        :returns: ``(worker ids, active requests, prefill tokens, decode blocks)``;
+            rounding can leave a float a hair below 0, so they are clipped at 0.
+        """
+        n = self.n
+        act = np.maximum(self.active[:n] - self.remote_active[:n], 0)
+        pre = np.maximum(self.prefill_tokens[:n] - self.remote_prefill[:n], 0.0)
+        dec = np.maximum(self.decode_blocks[:n] - self.remote_decode[:n], 0.0)
+        return self.worker_ids[:n].copy(), act, pre, dec
+
     def set_metrics(self, worker: int, waiting: float | None, kv_usage: float | None) -> bool:
         """Store worker-reported metrics; False if the worker is unknown."""
         p = self.pos.get(worker)
@@ -243,9 +296,9 @@ class LoadTracker:
 
     def _check(self) -> None:
         """Recompute the aggregates from the request table; AssertionError if they differ."""
-        prefill = np.zeros(self.n)
-        active = np.zeros(self.n, np.int64)
-        decode = np.zeros(self.n)
+        prefill = self.remote_prefill[: self.n].copy()
+        active = self.remote_active[: self.n].copy()
+        decode = self.remote_decode[: self.n].copy()
         for r in self.requests.values():
             p = self.pos[r.worker]
             prefill[p] += r.prefill_tokens

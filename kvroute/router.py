@@ -84,6 +84,7 @@ from .policies import (
     RoutingPolicy,
     get_policy,
 )
+from .remote import RemoteState, RemoteUpdate, ReplicaLoad, Routed
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
 
 if TYPE_CHECKING:
@@ -238,6 +239,11 @@ class Router:
         elif config.predict_on_route:
             self._fresh = FreshDecisions(config.fresh_ttl)
         self._pins = SessionPins(config.pin_balance_slack, config.pin_abs_slack)
+        # other replicas' load and decisions (kvroute.remote); inert unless used
+        self._remote = RemoteState(
+            self._load, self._pins, fresh=self._fresh, predicted=self._predicted,
+            block_size=config.block_size,
+        )  # fmt: skip
         self._warmups = WarmupPlans(WARMUP_PLAN_TTL)
         self._queue = AdmissionQueue(config.admission)
         self._journal = Journal(config.journal)
@@ -266,6 +272,11 @@ class Router:
         )
         for w in workers:
             self.add_worker(w)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the router reads (``time.monotonic`` unless one was given)."""
+        return self._clock
 
     @property
     def _all_healthy(self) -> bool:
@@ -322,7 +333,8 @@ class Router:
             # the role is journalled only when given, so plain journals keep their shape
             extra = {} if role == "both" else {"role": role}
             self._journal.log("add_worker", w, kv_capacity_blocks=cap, **extra)
-            self._members.add(w)
+            if self._members.add(w):
+                self._remote.reapply(w)
             if cap is not None and self._predicted is not None:
                 self._predicted.set_capacity(w, cap)
             self._pd.roles.set(w, role)
@@ -627,6 +639,8 @@ class Router:
             return self._route_locked(request, hashes, prompt, skip)
 
     def _maintain(self, now: float) -> None:
+        if now >= self._remote.next_expiry:
+            self._remote.expire(now)
         if now >= self._next_sweep:
             self._next_sweep = now + self.config.sweep_interval
             self._sweep_locked(now)
@@ -740,7 +754,9 @@ class Router:
         exclude: frozenset[int] = _NO_WORKERS,
     ) -> Decision:
         now = self._clock()
-        if now >= self._next_sweep or self._predicted is not None:
+        if now >= self._next_sweep or self._predicted is not None or (
+            now >= self._remote.next_expiry
+        ):
             self._maintain(now)
         lt = self._load
         rid = request.request_id
@@ -832,6 +848,8 @@ class Router:
             )
         if breakpoints and request.session_id is not None:
             self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
+        if self._remote.sharing:
+            self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
         if exclude:
@@ -899,7 +917,7 @@ class Router:
         else:
             key = int(hashes[0]) if len(hashes) else None
         feats = Features(
-            prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority
+            prompt, len(hashes), bs, key, request.expected_output_tokens, request.priority, hashes
         )
         choice = self.policy.choose(c, feats)
         i = int(choice.index)
@@ -1013,13 +1031,48 @@ class Router:
         for its own TTL when that is longer. The whole prompt is recorded
         first, so a capacity bound trims its tail before the pinned prefixes.
         """
-        ttl = predicted.ttl
         segments = cache_segments(breakpoints, len(hashes), self.block_size)
-        if segments and segments[0][0] == len(hashes):
-            ttl = max(ttl, segments.pop(0)[1])
-        ids = [predicted.record(worker, hashes, now, ttl)]
-        ids += [predicted.record(worker, hashes[:k], now, t) for k, t in segments if t > ttl]
-        return tuple(ids)
+        return predicted.record_prompt(worker, hashes, now, segments)
+
+    # -- replicas (kvroute.remote) ---------------------------------------------------
+
+    def share(self, outbox: Callable[[float, Routed], None] | None) -> None:
+        """Hand each later decision to ``outbox(now, routed)`` for other replicas (None: stop).
+
+        Called under the router's lock, on the routing thread: it must only
+        queue the record (:mod:`kvroute.fleet.sync` appends to a deque).
+        """
+        with self._lock:
+            self._remote.share(outbox)
+
+    def local_load(self) -> ReplicaLoad:
+        """This router's own load per worker, without what other replicas reported."""
+        with self._lock:
+            return ReplicaLoad(*self._load.local())
+
+    def apply_remote(self, update: RemoteUpdate | None) -> None:
+        """Apply another replica's load and decisions (see :mod:`kvroute.remote`).
+
+        Either way (None: nothing to apply), the load of replicas not heard
+        from within their TTL stops counting.
+        Runtime complexity: O(workers + the decisions' blocks).
+        """
+        with self._lock:
+            now = self._clock()
+            if update is not None:
+                self._remote.apply(update, now)
+            self._remote.expire(now)
+
+    def drop_remote(self, replica: str) -> bool:
+        """Stop counting ``replica``'s load now (it stopped). False if it was not counted."""
+        with self._lock:
+            return self._remote.drop(replica)
+
+    def remote_load(self) -> dict[str, Any]:
+        """The other replicas as heard: ``{"replicas": {id: (requests, expiry)},
+        "active": {worker: requests}}``."""
+        with self._lock:
+            return {"replicas": self._remote.replicas(), "active": self._remote.remote_active()}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -1193,6 +1246,7 @@ class Router:
         """Check the router's invariants (load aggregates, membership, predictions, queue)."""
         with self._lock:
             self._load._check()
+            self._remote._check()
             self._members._check()
             self._pd.roles._check(self._load.pos)
             self._queue._check()

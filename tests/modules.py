@@ -19,7 +19,7 @@ NO_EXTENSIONS = bool(os.environ.get("KVROUTE_NO_EXTENSIONS"))
 #: a module that needs one of them may be skipped when it is not installed.
 OPTIONAL = frozenset(
     {"aiohttp", "anthropic", "cbor2", "dynamo", "jinja2", "matplotlib", "msgspec"}
-    | {"prometheus_client", "tokenizers", "zmq"}
+    | {"prometheus_client", "redis", "tokenizers", "zmq"}
 )
 
 #: Deprecated aliases of moved modules: importing one warns (DeprecationWarning).

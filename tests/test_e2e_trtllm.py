@@ -14,7 +14,6 @@ configuration refuses what cannot work, saying why.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,23 +190,28 @@ def test_the_cli_takes_any_registered_zmq_format(capsys: pytest.CaptureFixture[s
     assert "unknown events format 'tgi'" in capsys.readouterr().err
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SyncedConfig(ProxyConfig):
-    """A ProxyConfig with replica sync on (the fleet's ``sync_url`` option)."""
-
-    sync_url: str | None = None
-
-
 def test_replica_sync_refuses_a_single_consumer_transport_saying_why() -> None:
     url = "http://127.0.0.1:8000"
     polled = WorkerSpec(url, url + "/kv_cache_events", events_format="trtllm")
     streamed = WorkerSpec("http://127.0.0.1:8001", "tcp://127.0.0.1:5557", events_format="trtllm")
     with pytest.raises(ValueError, match="drains the engine's event queue") as info:
-        SyncedConfig([streamed, polled], sync_url="redis://127.0.0.1:6379")
+        ProxyConfig([streamed, polled], sync_url="redis://127.0.0.1:6379")
     assert "127.0.0.1:8000" in str(info.value) and "ZMQ stream" in str(info.value)
-    SyncedConfig([streamed], sync_url="redis://127.0.0.1:6379")  # every replica gets the stream
-    SyncedConfig([polled])  # one router: fine
+    ProxyConfig([streamed], sync_url="redis://127.0.0.1:6379")  # every replica gets the stream
+    ProxyConfig([polled])  # one router: fine
     check_single_consumer(ProxyConfig([polled], events_format="trtllm"))  # no sync_url at all
+    # the proxy command's --sync-url is that field
+    import argparse
+
+    from kvroute.proxy.cli import build_config, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    worker = f"{url}={url}/kv_cache_events"
+    args = parser.parse_args(["--worker", worker, "--events-format", "trtllm",
+                              "--sync-url", "redis://127.0.0.1:6379/0"])  # fmt: skip
+    with pytest.raises(ValueError, match="drains the engine's event queue"):
+        build_config(args)
 
 
 def test_a_worker_joining_at_run_time_is_checked_alike() -> None:

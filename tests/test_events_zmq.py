@@ -759,3 +759,92 @@ def test_a_reconnect_while_a_replay_is_in_flight_loses_nothing(
         cutter.close()
     keys = kvroute_block_hashes(BASE[:32], 16, lora_name="my-lora", cache_namespace="tenant-A")
     assert router.index.match(keys) == {0: 2}
+
+
+# -- snapshots: capture, then resume from the captured position --------------------------
+
+
+def _capture(sub: ZmqSubscriber, router: Router) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    return sub.capture(lambda pos: (router.index.dump(), pos)).result(WAIT)  # type: ignore[no-any-return]
+
+
+def test_a_snapshot_resumes_where_it_was_taken(router: Router, publisher: Publisher) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        data, pos = _capture(sub, router)
+        assert pos[0][0] == seq
+        # after the snapshot the engine goes on: a child block, then an eviction
+        publisher.publish(VLLM["stored_child_block"])
+        seq = publisher.publish(VLLM["removed_by_eviction"])
+        assert seen(sub, 0, seq)
+    late = Router(block_size=16, workers=[0, 1])
+    late.index.load(data)
+    assert held(late, BASE[:32]) == 2  # what the snapshot held
+    before = len(publisher.replay_requests)
+    with ZmqSubscriber(late) as sub2:
+        sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
+        probe(sub2, publisher)
+        st = sub2.streams()[0]
+    # it asked for the history from the snapshot's seq on, and ended where the live one did
+    asked = publisher.replay_requests[before:]
+    assert asked and min(asked) >= pos[0][0]
+    assert len(late.index) == len(router.index) == 0
+    assert st.counts["restart"] == st.counts["replay_failed"] == 0
+
+
+def test_a_snapshot_older_than_the_replay_buffer_rebuilds_the_worker(
+    router: Router, publisher: Publisher
+) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        data, pos = _capture(sub, router)
+    publisher.publish(VLLM["removed_by_eviction"])
+    with publisher._lock:  # the buffer turned over: the snapshot's seq is gone
+        publisher.buffer.clear()
+    late = Router(block_size=16, workers=[0, 1])
+    late.index.load(data)
+    with ZmqSubscriber(late) as sub2:
+        sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
+        probe(sub2, publisher)
+        st = sub2.streams()[0]
+    # it could not tell what changed since: the snapshot's blocks of the worker are dropped
+    assert held(late, BASE[:32]) == 0
+    assert st.counts["restart"] + st.counts["replay_failed"] >= 1
+
+
+def test_a_snapshot_of_another_engine_life_is_not_trusted(
+    router: Router, publisher: Publisher
+) -> None:
+    with ZmqSubscriber(router) as sub:
+        connect(sub, publisher)
+        seq = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, seq)
+        data, pos = _capture(sub, router)
+    publisher.restart()  # a new engine, whose batch at the same seq is another one
+    for _ in range(pos[0][0] + 1):
+        publisher.publish(VLLM["empty_events_no_dp_rank"])
+    publisher.publish(VLLM["stored_child_block"])
+    late = Router(block_size=16, workers=[0, 1])
+    late.index.load(data)
+    with ZmqSubscriber(late) as sub2:
+        sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
+        assert sub2.wait_for(lambda s: 0 in s and s[0].counts["restart"] >= 1, WAIT)
+    assert held(late, BASE[:32]) == 0
+
+
+def test_capture_needs_a_running_subscriber_and_resume_a_valid_seq(router: Router) -> None:
+    sub = ZmqSubscriber(router)
+    with pytest.raises(RuntimeError, match="not running"):
+        sub.capture(lambda pos: pos)
+    with pytest.raises(ValueError, match="resume"):
+        sub.subscribe(0, "tcp://127.0.0.1:9", resume=(-1, 0))
+    with sub:
+        assert sub.capture(lambda pos: pos).result(WAIT) == {}
+        boom = sub.capture(lambda pos: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            boom.result(WAIT)
+        assert sub.running

@@ -30,8 +30,12 @@ MODULES = package_modules()
 CORE_DEPENDENCIES = frozenset({"kvroute", "numpy", "xxhash"})
 
 #: The edge: subpackages and modules that serve engines, HTTP, the simulator,
-#: the benchmark or the command line, and may import their extras.
-EDGE = ("kvroute.events", "kvroute.proxy", "kvroute.sim", "kvroute.testing", "kvroute.bench")
+#: the benchmark or the command line, or talk to Redis (replica sync: the
+#: ``fleet`` extra), and may import their extras.
+EDGE = (
+    "kvroute.events", "kvroute.proxy", "kvroute.sim", "kvroute.testing", "kvroute.bench",
+    "kvroute.fleet.sync", "kvroute.fleet.wire", "kvroute.fleet.responses", "kvroute.fleet.share",
+)  # fmt: skip
 #: Edge modules at the package root: the command line, deprecated aliases,
 #: and private helpers the proxy and the test kit share (the chat-template
 #: environment needs jinja2). The core never imports them.

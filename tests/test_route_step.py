@@ -277,10 +277,10 @@ def _drive(ops: list[tuple[Any, ...]], routers: list[Router], clock: Clock) -> N
 
 @pytest.mark.parametrize("route_module", ROUTE_TWINS, ids=twin_ids(ROUTE_TWINS))
 @pytest.mark.parametrize("mode", MODES, ids=["events", "no-fresh", "tiered", "event-free", "busy"])
-@given(ops=OPS, seed=st.integers(0, 3))
+@given(ops=OPS, seed=st.integers(0, 3), tie=st.sampled_from(["random", "rendezvous"]))
 @settings(deadline=None)
 def test_the_fused_step_decides_and_counts_as_the_generic_path(
-    route_module: ModuleType, mode: dict[str, Any], ops: list[tuple[Any, ...]], seed: int
+    route_module: ModuleType, mode: dict[str, Any], ops: list[tuple[Any, ...]], seed: int, tie: str
 ) -> None:
     with pytest.MonkeyPatch.context() as mp:
         routers = []
@@ -291,7 +291,7 @@ def test_the_fused_step_decides_and_counts_as_the_generic_path(
                 "workers": [0, 1, 2],
                 "clock": clock,
                 "index_factory": PyIndex,
-                "policy_params": {"seed": seed, "balance_abs_slack": 0.5},
+                "policy_params": {"seed": seed, "balance_abs_slack": 0.5, "tie_break": tie},
                 "fresh_ttl": 2.0,
                 **mode,
             }
@@ -317,6 +317,47 @@ def test_every_mode_takes_the_fused_step(route_module: ModuleType, mode: dict[st
             assert (d.worker, d.matched_blocks) == (1, 2)
         else:  # the index is ignored without events
             assert d.matched_blocks == 0
+
+
+def test_rendezvous_ties_agree_across_routers_and_paths(route_module: ModuleType) -> None:
+    # Two routers that never talk (different seeds) send the same new prefix to the
+    # same worker; the generic path (policy.choose) agrees with the fused step.
+    with pytest.MonkeyPatch.context() as mp:
+        kw: dict[str, Any] = {"workers": range(9), "clock": Clock()}
+        a = _fused_router(route_module, mp, policy_params={"seed": 1, "tie_break": "rendezvous"},
+                          **kw)  # fmt: skip
+        b = _generic_router(route_module, policy_params={"seed": 2, "tie_break": "rendezvous"},
+                            **kw)  # fmt: skip
+        chosen = set()
+        for i in range(60):
+            req = {"block_hashes": chain([i, i + 1, i + 2])}
+            da, db = a.route(Request(i, **req)), b.route(Request(i, **req))
+            assert da.worker == db.worker
+            chosen.add(da.worker)
+            a.finished(i)
+            b.finished(i)
+        assert len(chosen) > 4  # different prefixes spread over the fleet
+        # siblings (same first block) pick the same worker on an idle fleet
+        picks = set()
+        for j in range(5):
+            r = Request(f"s{j}", block_hashes=chain([77, j + 100]))
+            picks.add(a.route(r).worker)
+            a.finished(f"s{j}")
+        assert len(picks) == 1
+        # prompts that share only a system prompt every worker holds spread: the key
+        # is the first block of their new part, not the shared first block
+        for r in (a, b):
+            for w in range(9):
+                r.apply_stored(w, chain([5]))
+        spread = set()
+        for j in range(40):
+            req = {"block_hashes": chain([5, 1000 + j, 7])}
+            da, db = a.route(Request(f"u{j}", **req)), b.route(Request(f"u{j}", **req))
+            assert da.worker == db.worker and da.matched_blocks == 1
+            spread.add(da.worker)
+            a.finished(f"u{j}")
+            b.finished(f"u{j}")
+        assert len(spread) > 4
 
 
 def test_the_fused_step_breaks_ties_with_the_policys_generator(route_module: ModuleType) -> None:
@@ -374,6 +415,7 @@ def step_cases(draw: Any) -> dict[str, Any]:
         "now": draw(st.floats(0, 5)),
         "seed": draw(st.integers(0, 9)),
         "slack": draw(st.sampled_from([0.0, 0.25])),
+        "tie": draw(st.sampled_from(["random", "rendezvous"])),
     }
 
 
@@ -396,7 +438,10 @@ def _build(mod: ModuleType, case: dict[str, Any]) -> tuple[Any, Any, Any]:
         fresh = mod.FreshDecisions(ttl=2.0, per_key=3)
         for w, toks, t in case["fresh"]:
             fresh.record(w, chain(toks), t)
-    policy = KvRoute(seed=case["seed"], balance_slack=case["slack"], balance_abs_slack=0.5)
+    policy = KvRoute(
+        seed=case["seed"], balance_slack=case["slack"], balance_abs_slack=0.5,
+        tie_break=case["tie"],
+    )  # fmt: skip
     return la, fresh, policy
 
 

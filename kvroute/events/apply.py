@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -178,6 +178,20 @@ class EventApplier:
         counts[status] += n
         if self.metrics is not None:
             self.metrics.event_applied(worker, status, n)
+
+    def salts(self) -> dict[int, dict[int, str]]:
+        """Per worker, the cache salt of each salted block (by engine hash): a copy.
+
+        What a snapshot of the index needs besides the index, so that a
+        store continuing a salted prefix after :meth:`restore_salts` keys it
+        with its salt.
+        """
+        return {w: dict(m) for w, m in self._salts.items() if m}
+
+    def restore_salts(self, salts: Mapping[int, Mapping[int, str]]) -> None:
+        """Take the salts of a snapshot (:meth:`salts`), replacing those of its workers."""
+        for w, m in salts.items():
+            self._salts[int(w)] = {int(e): str(v) for e, v in m.items()}
 
     def forget(self, worker: int) -> None:
         """Drop the per-worker state (the worker left the fleet)."""

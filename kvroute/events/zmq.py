@@ -50,6 +50,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from ..router import Router
     from .metrics import Metrics
 
-__all__ = ["END_SEQ", "WorkerStream", "ZmqSubscriber"]
+__all__ = ["END_SEQ", "WorkerStream", "ZmqSubscriber", "payload_digest"]
 
 logger = logging.getLogger("kvroute.events")
 
@@ -225,6 +226,7 @@ class ZmqSubscriber:
         *,
         topic: str | None = None,
         fmt: str | None = None,
+        resume: tuple[int, int] | None = None,
     ) -> None:
         """Start following ``worker``'s events at ``endpoint`` (replacing any earlier one).
 
@@ -232,13 +234,45 @@ class ZmqSubscriber:
         joins a running engine asks the replay endpoint for the buffered history,
         so the index starts from what the engine still holds.
 
-        :raises ValueError: an unknown format.
+        :param resume: ``(seq, digest)``: the index already holds the worker's
+            blocks up to and including batch ``seq``, whose payload's
+            :func:`payload_digest` is ``digest`` (a snapshot taken by
+            :meth:`capture`). The stream continues from ``seq + 1``, replaying
+            what it missed; if the engine's history no longer has batch ``seq``
+            or has another one there (it restarted), the worker is cleared and
+            rebuilt from the history, as after any restart; without a replay
+            endpoint, the first gap clears it.
+        :raises ValueError: an unknown format, or a negative ``seq``.
         """
         f = self.fmt if fmt is None else _check_format(fmt)
         stream = WorkerStream(
             int(worker), endpoint, replay_endpoint, self.topic if topic is None else topic, f
         )
+        if resume is not None:
+            seq, digest = int(resume[0]), int(resume[1])
+            if seq < 0:
+                raise ValueError(f"resume seq must be >= 0, got {seq}")
+            stream.last_seq = seq
+            stream.recent[seq] = digest
         self._commands.put(("subscribe", stream))
+
+    def capture(self, fn: Callable[[dict[int, tuple[int, int]]], Any]) -> Future[Any]:
+        """Run ``fn(positions)`` on the subscriber thread, between two batches.
+
+        ``positions`` maps each worker whose stream applied a batch to
+        ``(last applied seq, its payload's digest)``. Nothing is applied to
+        the index while ``fn`` runs, so a dump of the index taken in ``fn``
+        holds exactly the batches up to those positions: what
+        :meth:`subscribe`'s ``resume`` needs to continue from it.
+
+        :returns: a future of ``fn``'s result (or its exception).
+        :raises RuntimeError: the subscriber is not running.
+        """
+        if not self.running:
+            raise RuntimeError("the ZMQ subscriber is not running")
+        fut: Future[Any] = Future()
+        self._commands.put(("capture", (fn, fut)))
+        return fut
 
     def unsubscribe(self, worker: int) -> threading.Event:
         """Stop following ``worker`` (its blocks stay in the index).
@@ -389,6 +423,13 @@ class ZmqSubscriber:
                 stream = self._streams.get(arg)
                 if stream is not None and stream.replay_endpoint is not None:
                     self._resync(stream)
+            elif cmd == "capture":
+                fn, fut = arg
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self._positions()))
+                    except BaseException as e:  # handed to the caller, not raised here
+                        fut.set_exception(e)
             elif cmd == "unsubscribe":
                 worker, done = arg
                 old = self._streams.get(worker)
@@ -398,6 +439,14 @@ class ZmqSubscriber:
                         del self._streams[worker]
                     self.applier.forget(worker)
                 done.set()
+
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        for w, st in self._streams.items():
+            digest = st.recent.get(st.last_seq)
+            if st.last_seq >= 0 and digest is not None:
+                out[w] = (st.last_seq, digest)
+        return out
 
     def _open(self, poller: zmq.Poller, stream: WorkerStream) -> None:
         assert self._ctx is not None
@@ -756,5 +805,13 @@ class ZmqSubscriber:
             self._resync(stream)
 
 
-def _digest(payload: bytes) -> int:
+def payload_digest(payload: bytes) -> int:
+    """The digest the subscriber keeps of each applied batch's payload (XXH3-64).
+
+    >>> payload_digest(b"abc") == payload_digest(b"abc") != payload_digest(b"abd")
+    True
+    """
     return xxhash.xxh3_64_intdigest(payload)
+
+
+_digest = payload_digest

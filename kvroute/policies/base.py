@@ -163,6 +163,8 @@ class Features:
         hash if any, else the first block hash, else None.
     :param expected_output_tokens: predicted output length, if hinted.
     :param priority: the request's priority (lower is more urgent).
+    :param block_hashes: the prompt's block keys (what every router computes
+        alike, for deterministic tie-breaks), or None.
     """
 
     prompt_tokens: int
@@ -171,6 +173,7 @@ class Features:
     affinity_key: int | None = None
     expected_output_tokens: int | None = None
     priority: int = 0
+    block_hashes: npt.NDArray[np.uint64] | None = None
 
 
 @dataclass(slots=True)

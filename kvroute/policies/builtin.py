@@ -22,6 +22,8 @@ from .base import F64, Candidates, Choice, Features, check_nonneg, register_poli
 
 kvroute_costs = _route.kvroute_costs
 kvroute_step = _route.kvroute_step
+rendezvous_pick = _route.rendezvous_pick
+tie_key = _route.tie_key
 
 __all__ = [
     "CacheAware",
@@ -368,11 +370,17 @@ class KvRoute:
     recomputed elsewhere to save a few requests of imbalance, and no prefix,
     however long, lets one worker take more than 2.5 times its bound.
     Workers over the router's busy threshold are skipped while another is
-    not. Among equal costs the least-loaded wins, then a uniformly random
-    one; a NaN or infinite cost (a worker with broken state) never wins over
-    a finite one. The returned cost arrays are fresh (never views of the
-    snapshot), as every policy's must be: a Decision formats them later.
-    State: an RNG seeded with ``seed``. Defaults and the simulator runs
+    not. Among equal costs the least-loaded wins, then (``tie_break``) a
+    uniformly random one (``"random"``), or the one a rendezvous hash of
+    the first block of the prompt's new part ranks first
+    (``"rendezvous"``): routers that know nothing of a new prefix yet still
+    agree where it goes, which is what replicas that have not heard from
+    each other need (:func:`kvroute._route_py.rendezvous_pick`,
+    :func:`kvroute._route_py.tie_key`). A NaN or infinite cost (a
+    worker with broken state) never wins over a finite one. The returned
+    cost arrays are fresh (never views of the snapshot), as every policy's
+    must be: a Decision formats them later. State: an RNG seeded with
+    ``seed``. Defaults and the simulator runs
     behind them: ``docs/routing.md``.
 
     >>> c = Candidates.build([1, 2, 3], overlap=[100, 0, 0], active_requests=[9, 0, 0])
@@ -401,7 +409,14 @@ class KvRoute:
         balance_stake_limit: float = 60_000.0,
         uncached_weight: float = 1.5,
         seed: int | None = None,
+        tie_break: str = "random",
     ) -> None:
+        if tie_break not in ("random", "rendezvous"):
+            raise ValueError(f"tie_break must be 'random' or 'rendezvous', not {tie_break!r}")
+        #: How exact ties are broken: ``"random"`` (seeded) or ``"rendezvous"``.
+        self.tie_break = tie_break
+        # read by the compiled step on a tie (kvroute/_route.pyx)
+        self._rendezvous = tie_break == "rendezvous"
         self.decode_token_weight = check_nonneg(decode_token_weight, "decode_token_weight")
         self.active_request_tokens = check_nonneg(active_request_tokens, "active_request_tokens")
         self.waiting_request_tokens = check_nonneg(waiting_request_tokens, "waiting_request_tokens")
@@ -426,7 +441,14 @@ class KvRoute:
     def choose(self, candidates: Candidates, features: Features) -> Choice:
         # the arithmetic is one compiled pass (kvroute/_route.pyx; twin: _route_py.py)
         costs, ties = kvroute_costs(candidates, features.prompt_tokens, features.block_size, self)
-        pick = ties[0] if len(ties) == 1 else ties[self._rng.randrange(len(ties))]
+        if len(ties) == 1:
+            pick = ties[0]
+        elif self._rendezvous:
+            h = features.block_hashes
+            key = 0 if h is None else tie_key(h, ties, candidates.overlap)
+            pick = rendezvous_pick(ties, candidates.workers, key)
+        else:
+            pick = ties[self._rng.randrange(len(ties))]
         return Choice(pick, costs)
 
     # the parameters the compiled arithmetic reads, in its order (kvroute/_route.pyx)
@@ -451,6 +473,8 @@ class KvRoute:
     def __setattr__(self, name: str, value: Any) -> None:
         # keep the packed copy current: the compiled step reads it in one go
         object.__setattr__(self, name, value)
+        if name == "tie_break":
+            object.__setattr__(self, "_rendezvous", value == "rendezvous")
         if name in self._PARAMS and "_packed_params" in self.__dict__:
             object.__setattr__(self, "_packed_params", self._pack())
 

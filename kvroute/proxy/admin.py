@@ -180,9 +180,7 @@ class AdminApi:
 
         config = self.fleet.config
         try:
-            check_worker_events(
-                spec, config.events_format, sync_url=getattr(config, "sync_url", None)
-            )
+            check_worker_events(spec, config.events_format, sync_url=config.sync_url)
         except ValueError as e:
             raise ProxyError(400, str(e), code="invalid_worker") from None
 

@@ -82,6 +82,7 @@ from .relay import (
     Relayed,
     failure_response,
 )
+from .replicas import ProxySync
 from .responses import LocalResponseStore, ResponseStore
 from .subscription import EventSubscription
 from .tokenize import LocalTokenizer
@@ -188,8 +189,15 @@ class ProxyApp:
             router, config, self.metrics, self.pool, enabled=self.fleet.follows_events(router)
         )
         self.fleet.attach(router, self.pool, self.events, self.metrics)
+        #: Replica sync (``sync_url``), or None.
+        self.replicas: ProxySync | None = None
+        if config.sync_url:
+            members = self.fleet.membership
+            self.replicas = ProxySync(router, config, self.pool, self.metrics, members)
+        if responses is None:  # with sync, a store every replica shares
+            responses = self.replicas.responses if self.replicas else LocalResponseStore()
         #: Which worker holds each Responses API answer.
-        self.responses: ResponseStore = responses if responses is not None else LocalResponseStore()
+        self.responses: ResponseStore = responses
         #: Embeddings, tokenize and detokenize, sent to one worker.
         self.passthrough = PassThrough(router, self.preparer, self.upstream)
         #: The access log, request metrics and spans.
@@ -238,7 +246,11 @@ class ProxyApp:
 
     async def _startup(self, app: web.Application) -> None:
         self.observer.start()  # first: if it fails, nothing else is open yet
-        self.events.start()
+        # then the sync: a snapshot it loads is where the events resume
+        resume = await self.replicas.start() if self.replicas is not None else {}
+        self.events.start(resume, self.replicas.sync.salts if self.replicas else None)
+        if self.replicas is not None:
+            self.replicas.attach(self.events.subscriber)
         await self.upstream.start()
         await self.fleet.start()
         await self.pool.check_all()
@@ -253,6 +265,8 @@ class ProxyApp:
                 await self._health
             self._health = None
         await self.upstream.close()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.events.stop()
         self.observer.close()
 

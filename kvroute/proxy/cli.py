@@ -372,6 +372,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     _add_connection_args(p)
     _add_deadline_args(p)
     _add_disagg_args(p)
+    _add_sync_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -382,6 +383,40 @@ def configure(p: argparse.ArgumentParser) -> None:
     _add_policy_args(p)
     _add_observability_args(p)
     _add_shutdown_args(p)
+
+
+def _add_sync_args(p: argparse.ArgumentParser) -> None:
+    """Replica sync: several proxies behind a load balancer share state through Redis."""
+    g = p.add_argument_group("replicas (several proxies behind one load balancer)")
+    g.add_argument(
+        "--sync-url",
+        default=os.environ.get("KVROUTE_SYNC_URL"),
+        metavar="redis://HOST:PORT/DB",
+        help="share load, routing decisions, pins and an index snapshot with the other"
+        " replicas through this Redis or Valkey (default: $KVROUTE_SYNC_URL; unset: route"
+        " alone). Every replica needs the same --worker list; workers added at run time"
+        " (admin API, workers file, DNS) are shared. See docs/cluster.md",
+    )
+    g.add_argument(
+        "--replica-id",
+        metavar="NAME",
+        help="this replica's name in the fleet (default: HOSTNAME-PID)",
+    )
+    g.add_argument(
+        "--sync-prefix",
+        default="kvroute",
+        metavar="NAME",
+        help="prefix of the fleet's Redis keys (default: kvroute)",
+    )
+    g.add_argument(
+        "--sync-snapshot-interval",
+        type=_arg(_non_negative_float),
+        default=30.0,
+        metavar="S",
+        help="seconds between the index snapshots kept for replicas that start later"
+        " (default: 30; 0: none); keep it well below the time the engines' KV-event"
+        " replay buffers take to turn over",
+    )
 
 
 def _add_membership_args(p: argparse.ArgumentParser) -> None:
@@ -667,6 +702,10 @@ def build_config(
         disagg_protocol=args.disagg_protocol,
         disagg_local_prefill_tokens=args.disagg_local_prefill_tokens,
         disagg_bootstrap_port=args.disagg_bootstrap_port,
+        sync_url=args.sync_url,
+        replica_id=args.replica_id,
+        sync_prefix=args.sync_prefix,
+        sync_snapshot_interval=args.sync_snapshot_interval,
     )
     # fields without a flag of their own are set by name
     return dataclasses.replace(config, **flagless) if flagless else config

@@ -241,6 +241,14 @@ class ProxyConfig:
         cannot prefill).
     :param disagg_bootstrap_port: SGLang's bootstrap port of a prefill worker
         whose spec names none (SGLang's default, 8998).
+    :param sync_url: ``redis://HOST:PORT/DB``: this proxy is one replica of a
+        fleet sharing load, decisions and pins through that Redis / Valkey
+        (:mod:`kvroute.fleet.sync`); None: it routes alone.
+    :param replica_id: this replica's name in the fleet (default: ``HOST-PID``).
+    :param sync_prefix: the prefix of the fleet's Redis keys.
+    :param sync_snapshot_interval: seconds between the index snapshots one
+        replica writes for replicas that start later (0: none); keep it well
+        below the time the engines' replay buffers take to turn over.
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -300,6 +308,11 @@ class ProxyConfig:
     disagg_protocol: Literal["vllm", "sglang"] = "vllm"
     disagg_local_prefill_tokens: int = 0
     disagg_bootstrap_port: int = 8998
+    # -- replica sync (kvroute.fleet.sync) --
+    sync_url: str | None = secret_field()  # its URL may hold a password
+    replica_id: str | None = None
+    sync_prefix: str = "kvroute"
+    sync_snapshot_interval: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -352,6 +365,7 @@ class ProxyConfig:
         self._check_connections()
         self._check_deadlines()
         self._check_disagg()
+        self._check_sync()
 
     def _check_fleet(self) -> None:
         """Validate (and normalize) the workers-at-run-time block."""
@@ -430,6 +444,19 @@ class ProxyConfig:
     def disaggregated(self) -> bool:
         """Whether some worker only prefills or only decodes."""
         return any(w.role != "both" for w in self.workers)
+
+    def _check_sync(self) -> None:
+        if self.sync_url is not None and not self.sync_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("sync_url must be redis://HOST:PORT/DB (or rediss://, unix://)")
+        rid = self.replica_id
+        if rid is not None and (not rid or any(c.isspace() for c in rid)):
+            raise ValueError(f"replica_id must be a name without spaces, not {rid!r}")
+        if not self.sync_snapshot_interval >= 0:
+            raise ValueError("sync_snapshot_interval must be >= 0")
+        if not self.sync_prefix or ":" in self.sync_prefix:
+            raise ValueError(f"sync_prefix must be a name without ':', not {self.sync_prefix!r}")
 
     @property
     def kv_events(self) -> bool:

@@ -64,15 +64,14 @@ def worker_format(spec: WorkerSpec, default: str) -> str:
 def check_single_consumer(config: ProxyConfig) -> None:
     """Refuse a single-consumer events transport together with replica sync.
 
-    Keyed on ``config.sync_url`` (read with ``getattr``: replica sync is an
-    option of its own, set when the proxy runs as one of several replicas).
+    Keyed on ``config.sync_url``, set when the proxy runs as one of several
+    replicas (:mod:`kvroute.proxy.replicas`).
 
     :raises ValueError: replica sync is on and some worker's events come over
         a single-consumer transport; the message says which and why.
     """
-    sync_url = getattr(config, "sync_url", None)
     for spec in config.workers:
-        _refuse_single_consumer(spec, sync_url)
+        _refuse_single_consumer(spec, config.sync_url)
 
 
 def _refuse_single_consumer(spec: WorkerSpec, sync_url: str | None) -> None:

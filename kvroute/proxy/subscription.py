@@ -82,9 +82,16 @@ class EventSubscription:
         """The running :class:`~kvroute.events.trtllm_http.HttpEventPoller`, or None."""
         return self._poller
 
-    def start(self) -> None:
+    def start(
+        self,
+        resume: dict[int, tuple[int, int]] | None = None,
+        salts: dict[int, dict[int, str]] | None = None,
+    ) -> None:
         """Follow every worker's events (nothing without KV events).
 
+        :param resume: per worker, where an index snapshot loaded into the
+            router left its ZMQ stream (``ZmqSubscriber.subscribe``'s ``resume``).
+        :param salts: the snapshot's cache salts (``EventApplier.restore_salts``).
         :raises RuntimeError: a worker's transport needs a module (pyzmq for
             ZMQ, msgspec for decoding) that cannot be imported.
         """
@@ -97,10 +104,13 @@ class EventSubscription:
         try:
             # ZMQ always runs with events on: workers joining at run time mostly stream
             self._subscriber = self._zmq()
+            if salts:
+                self._subscriber.applier.restore_salts(salts)
             if http:
                 self._poller = self._http_poller()
+            resume = resume or {}
             for w, spec in specs.items():
-                self.subscribe(w, spec)
+                self.subscribe(w, spec, resume=resume.get(w))
             self._subscriber.start()
             if self._poller is not None:
                 self._poller.start()
@@ -138,13 +148,18 @@ class EventSubscription:
         if self._subscriber is not None and state is not None and state.spec.replay_endpoint:
             self._subscriber.resync(worker)
 
-    def subscribe(self, worker: int, spec: WorkerSpec) -> None:
+    def subscribe(
+        self, worker: int, spec: WorkerSpec, *, resume: tuple[int, int] | None = None
+    ) -> None:
         """Follow ``worker``'s events at ``spec``'s endpoints (replacing earlier ones), if any.
 
         A ZMQ endpoint goes to the subscriber in the worker's format; an
         http(s) one is polled (trtllm-serve's ``/kv_cache_events``). Nothing
         happens while the subscribers are not running, or when ``spec`` names
         no events endpoint; an endpoint that cannot be followed is logged.
+
+        :param resume: a ZMQ stream's ``(seq, digest)`` in a loaded index
+            snapshot: it continues from there (``ZmqSubscriber.subscribe``).
         """
         sub = self._subscriber
         endpoint = spec.events_endpoint
@@ -159,7 +174,7 @@ class EventSubscription:
                 self._poller.subscribe(worker, endpoint, headers=headers)
             else:
                 fmt = worker_format(spec, self.config.events_format)
-                sub.subscribe(worker, endpoint, spec.replay_endpoint, fmt=fmt)
+                sub.subscribe(worker, endpoint, spec.replay_endpoint, fmt=fmt, resume=resume)
         except (ValueError, RuntimeError) as e:
             log.error("worker %d (%s): its KV events cannot be followed: %s", worker, spec.url, e)
 

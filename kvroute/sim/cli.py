@@ -44,6 +44,7 @@ from ..traces import DEFAULT_TRACE, TraceError
 from . import disagg
 from .engine import EngineConfig
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
+from .replicas import add_replica_args, replica_factory, replica_settings, spread_arrivals
 from .report import (
     REPORT_FORMAT,
     REPORT_VERSION,
@@ -131,6 +132,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "-q", "--quiet", action="store_true", help="no progress bar or timings on stderr"
     )
     disagg.add_disagg_args(p)
+    add_replica_args(p)
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -229,10 +231,12 @@ def _command(a: argparse.Namespace) -> str:
         if not act.option_strings or act.dest in _OUTPUT_DESTS:
             continue
         flag, value = act.option_strings[-1], getattr(a, act.dest, None)
-        if value is None or value is False:
+        if act.nargs == 0:  # a switch (store_true, or --no-sync's store_false): given or not
+            if value == act.const and value != act.default:
+                words.append(flag)
             continue
-        if value is True:
-            words.append(flag)
+        if value is None:
+            continue
         elif isinstance(value, (list, tuple)):
             for v in value:
                 words += [flag, str(v)]
@@ -291,6 +295,9 @@ def _load(a: argparse.Namespace) -> tuple[list[SimRequest], dict[str, Any], dict
         else:
             shown, digest = path, file_sha256(path)
         trace = {"name": a.trace, "path": shown, "sha256": digest}
+    # replicas behind a balancer see a bucket's arrivals one by one, not at one instant
+    reqs = spread_arrivals(reqs, a.arrival_jitter, a.seed)
+    workload["arrival_jitter_s"] = a.arrival_jitter
     trace["requests"] = len(reqs)
     trace["requests_sha256"] = requests_sha256(reqs)
     return reqs, workload, trace
@@ -386,6 +393,14 @@ def _replay(a: argparse.Namespace) -> int:
         raise CommandError(f"--event-lag must be a finite number >= 0, got {a.event_lag}")
     if not 0 <= a.event_loss <= 1:
         raise CommandError(f"--event-loss must be in [0, 1], got {a.event_loss}")
+    if a.replicas < 1:
+        raise CommandError(f"--replicas must be >= 1, got {a.replicas}")
+    if not (a.sync_lag >= 0 and a.sync_lag < float("inf")):
+        raise CommandError(f"--sync-lag must be a finite number >= 0, got {a.sync_lag}")
+    if not (a.arrival_jitter >= 0 and a.arrival_jitter < float("inf")):
+        raise CommandError(
+            f"--arrival-jitter must be a finite number >= 0, got {a.arrival_jitter}"
+        )
 
     t0 = time.perf_counter()
     reqs, workload, trace = _load(a)
@@ -407,11 +422,10 @@ def _replay(a: argparse.Namespace) -> int:
         )
     runs: dict[str, ReplayResult] = {}
     for i, name in enumerate(names):
-        factory = make_dispatcher(
-            name,
-            policy_params=params[name],
-            **({} if router.kv_events else {"kv_events": False}),
-        )
+        kw: dict[str, Any] = {"policy_params": params[name]}
+        if not router.kv_events:
+            kw["kv_events"] = False
+        factory = replica_factory(a, name, **kw) or make_dispatcher(name, **kw)
         with _progress(f"{name} ({i + 1}/{len(names)})", len(reqs), show) as bar:
             runs[name] = replay(
                 reqs,
@@ -481,7 +495,7 @@ def _report(
         "seed": a.seed,
         "parameters": {
             "workload": dict(workload),
-            "fleet": {"workers": a.workers},
+            "fleet": {"workers": a.workers, **replica_settings(a)},
             "engine": dataclasses.asdict(cfg),
             "router": dataclasses.asdict(router),
             "events": {
