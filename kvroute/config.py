@@ -99,6 +99,10 @@ class RouterSettings(TypedDict, total=False):
     pin_abs_slack: float
     tiered: bool
     journal: bool
+    max_sessions: int
+    drift_window: int
+    drift_threshold: float
+    drift_tolerance_blocks: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +131,17 @@ class RouterConfig:
         first ``apply_stored`` with a tier other than ``"device"``.
     :param journal: record every state-changing call (see ``Router.journal``);
         it grows without bound, so it is meant for tests and debugging sessions.
+    :param max_sessions: sessions whose pin, and whose warm-up plan, the
+        router keeps; past it the least recently used session's is evicted
+        (counted in ``stats()["sessions_evicted"]``).
+    :param drift_window: requests per worker over which the drift detector
+        compares predicted and reported cached tokens (see :mod:`kvroute.trust`).
+    :param drift_threshold: share of that window off by more than
+        ``drift_tolerance_blocks`` at which a worker's index counts as drifted,
+        in (0, 1]; it is trusted again at half that share.
+    :param drift_tolerance_blocks: a request whose prediction is off by at
+        most this many blocks agrees (partial blocks, an engine's recomputed
+        last block).
     :raises ValueError, TypeError: a bad setting, naming it.
     """
 
@@ -143,6 +158,11 @@ class RouterConfig:
     pin_abs_slack: float = 2.0
     tiered: bool = False
     journal: bool = False
+    # -- self-healing state (issue 16): bounded sessions, the drift detector
+    max_sessions: int = 100_000
+    drift_window: int = 32
+    drift_threshold: float = 0.5
+    drift_tolerance_blocks: float = 2.0
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -157,7 +177,16 @@ class RouterConfig:
             if v == 0:
                 raise ValueError(f"{name} must be > 0")
             _set(self, name, v)
-        for name in ("sweep_interval", "pin_balance_slack", "pin_abs_slack"):
+        for name in ("max_sessions", "drift_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        threshold = check_nonneg(self.drift_threshold, "drift_threshold")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"drift_threshold must be in (0, 1], got {threshold}")
+        _set(self, "drift_threshold", threshold)
+        for name in ("sweep_interval", "pin_balance_slack", "pin_abs_slack",
+                     "drift_tolerance_blocks"):  # fmt: skip
             _set(self, name, check_nonneg(getattr(self, name), name))
         # flags accept any truthy value, as the Router's keywords always have
         for name in ("kv_events", "predict_on_route", "tiered", "journal"):

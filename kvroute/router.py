@@ -23,13 +23,19 @@ one small part per job, each a module with its own specification and tests:
   waiting while every worker is busy.
 * :class:`~kvroute.journal.Journal` (``journal.py``): the sequence numbers
   and the replayable record of state-changing calls.
+* :class:`~kvroute.trust.WorkerTrust` (``trust.py``): whether each worker's
+  index is trusted or degraded, the drift detector that decides it, and what
+  a degraded worker is routed on meanwhile.
 * the routing policy (:mod:`kvroute.policies`), which chooses among the
   candidates the router lays out.
 
 :meth:`Router.route` itself lives here: it asks each part in turn and
 records the decision in each. A call that changes what the router knows
 about a worker (removing it, say) is where the router tells every part that
-keeps a record of it.
+keeps a record of it. "This worker's cache is gone" is one call,
+:meth:`Router.worker_cache_reset`: an engine restart, its ``AllBlocksCleared``
+and anything else (a replica sync, say) reach every record through it, and
+:meth:`Router.add_listener` hears of it.
 
 Threading: one lock serialises routing, lifecycle, membership and the
 ``apply_*`` event methods; every critical section is short (a few numpy
@@ -47,7 +53,9 @@ given (default :func:`time.monotonic`), so a simulator can drive it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import logging
 import math
 import threading
 import time
@@ -76,6 +84,7 @@ from .policies import (
     get_policy,
 )
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
+from .trust import RecentPrompt, WorkerState, WorkerTrust
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -93,6 +102,11 @@ __all__ = [
 
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
+
+#: ``listener(worker, change, reason)``; change is ``"reset"``, ``"degraded"`` or ``"trusted"``.
+Listener = Callable[[int, str, str], None]
+
+logger = logging.getLogger("kvroute.router")
 
 _NO_WORKERS: frozenset[int] = frozenset()
 
@@ -130,6 +144,7 @@ class _Payload:
     tokens: Sequence[int] | None  # kept for a warm-up plan (speculative prefill)
     hashes: npt.NDArray[np.uint64] | None
     speculative: bool
+    fallback: Any = None  # its entry in a degraded worker's fallback residency
 
 
 class Router:
@@ -223,8 +238,19 @@ class Router:
             self._predicted = PredictedResidency(factory, config.predicted_ttl)
         elif config.predict_on_route:
             self._fresh = FreshDecisions(config.fresh_ttl)
-        self._pins = SessionPins(config.pin_balance_slack, config.pin_abs_slack)
-        self._warmups = WarmupPlans(WARMUP_PLAN_TTL)
+        self._pins = SessionPins(
+            config.pin_balance_slack, config.pin_abs_slack, config.max_sessions
+        )
+        self._warmups = WarmupPlans(WARMUP_PLAN_TTL, config.max_sessions)
+        self._trust = WorkerTrust(
+            config.block_size,
+            config.drift_window,
+            config.drift_threshold,
+            config.drift_tolerance_blocks,
+            functools.partial(PredictedResidency, factory, config.predicted_ttl),
+        )
+        self._degraded = False  # route()'s one check: is any worker degraded?
+        self._listeners: list[Listener] = []
         self._queue = AdmissionQueue(config.admission)
         self._journal = Journal(config.journal)
         self._tiered = config.tiered
@@ -240,6 +266,9 @@ class Router:
                 "dropped_with_worker",
                 "unknown_workers",
                 "queued",
+                "refused_events",
+                "cache_resets",
+                "degradations",
             ),
             0,
         )
@@ -267,12 +296,18 @@ class Router:
 
     def stats(self) -> dict[str, int]:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
-        dropped_with_worker, unknown_workers; and now: queued (waiting for
-        admission), warmup_plans (made and not yet taken)."""
+        dropped_with_worker, unknown_workers, refused_events (events naming a
+        worker the router does not know), cache_resets, degradations,
+        sessions_evicted (pins and warm-up plans past ``max_sessions``); and
+        now: queued (waiting for admission), warmup_plans (made and not yet
+        taken), sessions (pins held), degraded (workers)."""
         with self._lock:
             out = dict(self._stats)
             out["queued"] = len(self._queue)
             out["warmup_plans"] = len(self._warmups)
+            out["sessions"] = len(self._pins)
+            out["sessions_evicted"] = self._pins.evicted + self._warmups.evicted
+            out["degraded"] = len(self._trust.degraded)
             return out
 
     # -- workers -----------------------------------------------------------------
@@ -289,8 +324,11 @@ class Router:
         with self._lock:
             self._journal.log("add_worker", w, kv_capacity_blocks=cap)
             self._members.add(w)
-            if cap is not None and self._predicted is not None:
-                self._predicted.set_capacity(w, cap)
+            self._trust.add_worker(w)
+            if cap is not None:
+                self._trust.set_capacity(w, cap)
+                if self._predicted is not None:
+                    self._predicted.set_capacity(w, cap)
 
     def remove_worker(self, worker: int) -> bool:
         """Remove a worker: never route to it again, drop its blocks and its requests' load.
@@ -312,7 +350,13 @@ class Router:
                 self._predicted.remove_worker(w)
             if self._fresh is not None:
                 self._fresh.remove_worker(w)
+            self._trust.remove_worker(w)
+            self._degraded = self._trust.any_degraded
             return True
+
+    def __contains__(self, worker: object) -> bool:
+        """Whether ``worker`` is known (added and not removed)."""
+        return worker in self._members
 
     def mark_unhealthy(self, worker: int) -> bool:
         """Exclude a worker from routing; its blocks and load stay. False if unknown."""
@@ -374,8 +418,10 @@ class Router:
             if not self._members.set_metrics(w, wr, ku):
                 self._stats["unknown_workers"] += 1
                 return False
-            if cap is not None and self._predicted is not None:
-                self._predicted.set_capacity(w, cap)
+            if cap is not None:
+                self._trust.set_capacity(w, cap)
+                if self._predicted is not None:
+                    self._predicted.set_capacity(w, cap)
             return True
 
     # -- events ------------------------------------------------------------------
@@ -391,38 +437,346 @@ class Router:
     ) -> int:
         """Apply a "blocks stored" event to :attr:`index`, ordered with routing decisions.
 
-        Same parameters and errors as ``BlockIndex.store``.
+        Same parameters and errors as ``BlockIndex.store``. A worker the
+        router does not know (never added, or removed: a late event) is
+        refused, counted in ``stats()["refused_events"]``: its blocks would
+        outlive it, and come back with a new worker of the same id.
 
         :returns: the operation's sequence number.
         """
         keys = as_u64_array(hashes)
+        w = check_u64(worker, "worker")
         with self._lock:
-            self.index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
-            if tier != "device":
-                self._tiered = True
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+            else:
+                self._store_locked(w, keys, parent, tier, engine_hashes)
             return self._journal.log(
                 "apply_stored", worker, keys, parent, tier=tier, engine_hashes=engine_hashes
             )
+
+    def _store_locked(
+        self,
+        w: int,
+        keys: npt.NDArray[np.uint64],
+        parent: int | None,
+        tier: str,
+        engine_hashes: HashesLike | None,
+    ) -> None:
+        inferred = self._trust.inferred(w)
+        if inferred:
+            # The engine stores only what it lacks: an inferred copy of a block it
+            # stores now was stale. The stored copy, with its handle, replaces it.
+            stale = [k for k in keys.tolist() if k in inferred]
+            if stale:
+                self.index.remove(w, stale)
+                inferred.difference_update(stale)
+        self.index.store(w, keys, parent, tier=tier, engine_hashes=engine_hashes)
+        if tier != "device":
+            self._tiered = True
 
     def apply_removed(
         self, worker: int, hashes: HashesLike, *, engine: bool = False, tier: str = "device"
     ) -> int:
         """Apply a "blocks removed" event to :attr:`index`; returns how many were unknown.
 
-        Same parameters and errors as ``BlockIndex.remove``.
+        Same parameters and errors as ``BlockIndex.remove``. A worker the
+        router does not know is refused (``stats()["refused_events"]``; 0 is
+        returned). A removal the index cannot resolve drops the worker's
+        inferred blocks (see :meth:`apply_anchored`): it may have been one.
         """
         keys = as_u64_array(hashes)
+        w = check_u64(worker, "worker")
         with self._lock:
-            unknown = self.index.remove(worker, keys, engine=engine, tier=tier)
             self._journal.log("apply_removed", worker, keys, engine=engine, tier=tier)
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            unknown: int = self.index.remove(w, keys, engine=engine, tier=tier)
+            if unknown and engine:
+                inferred = self._trust.inferred(w)
+                if inferred:
+                    self.index.remove(w, np.fromiter(inferred, np.uint64, len(inferred)))
+                    inferred.clear()
             return unknown
 
     def apply_cleared(self, worker: int) -> int:
-        """Apply an "all blocks cleared" event; returns the number of blocks dropped."""
+        """Apply an "all blocks cleared" event: :meth:`worker_cache_reset` (``"cleared"``).
+
+        :returns: the number of index blocks dropped (0 for a worker the
+            router does not know: refused, counted).
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
         with self._lock:
-            dropped = self.index.clear(worker)
             self._journal.log("apply_cleared", worker)
-            return dropped
+            dropped = self._reset_locked(w, "cleared", notes)
+        self._notify(notes)
+        return dropped
+
+    # -- what the router believes about a worker's cache ------------------------------
+
+    def worker_cache_reset(self, worker: int, reason: str = "reset") -> int:
+        """The worker's cache is gone: drop every record of it the router keeps, at once.
+
+        The one call for it: its blocks in the index, the fresh decisions and
+        predicted residency that name it, the session pins and warm-up plans
+        that would send requests to it for their cache, and its degraded
+        state (an empty cache and the events from now on are the whole truth
+        again). The event layer calls it (through :meth:`apply_cleared`) for
+        an engine's ``AllBlocksCleared`` and for an engine restart; anything
+        else that learns of a reset (a replica sync, an operator) calls it
+        too, and every listener (:meth:`add_listener`) hears ``"reset"``.
+        Requests in flight on the worker are left to their lifecycle.
+
+        >>> r = Router(block_size=4, workers=[0, 1], clock=lambda: 0.0)
+        >>> seq = r.apply_stored(1, [7, 8])
+        >>> r.worker_cache_reset(1, "restart"), r.index.match([7, 8])
+        (2, {})
+
+        :param reason: what happened, for listeners and logs.
+        :returns: the number of index blocks dropped (0 for an unknown worker:
+            refused, counted in ``stats()["refused_events"]``).
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("worker_cache_reset", worker, reason)
+            dropped = self._reset_locked(w, reason, notes)
+        self._notify(notes)
+        return dropped
+
+    def _reset_locked(self, w: int, reason: str, notes: list[tuple[int, str, str]]) -> int:
+        if w not in self._members:
+            self._stats["refused_events"] += 1
+            return 0
+        dropped: int = self.index.clear(w)
+        if self._fresh is not None:
+            self._fresh.remove_worker(w)
+        if self._predicted is not None:
+            self._predicted.clear(w)
+        self._pins.drop_worker(w)
+        self._warmups.drop_worker(w)
+        if self._trust.reset(w):
+            self._degraded = self._trust.any_degraded
+            logger.info("worker %d: cache reset (%s); its index is trusted again", w, reason)
+        self._stats["cache_resets"] += 1
+        notes.append((w, "reset", reason))
+        return dropped
+
+    def degrade_worker(self, worker: int, cause: str, reason: str) -> int:
+        """Stop trusting the index about ``worker``: route it on its own decisions meanwhile.
+
+        What the event layer calls when it knows the worker's index is wrong
+        (``cause="events_lost"``: batches lost that no replay brought back;
+        ``"mismatch"``: its events cannot be indexed), and what
+        :meth:`observe` calls when the drift detector finds it
+        (``"drift_over"``, ``"drift_under"``). Its index blocks are dropped
+        (but for ``"mismatch"``: nothing was indexed), its next decisions are
+        remembered as predicted residency, its orphaned stores are anchored
+        to the prompts it is sent (:meth:`apply_anchored`), and it shows as
+        degraded in :meth:`worker_states`, logged once and heard by every
+        listener (``"degraded"``). See :mod:`kvroute.trust`. It is trusted
+        again when the drift detector finds its index agreeing with the
+        engine over a full window, or when its cache is reset. No-op without
+        KV events (``kv_events=False``: there is no index to distrust).
+
+        :param cause: one of :data:`kvroute.trust.CAUSES`.
+        :param reason: what happened, for listeners and logs.
+        :returns: the number of index blocks dropped (0 for an unknown worker).
+        :raises ValueError: an unknown cause.
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("degrade_worker", worker, cause, reason)
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            dropped = self._degrade_locked(w, cause, reason, notes)
+        self._notify(notes)
+        return dropped
+
+    def _degrade_locked(
+        self, w: int, cause: str, reason: str, notes: list[tuple[int, str, str]]
+    ) -> int:
+        if not self.kv_events:
+            return 0
+        new = self._trust.degrade(w, cause, reason, self._clock())
+        dropped = 0
+        if cause != "mismatch":
+            dropped = self.index.clear(w)
+            self._trust.inferred(w).clear()
+        self._degraded = True
+        if new:
+            self._stats["degradations"] += 1
+            logger.warning(
+                "worker %d: its KV index is not trusted (%s: %s); it is routed on the "
+                "router's own decisions until its index agrees with the engine again",
+                w, cause, reason,
+            )  # fmt: skip
+            notes.append((w, "degraded", f"{cause}: {reason}"))
+        return dropped
+
+    def observe(self, decision: Decision, reported_cached_tokens: int) -> str | None:
+        """The engine's report for a routed request: how many prompt tokens it had cached.
+
+        The proxy calls it for every answer whose usage carries the worker's
+        cached tokens. The drift detector (:mod:`kvroute.trust`) compares it
+        with what the router predicted; a worker whose predictions are off
+        persistently is degraded (:meth:`degrade_worker`), a degraded one that
+        agrees again is trusted. No-op without KV events.
+
+        >>> r = Router(block_size=4, workers=[0], clock=lambda: 0.0, drift_window=2)
+        >>> seq = r.apply_stored(0, [1, 2, 3, 4])
+        >>> changes = []
+        >>> for i in range(2):
+        ...     d = r.route(Request(i, block_hashes=[1, 2, 3, 4]))
+        ...     changes.append(r.observe(d, 0))    # the engine had nothing
+        >>> changes, r.worker_states()[0].state
+        ([None, 'drift_over'], 'degraded')
+
+        :param decision: the request's decision (from :meth:`route`).
+        :param reported_cached_tokens: prompt tokens the engine served from its cache.
+        :returns: the change it made: ``"drift_over"`` / ``"drift_under"`` (the
+            worker is now degraded), ``"trusted"``, or None.
+        :raises TypeError, ValueError: not a Decision, or a negative count.
+        """
+        if not isinstance(decision, Decision):
+            raise TypeError(f"observe() takes a Decision, not {type(decision).__name__}")
+        if isinstance(reported_cached_tokens, bool) or not isinstance(
+            reported_cached_tokens, (int, np.integer)
+        ):
+            raise TypeError("reported_cached_tokens must be an int")
+        reported = int(reported_cached_tokens)
+        if reported < 0:
+            raise ValueError(f"reported_cached_tokens must be >= 0, got {reported}")
+        if not self.kv_events:
+            return None
+        w = decision.worker
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("observe", decision, reported)
+            if w not in self._members:
+                return None
+            trust = self._trust
+            predicted = trust.prediction(w, decision.request_id, decision.predicted_cached_tokens)
+            if predicted is None:
+                return None
+            change = trust.observe(w, predicted, min(reported, decision.prompt_tokens))
+            if change == "trusted":
+                st = trust.state(w)
+                trust.trust(w)
+                self._degraded = trust.any_degraded
+                why = f"{st.observed - st.over - st.under} of the last {st.observed} agreed"
+                logger.info("worker %d: its KV index agrees with the engine again (%s)", w, why)
+                notes.append((w, "trusted", why))
+            elif change is not None:
+                st = trust.state(w)
+                why = (
+                    f"{st.over} of the last {st.observed} requests predicted more cached "
+                    f"tokens than the engine reported, {st.under} fewer"
+                )
+                self._degrade_locked(w, change, why, notes)
+        self._notify(notes)
+        return change
+
+    def worker_states(self) -> dict[int, WorkerState]:
+        """Per known worker: whether its index is trusted, and its drift figures."""
+        with self._lock:
+            return {w: self._trust.state(w) for w in self._members.workers()}
+
+    def is_degraded(self, worker: int) -> bool:
+        """Whether ``worker``'s index is degraded (no lock: for the event path's checks)."""
+        return worker in self._trust.degraded
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(worker, change, reason)`` after each change of a worker's cache state.
+
+        ``change`` is ``"reset"`` (:meth:`worker_cache_reset`: everything
+        about its cache was dropped), ``"degraded"`` or ``"trusted"``. It runs
+        on the thread that made the change, after the router's lock is
+        released (it may call the router); an exception it raises is logged
+        and swallowed.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _notify(self, notes: list[tuple[int, str, str]]) -> None:
+        if not notes or not self._listeners:
+            return
+        for listener in list(self._listeners):
+            for w, change, why in notes:
+                try:
+                    listener(w, change, why)
+                except Exception:
+                    logger.exception("a router listener failed on %s of worker %d", change, w)
+
+    def recent_prompts(self, worker: int) -> list[RecentPrompt]:
+        """The prompts routed to ``worker`` while it is degraded, oldest first (for anchoring)."""
+        with self._lock:
+            return self._trust.recent(worker)
+
+    def apply_anchored(
+        self,
+        worker: int,
+        ancestors: HashesLike,
+        parent_engine_hash: int | None,
+        hashes: HashesLike,
+        *,
+        tier: str = "device",
+        engine_hashes: HashesLike | None = None,
+        exact: bool = False,
+    ) -> int:
+        """Apply a stored event whose parent the index lost, anchored to a prompt's prefix.
+
+        ``ancestors`` are the keys of the blocks before the event's (the
+        prompt it continues, found by :func:`kvroute.trust.find_anchor`): the
+        engine holds them, since it stored a continuation. Those the worker is
+        not known to hold are stored first; then the event's ``hashes``,
+        chained from the last ancestor. With ``exact`` (an index keyed on the
+        engine's hashes, where a key is its own handle) the ancestors are
+        exact. Otherwise the last ancestor gets ``parent_engine_hash`` as its
+        handle and the others are *inferred*: kept until the worker's next
+        removal the index cannot resolve (it may name one of them), or until
+        the engine stores one again.
+
+        :returns: the number of ancestors stored.
+        """
+        anc = as_u64_array(ancestors, "ancestors")
+        keys = as_u64_array(hashes)
+        w = check_u64(worker, "worker")
+        with self._lock:
+            self._journal.log(
+                "apply_anchored", worker, anc, parent_engine_hash, keys,
+                tier=tier, engine_hashes=engine_hashes, exact=exact,
+            )  # fmt: skip
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            idx = self.index
+            inferred = self._trust.inferred(w)
+            held = int(idx.match_array(anc, np.array([w], np.uint64))[0]) if len(anc) else 0
+            new = anc[held:]
+            before = int(anc[held - 1]) if held else None
+            if len(new) and exact:
+                idx.store(w, new, before, tier=tier)
+            elif len(new):
+                if len(new) > 1:
+                    idx.store(w, new[:-1], before, tier=tier)
+                    inferred.update(new[:-1].tolist())
+                    before = int(new[-2])
+                handle = None if parent_engine_hash is None else [parent_engine_hash]
+                idx.store(w, new[-1:], before, tier=tier, engine_hashes=handle)
+            elif len(anc) and not exact and parent_engine_hash is not None:
+                last = int(anc[-1])
+                if last in inferred:  # held, but without the handle the engine names it by
+                    idx.remove(w, [last])
+                    inferred.discard(last)
+                    idx.store(w, anc[-1:], None, tier=tier, engine_hashes=[parent_engine_hash])
+            parent = int(anc[-1]) if len(anc) else None
+            self._store_locked(w, keys, parent, tier, engine_hashes)
+            return len(new)
 
     # -- routing -----------------------------------------------------------------
 
@@ -509,6 +863,8 @@ class Router:
         self._warmups.purge(now)
         if self._fresh is not None:
             self._fresh.purge(now)
+        if self._degraded:
+            self._trust.expire(now)
         return len(stale)
 
     def sweep(self) -> int:
@@ -558,6 +914,8 @@ class Router:
         if len(hashes) == 0 or n == 0:
             return np.zeros(n, np.int64), host, disk
         m = self._match(hashes, n)
+        if self._degraded:
+            m = self._trust.widen(m, hashes, self._load.ids_frozen, self._load.pos)
         if m.ndim == 1:
             ov = m.astype(np.int64)
         else:
@@ -647,6 +1005,8 @@ class Router:
                 match = self.index.match_array(hashes, lt.ids_frozen)
             else:
                 match = self._match(hashes, n)
+            if self._degraded:
+                match = self._trust.widen(match, hashes, lt.ids_frozen, lt.pos)
             busy = None if self._members.busy is None else self._busy_mask(n)
             payload = _Payload(
                 None,
@@ -663,6 +1023,8 @@ class Router:
             if self._predicted is not None and len(hashes):
                 entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
             payload.entry = entry
+            if self._degraded and worker in self._trust.degraded:
+                payload.fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
             i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         else:
             ov, host, disk = self._overlap(hashes, n, now)
@@ -734,6 +1096,9 @@ class Router:
                 entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
             elif self._fresh is not None:
                 entry = self._fresh.record(worker, hashes, now)
+            fallback = None
+            if self._degraded and worker in self._trust.degraded:
+                fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
             lt.start(
                 rid,
                 worker,
@@ -747,6 +1112,7 @@ class Router:
                     request.tokens if request.speculative_prefill else None,
                     hashes if request.speculative_prefill else None,
                     request.speculative_prefill,
+                    fallback,
                 ),
             )
         if breakpoints and request.session_id is not None:
@@ -758,6 +1124,30 @@ class Router:
         else:
             seq = self._journal.log("route", request)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+
+    def _routed_degraded(
+        self,
+        request: Request,
+        worker: int,
+        p: int,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        now: float,
+    ) -> Any:
+        """Record a request routed to a degraded worker (fallback, anchors, its index figure)."""
+        index_tokens = 0
+        if len(hashes):
+            index_tokens = min(self._trust.index_blocks(p) * self.block_size, prompt)
+        return self._trust.routed(
+            worker,
+            request.request_id,
+            hashes,
+            index_tokens,
+            now,
+            tokens=request.tokens,
+            lora_name=request.lora_name,
+            cache_salt=request.cache_salt,
+        )
 
     def _predict(
         self,
@@ -842,6 +1232,8 @@ class Router:
                     self._predicted.forget(entry)
             elif self._fresh is not None:
                 self._fresh.forget(pl.entry)
+            if pl.fallback is not None:
+                self._trust.forget(request_id, pl.fallback)
             return True
 
     def warmup_plan(self, session_id: str) -> WarmupPlan | None:
@@ -912,6 +1304,8 @@ class Router:
             self._queue._check()
             if self._predicted is not None:
                 self._predicted._check()
+            self._trust._check()
+            assert self._degraded == self._trust.any_degraded, "the degraded flag drifted"
 
     def __repr__(self) -> str:
         return (
