@@ -610,7 +610,9 @@ class Router:
         self._degraded = True
         if new:
             self._stats["degradations"] += 1
-            logger.warning(
+            # a mismatch was already warned about, at length, by the event layer
+            logger.log(
+                logging.INFO if cause == "mismatch" else logging.WARNING,
                 "worker %d: its KV index is not trusted (%s: %s); it is routed on the "
                 "router's own decisions until its index agrees with the engine again",
                 w, cause, reason,

@@ -111,6 +111,7 @@ class ProxyApp:
                 policy=config.policy,
                 workers=specs,
                 kv_events=self.fleet.kv_events(),
+                max_sessions=config.max_sessions,
             )
         else:
             for w in specs:
@@ -228,10 +229,15 @@ class ProxyApp:
 
     async def _health_endpoint(self, request: web.Request) -> web.StreamResponse:
         healthy = self.pool.healthy()
+        workers = self.pool.snapshot()
+        states = self.router.worker_states()  # each worker's index: trusted or degraded
         body = {
             "status": "ok" if healthy else "unavailable",
             "healthy_workers": len(healthy),
-            "workers": self.pool.snapshot(),
+            "workers": [
+                {**w, "cache": states[w["id"]].to_dict()} if w["id"] in states else w
+                for w in workers
+            ],
         }
         return web.json_response(body, status=200 if healthy else 503)
 

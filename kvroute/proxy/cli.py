@@ -262,6 +262,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
     _add_membership_args(p)
+    _add_state_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -308,6 +309,16 @@ def _add_membership_args(p: argparse.ArgumentParser) -> None:
         "--drain-timeout", type=_positive(float), default=600.0, metavar="S",
         help="seconds a draining worker's requests may take before it is removed anyway"
         " (default: 600)",
+    )  # fmt: skip
+
+
+def _add_state_args(p: argparse.ArgumentParser) -> None:
+    """The router's per-session state: bounded."""
+    g = p.add_argument_group("router state")
+    g.add_argument(
+        "--max-sessions", type=_positive(int), default=100_000, metavar="N",
+        help="agent sessions whose cache_control pin and warm-up plan the router keeps; the"
+        " least recently used go past it (default: 100000)",
     )  # fmt: skip
 
 
@@ -370,6 +381,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         worker_dns_interval=args.worker_dns_interval,
         admin_token=args.admin_token,
         drain_timeout=args.drain_timeout,
+        max_sessions=args.max_sessions,
     )
 
 

@@ -110,6 +110,9 @@ class ProxyConfig:
         requests bearing this token (None: no admin API).
     :param drain_timeout: seconds a draining worker's requests in flight may
         take before it is removed anyway.
+    :param max_sessions: agent sessions whose cache_control pin (and warm-up
+        plan) the router keeps; past it the least recently used go
+        (``RouterConfig.max_sessions``).
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -143,6 +146,8 @@ class ProxyConfig:
     worker_dns_interval: float = 10.0
     admin_token: str | None = field(default=None, repr=False)
     drain_timeout: float = 600.0
+    # -- the router's per-session state (issue 16): bounded --
+    max_sessions: int = 100_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -172,6 +177,10 @@ class ProxyConfig:
         check_event_sources(self)
         if not self.session_header.strip():
             raise ValueError("session_header must not be empty")
+        if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or (
+            self.max_sessions < 1
+        ):
+            raise ValueError(f"max_sessions must be an int >= 1, got {self.max_sessions!r}")
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")

@@ -11,6 +11,9 @@
   worker instead, publishing TensorRT-LLM's KV events (``POST /kv_cache_events``,
   the LLM API's calls, the ZMQ stream); :class:`TrtllmMock` is what a test
   reaches of it (``MockWorker.trtllm``).
+- :class:`StateFleet`, :func:`drop_removals`, :class:`LoseEvents`: workers
+  whose KV events go wrong (``MockWorker.event_filter``), and a fleet that
+  measures the router's picture of their caches against the truth.
 
 Needs the test dependencies ``aiohttp``, ``pyzmq``, ``msgspec`` and
 ``jinja2`` (``tokenizers`` only for a Hugging Face ``tokenizer.json``).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from ._prefix_cache import Allocation, PrefixCache
 from ._publisher import KVEventPublisher
+from ._state_faults import LoseEvents, Sent, StateFleet, Truth, agreement, drop_removals
 from ._tokenizer import (
     BYTE_OFFSET,
     DEFAULT_CHAT_TEMPLATE,
@@ -55,22 +59,28 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Allocation",
     "KVEventPublisher",
+    "LoseEvents",
     "MockTokenizer",
     "MockWorker",
     "PrefixCache",
     "RequestError",
     "RequestRecord",
+    "Sent",
+    "StateFleet",
     "TrtllmLlm",
     "TrtllmMock",
     "TrtllmOptions",
+    "Truth",
     "VllmAllBlocksCleared",
     "VllmBlockRemoved",
     "VllmBlockStored",
     "VllmEvent",
     "VllmEventBatch",
     "WorkerStats",
+    "agreement",
     "anthropic_to_chat",
     "decode_batch",
+    "drop_removals",
     "encode_batch",
     "pack_seq",
     "unpack_seq",
