@@ -135,7 +135,8 @@ class RouterConfig:
         router keeps; past it the least recently used session's is evicted
         (counted in ``stats()["sessions_evicted"]``).
     :param drift_window: requests per worker over which the drift detector
-        compares predicted and reported cached tokens (see :mod:`kvroute.trust`).
+        compares predicted and reported cached tokens (those with something
+        predicted or reported; see :mod:`kvroute.trust`).
     :param drift_threshold: share of that window off by more than
         ``drift_tolerance_blocks`` at which a worker's index counts as drifted,
         in (0, 1]; it is trusted again at half that share.
@@ -160,7 +161,7 @@ class RouterConfig:
     journal: bool = False
     # -- self-healing state (issue 16): bounded sessions, the drift detector
     max_sessions: int = 100_000
-    drift_window: int = 32
+    drift_window: int = 64
     drift_threshold: float = 0.5
     drift_tolerance_blocks: float = 2.0
 

@@ -88,7 +88,8 @@ def test_a_gap_without_replay_degrades_the_worker_and_its_index_converges_back()
     system = tokens(rng, 160)  # 10 blocks every prompt shares
     lost = set(range(10, 15))
     kw = {"replay": False, "drop_seqs": lost, "num_blocks": 512}
-    with StateFleet(1, worker_kw=kw, router_kw={"clock": clock}, replay=False) as f:
+    rk = {"clock": clock, "drift_window": 16}
+    with StateFleet(1, worker_kw=kw, router_kw=rk, replay=False) as f:
         sent = []
         for _ in range(60):
             clock.t += 10.0  # think time: past the fresh decisions' TTL
