@@ -463,15 +463,7 @@ class Router:
         tier: str,
         engine_hashes: HashesLike | None,
     ) -> None:
-        inferred = self._trust.inferred(w)
-        if inferred:
-            # The engine stores only what it lacks: an inferred copy of a block it
-            # stores now was stale. The stored copy, with its handle, replaces it.
-            stale = [k for k in keys.tolist() if k in inferred]
-            if stale:
-                self.index.remove(w, stale)
-                inferred.difference_update(stale)
-        self.index.store(w, keys, parent, tier=tier, engine_hashes=engine_hashes)
+        self._trust.store(self.index, w, keys, parent, tier, engine_hashes)
         if tier != "device":
             self._tiered = True
 
@@ -494,10 +486,7 @@ class Router:
                 return 0
             unknown: int = self.index.remove(w, keys, engine=engine, tier=tier)
             if unknown and engine:
-                inferred = self._trust.inferred(w)
-                if inferred:
-                    self.index.remove(w, np.fromiter(inferred, np.uint64, len(inferred)))
-                    inferred.clear()
+                self._trust.unresolved_removal(self.index, w)
             return unknown
 
     def apply_cleared(self, worker: int) -> int:
@@ -756,29 +745,10 @@ class Router:
             if w not in self._members:
                 self._stats["refused_events"] += 1
                 return 0
-            idx = self.index
-            inferred = self._trust.inferred(w)
-            held = int(idx.match_array(anc, np.array([w], np.uint64))[0]) if len(anc) else 0
-            new = anc[held:]
-            before = int(anc[held - 1]) if held else None
-            if len(new) and exact:
-                idx.store(w, new, before, tier=tier)
-            elif len(new):
-                if len(new) > 1:
-                    idx.store(w, new[:-1], before, tier=tier)
-                    inferred.update(new[:-1].tolist())
-                    before = int(new[-2])
-                handle = None if parent_engine_hash is None else [parent_engine_hash]
-                idx.store(w, new[-1:], before, tier=tier, engine_hashes=handle)
-            elif len(anc) and not exact and parent_engine_hash is not None:
-                last = int(anc[-1])
-                if last in inferred:  # held, but without the handle the engine names it by
-                    idx.remove(w, [last])
-                    inferred.discard(last)
-                    idx.store(w, anc[-1:], None, tier=tier, engine_hashes=[parent_engine_hash])
+            stored = self._trust.anchor(self.index, w, anc, parent_engine_hash, tier, exact)
             parent = int(anc[-1]) if len(anc) else None
             self._store_locked(w, keys, parent, tier, engine_hashes)
-            return len(new)
+            return stored
 
     # -- routing -----------------------------------------------------------------
 

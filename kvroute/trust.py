@@ -84,12 +84,15 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from .approx import PredictedResidency
+
+if TYPE_CHECKING:
+    from .index_api import IndexLike
 
 __all__ = [
     "CAUSES",
@@ -517,9 +520,80 @@ class WorkerTrust:
         st = self._workers.get(worker)
         return set() if st is None else st.inferred
 
-    def has_inferred(self) -> bool:
-        """Whether any worker holds inferred blocks (the event path's one check)."""
-        return any(st.inferred for st in self._workers.values())
+    def store(
+        self,
+        index: IndexLike,
+        worker: int,
+        keys: U64,
+        parent: int | None,
+        tier: str,
+        engine_hashes: Any,
+    ) -> None:
+        """``index.store`` for a stored event; a stored copy replaces an inferred one.
+
+        The engine stores only what it lacks: an inferred copy of a block it
+        stores now was stale (evicted unseen), and one count must not become two.
+        """
+        st = self._workers.get(worker)
+        if st is not None and st.inferred:
+            stale = [k for k in keys.tolist() if k in st.inferred]
+            if stale:
+                index.remove(worker, stale)
+                st.inferred.difference_update(stale)
+        index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
+
+    def unresolved_removal(self, index: IndexLike, worker: int) -> None:
+        """The engine removed a block the index has no handle for: drop the inferred ones.
+
+        It may have been one of them; the next anchored store brings back
+        those the engine still holds.
+        """
+        st = self._workers.get(worker)
+        if st is not None and st.inferred:
+            index.remove(worker, np.fromiter(st.inferred, np.uint64, len(st.inferred)))
+            st.inferred.clear()
+
+    def anchor(
+        self,
+        index: IndexLike,
+        worker: int,
+        ancestors: U64,
+        parent_engine_hash: int | None,
+        tier: str,
+        exact: bool,
+    ) -> int:
+        """Store the ancestors of an anchored event that ``worker`` is not known to hold.
+
+        Chained keys make what a worker holds of a prompt a prefix, so the
+        ancestors past the prefix it holds are stored. With ``exact`` (the
+        index keys on engine hashes) they are exact; otherwise the last one
+        gets ``parent_engine_hash`` as its handle and the others are inferred.
+        A held last ancestor that was inferred gets the handle.
+
+        :returns: the number of ancestors stored.
+        """
+        inferred = self._workers[worker].inferred
+        ids = np.array([worker], np.uint64)
+        held = int(index.match_array(ancestors, ids)[0]) if len(ancestors) else 0
+        new = ancestors[held:]
+        before = int(ancestors[held - 1]) if held else None
+        if len(new) and exact:
+            index.store(worker, new, before, tier=tier)
+        elif len(new):
+            if len(new) > 1:
+                index.store(worker, new[:-1], before, tier=tier)
+                inferred.update(new[:-1].tolist())
+                before = int(new[-2])
+            handle = None if parent_engine_hash is None else [parent_engine_hash]
+            index.store(worker, new[-1:], before, tier=tier, engine_hashes=handle)
+        elif len(ancestors) and not exact and parent_engine_hash is not None:
+            last = int(ancestors[-1])
+            if last in inferred:  # held, but without the handle the engine names it by
+                index.remove(worker, [last])
+                inferred.discard(last)
+                handle = [parent_engine_hash]
+                index.store(worker, ancestors[-1:], None, tier=tier, engine_hashes=handle)
+        return len(new)
 
     def _check(self) -> None:
         """Check the invariants; AssertionError if one fails."""
