@@ -317,3 +317,17 @@ def test_a_block_size_mismatch_degrades_once(caplog: pytest.LogCaptureFixture) -
             assert ap.apply(0, BlockStored((i,), None, tuple(range(8)), block_size=8)) == "mismatch"
     assert r.worker_states()[0].cause == "mismatch" and r.stats()["degradations"] == 1
     assert sum("not trusted" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_an_unrecoverable_gap_clears_and_degrades_the_worker() -> None:
+    # what TensorRT-LLM's transports call on an event_id gap (no replay there)
+    r = Router(block_size=4, workers=[0, 1])
+    ap = EventApplier(r)
+    r.apply_stored(0, keys(1, 3))
+    r.apply_stored(1, keys(1, 3))
+    ap.unrecoverable_gap(0, "event ids 7..9")
+    assert r.index.match(keys(1, 3)) == {1: 3}
+    st = r.worker_states()[0]
+    assert st.state == "degraded" and st.cause == "events_lost" and "7..9" in (st.reason or "")
+    assert ap.counts[0]["replay_failed"] == 1
+    assert r.worker_states()[1].state == "ok"
