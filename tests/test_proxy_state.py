@@ -1,4 +1,4 @@
-"""The proxy and the router's beliefs: each answer checks the prediction; /health and /metrics show it.
+"""The proxy and the router's beliefs: each answer checks the prediction, /health shows it.
 
 Issue 16 (items 2, 4 and 9 seen from the proxy): the worker's reported
 cached tokens reach :meth:`Router.observe`, a worker whose events cannot be
