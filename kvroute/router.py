@@ -474,8 +474,9 @@ class Router:
 
         Same parameters and errors as ``BlockIndex.remove``. A worker the
         router does not know is refused (``stats()["refused_events"]``; 0 is
-        returned). A removal the index cannot resolve drops the worker's
-        inferred blocks (see :meth:`apply_anchored`): it may have been one.
+        returned). Each engine hash the index cannot resolve may drop one of
+        the worker's inferred blocks (see :mod:`kvroute.trust`): it may have
+        been one.
         """
         keys = as_u64_array(hashes)
         w = check_u64(worker, "worker")
@@ -486,7 +487,7 @@ class Router:
                 return 0
             unknown: int = self.index.remove(w, keys, engine=engine, tier=tier)
             if unknown and engine:
-                self._trust.unresolved_removal(self.index, w)
+                self._trust.unresolved_removal(self.index, w, unknown)
             return unknown
 
     def apply_cleared(self, worker: int) -> int:
@@ -728,9 +729,7 @@ class Router:
         chained from the last ancestor. With ``exact`` (an index keyed on the
         engine's hashes, where a key is its own handle) the ancestors are
         exact. Otherwise the last ancestor gets ``parent_engine_hash`` as its
-        handle and the others are *inferred*: kept until the worker's next
-        removal the index cannot resolve (it may name one of them), or until
-        the engine stores one again.
+        handle and the others are *inferred* (see :mod:`kvroute.trust`).
 
         :returns: the number of ancestors stored.
         """

@@ -56,9 +56,15 @@ does not know (:func:`find_anchor`): the engine's blocks are a prefix of a
 prompt it was sent, so the prompt tells the kvroute keys of the event's
 ancestors, and the engine's parent hash names the last of them. The index
 then holds the ancestors again; those without an engine handle are
-*inferred* (:meth:`WorkerTrust.inferred`): they are dropped at the worker's
-next removal the index cannot resolve (it might be one of them) and
-re-anchored by its next store.
+*inferred* (:meth:`WorkerTrust.inferred`), each *protected* by the
+handled block it was inferred for (its *anchor*): an engine evicts a block
+only when no cached block continues it (vLLM and SGLang evict leaves first,
+a prompt's tail before its head), so while an anchor is held, so are its
+ancestors. A removal the index cannot resolve (the engine evicted a block
+it never named to the router) may be an inferred block only if none of its
+anchors is held any more: each drops one such unprotected block, the least
+recently confirmed, tail first. A block the engine stores again replaces its
+inferred copy, with its handle.
 
 None of this costs a trusted fleet anything on the routing path: the router
 checks one flag (:attr:`WorkerTrust.any_degraded`).
@@ -132,7 +138,8 @@ class WorkerState:
     :ivar over: of which predicted more than the engine reported.
     :ivar under: of which predicted less.
     :ivar degradations: how many times it became degraded.
-    :ivar inferred_blocks: index blocks believed by anchoring, without an engine handle.
+    :ivar inferred_blocks: index blocks believed by anchoring or the engine's
+        reports, without an engine handle.
     """
 
     worker: int
@@ -218,7 +225,8 @@ class _Worker:
         self.since: float | None = None
         self.degradations = 0
         self.recent: deque[RecentPrompt] = deque(maxlen=RECENT_PROMPTS)
-        self.inferred: set[int] = set()
+        # inferred block -> the anchors protecting it; least recently confirmed first
+        self.inferred: OrderedDict[int, set[int]] = OrderedDict()
 
 
 class WorkerTrust:
@@ -515,10 +523,12 @@ class WorkerTrust:
         st = self._workers.get(worker)
         return [] if st is None else list(st.recent)
 
-    def inferred(self, worker: int) -> set[int]:
-        """``worker``'s index blocks believed by anchoring, without an engine handle (live)."""
-        st = self._workers.get(worker)
-        return set() if st is None else st.inferred
+    def inferred(self, worker: int) -> OrderedDict[int, set[int]]:
+        """``worker``'s inferred blocks and their anchors, least recently confirmed first (live).
+
+        :raises KeyError: an unknown worker.
+        """
+        return self._workers[worker].inferred
 
     def store(
         self,
@@ -539,19 +549,46 @@ class WorkerTrust:
             stale = [k for k in keys.tolist() if k in st.inferred]
             if stale:
                 index.remove(worker, stale)
-                st.inferred.difference_update(stale)
+                for k in stale:
+                    del st.inferred[k]
         index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
 
-    def unresolved_removal(self, index: IndexLike, worker: int) -> None:
-        """The engine removed a block the index has no handle for: drop the inferred ones.
+    def unresolved_removal(self, index: IndexLike, worker: int, n: int) -> int:
+        """The engine removed ``n`` blocks the index has no handle for; drop as many inferred ones.
 
-        It may have been one of them; the next anchored store brings back
-        those the engine still holds.
+        Only an inferred block none of whose anchors is held any more can
+        have been one (the engine evicts leaves first); the least recently
+        confirmed such blocks go, a prompt's tail first.
+
+        Runtime complexity: O(inferred blocks x their anchors), in the worst case.
+
+        :returns: how many inferred blocks were dropped.
         """
         st = self._workers.get(worker)
-        if st is not None and st.inferred:
-            index.remove(worker, np.fromiter(st.inferred, np.uint64, len(st.inferred)))
-            st.inferred.clear()
+        if st is None or not st.inferred:
+            return 0
+        ids = np.array([worker], np.uint64)
+        one = np.zeros(1, np.uint64)
+
+        def held(k: int) -> bool:
+            one[0] = k
+            return bool(index.match_array(one, ids)[0])
+
+        gone: list[int] = []
+        for k, anchors in st.inferred.items():
+            if len(gone) == n:
+                break
+            for a in list(anchors):
+                if held(a):
+                    break
+                anchors.discard(a)
+            else:
+                gone.append(k)
+        for k in gone:
+            del st.inferred[k]
+        if gone:
+            index.remove(worker, np.array(gone, np.uint64))
+        return len(gone)
 
     def anchor(
         self,
@@ -564,35 +601,47 @@ class WorkerTrust:
     ) -> int:
         """Store the ancestors of an anchored event that ``worker`` is not known to hold.
 
-        Chained keys make what a worker holds of a prompt a prefix, so the
+        What a worker holds of a prompt is a prefix (chained keys), so the
         ancestors past the prefix it holds are stored. With ``exact`` (the
-        index keys on engine hashes) they are exact; otherwise the last one
-        gets ``parent_engine_hash`` as its handle and the others are inferred.
-        A held last ancestor that was inferred gets the handle.
+        index keys on engine hashes: a key is its own handle) they are exact.
+        Otherwise the last one gets ``parent_engine_hash`` as its handle and
+        is the anchor of the others, which are inferred: stored, protected by
+        it, and confirmed (the most recent, their head last). A held last
+        ancestor that was inferred gets the handle.
 
         :returns: the number of ancestors stored.
         """
-        inferred = self._workers[worker].inferred
+        n = len(ancestors)
+        if n == 0:
+            return 0
         ids = np.array([worker], np.uint64)
-        held = int(index.match_array(ancestors, ids)[0]) if len(ancestors) else 0
+        held = int(index.match_array(ancestors, ids)[0])
         new = ancestors[held:]
         before = int(ancestors[held - 1]) if held else None
-        if len(new) and exact:
-            index.store(worker, new, before, tier=tier)
-        elif len(new):
-            if len(new) > 1:
-                index.store(worker, new[:-1], before, tier=tier)
-                inferred.update(new[:-1].tolist())
-                before = int(new[-2])
-            handle = None if parent_engine_hash is None else [parent_engine_hash]
-            index.store(worker, new[-1:], before, tier=tier, engine_hashes=handle)
-        elif len(ancestors) and not exact and parent_engine_hash is not None:
-            last = int(ancestors[-1])
-            if last in inferred:  # held, but without the handle the engine names it by
-                index.remove(worker, [last])
-                inferred.discard(last)
-                handle = [parent_engine_hash]
-                index.store(worker, ancestors[-1:], None, tier=tier, engine_hashes=handle)
+        if exact or parent_engine_hash is None:
+            if len(new):
+                index.store(worker, new, before, tier=tier)
+            return len(new)
+        inferred = self._workers[worker].inferred
+        last = int(ancestors[-1])
+        if len(new) > 1:
+            index.store(worker, new[:-1], before, tier=tier)
+            before = int(new[-2])
+        if len(new):
+            index.store(worker, ancestors[-1:], before, tier=tier,
+                        engine_hashes=[parent_engine_hash])  # fmt: skip
+        elif last in inferred:
+            index.remove(worker, [last])  # held, but without the handle the engine names it by
+            del inferred[last]
+            index.store(worker, ancestors[-1:], None, tier=tier,
+                        engine_hashes=[parent_engine_hash])  # fmt: skip
+        fresh = set(new[:-1].tolist())
+        for k in reversed(ancestors[:-1].tolist()):
+            if k in fresh:
+                inferred[k] = {last}
+            elif k in inferred:
+                inferred[k].add(last)
+                inferred.move_to_end(k)
         return len(new)
 
     def _check(self) -> None:

@@ -270,14 +270,22 @@ def test_an_orphaned_store_is_anchored_to_the_prompt_it_continues() -> None:
     assert ap.apply(0, child) == "ok"
 
 
-def test_an_unresolved_removal_drops_the_inferred_blocks() -> None:
+def test_inferred_blocks_go_only_once_nothing_held_continues_them() -> None:
     r, ap, toks, ks = _anchored_router()
     ap.apply(0, BlockStored((904, 905), 903, tuple(toks[16:24]), block_size=4))
-    # the engine evicts a block whose hash the index never learned: maybe an inferred one
-    assert ap.apply(0, BlockRemoved((901,))) == "unknown_block"
-    assert r.index.match(ks) == {}  # block 0 went: nothing matches from the start
-    assert r.worker_states()[0].inferred_blocks == 0
-    assert r.index.resolve(0, 905) == int(ks[5])  # handled blocks stay
+    # An eviction the index cannot resolve, while block 3 (the anchor, handled) is
+    # held: engines evict leaves first, so blocks 0..2 are still there.
+    assert ap.apply(0, BlockRemoved((801,))) == "unknown_block"
+    assert r.index.match(ks) == {0: 6} and r.worker_states()[0].inferred_blocks == 3
+    # The anchor and its continuation go (resolved); the next unresolved evictions
+    # may now be the inferred blocks: one each, the prompt's tail first.
+    ap.apply_batch(0, EventBatch(0.0, (BlockRemoved((905,)), BlockRemoved((904,)),
+                                       BlockRemoved((903,)))))  # fmt: skip
+    assert r.index.match(ks) == {0: 3}
+    assert ap.apply(0, BlockRemoved((802,))) == "unknown_block"
+    assert r.index.match(ks) == {0: 2} and r.worker_states()[0].inferred_blocks == 2
+    ap.apply_batch(0, EventBatch(0.0, (BlockRemoved((803,)), BlockRemoved((804,)))))
+    assert r.index.match(ks) == {} and r.worker_states()[0].inferred_blocks == 0
     r._check()
 
 
