@@ -162,7 +162,7 @@ class RouterConfig:
     # -- self-healing state (issue 16): bounded sessions, the drift detector
     max_sessions: int = 100_000
     drift_window: int = 64
-    drift_threshold: float = 0.5
+    drift_threshold: float = 0.3
     drift_tolerance_blocks: float = 2.0
 
     def __post_init__(self) -> None:

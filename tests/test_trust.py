@@ -78,22 +78,22 @@ def test_requests_with_nothing_cached_or_predicted_are_not_counted() -> None:
 
 def test_scattered_disagreements_never_trip_it() -> None:
     # an engine evicting between its event and the request, a warm-up not yet
-    # heard of: a quarter of the requests off, for a long time
+    # heard of: one request in ten off, for a long time
     t = trust()
     rng = random.Random(0)
     for _ in range(5000):
-        off = rng.random() < 0.25
+        off = rng.random() < 0.1
         assert t.observe(0, 512, 0 if off else 512) is None
-    assert t.state(0).state == "ok" and 0.05 < t.state(0).drift < 0.5
+    assert t.state(0).state == "ok" and 0.0 < t.state(0).drift < 0.3
 
 
 def test_a_fan_out_burst_does_not_trip_it() -> None:
-    # 12 siblings run side by side: each predicted its first sibling's prefix,
+    # a dozen siblings run side by side: each predicted its first sibling's prefix,
     # the engine saw none of it; the window's other requests agree
     t = trust()
     for _ in range(64):
         t.observe(0, 256, 256)
-    for _ in range(24):
+    for _ in range(12):
         assert t.observe(0, 1024, 0) is None
     for _ in range(64):
         assert t.observe(0, 256, 256) is None

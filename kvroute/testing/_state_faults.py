@@ -247,15 +247,36 @@ class StateFleet:
         :param worker: send here regardless of the route (the decision is still made).
         :param settle: wait until the worker's event batches are applied.
         """
+        d = self._route(tokens, session_id)
+        return self._serve(d, tokens, worker, settle)
+
+    def send_many(self, prompts: Sequence[Sequence[int]], *, settle: bool = True) -> list[Sent]:
+        """Route every prompt first (all in flight at once, as concurrent clients), then serve each.
+
+        The router sees the load of those routed before each: a burst spreads
+        as it would in production, where requests overlap.
+        """
+        decisions = [self._route(p, None) for p in prompts]
+        out = [self._serve(d, p, None, False) for d, p in zip(decisions, prompts, strict=True)]
+        if settle:
+            for w in {s.worker for s in out}:
+                self.settle(w)
+        return out
+
+    def _route(self, tokens: Sequence[int], session_id: str | None) -> Decision:
         self._ids += 1
-        rid = f"req-{self._ids}"
-        d = self.r.route(Request(rid, tokens=list(tokens), session_id=session_id))
+        return self.r.route(Request(f"req-{self._ids}", tokens=list(tokens), session_id=session_id))
+
+    def _serve(
+        self, d: Decision, tokens: Sequence[int], worker: int | None, settle: bool
+    ) -> Sent:
+        rid = d.request_id
         target = d.worker if worker is None else worker
         body = {"model": "mock-model", "prompt": list(tokens), "max_tokens": 1}
         req = urllib.request.Request(
             self.workers[target].url + "/v1/completions",
             json.dumps(body).encode(),
-            {"Content-Type": "application/json", "X-Request-Id": rid},
+            {"Content-Type": "application/json", "X-Request-Id": str(rid)},
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
