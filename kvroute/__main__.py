@@ -4,8 +4,8 @@ This module only dispatches. Subcommands are registered in :data:`COMMANDS`:
 each has a name, a one-line help, a function that adds its arguments to its
 parser and a function that runs it and returns the exit status; each lives
 beside what it runs (:mod:`kvroute.bench.cli`, :mod:`kvroute.sim.cli`,
-:mod:`kvroute.proxy.cli`). Adding a command means adding one entry; the entry
-point, error handling and exit codes (:mod:`kvroute._cli`) are shared.
+:mod:`kvroute.proxy.cli`, :mod:`kvroute.testing.cli`). Adding a command means
+adding one entry; the entry point, error handling and exit codes (:mod:`kvroute._cli`) are shared.
 
 Exit status: 0 success; 1 the command ran but a check failed (for ``bench``:
 kvroute and Dynamo disagreed on a query, or the index does not hold what the
@@ -27,6 +27,7 @@ from ._cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError
 from .bench import cli as bench_cli
 from .proxy import cli as proxy_cli
 from .sim import cli as sim_cli
+from .testing import cli as testing_cli
 
 __all__ = ["COMMANDS", "Command", "CommandError", "main"]
 
@@ -59,6 +60,14 @@ def _run_proxy(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
 
 
+def _run_mock_worker(args: argparse.Namespace) -> int:
+    """Run ``kvroute mock-worker``: a port in use or a missing extra is the user's to fix."""
+    try:
+        return testing_cli.run(args)
+    except (ImportError, OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+
+
 #: Every subcommand, in ``--help`` order.
 COMMANDS: Final[tuple[Command, ...]] = (
     Command(
@@ -84,6 +93,14 @@ COMMANDS: Final[tuple[Command, ...]] = (
         proxy_cli.configure,
         _run_proxy,
         proxy_cli.EPILOG,
+    ),
+    Command(
+        "mock-worker",
+        "serve a GPU-free vLLM stand-in (HTTP + KV events) on this machine, for trying kvroute",
+        testing_cli.DESCRIPTION,
+        testing_cli.configure,
+        _run_mock_worker,
+        testing_cli.EPILOG,
     ),
 )
 

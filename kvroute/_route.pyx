@@ -1224,6 +1224,16 @@ cdef class FreshDecisions:
         finally:
             PyBuffer_Release(&kb)
 
+    def started(self, key):
+        """Whether a remembered decision's prompt starts with block ``key``; None if none is kept.
+
+        See :meth:`kvroute._route_py.FreshDecisions.started`.
+        """
+        cdef uint64_t k = as_u64(key, "key")
+        if not self._buckets:
+            return None
+        return k in self._buckets
+
     def forget(self, entry):
         """Drop a remembered decision (its request failed); None and stale handles are ignored."""
         cdef _Bucket b

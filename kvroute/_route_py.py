@@ -425,6 +425,20 @@ class FreshDecisions:
         d.append(entry)
         return entry
 
+    def started(self, key: int) -> bool | None:
+        """Whether a remembered decision's prompt starts with block ``key``; None if none is kept.
+
+        >>> fd = FreshDecisions()
+        >>> fd.started(7), fd.record(0, np.array([7, 8], np.uint64), 0.0) is not None, fd.started(7)
+        (None, True, True)
+
+        :raises TypeError, OverflowError: ``key`` is not an int in [0, 2**64).
+        """
+        k = check_u64(key, "key")
+        if not self._by_first:
+            return None
+        return k in self._by_first
+
     def forget(self, entry: Any) -> None:
         """Drop a remembered decision (its request failed); None and stale handles are ignored."""
         if entry is None:

@@ -176,17 +176,20 @@ class Request:
 
     :param request_id: the proxy's id for the request (a str or int), used by
         the lifecycle calls.
-    :param tokens: prompt token ids.
-    :param block_hashes: precomputed kvroute block hashes of the prompt.
-    :param prompt_tokens: prompt length when only ``block_hashes`` is given
-        (default: ``len(block_hashes) * block_size``).
-    :param lora_name: LoRA adapter; part of the hash chain.
-    :param cache_salt: vLLM-style cache salt; part of the hash chain.
-    :param session_id: a conversation / agent session, for stickiness, pins
-        and warm-up plans.
-    :param priority: admission priority; *lower values are admitted first*
-        (vLLM's convention). Default 0.
-    :param expected_output_tokens: predicted output length, for decode load.
+    :param tokens: prompt token ids (a sequence of ints, or an integer numpy
+        array), as the engine will see them (chat template applied).
+    :param block_hashes: precomputed kvroute block keys of the prompt (uint64s:
+        ``kvroute_block_hashes(tokens, block_size)``, not an engine's hashes).
+    :param prompt_tokens: prompt length (an int) when only ``block_hashes`` is
+        given (default: ``len(block_hashes) * block_size``).
+    :param lora_name: LoRA adapter name (a str); part of the hash chain.
+    :param cache_salt: vLLM-style cache salt (a str); part of the hash chain.
+    :param session_id: a conversation / agent session (a str), for
+        stickiness, pins and warm-up plans.
+    :param priority: admission priority (an int); *lower values are admitted
+        first* (vLLM's convention). Default 0.
+    :param expected_output_tokens: predicted output length, a count of tokens
+        (an int >= 0), for decode load.
     :param cache_control: the prompt's cache breakpoints: one Anthropic-style
         ``{"type": "ephemeral", "ttl": "5m" | "1h"}`` (the whole prompt) or
         :class:`CacheControl`, or a sequence of them; stored parsed, as a

@@ -1,10 +1,12 @@
 """The router: per request, the worker where its prefix is cached, without herding.
 
-A proxy builds one :class:`Router`, feeds it the workers' KV events (through
-:meth:`Router.apply_stored` / :meth:`Router.apply_removed`, or straight into
-:attr:`Router.index`), calls :meth:`Router.route` for each request and reports
-its lifecycle (:meth:`Router.first_token`, :meth:`Router.finished`,
-:meth:`Router.failed`).
+A proxy builds one :class:`Router`, feeds it the workers' KV events
+(:meth:`Router.apply_event` for each decoded event, or a
+:class:`kvroute.events.ZmqSubscriber` that does it on its own thread), calls
+:meth:`Router.route` for each request and reports its lifecycle
+(:meth:`Router.first_token`, :meth:`Router.finished`, :meth:`Router.failed`).
+:meth:`Router.apply_stored` / :meth:`Router.apply_removed` are the level
+below: they take kvroute's keys, not an engine's hashes.
 
 Parts: the router is a coordinator. It holds the lock, the block index, and
 one small part per job, each a module with its own specification and tests:
@@ -73,6 +75,7 @@ from .approx import FreshDecisions, PredictedResidency
 from .config import BusyThreshold, RouterConfig, RouterSettings
 from .index_api import IndexLike
 from .journal import Journal, JournalEntry
+from .keycheck import StoredKeyCheck
 from .load import LoadTracker
 from .members import Members, check_capacity, check_metrics
 from .pins import WARMUP_PLAN_TTL, SessionPins, WarmupPlans
@@ -90,6 +93,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._index_py import HashesLike
+    from .events.apply import EventApplier
+    from .events.types import KVEvent
 
 __all__ = [
     "WARMUP_PLAN_TTL",
@@ -257,6 +262,9 @@ class Router:
         self._next_sweep = -math.inf
         self._zero_cache = np.zeros(0, np.int64)
         self._lock = threading.Lock()
+        self._keycheck = StoredKeyCheck()
+        self._applier: EventApplier | None = None
+        self._applier_lock = threading.Lock()
         self._stats = dict.fromkeys(
             (
                 "routed",
@@ -298,11 +306,15 @@ class Router:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
         dropped_with_worker, unknown_workers, refused_events (events naming a
         worker the router does not know), cache_resets, degradations,
-        sessions_evicted (pins and warm-up plans past ``max_sessions``); and
-        now: queued (waiting for admission), warmup_plans (made and not yet
-        taken), sessions (pins held), degraded (workers)."""
+        sessions_evicted (pins and warm-up plans past ``max_sessions``);
+        stored_starts_routed / stored_starts_unrouted (prompt starts stored by
+        :meth:`apply_stored` that did / did not start a recent decision: see
+        :mod:`kvroute.keycheck`); and now: queued (waiting for admission),
+        warmup_plans (made and not yet taken), sessions (pins held), degraded
+        (workers)."""
         with self._lock:
             out = dict(self._stats)
+            out.update(self._keycheck.counts())
             out["queued"] = len(self._queue)
             out["warmup_plans"] = len(self._warmups)
             out["sessions"] = len(self._pins)
@@ -426,30 +438,107 @@ class Router:
 
     # -- events ------------------------------------------------------------------
 
+    def apply_event(self, worker: int, event: KVEvent) -> str:
+        """Apply one of ``worker``'s KV events: the way to feed events you receive yourself.
+
+        ``event`` is a :class:`kvroute.events.BlockStored`,
+        :class:`~kvroute.events.BlockRemoved` or
+        :class:`~kvroute.events.AllBlocksCleared` (what
+        :func:`kvroute.events.decode` makes of an engine's payload; see
+        docs/events.md for their fields). A stored event's blocks are keyed by
+        this router's hash of its ``token_ids`` (chained from its parent's key,
+        found through the parent's engine hash), its engine hashes kept as the
+        handles later removals name: requests then match whatever hash
+        algorithm or seed the engine runs. One
+        :class:`kvroute.events.EventApplier` per router does the work
+        (statuses, salts, the checks it logs); calls from several threads are
+        serialised.
+
+        >>> from kvroute import Request, Router
+        >>> from kvroute.events import BlockRemoved, BlockStored
+        >>> r = Router(block_size=4, workers=[0, 1])
+        >>> r.apply_event(1, BlockStored(block_hashes=(901, 902), parent_block_hash=None,
+        ...                              token_ids=tuple(range(8)), block_size=4))
+        'ok'
+        >>> r.route(Request("a", tokens=list(range(10)))).matched_blocks
+        2
+        >>> r.apply_event(1, BlockRemoved(block_hashes=(902,)))
+        'ok'
+
+        :returns: its status: ``ok``, ``unknown_block`` (a removal of a block
+            the worker does not hold, or a store whose parent it does not
+            hold: skipped), ``cleared``, ``mismatch`` (the event's block size
+            is not the router's: skipped, logged), ``ignored`` (another
+            KV-cache group, or a worker the router does not know: removed, or
+            never added; its blocks would outlive it) or ``rejected`` (values
+            the index refuses).
+        :raises TypeError: ``event`` is not a KV event.
+        """
+        # the event layer's own applier: keys, salts, parents, its checks
+        from .events.apply import EventApplier
+        from .events.types import AllBlocksCleared, BlockRemoved, BlockStored
+
+        if not isinstance(event, (BlockStored, BlockRemoved, AllBlocksCleared)):
+            raise TypeError(
+                "apply_event() takes a kvroute.events BlockStored, BlockRemoved or "
+                f"AllBlocksCleared, not {type(event).__name__}"
+            )
+        with self._applier_lock:
+            if self._applier is None:
+                self._applier = EventApplier(self)
+            return self._applier.apply(worker, event)
+
     def apply_stored(
         self,
         worker: int,
-        hashes: HashesLike,
+        keys: HashesLike,
         parent: int | None = None,
         *,
         tier: str = "device",
         engine_hashes: HashesLike | None = None,
     ) -> int:
-        """Apply a "blocks stored" event to :attr:`index`, ordered with routing decisions.
+        """Record that ``worker`` holds the blocks with these kvroute keys, in prefix order.
 
-        Same parameters and errors as ``BlockIndex.store``. A worker the
-        router does not know (never added, or removed: a late event) is
-        refused, counted in ``stats()["refused_events"]``: its blocks would
-        outlive it, and come back with a new worker of the same id.
+        ``keys`` are kvroute's routing keys, the ones :meth:`route` computes:
+        ``kvroute_block_hashes(token_ids, block_size)`` (or this router's
+        ``hashing``), continuing from ``parent``'s key. **Not the engine's
+        block hashes** that a KV event carries: those never match a request.
+        To apply an engine's event, use :meth:`apply_event`. Same parameters
+        and errors as ``BlockIndex.store``; applied under the router's lock,
+        so it is ordered with routing decisions. A worker the router does not
+        know (never added, or removed: a late event) is refused, counted in
+        ``stats()["refused_events"]``: its blocks would outlive it, and come
+        back with a new worker of the same id.
 
+        :param keys: the blocks' kvroute keys (uint64s).
+        :param parent: the kvroute key of the block before the first, or None
+            for a prompt's start.
+        :param tier: ``"device"``, ``"host"`` or ``"disk"``.
+        :param engine_hashes: the engine's hashes of the same blocks, kept as
+            handles for later removals by engine hash.
         :returns: the operation's sequence number.
+        :raises ValueError: ``engine_hashes`` equal ``keys``: the engine's
+            hashes were given as keys; and as ``BlockIndex.store``.
         """
-        keys = as_u64_array(hashes)
+        keys = as_u64_array(keys)
         w = check_u64(worker, "worker")
+        if engine_hashes is not None:
+            engine_hashes = as_u64_array(engine_hashes, "engine_hashes")
+            # one comparison before the whole arrays: this runs for every stored event
+            if len(keys) and engine_hashes[0] == keys[0] and np.array_equal(engine_hashes, keys):
+                raise ValueError(
+                    "apply_stored(): keys equal engine_hashes. keys are kvroute keys "
+                    "(kvroute_block_hashes(token_ids, block_size)), not the engine's block "
+                    "hashes; Router.apply_event(worker, event) keys an engine's event itself"
+                )
         with self._lock:
             if w not in self._members:
                 self._stats["refused_events"] += 1
             else:
+                if parent is None and len(keys) and self._fresh is not None:
+                    started = self._fresh.started(int(keys[0]))
+                    if started is not None and (warning := self._keycheck.observe(started)):
+                        logger.warning(warning)
                 self._store_locked(w, keys, parent, tier, engine_hashes)
             return self._journal.log(
                 "apply_stored", worker, keys, parent, tier=tier, engine_hashes=engine_hashes
@@ -1161,19 +1250,35 @@ class Router:
         self,
         request_id: str | int,
         *,
-        output_tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        output_tokens: int | Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
     ) -> bool:
         """The request completed: drop its load; record a warm-up plan if it asked for one.
 
-        :param output_tokens: the generated tokens, appended to the warm-up prefix.
+        :param output_tokens: the generated token ids (a sequence of ints),
+            appended to the prompt in the warm-up plan of a request routed
+            with ``speculative_prefill``; or just how many were generated (an
+            int), when the ids are not at hand: the plan then holds the prompt
+            alone (its ``tokens`` end where the prompt does), since what the
+            reply's tokens were is unknown. The router's load does not depend
+            on it. None: as a count.
         :returns: False (counted in ``stats()["unknown_request_ids"]``) if unknown.
-        :raises TypeError: ``output_tokens`` is not a sequence of ints.
+        :raises TypeError: ``output_tokens`` is neither token ids nor a count.
+        :raises ValueError: a negative count.
         """
-        if output_tokens is not None and (
+        ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None
+        if isinstance(output_tokens, (int, np.integer)) and not isinstance(output_tokens, bool):
+            if output_tokens < 0:
+                raise ValueError(f"output_tokens must be >= 0, got {output_tokens}")
+        elif output_tokens is not None and (
             isinstance(output_tokens, (str, bytes))
             or not isinstance(output_tokens, (Sequence, np.ndarray))
         ):
-            raise TypeError("output_tokens must be a sequence of ints")
+            raise TypeError(
+                "output_tokens must be a sequence of ints (the generated token ids) or an "
+                f"int (how many), not {type(output_tokens).__name__}"
+            )
+        else:
+            ids = output_tokens
         with self._lock:
             self._journal.log("finished", request_id, output_tokens=output_tokens)
             r = self._load.finish(request_id)
@@ -1183,7 +1288,7 @@ class Router:
             if pl.speculative and pl.session_id is not None:
                 assert pl.hashes is not None
                 self._warmups.record(
-                    pl.session_id, r.worker, pl.tokens, output_tokens, pl.hashes, self._clock()
+                    pl.session_id, r.worker, pl.tokens, ids, pl.hashes, self._clock()
                 )
             return True
 

@@ -311,17 +311,17 @@ def _truth_run(
     sent: list[Sent] = []
     points = []
     w0 = f.workers[0]
-    base = w0.stats.blocks_stored
+    base = w0.stats().blocks_stored
     for i in range(n):
         clock.t += 10.0
         sent.append(f.send(agents.next()))
         if i > GAP_AT and "trusted_at" not in f.__dict__ and f.r.worker_states()[0].state == "ok":
-            f.__dict__["trusted_at"] = (i - GAP_AT, (w0.stats.blocks_stored - base) / capacity)
+            f.__dict__["trusted_at"] = (i - GAP_AT, (w0.stats().blocks_stored - base) / capacity)
         if i == GAP_AT:
-            base = w0.stats.blocks_stored  # turnovers count from the gap
+            base = w0.stats().blocks_stored  # turnovers count from the gap
         if i >= GAP_AT and (i + 1) % every == 0:
             t = f.truth(0)
-            turnover = (w0.stats.blocks_stored - base) / capacity
+            turnover = (w0.stats().blocks_stored - base) / capacity
             points.append({
                 "requests": i + 1, "turnover": round(turnover, 2),
                 "precision": round(t.precision, 3), "recall": round(t.recall, 3),

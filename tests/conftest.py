@@ -77,6 +77,25 @@ def anthropic_client() -> Iterator[Callable[..., Any]]:
         client.close()
 
 
+@pytest.fixture
+def openai_client() -> Iterator[Callable[..., Any]]:
+    """Make official ``openai`` SDK clients (no retries unless asked), closed after the test.
+
+    ``openai_client(base_url, **options)``, the base URL ending in ``/v1``.
+    """
+    openai = pytest.importorskip("openai")
+    clients: list[Any] = []
+
+    def make(url: str, **options: Any) -> Any:
+        client = openai.OpenAI(base_url=url, api_key="test-key", **{"max_retries": 0, **options})
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE ``tokenizer.json`` (no merges) with the mock worker's special tokens.

@@ -312,7 +312,7 @@ def test_the_proxy_answers_400_for_malformed_content_in_every_mode(tokenizer_jso
             status, _, raw = post(proxy.url + "/v1/chat/completions", bad)
             assert status == 400, raw
             assert "must be a string" in json.loads(raw)["error"]["message"]
-            assert not workers[0].requests
+            assert not workers[0].requests()
 
 
 def test_string_content_placeholders_follow_vllm(tokenizer_json: Path, tmp_path: Path) -> None:
@@ -367,4 +367,4 @@ def test_tool_use_through_the_proxy() -> None:
                          {"role": "user", "content": [{"type": "tool_result",
                           "tool_use_id": final.content[0].id, "content": "x=1"}]}]})  # fmt: skip
         assert follow.content[0].type == "text"
-        assert len(workers[0].requests) == 3
+        assert len(workers[0].requests()) == 3

@@ -226,7 +226,7 @@ def test_python_index_defaults_are_reduced(tmp_path: Path) -> None:
 def test_commands_table_drives_the_parser() -> None:
     parser = cli.build_parser()
     names = {c.name for c in cli.COMMANDS}
-    assert names == {"bench", "replay", "proxy"}
+    assert names == {"bench", "replay", "proxy", "mock-worker"}
     required = {"replay": ["default"], "proxy": ["--worker", "http://127.0.0.1:1"]}
     for cmd in cli.COMMANDS:
         argv = [cmd.name, *required.get(cmd.name, [])]

@@ -173,7 +173,7 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         first = [pool.submit(s.send, server.url) for s in sessions]
-        assert wait_until(lambda: workers[victim].stats.running > 0, timeout=10)
+        assert wait_until(lambda: workers[victim].stats().running > 0, timeout=10)
         workers[victim].stop()  # mid-run: its streams break, its port refuses
         results = [f.result() for f in first]
         # Every request of the round was answered; those on the dead worker retried.
@@ -199,7 +199,7 @@ def test_killing_and_restarting_a_worker_loses_nothing_and_leaves_no_stale_block
         assert router.index.worker_len(i) == len(held), i
         # every block the index credits to the worker names one the worker holds
         assert all(router.index.resolve(i, h) is not None for h in held)
-    requests = sum(len(w.requests) for w in workers)
+    requests = sum(len(w.requests()) for w in workers)
     assert requests >= 3 * len(sessions)  # retried requests were re-sent, not dropped
 
 

@@ -130,6 +130,8 @@ def test_a_restarted_trtllm_serve_is_cleared_before_it_serves() -> None:
         assert server.router.index.worker_len(0) > 0
         w.restart()  # same port, empty cache; it publishes its `created` events and nothing else
         assert wait_until(lambda: server.router.index.worker_len(0) == 0, timeout=10)
+        # a health check may have caught it down mid-restart: it serves once one passes again
+        assert wait_until(lambda: bool(server.router.load(0)["healthy"]), timeout=10)
         status, _, out = s.send(server.url)
         assert status == 200 and s.cached_tokens(out) == 0
         assert synced(server, [w], "http")

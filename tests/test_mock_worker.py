@@ -322,12 +322,12 @@ def test_completions_shape_and_cached_tokens_grow(worker: MockWorker) -> None:
     )
     assert longer["usage"]["prompt_tokens_details"]["cached_tokens"] == n // 4 * 4
 
-    log = worker.requests
+    log = worker.requests()
     assert [r.cached_tokens for r in log] == [0, n // 4 * 4, n // 4 * 4]
     assert all(r.path == "/v1/completions" and r.status == "finished" for r in log)
     assert log[0].prompt_tokens == n and log[0].completion_tokens == 16
-    assert worker.cache_hits == {r.request_id: r.cached_tokens for r in log}
-    stats = worker.stats
+    assert worker.cache_hits() == {r.request_id: r.cached_tokens for r in log}
+    stats = worker.stats()
     assert stats.requests == 3 and stats.running == 0 and stats.cached_tokens == 2 * (n // 4 * 4)
     assert 0 < stats.hit_rate < 1
 
@@ -362,7 +362,7 @@ def test_completions_token_ids_and_prompt_lists(worker: MockWorker) -> None:
     ids = list(range(100, 140))
     out = post(worker, "/v1/completions", {"prompt": ids, "max_tokens": 1})
     assert out["usage"]["prompt_tokens"] == 40
-    assert worker.requests[-1].prompt_token_ids == tuple(ids)
+    assert worker.requests()[-1].prompt_token_ids == tuple(ids)
 
     out = post(
         worker,
@@ -372,7 +372,7 @@ def test_completions_token_ids_and_prompt_lists(worker: MockWorker) -> None:
     )
     assert [c["index"] for c in out["choices"]] == [0, 1]
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 40 + 20
-    assert [r.request_id for r in worker.requests[-2:]] == ["r-0", "r-1"]
+    assert [r.request_id for r in worker.requests()[-2:]] == ["r-0", "r-1"]
 
     rendered = post(worker, "/v1/completions/render", {"prompt": ["ab", "cd"]})
     assert [r["token_ids"] for r in rendered] == [
@@ -453,7 +453,7 @@ def test_tokenize_render_and_generation_agree(worker: MockWorker) -> None:
     assert rendered["request_id"].startswith("chatcmpl-") and rendered["features"] is None
     assert rendered["sampling_params"]["max_tokens"] == 3 and rendered["cache_salt"] == "s"
     post(worker, "/v1/chat/completions", {**body, "max_tokens": 1})
-    assert list(worker.requests[-1].prompt_token_ids) == expected
+    assert list(worker.requests()[-1].prompt_token_ids) == expected
 
     # Plain prompts: /tokenize == encode == what /v1/completions admits.
     assert post(worker, "/tokenize", {"prompt": TEXT})["tokens"] == tok.encode(TEXT)
@@ -507,7 +507,7 @@ def test_tokenize_render_and_generation_agree(worker: MockWorker) -> None:
         "input_tokens": len(expected)
     }
     post(worker, "/v1/messages", anthropic_body)
-    assert list(worker.requests[-1].prompt_token_ids) == expected
+    assert list(worker.requests()[-1].prompt_token_ids) == expected
 
 
 def test_generate_endpoint_tokens_in_tokens_out(worker: MockWorker) -> None:
@@ -517,7 +517,7 @@ def test_generate_endpoint_tokens_in_tokens_out(worker: MockWorker) -> None:
     )
     (choice,) = out["choices"]
     assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 3
-    assert worker.requests[-1].path == "/inference/v1/generate"
+    assert worker.requests()[-1].path == "/inference/v1/generate"
 
 
 def test_models_health_metrics(worker: MockWorker) -> None:
@@ -547,7 +547,7 @@ def test_openai_errors(path: str, body: Any, status: int) -> None:
         assert got == status
         assert set(err["error"]) == {"message", "type", "param", "code"}
         assert err["error"]["code"] == status
-        assert w.requests == []
+        assert w.requests() == []
 
 
 # ---------------------------------------------------------------------------
@@ -568,7 +568,7 @@ def test_anthropic_sdk_messages_and_stream(worker: MockWorker) -> None:
         n = len(MockTokenizer().render_anthropic({"system": "Be brief.", "messages": messages}))
         assert (msg.usage.input_tokens, msg.usage.output_tokens) == (n, 5)
         assert msg.usage.cache_read_input_tokens == 0
-        assert msg.usage.cache_creation_input_tokens == 0
+        assert msg.usage.cache_creation_input_tokens is None  # not reported: the proxy fills it
 
         with client.messages.stream(
             model="mock-model", max_tokens=5, system="Be brief.", messages=messages
@@ -662,7 +662,7 @@ def test_anthropic_tool_choice_makes_a_tool_use_block(worker: MockWorker) -> Non
     assert block["id"].startswith("chatcmpl-tool-")
     assert isinstance(block["input"]["path"], str) and isinstance(block["input"]["limit"], int)
     assert msg["stop_reason"] == "tool_use"
-    assert msg["usage"]["output_tokens"] == worker.requests[-1].completion_tokens <= 6
+    assert msg["usage"]["output_tokens"] == worker.requests()[-1].completion_tokens <= 6
 
     status, raw = _request(worker.url + "/v1/messages", {**body, "stream": True})
     assert status == 200
@@ -785,11 +785,11 @@ def test_events_carry_the_prompt_blocks(worker: MockWorker, zctx: Sockets) -> No
     assert stored["parent_block_hash"] == hashes[-1]
     assert stored["token_ids"] == longer[len(hashes) * 4 : len(all_hashes) * 4]
     assert worker.cached_block_hashes() == set(all_hashes)
-    assert [r.seq for r in worker.requests] == [0, 1]
+    assert [r.seq for r in worker.requests()] == [0, 1]
 
     # A full hit stores nothing, so publishes nothing.
     post(worker, "/v1/completions", {"prompt": TEXT, "max_tokens": 1})
-    assert worker.requests[-1].seq is None and worker.next_seq == 2
+    assert worker.requests()[-1].seq is None and worker.next_seq == 2
 
 
 def test_cache_salt_changes_hashes_and_extra_keys(worker: MockWorker, zctx: Sockets) -> None:
@@ -805,7 +805,7 @@ def test_cache_salt_changes_hashes_and_extra_keys(worker: MockWorker, zctx: Sock
     ]
     assert a["extra_keys"] == [["tenant-A"], None, None]
     assert set(a["block_hashes"]).isdisjoint(b["block_hashes"])
-    assert [r.cached_tokens for r in worker.requests] == [0, 0]
+    assert [r.cached_tokens for r in worker.requests()] == [0, 0]
 
 
 def test_eviction_is_lru_and_tail_first(zctx: Sockets) -> None:
@@ -825,8 +825,8 @@ def test_eviction_is_lru_and_tail_first(zctx: Sockets) -> None:
         ]
         assert events[2]["type"] == "BlockStored" and events[2]["block_hashes"] == hb
         assert w.cached_block_hashes() == {ha[0], *hb}
-        assert w.requests[-1].evicted_hashes == (ha[2], ha[1])
-        assert w.stats.blocks_evicted == 2
+        assert w.requests()[-1].evicted_hashes == (ha[2], ha[1])
+        assert w.stats().blocks_evicted == 2
 
         # A's first block is still cached: a hit of one block.
         out = post(w, "/v1/completions", {"prompt": a, "max_tokens": 1})
@@ -986,7 +986,7 @@ def test_fail_next(worker: MockWorker) -> None:
     assert status == 503 and err["type"] == "error" and err["error"]["type"] == "api_error"
     assert post(worker, "/tokenize", {"prompt": "x"})["count"] == 1  # not a generation path
     post(worker, "/v1/completions", {"prompt": TEXT, "max_tokens": 1})
-    assert len(worker.requests) == 1
+    assert len(worker.requests()) == 1
     with pytest.raises(ValueError):
         worker.fail_next(1, status=200)
 
@@ -1012,9 +1012,9 @@ def test_pause_resume_and_stop_while_paused() -> None:
                 assert first.startswith(b"data: ")
                 w.pause()
                 await asyncio.sleep(0.05)
-                frozen = w.requests[-1].completion_tokens
+                frozen = w.requests()[-1].completion_tokens
                 await asyncio.sleep(0.05)
-                assert w.requests[-1].completion_tokens == frozen < 50
+                assert w.requests()[-1].completion_tokens == frozen < 50
                 w.resume()
                 rest = await resp.read()
             assert rest.endswith(b"data: [DONE]\n\n")
@@ -1038,9 +1038,9 @@ def test_pause_resume_and_stop_while_paused() -> None:
                     await resp.read()
             with pytest.raises(aiohttp.ClientError):
                 await waiting
-            assert w.requests[-1].path == "/v1/chat/completions"
-            assert w.requests[-1].status == "aborted"
-            assert w.stats.running == 0
+            assert w.requests()[-1].path == "/v1/chat/completions"
+            assert w.requests()[-1].status == "aborted"
+            assert w.stats().running == 0
 
     w = MockWorker(token_delay=0.002)
     w.start()
@@ -1059,18 +1059,18 @@ def test_client_disconnect_aborts_and_releases() -> None:
             await resp.content.readline()
             resp.close()  # drop the connection mid-stream
         deadline = time.monotonic() + 10
-        while w.requests[-1].status == "running":
+        while w.requests()[-1].status == "running":
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
-        assert w.requests[-1].status == "aborted"
-        assert w.requests[-1].completion_tokens < 1000
+        assert w.requests()[-1].status == "aborted"
+        assert w.requests()[-1].completion_tokens < 1000
 
     blocks = len(MockTokenizer().encode(TEXT)) // 4
     with MockWorker(block_size=4, num_blocks=blocks, token_delay=0.002) as w:
         asyncio.run(scenario(w))
         # The aborted request's blocks were unpinned: another prompt can evict them all.
         post(w, "/v1/completions", {"prompt": TEXT.upper(), "max_tokens": 1})
-        assert len(w.requests[-1].stored_hashes) == len(w.requests[-1].evicted_hashes) == blocks
+        assert len(w.requests()[-1].stored_hashes) == len(w.requests()[-1].evicted_hashes) == blocks
 
 
 def test_async_context_manager_and_concurrent_streams() -> None:
@@ -1096,10 +1096,10 @@ def test_async_context_manager_and_concurrent_streams() -> None:
 
             texts = await asyncio.gather(*(one(i) for i in range(4)))
             assert len(set(texts)) == 1  # deterministic
-            assert sorted(r.request_id for r in w.requests) == [f"req-{i}" for i in range(4)]
-            assert w.stats.running == 0
+            assert sorted(r.request_id for r in w.requests()) == [f"req-{i}" for i in range(4)]
+            assert w.stats().running == 0
             # Concurrent identical prompts: exactly one stored the blocks.
-            assert sum(bool(r.stored_hashes) for r in w.requests) == 1
+            assert sum(bool(r.stored_hashes) for r in w.requests()) == 1
 
     asyncio.run(scenario())
 
@@ -1194,7 +1194,7 @@ def test_hugging_face_tokenizer_and_template(tmp_path: Path) -> None:
             post(w, "/v1/chat/completions/render", {"messages": messages})["token_ids"] == expected
         )
         post(w, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})
-        assert list(w.requests[-1].prompt_token_ids) == expected
+        assert list(w.requests()[-1].prompt_token_ids) == expected
         assert post(w, "/tokenize", {"prompt": "hello you"})["tokens"] == [1, 5]
 
 
@@ -1262,7 +1262,7 @@ def test_lora_requests_echo_the_model_and_unknown_models_404(lora_worker: MockWo
         "/inference/v1/generate",
         {"model": "sql-lora", "token_ids": ids, "sampling_params": {"max_tokens": 1}},
     )
-    assert [r.lora_name for r in lora_worker.requests] == [
+    assert [r.lora_name for r in lora_worker.requests()] == [
         "sql-lora",
         "chat-lora",
         "chat-lora",
@@ -1272,7 +1272,7 @@ def test_lora_requests_echo_the_model_and_unknown_models_404(lora_worker: MockWo
     ]
     assert post(lora_worker, "/tokenize", {"model": "chat-lora", "prompt": "hi"})["count"] == 2
 
-    n = len(lora_worker.requests)
+    n = len(lora_worker.requests())
     for path, body in [
         ("/v1/completions", {"model": "other-lora", "prompt": TEXT}),
         ("/v1/chat/completions", {"model": "other-lora", "messages": messages}),
@@ -1284,7 +1284,7 @@ def test_lora_requests_echo_the_model_and_unknown_models_404(lora_worker: MockWo
         lora_worker, "/v1/messages", {"model": "other-lora", "max_tokens": 2, "messages": messages}
     )
     assert status == 404 and err["type"] == "error"
-    assert len(lora_worker.requests) == n
+    assert len(lora_worker.requests()) == n
 
 
 def test_lora_event_matches_the_vllm_capture(zctx: Sockets) -> None:
@@ -1328,7 +1328,7 @@ def test_lora_blocks_are_hashed_apart_from_the_base_model(
     for model in ("mock-model", "sql-lora", "chat-lora", "sql-lora"):
         post(lora_worker, "/v1/completions", {"model": model, "prompt": tokens, "max_tokens": 1})
     # Same tokens, other model: never a hit; the adapter again: a full hit.
-    assert [r.cached_tokens for r in lora_worker.requests] == [0, 0, 0, 12]
+    assert [r.cached_tokens for r in lora_worker.requests()] == [0, 0, 0, 12]
     assert lora_worker.next_seq == 3  # the full hit stored nothing
     base, sql, chat = (decoded_store(m[2]) for m in recv_live(sub, 3))
 
@@ -1344,7 +1344,7 @@ def test_lora_blocks_are_hashed_apart_from_the_base_model(
     assert list(base.block_hashes) == lora_worker.block_hashes(tokens)
     hash_sets = [set(ev.block_hashes) for ev in (base, sql, chat)]
     assert len(set().union(*hash_sets)) == 9  # pairwise disjoint
-    recs = lora_worker.requests
+    recs = lora_worker.requests()
     assert recs[1].block_hashes == sql.block_hashes and recs[3].stored_hashes == ()
 
     # Salted: the salt follows the name on the first block only.
@@ -1352,7 +1352,7 @@ def test_lora_blocks_are_hashed_apart_from_the_base_model(
     post(lora_worker, "/v1/completions", body)
     salted = decoded_store(recv_live(sub, 1)[0][2])
     assert salted.extra_keys == (("sql-lora", "tenant-A"), ("sql-lora",), ("sql-lora",))
-    assert salted.cache_salt == "tenant-A" and lora_worker.requests[-1].cached_tokens == 0
+    assert salted.cache_salt == "tenant-A" and lora_worker.requests()[-1].cached_tokens == 0
     assert list(salted.block_hashes) == lora_worker.block_hashes(
         tokens, cache_salt="tenant-A", lora_name="sql-lora"
     )

@@ -41,13 +41,13 @@ def test_chat_multi_turn_sticks_and_reports_the_workers_real_hits() -> None:
             answer = json.loads(body)
             cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
             # The figure the client sees is the worker's own count for this request.
-            assert workers[worker].cache_hits[rid] == cached
+            assert workers[worker].cache_hits()[rid] == cached
             assert headers[CACHE_SOURCE_HEADER] == "worker"
             if turn > 1:
                 assert cached > len(SYSTEM) // 2
         assert len(set(served)) == 1, served
         # The router was given the same token ids the worker rendered.
-        rec = workers[served[0]].requests[-1]
+        rec = workers[served[0]].requests()[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(rec.prompt_token_ids)
 
 
@@ -69,7 +69,7 @@ def test_chat_stream_passes_chunks_and_strips_the_usage_it_asked_for() -> None:
         w = workers[int(headers[WORKER_HEADER])]
         usage = next(c for c in sse_data(raw)[:-1] if not c["choices"])["usage"]
         assert usage["completion_tokens"] == 5
-        assert usage["prompt_tokens_details"]["cached_tokens"] == w.cache_hits["s2"] > 0
+        assert usage["prompt_tokens_details"]["cached_tokens"] == w.cache_hits()["s2"] > 0
         assert proxy.router.stats()["routed"] == 2
         assert proxy.router.load(int(headers[WORKER_HEADER]))["active_requests"] == 0
 
@@ -81,7 +81,7 @@ def test_completions_text_and_token_prompts_stream_and_not() -> None:
         status, h1, body = post(url, {"model": MODEL, "prompt": prompt, "max_tokens": 3})
         assert status == 200 and len(json.loads(body)["choices"][0]["text"].split()) == 3
         w = int(h1[WORKER_HEADER])
-        tokens = list(workers[w].requests[-1].prompt_token_ids)
+        tokens = list(workers[w].requests()[-1].prompt_token_ids)
         # The same prompt as token ids, streamed: same worker, the whole prefix hit.
         status, h2, raw = post(
             url,
@@ -92,7 +92,7 @@ def test_completions_text_and_token_prompts_stream_and_not() -> None:
         assert status == 200 and int(h2[WORKER_HEADER]) == w
         events = sse_data(raw)
         usage = events[-2]["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] == workers[w].cache_hits["ids"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == workers[w].cache_hits()["ids"]
         assert usage["prompt_tokens_details"]["cached_tokens"] >= len(tokens) - 16
         assert list(routed_requests(proxy.router)[-1].tokens) == tokens
 
@@ -169,35 +169,51 @@ def test_bad_hints_are_400(
         err = json.loads(raw)["error"]
         assert status == 400 and err["type"] == "invalid_request_error"
         assert message in err["message"]
-        assert workers[0].requests == []
+        assert workers[0].requests() == []
 
 
 def test_error_codes_and_shapes() -> None:
+    # OpenAI's shape everywhere: param names the bad field, code is always a string.
     with fleet(1, max_body_size=4096) as (proxy, _workers):
         url = proxy.url + "/v1/chat/completions"
+        cmpl = proxy.url + "/v1/completions"
         cases = [
-            (post(url, raw=b"{not json"), 400, "invalid_json"),
-            (post(url, [1, 2]), 400, "invalid_json"),
-            (post(url, {"model": MODEL}), 400, 400),
-            (post(url, {"model": "gpt-nope", "messages": chat(1)}), 404, "model_not_found"),
+            (post(url, raw=b"{not json"), 400, "invalid_json", None),
+            (post(url, [1, 2]), 400, "invalid_json", None),
+            (post(url, {"model": MODEL}), 400, "missing_required_parameter", "messages"),
+            (post(url, {"model": MODEL, "messages": "hi"}), 400, "invalid_value", "messages"),
+            (post(url, {"model": "gpt-nope", "messages": chat(1)}), 404, "model_not_found",
+             "model"),
             (post(url, {"model": MODEL, "messages": chat(1), "pad": "x" * 8000}), 413,
-             "request_too_large"),
-            (post(proxy.url + "/v1/completions", {"model": MODEL}), 400, 400),
-            (post(proxy.url + "/v1/nothing", {}), 404, 404),
+             "request_too_large", None),
+            (post(cmpl, {"model": MODEL}), 400, "missing_required_parameter", "prompt"),
+            (post(url, {"model": MODEL, "messages": chat(1), "priority": "x"}), 400,
+             "invalid_type", "priority"),
+            (post(url, {"model": MODEL, "messages": chat(1)}, {"X-Kvroute-Priority": "high"}),
+             400, "invalid_type", "X-Kvroute-Priority"),
+            (post(proxy.url + "/v1/nothing", {}), 404, "not_found", None),
         ]  # fmt: skip
-        for (status, headers, raw), want_status, want_code in cases:
+        for (status, headers, raw), want_status, want_code, want_param in cases:
             assert status == want_status, raw
             assert headers["Content-Type"].startswith("application/json")
             err = json.loads(raw)["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
-            assert err["code"] == want_code
-        # An upstream 4xx passes through as it is (token ids: no tokenizing first).
-        status, _, raw = post(
-            proxy.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": -1}
-        )
-        assert status == 400
-        assert "max_tokens must be a non-negative integer" in json.loads(raw)["error"]["message"]
-        assert json.loads(raw)["error"]["type"] == "BadRequestError"  # the worker's own body
+            assert (err["code"], err["param"]) == (want_code, want_param), raw
+        # max_tokens 0 is answered as vLLM answers it (its sampling parameters
+        # need at least 1), before anything is routed.
+        for field in ("max_tokens", "max_completion_tokens"):
+            status, _, raw = post(url, {"model": MODEL, "messages": chat(1), field: 0})
+            err = json.loads(raw)["error"]
+            assert status == 400 and err["message"] == f"{field} must be at least 1, got 0."
+            assert (err["type"], err["param"], err["code"]) == (
+                "invalid_request_error", field, "invalid_value")  # fmt: skip
+        assert proxy.router.stats()["routed"] == 0
+        # A worker's own 4xx keeps its message, in the proxy's shape (token ids:
+        # no tokenizing first): vLLM's "code": 400 becomes a string.
+        status, _, raw = post(cmpl, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 40000})
+        err = json.loads(raw)["error"]
+        assert status == 400 and "maximum context length is 32768 tokens" in err["message"]
+        assert (err["type"], err["code"]) == ("invalid_request_error", "bad_request")
         # Still serving.
         assert post(url, {"model": MODEL, "messages": chat(1), "max_tokens": 1})[0] == 200
         assert proxy.router.stats()["routed"] == 2
@@ -269,7 +285,7 @@ def test_health_and_metrics() -> None:
                 {"model": MODEL, "messages": chat(turn), "max_tokens": 2},
                 {"X-Session-Id": "m", "X-Request-Id": rid},
             )
-            hits += workers[int(h[WORKER_HEADER])].cache_hits[rid]
+            hits += workers[int(h[WORKER_HEADER])].cache_hits()[rid]
         post(proxy.url + "/v1/chat/completions", {"model": "nope", "messages": chat(1)})
         status, headers, raw = get(proxy.url + "/metrics")
         text = raw.decode()

@@ -108,11 +108,15 @@ def test_sdk_tool_use_session_lands_on_the_prefix_and_reports_real_hits(
             served.append(worker)
             usage = message.usage
             reads.append(usage.cache_read_input_tokens)
-            record = workers[worker].requests[-1]
+            record = workers[worker].requests()[-1]
             assert record.request_id == rid
-            # The SDK's figures are the worker's real hits and its prompt.
-            assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
-            assert usage.input_tokens + usage.cache_read_input_tokens == record.prompt_tokens
+            # The SDK's figures are the worker's real hits and its prompt; the
+            # worker reported no writes: the rest of the prompt is its writes.
+            assert usage.cache_read_input_tokens == workers[worker].cache_hits()[rid]
+            assert usage.cache_creation_input_tokens == (
+                record.prompt_tokens - usage.cache_read_input_tokens
+            )
+            assert usage.input_tokens == 0
             # The router saw the tokens the worker rendered.
             assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         assert len(set(served)) == 1, served
@@ -199,7 +203,7 @@ def test_bad_input_gets_anthropic_errors_and_the_proxy_keeps_serving(anthropic_c
             status, _, answer = post(proxy.url + "/v1/messages", raw=raw)
             assert status == 400
             assert json.loads(answer)["error"]["type"] == "invalid_request_error"
-        assert all(w.requests == [] for w in workers)
+        assert all(w.requests() == [] for w in workers)
         assert client.messages.create(**ok).content[0].type == "text"
 
 
@@ -225,6 +229,7 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
     _report_no_cache_reads(monkeypatch)
     with fleet(2) as (proxy, workers):
         client = anthropic_client(proxy.url)
+        written = 0
         for turn, messages in enumerate(_session(2)):
             rid = f"p{turn}"
             kwargs: dict[str, Any] = {
@@ -240,14 +245,21 @@ def test_usage_without_cache_reads_is_filled_from_the_prediction(
                 assert raw.headers[CACHE_SOURCE_HEADER] == "predicted"
                 worker = int(raw.headers[WORKER_HEADER])
                 message = raw.parse()
-            record = workers[worker].requests[-1]
+            record = workers[worker].requests()[-1]
             usage = message.usage
-            assert usage.input_tokens + usage.cache_read_input_tokens == record.prompt_tokens
-            assert usage.cache_creation_input_tokens == 0
-            # Event-free routing predicted exactly what the worker had cached.
-            assert usage.cache_read_input_tokens == workers[worker].cache_hits[rid]
+            # Event-free routing predicted exactly what the worker had cached,
+            # and the rest of the prompt was written to its cache: on the
+            # first turn too (its system prompt carries a breakpoint).
+            assert usage.cache_read_input_tokens == workers[worker].cache_hits()[rid]
+            assert usage.cache_creation_input_tokens == (
+                record.prompt_tokens - usage.cache_read_input_tokens
+            )
+            assert usage.cache_creation_input_tokens > 0 and usage.input_tokens == 0
+            written += usage.cache_creation_input_tokens
             if turn:
                 assert usage.cache_read_input_tokens > 0
+        # the answers and /metrics count the same writes
+        assert proxy.proxy.metrics.value("kvroute_cache_creation_tokens_total") == written
 
 
 def test_a_breakpoint_keeps_only_its_prefix_warm_for_its_ttl(anthropic_client: Any) -> None:
@@ -295,7 +307,7 @@ def test_with_kv_events_breakpoints_pin_the_session_without_extra_renders(
                 model=MODEL, max_tokens=2, system=_system(), tools=TOOLS, messages=messages,
                 metadata={"user_id": "s"},
             )  # fmt: skip
-            renders = sum(w.http_requests.get("/v1/messages/render", 0) for w in workers)
+            renders = sum(w.http_requests().get("/v1/messages/render", 0) for w in workers)
             assert renders == turn + 1  # the request itself, nothing more
         # the tools' 1 h breakpoint and the newest block's 5 min one, unmeasured
         assert routed_requests(router)[-1].cache_control == (
@@ -317,22 +329,32 @@ def test_stream_watcher_patches_message_start_and_delta_only_when_needed() -> No
     w = AnthropicStream(predicted_cached_tokens=32)
     out = w.feed(start[:20]) + w.feed(start[20:] + ev("ping", {}) + delta) + w.feed(end)
     events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data")]
-    assert events[0]["message"]["usage"] == {"input_tokens": 8, "output_tokens": 0,
-        "cache_read_input_tokens": 32, "cache_creation_input_tokens": 0}  # fmt: skip
+    assert events[0]["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0,
+        "cache_read_input_tokens": 32, "cache_creation_input_tokens": 8}  # fmt: skip
     assert events[-1]["usage"]["cache_read_input_tokens"] == 32
     assert w.predicted and w.first_token and w.usage is not None
     assert (w.usage.prompt_tokens, w.usage.cached_tokens, w.usage.output_tokens) == (40, 32, 3)
     # Reported by the worker: every byte passes unchanged.
     reported = start.replace(b'"output_tokens": 0}', b'"output_tokens": 0, '
-                             b'"cache_read_input_tokens": 16}')  # fmt: skip
+                             b'"cache_read_input_tokens": 16, '
+                             b'"cache_creation_input_tokens": 24}')  # fmt: skip
     w2 = AnthropicStream(predicted_cached_tokens=32)
     assert w2.feed(reported + delta + end) == reported + delta + end
     assert not w2.predicted
+    # Reads reported, writes not: the worker's reads stay, the rest is its writes.
+    reads_only = start.replace(b'"output_tokens": 0}', b'"output_tokens": 0, '
+                               b'"cache_read_input_tokens": 16}')  # fmt: skip
+    w4 = AnthropicStream(predicted_cached_tokens=32)
+    first = json.loads(w4.feed(reads_only).decode().split("data: ")[1])
+    assert first["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0,
+        "cache_read_input_tokens": 16, "cache_creation_input_tokens": 40}  # fmt: skip
+    assert not w4.predicted
     # Reported in message_delta only (vLLM with prompt token details): message_start
     # carries the prediction, the worker's final figures pass unchanged and count.
     late = ev("message_delta", {"delta": {"stop_reason": "end_turn"},
                                 "usage": {"input_tokens": 24, "output_tokens": 3,
-                                          "cache_read_input_tokens": 16}})  # fmt: skip
+                                          "cache_read_input_tokens": 16,
+                                          "cache_creation_input_tokens": 0}})  # fmt: skip
     w3 = AnthropicStream(predicted_cached_tokens=32)
     out = w3.feed(start + delta + late)
     assert out.endswith(late) and b'"cache_read_input_tokens":32' in out

@@ -302,7 +302,8 @@ def test_worker_errors_not_in_anthropic_shape_are_rewrapped_on_messages() -> Non
             "type": "invalid_request_error",
             "message": "prompt too long",
         }
-        # the OpenAI endpoints pass such answers on as they are
+        # the OpenAI endpoints pass them on in OpenAI's one shape: message kept,
+        # type and code the proxy's (a string), param null when none is named
         front.answers["/v1/chat/completions"] = (
             400,
             "application/json",
@@ -310,7 +311,14 @@ def test_worker_errors_not_in_anthropic_shape_are_rewrapped_on_messages() -> Non
         )
         chat = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         status, _, raw = post(proxy.url + "/v1/chat/completions", chat)
-        assert status == 400 and json.loads(raw) == openai_shaped
+        assert status == 400 and json.loads(raw) == {"error": {
+            "message": "prompt too long", "type": "invalid_request_error", "param": None,
+            "code": "bad_request"}}  # fmt: skip
+        front.answers["/v1/chat/completions"] = (502, "text/html", b"<html>Bad Gateway</html>")
+        status, _, raw = post(proxy.url + "/v1/chat/completions", chat)
+        assert status == 502 and json.loads(raw)["error"] == {
+            "message": "the worker answered 502", "type": "server_error", "param": None,
+            "code": "bad_gateway"}  # fmt: skip
 
 
 def test_no_healthy_worker_answers_503_overloaded_on_messages_and_count_tokens(
@@ -557,7 +565,7 @@ def test_usage_filled_from_the_prediction_is_logged_exactly_when_the_worker_repo
             rid = f"p{n}"
             message, worker, source = send(client, rid, history)
             assert source in ("", "predicted")
-            record = workers[worker].requests[-1]
+            record = workers[worker].requests()[-1]
             assert record.request_id == rid
             # Logged once, after the response was relayed (a stream's at its end).
             assert wait_until(lambda n=n: len(logged()) == n)
@@ -565,7 +573,7 @@ def test_usage_filled_from_the_prediction_is_logged_exactly_when_the_worker_repo
             assert line.name == "kvroute.proxy" and line.levelno == logging.INFO
             reads = message.usage.cache_read_input_tokens
             assert line.args == (rid, worker, "usage carries", reads, record.prompt_tokens)
-            assert reads == workers[worker].cache_hits[rid] > 0
+            assert reads == workers[worker].cache_hits()[rid] > 0
             history += [{"role": "assistant", "content": message.content[0].text},
                         {"role": "user", "content": f"later {n}"}]  # fmt: skip
         assert len(logged()) == 2
@@ -594,8 +602,8 @@ def test_openai_answers_without_cached_tokens_count_the_prediction_in_the_metric
             assert headers[CACHE_SOURCE_HEADER] == "predicted"
             messages = [*messages, {"role": "assistant", "content": "ok"},
                         {"role": "user", "content": f"next {turn}"}]  # fmt: skip
-        hits = sum(w.cache_hits.get(f"o{t}", 0) for w in workers for t in range(3))
-        prompts = sum(r.prompt_tokens for w in workers for r in w.requests)
+        hits = sum(w.cache_hits().get(f"o{t}", 0) for w in workers for t in range(3))
+        prompts = sum(r.prompt_tokens for w in workers for r in w.requests())
         m = proxy.proxy.metrics
         # event-free routing predicts exactly the workers' hits
         assert hits > 0 and m.value("kvroute_cache_read_tokens_total") == hits

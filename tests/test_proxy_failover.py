@@ -49,7 +49,7 @@ def test_stopped_worker_request_is_retried_and_worker_recovers(stream: bool) -> 
         assert status == 200 and served == other, raw
         if stream:
             assert sse_data(raw)[-1] == "[DONE]"
-        assert "t2" in workers[other].cache_hits
+        assert "t2" in workers[other].cache_hits()
         m = proxy.proxy.metrics
         assert m.value("kvroute_proxy_retries_total") == 1
         assert m.value("kvroute_upstream_errors_total", {"worker": str(first)}) == 1
@@ -63,23 +63,41 @@ def test_stopped_worker_request_is_retried_and_worker_recovers(stream: bool) -> 
 
 
 def test_killing_and_restarting_a_worker_mid_run_loses_no_request() -> None:
-    with fleet(3) as (proxy, workers):
+    # Generation is slow enough (40 tokens at 10 ms) that requests are still
+    # running when a worker is stopped: the stop waits for two of them to run
+    # on one worker rather than for a fixed sleep, so the run always exercises
+    # the failover.
+    with fleet(3, worker_kw={"token_delay": 0.01}) as (proxy, workers):
+        served: dict[str, int] = {}
 
         def run(i: int) -> int:
-            body = {"model": MODEL, "messages": chat(1 + i % 3), "max_tokens": 4}
-            return post(
-                proxy.url + "/v1/chat/completions", body, {"X-Session-Id": f"agent-{i % 6}"}
-            )[0]
+            body = {"model": MODEL, "messages": chat(1 + i % 3), "max_tokens": 40}
+            rid = f"run-{i}"
+            headers = {"X-Session-Id": f"agent-{i % 6}", "X-Request-Id": rid}
+            status, got, _ = post(proxy.url + "/v1/chat/completions", body, headers)
+            served[rid] = int(got.get(WORKER_HEADER, -1))
+            return status
+
+        def busy() -> int | None:
+            return next((w for w in range(3) if workers[w].stats().running >= 2), None)
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(run, i) for i in range(60)]
-            time.sleep(0.05)
-            workers[1].stop()
-            time.sleep(0.3)
-            workers[1].start()
+            assert wait_until(lambda: busy() is not None, timeout=10)
+            victim = busy()
+            assert victim is not None
+            workers[victim].stop()
+            workers[victim].start()
             statuses = [f.result() for f in futures]
         assert statuses == [200] * 60
-        assert wait_until(lambda: proxy.router.load(1)["healthy"], timeout=5)
+        # The requests the stop cut off on the victim were answered by another worker.
+        cut = {r.request_id for r in workers[victim].requests() if r.status == "aborted"}
+        assert len(cut) >= 2
+        assert all(served[rid] not in (victim, -1) for rid in cut), (victim, served)
+        m = proxy.proxy.metrics
+        assert m.value("kvroute_proxy_retries_total") >= len(cut)
+        assert m.value("kvroute_upstream_errors_total", {"worker": str(victim)}) >= 2
+        assert wait_until(lambda: proxy.router.load(victim)["healthy"], timeout=5)
         assert all(proxy.router.load(w)["active_requests"] == 0 for w in range(3))
 
 
@@ -161,7 +179,8 @@ def test_tokenizing_on_a_silent_worker_fails_over() -> None:
 def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event() -> None:
     import urllib.request
 
-    with fleet(2, worker_kw={"token_delay": 0.05}) as (proxy, workers):
+    # Without migration (see test_proxy_migration.py for the stream continued elsewhere).
+    with fleet(2, worker_kw={"token_delay": 0.05}, migrations=0) as (proxy, workers):
         body = {"model": MODEL, "prompt": [7] * 40, "max_tokens": 60, "stream": True}
         req = urllib.request.Request(
             proxy.url + "/v1/completions",
@@ -175,7 +194,7 @@ def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event() ->
             workers[worker].pause()
             rest = r.read()
         payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
-        assert "error" in payloads[-1] and payloads[-1]["error"]["code"] == 502
+        assert "error" in payloads[-1] and payloads[-1]["error"]["code"] == "bad_gateway"
         assert proxy.router.load(worker)["healthy"] is False
         assert proxy.router.load(worker)["active_requests"] == 0
         assert (

@@ -163,7 +163,7 @@ def test_a_5xx_is_retried_on_another_worker_and_the_router_hears_each_attempt() 
 
     with _workers(2) as workers:
         asyncio.run(scenario(workers))
-        assert sum(len(w.requests) for w in workers) == 2  # the failed one was never admitted
+        assert sum(len(w.requests()) for w in workers) == 2  # the failed one was never admitted
 
 
 def test_when_every_attempt_fails_the_last_answer_is_raised() -> None:
@@ -179,7 +179,10 @@ def test_when_every_attempt_fails_the_last_answer_is_raised() -> None:
             # Two workers, two attempts: the third found no worker left to try.
             assert [op for op, _ in _ops(p.router)] == ["route", "failed", "route", "failed"]
             response = failure_response(_chat_call(body, "last"), failure)
-            assert response.status == 503 and response.body == failure.body
+            # the worker's message, in the proxy's OpenAI shape (a string code)
+            passed = json.loads(response.body)["error"]
+            assert response.status == 503 and passed["code"] == "service_unavailable"
+            assert passed["message"] == json.loads(failure.body)["error"]["message"]
             assert response.headers["X-Request-Id"] == "last"
 
     with _workers(2) as workers:
@@ -319,7 +322,7 @@ def test_relay_streams_strips_the_usage_it_asked_for_and_rebuilds_the_reply() ->
             text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
             assert replies == [{"role": "assistant", "content": text}] and text
             # The usage it stripped was still counted.
-            prompt = len(workers[0].requests[-1].prompt_token_ids)
+            prompt = len(workers[0].requests()[-1].prompt_token_ids)
             written = p.metrics.value("kvroute_cache_creation_tokens_total")
             assert p.metrics.value("kvroute_cache_read_tokens_total") + written == prompt
 
@@ -342,9 +345,14 @@ def test_error_answers_pass_on_in_the_apis_shape() -> None:
     r = error_response("anthropic", 404, b"", {}, fallback="no count_tokens here")
     assert json.loads(r.body)["error"]["message"] == "no count_tokens here"
     anthropic_shaped = b'{"type": "error", "error": {"type": "overloaded_error", "message": "m"}}'
-    for api, body in (("anthropic", anthropic_shaped), ("openai", html)):
-        r = error_response(api, 503, body, {"Content-Type": "x/y"})
-        assert r.body == body and r.headers["Content-Type"] == "x/y"  # byte for byte
+    r = error_response("anthropic", 503, anthropic_shaped, {"Content-Type": "x/y"})
+    assert r.body == anthropic_shaped and r.headers["Content-Type"] == "x/y"  # byte for byte
+    # OpenAI endpoints: one shape too, whatever the worker sent
+    r = error_response("openai", 503, html, {"Content-Type": "text/html", "X": "1"})
+    assert r.headers["Content-Type"] == "application/json" and r.headers["X"] == "1"
+    assert json.loads(r.body) == {"error": {
+        "message": "the worker answered 503", "type": "server_error", "param": None,
+        "code": "service_unavailable"}}  # fmt: skip
     with pytest.raises(ProxyError) as info:
         failure_response(_chat_call({}), AttemptFailed("POST /v1/chat/completions: refused"))
     assert info.value.status == 502 and "refused" in info.value.message
@@ -384,8 +392,8 @@ def test_warmups_send_the_next_turn_where_the_plan_says_and_take_every_plan() ->
 
     with _workers(2) as workers:
         worker = asyncio.run(scenario(workers))
-        assert [r.request_id for w in workers for r in w.requests] == ["t1-warmup"]
-        (record,) = workers[worker].requests
+        assert [r.request_id for w in workers for r in w.requests()] == ["t1-warmup"]
+        (record,) = workers[worker].requests()
         # The conversation with the reply appended, one token, not streamed.
         expected = workers[worker].tokenizer.render_chat([*chat(1), reply])
         assert list(record.prompt_token_ids) == expected
@@ -575,5 +583,5 @@ def test_preparation_tokenizes_on_a_worker_and_measures_breakpoints(tokenize_wit
         assert got["cache_control"] == [[3600.0, prefix]]
         # The request and its cut, each tokenized the chosen way.
         render = "/v1/chat/completions/render"
-        served = workers[0].http_requests
+        served = workers[0].http_requests()
         assert served == ({render: 2} if tokenize_with == "render" else {"/tokenize": 2})

@@ -59,12 +59,12 @@ def test_answers_are_observed_and_a_mismatched_worker_shows_degraded(
         for _ in range(3):
             body = {"model": "mock-model", "prompt": prompt, "max_tokens": 1}
             assert post(url + "/v1/completions", body)[0] == 200
-    assert all(w.requests for w in workers), "a worker got nothing"
+    assert all(w.requests() for w in workers), "a worker got nothing"
     sub = server.proxy.subscriber
     assert sub is not None and sub.wait_for(lambda s: s[1].counts["mismatch"] > 0, 10)
     states = server.router.worker_states()
     # the hits worker 0 served were checked against the router's prediction, and agreed
-    hits = sum(1 for r in workers[0].requests if r.cached_tokens)
+    hits = sum(1 for r in workers[0].requests() if r.cached_tokens)
     assert hits and states[0].observed == hits and states[0].drift == 0.0
     assert states[1].state == "degraded" and states[1].cause == "mismatch"
     health = _get(url + "/health")
@@ -90,3 +90,4 @@ def test_max_sessions_is_a_proxy_option_that_reaches_the_router() -> None:
         parser.parse_args(["--worker", "http://127.0.0.1:9", "--max-sessions", "0"])
     with pytest.raises(ValueError, match="max_sessions"):
         ProxyConfig([WorkerSpec("http://127.0.0.1:9")], max_sessions=0)
+

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
@@ -316,14 +318,14 @@ def test_every_tokenizing_mode_gives_the_workers_token_ids(mode: str, tokenizer_
             status, headers, raw = post(proxy.url + path, body, {"X-Request-Id": path})
             assert status == 200, raw
             worker = workers[int(headers["X-Kvroute-Worker"])]
-            record = worker.requests[-1]
+            record = worker.requests()[-1]
             assert record.request_id == path
             routed = routed_requests(proxy.router)[-1]
             assert list(routed.tokens) == list(record.prompt_token_ids), path
         # The tokens came the chosen way, not through a silent fallback.
         served: dict[str, int] = {}
         for w in workers:
-            for p, n in w.http_requests.items():
+            for p, n in w.http_requests().items():
                 served[p] = served.get(p, 0) + n
         render_paths = ["/v1/chat/completions/render", "/v1/completions/render",
                         "/v1/messages/render"]  # fmt: skip
@@ -370,7 +372,7 @@ def test_render_falls_back_to_tokenize_and_template_errors_are_400(
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 200
         assert proxy.proxy.preparer.no_render == {missing["chat"]}
-        record = workers[0].requests[-1]
+        record = workers[0].requests()[-1]
         assert list(routed_requests(proxy.router)[-1].tokens) == list(record.prompt_token_ids)
         bad = {"model": MODEL, "messages": [{"role": "user", "content": 7}], "max_tokens": 1}
         status, _, raw = post(proxy.url + "/v1/chat/completions", bad)
@@ -381,4 +383,38 @@ def test_render_falls_back_to_tokenize_and_template_errors_are_400(
     ):
         status, _, raw = post(proxy.url + "/v1/chat/completions", body)
         assert status == 400 and "nope" in json.loads(raw)["error"]["message"]
-        assert workers[0].requests == []
+        assert workers[0].requests() == []
+
+
+# -- token ids in a worker's answer ------------------------------------------------------
+
+_answers = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["token_ids", "tokens", "request_id", "error"]), inner, max_size=3),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@given(
+    kind=st.sampled_from(["completions", "chat", "messages"]),
+    render=st.booleans(),
+    answer=_answers | st.fixed_dictionaries(
+        {"token_ids": st.lists(st.integers(0, 2**64 - 1)),
+         "tokens": st.lists(st.integers(-5, 2**63))}),
+)  # fmt: skip
+def test_the_fast_token_id_reader_agrees_with_the_slow_one(
+    kind: str, render: bool, answer: object
+) -> None:
+    from kvroute.proxy.tokenize import answer_token_ids, render_token_ids, tokenize_token_ids
+
+    slow_reader = render_token_ids if render else None
+    try:
+        slow = slow_reader(kind, answer) if slow_reader else tokenize_token_ids(answer)  # type: ignore[arg-type]
+    except ValueError:
+        slow = None
+    fast = answer_token_ids(kind, render, json.dumps(answer).encode())  # type: ignore[arg-type]
+    # the fast path answers only when it reads what the slow one reads; else it defers
+    assert fast is None or fast == slow
+    if slow is not None and not any(isinstance(t, bool) or not -(2**63) <= t < 2**64 for t in slow):
+        assert fast == slow

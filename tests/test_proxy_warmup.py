@@ -30,7 +30,7 @@ WARM = {"X-Session-Id": "agent-7", "X-Kvroute-Speculative-Prefill": "true"}
 
 
 def _record(worker: MockWorker, rid: str) -> Any:
-    return next((r for r in worker.requests if r.request_id == rid), None)
+    return next((r for r in worker.requests() if r.request_id == rid), None)
 
 
 def _reply(kind: str, raw: bytes, stream: bool) -> Any:
@@ -78,7 +78,10 @@ def test_the_next_turn_prefix_is_prefilled_on_the_same_worker(kind: str, stream:
         assert list(warm.prompt_token_ids) == list(expected)
         assert wait_until(lambda: _record(worker, "t1-warmup").status == "finished")
         assert _record(worker, "t1-warmup").completion_tokens == 1
-        assert proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        # counted once its answer is read, just after the worker's record finished
+        assert wait_until(
+            lambda: proxy.proxy.metrics.value("kvroute_warmups_total", {"outcome": "sent"}) == 1
+        )
         assert all(_record(w, "t1-warmup") is None for w in workers if w is not worker)
 
         # The next turn (the tool result / the user's answer) hits the warmed prefix:
@@ -100,7 +103,7 @@ def test_the_next_turn_prefix_is_prefilled_on_the_same_worker(kind: str, stream:
             min(len(expected), len(t2.prompt_token_ids)),
         )
         t1 = _record(worker, "t1")
-        assert worker.cache_hits["t2"] == shared // 16 * 16 > len(t1.prompt_token_ids)
+        assert worker.cache_hits()["t2"] == shared // 16 * 16 > len(t1.prompt_token_ids)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -145,7 +148,7 @@ def test_no_warm_up_without_the_hint_or_a_session() -> None:
         assert post(url, {**body, "max_tokens": -1}, {**WARM, "X-Request-Id": "bad"})[0] == 400
         assert post(url, body, {**WARM, "X-Request-Id": "ok"})[0] == 200
         assert wait_until(lambda: _record(worker, "ok-warmup") is not None)
-        ids = [r.request_id for r in worker.requests]
+        ids = [r.request_id for r in worker.requests()]
         assert ids == ["plain", "anon", "ok", "ok-warmup"], ids
 
 
@@ -176,7 +179,7 @@ def test_completions_continue_as_text_and_token_id_prompts_get_no_warm_up() -> N
                     {**WARM, "X-Request-Id": "c2"})[0] == 200  # fmt: skip
         assert post(url, {"model": MODEL, "prompt": "x", "max_tokens": 1},
                     {"X-Request-Id": "c3"})[0] == 200  # fmt: skip
-        assert [r.request_id for r in worker.requests] == ["c1", "c1-warmup", "c2", "c3"]
+        assert [r.request_id for r in worker.requests()] == ["c1", "c1-warmup", "c2", "c3"]
 
 
 def _send_warmup(proxy: Any, body: bytes) -> None:

@@ -18,8 +18,10 @@ True
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
@@ -29,15 +31,28 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .._logging import RateLimitedLog
 
 if TYPE_CHECKING:
     from ..router import Router
 
-__all__ = ["CONTENT_TYPE_LATEST", "EVENT_STATUSES", "EventStatus", "Metrics", "RateLimitedLog"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "EVENT_STATUSES",
+    "EventStatus",
+    "LiteHistogram",
+    "Metrics",
+    "RateLimitedLog",
+]
 
 #: How an event was applied (per event: ok ... ignored), or what the subscriber
 #: met (per batch: gap, replayed, malformed; per occurrence: replay_failed and
@@ -63,6 +78,17 @@ EVENT_STATUSES: Final[tuple[str, ...]] = get_args(EventStatus)
 # Route latency: the interesting range is 5 us .. 10 ms.
 _ROUTE_BUCKETS: Final = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1)
 _TOKEN_BUCKETS: Final = (0, 16, 128, 512, 1024, 4096, 16384, 32768, 65536, 131072)
+# Per request through the proxy: first token and whole request from 5 ms (a
+# cached short prompt) to 10 min (the read timeout); decode steps of 1 ms to 1 s;
+# tokenizing from 50 us (a short prompt, locally) to a second (a worker's render).
+_LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0
+)  # fmt: skip
+_ITL_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0
+)  # fmt: skip
+_TOKENIZE_BUCKETS: Final = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1, 1.0)
+_OUTPUT_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class _RouterCollector(Collector):
@@ -216,6 +242,45 @@ class Metrics:
             "Prompt tokens computed and written to a worker's prefix cache",
             registry=reg,
         )
+        # -- per proxied request, by worker (observed once, when the request ends)
+        per_worker = ("worker",)
+        self.ttft_seconds = LiteHistogram(
+            "kvroute_proxy_ttft_seconds",
+            "Time to first token through the proxy (the whole answer, for a JSON one), by worker",
+            per_worker, _LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.inter_token_seconds = LiteHistogram(
+            "kvroute_proxy_inter_token_seconds",
+            "Mean time between output tokens of each streamed request (after the first), by worker",
+            per_worker, _ITL_BUCKETS,
+        )  # fmt: skip
+        self.request_seconds = LiteHistogram(
+            "kvroute_proxy_request_seconds",
+            "Duration of routed requests through the proxy, arrival to last byte, by worker",
+            per_worker, _LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.prompt_tokens = LiteHistogram(
+            "kvroute_proxy_prompt_tokens",
+            "Prompt tokens of routed requests (the worker's count, else the router's), by worker",
+            per_worker, _TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.output_tokens = LiteHistogram(
+            "kvroute_proxy_output_tokens",
+            "Output tokens of routed requests, as the worker reports them, by worker",
+            per_worker, _OUTPUT_BUCKETS,
+        )  # fmt: skip
+        self.tokenize_seconds = LiteHistogram(
+            "kvroute_tokenize_seconds",
+            "Time to tokenize a request's prompt for routing (locally or on a worker)",
+            (), _TOKENIZE_BUCKETS,
+        )  # fmt: skip
+        for h in (
+            self.ttft_seconds, self.inter_token_seconds, self.request_seconds,
+            self.prompt_tokens, self.output_tokens, self.tokenize_seconds,
+        ):  # fmt: skip
+            reg.register(h)
+        # the five per-worker children, looked up once per worker
+        self._per_worker: dict[int, tuple[_Child, _Child, _Child, _Child, _Child]] = {}
         self._usage_lock = threading.Lock()
         self._read = 0
         self._written = 0
@@ -239,6 +304,37 @@ class Metrics:
         self.route_seconds.observe(seconds)
         self.predicted_cached_tokens.observe(predicted_cached_tokens)
         self.routed.labels(str(worker)).inc()
+
+    def request_finished(
+        self,
+        worker: int,
+        seconds: float,
+        ttft: float | None,
+        inter_token: float | None,
+        prompt_tokens: int | None,
+        output_tokens: int | None,
+    ) -> None:
+        """Record one routed request that ended: its figures on ``worker`` (None: unknown)."""
+        children = self._per_worker.get(worker)
+        if children is None:
+            w = str(worker)
+            children = self._per_worker[worker] = (
+                self.request_seconds.labels(w),
+                self.ttft_seconds.labels(w),
+                self.inter_token_seconds.labels(w),
+                self.prompt_tokens.labels(w),
+                self.output_tokens.labels(w),
+            )
+        duration, first, itl, prompt, output = children
+        duration.observe(seconds)
+        if ttft is not None:
+            first.observe(ttft)
+        if inter_token is not None:
+            itl.observe(inter_token)
+        if prompt_tokens is not None:
+            prompt.observe(prompt_tokens)
+        if output_tokens is not None:
+            output.observe(output_tokens)
 
     def cache_usage(self, read_tokens: int, write_tokens: int) -> None:
         """Add one response's cache reads and writes (prompt tokens)."""
@@ -267,8 +363,100 @@ class Metrics:
         return 0.0 if v is None else float(v)
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
+        """The registry in Prometheus' text exposition format (without ``_created`` series).
+
+        prometheus_client gives every counter and histogram a ``*_created``
+        timestamp series; Prometheus ignores it in the text format and it
+        doubles what a scrape carries, so it is left out here (not switched
+        off process-wide: another library's registry keeps its own).
+        """
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _Child:
+    """One label set's bucket counts (the last is +Inf) and sum."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count ``value``."""
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+class LiteHistogram(Collector):
+    """A Prometheus histogram whose ``observe()`` is a bisect and two additions.
+
+    prometheus_client's ``Histogram.observe`` takes a lock per bucket and
+    per sum (2.4-2.8 us a call on the machine of docs/operations.md); this
+    one costs 0.36-0.41 us there, for series the proxy observes several
+    times per request. It is meant to be observed from one thread (the proxy's event
+    loop): no lock, so a scrape from another thread may see one observation
+    counted in a bucket but not yet in the sum. Exported at scrape time as an
+    ordinary histogram (cumulative ``_bucket{le}``, ``_sum``, ``_count``).
+
+    >>> h = LiteHistogram("t_seconds", "A test.", ("worker",), (0.1, 1.0))
+    >>> h.labels("0").observe(0.5); h.labels("0").observe(7)
+    >>> [(s.labels.get("le"), s.value) for s in next(iter(h.collect())).samples]
+    [('0.1', 0.0), ('1.0', 1.0), ('+Inf', 2.0), (None, 2.0), (None, 7.5)]
+
+    :param name: the series' name (without ``_bucket``...).
+    :param documentation: its help text.
+    :param labelnames: its label names (empty: one unlabelled series).
+    :param buckets: the finite upper bounds, ascending (+Inf is added).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = [float(b) for b in buckets] + [math.inf]
+        self._le: list[str] = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], _Child] = {}
+
+    def labels(self, *values: str) -> _Child:
+        """The series of one label set (made at first use)."""
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = _Child(self._bounds)
+        return child
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` (an unlabelled histogram)."""
+        self.labels().observe(value)
+
+    def collect(self) -> Iterator[Metric]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            running = 0
+            buckets = []
+            for le, n in zip(self._le, child.counts, strict=True):
+                running += n
+                buckets.append((le, float(running)))
+            fam.add_metric(list(values), buckets, child.sum)
+        yield fam
+
+
+class _WithoutCreated:
+    """A registry's metrics without their ``_created`` samples (for ``generate_latest``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            if metric.type in ("counter", "histogram", "summary", "gaugehistogram"):
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class _RatioCollector(Collector):

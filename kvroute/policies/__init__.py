@@ -6,7 +6,8 @@
  'round_robin', 'session_affinity']
 
 Add your own with :func:`register_policy`; the router builds policies with
-:func:`get_policy`.
+:func:`get_policy`. :func:`check_policy_params` checks parameters given as
+text (``--policy-param NAME=VALUE``) against a policy's signature.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .builtin import (
     RoundRobin,
     SessionAffinity,
 )
+from .params import check_policy_params, params_by_policy, parse_assignment, policy_parameters
 
 #: The policy a Router uses when none is named.
 DEFAULT_POLICY = "kvroute"
@@ -51,6 +53,10 @@ __all__ = [
     "SessionAffinity",
     "available_policies",
     "check_nonneg",
+    "check_policy_params",
     "get_policy",
+    "params_by_policy",
+    "parse_assignment",
+    "policy_parameters",
     "register_policy",
 ]

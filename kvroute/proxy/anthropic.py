@@ -10,8 +10,9 @@
 - :func:`to_chat` turns the request into OpenAI chat messages and tools the
   way vLLM does before applying the chat template, for local tokenization
   and for workers without ``/v1/messages/render``.
-- :func:`fill_usage` and :class:`AnthropicStream` complete ``usage`` with the
-  router's prediction when a worker reports no cache reads.
+- :func:`fill_usage` and :class:`AnthropicStream` complete ``usage`` with
+  what the router knows when a worker reports no cache figures: the reads it
+  predicted, and as cache writes the prompt tokens not read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-from .errors import ProxyError
+from .errors import ProxyError, invalid
 from .hints import Hints, Usage, header_hints, parse_breakpoints
 from .sse import SseSplitter, encode_event
 
@@ -62,7 +63,7 @@ _BILLING_PREFIX: Final = "x-anthropic-billing-header"
 
 
 def _bad(message: str) -> ProxyError:
-    return ProxyError(400, message)
+    return invalid(message)
 
 
 def _check_inner(content: object, where: str) -> None:
@@ -125,8 +126,13 @@ def validate_messages(body: Mapping[str, Any], *, count_tokens: bool = False) ->
         raise _bad("model: Field required (a string)")
     if not count_tokens:
         mt = body.get("max_tokens")
-        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+        if mt is None:
             raise _bad("max_tokens: Field required (an integer >= 1)")
+        if isinstance(mt, bool) or not isinstance(mt, int):
+            raise _bad("max_tokens: must be an integer")
+        if mt < 1:
+            # vLLM's own answer (its sampling parameters refuse it)
+            raise ProxyError(400, f"max_tokens must be at least 1, got {mt}.", param="max_tokens")
         if "stream" in body and not isinstance(body["stream"], bool):
             raise _bad("stream: must be a boolean")
     messages = body.get("messages")
@@ -442,40 +448,53 @@ def anthropic_usage(usage: object) -> Usage | None:
 
 
 def fill_usage(usage: dict[str, Any], predicted_cached_tokens: int) -> bool:
-    """Complete a ``usage`` that reports no cache reads with the router's prediction.
+    """Complete a ``usage`` that lacks cache figures with what the router knows.
 
-    The worker's ``input_tokens`` is then the whole prompt; the predicted
-    reads move out of it into ``cache_read_input_tokens`` (Anthropic counts
-    them apart), and ``cache_creation_input_tokens`` becomes 0 if absent.
+    Anthropic splits the prompt in three: ``cache_read_input_tokens`` (read
+    from the prefix cache), ``cache_creation_input_tokens`` (written to it)
+    and ``input_tokens`` (neither). A worker that reports no reads (vLLM's
+    Messages API without ``--enable-prompt-tokens-details``) gives the whole
+    prompt as ``input_tokens``: the router's predicted reads move out of it.
+    A worker that reports no writes gets, as writes, the tokens not read:
+    the engine computed them and keeps them in its prefix cache, and the
+    proxy's ``kvroute_cache_creation_tokens_total`` counts the same; what
+    is left in ``input_tokens`` is then 0. Figures the worker reported stay.
 
     >>> u = {"input_tokens": 40, "output_tokens": 2}
     >>> fill_usage(u, 32)
     True
     >>> u["input_tokens"], u["cache_read_input_tokens"], u["cache_creation_input_tokens"]
-    (8, 32, 0)
-    >>> fill_usage(u, 16)   # already reported: left alone
+    (0, 32, 8)
+    >>> fill_usage(u, 16)   # already there: left alone
     False
+    >>> u = {"input_tokens": 5, "cache_read_input_tokens": 30}   # reads reported, no writes
+    >>> fill_usage(u, 16), u["cache_read_input_tokens"], u["cache_creation_input_tokens"]
+    (True, 30, 5)
 
     :returns: whether ``usage`` was changed.
     """
-    if _count(usage, "cache_read_input_tokens") is not None:
-        return False
+    changed = False
     inp = _count(usage, "input_tokens") or 0
-    read = min(max(predicted_cached_tokens, 0), inp)
-    usage["input_tokens"] = inp - read
-    usage["cache_read_input_tokens"] = read
+    if _count(usage, "cache_read_input_tokens") is None:
+        read = min(max(predicted_cached_tokens, 0), inp)
+        inp -= read
+        usage["input_tokens"] = inp
+        usage["cache_read_input_tokens"] = read
+        changed = True
     if _count(usage, "cache_creation_input_tokens") is None:
-        usage["cache_creation_input_tokens"] = 0
-    return True
+        usage["cache_creation_input_tokens"] = inp
+        usage["input_tokens"] = 0
+        changed = True
+    return changed
 
 
 class AnthropicStream:
     """Watch an Anthropic SSE stream going through; fill cache reads in if missing.
 
-    Events pass byte for byte, except ``message_start`` (and the
-    ``message_delta`` after it) when the worker's usage lacks
-    ``cache_read_input_tokens``: those are re-encoded with the router's
-    prediction filled in (see :func:`fill_usage`), and :attr:`predicted` is set.
+    Events pass byte for byte, except a ``message_start`` or ``message_delta``
+    whose usage (with ``input_tokens``) lacks cache figures: it is re-encoded
+    with them filled in (see :func:`fill_usage`); :attr:`predicted` says
+    whether the reads passed on are the router's prediction.
 
     :param predicted_cached_tokens: the router's prediction for the request.
     :param on_event: called with each content event's JSON (``content_block_start``
@@ -529,14 +548,19 @@ class AnthropicStream:
                 else:
                     holder = obj.get("message") if kind == "message_start" else obj
                     usage = holder.get("usage") if isinstance(holder, dict) else None
-                    patched = (kind == "message_start" or self.predicted) and self._patch(usage)
-                    if patched:
-                        self.predicted = True
-                    elif isinstance(usage, dict) and "cache_read_input_tokens" in usage:
-                        # The worker's own figures after all (a vLLM with prompt
-                        # token details reports them in message_delta only):
-                        # they are the final usage the client keeps.
+                    reported = isinstance(usage, dict) and "cache_read_input_tokens" in usage
+                    # a delta is completed when the start was, or when it
+                    # carries the worker's own reads (its writes then filled)
+                    patched = (
+                        kind == "message_start" or self.predicted or reported
+                    ) and self._patch(usage)
+                    if reported:
+                        # The worker's own reads (a vLLM with prompt token details
+                        # reports them in message_delta only): they are the
+                        # final usage the client keeps.
                         self.predicted = False
+                    elif patched:
+                        self.predicted = True
                     self._update_usage(usage)
                     if patched:
                         out.append(encode_event(obj, kind))

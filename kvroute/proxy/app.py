@@ -2,7 +2,7 @@
 
 :class:`ProxyApp` holds the proxy's state and wires its parts into an aiohttp
 application. A generation request (``/v1/completions``,
-``/v1/chat/completions``, ``/v1/messages``) goes through them in turn:
+``/v1/chat/completions``, ``/v1/messages``, ``/v1/responses``) goes through them in turn:
 
 1. :mod:`~kvroute.proxy.prepare`: read and check the body, map the model
    (:mod:`~kvroute.proxy.models`), read the hints, tokenize the prompt as
@@ -17,15 +17,23 @@ application. A generation request (``/v1/completions``,
 4. :mod:`~kvroute.proxy.warmup`: with the speculative-prefill hint and a
    session, warm the session's next turn in the background.
 
+A ``/v1/responses`` request continuing a ``previous_response_id`` goes
+first to the worker that produced it (:mod:`~kvroute.proxy.responses`: its
+:class:`~kvroute.proxy.responses.ResponseStore`), whose memory holds it.
+
 Also ``/v1/messages/count_tokens`` (:mod:`~kvroute.proxy.count_tokens`),
-``/v1/models``, ``/health``, ``/metrics`` and, with an admin token, the
-admin API (:mod:`~kvroute.proxy.admin`). The startup starts the KV-event
-subscriber (:mod:`~kvroute.proxy.subscription`), opens the upstream
-connections, starts following the fleet's membership
-(:mod:`~kvroute.proxy.fleet`) and runs the health checker
-(:mod:`~kvroute.proxy.workers`); the cleanup stops them. Errors are
-answered in the called API's shape (:mod:`~kvroute.proxy.errors`), the
-proxy's own bugs included.
+``/v1/embeddings``, ``/tokenize`` and ``/detokenize`` (sent to one worker,
+:mod:`~kvroute.proxy.passthrough`), ``/v1/models``, ``/health``, ``/livez``
+and ``/readyz`` (:mod:`~kvroute.proxy.probes`), ``/metrics`` and, with an
+admin token, the admin API (:mod:`~kvroute.proxy.admin`). Every API request
+is recorded from arrival to end (:mod:`~kvroute.proxy.observe`: the access
+log, the request histograms, a span with ``tracing``). The startup opens
+the access log, starts the KV-event subscriber
+(:mod:`~kvroute.proxy.subscription`), opens the upstream connections,
+starts following the fleet's membership (:mod:`~kvroute.proxy.fleet`) and
+runs the health checker (:mod:`~kvroute.proxy.workers`); the cleanup stops
+them. Errors are answered in the called API's shape
+(:mod:`~kvroute.proxy.errors`), the proxy's own bugs included.
 """
 
 from __future__ import annotations
@@ -39,18 +47,27 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..config import RouterConfig
 from ..events.metrics import CONTENT_TYPE_LATEST, Metrics
 from ..fleet.membership import Membership
 from ..request import Decision
 from ..router import Router
 from .admin import AdminApi
-from .call import Api, Kind, api_of
+from .call import Api, Call, Kind, api_of
 from .config import ProxyConfig
+from .connections import ConnectionGuard
 from .count_tokens import count_tokens
+from .deadlines import Deadlines
+from .disconnect import HangUps
 from .errors import ProxyError, error_body
 from .fleet import ProxyFleet
+from .migration import Migrator
 from .models import Models
+from .observe import RECORD, Observer
+from .outliers import OutlierDetector
+from .passthrough import PASS_THROUGH_PATHS, PassThrough
 from .prepare import Preparer
+from .probes import Probes
 from .relay import (
     CACHE_SOURCE_HEADER,
     PREDICTED_HEADER,
@@ -59,6 +76,7 @@ from .relay import (
     Relayed,
     failure_response,
 )
+from .responses import LocalResponseStore, ResponseStore
 from .subscription import EventSubscription
 from .tokenize import LocalTokenizer
 from .upstream import AttemptFailed, Lifecycle, Upstream
@@ -82,13 +100,16 @@ class ProxyApp:
 
     :param config: the configuration.
     :param router: a router to use (default: one built from ``config``:
-        its block size and policy, workers ``0..n-1``, ``kv_events`` when any
-        worker has an events endpoint). Missing workers are added to it.
+        its block size, policy and policy parameters, its ``router`` settings,
+        workers ``0..n-1``, ``kv_events`` when any worker has an events
+        endpoint). Missing workers are added to it.
     :param metrics: the metrics to count into (default: new ones over the router).
     :param tokenizer: a local tokenizer (default: loaded from
         ``config.tokenizer`` when tokenizing locally).
     :param membership: the fleet's workers (default: from ``config``; see
         :class:`~kvroute.proxy.fleet.ProxyFleet`).
+    :param responses: where Responses API answers live (default: a
+        :class:`~kvroute.proxy.responses.LocalResponseStore`).
     :raises ValueError, OSError: a bad workers file.
     """
 
@@ -100,18 +121,24 @@ class ProxyApp:
         metrics: Metrics | None = None,
         tokenizer: LocalTokenizer | None = None,
         membership: Membership | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.config = config
         #: The fleet's workers, their sources, and the changes followed while serving.
         self.fleet = ProxyFleet(config, membership=membership)
         specs = self.fleet.specs()
         if router is None:
-            router = Router(
+            settings = RouterConfig(
                 block_size=config.block_size,
-                policy=config.policy,
-                workers=specs,
                 kv_events=self.fleet.kv_events(),
                 max_sessions=config.max_sessions,
+                **config.router,
+            )
+            router = Router(
+                policy=config.policy,
+                workers=specs,
+                config=settings,
+                policy_params=config.policy_params,
             )
         else:
             for w in specs:
@@ -131,12 +158,22 @@ class ProxyApp:
         self.tokenizer = tokenizer
         #: The served model names.
         self.models = Models(config, self.pool)
+        #: Client connections: the cap, the header and body deadlines.
+        self.connections = ConnectionGuard(config, self.metrics.registry)
+        #: Counts clients that hang up.
+        self.hangups = HangUps(self.metrics.registry)
+        #: Ejects workers that fail attempts in a row.
+        self.outliers = OutlierDetector(self.pool, config, self.metrics.registry)
         #: Calls to the workers, and the attempt loop.
-        self.upstream = Upstream(router, self.pool, config, self.metrics)
+        self.upstream = Upstream(router, self.pool, config, self.metrics, self.outliers)
         #: Request preparation: body, hints, tokens, breakpoints.
         self.preparer = Preparer(config, router, self.models, self.upstream, tokenizer)
+        #: Continues streams whose worker failed mid-way.
+        self.migrator = Migrator(self.upstream, config, self.metrics.registry)
+        #: Arms each generation request's deadline.
+        self.deadlines = Deadlines(config, self.metrics.registry)
         #: Answers clients from workers' responses.
-        self.relay = Relay(self.pool, self.metrics)
+        self.relay = Relay(self.pool, self.metrics, self.migrator)
         #: Speculative-prefill warm-ups.
         self.warmups = Warmups(router, self.upstream, self.metrics)
         #: The KV-event subscriber's lifecycle.
@@ -144,6 +181,16 @@ class ProxyApp:
             router, config, self.metrics, self.pool, enabled=self.fleet.follows_events(router)
         )
         self.fleet.attach(router, self.pool, self.events, self.metrics)
+        #: Which worker holds each Responses API answer.
+        self.responses: ResponseStore = responses if responses is not None else LocalResponseStore()
+        #: Embeddings, tokenize and detokenize, sent to one worker.
+        self.passthrough = PassThrough(router, self.preparer, self.upstream)
+        #: The access log, request metrics and spans.
+        self.observer = Observer(config, self.metrics, self.pool)
+        #: ``/livez`` and ``/readyz``.
+        self.probes = Probes(
+            self.pool, lambda: self.events.subscriber, lambda: self.events.enabled
+        )
         self._health: asyncio.Task[None] | None = None
         if self.events.enabled and not all(s.events_endpoint for s in specs.values()):
             log.warning(
@@ -155,13 +202,21 @@ class ProxyApp:
 
     def make_app(self) -> web.Application:
         """A new aiohttp application serving this proxy (startup and cleanup included)."""
-        app = web.Application(client_max_size=self.config.max_body_size, middlewares=[self._errors])
+        # The connection guard is outermost: it sees each request from its headers to its end;
+        # then each API request's record (access log, metrics, span), then error shaping.
+        middlewares = [self.connections.middleware, self.observer.middleware, self._errors]
+        app = web.Application(client_max_size=self.config.max_body_size, middlewares=middlewares)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_post("/v1/responses", self._responses)
+        for path in PASS_THROUGH_PATHS:
+            app.router.add_post(path, self._passthrough)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health_endpoint)
+        app.router.add_get("/livez", self.probes.livez)
+        app.router.add_get("/readyz", self.probes.readyz)
         app.router.add_get("/metrics", self._metrics)
         if self.config.admin_token is not None:
             AdminApi(self.config.admin_token, self.fleet).install(app)
@@ -175,18 +230,12 @@ class ProxyApp:
         return self.events.subscriber
 
     async def _startup(self, app: web.Application) -> None:
-        self.events.start()  # first: if it fails, nothing else is open yet
+        self.observer.start()  # first: if it fails, nothing else is open yet
+        self.events.start()
         await self.upstream.start()
         await self.fleet.start()
         await self.pool.check_all()
         self._health = asyncio.create_task(self.pool.run(), name="kvroute-proxy-health")
-        log.info(
-            "kvroute proxy: %d workers (%d healthy), %s, tokenizing %s",
-            len(self.pool.workers),
-            len(self.pool.healthy()),
-            "KV events" if self.config.kv_events else "approximate mode (no KV events)",
-            "locally" if self.tokenizer is not None else "on the workers",
-        )
 
     async def _cleanup(self, app: web.Application) -> None:
         await self.fleet.stop()
@@ -198,6 +247,7 @@ class ProxyApp:
             self._health = None
         await self.upstream.close()
         await self.events.stop()
+        self.observer.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -262,6 +312,12 @@ class ProxyApp:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "messages")
 
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "responses")
+
+    async def _passthrough(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "openai", self.passthrough.serve(request))
+
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
         counted = count_tokens(request, self.preparer, self.upstream)
         return await self._answer(request, "anthropic", counted)
@@ -274,34 +330,61 @@ class ProxyApp:
         try:
             resp = await work
             status = resp.status
+            self.hangups.note(request)
             return resp
         except ProxyError as e:
             status = e.status
             return self._error(api, e)
+        except asyncio.CancelledError:
+            status = self.hangups.cancelled(request)
+            raise
         finally:
             self._count_request(request, status)
 
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
+    def _holder(self, call: Call) -> int | None:
+        """The healthy worker holding the response a Responses request continues, if known."""
+        previous = call.body.get("previous_response_id") if call.kind == "responses" else None
+        worker = self.responses.worker_of(previous) if isinstance(previous, str) else None
+        state = self.pool.workers.get(worker) if worker is not None else None
+        return worker if state is not None and state.healthy else None
+
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         if not self.pool.workers:
             why = "the fleet has no worker yet (they join through the admin API, a file or DNS)"
             raise ProxyError(503, why, code="no_worker_available")
+        return await self.deadlines.run(request, lambda: self._generate_within(request, kind))
+
+    async def _generate_within(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         prepared = await self.preparer.prepare(request, kind)
         call, routed = prepared.call, prepared.request
+        record = request.get(RECORD)
+        if record is not None:
+            self.observer.prepared(record, prepared)
 
         async def answer(
             decision: Decision, response: aiohttp.ClientResponse, lc: Lifecycle
         ) -> Relayed:
-            return await self.relay.answer(
-                request, call, decision, response, lc, collect=routed.speculative_prefill
-            )
+            relayed = await self.relay.answer(
+                request, call, decision, response, lc, collect=routed.speculative_prefill,
+                routed=routed,
+            )  # fmt: skip
+            if relayed.response_id is not None and call.body.get("store") is not False:
+                self.responses.remember(relayed.response_id, decision.worker)
+            return relayed
 
         try:
-            relayed = await self.upstream.send(routed, call, answer)
+            relayed = await self.upstream.send(
+                routed, call, answer, record, prefer=self._holder(call)
+            )
         except AttemptFailed as last:  # every attempt failed
+            if record is not None:
+                record.outcome = "upstream_failed"
             return failure_response(call, last)
+        if record is not None:
+            record.relayed(relayed)
         if routed.speculative_prefill:
             assert routed.session_id is not None
             self.warmups.warm(call, routed.session_id, relayed.reply)

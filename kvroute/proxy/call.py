@@ -19,7 +19,7 @@ from typing import Any, Literal
 __all__ = ["Api", "Call", "Kind", "api_of"]
 
 #: The generation endpoints a prompt comes from.
-Kind = Literal["completions", "chat", "messages"]
+Kind = Literal["completions", "chat", "messages", "responses"]
 #: Which API's conventions a response follows.
 Api = Literal["openai", "anthropic"]
 
@@ -42,6 +42,9 @@ class Call:
         (:class:`~kvroute.proxy.openai.OpenAIStream` drops it again).
     :param client_id: the request id (the client's ``X-Request-Id``, else new).
     :param headers: the headers sent to the worker.
+    :param strip_token_ids: the proxy asked for the stream's token ids (so
+        that it can be continued elsewhere, see :mod:`~kvroute.proxy.migration`)
+        and the client did not: they are stripped from its chunks.
     """
 
     kind: Kind
@@ -52,6 +55,7 @@ class Call:
     strip_usage: bool
     client_id: str
     headers: dict[str, str]
+    strip_token_ids: bool = False
 
     @property
     def api(self) -> Api:

@@ -7,14 +7,24 @@ builds every subcommand's parser); :func:`run` loads the proxy itself.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 import os
 import re
-from collections.abc import Callable
-from typing import Final
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from ..fleet.dns import parse_worker_dns
-from .config import DEFAULT_MAX_BODY_SIZE, ProxyConfig, parse_model_map, parse_worker
+from ..policies.params import parse_assignment
+from .config import (
+    ACCESS_LOG_FORMATS,
+    DEFAULT_MAX_BODY_SIZE,
+    ProxyConfig,
+    parse_model_map,
+    parse_worker,
+)
 
 __all__ = ["DESCRIPTION", "EPILOG", "build_config", "configure", "parse_size", "run"]
 
@@ -22,13 +32,20 @@ DESCRIPTION: Final = """\
 An OpenAI- and Anthropic-compatible HTTP proxy that sends each request to the
 worker holding the longest prefix of its prompt in KV cache.
 
-Serves /v1/completions, /v1/chat/completions, /v1/messages (streaming or
-not), /v1/messages/count_tokens, /v1/models, /health and /metrics. Name workers
-with --worker (their ids are their positions: 0, 1, ...), a --workers-file
-(watched), --worker-dns (re-resolved), or the admin API (--admin-token); see
-docs/workers.md. With an events endpoint per worker the router follows the
-workers' KV events over ZMQ; without, it predicts residency from its own
-decisions.
+Serves /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages
+(streaming or not), /v1/messages/count_tokens, /v1/embeddings, /tokenize,
+/detokenize, /v1/models, /health, /livez, /readyz and /metrics. Name workers
+with --worker (their ids are their positions: 0, 1, ...), in --config FILE,
+a --workers-file (watched), --worker-dns (re-resolved), or the admin API
+(--admin-token); see docs/workers.md. With an events endpoint per worker the
+router follows the workers' KV events; without, it predicts residency from
+its own decisions.
+
+Every option can also be set in a TOML or YAML file (--config), under the
+option's name with underscores (--read-timeout: read_timeout); secrets also
+from the environment (KVROUTE_UPSTREAM_API_KEY, KVROUTE_ADMIN_TOKEN).
+Precedence: command line > environment > config file > defaults.
+--print-config shows the result.
 """
 
 EPILOG: Final = """\
@@ -40,12 +57,19 @@ examples:
                 --tokenizer /models/Qwen3-Coder --port 8080 \\
                 --model-map 'claude-*=Qwen/Qwen3-Coder-30B-A3B-Instruct'
 
+  kvroute proxy --config proxy.toml --policy kv_cost --policy-param router_temperature=0.5
+  kvroute proxy --config proxy.toml --print-config > effective.toml
+
 agent hints (headers): X-Session-Id (see --session-header), X-Kvroute-Priority,
 X-Kvroute-Cache-Ttl (5m|1h), X-Kvroute-Expected-Output-Tokens,
 X-Kvroute-Speculative-Prefill; Anthropic requests also use metadata.user_id
 and cache_control breakpoints.
 
-exit status: 0 stopped (SIGINT and SIGTERM shut down cleanly), 2 bad usage or configuration.
+environment: KVROUTE_CONFIG (the --config file), KVROUTE_<FIELD> for secrets
+(KVROUTE_UPSTREAM_API_KEY); a config file may name variables as ${NAME}.
+
+exit status: 0 stopped (SIGINT and SIGTERM drain and shut down cleanly), 2 bad usage or
+configuration (an unknown key or bad value, named), or the port cannot be bound.
 """
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -110,6 +134,13 @@ def _events_format(text: str) -> str:
     return text
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {text}")
+    return value
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     """Add ``proxy``'s arguments to its parser."""
     fleet = p.add_argument_group("fleet")
@@ -117,11 +148,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--worker",
         dest="workers",
         action="append",
-        default=[],
         type=_arg(parse_worker),
         metavar="URL[=EVENTS[,REPLAY]]",
         help="a worker's base URL, optionally with its ZMQ KV-event endpoint and replay"
-        " endpoint (repeatable; ids follow the order given)",
+        " endpoint (repeatable; ids follow the order given; at least one, here or in --config)",
     )
     fleet.add_argument(
         "--events-format",
@@ -221,6 +251,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         " worker (as X-Kvroute-Speculative-Prefill: true does per request)",
     )
     api.add_argument(
+        "--max-prompt-tokens",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="refuse longer prompts with 400 before routing them (a token-id prompt before"
+        " its ids are parsed; default: no limit)",
+    )
+    api.add_argument(
         "--max-body-size",
         type=_arg(parse_size),
         default=DEFAULT_MAX_BODY_SIZE,
@@ -262,6 +300,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not read the workers' /metrics (waiting requests, KV usage)",
     )
     _add_membership_args(p)
+    _add_outlier_args(p)
+    _add_connection_args(p)
+    _add_deadline_args(p)
     _add_state_args(p)
     p.add_argument(
         "--log-level",
@@ -269,6 +310,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="info",
         help="log level (default: info)",
     )
+    _add_config_args(p)
+    _add_policy_args(p)
+    _add_observability_args(p)
+    _add_shutdown_args(p)
 
 
 def _add_membership_args(p: argparse.ArgumentParser) -> None:
@@ -327,8 +372,8 @@ def _require_workers(args: argparse.Namespace) -> None:
     if args.workers or args.workers_file or args.worker_dns or args.admin_token:
         return
     message = (
-        "no workers: give --worker (repeatable), --workers-file or --worker-dns,"
-        " or --admin-token to add them through the admin API"
+        "no workers: give --worker (repeatable), workers in --config FILE, --workers-file"
+        " or --worker-dns, or --admin-token to add them through the admin API"
     )
     parser = getattr(args, "_parser", None)
     if isinstance(parser, argparse.ArgumentParser):
@@ -336,24 +381,186 @@ def _require_workers(args: argparse.Namespace) -> None:
     raise ValueError(message)
 
 
-def build_config(args: argparse.Namespace) -> ProxyConfig:
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --print-config (kvroute.proxy.settings)."""
+    g = p.add_argument_group(
+        "configuration",
+        "precedence: command line > environment (KVROUTE_<FIELD> for secrets) >"
+        " config file > defaults",
+    )
+    g.add_argument(
+        "--config",
+        default=os.environ.get("KVROUTE_CONFIG"),
+        metavar="FILE",
+        help="a TOML (or .yaml/.yml) file of settings: any option, by its name with"
+        " underscores, workers as [[workers]] tables (default: $KVROUTE_CONFIG)",
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (secrets redacted) as a file --config"
+        " accepts, and exit",
+    )
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    """--policy-param and --router-setting."""
+    g = p.add_argument_group("routing policy and router")
+    g.add_argument(
+        "--policy-param",
+        dest="policy_params",
+        action="append",
+        default=[],
+        type=_arg(parse_assignment),
+        metavar="NAME=VALUE",
+        help="a parameter of the --policy, e.g. router_temperature=0.5 for kv_cost"
+        " (repeatable; typed and checked by the policy's signature)",
+    )
+    g.add_argument(
+        "--router-setting",
+        dest="router",
+        action="append",
+        default=[],
+        type=_arg(parse_assignment),
+        metavar="NAME=VALUE",
+        help="a Router setting: fresh_ttl, predicted_ttl, request_timeout, admission,"
+        " busy_threshold.max_active_requests... (repeatable; see docs/operations.md)",
+    )
+
+
+def _add_observability_args(p: argparse.ArgumentParser) -> None:
+    """The access log and tracing (kvroute.proxy.observe)."""
+    g = p.add_argument_group("observability")
+    g.add_argument(
+        "--access-log",
+        default="stderr",
+        metavar="stderr|stdout|PATH|off",
+        help="one line per API request, written when it ends (default: stderr)",
+    )
+    g.add_argument(
+        "--access-log-format",
+        choices=ACCESS_LOG_FORMATS,
+        default="json",
+        help="JSON lines, or logfmt text (default: json)",
+    )
+    g.add_argument(
+        "--tracing",
+        action="store_true",
+        help="an OpenTelemetry span per request, its context sent to the worker (needs"
+        " opentelemetry-api; exporters from OTEL_TRACES_EXPORTER, default otlp)",
+    )
+
+
+def _add_shutdown_args(p: argparse.ArgumentParser) -> None:
+    """The proxy's own stop: draining on SIGTERM (kvroute.proxy.serving)."""
+    g = p.add_argument_group("stopping the proxy")
+    g.add_argument(
+        "--shutdown-timeout", type=_positive(float), default=30.0, metavar="S",
+        help="seconds the requests in flight get to finish after SIGINT/SIGTERM (default: 30)",
+    )  # fmt: skip
+    g.add_argument(
+        "--shutdown-delay", type=_arg(_non_negative_float), default=0.0, metavar="S",
+        help="seconds to keep accepting requests after SIGTERM while /readyz answers 503,"
+        " for a load balancer to notice (default: 0)",
+    )  # fmt: skip
+
+
+def _add_outlier_args(p: argparse.ArgumentParser) -> None:
+    out = p.add_argument_group("outlier detection (workers failing every generation)")
+    out.add_argument(
+        "--eject-after", type=_arg(_non_negative_int), default=5, metavar="N",
+        help="attempts a worker fails in a row (5xx, broken connections or streams) that eject"
+        " it for a while; 0: never (default: 5)",
+    )  # fmt: skip
+    out.add_argument(
+        "--ejection-time", type=_positive(float), default=10.0, metavar="S",
+        help="seconds of a first ejection; the n-th lasts n times as long (default: 10)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejection-time", type=_positive(float), default=300.0, metavar="S",
+        help="the longest ejection, in seconds (default: 300)",
+    )  # fmt: skip
+    out.add_argument(
+        "--max-ejected-percent", type=_arg(_percent), default=50.0, metavar="P",
+        help="the most workers ejected at once, in percent of the fleet; one may always be,"
+        " and never the last usable one (default: 50)",
+    )  # fmt: skip
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    conn = p.add_argument_group("client connections (slow or too many clients)")
+    conn.add_argument(
+        "--max-connections", type=_positive(int), default=1024, metavar="N",
+        help="open client connections beyond which a new one is refused with 503"
+        " (default: 1024; mind the file-descriptor limit: each request also opens one"
+        " to a worker)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--header-timeout", type=_positive(float), default=10.0, metavar="S",
+        help="seconds a request's headers may take to arrive, else 408 (default: 10)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--body-timeout", type=_positive(float), default=60.0, metavar="S",
+        help="seconds a request's body may take to arrive after its headers, else 408"
+        " (default: 60)",
+    )  # fmt: skip
+    conn.add_argument(
+        "--idle-timeout", type=_positive(float), default=75.0, metavar="S",
+        help="seconds an idle kept-alive client connection stays open (default: 75)",
+    )  # fmt: skip
+
+
+def _add_deadline_args(p: argparse.ArgumentParser) -> None:
+    dl = p.add_argument_group("deadlines and mid-stream recovery")
+    dl.add_argument(
+        "--deadline", type=_positive(float), default=None, metavar="S",
+        help="seconds a generation request may take in all (default: none); a client sets"
+        " its own with X-Kvroute-Deadline",
+    )  # fmt: skip
+    dl.add_argument(
+        "--max-deadline", type=_positive(float), default=3600.0, metavar="S",
+        help="the longest deadline a client may ask for (default: 3600)",
+    )  # fmt: skip
+    dl.add_argument(
+        "--migrations", type=_arg(_non_negative_int), default=1, metavar="N",
+        help="times a stream whose worker failed mid-way is continued on another worker;"
+        " 0: never (default: 1)",
+    )  # fmt: skip
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be within 0..100, got {text}")
+    return value
+
+
+def build_config(
+    args: argparse.Namespace, flagless: Mapping[str, Any] | None = None
+) -> ProxyConfig:
     """The :class:`ProxyConfig` for parsed arguments.
 
+    :param flagless: values for fields without a flag (from a config file).
     :raises ValueError: an inconsistent option or an unknown policy.
     :raises OSError: the chat template cannot be read.
     """
-    from ..policies import available_policies
+    from ..policies import available_policies, params_by_policy
+    from .settings import parse_pairs
 
     if args.policy not in available_policies():
         raise ValueError(
             f"unknown routing policy {args.policy!r}; choose from {', '.join(available_policies())}"
         )
+    try:
+        policy_params = params_by_policy([args.policy], args.policy_params)[args.policy]
+    except ValueError as e:
+        raise ValueError(f"policy_params.{e}") from None
     template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as f:
             template = f.read()
-    return ProxyConfig(
-        workers=args.workers,
+    config = ProxyConfig(
+        workers=args.workers or (),
         block_size=args.block_size,
         policy=args.policy,
         tokenizer=args.tokenizer,
@@ -366,6 +573,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         session_header=args.session_header,
         speculative_prefill=args.speculative_prefill,
         max_body_size=args.max_body_size,
+        max_prompt_tokens=args.max_prompt_tokens,
         retries=args.retries,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
@@ -381,27 +589,81 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         worker_dns_interval=args.worker_dns_interval,
         admin_token=args.admin_token,
         drain_timeout=args.drain_timeout,
+        policy_params=policy_params,
+        router=parse_pairs(args.router),
+        access_log=args.access_log,
+        access_log_format=args.access_log_format,
+        tracing=args.tracing,
+        eject_after=args.eject_after,
+        ejection_time=args.ejection_time,
+        max_ejection_time=args.max_ejection_time,
+        max_ejected_percent=args.max_ejected_percent,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        idle_timeout=args.idle_timeout,
+        deadline=args.deadline,
+        max_deadline=args.max_deadline,
+        migrations=args.migrations,
         max_sessions=args.max_sessions,
     )
+    # fields without a flag of their own are set by name
+    return dataclasses.replace(config, **flagless) if flagless else config
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; returns the exit status.
+    """Serve until interrupted (or print the configuration); returns the exit status.
 
-    :raises ValueError, OSError, RuntimeError, ImportError: bad configuration,
-        an unreadable tokenizer or template, a port in use, missing extras.
+    :raises ValueError, OSError, RuntimeError, ImportError: bad configuration
+        (a config file's error names its key), an unreadable tokenizer or
+        template, a port in use, missing extras.
     """
+    from .settings import apply_layers, load_file
+
+    parser: argparse.ArgumentParser | None = getattr(args, "_parser", None)
+    if parser is None:  # called without the kvroute command's parser
+        parser = argparse.ArgumentParser(prog="kvroute proxy")
+        configure(parser)
+    argv = getattr(args, "argv", None)
+    sub = argv[1:] if argv and argv[0] == getattr(args, "command", None) else None
+    data = load_file(args.config) if args.config else None
+    settings = apply_layers(parser, sub, args, data, args.config, os.environ)
     _require_workers(args)
-    config = build_config(args)
+    try:
+        config = build_config(args, settings.flagless)
+    except (TypeError, ValueError) as e:
+        raise ValueError(settings.blame(str(e))) from None
+    if args.print_config:
+        from .settings import render_toml
+
+        sys.stdout.write(render_toml(parser, args, config, settings))
+        return 0
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from aiohttp import web
+    log = logging.getLogger("kvroute.proxy")
+    provider = None
+    if config.tracing:
+        from .tracing import configure_sdk
 
+        provider, where = configure_sdk()
+        log.info("tracing: %s", where)
     from .app import ProxyApp
+    from .serving import serve
 
     proxy = ProxyApp(config)
-    log = logging.getLogger("kvroute.proxy")
-    log.info("listening on http://%s:%d", args.host, args.port)
-    web.run_app(proxy.make_app(), host=args.host, port=args.port, access_log=None, print=None)
+    try:
+        asyncio.run(
+            serve(
+                proxy,
+                args.host,
+                args.port,
+                shutdown_timeout=args.shutdown_timeout,
+                shutdown_delay=args.shutdown_delay,
+                source=settings.describe(),
+            )
+        )
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still batched
     return 0

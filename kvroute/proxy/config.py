@@ -12,21 +12,31 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Final, Literal
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
+from ..config import BusyThreshold, RouterConfig
 from ..fleet.dns import DnsName, parse_worker_dns
 from ..fleet.spec import WorkerSpec, parse_worker
+from ..policies import available_policies, check_policy_params, get_policy
+from ..policies.params import coerce
 from .event_sources import check_event_sources
 
 __all__ = [
+    "ACCESS_LOG_FORMATS",
     "DEFAULT_MAX_BODY_SIZE",
+    "ROUTER_SETTINGS",
     "ProxyConfig",
     "TokenizeWith",
     "WorkerSpec",
+    "is_secret",
     "parse_model_map",
     "parse_worker",
+    "router_settings",
+    "secret_field",
 ]
 
 #: Largest request body accepted by default (32 MiB: a 128k-token prompt with tool output).
@@ -34,6 +44,86 @@ DEFAULT_MAX_BODY_SIZE: Final = 32 << 20
 
 #: How prompts are turned into token ids for routing (see :class:`ProxyConfig`).
 TokenizeWith = Literal["auto", "local", "render", "tokenize"]
+
+
+#: Access log line formats: JSON lines, or logfmt ``key=value`` text.
+ACCESS_LOG_FORMATS: Final = ("json", "text")
+
+#: The :class:`~kvroute.config.RouterConfig` fields the proxy passes on from
+#: ``router`` (``block_size`` and ``max_sessions`` are the proxy's own options;
+#: ``kv_events`` follows from the workers' events endpoints).
+ROUTER_SETTINGS: Final = tuple(
+    f.name
+    for f in fields(RouterConfig)
+    if f.name not in ("block_size", "kv_events", "max_sessions")
+)
+
+
+def secret_field() -> Any:
+    """A ``str | None`` field holding a secret (default None).
+
+    A secret is left out of the config's repr, redacted by ``--print-config``,
+    and read from the environment as ``KVROUTE_<FIELD NAME>`` (see
+    :func:`is_secret`).
+    """
+    return field(default=None, repr=False, metadata={"secret": True})
+
+
+def is_secret(f: Field[Any]) -> bool:
+    """Whether a :class:`ProxyConfig` field holds a secret (made by :func:`secret_field`,
+    or declared ``repr=False``)."""
+    return bool(f.metadata.get("secret")) or not f.repr
+
+
+def router_settings(data: Mapping[str, object]) -> dict[str, object]:
+    """Router settings (:data:`ROUTER_SETTINGS`) checked and typed by :class:`RouterConfig`.
+
+    Values may be text (``"10"``, ``"sjf"``, ``"true"``) or typed;
+    ``busy_threshold`` is a :class:`~kvroute.config.BusyThreshold` or a mapping
+    of its fields (None: no threshold).
+
+    >>> router_settings({"fresh_ttl": "10", "busy_threshold": {"max_active_requests": "8"}})
+    {'fresh_ttl': 10.0, 'busy_threshold': BusyThreshold(max_prefill_tokens=None, \
+max_active_requests=8, max_waiting_requests=None, max_kv_usage=None)}
+
+    :raises ValueError: an unknown setting or a bad value, named as ``router.NAME``.
+    """
+    hints = typing.get_type_hints(RouterConfig)
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        what = f"router.{key}"
+        if key not in ROUTER_SETTINGS:
+            known = ", ".join(ROUTER_SETTINGS)
+            raise ValueError(f"{what}: unknown router setting (known: {known})")
+        if key == "busy_threshold":
+            out[key] = _busy_threshold(value, what)
+        else:
+            out[key] = coerce(value, hints[key], what)
+    try:
+        RouterConfig(**out)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"router.{e}") from None
+    return out
+
+
+def _busy_threshold(value: object, what: str) -> BusyThreshold | None:
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    if value is None or isinstance(value, BusyThreshold):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what}: expected a table of limits, got {value!r}")
+    hints = typing.get_type_hints(BusyThreshold)
+    limits: dict[str, Any] = {}
+    for key, limit in value.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ValueError(f"{what}.{key}: unknown limit (known: {known})")
+        limits[key] = coerce(limit, hints[key], f"{what}.{key}")
+    try:
+        return BusyThreshold(**limits)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}.{e}") from None
 
 
 def parse_model_map(text: str) -> tuple[str, str]:
@@ -98,7 +188,7 @@ class ProxyConfig:
         http(s) events endpoint is polled as ``trtllm-serve``'s
         ``/kv_cache_events`` (see :mod:`kvroute.proxy.event_sources`).
     :param upstream_api_key: sent to workers as ``Authorization: Bearer``
-        (default: the client's ``Authorization`` is passed on).
+        (default: the client's ``Authorization`` is passed on). A secret.
     :param workers_file: a JSON or YAML list of workers, read at start and
         reloaded when it changes (:mod:`kvroute.fleet.files`).
     :param workers_file_interval: seconds between looks at ``workers_file``.
@@ -107,9 +197,41 @@ class ProxyConfig:
         strings, parsed here).
     :param worker_dns_interval: seconds between resolutions of ``worker_dns``.
     :param admin_token: enables the admin API (``/admin/workers``) for
-        requests bearing this token (None: no admin API).
+        requests bearing this token (None: no admin API). A secret.
     :param drain_timeout: seconds a draining worker's requests in flight may
         take before it is removed anyway.
+    :param policy_params: the routing policy's constructor parameters
+        (name -> value, text or typed), checked against its signature and
+        typed by it (see :func:`kvroute.policies.check_policy_params`).
+    :param router: :class:`~kvroute.config.RouterConfig` settings for the
+        router the proxy builds (:data:`ROUTER_SETTINGS`, see :func:`router_settings`).
+    :param access_log: where the access log goes: ``"stderr"``, ``"stdout"``,
+        a file path (appended to), or ``"off"``.
+    :param access_log_format: ``"json"`` (JSON lines) or ``"text"`` (logfmt).
+    :param tracing: an OpenTelemetry span per request (needs ``opentelemetry-api``).
+    :param eject_after: attempts a worker fails in a row (5xx, broken
+        connections or streams) that eject it for a while (0: never); see
+        :mod:`~kvroute.proxy.outliers`.
+    :param ejection_time: seconds of a worker's first ejection; the n-th lasts n times as long.
+    :param max_ejection_time: the longest ejection, in seconds.
+    :param max_ejected_percent: the most workers ejected at once, in percent of
+        the fleet (one may always be, and never the last usable one).
+    :param max_connections: open client connections beyond which a new one is
+        refused with 503; see :mod:`~kvroute.proxy.connections`.
+    :param header_timeout: seconds a request's headers may take to arrive (else 408).
+    :param body_timeout: seconds a request's body may take to arrive, from its headers
+        (else 408).
+    :param idle_timeout: seconds an idle kept-alive client connection stays open.
+    :param max_prompt_tokens: longer prompts are refused with 400
+        (``context_length_exceeded``) before they are routed; a token-id
+        prompt before its ids are parsed (see :mod:`~kvroute.proxy.bodies`).
+        None: no limit (the engines check their own).
+    :param deadline: seconds a generation request may take in all, from its
+        arrival (None: no deadline); see :mod:`~kvroute.proxy.deadlines`.
+    :param max_deadline: the longest deadline a client may set with
+        ``X-Kvroute-Deadline`` (or its SDK's ``X-Stainless-Timeout``).
+    :param migrations: times a stream whose worker failed mid-way may be
+        continued on another worker (0: never); see :mod:`~kvroute.proxy.migration`.
     :param max_sessions: agent sessions whose cache_control pin (and warm-up
         plan) the router keeps; past it the least recently used go
         (``RouterConfig.max_sessions``).
@@ -138,14 +260,36 @@ class ProxyConfig:
     unhealthy_after: int = 2
     scrape_metrics: bool = True
     events_format: str = "vllm"
-    upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_api_key: str | None = secret_field()
     # -- workers at run time (kvroute.proxy.fleet, kvroute.proxy.admin) --
     workers_file: str | None = None
     workers_file_interval: float = 2.0
     worker_dns: Sequence[DnsName] = ()
     worker_dns_interval: float = 10.0
-    admin_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = secret_field()
     drain_timeout: float = 600.0
+    # -- policy parameters, router settings, observability (operations)
+    policy_params: Mapping[str, object] = field(default_factory=dict)
+    router: Mapping[str, Any] = field(default_factory=dict)
+    access_log: str = "stderr"
+    access_log_format: Literal["json", "text"] = "json"
+    tracing: bool = False
+    # -- outlier detection (kvroute.proxy.outliers) --
+    eject_after: int = 5
+    ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
+    max_ejected_percent: float = 50.0
+    # -- client connections (kvroute.proxy.connections) --
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    # -- big bodies (kvroute.proxy.bodies) --
+    max_prompt_tokens: int | None = None
+    # -- deadlines (kvroute.proxy.deadlines) and mid-stream migration (kvroute.proxy.migration) --
+    deadline: float | None = None
+    max_deadline: float = 3600.0
+    migrations: int = 1
     # -- the router's per-session state (issue 16): bounded --
     max_sessions: int = 100_000
 
@@ -184,6 +328,25 @@ class ProxyConfig:
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")
+        # -- policy parameters, router settings, observability
+        params = dict(self.policy_params)
+        if self.policy in available_policies():  # an unknown one fails when the router is built
+            try:
+                params = check_policy_params(self.policy, params)
+                get_policy(self.policy, **params)  # its own range checks
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"policy_params.{e}") from None
+        object.__setattr__(self, "policy_params", MappingProxyType(params))
+        object.__setattr__(self, "router", MappingProxyType(router_settings(self.router)))
+        if not isinstance(self.access_log, str) or not self.access_log.strip():
+            raise ValueError("access_log must be stderr, stdout, off or a file path")
+        if self.access_log_format not in ACCESS_LOG_FORMATS:
+            raise ValueError(
+                f"access_log_format must be 'json' or 'text', not {self.access_log_format!r}"
+            )
+        self._check_outliers()
+        self._check_connections()
+        self._check_deadlines()
 
     def _check_fleet(self) -> None:
         """Validate (and normalize) the workers-at-run-time block."""
@@ -206,6 +369,31 @@ class ProxyConfig:
                 "at least one worker is needed: give --worker, --workers-file or --worker-dns,"
                 " or --admin-token to add workers through the admin API"
             )
+
+    def _check_deadlines(self) -> None:
+        if self.deadline is not None and not 0 < self.deadline <= self.max_deadline:
+            raise ValueError("deadline must be > 0 and <= max_deadline (or None)")
+        if not self.max_deadline > 0:
+            raise ValueError("max_deadline must be > 0")
+        if self.migrations < 0:
+            raise ValueError("migrations must be >= 0")
+
+    def _check_connections(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1 (or None: no limit)")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        for name in ("header_timeout", "body_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def _check_outliers(self) -> None:
+        if self.eject_after < 0:
+            raise ValueError("eject_after must be >= 0")
+        if not 0 < self.ejection_time <= self.max_ejection_time:
+            raise ValueError("ejection_time must be > 0 and <= max_ejection_time")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ValueError("max_ejected_percent must be within 0..100")
 
     @property
     def kv_events(self) -> bool:

@@ -1,19 +1,35 @@
 """Errors the proxy answers, in the shape of the API that was called.
 
-OpenAI endpoints answer ``{"error": {"message", "type", "param", "code"}}``;
+OpenAI endpoints answer ``{"error": {"message", "type", "param", "code"}}``:
+``type`` is OpenAI's (``invalid_request_error``, ``server_error``...),
+``param`` names the bad field (or header) when one is to blame, else null,
+and ``code`` is always a string: the proxy's own code where it has one
+(``invalid_json``, ``missing_required_parameter``, ``invalid_value``,
+``invalid_type``, ``model_not_found``, ``request_too_large``,
+``no_worker_available``, ``upstream_error``, ``tokenizer_unavailable``), else
+the HTTP status's name in snake case (``not_found``, ``bad_gateway``...).
+A worker's own OpenAI-style error is passed on in the same shape
+(:func:`openai_error`: its message, its ``param``, a string ``code``).
 Anthropic endpoints (``/v1/messages``) answer
 ``{"type": "error", "error": {"type", "message"}}``. A :class:`ProxyError`
-carries the status and message; :func:`error_body` renders it for either API.
+carries the status, message, code and param; :func:`error_body` renders it
+for either API.
 
 >>> err = error_body("openai", ProxyError(404, "no such model", code="model_not_found"))["error"]
->>> err["type"], err["code"]
-('invalid_request_error', 'model_not_found')
+>>> err["type"], err["code"], err["param"]
+('invalid_request_error', 'model_not_found', None)
+>>> error_body("openai", invalid("messages[0].role: Field required"))["error"]["param"]
+'messages[0].role'
+>>> error_body("openai", ProxyError(502, "down"))["error"]["code"]
+'bad_gateway'
 >>> error_body("anthropic", ProxyError(413, "too big"))
 {'type': 'error', 'error': {'type': 'request_too_large', 'message': 'too big'}}
 """
 
 from __future__ import annotations
 
+import re
+from http import HTTPStatus
 from typing import Any, Final
 
 from .call import Api
@@ -23,8 +39,11 @@ __all__ = [
     "ProxyError",
     "anthropic_error_type",
     "error_body",
+    "invalid",
     "lacks_endpoint",
+    "openai_error",
     "openai_error_type",
+    "status_code",
     "upstream_message",
 ]
 
@@ -60,20 +79,62 @@ class ProxyError(Exception):
 
     :param status: the HTTP status.
     :param message: a message for the client.
-    :param code: OpenAI's machine-readable ``code`` (default: the status).
+    :param code: OpenAI's machine-readable ``code`` (default: :func:`status_code`).
+    :param param: the request field (or header) to blame, if one is.
     :param retry: False when retrying cannot help (answered with
         ``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey
         before retrying a 5xx).
     """
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, retry: bool = True
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry: bool = True,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
         self.retry = retry
+
+
+# "<field path>: <problem>", the form of every field check's message.
+_FIELD_MESSAGE: Final = re.compile(r"^([A-Za-z_][\w.\[\]-]*): ")
+
+
+def invalid(message: str, *, code: str | None = None) -> ProxyError:
+    """A 400 for a bad field, its message reading ``"<field path>: <problem>"``.
+
+    The path becomes OpenAI's ``param``; the code is ``missing_required_parameter``
+    when the problem is a missing field (the message says "Field required"),
+    else ``invalid_value`` (unless ``code`` is given).
+
+    >>> e = invalid("tools[0].name: Field required (a string)")
+    >>> e.status, e.param, e.code
+    (400, 'tools[0].name', 'missing_required_parameter')
+    """
+    m = _FIELD_MESSAGE.match(message)
+    if code is None:
+        code = "missing_required_parameter" if "Field required" in message else "invalid_value"
+    return ProxyError(400, message, code=code, param=m.group(1) if m else None)
+
+
+def status_code(status: int) -> str:
+    """The default ``code`` of an error answered with HTTP ``status``: its name in snake case.
+
+    >>> status_code(404), status_code(503), status_code(599)
+    ('not_found', 'service_unavailable', 'http_599')
+    """
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return f"http_{status}"
+    return re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
 
 
 def openai_error_type(status: int) -> str:
@@ -97,10 +158,38 @@ def error_body(api: Api, error: ProxyError) -> dict[str, Any]:
         "error": {
             "message": error.message,
             "type": openai_error_type(error.status),
-            "param": None,
-            "code": error.code if error.code is not None else error.status,
+            "param": error.param,
+            "code": error.code if error.code is not None else status_code(error.status),
         }
     }
+
+
+def openai_error(status: int, body: object, fallback: str = "") -> dict[str, Any]:
+    """A worker's error answer in the proxy's OpenAI shape (see the module docstring).
+
+    Its message and ``param`` are kept; ``type`` and ``code`` become the
+    proxy's (vLLM answers ``"type": "BadRequestError", "code": 400``). A body
+    that is not an OpenAI error (a gateway's page) keeps only its message,
+    else ``fallback``, else the status.
+
+    >>> openai_error(400, {"error": {"message": "max_tokens must be at least 1, got 0.",
+    ...     "type": "BadRequestError", "param": "max_tokens", "code": 400}})["error"]
+    {'message': 'max_tokens must be at least 1, got 0.', 'type': 'invalid_request_error', \
+'param': 'max_tokens', 'code': 'bad_request'}
+    """
+    err = body.get("error") if isinstance(body, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    message = upstream_message(body) or fallback or f"the worker answered {status}"
+    return error_body(
+        "openai",
+        ProxyError(
+            status,
+            message,
+            code=code if isinstance(code, str) and code else None,
+            param=param if isinstance(param, str) else None,
+        ),
+    )
 
 
 def upstream_message(body: object) -> str | None:

@@ -100,9 +100,11 @@ def _int(text: str, what: str, *, low: int | None = None) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise ProxyError(400, f"{what} must be an integer, got {text!r}") from None
+        raise ProxyError(
+            400, f"{what} must be an integer, got {text!r}", code="invalid_type", param=what
+        ) from None
     if low is not None and value < low:
-        raise ProxyError(400, f"{what} must be >= {low}, got {value}")
+        raise ProxyError(400, f"{what} must be >= {low}, got {value}", param=what)
     return value
 
 
@@ -125,7 +127,11 @@ def header_hints(headers: Mapping[str, str], session_header: str) -> Hints:
     speculative = False
     if spec is not None:
         if spec.strip().lower() not in _TRUE | _FALSE:
-            raise ProxyError(400, f"{HEADER_SPECULATIVE} must be true or false, got {spec!r}")
+            raise ProxyError(
+                400,
+                f"{HEADER_SPECULATIVE} must be true or false, got {spec!r}",
+                param=HEADER_SPECULATIVE,
+            )
         speculative = spec.strip().lower() in _TRUE
     cc: tuple[Breakpoint, ...] = ()
     if ttl is not None:
@@ -161,7 +167,7 @@ def parse_breakpoints(
         try:
             cc = CacheControl.parse(value, strict=False)
         except (TypeError, ValueError) as e:
-            raise ProxyError(400, f"{where}: {e}") from None
+            raise ProxyError(400, f"{where}: {e}", code="invalid_value", param=where) from None
         out.append(Breakpoint(cc.ttl, prefix))
     return tuple(out)
 

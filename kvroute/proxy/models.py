@@ -64,12 +64,14 @@ class Models:
         if model is None:
             return False
         if not isinstance(model, str):
-            raise ProxyError(400, "model must be a string")
+            raise ProxyError(400, "model must be a string", code="invalid_type", param="model")
         target = self.config.map_model(model)
         served = self.served()
         if served is not None and target not in served:
             shown = model if target == model else f"{model} (mapped to {target})"
-            raise ProxyError(404, f"The model `{shown}` does not exist.", code="model_not_found")
+            raise ProxyError(
+                404, f"The model `{shown}` does not exist.", code="model_not_found", param="model"
+            )
         if target != model:
             body["model"] = target
             return True

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from .errors import ProxyError
 from .hints import Hints, Usage, header_hints, parse_breakpoints
-from .sse import SseSplitter
+from .sse import SseSplitter, encode_event
 
-__all__ = ["OpenAIStream", "openai_hints", "openai_usage"]
+__all__ = ["MAX_TOKENS_FIELDS", "OpenAIStream", "check_max_tokens", "openai_hints", "openai_usage"]
+
+#: The output-length fields of the OpenAI endpoints (completions and chat,
+#: chat's newer name, the Responses API's).
+MAX_TOKENS_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 log = logging.getLogger("kvroute.proxy")
 
@@ -47,6 +51,10 @@ def _cache_controls(body: Mapping[str, Any]) -> Iterator[tuple[object, dict[str,
                         yield part["cache_control"], {**body, "messages": [*messages[:i], cut]}
 
 
+def _wrong_type(field: str, what: str) -> ProxyError:
+    return ProxyError(400, f"{field} must be {what}", code="invalid_type", param=field)
+
+
 def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_header: str) -> Hints:
     """The hints of an OpenAI-style request (headers first, then body fields).
 
@@ -61,15 +69,15 @@ def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_he
     """
     session = body.get("session_id")
     if session is not None and not isinstance(session, str):
-        raise ProxyError(400, "session_id must be a string")
+        raise _wrong_type("session_id", "a string")
     priority = body.get("priority", 0)
     if priority is None:
         priority = 0
     if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ProxyError(400, "priority must be an integer")
+        raise _wrong_type("priority", "an integer")
     salt = body.get("cache_salt")
     if salt is not None and not isinstance(salt, str):
-        raise ProxyError(400, "cache_salt must be a string")
+        raise _wrong_type("cache_salt", "a string")
     from_body = Hints(
         session_id=session or None,
         priority=priority,
@@ -77,6 +85,35 @@ def openai_hints(body: Mapping[str, Any], headers: Mapping[str, str], session_he
         cache_salt=salt or None,
     )
     return from_body.merged(header_hints(headers, session_header))
+
+
+def check_max_tokens(body: Mapping[str, Any]) -> None:
+    """Refuse an output length the engines refuse, as they answer it.
+
+    vLLM's sampling parameters need ``max_tokens >= 1`` (``max_tokens must be
+    at least 1, got 0.``, a 400 naming the field); the proxy answers so
+    before routing, naming the field the client gave (null is the default).
+
+    >>> check_max_tokens({"max_tokens": 16, "max_output_tokens": None})
+    >>> check_max_tokens({"max_completion_tokens": 0})
+    Traceback (most recent call last):
+    ...
+    kvroute.proxy.errors.ProxyError: max_completion_tokens must be at least 1, got 0.
+
+    :raises ProxyError: 400 with ``param`` the field: not an integer, or below 1.
+    """
+    for field in MAX_TOKENS_FIELDS:
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProxyError(
+                400, f"{field} must be an integer, got {value!r}", code="invalid_type", param=field
+            )
+        if value < 1:
+            raise ProxyError(
+                400, f"{field} must be at least 1, got {value}.", code="invalid_value", param=field
+            )
 
 
 def openai_usage(usage: object) -> Usage | None:
@@ -141,14 +178,22 @@ class OpenAIStream:
     :param strip_usage: drop the usage-only chunk (the proxy asked for it).
     :param on_event: called with each event's JSON, e.g. to rebuild the reply
         for a warm-up.
+    :param transform: called with each event's JSON (after ``on_event``):
+        the event to pass on instead (re-encoded when it is another object),
+        or None to drop it; see :mod:`~kvroute.proxy.migration`.
     """
 
     def __init__(
-        self, *, strip_usage: bool = False, on_event: Callable[[object], None] | None = None
+        self,
+        *,
+        strip_usage: bool = False,
+        on_event: Callable[[object], None] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
     ) -> None:
         self._split = SseSplitter()
         self._strip_usage = strip_usage
         self._on_event = on_event
+        self._transform = transform
         #: A chunk with generated content has gone by.
         self.first_token = False
         #: Chunks with generated content (a fallback count of output tokens).
@@ -178,6 +223,13 @@ class OpenAIStream:
                 self.error = str(err.get("message") if isinstance(err, dict) else err)
             if self._on_event is not None:
                 self._on_event(obj)
+            raw = ev.raw
+            if self._transform is not None:
+                changed = self._transform(obj)
+                if changed is None:
+                    continue
+                if changed is not obj:
+                    obj, raw = changed, encode_event(changed, ev.event)
             choices = obj.get("choices")
             if isinstance(choices, list) and any(_has_content(c) for c in choices):
                 self.first_token = True
@@ -187,7 +239,7 @@ class OpenAIStream:
                 self.usage = usage
                 if self._strip_usage and not choices:
                     continue
-            out.append(ev.raw)
+            out.append(raw)
         return b"".join(out)
 
     def flush(self) -> bytes:

@@ -25,7 +25,9 @@ For a generation request (:meth:`Preparer.prepare`):
 The body is sent on as the client's bytes unless steps 3 or 5 changed it.
 The headers sent on are the body's type, the request id (the client's
 ``X-Request-Id``, else a new one) and the client's credentials and API
-headers (or ``Authorization: Bearer`` with ``upstream_api_key``).
+headers; with ``upstream_api_key``, ``Authorization: Bearer`` with it and
+none of the client's credential headers (``Authorization``, ``x-api-key``,
+cookies...).
 """
 
 from __future__ import annotations
@@ -34,24 +36,29 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 
 from ..request import CacheControl, Request
 from ..router import Router
 from .anthropic import anthropic_hints, validate_messages
+from .bodies import BodyError, TokenIds, TooManyTokenIds, encode_body, parse_body
 from .call import Call, Kind
 from .config import ProxyConfig
-from .errors import ProxyError, lacks_endpoint, upstream_message
+from .errors import ProxyError, invalid, lacks_endpoint, upstream_message
 from .hints import Hints, common_prefix, pinned_breakpoints
+from .migration import ask_for_token_ids
 from .models import Models
-from .openai import openai_hints
+from .openai import check_max_tokens, openai_hints
+from .responses import check_responses
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
+    answer_token_ids,
     local_tokens,
     prompt_token_ids,
     render_token_ids,
@@ -64,8 +71,15 @@ __all__ = ["Prepared", "Preparer"]
 
 log = logging.getLogger("kvroute.proxy")
 
+# Prompts this long are hashed off the event loop.
+_HASH_ASIDE: Final = 1 << 16
 # Client headers passed on to workers (besides the body's type and the request id).
 _FORWARDED: Final = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta", "accept")
+# Headers that carry a client's credentials: when the proxy has credentials of
+# its own, none of these goes upstream, whichever part added it.
+_CREDENTIALS: Final = frozenset(
+    {"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +88,13 @@ class Prepared:
 
     :param call: what goes to a worker, the same for every attempt.
     :param request: what the router routes (tokens, hints, breakpoints).
+    :param tokenize_seconds: how long tokenizing the prompt (and measuring its
+        breakpoints) took.
     """
 
     call: Call
     request: Request
+    tokenize_seconds: float | None = None
 
 
 class Preparer:
@@ -119,8 +136,16 @@ class Preparer:
             (see :meth:`tokens`).
         """
         call, hints = await self._read(request, kind)
+        t0 = time.perf_counter()
         tokens, breakpoints = await self._tokens_and_breakpoints(call, hints)
-        speculative = hints.speculative_prefill or self.config.speculative_prefill
+        tokenized = time.perf_counter() - t0
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(tokens) > limit:
+            raise self._too_long(len(tokens))
+        # a Responses conversation continues in the worker's memory: nothing to warm
+        speculative = kind != "responses" and (
+            hints.speculative_prefill or self.config.speculative_prefill
+        )
         try:
             routed = Request(
                 next(self._ids),
@@ -135,31 +160,52 @@ class Preparer:
             )
         except (TypeError, ValueError) as e:
             raise ProxyError(400, str(e)) from None
-        return Prepared(call, routed)
+        if len(tokens) >= _HASH_ASIDE:
+            # Hashing a long prompt takes milliseconds per 100k tokens: off the
+            # loop (the kvroute hashing releases the GIL), as the router would.
+            hashes = await asyncio.to_thread(
+                self.router.hashing,
+                tokens,
+                self.router.block_size,
+                lora_name=routed.lora_name,
+                cache_namespace=routed.cache_salt,
+            )
+            routed = replace(routed, block_hashes=hashes)
+        return Prepared(call, routed, tokenized)
 
     async def _read(self, request: web.Request, kind: Kind) -> tuple[Call, Hints]:
         """Steps 1 to 5: the call to forward and the request's hints.
 
         :raises ProxyError: 413, 400 or 404 (see the module docstring).
         """
-        body, raw = await self.read_json(request)
+        body, raw = await self.read_json(request, token_ids=kind == "completions")
         if kind == "messages":
             validate_messages(body)
         elif kind == "chat":
             messages = body.get("messages")
+            if messages is None:
+                raise invalid("messages: Field required (a non-empty list)")
             if not isinstance(messages, list) or not messages:
-                raise ProxyError(400, "messages: must be a non-empty list")
-        elif "prompt" not in body:
-            raise ProxyError(400, "prompt: Field required")
+                raise invalid("messages: must be a non-empty list")
+        elif kind == "completions" and "prompt" not in body:
+            raise invalid("prompt: Field required")
+        elif kind == "responses":
+            check_responses(body)
+        if kind != "messages":
+            check_max_tokens(body)
         changed = self.models.resolve(body)
         header = self.config.session_header
         if kind == "messages":
             hints = anthropic_hints(body, request.headers, header)
         else:
             hints = openai_hints(body, request.headers, header)
+            key = body.get("prompt_cache_key")
+            if kind == "responses" and hints.session_id is None and isinstance(key, str) and key:
+                # OpenAI's cache-routing key; Codex sends its conversation's id
+                hints = replace(hints, session_id=key)
         stream = body.get("stream") is True
         strip_usage = False
-        if stream and kind != "messages":
+        if stream and kind in ("completions", "chat"):
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for the usage chunk (token counts, cache hits); the client
@@ -169,18 +215,24 @@ class Preparer:
                     "include_usage": True,
                 }
                 strip_usage = changed = True
-        data = json.dumps(body, ensure_ascii=False).encode() if changed else raw
+        strip_ids = self.config.migrations > 0 and stream and ask_for_token_ids(kind, body)
+        data = encode_body(body) if changed or strip_ids else raw
         client_id = self.client_id(request)
         call = Call(
             kind, request.path, body, data, stream, strip_usage, client_id,
-            self.forward_headers(request, client_id),
+            self.forward_headers(request, client_id), strip_token_ids=strip_ids,
         )  # fmt: skip
         return call, hints
 
-    async def read_json(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
-        """The request's body: parsed, and as it came.
+    async def read_json(
+        self, request: web.Request, *, token_ids: bool = False
+    ) -> tuple[dict[str, Any], bytes]:
+        """The request's body: parsed (a big one off the loop, see :mod:`.bodies`), and as it came.
 
-        :raises ProxyError: 413 over ``max_body_size``; 400 if it is not a JSON object.
+        :param token_ids: a big top-level ``prompt`` of token ids is parsed
+            into a :class:`~kvroute.proxy.bodies.TokenIds` (completions).
+        :raises ProxyError: 413 over ``max_body_size``; 400 if it is not a JSON
+            object, or its token-id prompt is longer than ``max_prompt_tokens``.
         """
         limit = self.config.max_body_size
         too_big = ProxyError(
@@ -193,16 +245,23 @@ class Preparer:
         except web.HTTPRequestEntityTooLarge:
             raise too_big from None
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProxyError(400, f"invalid JSON body: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise ProxyError(
-                400, "invalid JSON body: nested too deeply", code="invalid_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise ProxyError(400, "the body must be a JSON object", code="invalid_json")
+            body = await parse_body(
+                raw, token_ids=token_ids, max_ids=self.config.max_prompt_tokens
+            )
+        except TooManyTokenIds as e:
+            raise self._too_long(e.count) from None
+        except BodyError as e:
+            raise ProxyError(400, str(e), code="invalid_json") from None
         return body, raw
+
+    def _too_long(self, count: int) -> ProxyError:
+        return ProxyError(
+            400,
+            f"the prompt has {count} tokens, more than this proxy accepts"
+            f" (max_prompt_tokens={self.config.max_prompt_tokens})",
+            code="context_length_exceeded",
+            retry=False,
+        )
 
     @staticmethod
     def client_id(request: web.Request) -> str:
@@ -217,6 +276,7 @@ class Preparer:
             if value is not None:
                 headers[name] = value
         if self.config.upstream_api_key:
+            headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
             headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
         return headers
 
@@ -231,6 +291,10 @@ class Preparer:
             needs a local tokenizer); 503 if no healthy worker answered.
         """
         if call.kind == "completions":
+            prompt = call.body.get("prompt")
+            if isinstance(prompt, TokenIds):
+                # a numpy array: the router and Request take arrays as they are
+                return cast("list[int]", prompt.ids)
             ids = prompt_token_ids(call.body)
             if ids is not None:
                 return ids
@@ -253,12 +317,20 @@ class Preparer:
             use_render = render not in self.no_render
             path = render if use_render else "/tokenize"
             data = call.data if use_render else json.dumps(tokenize_body(call.kind, call.body))
+            if use_render and call.body.get("previous_response_id") is not None:
+                # vLLM's Responses render is stateless: the request's own prompt only
+                own = {k: v for k, v in call.body.items() if k != "previous_response_id"}
+                data = json.dumps(own, ensure_ascii=False)
             try:
                 status, text, _ = await self.upstream.exchange(w, path, data, call.headers)
             except AttemptFailed as e:
                 tried.add(w)
                 last = f"worker {w}: {e.reason}"
                 continue
+            if status == 200:
+                ids = answer_token_ids(call.kind, use_render, text)
+                if ids is not None:
+                    return ids
             try:
                 answer = json.loads(text)
             except ValueError:
@@ -279,7 +351,13 @@ class Preparer:
                 last = f"worker {w} answered {status} to {path}"
                 continue
             if status >= 400:
-                raise ProxyError(status, message or f"the worker refused the prompt ({status})")
+                err = answer.get("error") if isinstance(answer, dict) else None
+                param = err.get("param") if isinstance(err, dict) else None
+                raise ProxyError(
+                    status,
+                    message or f"the worker refused the prompt ({status})",
+                    param=param if isinstance(param, str) else None,
+                )
             try:
                 if use_render:
                     return render_token_ids(call.kind, answer)

@@ -10,6 +10,7 @@ RuntimeError: the proxy is not running
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 from aiohttp import web
@@ -19,9 +20,13 @@ from ..events.metrics import Metrics
 from ..router import Router
 from .app import ProxyApp
 from .config import ProxyConfig
+from .connections import GuardedSite, server_options
+from .serving import start_line
 from .tokenize import LocalTokenizer
 
 __all__ = ["ProxyServer"]
+
+log = logging.getLogger("kvroute.proxy")
 
 
 class ProxyServer:
@@ -92,12 +97,16 @@ class ProxyServer:
         self._thread.stop(timeout)
 
     async def _startup(self) -> None:
-        runner = web.AppRunner(self.proxy.make_app(), access_log=None, shutdown_timeout=1.0)
+        options = server_options(self.proxy.config)
+        runner = web.AppRunner(
+            self.proxy.make_app(), access_log=None, shutdown_timeout=1.0, **options
+        )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.host, self._port)
+        site = GuardedSite(runner, self.host, self._port, self.proxy.connections)
         await site.start()
         self._port = site.port
+        log.info("%s", start_line(self.proxy, self.url))
 
     async def _shutdown(self) -> None:
         runner, self._runner = self._runner, None

@@ -23,16 +23,19 @@ handler raises :class:`AttemptFailed`; the router then hears
 :meth:`~kvroute.router.Router.failed` and the request is routed again with
 the workers that failed it excluded, up to ``retries`` more times. A 4xx
 answer is the handler's to pass on. :class:`Lifecycle` reports each routed
-attempt's first token and end to the router exactly once.
+attempt's first token and end to the router exactly once. Each attempt's
+outcome (the worker failed it, or answered) feeds the
+:class:`~kvroute.proxy.outliers.OutlierDetector`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
 
@@ -42,7 +45,11 @@ from ..router import NoWorkerAvailable, Router
 from .call import Call
 from .config import ProxyConfig
 from .errors import ProxyError
+from .outliers import OutlierDetector
 from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .observe import RequestRecord
 
 __all__ = ["CONNECTION_ERRORS", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
 
@@ -50,6 +57,28 @@ log = logging.getLogger("kvroute.proxy")
 
 #: What a worker that cannot be reached (or went silent) raises.
 CONNECTION_ERRORS: Final = (aiohttp.ClientConnectionError, TimeoutError, OSError)
+
+# Bodies larger than this go upstream a piece at a time.
+_PIECE: Final = 1 << 20
+
+
+def _sendable(
+    data: bytes | str, headers: Mapping[str, str]
+) -> tuple[Any, Mapping[str, str]]:
+    """``data`` and ``headers`` as aiohttp is to send them.
+
+    A big body is sent in 1 MiB pieces (with its length, so not chunked):
+    written at once, its copy into the socket's buffer would hold up the loop.
+    """
+    if isinstance(data, str) or len(data) <= _PIECE:
+        return data, headers
+    view = memoryview(data)
+
+    async def pieces() -> AsyncIterator[memoryview]:
+        for at in range(0, len(view), _PIECE):
+            yield view[at : at + _PIECE]
+
+    return pieces(), {**headers, "Content-Length": str(len(view))}
 
 _T = TypeVar("_T")
 
@@ -91,20 +120,26 @@ class Lifecycle:
     :param request_id: the decision's request id.
     """
 
-    __slots__ = ("_id", "_router", "ended", "first")
+    __slots__ = ("_id", "_router", "ended", "first", "first_at", "worker_failed")
 
-    def __init__(self, router: Router, request_id: int) -> None:
+    def __init__(self, router: Router, request_id: str | int) -> None:
         self._router = router
         self._id = request_id
         #: The first token was reported.
         self.first = False
+        #: When (``time.perf_counter()``), for the request's time to first token.
+        self.first_at = 0.0
         #: The end (finished or failed) was reported.
         self.ended = False
+        #: The worker failed the attempt after answering (its stream broke or
+        #: carried an error): the outlier detector counts it against the worker.
+        self.worker_failed = False
 
     def first_token(self) -> None:
         """Report the first generated token (once, and only before the end)."""
         if not self.first and not self.ended:
             self.first = True
+            self.first_at = time.perf_counter()
             self._router.first_token(self._id)
 
     def finish(self) -> None:
@@ -118,6 +153,21 @@ class Lifecycle:
         if not self.ended:
             self.ended = True
             self._router.failed(self._id)
+
+    def abandon(self) -> None:
+        """The client hung up (or gave up): finished once a token went out, else failed.
+
+        After the first token the engine has prefilled the prompt and holds
+        its blocks, so the router's predicted residency is true: finishing
+        keeps it. Before, the prefill may not have happened (the engine
+        aborts a queued request): failing forgets it, rather than send the
+        next turn after blocks that are not there. Either way the request's
+        load goes at once.
+        """
+        if self.first:
+            self.finish()
+        else:
+            self.fail()
 
 
 #: Answers the client from an opened worker response (status below 500).
@@ -133,15 +183,22 @@ class Upstream:
     :param pool: the workers' addresses and health.
     :param config: timeouts and ``retries``.
     :param metrics: routing times, retries and upstream errors are counted here.
+    :param outliers: hears how each attempt went, and ejects failing workers (or None).
     """
 
     def __init__(
-        self, router: Router, pool: WorkerPool, config: ProxyConfig, metrics: Metrics
+        self,
+        router: Router,
+        pool: WorkerPool,
+        config: ProxyConfig,
+        metrics: Metrics,
+        outliers: OutlierDetector | None = None,
     ) -> None:
         self.router = router
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self.outliers = outliers
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -168,25 +225,47 @@ class Upstream:
 
     # -- attempts ------------------------------------------------------------------------
 
-    async def send(self, request: Request, call: Call, handle: Handler[_T]) -> _T:
+    async def send(
+        self,
+        request: Request,
+        call: Call,
+        handle: Handler[_T],
+        record: RequestRecord | None = None,
+        *,
+        prefer: int | None = None,
+        exclude: Iterable[int] = (),
+    ) -> _T:
         """Route ``request`` and send ``call`` until an attempt succeeds; ``handle``'s result.
 
+        :param record: told of each routed attempt and of the first token.
+        :param prefer: a worker the first attempt goes to while it is routable
+            (the one holding a Responses conversation); the router still
+            records the decision. Later attempts are routed as usual.
+        :param exclude: workers not to try (e.g. the one a stream broke on).
         :raises ProxyError: 503 when no worker can be routed to at all.
         :raises AttemptFailed: the last failure, when every attempt failed.
         """
-        tried: list[int] = []
+        tried: list[int] = list(exclude)
         failure: AttemptFailed | None = None
         for attempt in range(self.config.retries + 1):
             try:
-                decision = self._route(request, tried)
+                decision = None
+                if prefer is not None and not attempt and prefer not in tried:
+                    others = [w for w in self.router.workers() if w != prefer]
+                    with contextlib.suppress(NoWorkerAvailable):
+                        decision = self._route(request, others)
+                if decision is None:
+                    decision = self._route(request, tried)
             except NoWorkerAvailable as e:
                 if failure is None:
                     raise ProxyError(503, str(e), code="no_worker_available") from None
                 break
             if attempt:
                 self.metrics.retries.inc()
+            if record is not None:
+                record.routed(decision)
             try:
-                return await self._attempt(call, decision, handle)
+                return await self._attempt(call, decision, handle, record)
             except AttemptFailed as f:
                 tried.append(decision.worker)
                 failure = f
@@ -211,9 +290,11 @@ class Upstream:
         self.metrics.routed_request(decision.worker, elapsed, decision.predicted_cached_tokens)
         return decision
 
-    async def _attempt(self, call: Call, decision: Decision, handle: Handler[_T]) -> _T:
+    async def _attempt(
+        self, call: Call, decision: Decision, handle: Handler[_T], record: RequestRecord | None
+    ) -> _T:
         worker = decision.worker
-        lc = Lifecycle(self.router, int(decision.request_id))
+        lc = Lifecycle(self.router, decision.request_id)
         response: aiohttp.ClientResponse | None = None
         try:
             response = await self.open(worker, call.path, call.data, call.headers)
@@ -225,9 +306,28 @@ class Upstream:
                 content_type = response.headers.get("Content-Type", "application/json")
                 status = response.status
                 raise AttemptFailed(f"answered {status}", status, body, content_type)
-            return await handle(decision, response, lc)
+            result = await handle(decision, response, lc)
+        except asyncio.CancelledError:
+            # The client hung up (or the proxy is stopping): not the worker's
+            # fault. Leaving closes the upstream connection, which aborts the
+            # request on the worker.
+            lc.abandon()
+            raise
+        except AttemptFailed:
+            if self.outliers is not None:
+                self.outliers.failed(worker)
+            raise
+        else:
+            if self.outliers is not None:
+                if lc.worker_failed:
+                    self.outliers.failed(worker)
+                else:
+                    self.outliers.succeeded(worker)
+            return result
         finally:
             lc.fail()  # a no-op when the request already ended
+            if record is not None and lc.first:
+                record.first = lc.first_at
             if response is not None:
                 self.pool.untrack(worker, response)
                 response.release()
@@ -245,7 +345,8 @@ class Upstream:
         url = self.pool.url(worker) + path
 
         async def post() -> aiohttp.ClientResponse:
-            return await session.post(url, data=data, headers=headers)
+            body, sent_headers = _sendable(data, headers)
+            return await session.post(url, data=body, headers=sent_headers)
 
         response = await self._until_down(worker, f"POST {path}", post)
         if not self.pool.workers[worker].healthy:  # went down as the answer arrived
@@ -268,7 +369,8 @@ class Upstream:
 
         async def go() -> tuple[int, bytes, str]:
             url = self.pool.url(worker) + path
-            async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+            body, sent = _sendable(data, headers)
+            async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
                 content_type = r.headers.get("Content-Type", "application/json")
                 return r.status, await r.read(), content_type
 
@@ -291,7 +393,8 @@ class Upstream:
         if worker not in self.pool.workers:
             raise aiohttp.ClientConnectionError(f"worker {worker} left the fleet")
         url = self.pool.url(worker) + path
-        async with session.post(url, data=data, headers=headers, timeout=timeout) as r:
+        body, sent = _sendable(data, headers)
+        async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
             await r.read()
             return r.status
 

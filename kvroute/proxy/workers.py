@@ -15,6 +15,12 @@ Marking a worker unhealthy also resolves its *down* future and closes its
 open upstream responses, so requests waiting on it fail over at once
 instead of waiting for their read timeout.
 
+A worker can also be *ejected* for a while (see
+:mod:`~kvroute.proxy.outliers`): out of routing like an unhealthy worker,
+but its running requests go on, its health checks go on, and it returns by
+itself when the time is up (:meth:`WorkerPool.release_ejections`, run at each
+health round), or at once when no other worker is left to route to.
+
 Each health round also reads ``/v1/models`` (until a worker's models are
 known, and after it comes back) and, with ``scrape_metrics``, the worker's
 Prometheus ``/metrics``: vLLM's ``num_requests_waiting`` and
@@ -28,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -97,6 +104,11 @@ class WorkerState:
     responses: set[aiohttp.ClientResponse] = field(default_factory=set)
     #: False until its first health check passes (a worker that joined at run time).
     checked: bool = True
+    #: Waiting requests and KV usage from the worker's last ``/metrics`` (None: never said).
+    waiting: float | None = None
+    kv_usage: float | None = None
+    #: Ejected until this time (the pool's clock), or None.
+    ejected_until: float | None = None
 
     @property
     def url(self) -> str:
@@ -130,6 +142,14 @@ class WorkerPool:
         self._lora_adapters: frozenset[str] = frozenset()
         #: Called with a worker's id when it turns healthy again.
         self.on_up: Callable[[int], None] | None = None
+        #: Called with a worker's id when its ejection ends.
+        self.on_return: Callable[[int], None] | None = None
+        #: Called with a worker's id when it leaves the pool.
+        self.on_remove: list[Callable[[int], None]] = []
+        #: The clock of ejection times (seconds, monotonic).
+        self.clock: Callable[[], float] = time.monotonic
+        #: Parts that add their per-worker figures to :meth:`snapshot` (``/health``).
+        self.reporters: list[Callable[[int], Mapping[str, Any]]] = []
 
     def bind(self, session: aiohttp.ClientSession | None) -> None:
         """Use ``session`` for health checks (None: unbind)."""
@@ -166,6 +186,8 @@ class WorkerPool:
             resp.close()
         state.responses.clear()
         self._models_changed()
+        for hook in self.on_remove:
+            hook(worker)
         log.info("worker %d (%s) left", worker, state.url)
 
     # -- health ------------------------------------------------------------------------
@@ -202,6 +224,10 @@ class WorkerPool:
         for resp in list(state.responses):
             resp.close()
         state.responses.clear()
+        if not self.healthy():
+            # An ejection must never empty the fleet: with no other worker
+            # left, the ejected ones are the best there is.
+            self.release_ejections(force=True)
 
     def mark_up(self, worker: int) -> None:
         """Mark ``worker`` healthy again. (A no-op once it left.)"""
@@ -214,7 +240,8 @@ class WorkerPool:
             state.down = None
             state.models_known = False  # it may have restarted with other models
             self._models_changed()
-            self.router.mark_healthy(worker)
+            if state.ejected_until is None:
+                self.router.mark_healthy(worker)
             again = "is healthy again" if state.checked else "is healthy: it takes requests"
             state.checked = True
             log.info("worker %d (%s) %s", worker, state.url, again)
@@ -236,8 +263,49 @@ class WorkerPool:
             state.responses.discard(response)
 
     def healthy(self) -> list[int]:
-        """Healthy worker ids, ascending."""
-        return [i for i, s in self.workers.items() if s.healthy]
+        """Healthy worker ids that are not ejected (those routing may use), ascending."""
+        return [i for i, s in self.workers.items() if s.healthy and s.ejected_until is None]
+
+    def is_routable(self, worker: int) -> bool:
+        """Whether ``worker`` is healthy and not ejected."""
+        state = self.workers[worker]
+        return state.healthy and state.ejected_until is None
+
+    # -- ejection ----------------------------------------------------------------------
+
+    def ejected_count(self) -> int:
+        """Workers ejected now."""
+        return sum(s.ejected_until is not None for s in self.workers.values())
+
+    def eject(self, worker: int, seconds: float, reason: str) -> None:
+        """Take ``worker`` out of routing for ``seconds``; its running requests go on."""
+        state = self.workers[worker]
+        state.ejected_until = self.clock() + seconds
+        if state.healthy:
+            self.router.mark_unhealthy(worker)
+        log.warning(
+            "worker %d (%s) ejected for %.1f s: %s", worker, state.url, seconds, reason
+        )
+
+    def release_ejections(self, *, force: bool = False) -> list[int]:
+        """Return the workers whose ejection time is up (every ejected one with ``force``).
+
+        :returns: the workers returned, ascending.
+        """
+        now = self.clock()
+        back = []
+        for w, state in self.workers.items():
+            until = state.ejected_until
+            if until is None or (until > now and not force):
+                continue
+            state.ejected_until = None
+            back.append(w)
+            if state.healthy:
+                self.router.mark_healthy(w)
+            log.info("worker %d (%s): ejection over, on probation", w, state.url)
+            if self.on_return is not None:
+                self.on_return(w)
+        return back
 
     def pick(self, exclude: Iterable[int] = ()) -> int | None:
         """A healthy worker not in ``exclude`` nor excluded, in rotation (to tokenize and count)."""
@@ -326,6 +394,7 @@ class WorkerPool:
         if status != 200:
             return
         waiting, usage = parse_worker_metrics(data.decode("utf-8", errors="replace"))
+        state.waiting, state.kv_usage = waiting, usage
         if waiting is not None or usage is not None:
             with contextlib.suppress(ValueError, TypeError):
                 self.router.update_worker_metrics(
@@ -333,7 +402,8 @@ class WorkerPool:
                 )
 
     async def check_all(self) -> None:
-        """One health round over every worker, concurrently."""
+        """One health round over every worker, concurrently (ejections that are over end first)."""
+        self.release_ejections()
         await asyncio.gather(*(self.check(w) for w in list(self.workers)))
 
     async def run(self) -> None:
@@ -346,8 +416,27 @@ class WorkerPool:
                 log.exception("health round failed")
 
     def snapshot(self) -> list[Mapping[str, Any]]:
-        """Per worker: id, url, healthy, draining (for ``/health``)."""
-        return [
-            {"id": s.id, "url": s.url, "healthy": s.healthy, "draining": s.id in self.excluded}
-            for s in self.workers.values()
-        ]
+        """Per worker (for ``/health``): id, url, healthy (routable), draining, and its state.
+
+        ``state`` is ``healthy``, ``unhealthy`` (its checks or a request
+        failed to reach it) or ``ejected`` (``ejected_for``: seconds left);
+        then what each of :attr:`reporters` adds.
+        """
+        now = self.clock()
+        out: list[Mapping[str, Any]] = []
+        for s in self.workers.values():
+            entry: dict[str, Any] = {
+                "id": s.id,
+                "url": s.url,
+                "healthy": self.is_routable(s.id),
+                "draining": s.id in self.excluded,
+            }
+            if s.ejected_until is not None:
+                entry["state"] = "ejected"
+                entry["ejected_for"] = round(max(s.ejected_until - now, 0.0), 3)
+            else:
+                entry["state"] = "healthy" if s.healthy else "unhealthy"
+            for report in self.reporters:
+                entry.update(report(s.id))
+            out.append(entry)
+        return out

@@ -39,6 +39,7 @@ from .. import __version__
 from .._cli import CommandError, int_at_least
 from .._compat import USE_EXTENSIONS
 from ..config import RouterConfig
+from ..policies.params import parse_assignment
 from ..traces import DEFAULT_TRACE, TraceError
 from .engine import EngineConfig
 from .replay import ReplayResult, make_dispatcher, pooled_lru_reuse, replay, unbounded_reuse
@@ -91,6 +92,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     pos = int_at_least(1)
     p.add_argument("trace", metavar="TRACE", help="a trace path, 'default' or 'agentic[:N]'")
     p.add_argument("--policy", default="kvroute", help="comma-separated policy names")
+    p.add_argument(
+        "--policy-param",
+        dest="policy_params",
+        action="append",
+        default=[],
+        type=_assignment,
+        metavar="[POLICY.]NAME=VALUE",
+        help="a policy constructor parameter, e.g. router_temperature=0.5 (repeatable;"
+        " POLICY.NAME sets it for that policy only, a plain NAME for every policy run)",
+    )
     p.add_argument("--workers", type=pos, default=8, help="simulated workers (default 8)")
     p.add_argument(
         "--gpu-blocks",
@@ -118,6 +129,26 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar or timings on stderr"
     )
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    try:
+        return parse_assignment(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _policy_params(names: list[str], assignments: list[tuple[str, str]]) -> dict[str, Any]:
+    """Each policy's parameters (checked before anything runs)."""
+    from ..policies import available_policies, params_by_policy
+
+    registered = [n for n in names if n in available_policies()]
+    for key, _ in assignments:  # the simulator's own dispatchers (sim:...) take none
+        scope = key.rpartition(".")[0]
+        if scope in names and scope not in registered:
+            raise ValueError(f"{key}: {scope!r} takes no parameters")
+    params: dict[str, Any] = params_by_policy(registered, assignments)
+    return {name: params.get(name, {}) for name in names}
 
 
 def run(a: argparse.Namespace) -> int:
@@ -336,8 +367,12 @@ def _replay(a: argparse.Namespace) -> int:
         max_num_batched_tokens=a.max_num_batched_tokens,
     )
     router = RouterConfig(block_size=a.block_size, kv_events=not a.approximate)
-    # Parameters set explicitly per policy; an explicit seed wins over --seed's.
-    explicit: dict[str, dict[str, Any]] = {}
+    # Parameters set explicitly per policy (--policy-param, checked before the trace
+    # loads); an explicit seed wins over --seed's.
+    try:
+        explicit: dict[str, dict[str, Any]] = _policy_params(names, a.policy_params)
+    except ValueError as e:
+        raise CommandError(f"--policy-param {e}") from None
     params = {
         k: ({} if k.startswith("sim:") else policy_parameters(k, explicit.get(k), seed=a.seed))
         for k in names

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -32,7 +32,13 @@ __all__ = ["GENERATION_PATHS", "Engine", "RequestRecord", "RequestStatus", "Work
 
 #: The endpoints that generate (and so touch the cache); ``fail_next`` applies to these.
 GENERATION_PATHS: Final = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/messages", "/inference/v1/generate"}
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/responses",
+        "/inference/v1/generate",
+    }
 )
 
 RequestStatus = Literal["running", "finished", "aborted"]
@@ -263,6 +269,7 @@ class Engine:
         self._blocks_evicted = 0
         self._fail_queue: deque[int] = deque()
         self._http_requests: Counter[str] = Counter()
+        self._headers: deque[tuple[str, dict[str, str]]] = deque(maxlen=1000)
         self._resumed: asyncio.Event | None = None
         self.paused = False
 
@@ -307,10 +314,17 @@ class Engine:
         with self._lock:
             self._fail_queue.extend([status] * n)
 
-    def count_http_request(self, path: str) -> None:
-        """Note an HTTP request to ``path`` (any endpoint)."""
+    def count_http_request(self, path: str, headers: Mapping[str, str] | None = None) -> None:
+        """Note an HTTP request to ``path`` (any endpoint), and its headers (the last 1000)."""
         with self._lock:
             self._http_requests[path] += 1
+            if headers is not None:
+                self._headers.append((path, {k.lower(): v for k, v in headers.items()}))
+
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """``(path, headers)`` of the last 1000 HTTP requests, oldest first (names lowercased)."""
+        with self._lock:
+            return list(self._headers)
 
     def take_failure(self, path: str) -> int | None:
         """The status to fail a request to ``path`` with, or ``None``."""
@@ -467,6 +481,7 @@ class Engine:
             self._log = [r for r in self._log if r.status == "running"]
             self._blocks_stored = self._blocks_evicted = 0
             self._http_requests.clear()
+            self._headers.clear()
 
 
 def _event_extra_keys(

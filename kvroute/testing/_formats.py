@@ -78,20 +78,18 @@ def anthropic_usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) 
     """Anthropic ``usage`` with the prefix-cache hit: ``input_tokens`` excludes cache reads.
 
     Not every vLLM reports this. Its Anthropic converter long reported only
-    ``input_tokens`` (the whole prompt) and ``output_tokens``; the newest one
-    (``_build_anthropic_usage``) adds ``cache_read_input_tokens`` and
-    ``cache_creation_input_tokens`` when the server runs with
-    ``--enable-prompt-tokens-details``, and in streams only in the final
-    ``message_delta``. The mock always reports them, everywhere, with no
-    cache writes (``cache_creation_input_tokens`` is 0), so that
-    ``input_tokens + cache_read_input_tokens`` is the prompt length and tests
-    can compare the worker's real hits with what a client is told.
+    ``input_tokens`` (the whole prompt) and ``output_tokens``; newer ones add
+    the cache figures when the server runs with
+    ``--enable-prompt-tokens-details``, in streams only in the final
+    ``message_delta``. The mock always reports its reads, everywhere, so that
+    tests can compare the worker's real hits with what a client is told, and
+    no ``cache_creation_input_tokens`` (the proxy fills it in:
+    ``input_tokens + cache_read_input_tokens`` is the prompt length).
     """
     return {
         "input_tokens": prompt_tokens - cached_tokens,
         "output_tokens": output_tokens,
         "cache_read_input_tokens": cached_tokens,
-        "cache_creation_input_tokens": 0,
     }
 
 
@@ -159,16 +157,23 @@ def _status_name(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def openai_error(message: str, status: int) -> dict[str, Any]:
-    """vLLM's ``ErrorResponse`` body.
+def openai_error(
+    message: str, status: int, param: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    """vLLM's ``ErrorResponse`` body (its ``code`` is the HTTP status, a number).
 
     >>> openai_error("boom", 500)["error"]["type"]
     'InternalServerError'
-    >>> openai_error("bad", 400)["error"]["type"]
-    'BadRequestError'
+    >>> openai_error("bad", 400, "max_tokens")["error"]
+    {'message': 'bad', 'type': 'BadRequestError', 'param': 'max_tokens', 'code': 400}
     """
     return {
-        "error": {"message": message, "type": _status_name(status), "param": None, "code": status}
+        "error": {
+            "message": message,
+            "type": kind or _status_name(status),
+            "param": param,
+            "code": status,
+        }
     }
 
 

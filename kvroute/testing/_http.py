@@ -1,5 +1,8 @@
 """The mock worker's HTTP API (aiohttp): vLLM's OpenAI, Anthropic, tokenizer and render routes.
 
+The Responses API and embeddings live in their own modules
+(:mod:`._responses`, :mod:`._embeddings`) and are routed here.
+
 Every prompt goes through the engine's :class:`MockTokenizer`, so
 ``/tokenize``, the render endpoints and the generation endpoints agree on
 token ids. Errors are answered in the endpoint's own format: vLLM's
@@ -18,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ._embeddings import EmbeddingsApi
 from ._engine import Engine, Request
 from ._formats import (
     anthropic_error,
@@ -30,6 +34,7 @@ from ._formats import (
     split_pieces,
     tool_input,
 )
+from ._responses import ResponsesApi
 from ._tokenizer import RequestError
 
 __all__ = ["HttpApi"]
@@ -116,10 +121,14 @@ def _forced_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 class HttpApi:
-    """The routes of one mock worker, bound to its :class:`Engine`."""
+    """The routes of one mock worker, bound to its :class:`Engine`.
 
-    def __init__(self, engine: Engine) -> None:
+    :param store_responses: keep ``/v1/responses`` answers for ``previous_response_id``.
+    """
+
+    def __init__(self, engine: Engine, *, store_responses: bool = True) -> None:
         self.engine = engine
+        self.store_responses = store_responses
 
     def app(self) -> web.Application:
         """A fresh application (one per start: aiohttp apps are not restartable)."""
@@ -136,6 +145,11 @@ class HttpApi:
             "/v1/messages/render": self._render_messages,
             "/inference/v1/generate": self._generate_tokens,
         }
+        # a new Responses store per start: vLLM keeps responses in its process
+        responses = ResponsesApi(self.engine, store=self.store_responses)
+        post["/v1/responses"] = responses.create
+        post["/v1/responses/render"] = responses.render
+        post["/v1/embeddings"] = EmbeddingsApi(self.engine).create
         for path, handler in post.items():
             app.router.add_post(path, handler)
         app.router.add_get("/v1/models", self._models)
@@ -146,7 +160,7 @@ class HttpApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         await self.engine.wait_resumed()
-        self.engine.count_http_request(request.path)
+        self.engine.count_http_request(request.path, request.headers)
         anthropic = request.path.startswith("/v1/messages")
         status = self.engine.take_failure(request.path)
         try:
@@ -154,7 +168,10 @@ class HttpApi:
                 raise _fail(f"injected failure (HTTP {status})", status)
             return await handler(request)
         except RequestError as exc:
-            body = (anthropic_error if anthropic else openai_error)(str(exc), exc.status)
+            if anthropic:
+                body = anthropic_error(str(exc), exc.status)
+            else:
+                body = openai_error(str(exc), exc.status, exc.param, exc.kind)
             return web.json_response(body, status=exc.status)
 
     # -- request parsing -------------------------------------------------------
@@ -181,8 +198,11 @@ class HttpApi:
             if required:
                 raise _fail("max_tokens: Field required")
             value = engine.default_max_tokens
-        if type(value) is not int or value < 0:
-            raise _fail(f"max_tokens must be a non-negative integer, got {value!r}")
+        if type(value) is not int:
+            raise RequestError(f"max_tokens must be an integer, got {value!r}", 400, "max_tokens")
+        if value < 1:
+            # vLLM's sampling parameters refuse it, naming the field
+            raise RequestError(f"max_tokens must be at least 1, got {value}.", 400, "max_tokens")
         if prompt_len + value > engine.max_model_len:
             raise _fail(
                 f"This model's maximum context length is {engine.max_model_len} tokens. "
@@ -206,6 +226,7 @@ class HttpApi:
             messages,
             tools=tools,
             add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            continue_final_message=bool(body.get("continue_final_message", False)),
         )
 
     def _prompts(self, body: Mapping[str, Any]) -> list[list[int]]:
@@ -254,14 +275,21 @@ class HttpApi:
                     headers={"X-Request-Id": base},
                 )
 
+            token_ids = bool(body.get("return_token_ids"))
+
             def chunk(index: int, text: str, finish: str | None) -> bytes:
-                choice = {
+                choice: dict[str, Any] = {
                     "index": index,
                     "text": text,
                     "logprobs": None,
                     "finish_reason": finish,
                     "stop_reason": None,
                 }
+                if token_ids:  # vLLM: the prompt's ids with the first chunk, then each delta's
+                    choice["token_ids"] = [self._piece_id(text)] if text else []
+                    if first[index]:
+                        choice["prompt_token_ids"] = prompts[index]
+                        first[index] = False
                 return openai_sse(
                     {
                         "id": rid,
@@ -272,6 +300,8 @@ class HttpApi:
                     }
                 )
 
+            first = [True] * len(prompts)
+
             async def stream(resp: web.StreamResponse) -> None:
                 for i, req in enumerate(admitted):
                     n = 0
@@ -279,8 +309,6 @@ class HttpApi:
                         async for piece in gen:
                             n += 1
                             await resp.write(chunk(i, piece, "length" if n == max_tokens else None))
-                    if max_tokens == 0:
-                        await resp.write(chunk(i, "", "length"))
                 if _include_usage(body):
                     usage = {
                         "id": rid,
@@ -351,8 +379,6 @@ class HttpApi:
                         await resp.write(
                             chunk({"content": piece}, "length" if n == max_tokens else None)
                         )
-                if max_tokens == 0:
-                    await resp.write(chunk({}, "length"))
                 if _include_usage(body):
                     usage = {
                         "id": rid,
@@ -368,6 +394,10 @@ class HttpApi:
             return await _stream(request, base, stream)
         finally:
             req.release()
+
+    def _piece_id(self, piece: str) -> int:
+        """The token id of a generated piece: its last token (the generate endpoint's too)."""
+        return self.engine.tokenizer.encode(piece.strip())[-1]
 
     async def _generate_tokens(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
@@ -413,7 +443,7 @@ class HttpApi:
         max_tokens = self._max_tokens(body.get("max_tokens"), len(tokens), required=True)
         base = _request_id(request, body)
         mid = f"msg_{base}"
-        tool = _forced_tool(body) if max_tokens else None
+        tool = _forced_tool(body)
         req = self.engine.admit(base, request.path, tokens, _cache_salt(body), self._lora(model))
         pieces: list[str] | None = None
         if tool is not None:
@@ -587,5 +617,6 @@ class HttpApi:
             f"vllm:kv_cache_usage_perc{label} {s.cached_blocks / s.num_blocks}",
             f"vllm:prefix_cache_queries_total{label} {s.prompt_tokens}",
             f"vllm:prefix_cache_hits_total{label} {s.cached_tokens}",
+            f"vllm:generation_tokens_total{label} {s.completion_tokens}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

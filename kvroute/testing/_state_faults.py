@@ -344,7 +344,7 @@ class StateFleet:
         w = self.workers[worker]
         keys = self._keys[worker]
         r = self.r
-        for rec in w.requests:
+        for rec in w.requests():
             if rec.block_hashes and rec.block_hashes[-1] not in keys:
                 ks = r.hashing(rec.prompt_token_ids, self.block_size, lora_name=rec.lora_name,
                                cache_namespace=rec.cache_salt, parent=None)  # fmt: skip

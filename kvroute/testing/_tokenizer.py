@@ -126,11 +126,20 @@ _BILLING_HEADER: Final = "x-anthropic-billing-header"
 
 
 class RequestError(ValueError):
-    """A request the worker rejects; ``status`` is the HTTP status to answer with."""
+    """A request the worker rejects; ``status`` is the HTTP status to answer with.
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    ``param`` names the request field to blame, as vLLM's validation errors
+    do; ``kind`` is the error's ``type`` where vLLM names one (default: from
+    the status, e.g. ``BadRequestError``).
+    """
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, *, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+        self.kind = kind
 
 
 def _fail(message: str) -> NoReturn:
@@ -363,17 +372,27 @@ class MockTokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of a chat-completion request's prompt.
 
         :param messages: OpenAI chat messages.
         :param tools: OpenAI tools, or ``None``.
         :param add_generation_prompt: end with the assistant's turn marker.
-        :raises RequestError: malformed messages.
+        :param continue_final_message: leave the last message open, for the
+            model to continue (vLLM's option: the rendering is cut after the
+            last occurrence of that message's text content).
+        :raises RequestError: malformed messages, or both options.
         """
+        if continue_final_message and add_generation_prompt:
+            _fail("continue_final_message and add_generation_prompt cannot both be true")
         text = self.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt
         )
+        if continue_final_message and messages:
+            final = messages[-1].get("content")
+            if isinstance(final, str) and final and (at := text.rfind(final)) >= 0:
+                text = text[: at + len(final)]
         return self.encode(text, add_special_tokens=False)
 
     def render_anthropic(self, body: Mapping[str, Any]) -> list[int]:

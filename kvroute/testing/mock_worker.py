@@ -14,6 +14,12 @@ HTTP endpoints:
   ``add_generation_prompt``, ``cache_salt``;
 - ``POST /v1/messages`` (Anthropic Messages, as vLLM serves it) and
   ``POST /v1/messages/count_tokens``;
+- ``POST /v1/responses`` (OpenAI's Responses API, streaming or not, with
+  ``previous_response_id`` continuation from the responses this start
+  served) and ``POST /v1/responses/render`` (see
+  :mod:`kvroute.testing._responses`);
+- ``POST /v1/embeddings`` (deterministic unit vectors, ``float`` or
+  ``base64``; see :mod:`kvroute.testing._embeddings`);
 - ``POST /tokenize`` and ``POST /detokenize``;
 - ``POST /v1/completions/render``, ``/v1/chat/completions/render``,
   ``/v1/messages/render``: vLLM's GPU-less render endpoints, answering
@@ -83,7 +89,14 @@ class MockWorker:
     The servers run on a background thread with its own event loop;
     :meth:`start` returns once the HTTP, PUB and replay sockets are listening.
     :meth:`stop` then :meth:`start` is an engine restart: same ports, sequence
-    numbers from 0, empty cache (the request log and counters are kept).
+    numbers from 0, empty cache and no stored Responses (the request log and
+    counters are kept).
+
+    Settings and addresses are properties; what reads the worker's state is
+    a method returning a snapshot (:meth:`stats`, :meth:`requests`,
+    :meth:`http_requests`, :meth:`cache_hits`, :meth:`cached_block_hashes`),
+    as ``Router.stats()`` is. ``kvroute mock-worker`` runs one from the
+    command line (:mod:`kvroute.testing.cli`).
 
     :param model: the served model name; requests naming another model (and no
         LoRA adapter) get 404.
@@ -119,6 +132,9 @@ class MockWorker:
     :param trtllm: act as a ``trtllm-serve`` worker instead (``True``, or its
         :class:`~kvroute.testing.TrtllmOptions`): TensorRT-LLM's hashes and KV
         events, streamed and at ``POST /kv_cache_events`` (see :attr:`trtllm`).
+    :param store_responses: keep ``/v1/responses`` answers for
+        ``previous_response_id`` (vLLM with ``VLLM_ENABLE_RESPONSES_API_STORE=1``;
+        False: vLLM's default, where every continuation is a 404).
     :raises ValueError: a size or delay is out of range, ``hash_algo`` is an
         xxhash algorithm without ``hash_seed`` (its hashes are random then), or
         a LoRA adapter name is empty, repeated or the base model's.
@@ -150,6 +166,7 @@ class MockWorker:
         drop_seqs: Collection[int] = (),
         dp_rank: int | None = 0,
         trtllm: TrtllmOptions | bool = False,
+        store_responses: bool = True,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -179,7 +196,7 @@ class MockWorker:
         )
         # Fail here, not on the first request, for an unusable hash setting.
         self._engine.block_hashes([0] * block_size)
-        self._api = HttpApi(self._engine)
+        self._api = HttpApi(self._engine, store_responses=store_responses)
         self.topic = topic
         self.publish_events = publish_events
         self.replay = replay
@@ -348,7 +365,11 @@ class MockWorker:
         app = self._api.app()
         if isinstance(self._engine, TrtllmEngine):
             add_routes(app, self._engine)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        # A client's hang-up cancels its request, streamed or not, as vLLM's
+        # handlers are cancelled when their client disconnects.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, _HOST, self._port)
         await site.start()
@@ -516,15 +537,13 @@ class MockWorker:
         return publisher.next_seq if publisher is not None else 0
 
     # ------------------------------------------------------------------
-    # Observation (any thread)
+    # Observation (any thread): snapshots, so methods
     # ------------------------------------------------------------------
 
-    @property
     def requests(self) -> list[RequestRecord]:
         """Every admitted prompt, in admission order (snapshots)."""
         return self._engine.requests()
 
-    @property
     def http_requests(self) -> dict[str, int]:
         """HTTP requests received so far, by path (e.g. ``"/v1/messages/render"``).
 
@@ -533,12 +552,17 @@ class MockWorker:
         """
         return self._engine.http_requests()
 
-    @property
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """``(path, headers)`` of the last 1000 HTTP requests, oldest first (names lowercased).
+
+        :meth:`clear_log` clears them.
+        """
+        return self._engine.request_headers()
+
     def cache_hits(self) -> dict[str, int]:
         """``request_id -> cached_tokens`` for every admitted prompt."""
         return self._engine.cache_hits()
 
-    @property
     def stats(self) -> WorkerStats:
         """Counters and cache occupancy."""
         return self._engine.stats()
@@ -548,7 +572,7 @@ class MockWorker:
         return self._engine.cached_block_hashes()
 
     def clear_log(self) -> None:
-        """Forget finished requests, counters and :attr:`http_requests` (the cache is kept)."""
+        """Forget finished requests, counters and :meth:`http_requests` (the cache is kept)."""
         self._engine.clear_log()
 
     def block_hashes(
