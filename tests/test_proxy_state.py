@@ -91,3 +91,38 @@ def test_max_sessions_is_a_proxy_option_that_reaches_the_router() -> None:
     with pytest.raises(ValueError, match="max_sessions"):
         ProxyConfig([WorkerSpec("http://127.0.0.1:9")], max_sessions=0)
 
+
+def test_a_worker_removed_at_run_time_refuses_its_late_events() -> None:
+    # The admin API, the workers file and DNS all remove a worker through the
+    # fleet (kvroute.proxy.fleet), i.e. Router.remove_worker: after it, an event
+    # of that worker still on its way is refused (tests/test_router_state.py: a
+    # worker added back under the same id then starts with no blocks).
+    from test_proxy_fleet import TOKEN, admin, spec, synced
+
+    from kvroute.events import BlockStored, EventBatch
+
+    with MockWorker(block_size=16, num_blocks=256) as a, MockWorker(block_size=16) as b:
+        server = ProxyServer(ProxyConfig(admin_token=TOKEN, **FAST_HEALTH)).start()
+        try:
+            wa = admin(server, "POST", "/admin/workers", spec(a))[2]["id"]
+            wb = admin(server, "POST", "/admin/workers", spec(b))[2]["id"]
+            prompt = PROMPTS[0][:64]
+            body = {"model": "mock-model", "prompt": prompt, "max_tokens": 1}
+            assert post(server.url + "/v1/completions", body)[0] == 200
+            assert synced(server, {wa: a, wb: b})
+            router, keys = server.router, server.router.hashing(prompt, 16)
+            holder = next(iter(router.index.match(keys)))
+            held = a if holder == wa else b
+            assert admin(server, "DELETE", f"/admin/workers/{holder}")[0] == 200
+            # the events it published before leaving, arriving late
+            late = BlockStored(tuple(held.block_hashes(prompt)), None, tuple(prompt), 16)
+            sub = server.proxy.subscriber
+            assert sub is not None
+            assert sub.applier.apply_batch(holder, EventBatch(0.0, (late,))) == {"ignored": 1}
+            assert router.apply_event(holder, late) == "ignored"
+            refused = router.stats()["refused_events"]
+            router.apply_stored(holder, keys)
+            assert router.stats()["refused_events"] == refused + 1
+            assert holder not in router.index.match(keys) and holder not in router.index.workers()
+        finally:
+            server.stop()

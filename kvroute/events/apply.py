@@ -131,7 +131,7 @@ class EventApplier:
             if j - i > 1:
                 self._removed_run(worker, events[i:j], out)  # type: ignore[arg-type]
             else:
-                out[self.apply(worker, ev)] += 1
+                out[self._apply_one(worker, ev)] += 1
             i = j
         return out
 
@@ -144,9 +144,17 @@ class EventApplier:
         computed); ``anchored`` (a store whose parent the index lost, applied
         through the prompt it continues); ``cleared``; ``mismatch`` (the
         event's block size differs from the router's: skipped, warned, the
-        worker degraded); ``ignored`` (another KV-cache group); ``rejected``
-        (values the index refuses).
+        worker degraded); ``ignored`` (another KV-cache group, or a worker the
+        router does not know: removed, or not yet added); ``rejected`` (values
+        the index refuses).
         """
+        if worker not in self.router:
+            self._tally(worker, "ignored", 1)
+            return "ignored"
+        return self._apply_one(worker, event)
+
+    def _apply_one(self, worker: int, event: KVEvent) -> str:
+        """:meth:`apply` for a worker the router knows."""
         try:
             if isinstance(event, BlockStored):
                 status = self._stored(worker, event)
