@@ -87,7 +87,7 @@ from .policies import (
     get_policy,
 )
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
-from .trust import RecentPrompt, WorkerState, WorkerTrust
+from .trust import Listener, Listeners, RecentPrompt, WorkerState, WorkerTrust
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -107,9 +107,6 @@ __all__ = [
 
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
-
-#: ``listener(worker, change, reason)``; change is ``"reset"``, ``"degraded"`` or ``"trusted"``.
-Listener = Callable[[int, str, str], None]
 
 logger = logging.getLogger("kvroute.router")
 
@@ -255,7 +252,7 @@ class Router:
             functools.partial(PredictedResidency, factory, config.predicted_ttl),
         )
         self._degraded = False  # route()'s one check: is any worker degraded?
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._queue = AdmissionQueue(config.admission)
         self._journal = Journal(config.journal)
         self._tiered = config.tiered
@@ -590,7 +587,7 @@ class Router:
         with self._lock:
             self._journal.log("apply_cleared", worker)
             dropped = self._reset_locked(w, "cleared", notes)
-        self._notify(notes)
+        self._listeners.notify(notes)
         return dropped
 
     # -- what the router believes about a worker's cache ------------------------------
@@ -622,7 +619,7 @@ class Router:
         with self._lock:
             self._journal.log("worker_cache_reset", worker, reason)
             dropped = self._reset_locked(w, reason, notes)
-        self._notify(notes)
+        self._listeners.notify(notes)
         return dropped
 
     def _reset_locked(self, w: int, reason: str, notes: list[tuple[int, str, str]]) -> int:
@@ -673,7 +670,7 @@ class Router:
                 self._stats["refused_events"] += 1
                 return 0
             dropped = self._degrade_locked(w, cause, reason, notes)
-        self._notify(notes)
+        self._listeners.notify(notes)
         return dropped
 
     def _degrade_locked(
@@ -740,26 +737,20 @@ class Router:
             self._journal.log("observe", decision, reported)
             if w not in self._members:
                 return None
-            trust = self._trust
-            predicted = trust.prediction(w, decision.request_id, decision.predicted_cached_tokens)
-            if predicted is None:
+            verdict = self._trust.judge(
+                w, decision.request_id, decision.predicted_cached_tokens,
+                min(reported, decision.prompt_tokens),
+            )  # fmt: skip
+            if verdict is None:
                 return None
-            change = trust.observe(w, predicted, min(reported, decision.prompt_tokens))
+            change, why = verdict
             if change == "trusted":
-                st = trust.state(w)
-                trust.trust(w)
-                self._degraded = trust.any_degraded
-                why = f"{st.observed - st.over - st.under} of the last {st.observed} agreed"
+                self._degraded = self._trust.any_degraded
                 logger.info("worker %d: its KV index agrees with the engine again (%s)", w, why)
                 notes.append((w, "trusted", why))
-            elif change is not None:
-                st = trust.state(w)
-                why = (
-                    f"{st.over} of the last {st.observed} requests predicted more cached "
-                    f"tokens than the engine reported, {st.under} fewer"
-                )
+            else:
                 self._degrade_locked(w, change, why, notes)
-        self._notify(notes)
+        self._listeners.notify(notes)
         return change
 
     def worker_states(self) -> dict[int, WorkerState]:
@@ -780,18 +771,7 @@ class Router:
         released (it may call the router); an exception it raises is logged
         and swallowed.
         """
-        with self._lock:
-            self._listeners.append(listener)
-
-    def _notify(self, notes: list[tuple[int, str, str]]) -> None:
-        if not notes or not self._listeners:
-            return
-        for listener in list(self._listeners):
-            for w, change, why in notes:
-                try:
-                    listener(w, change, why)
-                except Exception:
-                    logger.exception("a router listener failed on %s of worker %d", change, w)
+        self._listeners.add(listener)
 
     def recent_prompts(self, worker: int) -> list[RecentPrompt]:
         """The prompts routed to ``worker`` while it is degraded, oldest first (for anchoring)."""

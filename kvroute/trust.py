@@ -89,6 +89,7 @@ Not thread-safe on its own: the router calls it under its lock.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ __all__ = [
     "CAUSES",
     "RECENT_PROMPTS",
     "Cause",
+    "Listener",
+    "Listeners",
     "RecentPrompt",
     "WorkerState",
     "WorkerTrust",
@@ -115,6 +118,46 @@ __all__ = [
 #: Why a worker is degraded.
 Cause = Literal["events_lost", "mismatch", "drift_over", "drift_under"]
 CAUSES: Final[tuple[str, ...]] = ("events_lost", "mismatch", "drift_over", "drift_under")
+
+#: ``listener(worker, change, reason)``; change is ``"reset"``, ``"degraded"`` or ``"trusted"``.
+Listener = Callable[[int, str, str], None]
+
+_log = logging.getLogger("kvroute.router")
+
+
+class Listeners:
+    """Who hears of changes to a worker's cache state (``Router.add_listener``).
+
+    The router collects its changes as ``(worker, change, reason)`` notes
+    under its lock and hands them here once the lock is released, so a
+    listener may call the router; a listener's exception is logged and
+    swallowed (one listener cannot break the event path of another).
+
+    >>> heard = []
+    >>> ls = Listeners()
+    >>> ls.add(lambda w, change, why: heard.append((w, change)))
+    >>> ls.notify([(3, "reset", "restart")]); heard
+    [(3, 'reset')]
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add(self, listener: Listener) -> None:
+        """Add ``listener`` (called after the ones added before)."""
+        self._listeners = [*self._listeners, listener]  # copy on write: notify reads unlocked
+
+    def notify(self, notes: Sequence[tuple[int, str, str]]) -> None:
+        """Call every listener with every note, in order."""
+        if not notes:
+            return
+        for listener in self._listeners:
+            for w, change, why in notes:
+                try:
+                    listener(w, change, why)
+                except Exception:
+                    _log.exception("a router listener failed on %s of worker %d", change, w)
+
 
 #: Prompts remembered per degraded worker, to anchor its orphaned stores.
 RECENT_PROMPTS: Final = 256
@@ -431,6 +474,37 @@ class WorkerTrust:
         elif st.cause != "mismatch" and w.share <= self.threshold / 2:
             return "trusted"
         return None
+
+    def judge(
+        self, worker: int, request_id: Any, predicted: int, reported: int
+    ) -> tuple[str, str] | None:
+        """One served request's verdict: the change it makes to ``worker``, and why.
+
+        :meth:`prediction` picks the figure to judge, :meth:`observe` weighs
+        it; a ``"trusted"`` verdict is applied here (:meth:`trust`), a drift
+        is left to the caller to degrade the worker (it drops index blocks).
+
+        :param predicted: the cached tokens the decision predicted.
+        :param reported: the cached tokens the engine reported.
+        :returns: ``(change, why)``, or None when nothing changes.
+        """
+        judged = self.prediction(worker, request_id, predicted)
+        if judged is None:
+            return None
+        change = self.observe(worker, judged, reported)
+        if change is None:
+            return None
+        w = self._workers[worker].window
+        n = len(w.codes)
+        if change == "trusted":
+            why = f"{n - w.over - w.under} of the last {n} agreed"
+            self.trust(worker)  # clears the window: the figures are taken first
+            return change, why
+        why = (
+            f"{w.over} of the last {n} requests predicted more cached tokens than the "
+            f"engine reported, {w.under} fewer"
+        )
+        return change, why
 
     # -- routing a degraded fleet -----------------------------------------------------------
 
