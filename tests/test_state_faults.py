@@ -1,6 +1,6 @@
 """State faults on the real wire: mock workers, ZMQ events, the router's picture of their caches.
 
-Issue 16's state-side cases, fast versions (``scripts/faults_state.py`` runs
+Issue 16's state-side cases, fast versions (``scripts/faults.py --side state`` runs
 the long ones and measures them): an engine restart and a cache reset
 leave no belief behind; a gap no replay fills degrades the worker and its
 index converges back; junk and oversized frames leave the index exact; a

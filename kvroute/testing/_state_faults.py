@@ -19,7 +19,7 @@ picture compares with the engines' truth:
   blocks its engine holds.
 
 The fast cases are tests (``tests/test_state_faults.py``); the long runs and
-their figures come from ``scripts/faults_state.py``.
+their figures come from ``python scripts/faults.py --side state``.
 """
 
 from __future__ import annotations

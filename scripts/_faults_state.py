@@ -9,37 +9,34 @@ does), breaks the events the way real engines do (a restart, a cache reset,
 lost batches with and without replay, junk and oversized frames, another
 block size or hash seed, removals or stores lost silently), and returns a
 :class:`Result`: what was tried, the counts, what held, and the recovery
-time. Printed as the Markdown table docs/reliability.md ("State") quotes::
+time. Printed as the Markdown table docs/reliability.md ("State") quotes. Not a
+command: scripts/faults.py imports it, and each fault registers itself
+there with ``@fault(name, side="state")``::
 
-    python scripts/faults_state.py                # every fault
-    python scripts/faults_state.py gap-no-replay  # some of them
-    python scripts/faults_state.py --quick        # fewer requests
-    python scripts/faults_state.py --list
+    python scripts/faults.py --side state           # every state fault
+    python scripts/faults.py gap-no-replay          # some of them
+    python scripts/faults.py --side state --quick   # fewer requests
 
-Its shape is scripts/faults.py's (the proxy side): one function per fault
-registered with ``@fault(name, side="state")``, the same :class:`Result`
-and table, so the two suites run as one. The fast, deterministic versions
-are tests/test_state_faults.py.
+The fast, deterministic versions are tests/test_state_faults.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import gc
-import json
 import random
 import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _faults_base import Options, Result, fault  # noqa: E402
 
 from kvroute import Request, Router  # noqa: E402
 from kvroute.events.engine_hashes import vllm_block_hashes  # noqa: E402
@@ -55,54 +52,6 @@ from kvroute.testing._state_faults import raw_publish  # noqa: E402
 BS = 16
 TOL = 2 * BS  # the drift detector's default tolerance, in tokens
 GAP_AT = 45  # gap-no-replay: the request whose batch shows the gap (batches 40..44 are lost)
-
-
-# -- results and the registry (as scripts/faults.py) --------------------------------------------
-
-
-@dataclass
-class Result:
-    """One fault's outcome: a row of the table.
-
-    :ivar fault: its name.
-    :ivar side: ``proxy`` or ``state``.
-    :ivar tried: what was done.
-    :ivar counts: what was counted.
-    :ivar held: what held (or did not: say so).
-    :ivar recovery: recovery time(s), or ``-``.
-    :ivar ok: whether everything that should hold held.
-    :ivar figures: the raw figures.
-    """
-
-    fault: str
-    side: str
-    tried: str
-    counts: str
-    held: str
-    recovery: str = "-"
-    ok: bool = True
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Run options: ``quick`` shortens the runs."""
-
-    quick: bool = False
-
-
-FaultFn = Callable[[Options], Result]
-FAULTS: dict[str, tuple[str, FaultFn]] = {}
-
-
-def fault(name: str, side: str = "state") -> Callable[[FaultFn], FaultFn]:
-    """Register a fault function under ``name``."""
-
-    def register(fn: FaultFn) -> FaultFn:
-        FAULTS[name] = (side, fn)
-        return fn
-
-    return register
 
 
 # -- workload --------------------------------------------------------------------------------
@@ -226,7 +175,7 @@ def no_heal(f: StateFleet) -> None:
 # -- the faults ---------------------------------------------------------------------------------
 
 
-@fault("restart")
+@fault("restart", side="state")
 def restart(opts: Options) -> Result:
     """Restart a warm worker's engine (seq from 0, empty cache), then a burst on its prefix."""
     reps = 3 if opts.quick else 10
@@ -275,7 +224,7 @@ def restart(opts: Options) -> Result:
     )
 
 
-@fault("reset")
+@fault("reset", side="state")
 def reset(opts: Options) -> Result:
     """``reset_prefix_cache`` (AllBlocksCleared) on a warm worker."""
     reps = 3 if opts.quick else 10
@@ -329,7 +278,7 @@ def _truth_run(
     return sent, points
 
 
-@fault("gap-replay")
+@fault("gap-replay", side="state")
 def gap_replay(opts: Options) -> Result:
     """Five batches lost in flight, the replay endpoint up: replayed, the index exact."""
     clock = Clock()
@@ -360,7 +309,7 @@ def gap_replay(opts: Options) -> Result:
     )
 
 
-@fault("gap-no-replay")
+@fault("gap-no-replay", side="state")
 def gap_no_replay(opts: Options) -> Result:
     """Five batches lost and no replay endpoint: degraded, anchored, converged back."""
     n = 300 if opts.quick else 700
@@ -421,7 +370,7 @@ def gap_no_replay(opts: Options) -> Result:
     )
 
 
-@fault("junk-frames")
+@fault("junk-frames", side="state")
 def junk_frames(opts: Options) -> Result:
     """Junk and oversized frames on a worker's event socket, between real batches."""
     n = 50 if opts.quick else 200
@@ -489,12 +438,18 @@ def _fleet_hit_rate(kw: Callable[[int], dict[str, Any]], n: int, heal: bool,
         "hit_3": hit_rate([s for s in later if s.worker == 3]),
         "found_after": found,
         "states": {w: s.state for w, s in st.items()},
+        "degradations": {w: s.degradations for w, s in st.items()},
         "drift": {w: round(s.drift, 3) for w, s in st.items()},
         "agreement": agreement(later, TOL),
     }
 
 
-@fault("block-size")
+def _trips(run: dict[str, Any], workers: range) -> int:
+    """Degradations of workers that had nothing wrong: false trips."""
+    return sum(run["degradations"][w] for w in workers)
+
+
+@fault("block-size", side="state")
 def block_size(opts: Options) -> Result:
     """One of four workers runs 32-token blocks (the router 16): nothing of it can be indexed."""
     n = 200 if opts.quick else 600
@@ -511,7 +466,8 @@ def block_size(opts: Options) -> Result:
         f"fleet hit rate (last 3/4): all workers right {ideal['hit_rate']:.1%}; worker 3"
         f" wrong, healed {healed['hit_rate']:.1%} (worker 3's own {healed['hit_3']:.1%}, share"
         f" {healed['on_3']:.0%}); not healed {base['hit_rate']:.1%} (worker 3's own"
-        f" {base['hit_3']:.1%}, share {base['on_3']:.0%})",
+        f" {base['hit_3']:.1%}, share {base['on_3']:.0%}); false trips on the healthy"
+        f" workers: {_trips(ideal, range(4)) + _trips(healed, range(3))}",
         "degraded at its first event (cause mismatch), routed on its own decisions: the"
         " fleet's hit rate kept" if ok else "NOT HELD",
         f"degraded after {healed['found_after']} request(s) to it",
@@ -527,7 +483,7 @@ def _vllm_hashing(tokens: Any, bs: int, *, lora_name: Any, cache_namespace: Any,
     return vllm_block_hashes(tokens, bs, algo="sha256", cache_salt=cache_namespace)
 
 
-@fault("hash-seed")
+@fault("hash-seed", side="state")
 def hash_seed(opts: Options) -> Result:
     """One of four engines runs another PYTHONHASHSEED: engine-keyed index, then kvroute-keyed."""
     n = 200 if opts.quick else 500
@@ -543,7 +499,8 @@ def hash_seed(opts: Options) -> Result:
         " router keyed on engine hashes (vLLM's sha256, no seed), then on kvroute's",
         f"engine-keyed: worker 3 {engine['states'][3]}, hit rate {engine['hit_rate']:.1%};"
         f" kvroute-keyed: states {sorted(set(kvr['states'].values()))}, max drift"
-        f" {max(kvr['drift'].values()):.3f}, hit rate {kvr['hit_rate']:.1%}",
+        f" {max(kvr['drift'].values()):.3f}, hit rate {kvr['hit_rate']:.1%}; false trips"
+        f" on the healthy workers: {_trips(engine, range(3)) + _trips(kvr, range(4))}",
         "detected where it matters (engine keys), never reported where it does not"
         if ok else "NOT HELD",
         f"engine-keyed: degraded after {engine['found_after']} request(s) to it",
@@ -552,7 +509,7 @@ def hash_seed(opts: Options) -> Result:
     )
 
 
-@fault("silent-removals")
+@fault("silent-removals", side="state")
 def silent_removals(opts: Options) -> Result:
     """One of four engines evicts without publishing BlockRemoved (no gap shows)."""
     n = 300 if opts.quick else 800
@@ -576,11 +533,14 @@ def silent_removals(opts: Options) -> Result:
                 sent += run(f, clock, agents, CONCURRENCY)
                 if found is None:
                     found = degraded_at(f, 3, sent)
-            st = f.r.worker_states()[3]
+            states = f.r.worker_states()
+            st = states[3]
+            false_trips = sum(states[w].degradations for w in range(3))
         later = sent[n // 2:]
         on3 = [s for s in later if s.worker == 3]
         res["healed" if heal else "baseline"] = {
             "found_after": found, "cause": st.cause, "state": st.state,
+            "false_trips": false_trips,
             "over": sum(1 for s in on3 if s.predicted - s.reported > TOL) / max(1, len(on3)),
             "share_3": len(on3) / max(1, len(later)), "hit_rate": hit_rate(later),
         }  # fmt: skip
@@ -592,7 +552,8 @@ def silent_removals(opts: Options) -> Result:
         f"4 workers, {n} requests; worker 3 (128-block cache) evicts without BlockRemoved",
         f"second half, requests on worker 3 over-predicted by > 2 blocks: healed {h['over']:.0%}"
         f" (its share of traffic {h['share_3']:.0%}), not healed {b['over']:.0%} (share"
-        f" {b['share_3']:.0%}); fleet hit rate {h['hit_rate']:.1%} vs {b['hit_rate']:.1%}",
+        f" {b['share_3']:.0%}); fleet hit rate {h['hit_rate']:.1%} vs {b['hit_rate']:.1%};"
+        f" false trips on the 3 healthy workers: {h['false_trips']}",
         "found by the drift detector (drift_over); its stale index ignored, routed on its own"
         " decisions" if ok else "NOT HELD",
         f"degraded after {h['found_after']} requests to it",
@@ -601,7 +562,7 @@ def silent_removals(opts: Options) -> Result:
     )
 
 
-@fault("silent-stores")
+@fault("silent-stores", side="state")
 def silent_stores(opts: Options) -> Result:
     """One of four engines stops publishing its events (empty batches: no gap shows)."""
     n = 300 if opts.quick else 600
@@ -621,11 +582,13 @@ def silent_stores(opts: Options) -> Result:
                 sent += run(f, clock, agents, CONCURRENCY)
                 if found is None:
                     found = degraded_at(f, 3, sent)
-            st = f.r.worker_states()[3]
+            states = f.r.worker_states()
+            st = states[3]
+            false_trips = sum(states[w].degradations for w in range(3))
         later = sent[n // 2:]
         on3 = [s for s in later if s.worker == 3]
         res["healed" if heal else "baseline"] = {
-            "found_after": found, "cause": st.cause,
+            "found_after": found, "cause": st.cause, "false_trips": false_trips,
             "hit_3": hit_rate(on3), "share_3": len(on3) / max(1, len(later)),
             "hit_rate": hit_rate(later), "agreement_3": agreement(on3, TOL),
         }  # fmt: skip
@@ -637,7 +600,8 @@ def silent_stores(opts: Options) -> Result:
         f"4 workers, {n} requests; worker 3 publishes empty batches after its 10th",
         f"second half: fleet hit rate healed {h['hit_rate']:.1%} vs not {b['hit_rate']:.1%};"
         f" worker 3's predictions within 2 blocks {h['agreement_3']:.0%} vs"
-        f" {b['agreement_3']:.0%} (share of traffic {h['share_3']:.0%} vs {b['share_3']:.0%})",
+        f" {b['agreement_3']:.0%} (share of traffic {h['share_3']:.0%} vs {b['share_3']:.0%});"
+        f" false trips on the 3 healthy workers: {h['false_trips']}",
         "found by the drift detector (drift_under); routed on its own decisions" if ok
         else "NOT HELD",
         f"degraded after {h['found_after']} requests to it",
@@ -646,7 +610,60 @@ def silent_stores(opts: Options) -> Result:
     )
 
 
-@fault("sessions")
+@fault("steady", side="state")
+def steady(opts: Options) -> Result:
+    """No fault at all: how often the drift detector trips on healthy workers (false trips)."""
+    n = 400 if opts.quick else 1500
+    res: dict[str, dict[str, Any]] = {}
+    # Caches of 1024 blocks, of 192 (about twice the blocks of the requests in flight on a
+    # worker: evicting all the time) and of 96 (less than them: a request's blocks are
+    # evicted by its siblings before it runs, so predictions are off however exact the
+    # index is); the last also with the healing off, to see what its trips cost.
+    for name, blocks, heal in (("1024", 1024, True), ("192", 192, True), ("96", 96, True),
+                               ("96 not healed", 96, False)):  # fmt: skip
+        clock = Clock()
+        agents = Agents(24, seed=13)
+        rk = {"clock": clock, "policy_params": {"seed": 0}}
+        with StateFleet(4, worker_kw={"num_blocks": blocks}, router_kw=rk) as f:
+            tell_capacities(f)
+            if not heal:
+                no_heal(f)
+            sent = run(f, clock, agents, n)
+            st = f.r.worker_states()
+        judged = [s for s in sent if s.predicted or s.reported]
+        res[name] = {
+            "requests": n, "judged": len(judged), "false_trips": sum(x.degradations
+            for x in st.values()), "max_drift": max(x.drift for x in st.values()),
+            "agreement": agreement(judged, TOL), "hit_rate": hit_rate(sent[n // 4:]),
+            "degraded_at_end": sum(x.state == "degraded" for x in st.values()),
+        }  # fmt: skip
+    ok = res["1024"]["false_trips"] == res["192"]["false_trips"] == 0
+    cells = [
+        f"{k} blocks: {r['false_trips']} trips, predictions within 2 blocks"
+        f" {r['agreement']:.0%}, hit rate {r['hit_rate']:.1%}"
+        for k, r in res.items()
+        if k != "96 not healed"
+    ]
+    t = res["96"]
+    return Result(
+        "steady",
+        "state",
+        f"4 healthy workers, 24 agent sessions, 16 in flight, {n} requests each run; caches of"
+        " 1024, 192 and 96 blocks (the last smaller than the blocks in flight on a worker);"
+        " drift window 64, threshold 0.3",
+        "; ".join(cells) + f"; 96 blocks with the healing off: hit rate"
+        f" {res['96 not healed']['hit_rate']:.1%}",
+        ("no trip while a worker's cache holds the blocks in flight on it; a thrashing cache"
+         f" trips it ({t['false_trips']} in {n} requests, {t['degraded_at_end']} still degraded"
+         f" at the end; hit rate {t['hit_rate']:.1%}, {res['96 not healed']['hit_rate']:.1%}"
+         " with the healing off)") if ok else "NOT HELD: false trips",
+        "-",
+        ok,
+        res,
+    )
+
+
+@fault("sessions", side="state")
 def sessions(opts: Options) -> Result:
     """200,000 client-made sessions, each with a one-hour cache_control pin."""
     n = 50_000 if opts.quick else 200_000
@@ -687,61 +704,3 @@ def sessions(opts: Options) -> Result:
         ok,
         out,
     )
-
-
-# -- the table ---------------------------------------------------------------------------------
-
-
-def table(results: Sequence[Result]) -> str:
-    """The results as a Markdown table."""
-    rows = ["| fault | what was tried | counts | what held | recovery |", "|---|---|---|---|---|"]
-    for r in results:
-        cells = [r.fault, r.tried, r.counts, r.held, r.recovery]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows)
-
-
-@contextlib.contextmanager
-def _timed(name: str) -> Iterator[None]:
-    t0 = time.monotonic()
-    print(f"-- {name} ...", file=sys.stderr, flush=True)
-    yield
-    print(f"-- {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python scripts/faults_state.py", description=(__doc__ or "").split("\n\n")[0]
-    )
-    p.add_argument("faults", nargs="*", help="faults to run (default: all)")
-    p.add_argument("--quick", action="store_true", help="fewer requests")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--list", action="store_true", help="list the faults and exit")
-    args = p.parse_args(argv)
-    if args.list:
-        for name, (side, fn) in FAULTS.items():
-            print(f"{name:18} {side:6} {(fn.__doc__ or '').strip()}")
-        return 0
-    names = args.faults or list(FAULTS)
-    unknown = [n for n in names if n not in FAULTS]
-    if unknown:
-        p.error(f"unknown faults: {', '.join(unknown)} (see --list)")
-    opts = Options(quick=args.quick)
-    results = []
-    for name in names:
-        side, fn = FAULTS[name]
-        with _timed(name):
-            try:
-                results.append(fn(opts))
-            except Exception as e:  # a fault that crashes is a row too
-                results.append(
-                    Result(name, side, "-", "-", f"CRASHED: {type(e).__name__} {e}", ok=False)
-                )
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
-    return 0 if all(r.ok for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
