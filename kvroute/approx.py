@@ -214,10 +214,22 @@ class PredictedResidency:
 
     def remove_worker(self, worker: int) -> None:
         """Forget everything predicted for ``worker`` (and its capacity)."""
-        for eid in self._order.pop(worker, deque()):
-            self._entries.pop(eid, None)
+        self.clear(worker)
         self._capacity.pop(worker, None)
         self._index.remove_worker(worker)
+
+    def clear(self, worker: int) -> None:
+        """Forget everything predicted for ``worker`` (its cache was reset); keep its capacity.
+
+        >>> from kvroute._index_py import BlockIndex
+        >>> pr = PredictedResidency(BlockIndex)
+        >>> e = pr.record(3, np.array([10, 11], np.uint64), now=0.0)
+        >>> pr.clear(3); pr.match(np.array([10], np.uint64)), len(pr)
+        ({}, 0)
+        """
+        for eid in self._order.pop(worker, deque()):
+            self._entries.pop(eid, None)
+        self._index.clear(worker)
 
     def match(self, hashes: npt.NDArray[np.uint64]) -> dict[int, int]:
         """Per worker, how many leading blocks of ``hashes`` are predicted resident."""

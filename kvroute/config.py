@@ -101,6 +101,10 @@ class RouterSettings(TypedDict, total=False):
     tiered: bool
     journal: bool
     disagg: DisaggConfig
+    max_sessions: int
+    drift_window: int
+    drift_threshold: float
+    drift_tolerance_blocks: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +135,18 @@ class RouterConfig:
         it grows without bound, so it is meant for tests and debugging sessions.
     :param disagg: in a prefill/decode-disaggregated fleet, the decode
         choice's weights and the conditional rule (:mod:`kvroute.disagg`).
+    :param max_sessions: sessions whose pin, and whose warm-up plan, the
+        router keeps; past it the least recently used session's is evicted
+        (counted in ``stats()["sessions_evicted"]``).
+    :param drift_window: requests per worker over which the drift detector
+        compares predicted and reported cached tokens (those with something
+        predicted or reported; see :mod:`kvroute.trust`).
+    :param drift_threshold: share of that window off by more than
+        ``drift_tolerance_blocks`` at which a worker's index counts as drifted,
+        in (0, 1]; it is trusted again at half that share.
+    :param drift_tolerance_blocks: a request whose prediction is off by at
+        most this many blocks agrees (partial blocks, an engine's recomputed
+        last block).
     :raises ValueError, TypeError: a bad setting, naming it.
     """
 
@@ -149,6 +165,11 @@ class RouterConfig:
     journal: bool = False
     # prefill/decode disaggregation (used once a worker has a role other than "both")
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    # -- self-healing state (issue 16): bounded sessions, the drift detector
+    max_sessions: int = 100_000
+    drift_window: int = 64
+    drift_threshold: float = 0.3
+    drift_tolerance_blocks: float = 2.0
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -165,7 +186,16 @@ class RouterConfig:
             if v == 0:
                 raise ValueError(f"{name} must be > 0")
             _set(self, name, v)
-        for name in ("sweep_interval", "pin_balance_slack", "pin_abs_slack"):
+        for name in ("max_sessions", "drift_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        threshold = check_nonneg(self.drift_threshold, "drift_threshold")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"drift_threshold must be in (0, 1], got {threshold}")
+        _set(self, "drift_threshold", threshold)
+        for name in ("sweep_interval", "pin_balance_slack", "pin_abs_slack",
+                     "drift_tolerance_blocks"):  # fmt: skip
             _set(self, name, check_nonneg(getattr(self, name), name))
         # flags accept any truthy value, as the Router's keywords always have
         for name in ("kv_events", "predict_on_route", "tiered", "journal"):

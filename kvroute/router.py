@@ -25,6 +25,9 @@ one small part per job, each a module with its own specification and tests:
   waiting while every worker is busy.
 * :class:`~kvroute.journal.Journal` (``journal.py``): the sequence numbers
   and the replayable record of state-changing calls.
+* :class:`~kvroute.trust.WorkerTrust` (``trust.py``): whether each worker's
+  index is trusted or degraded, the drift detector that decides it, and what
+  a degraded worker is routed on meanwhile.
 * the routing policy (:mod:`kvroute.policies`), which chooses among the
   candidates the router lays out.
 * :class:`~kvroute.disagg.Disaggregation` (``disagg.py``): worker roles in a
@@ -35,7 +38,10 @@ one small part per job, each a module with its own specification and tests:
 :meth:`Router.route` itself lives here: it asks each part in turn and
 records the decision in each. A call that changes what the router knows
 about a worker (removing it, say) is where the router tells every part that
-keeps a record of it.
+keeps a record of it. "This worker's cache is gone" is one call,
+:meth:`Router.worker_cache_reset`: an engine restart, its ``AllBlocksCleared``
+and anything else (a replica sync, say) reach every record through it, and
+:meth:`Router.add_listener` hears of it.
 
 Threading: one lock serialises routing, lifecycle, membership and the
 ``apply_*`` event methods; every critical section is short (a few numpy
@@ -53,6 +59,7 @@ given (default :func:`time.monotonic`), so a simulator can drive it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import math
@@ -86,6 +93,7 @@ from .policies import (
 )
 from .remote import RemoteState, RemoteUpdate, ReplicaLoad, Routed
 from .request import CacheControl, Decision, Request, WarmupPlan, cache_segments
+from .trust import Listener, Listeners, RecentPrompt, WorkerState, WorkerTrust
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -106,9 +114,9 @@ __all__ = [
 #: ``(tokens, block_size, *, lora_name, cache_namespace, parent) -> uint64 array``
 HashFn = Callable[..., npt.NDArray[np.uint64]]
 
-_NO_WORKERS: frozenset[int] = frozenset()
-
 logger = logging.getLogger("kvroute.router")
+
+_NO_WORKERS: frozenset[int] = frozenset()
 
 
 def _default_index_factory() -> Callable[[], IndexLike]:
@@ -145,6 +153,7 @@ class _Payload:
     hashes: npt.NDArray[np.uint64] | None
     speculative: bool
     prefill_worker: int | None = None  # a decode leg's: where its prompt was prefilled
+    fallback: Any = None  # its entry in a degraded worker's fallback residency
 
 
 class Router:
@@ -238,13 +247,24 @@ class Router:
             self._predicted = PredictedResidency(factory, config.predicted_ttl)
         elif config.predict_on_route:
             self._fresh = FreshDecisions(config.fresh_ttl)
-        self._pins = SessionPins(config.pin_balance_slack, config.pin_abs_slack)
+        self._pins = SessionPins(
+            config.pin_balance_slack, config.pin_abs_slack, config.max_sessions
+        )
         # other replicas' load and decisions (kvroute.remote); inert unless used
         self._remote = RemoteState(
             self._load, self._pins, fresh=self._fresh, predicted=self._predicted,
             block_size=config.block_size,
         )  # fmt: skip
-        self._warmups = WarmupPlans(WARMUP_PLAN_TTL)
+        self._warmups = WarmupPlans(WARMUP_PLAN_TTL, config.max_sessions)
+        self._trust = WorkerTrust(
+            config.block_size,
+            config.drift_window,
+            config.drift_threshold,
+            config.drift_tolerance_blocks,
+            functools.partial(PredictedResidency, factory, config.predicted_ttl),
+        )
+        self._degraded = False  # route()'s one check: is any worker degraded?
+        self._listeners = Listeners()
         self._queue = AdmissionQueue(config.admission)
         self._journal = Journal(config.journal)
         self._tiered = config.tiered
@@ -267,6 +287,9 @@ class Router:
                 "dropped_with_worker",
                 "unknown_workers",
                 "queued",
+                "refused_events",
+                "cache_resets",
+                "degradations",
             ),
             0,
         )
@@ -299,16 +322,23 @@ class Router:
 
     def stats(self) -> dict[str, int]:
         """Counters: routed, pinned_routes, unknown_request_ids, stale_requests,
-        dropped_with_worker, unknown_workers; stored_starts_routed /
-        stored_starts_unrouted (prompt starts stored by :meth:`apply_stored`
-        that did / did not start a recent decision: see :mod:`kvroute.keycheck`);
-        and now: queued (waiting for admission), warmup_plans (made and not yet taken);
-        in a fleet that has been disaggregated also remote_prefills and local_prefills."""
+        dropped_with_worker, unknown_workers, refused_events (events naming a
+        worker the router does not know), cache_resets, degradations,
+        sessions_evicted (pins and warm-up plans past ``max_sessions``);
+        stored_starts_routed / stored_starts_unrouted (prompt starts stored by
+        :meth:`apply_stored` that did / did not start a recent decision: see
+        :mod:`kvroute.keycheck`); and now: queued (waiting for admission),
+        warmup_plans (made and not yet taken), sessions (pins held), degraded
+        (workers); in a fleet that has been disaggregated also remote_prefills
+        and local_prefills."""
         with self._lock:
             out = dict(self._stats)
             out.update(self._keycheck.counts())
             out["queued"] = len(self._queue)
             out["warmup_plans"] = len(self._warmups)
+            out["sessions"] = len(self._pins)
+            out["sessions_evicted"] = self._pins.evicted + self._warmups.evicted
+            out["degraded"] = len(self._trust.degraded)
             if self._pd_used:
                 out.update(self._pd.counters())
             return out
@@ -335,11 +365,13 @@ class Router:
             self._journal.log("add_worker", w, kv_capacity_blocks=cap, **extra)
             if self._members.add(w):
                 self._remote.reapply(w)
-            if cap is not None and self._predicted is not None:
-                self._predicted.set_capacity(w, cap)
-            self._pd.roles.set(w, role)
+            self._trust.add_worker(w)
             if cap is not None:
+                self._trust.set_capacity(w, cap)
                 self._pd.set_capacity(w, cap)
+                if self._predicted is not None:
+                    self._predicted.set_capacity(w, cap)
+            self._pd.roles.set(w, role)
             self._split = self._pd.roles.disaggregated
             self._pd_used |= self._split
 
@@ -365,7 +397,13 @@ class Router:
                 self._predicted.remove_worker(w)
             if self._fresh is not None:
                 self._fresh.remove_worker(w)
+            self._trust.remove_worker(w)
+            self._degraded = self._trust.any_degraded
             return True
+
+    def __contains__(self, worker: object) -> bool:
+        """Whether ``worker`` is known (added and not removed)."""
+        return worker in self._members
 
     def mark_unhealthy(self, worker: int) -> bool:
         """Exclude a worker from routing; its blocks and load stay. False if unknown."""
@@ -443,10 +481,11 @@ class Router:
             if not self._members.set_metrics(w, wr, ku):
                 self._stats["unknown_workers"] += 1
                 return False
-            if cap is not None and self._predicted is not None:
-                self._predicted.set_capacity(w, cap)
             if cap is not None:
+                self._trust.set_capacity(w, cap)
                 self._pd.set_capacity(w, cap)
+                if self._predicted is not None:
+                    self._predicted.set_capacity(w, cap)
             return True
 
     # -- events ------------------------------------------------------------------
@@ -482,7 +521,9 @@ class Router:
             the worker does not hold, or a store whose parent it does not
             hold: skipped), ``cleared``, ``mismatch`` (the event's block size
             is not the router's: skipped, logged), ``ignored`` (another
-            KV-cache group) or ``rejected`` (values the index refuses).
+            KV-cache group, or a worker the router does not know: removed, or
+            never added; its blocks would outlive it) or ``rejected`` (values
+            the index refuses).
         :raises TypeError: ``event`` is not a KV event.
         """
         # the event layer's own applier: keys, salts, parents, its checks
@@ -516,7 +557,10 @@ class Router:
         block hashes** that a KV event carries: those never match a request.
         To apply an engine's event, use :meth:`apply_event`. Same parameters
         and errors as ``BlockIndex.store``; applied under the router's lock,
-        so it is ordered with routing decisions.
+        so it is ordered with routing decisions. A worker the router does not
+        know (never added, or removed: a late event) is refused, counted in
+        ``stats()["refused_events"]``: its blocks would outlive it, and come
+        back with a new worker of the same id.
 
         :param keys: the blocks' kvroute keys (uint64s).
         :param parent: the kvroute key of the block before the first, or None
@@ -529,6 +573,7 @@ class Router:
             hashes were given as keys; and as ``BlockIndex.store``.
         """
         keys = as_u64_array(keys)
+        w = check_u64(worker, "worker")
         if engine_hashes is not None:
             engine_hashes = as_u64_array(engine_hashes, "engine_hashes")
             # one comparison before the whole arrays: this runs for every stored event
@@ -539,36 +584,294 @@ class Router:
                     "hashes; Router.apply_event(worker, event) keys an engine's event itself"
                 )
         with self._lock:
-            if parent is None and len(keys) and self._fresh is not None:
-                started = self._fresh.started(int(keys[0]))
-                if started is not None and (warning := self._keycheck.observe(started)):
-                    logger.warning(warning)
-            self.index.store(worker, keys, parent, tier=tier, engine_hashes=engine_hashes)
-            if tier != "device":
-                self._tiered = True
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+            else:
+                if parent is None and len(keys) and self._fresh is not None:
+                    started = self._fresh.started(int(keys[0]))
+                    if started is not None and (warning := self._keycheck.observe(started)):
+                        logger.warning(warning)
+                self._store_locked(w, keys, parent, tier, engine_hashes)
             return self._journal.log(
                 "apply_stored", worker, keys, parent, tier=tier, engine_hashes=engine_hashes
             )
+
+    def _store_locked(
+        self,
+        w: int,
+        keys: npt.NDArray[np.uint64],
+        parent: int | None,
+        tier: str,
+        engine_hashes: HashesLike | None,
+    ) -> None:
+        self._trust.store(self.index, w, keys, parent, tier, engine_hashes)
+        if tier != "device":
+            self._tiered = True
 
     def apply_removed(
         self, worker: int, hashes: HashesLike, *, engine: bool = False, tier: str = "device"
     ) -> int:
         """Apply a "blocks removed" event to :attr:`index`; returns how many were unknown.
 
-        Same parameters and errors as ``BlockIndex.remove``.
+        Same parameters and errors as ``BlockIndex.remove``. A worker the
+        router does not know is refused (``stats()["refused_events"]``; 0 is
+        returned). Each engine hash the index cannot resolve may drop one of
+        the worker's inferred blocks (see :mod:`kvroute.trust`): it may have
+        been one.
         """
         keys = as_u64_array(hashes)
+        w = check_u64(worker, "worker")
         with self._lock:
-            unknown = self.index.remove(worker, keys, engine=engine, tier=tier)
             self._journal.log("apply_removed", worker, keys, engine=engine, tier=tier)
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            unknown: int = self.index.remove(w, keys, engine=engine, tier=tier)
+            if unknown and engine:
+                self._trust.unresolved_removal(self.index, w, unknown)
             return unknown
 
     def apply_cleared(self, worker: int) -> int:
-        """Apply an "all blocks cleared" event; returns the number of blocks dropped."""
+        """Apply an "all blocks cleared" event: :meth:`worker_cache_reset` (``"cleared"``).
+
+        :returns: the number of index blocks dropped (0 for a worker the
+            router does not know: refused, counted).
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
         with self._lock:
-            dropped = self.index.clear(worker)
             self._journal.log("apply_cleared", worker)
-            return dropped
+            dropped = self._reset_locked(w, "cleared", notes)
+        self._listeners.notify(notes)
+        return dropped
+
+    # -- what the router believes about a worker's cache ------------------------------
+
+    def worker_cache_reset(self, worker: int, reason: str = "reset") -> int:
+        """The worker's cache is gone: drop every record of it the router keeps, at once.
+
+        The one call for it: its blocks in the index, the fresh decisions and
+        predicted residency that name it, the session pins and warm-up plans
+        that would send requests to it for their cache, and its degraded
+        state (an empty cache and the events from now on are the whole truth
+        again). The event layer calls it (through :meth:`apply_cleared`) for
+        an engine's ``AllBlocksCleared`` and for an engine restart; anything
+        else that learns of a reset (a replica sync, an operator) calls it
+        too, and every listener (:meth:`add_listener`) hears ``"reset"``.
+        Requests in flight on the worker are left to their lifecycle.
+
+        >>> r = Router(block_size=4, workers=[0, 1], clock=lambda: 0.0)
+        >>> seq = r.apply_stored(1, [7, 8])
+        >>> r.worker_cache_reset(1, "restart"), r.index.match([7, 8])
+        (2, {})
+
+        :param reason: what happened, for listeners and logs.
+        :returns: the number of index blocks dropped (0 for an unknown worker:
+            refused, counted in ``stats()["refused_events"]``).
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("worker_cache_reset", worker, reason)
+            dropped = self._reset_locked(w, reason, notes)
+        self._listeners.notify(notes)
+        return dropped
+
+    def _reset_locked(self, w: int, reason: str, notes: list[tuple[int, str, str]]) -> int:
+        if w not in self._members:
+            self._stats["refused_events"] += 1
+            return 0
+        dropped: int = self.index.clear(w)
+        if self._fresh is not None:
+            self._fresh.remove_worker(w)
+        if self._predicted is not None:
+            self._predicted.clear(w)
+        self._pins.drop_worker(w)
+        self._warmups.drop_worker(w)
+        if self._trust.reset(w):
+            self._degraded = self._trust.any_degraded
+            logger.info("worker %d: cache reset (%s); its index is trusted again", w, reason)
+        self._stats["cache_resets"] += 1
+        notes.append((w, "reset", reason))
+        return dropped
+
+    def degrade_worker(self, worker: int, cause: str, reason: str) -> int:
+        """Stop trusting the index about ``worker``: route it on its own decisions meanwhile.
+
+        What the event layer calls when it knows the worker's index is wrong
+        (``cause="events_lost"``: batches lost that no replay brought back;
+        ``"mismatch"``: its events cannot be indexed), and what
+        :meth:`observe` calls when the drift detector finds it
+        (``"drift_over"``, ``"drift_under"``). Its index blocks are dropped
+        (but for ``"mismatch"``: nothing was indexed), its next decisions are
+        remembered as predicted residency, its orphaned stores are anchored
+        to the prompts it is sent (:meth:`apply_anchored`), and it shows as
+        degraded in :meth:`worker_states`, logged once and heard by every
+        listener (``"degraded"``). See :mod:`kvroute.trust`. It is trusted
+        again when the drift detector finds its index agreeing with the
+        engine over a full window, or when its cache is reset. No-op without
+        KV events (``kv_events=False``: there is no index to distrust).
+
+        :param cause: one of :data:`kvroute.trust.CAUSES`.
+        :param reason: what happened, for listeners and logs.
+        :returns: the number of index blocks dropped (0 for an unknown worker).
+        :raises ValueError: an unknown cause.
+        """
+        w = check_u64(worker, "worker")
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("degrade_worker", worker, cause, reason)
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            dropped = self._degrade_locked(w, cause, reason, notes)
+        self._listeners.notify(notes)
+        return dropped
+
+    def _degrade_locked(
+        self, w: int, cause: str, reason: str, notes: list[tuple[int, str, str]]
+    ) -> int:
+        if not self.kv_events:
+            return 0
+        new = self._trust.degrade(w, cause, reason, self._clock())
+        dropped = 0
+        if cause != "mismatch":
+            dropped = self.index.clear(w)
+            self._trust.inferred(w).clear()
+        self._degraded = True
+        if new:
+            self._stats["degradations"] += 1
+            # a mismatch was already warned about, at length, by the event layer
+            logger.log(
+                logging.INFO if cause == "mismatch" else logging.WARNING,
+                "worker %d: its KV index is not trusted (%s: %s); it is routed on the "
+                "router's own decisions until its index agrees with the engine again",
+                w, cause, reason,
+            )  # fmt: skip
+            notes.append((w, "degraded", f"{cause}: {reason}"))
+        return dropped
+
+    def observe(self, decision: Decision, reported_cached_tokens: int) -> str | None:
+        """The engine's report for a routed request: how many prompt tokens it had cached.
+
+        The proxy calls it for every answer whose usage carries the worker's
+        cached tokens. The drift detector (:mod:`kvroute.trust`) compares it
+        with what the router predicted; a worker whose predictions are off
+        persistently is degraded (:meth:`degrade_worker`), a degraded one that
+        agrees again is trusted. No-op without KV events.
+
+        >>> r = Router(block_size=4, workers=[0], clock=lambda: 0.0, drift_window=2)
+        >>> seq = r.apply_stored(0, [1, 2, 3, 4])
+        >>> changes = []
+        >>> for i in range(2):
+        ...     d = r.route(Request(i, block_hashes=[1, 2, 3, 4]))
+        ...     changes.append(r.observe(d, 0))    # the engine had nothing
+        >>> changes, r.worker_states()[0].state
+        ([None, 'drift_over'], 'degraded')
+
+        :param decision: the request's decision (from :meth:`route`).
+        :param reported_cached_tokens: prompt tokens the engine served from its cache.
+        :returns: the change it made: ``"drift_over"`` / ``"drift_under"`` (the
+            worker is now degraded), ``"trusted"``, or None.
+        :raises TypeError, ValueError: not a Decision, or a negative count.
+        """
+        if not isinstance(decision, Decision):
+            raise TypeError(f"observe() takes a Decision, not {type(decision).__name__}")
+        if isinstance(reported_cached_tokens, bool) or not isinstance(
+            reported_cached_tokens, (int, np.integer)
+        ):
+            raise TypeError("reported_cached_tokens must be an int")
+        reported = int(reported_cached_tokens)
+        if reported < 0:
+            raise ValueError(f"reported_cached_tokens must be >= 0, got {reported}")
+        if not self.kv_events:
+            return None
+        w = decision.worker
+        notes: list[tuple[int, str, str]] = []
+        with self._lock:
+            self._journal.log("observe", decision, reported)
+            if w not in self._members:
+                return None
+            verdict = self._trust.judge(
+                w, decision.request_id, decision.predicted_cached_tokens,
+                min(reported, decision.prompt_tokens),
+            )  # fmt: skip
+            if verdict is None:
+                return None
+            change, why = verdict
+            if change == "trusted":
+                self._degraded = self._trust.any_degraded
+                logger.info("worker %d: its KV index agrees with the engine again (%s)", w, why)
+                notes.append((w, "trusted", why))
+            else:
+                self._degrade_locked(w, change, why, notes)
+        self._listeners.notify(notes)
+        return change
+
+    def worker_states(self) -> dict[int, WorkerState]:
+        """Per known worker: whether its index is trusted, and its drift figures."""
+        with self._lock:
+            return {w: self._trust.state(w) for w in self._members.workers()}
+
+    def is_degraded(self, worker: int) -> bool:
+        """Whether ``worker``'s index is degraded (no lock: for the event path's checks)."""
+        return worker in self._trust.degraded
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(worker, change, reason)`` after each change of a worker's cache state.
+
+        ``change`` is ``"reset"`` (:meth:`worker_cache_reset`: everything
+        about its cache was dropped), ``"degraded"`` or ``"trusted"``. It runs
+        on the thread that made the change, after the router's lock is
+        released (it may call the router); an exception it raises is logged
+        and swallowed.
+        """
+        self._listeners.add(listener)
+
+    def recent_prompts(self, worker: int) -> list[RecentPrompt]:
+        """The prompts routed to ``worker`` while it is degraded, oldest first (for anchoring)."""
+        with self._lock:
+            return self._trust.recent(worker)
+
+    def apply_anchored(
+        self,
+        worker: int,
+        ancestors: HashesLike,
+        parent_engine_hash: int | None,
+        hashes: HashesLike,
+        *,
+        tier: str = "device",
+        engine_hashes: HashesLike | None = None,
+        exact: bool = False,
+    ) -> int:
+        """Apply a stored event whose parent the index lost, anchored to a prompt's prefix.
+
+        ``ancestors`` are the keys of the blocks before the event's (the
+        prompt it continues, found by :func:`kvroute.trust.find_anchor`): the
+        engine holds them, since it stored a continuation. Those the worker is
+        not known to hold are stored first; then the event's ``hashes``,
+        chained from the last ancestor. With ``exact`` (an index keyed on the
+        engine's hashes, where a key is its own handle) the ancestors are
+        exact. Otherwise the last ancestor gets ``parent_engine_hash`` as its
+        handle and the others are *inferred* (see :mod:`kvroute.trust`).
+
+        :returns: the number of ancestors stored.
+        """
+        anc = as_u64_array(ancestors, "ancestors")
+        keys = as_u64_array(hashes)
+        w = check_u64(worker, "worker")
+        with self._lock:
+            self._journal.log(
+                "apply_anchored", worker, anc, parent_engine_hash, keys,
+                tier=tier, engine_hashes=engine_hashes, exact=exact,
+            )  # fmt: skip
+            if w not in self._members:
+                self._stats["refused_events"] += 1
+                return 0
+            stored = self._trust.anchor(self.index, w, anc, parent_engine_hash, tier, exact)
+            parent = int(anc[-1]) if len(anc) else None
+            self._store_locked(w, keys, parent, tier, engine_hashes)
+            return stored
 
     # -- routing -----------------------------------------------------------------
 
@@ -657,6 +960,8 @@ class Router:
         self._warmups.purge(now)
         if self._fresh is not None:
             self._fresh.purge(now)
+        if self._degraded:
+            self._trust.expire(now)
         return len(stale)
 
     def sweep(self) -> int:
@@ -706,6 +1011,8 @@ class Router:
         if len(hashes) == 0 or n == 0:
             return np.zeros(n, np.int64), host, disk
         m = self._match(hashes, n)
+        if self._degraded:
+            m = self._trust.widen(m, hashes, self._load.ids_frozen, self._load.pos)
         if m.ndim == 1:
             ov = m.astype(np.int64)
         else:
@@ -799,6 +1106,8 @@ class Router:
                 match = self.index.match_array(hashes, lt.ids_frozen)
             else:
                 match = self._match(hashes, n)
+            if self._degraded:
+                match = self._trust.widen(match, hashes, lt.ids_frozen, lt.pos)
             busy = None if self._members.busy is None else self._busy_mask(n)
             payload = _Payload(
                 None,
@@ -815,6 +1124,8 @@ class Router:
             if self._predicted is not None and len(hashes):
                 entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
             payload.entry = entry
+            if self._degraded and worker in self._trust.degraded:
+                payload.fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
             i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         else:
             ov, host, disk = self._overlap(hashes, n, now)
@@ -831,6 +1142,9 @@ class Router:
                 entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
             elif self._fresh is not None:
                 entry = self._fresh.record(worker, hashes, now)
+            fallback = None
+            if self._degraded and worker in self._trust.degraded:
+                fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
             lt.start(
                 rid,
                 worker,
@@ -844,6 +1158,7 @@ class Router:
                     request.tokens if request.speculative_prefill else None,
                     hashes if request.speculative_prefill else None,
                     request.speculative_prefill,
+                    fallback=fallback,
                 ),
             )
         if breakpoints and request.session_id is not None:
@@ -1017,6 +1332,30 @@ class Router:
         base = Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
         return DisaggDecision(base, dec, remote)
 
+    def _routed_degraded(
+        self,
+        request: Request,
+        worker: int,
+        p: int,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        now: float,
+    ) -> Any:
+        """Record a request routed to a degraded worker (fallback, anchors, its index figure)."""
+        index_tokens = 0
+        if len(hashes):
+            index_tokens = min(self._trust.index_blocks(p) * self.block_size, prompt)
+        return self._trust.routed(
+            worker,
+            request.request_id,
+            hashes,
+            index_tokens,
+            now,
+            tokens=request.tokens,
+            lora_name=request.lora_name,
+            cache_salt=request.cache_salt,
+        )
+
     def _predict(
         self,
         predicted: PredictedResidency,
@@ -1180,6 +1519,8 @@ class Router:
                         self._predicted.forget(entry)
                 elif self._fresh is not None:
                     self._fresh.forget(pl.entry)
+                if pl.fallback is not None:
+                    self._trust.forget(request_id, pl.fallback)
             return found or self._unknown()
 
     def warmup_plan(self, session_id: str) -> WarmupPlan | None:
@@ -1252,6 +1593,8 @@ class Router:
             self._queue._check()
             if self._predicted is not None:
                 self._predicted._check()
+            self._trust._check()
+            assert self._degraded == self._trust.any_degraded, "the degraded flag drifted"
 
     def __repr__(self) -> str:
         return (

@@ -1,24 +1,36 @@
-"""Fault injection against a real proxy process and real mock-worker processes.
+"""Fault injection: the proxy's peers and the router's picture of the caches, made to go wrong.
 
-Each fault is a function that starts a fleet (``kvroute proxy`` in its own
-process, each :class:`~kvroute.testing.process.MockWorkerProcess` in its
-own), does something nasty to it (slow clients, huge bodies, hang-ups, a
-worker failing every generation, ``SIGKILL``, ``SIGSTOP``...), measures what
-happened and returns a :class:`Result`: what was tried, the counts, what
-held, and the recovery time. The script prints them as the Markdown table
-docs/reliability.md quotes::
+Each fault is a function that starts a fleet, does something nasty to it,
+measures what happened and returns a :class:`Result`: what was tried, the
+counts, what held, and the recovery time. The script prints them as the
+Markdown tables docs/reliability.md quotes. Two sides:
+
+- ``proxy`` (this file): ``kvroute proxy`` in its own process, each
+  :class:`~kvroute.testing.process.MockWorkerProcess` in its own; slow
+  clients, huge bodies, hang-ups, a worker failing every generation,
+  ``SIGKILL``, ``SIGSTOP``...
+- ``state`` (scripts/_faults_state.py): :class:`~kvroute.testing.MockWorker`
+  engines under a :class:`~kvroute.Router` fed by a real ZMQ subscriber; an
+  engine restart, a cache reset, lost batches with and without replay, junk
+  and oversized frames, another block size or hash seed, events lost
+  silently, 200k sessions.
+
+::
 
     python scripts/faults.py                  # every fault, the proxy's defaults
-    python scripts/faults.py sigkill sigstop  # some of them
+    python scripts/faults.py --side state     # one side's faults
+    python scripts/faults.py sigkill restart  # some of them
     python scripts/faults.py --quick          # shorter timeouts and fewer requests
     python scripts/faults.py --list
 
 Adding a fault: write ``def my_fault(opts: Options) -> Result`` using
 :class:`Fleet` (``Fleet(n, events=True)`` gives workers that publish KV
-events, wired to the proxy with their event and replay endpoints), decorate
-it with ``@fault("my-fault", side="state")``, and it runs with the others.
-The fast, deterministic versions of these cases are the tests
-(tests/test_proxy_*.py); this script is for the long runs and the figures.
+events, wired to the proxy with their event and replay endpoints) or
+:class:`~kvroute.testing.StateFleet`, decorate it with ``@fault("my-fault")``
+(``side="state"`` for the router's side), and it runs with the others
+(scripts/_faults_base.py holds the registry). The fast, deterministic
+versions of these cases are the tests (tests/test_proxy_*.py,
+tests/test_state_faults.py); this script is for the long runs and the figures.
 """
 
 from __future__ import annotations
@@ -38,65 +50,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _faults_base import FAULTS, SIDES, Options, Result, fault, table, timed  # noqa: E402
+
 from kvroute.testing.process import MockWorkerProcess  # noqa: E402
 
 MODEL = "mock-model"
-
-
-# -- results and the registry ------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    """One fault's outcome: a row of the table.
-
-    :ivar fault: its name.
-    :ivar side: ``proxy`` or ``state``.
-    :ivar tried: what was done.
-    :ivar counts: what was counted.
-    :ivar held: what held (or did not: say so).
-    :ivar recovery: recovery time(s), or ``-``.
-    :ivar ok: whether everything that should hold held.
-    :ivar figures: the raw figures.
-    """
-
-    fault: str
-    side: str
-    tried: str
-    counts: str
-    held: str
-    recovery: str = "-"
-    ok: bool = True
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Run options: ``quick`` shortens timeouts and counts."""
-
-    quick: bool = False
-
-
-FaultFn = Callable[[Options], Result]
-FAULTS: dict[str, tuple[str, FaultFn]] = {}
-
-
-def fault(name: str, side: str = "proxy") -> Callable[[FaultFn], FaultFn]:
-    """Register a fault function under ``name`` (``side``: ``proxy`` or ``state``)."""
-
-    def register(fn: FaultFn) -> FaultFn:
-        FAULTS[name] = (side, fn)
-        return fn
-
-    return register
 
 
 # -- HTTP and metrics helpers ------------------------------------------------------------------
@@ -757,24 +723,10 @@ def sigstop_deadline(opts: Options) -> Result:
     )
 
 
-# -- the table ---------------------------------------------------------------------------------
+# -- the command --------------------------------------------------------------------------------
 
-
-def table(results: Sequence[Result]) -> str:
-    """The results as a Markdown table."""
-    rows = ["| fault | what was tried | counts | what held | recovery |", "|---|---|---|---|---|"]
-    for r in results:
-        cells = [r.fault, r.tried, r.counts, r.held, r.recovery]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows)
-
-
-@contextlib.contextmanager
-def _timed(name: str) -> Iterator[None]:
-    t0 = time.monotonic()
-    print(f"-- {name} ...", file=sys.stderr, flush=True)
-    yield
-    print(f"-- {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+# The state side's faults register themselves beside the proxy's (after them, in table order).
+import _faults_state  # noqa: E402, F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -783,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("faults", nargs="*", help="faults to run (default: all)")
     p.add_argument("--quick", action="store_true", help="shorter timeouts, fewer requests")
-    p.add_argument("--side", choices=("proxy", "state"), help="only this side's faults")
+    p.add_argument("--side", choices=SIDES, help="only this side's faults")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--list", action="store_true", help="list the faults and exit")
     args = p.parse_args(argv)
@@ -799,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in names:
         side, fn = FAULTS[name]
-        with _timed(name):
+        with timed(name):
             try:
                 results.append(fn(opts))
             except Exception as e:  # a fault that crashes is a row too
@@ -808,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
     return 0 if all(r.ok for r in results) else 1
 
 

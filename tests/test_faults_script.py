@@ -39,6 +39,25 @@ def test_the_harness_lists_every_proxy_fault() -> None:
     }  # fmt: skip
 
 
+def test_the_state_faults_are_in_the_same_harness() -> None:
+    out = _run("--list")
+    assert out.returncode == 0, out.stderr
+    sides = dict(line.split()[:2] for line in out.stdout.splitlines())
+    state = {
+        "restart", "reset", "gap-replay", "gap-no-replay", "junk-frames", "block-size",
+        "hash-seed", "silent-removals", "silent-stores", "steady", "sessions",
+    }  # fmt: skip
+    assert {n for n, side in sides.items() if side == "state"} == state
+    assert all(sides[n] == "proxy" for n in ("sigkill", "worker-5xx"))
+
+
+def test_a_quick_state_fault_runs_and_prints_its_row() -> None:
+    out = _run("--quick", "--side", "state", "reset")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = [line for line in out.stdout.splitlines() if line.startswith("| reset")]
+    assert "NOT HELD" not in row and "CRASHED" not in row
+
+
 def test_a_quick_fault_runs_end_to_end_and_prints_its_row() -> None:
     out = _run("--quick", "hangup-stream")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -31,6 +31,10 @@ OTHER: dict[str, Any] = {
     "tiered": True,
     "journal": True,
     "disagg": DisaggConfig(local_prefill_tokens=512),
+    "max_sessions": 1000,
+    "drift_window": 8,
+    "drift_threshold": 0.25,
+    "drift_tolerance_blocks": 1.0,
 }
 
 
@@ -126,6 +130,13 @@ def test_the_config_is_frozen_and_replace_validates() -> None:
         ({"sweep_interval": None}, TypeError, "sweep_interval must be a number"),
         ({"pin_balance_slack": float("nan")}, ValueError, "pin_balance_slack must be a finite"),
         ({"pin_abs_slack": True}, TypeError, "pin_abs_slack must be a number, not bool"),
+        ({"max_sessions": 0}, ValueError, "max_sessions must be an int >= 1, got 0"),
+        ({"max_sessions": 1.5}, ValueError, "max_sessions must be an int >= 1, got 1.5"),
+        ({"drift_window": True}, ValueError, "drift_window must be an int >= 1, got True"),
+        ({"drift_threshold": 0}, ValueError, r"drift_threshold must be in \(0, 1\], got 0.0"),
+        ({"drift_threshold": 1.5}, ValueError, r"drift_threshold must be in \(0, 1\]"),
+        ({"drift_threshold": "x"}, TypeError, "drift_threshold must be a number, not str"),
+        ({"drift_tolerance_blocks": -1}, ValueError, "drift_tolerance_blocks must be a finite"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(

@@ -230,6 +230,8 @@ def test_a_gap_clears_the_rank_s_worker_and_counts(router: Router) -> None:
     assert router.index.resolve(0, 20) is not None  # and the event after the gap applies
     assert router.index.resolve(1, 10) is not None  # the other rank's worker is untouched
     assert ap.counts[0]["gap"] == 1 and ap.counts[0]["replay_failed"] == 1
+    states = router.worker_states()  # the rank's worker degraded, the other trusted
+    assert (states[0].state, states[0].cause, states[1].state) == ("degraded", "events_lost", "ok")
     for status in ("gap", "replay_failed"):
         assert metrics.value("kvroute_events_total", {"worker": "0", "status": status}) == 1
     assert ap.applier.counts[0]["replay_failed"] == 1

@@ -140,6 +140,9 @@ def test_a_buffer_overflow_is_a_gap_that_clears_the_worker() -> None:
             assert router.index.resolve(0, w.block_hashes(list(range(16)))[0]) is None
             assert all(router.index.resolve(0, h) is not None for h in w.block_hashes(fresh))
             assert router.index.worker_len(0) == 2 < len(w.cached_block_hashes())
+            # and the worker is degraded (routed on decisions) until its index agrees again
+            state = router.worker_states()[0]
+            assert state.state == "degraded" and state.cause == "events_lost"
 
 
 def test_a_restarted_engine_is_cleared_before_it_serves(trtllm_worker: MockWorker) -> None:

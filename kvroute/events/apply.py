@@ -12,7 +12,17 @@ an event whose ``block_size`` differs from the router's (every key would be
 wrong), and, when the index keys on engine hashes, engine hashes that the
 router's own ``hashing`` (the function :meth:`Router.route` hashes requests
 with) does not reproduce from the event's tokens (requests would never
-match). Both are logged (at most once a minute per worker) and counted.
+match). Both are logged (at most once a minute per worker) and counted, and
+both make the worker *degraded* (:meth:`Router.degrade_worker`, cause
+``"mismatch"``): the router routes it on its own decisions instead.
+
+When a worker's history is lost (a gap no replay filled: :meth:`EventApplier.events_lost`),
+its index is cleared and the worker degraded; the engine still holds blocks
+stored before the gap, so later stores continue parents the index no longer
+knows. Such an *orphaned* store is anchored to a prompt recently routed to
+the worker (:func:`kvroute.trust.find_anchor`): the prompt gives the keys of
+its ancestors, and the store applies (status ``anchored``). The index then
+converges back to the engine's truth without a restart.
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from .._convert import as_u64_array
 from .._logging import RateLimitedLog
+from ..trust import find_anchor
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 
 if TYPE_CHECKING:
@@ -96,9 +107,15 @@ class EventApplier:
         ``BlockRemoved`` per evicted block) goes to the index as one call; its
         ``unknown_block`` count is then the number of blocks not found (capped
         at the run's event count), the rest of its events count as ``ok``.
+        A worker the router does not know (removed, or not yet added) has its
+        events counted ``ignored``: the router refuses them.
         """
         out: Counter[str] = Counter()
         events = batch.events
+        if events and worker not in self.router:
+            self._tally(worker, "ignored", len(events))
+            out["ignored"] = len(events)
+            return out
         i, n = 0, len(events)
         while i < n:
             ev = events[i]
@@ -114,7 +131,7 @@ class EventApplier:
             if j - i > 1:
                 self._removed_run(worker, events[i:j], out)  # type: ignore[arg-type]
             else:
-                out[self.apply(worker, ev)] += 1
+                out[self._apply_one(worker, ev)] += 1
             i = j
         return out
 
@@ -122,12 +139,22 @@ class EventApplier:
         """Apply one event of ``worker``; returns its status.
 
         ``ok``; ``unknown_block`` (a removal naming a block the worker does not
-        hold, or a store whose parent it does not hold: the event is skipped,
-        since its keys cannot be computed); ``cleared``; ``mismatch`` (the
-        event's block size differs from the router's: skipped, warned);
-        ``ignored`` (another KV-cache group); ``rejected`` (values the index
-        refuses).
+        hold, or a store whose parent it does not hold and that no recent
+        prompt anchors: the event is skipped, since its keys cannot be
+        computed); ``anchored`` (a store whose parent the index lost, applied
+        through the prompt it continues); ``cleared``; ``mismatch`` (the
+        event's block size differs from the router's: skipped, warned, the
+        worker degraded); ``ignored`` (another KV-cache group, or a worker the
+        router does not know: removed, or not yet added); ``rejected`` (values
+        the index refuses).
         """
+        if worker not in self.router:
+            self._tally(worker, "ignored", 1)
+            return "ignored"
+        return self._apply_one(worker, event)
+
+    def _apply_one(self, worker: int, event: KVEvent) -> str:
+        """:meth:`apply` for a worker the router knows."""
         try:
             if isinstance(event, BlockStored):
                 status = self._stored(worker, event)
@@ -147,20 +174,39 @@ class EventApplier:
         return status
 
     def cleared(self, worker: int) -> None:
-        """Drop every block of ``worker`` (an engine reset, or an unrecoverable gap)."""
+        """The engine's cache of ``worker`` is empty (its reset, or its restart).
+
+        :meth:`Router.apply_cleared`, i.e. :meth:`Router.worker_cache_reset`:
+        every record the router keeps of the worker's cache goes at once.
+        """
         self.router.apply_cleared(worker)
+        self._salts.pop(worker, None)
+
+    def events_lost(self, worker: int, why: str) -> None:
+        """``worker``'s events were lost for good: clear its blocks and degrade it.
+
+        A lost removal would leave blocks the router believes in but the
+        worker no longer holds, so its blocks are dropped; the engine still
+        holds some, so it is not a reset: the worker is degraded
+        (:meth:`Router.degrade_worker`, cause ``"events_lost"``), routed on
+        the router's own decisions and its orphaned stores anchored, until
+        the drift detector finds its index agreeing with the engine again.
+        Counts nothing (the caller counts its own status).
+
+        :param worker: the worker whose events were lost.
+        :param why: what was lost, for the log.
+        """
+        self.router.degrade_worker(worker, "events_lost", why)
         self._salts.pop(worker, None)
 
     def unrecoverable_gap(self, worker: int, why: str) -> None:
         """Events of ``worker`` were lost and no replay can bring them back.
 
         The one place a transport without replay calls (TensorRT-LLM's HTTP
-        poller and LLM API feed, on an ``event_id`` gap): today the worker's
-        blocks are cleared, since a lost removal would leave blocks the router
-        believes in but the worker no longer holds, and ``replay_failed`` is
-        counted, as :class:`~kvroute.events.ZmqSubscriber` does when a replay
-        cannot fill a gap. The degraded-state handling of the self-healing
-        work plugs in here.
+        poller and LLM API feed, on an ``event_id`` gap): :meth:`events_lost`,
+        warned and counted ``replay_failed``, as
+        :class:`~kvroute.events.ZmqSubscriber` does when a replay cannot fill
+        a gap.
 
         :param worker: the worker whose events were lost.
         :param why: what was lost, for the log.
@@ -168,7 +214,7 @@ class EventApplier:
         self._warn.warning(
             (worker, "lost"), "worker %s: KV events lost (%s); clearing its blocks", worker, why
         )
-        self.cleared(worker)
+        self.events_lost(worker, why)
         self._tally(worker, "replay_failed", 1)
 
     def _tally(self, worker: int, status: str, n: int) -> None:
@@ -216,6 +262,10 @@ class EventApplier:
                 ev.block_size,
                 bs,
             )
+            if not self.router.is_degraded(worker):
+                self.router.degrade_worker(
+                    worker, "mismatch", f"its blocks are {ev.block_size} tokens, the router's {bs}"
+                )
             return "mismatch"
         n = len(ev.block_hashes)
         if ev.tokens_hashes is not None:
@@ -237,12 +287,41 @@ class EventApplier:
         if ev.parent_block_hash is not None:
             parent = self.router.index.resolve(worker, ev.parent_block_hash)
             if parent is None:
-                return "unknown_block"
+                return self._orphan(worker, ev, n, engine)
         salt = self._salt(worker, ev)
         keys = self._keys(ev, n, parent, salt)
         self.router.apply_stored(worker, keys, parent, tier=ev.tier, engine_hashes=engine)
         self._remember_salt(worker, ev, n, salt)
         return "ok"
+
+    def _anchor(self, worker: int, ev: BlockStored, n: int) -> tuple[Any, int] | None:
+        """The recent prompt an orphaned store continues, and where (see :mod:`kvroute.trust`)."""
+        if not ev.token_ids or not self.router.is_degraded(worker):
+            return None
+        prompts = self.router.recent_prompts(worker)
+        if not prompts:
+            return None
+        bs = self.router.block_size
+        return find_anchor(prompts, ev.token_ids[: n * bs], bs, ev.lora_name)
+
+    def _orphan(
+        self, worker: int, ev: BlockStored, n: int, engine: npt.NDArray[np.uint64]
+    ) -> str:
+        """A store whose parent the index does not know: anchor it, else skip it."""
+        found = self._anchor(worker, ev, n)
+        if found is None:
+            return "unknown_block"
+        prompt, j = found
+        salt = ev.cache_salt if ev.cache_salt is not None else prompt.cache_salt
+        keys = self._keys(ev, n, int(prompt.keys[j - 1]), salt)
+        m = min(n, len(prompt.keys) - j)
+        if not np.array_equal(keys[:m], prompt.keys[j : j + m]):
+            return "unknown_block"  # the prompt was hashed with another salt: not this one
+        self.router.apply_anchored(
+            worker, prompt.keys[:j], ev.parent_block_hash, keys, tier=ev.tier, engine_hashes=engine
+        )
+        self._remember_salt(worker, ev, n, salt)
+        return "anchored"
 
     def _salt(self, worker: int, ev: BlockStored) -> str | None:
         """The event's cache salt: its own, else the one its parent block inherited."""
@@ -277,7 +356,21 @@ class EventApplier:
         salt = self._salt(worker, ev)
         if ev.token_ids:
             self._verify(worker, ev, n, engine, salt)
-        self.router.apply_stored(worker, engine, ev.parent_block_hash, tier=ev.tier)
+        parent = ev.parent_block_hash
+        if parent is not None and self.router.is_degraded(worker):
+            # Keys are the engine's hashes here: an anchored prompt's keys are its
+            # blocks' handles, so its ancestors are restored exactly.
+            ids = np.array([worker], np.uint64)
+            if not self.router.index.match_array(np.array([parent], np.uint64), ids)[0]:
+                found = self._anchor(worker, ev, n)
+                if found is not None and int(found[0].keys[found[1] - 1]) == parent:
+                    prompt, j = found
+                    self.router.apply_anchored(
+                        worker, prompt.keys[:j], parent, engine, tier=ev.tier, exact=True
+                    )
+                    self._remember_salt(worker, ev, n, salt)
+                    return "anchored"
+        self.router.apply_stored(worker, engine, parent, tier=ev.tier)
         self._remember_salt(worker, ev, n, salt)
         return "ok"
 
@@ -310,6 +403,10 @@ class EventApplier:
             return
         if self.metrics is not None:
             self.metrics.mismatch(worker, "hash")
+        if not self.router.is_degraded(worker):
+            self.router.degrade_worker(
+                worker, "mismatch", "its engine hashes differ from the router's hashing"
+            )
         self._warn.warning(
             (worker, "hash"),
             "worker %s: engine block hashes %s (%s) differ from the router's hashing of the "

@@ -31,7 +31,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -52,7 +57,8 @@ __all__ = [
 #: How an event was applied (per event: ok ... ignored), or what the subscriber
 #: met (per batch: gap, replayed, malformed; per occurrence: replay_failed and
 #: restart, each of which cleared the worker; ``cleared`` is the engine's own
-#: AllBlocksCleared only).
+#: AllBlocksCleared only; ``anchored``: a store whose parent the index had lost,
+#: applied through the prompt it continues).
 EventStatus = Literal[
     "ok",
     "unknown_block",
@@ -63,6 +69,7 @@ EventStatus = Literal[
     "rejected",
     "mismatch",
     "ignored",
+    "anchored",
     "replay_failed",
     "restart",
 ]
@@ -129,6 +136,39 @@ class _RouterCollector(Collector):
             for key, fam in fams.items():
                 fam.add_metric([str(w)], float(load[key]))
         yield from fams.values()
+        yield from _trust_metrics(r)
+
+
+def _trust_metrics(r: Router) -> Iterator[Metric]:
+    """Per worker, whether its index is trusted and how far it drifts; session evictions."""
+    drift = GaugeMetricFamily(
+        "kvroute_index_drift",
+        "Share of the worker's recent requests whose predicted cached tokens were off"
+        " the engine's report by more than the tolerance",
+        labels=["worker"],
+    )
+    degraded = GaugeMetricFamily(
+        "kvroute_worker_degraded",
+        "1 while the worker's KV index is not trusted (routed on the router's own decisions)",
+        labels=["worker", "cause"],
+    )
+    times = CounterMetricFamily(
+        "kvroute_worker_degradations", "Times the worker's KV index became untrusted",
+        labels=["worker"],
+    )  # fmt: skip
+    for w, st in r.worker_states().items():
+        drift.add_metric([str(w)], st.drift)
+        degraded.add_metric([str(w), st.cause or "none"], float(st.state == "degraded"))
+        times.add_metric([str(w)], float(st.degradations))
+    yield drift
+    yield degraded
+    yield times
+    evicted = CounterMetricFamily(
+        "kvroute_sessions_evicted",
+        "Session pins and warm-up plans evicted by the router's max_sessions bound",
+    )
+    evicted.add_metric([], float(r.stats()["sessions_evicted"]))
+    yield evicted
 
 
 class Metrics:

@@ -15,7 +15,12 @@ Per worker the subscriber tracks the last applied ``seq``:
   ``seq = ff x 8``. If the replay endpoint is missing, times out or cannot
   cover the hole, the worker's blocks are cleared (its state is unknown: a
   lost removal would leave blocks the router believes in but the worker no
-  longer has) and the subscriber resumes from the live batch; it is counted;
+  longer has), the worker is *degraded* (:meth:`EventApplier.events_lost`:
+  routed on the router's own decisions, its orphaned stores anchored, until
+  its index agrees with the engine again) and the subscriber resumes from the
+  live batch; it is counted. A subscriber that first meets a running engine
+  past ``seq`` 0 with no replay endpoint degrades it the same way (its
+  history is unknown), without counting a gap;
 - a *backward* jump means the engine restarted (its counter began again):
   the worker's blocks are cleared and rebuilt from the new stream; a batch
   seen twice (live after a replay already applied it) is recognised by its
@@ -593,7 +598,8 @@ class ZmqSubscriber:
             what,
             why,
         )
-        self._clear(stream)
+        stream.recent.clear()
+        self.applier.events_lost(stream.worker, f"KV events {what} lost: {why}")
         self._count(stream, "replay_failed")
 
     # -- reconnects -------------------------------------------------------------------
@@ -689,6 +695,10 @@ class ZmqSubscriber:
         if not joining:  # a joiner without history to ask for starts from here
             self._replay_failed(
                 stream, f"{start}..{seq - 1}", f"no replay endpoint; resuming at {seq}"
+            )
+        else:
+            self.applier.events_lost(
+                stream.worker, f"joined a running engine at seq {seq} with no replay endpoint"
             )
         self._apply(stream, seq, payload)
 

@@ -139,6 +139,7 @@ class ProxyApp:
                 block_size=config.block_size,
                 kv_events=self.fleet.kv_events(),
                 disagg=DisaggConfig(local_prefill_tokens=config.disagg_local_prefill_tokens),
+                max_sessions=config.max_sessions,
                 **config.router,
             )
             router = Router(
@@ -300,10 +301,15 @@ class ProxyApp:
 
     async def _health_endpoint(self, request: web.Request) -> web.StreamResponse:
         healthy = self.pool.healthy()
+        workers = self.pool.snapshot()
+        states = self.router.worker_states()  # each worker's index: trusted or degraded
         body = {
             "status": "ok" if healthy else "unavailable",
             "healthy_workers": len(healthy),
-            "workers": self.pool.snapshot(),
+            "workers": [
+                {**w, "cache": states[w["id"]].to_dict()} if w["id"] in states else w
+                for w in workers
+            ],
         }
         return web.json_response(body, status=200 if healthy else 503)
 

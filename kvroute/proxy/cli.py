@@ -373,6 +373,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     _add_deadline_args(p)
     _add_disagg_args(p)
     _add_sync_args(p)
+    _add_state_args(p)
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -457,6 +458,16 @@ def _add_membership_args(p: argparse.ArgumentParser) -> None:
         "--drain-timeout", type=_positive(float), default=600.0, metavar="S",
         help="seconds a draining worker's requests may take before it is removed anyway"
         " (default: 600)",
+    )  # fmt: skip
+
+
+def _add_state_args(p: argparse.ArgumentParser) -> None:
+    """The router's per-session state: bounded."""
+    g = p.add_argument_group("router state")
+    g.add_argument(
+        "--max-sessions", type=_positive(int), default=100_000, metavar="N",
+        help="agent sessions whose cache_control pin and warm-up plan the router keeps; the"
+        " least recently used go past it (default: 100000)",
     )  # fmt: skip
 
 
@@ -706,6 +717,7 @@ def build_config(
         replica_id=args.replica_id,
         sync_prefix=args.sync_prefix,
         sync_snapshot_interval=args.sync_snapshot_interval,
+        max_sessions=args.max_sessions,
     )
     # fields without a flag of their own are set by name
     return dataclasses.replace(config, **flagless) if flagless else config

@@ -50,10 +50,12 @@ TokenizeWith = Literal["auto", "local", "render", "tokenize"]
 ACCESS_LOG_FORMATS: Final = ("json", "text")
 
 #: The :class:`~kvroute.config.RouterConfig` fields the proxy passes on from
-#: ``router`` (``block_size`` is the proxy's own option; ``kv_events`` follows
-#: from the workers' events endpoints).
+#: ``router`` (``block_size`` and ``max_sessions`` are the proxy's own options;
+#: ``kv_events`` follows from the workers' events endpoints).
 ROUTER_SETTINGS: Final = tuple(
-    f.name for f in fields(RouterConfig) if f.name not in ("block_size", "kv_events", "disagg")
+    f.name
+    for f in fields(RouterConfig)
+    if f.name not in ("block_size", "kv_events", "disagg", "max_sessions")
 )
 
 
@@ -249,6 +251,9 @@ class ProxyConfig:
     :param sync_snapshot_interval: seconds between the index snapshots one
         replica writes for replicas that start later (0: none); keep it well
         below the time the engines' replay buffers take to turn over.
+    :param max_sessions: agent sessions whose cache_control pin (and warm-up
+        plan) the router keeps; past it the least recently used go
+        (``RouterConfig.max_sessions``).
     :raises ValueError: an option out of range, or no source of workers at all.
     """
 
@@ -313,6 +318,8 @@ class ProxyConfig:
     replica_id: str | None = None
     sync_prefix: str = "kvroute"
     sync_snapshot_interval: float = 30.0
+    # -- the router's per-session state (issue 16): bounded --
+    max_sessions: int = 100_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -342,6 +349,10 @@ class ProxyConfig:
         check_event_sources(self)
         if not self.session_header.strip():
             raise ValueError("session_header must not be empty")
+        if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or (
+            self.max_sessions < 1
+        ):
+            raise ValueError(f"max_sessions must be an int >= 1, got {self.max_sessions!r}")
         for name in self.lora_adapters:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a LoRA adapter name must be a non-empty string, not {name!r}")

@@ -30,7 +30,9 @@ Every answer carries ``X-Request-Id``, :data:`WORKER_HEADER` and
 :data:`PREDICTED_HEADER`; a JSON answer with usage also
 :data:`CACHE_SOURCE_HEADER`. Cache reads and writes are counted into the
 metrics: the worker's figures, else the router's prediction (and a log line
-says so).
+says so). The worker's figure also goes to :meth:`Router.observe
+<kvroute.Router.observe>`, whose drift detector checks the router's
+prediction against it.
 """
 
 from __future__ import annotations
@@ -239,6 +241,9 @@ class Relay:
         if usage is None:
             return
         read = usage.cached_tokens
+        if read is not None and not predicted:
+            # the engine's own figure: the router checks its prediction against it
+            self.pool.router.observe(decision, read)
         where = "usage carries" if predicted else None
         if read is None:
             read = min(decision.predicted_cached_tokens, usage.prompt_tokens)

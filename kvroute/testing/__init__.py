@@ -13,6 +13,9 @@
   worker instead, publishing TensorRT-LLM's KV events (``POST /kv_cache_events``,
   the LLM API's calls, the ZMQ stream); :class:`TrtllmMock` is what a test
   reaches of it (``MockWorker.trtllm``).
+- :class:`StateFleet`, :func:`drop_removals`, :class:`LoseEvents`: workers
+  whose KV events go wrong (``MockWorker.event_filter``), and a fleet that
+  measures the router's picture of their caches against the truth.
 
 Install with the ``testing`` extra (``pip install 'kvroute[testing]'``:
 ``aiohttp``, ``pyzmq``, ``msgspec``, ``jinja2``, ``cbor2``; ``tokenizers``
@@ -50,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from ._prefix_cache import Allocation, PrefixCache
     from ._publisher import KVEventPublisher
+    from ._state_faults import LoseEvents, Sent, StateFleet, Truth, agreement, drop_removals
     from ._tokenizer import (
         BYTE_OFFSET,
         DEFAULT_CHAT_TEMPLATE,
@@ -79,6 +83,10 @@ _WHERE: Final = {
     "Allocation": "_prefix_cache",
     "PrefixCache": "_prefix_cache",
     "KVEventPublisher": "_publisher",
+    **dict.fromkeys(
+        ("LoseEvents", "Sent", "StateFleet", "Truth", "agreement", "drop_removals"),
+        "_state_faults",
+    ),
     **dict.fromkeys(("TrtllmLlm", "TrtllmMock", "TrtllmOptions"), "_trtllm"),
     **dict.fromkeys(
         (
@@ -123,22 +131,28 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Allocation",
     "KVEventPublisher",
+    "LoseEvents",
     "MockTokenizer",
     "MockWorker",
     "PrefixCache",
     "RequestError",
     "RequestRecord",
+    "Sent",
+    "StateFleet",
     "TrtllmLlm",
     "TrtllmMock",
     "TrtllmOptions",
+    "Truth",
     "VllmAllBlocksCleared",
     "VllmBlockRemoved",
     "VllmBlockStored",
     "VllmEvent",
     "VllmEventBatch",
     "WorkerStats",
+    "agreement",
     "anthropic_to_chat",
     "decode_batch",
+    "drop_removals",
     "encode_batch",
     "pack_seq",
     "unpack_seq",

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -265,6 +265,8 @@ class Engine:
         self.hash_seed = hash_seed
         #: The running publisher, or ``None`` (stopped, or not publishing).
         self.publisher: KVEventPublisher | None = None
+        #: Rewrites each batch's events before publishing (a fault), or ``None``.
+        self.event_filter: Callable[[list[VllmEvent]], list[VllmEvent]] | None = None
         self._lock = threading.Lock()
         self._cache = PrefixCache(block_size, num_blocks)
         self._log: list[_Record] = []
@@ -381,7 +383,11 @@ class Engine:
     def publish(self, events: list[VllmEvent]) -> int | None:
         """Publish a batch if publishing; its sequence number, else ``None``."""
         publisher = self.publisher
-        return None if publisher is None else publisher.publish(events)
+        if publisher is None:
+            return None
+        if self.event_filter is not None:
+            events = self.event_filter(events)
+        return publisher.publish(events)
 
     def expect_transfer(self, request_id: str, tokens: int) -> None:
         """The next admission of ``request_id`` has its first ``tokens`` prompt tokens' KV."""

@@ -64,7 +64,7 @@ import asyncio
 import dataclasses
 import functools
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Final
 
@@ -523,6 +523,20 @@ class MockWorker:
     def paused(self) -> bool:
         """Whether :meth:`pause` is in effect."""
         return self._engine.paused
+
+    @property
+    def event_filter(self) -> Callable[[list[VllmEvent]], list[VllmEvent]] | None:
+        """Rewrites every batch's events before they are numbered and published (a fault).
+
+        E.g. :func:`kvroute.testing.drop_removals`: an engine that evicts
+        without saying so. The batch keeps its sequence number, so no gap
+        shows. ``None`` (the default) publishes events as they are.
+        """
+        return self._engine.event_filter
+
+    @event_filter.setter
+    def event_filter(self, fn: Callable[[list[VllmEvent]], list[VllmEvent]] | None) -> None:
+        self._engine.event_filter = fn
 
     def reset(self) -> int | None:
         """Empty the prefix cache (``reset_prefix_cache``) and publish ``AllBlocksCleared``.
