@@ -256,6 +256,46 @@ def test_a_late_replica_starts_warm_from_the_snapshot(
                 p.stop()
 
 
+def _respond(proxy: ProxyProcess, text: str, previous: str | None = None) -> tuple[int, Any, Any]:
+    """One non-streamed Responses request: (status, the answer's id, the worker that served it)."""
+    body: dict[str, Any] = {"model": "mock-model", "input": text, "max_output_tokens": 4}
+    if previous is not None:
+        body["previous_response_id"] = previous
+    req = urllib.request.Request(
+        proxy.url + "/v1/responses", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())["id"], int(r.headers["X-Kvroute-Worker"])
+    except urllib.error.HTTPError as e:
+        with e:
+            e.read()
+            return e.code, None, None
+
+
+def test_a_late_replica_finds_a_response_made_before_it_started(
+    fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    a = fleet["a"]
+    made = [_respond(a, f"question {i}: what does file_{i}.py do?") for i in range(6)]
+    assert all(status == 200 for status, _, _ in made), made
+    # started after the responses were made: only Redis knows where they live
+    late = start_all([
+        (fleet["urls"], ["--sync-url", fleet["redis"], "--replica-id", "late"], tmp_path / "d.log"),
+        (fleet["urls"], [], tmp_path / "z.log"),  # the control: no sync
+    ])  # fmt: skip
+    try:
+        d, z = late
+        follow = [_respond(d, "and then?", rid) for _, rid, _ in made]
+        assert [(s, w) for s, _, w in follow] == [(200, w) for _, _, w in made], follow
+        control = [_respond(z, "and then?", rid) for _, rid, _ in made]
+        assert [(s, w) for s, _, w in control] != [(200, w) for _, _, w in made]
+    finally:
+        for p in late:
+            p.stop()
+
+
 # -- Redis killed mid-run -----------------------------------------------------------------
 
 

@@ -109,6 +109,35 @@ def test_previous_response_id_goes_to_the_worker_holding_the_response(openai_cli
         assert len(proxy.proxy.responses) == 16  # type: ignore[arg-type]
 
 
+class _SharedStore(LocalResponseStore):
+    """A replica's store that has forgotten every id: only the fleet's shared copy knows them."""
+
+    def __init__(self, shared: dict[str, int]) -> None:
+        super().__init__()
+        self.shared = shared
+
+    async def aworker_of(self, response_id: str) -> int | None:
+        return self.worker_of(response_id) or self.shared.get(response_id)
+
+
+def test_a_store_that_looks_further_is_asked_where_a_response_lives(openai_client: Any) -> None:
+    # as RedisResponseStore is, on a replica that started after the response was made
+    with fleet(3) as (proxy, _workers):
+        client = openai_client(proxy.url + "/v1")
+        made = {}
+        for c in range(6):
+            raw = client.responses.with_raw_response.create(
+                model=MODEL, input=f"Task {c}: list the files.", max_output_tokens=2
+            )
+            made[raw.parse().id] = int(raw.headers[WORKER_HEADER])
+        proxy.proxy.responses = _SharedStore(dict(made))
+        for rid, worker in made.items():
+            raw = client.responses.with_raw_response.create(
+                model=MODEL, input="And then?", previous_response_id=rid, max_output_tokens=2
+            )
+            assert int(raw.headers[WORKER_HEADER]) == worker
+
+
 def test_an_unknown_or_lost_previous_response_is_the_workers_404(openai_client: Any) -> None:
     with fleet(2) as (proxy, workers):
         client = openai_client(proxy.url + "/v1")

@@ -366,10 +366,20 @@ class ProxyApp:
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         return await self._answer(request, api_of(kind), self._generate(request, kind))
 
-    def _holder(self, call: Call) -> int | None:
-        """The healthy worker holding the response a Responses request continues, if known."""
+    async def _holder(self, call: Call) -> int | None:
+        """The healthy worker holding the response a Responses request continues, if known.
+
+        A shared store (replica sync) that has not heard of the id asks Redis
+        once (a replica that started after the response was made).
+        """
         previous = call.body.get("previous_response_id") if call.kind == "responses" else None
-        worker = self.responses.worker_of(previous) if isinstance(previous, str) else None
+        if not isinstance(previous, str):
+            return None
+        lookup = getattr(self.responses, "aworker_of", None)
+        if lookup is not None:
+            worker = await lookup(previous)
+        else:
+            worker = self.responses.worker_of(previous)
         state = self.pool.workers.get(worker) if worker is not None else None
         return worker if state is not None and state.healthy else None
 
@@ -401,9 +411,10 @@ class ProxyApp:
             return relayed
 
         attempt = self.disagg.attempt if self.router.disaggregated else None
+        holder = await self._holder(call)
         try:
             relayed = await self.upstream.send(
-                routed, call, answer, record, prefer=self._holder(call), attempt=attempt
+                routed, call, answer, record, prefer=holder, attempt=attempt
             )
         except AttemptFailed as last:  # every attempt failed
             if record is not None:
