@@ -213,9 +213,10 @@ def test_a_worker_added_through_the_admin_api_is_used_and_its_events_feed_the_in
         wb = added_b["id"]
         assert status == 201 and wb != wa
         assert synced(server, {wa: a, wb: b})
-        # sessions sharing nothing spread over both; old ones stay where their prefix is
+        # the new worker takes sessions that share nothing (sent one at a time, they may
+        # all go to it: it is the emptier); old ones stay where their prefix is
         homes = served_by(server, [f"fresh-{i}" for i in range(8)])
-        assert set(homes.values()) == {wa, wb}
+        assert wb in set(homes.values()) <= {wa, wb}
         assert served_by(server, ["s0"], turn=2) == {"s0": wa}
         status, _, listing = admin(server, "GET", "/admin/workers")
         assert {x["id"] for x in listing["workers"]} == {wa, wb}
