@@ -240,7 +240,6 @@ _Removed: TypeAlias = _MapRemoved | _VllmArrayRemoved | _SglangArrayRemoved
 _Event: TypeAlias = _Stored | _Removed | _MapCleared | _ArrayCleared
 _STORED: Final = (_MapStored, _VllmArrayStored, _SglangArrayStored)
 _REMOVED: Final = (_MapRemoved, _VllmArrayRemoved, _SglangArrayRemoved)
-_REMOVED_TYPES: Final = frozenset(_REMOVED)
 _CLEARED: Final = AllBlocksCleared()  # immutable and field-less: one is enough
 
 
@@ -478,19 +477,11 @@ def _decode_msgpack(
     events: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
     for i, ev in enumerate(structs):
         try:
-            if type(ev) in _REMOVED_TYPES:  # first: evictions come one event per block
-                hashes = cast("_Removed", ev).block_hashes
-                n_hashes += len(hashes)
+            if isinstance(ev, _REMOVED):  # first: evictions come one event per block
+                n_hashes += len(ev.block_hashes)
                 if n_hashes > max_tokens:
                     raise DecodeError(f"batch holds more than max_tokens={max_tokens} hashes")
-                h = hashes[0] if len(hashes) == 1 else None
-                if type(h) is int and h >= 0:  # vLLM's eviction, the common event: inline
-                    medium = cast("_Removed", ev).medium
-                    tier = _TIERS.get(medium) or _tier(medium)
-                    group = cast("_Removed", ev).group_idx
-                    events.append(BlockRemoved((h,), tier, medium, group))
-                else:
-                    events.append(_removed(cast("_Removed", ev), dialect))
+                events.append(_removed(ev, dialect))
             elif isinstance(ev, _STORED):
                 n_hashes += len(ev.block_hashes)
                 n_tokens += len(ev.token_ids)
