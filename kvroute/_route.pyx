@@ -971,6 +971,36 @@ def chained_common_prefix(a, b):
         PyBuffer_Release(&bb)
 
 
+cdef int _raise_overlaps(Py_ssize_t* P, const size_t* K, Py_ssize_t c, int64_t* ov,
+                         int64_t* host, int64_t* disk) noexcept nogil:
+    """Raise ``ov[P[a]]`` to the largest ``K`` of its position; return how many were raised.
+
+    ``P``/``K``: ``c`` (position, common prefix) pairs, a position possibly more
+    than once (``P`` is overwritten). A raised position's host and disk figures
+    are zeroed (the device prefix now covers them).
+    """
+    cdef Py_ssize_t a, b, p
+    cdef size_t k
+    cdef int raised = 0
+    for a in range(c):
+        p = P[a]
+        if p < 0:
+            continue
+        k = K[a]
+        for b in range(a + 1, c):
+            if P[b] == p:
+                if K[b] > k:
+                    k = K[b]
+                P[b] = -1
+        if <int64_t>k > ov[p]:
+            ov[p] = <int64_t>k
+            if host != NULL and disk != NULL:
+                host[p] = 0
+                disk[p] = 0
+            raised += 1
+    return raised
+
+
 cdef int _overlay(object entries, const uint64_t* q, size_t nq, double now, int64_t* ov,
                   object pos, bint skip_known, int64_t* host, int64_t* disk) except -1:
     """:func:`fresh_overlay` on validated arrays; returns how many positions were raised.
@@ -982,10 +1012,9 @@ cdef int _overlay(object entries, const uint64_t* q, size_t nq, double now, int6
     cdef Py_buffer hb
     cdef const uint64_t* h
     cdef size_t nh, k
-    cdef Py_ssize_t m, c = 0, a, b, p
+    cdef Py_ssize_t m, c = 0, p
     cdef Py_ssize_t* P
     cdef size_t* K
-    cdef int raised = 0
     if not isinstance(entries, (list, _deque)):
         entries = list(entries)
     m = len(entries)
@@ -1016,25 +1045,9 @@ cdef int _overlay(object entries, const uint64_t* q, size_t nq, double now, int6
                 P[c] = pp
                 K[c] = k
                 c += 1
-        for a in range(c):
-            p = P[a]
-            if p < 0:
-                continue
-            k = K[a]
-            for b in range(a + 1, c):
-                if P[b] == p:
-                    if K[b] > k:
-                        k = K[b]
-                    P[b] = -1
-            if <int64_t>k > ov[p]:
-                ov[p] = <int64_t>k
-                if host != NULL and disk != NULL:
-                    host[p] = 0
-                    disk[p] = 0
-                raised += 1
+        return _raise_overlaps(P, K, c, ov, host, disk)
     finally:
         free(P)
-    return raised
 
 
 def fresh_overlay(entries, hashes, double now, int64_t[::1] ov, pos, bint skip_known,
@@ -1094,7 +1107,7 @@ cdef int _bucket_overlay(
     bint skip_known, int64_t* host, int64_t* disk,
 ) except -1:
     """FreshDecisions.overlay over one bucket (positions from ``posmap``, else ``pos``)."""
-    cdef Py_ssize_t j, c = 0, a, bb, p
+    cdef Py_ssize_t j, c = 0, p
     cdef size_t k, nh
     cdef const uint64_t* h
     cdef uint64_t slot
@@ -1102,7 +1115,6 @@ cdef int _bucket_overlay(
     cdef size_t[16] K_small
     cdef Py_ssize_t* P = P_small
     cdef size_t* K = K_small
-    cdef int raised = 0
     cdef FEntry* e
     if b.n > 16:
         P = <Py_ssize_t*>malloc(b.n * (sizeof(Py_ssize_t) + sizeof(size_t)))
@@ -1130,26 +1142,10 @@ cdef int _bucket_overlay(
                 P[c] = p
                 K[c] = k
                 c += 1
-        for a in range(c):
-            p = P[a]
-            if p < 0:
-                continue
-            k = K[a]
-            for bb in range(a + 1, c):
-                if P[bb] == p:
-                    if K[bb] > k:
-                        k = K[bb]
-                    P[bb] = -1
-            if <int64_t>k > ov[p]:
-                ov[p] = <int64_t>k
-                if host != NULL and disk != NULL:
-                    host[p] = 0
-                    disk[p] = 0
-                raised += 1
+        return _raise_overlaps(P, K, c, ov, host, disk)
     finally:
         if P != P_small:
             free(P)
-    return raised
 
 
 cdef class FreshDecisions:
