@@ -70,7 +70,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .policies.base import check_nonneg
-from .request import Decision
+from .request import Decision, cost_rows, cost_table
 
 __all__ = [
     "ROLES",
@@ -537,17 +537,7 @@ class DisaggDecision(Decision):
     def decode_breakdown(self) -> list[dict[str, float | int]]:
         """Per decode candidate: its worker, its matched blocks and each cost term."""
         d = self._decode
-        rows: list[dict[str, float | int]] = []
-        for i in range(len(d.workers)):
-            row: dict[str, float | int] = {
-                "worker": int(d.workers[i]),
-                "matched_blocks": int(d.overlap[i]),
-            }
-            for name, arr in d.costs.items():
-                v = float(arr[i])
-                row[name] = v if math.isfinite(v) else float("nan")
-            rows.append(row)
-        return rows
+        return cost_rows(d.workers, d.overlap, d.costs)
 
     def explain(self) -> str:
         """The prefill choice's table, then the decode choice's, chosen workers marked ``*``."""
@@ -557,15 +547,8 @@ class DisaggDecision(Decision):
             if self.remote_prefill
             else f"prefilled on decode worker {self.decode_worker} (conditional rule)"
         )
-        names = ["worker", "matched_blocks", *d.costs]
-        lines = [Decision.explain(self), f"  {how}:", "  " + " ".join(f"{n:>14}" for n in names)]
-        for row in self.decode_breakdown():
-            mark = "*" if row["worker"] == self.decode_worker else " "
-            cells = " ".join(
-                f"{row[n]:>14}" if isinstance(row[n], int) else f"{row[n]:>14.3f}" for n in names
-            )
-            lines.append(f"{mark} {cells}")
-        return "\n".join(lines)
+        table = cost_table(self.decode_breakdown(), d.costs, self.decode_worker)
+        return "\n".join([Decision.explain(self), f"  {how}:", *table])
 
     def __repr__(self) -> str:
         return (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -320,6 +320,38 @@ class WarmupPlan:
     block_hashes: npt.NDArray[np.uint64]
 
 
+def cost_rows(
+    workers: Any, overlap: Any, costs: Mapping[str, Any]
+) -> list[dict[str, float | int]]:
+    """Per candidate: its worker, its matched blocks and each cost term (non-finite: NaN).
+
+    Runtime complexity: O(candidates x cost terms).
+    """
+    rows: list[dict[str, float | int]] = []
+    for i in range(len(workers)):
+        row: dict[str, float | int] = {"worker": int(workers[i]), "matched_blocks": int(overlap[i])}
+        for name, arr in costs.items():
+            v = float(arr[i])
+            row[name] = v if math.isfinite(v) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def cost_table(
+    rows: list[dict[str, float | int]], cost_names: Iterable[str], chosen: int | None
+) -> list[str]:
+    """:func:`cost_rows` as text: a header line, then a line per row, ``chosen``'s marked ``*``."""
+    names = ["worker", "matched_blocks", *cost_names]
+    lines = ["  " + " ".join(f"{n:>14}" for n in names)]
+    for row in rows:
+        mark = "*" if row["worker"] == chosen else " "
+        cells = " ".join(
+            f"{row[n]:>14}" if isinstance(row[n], int) else f"{row[n]:>14.3f}" for n in names
+        )
+        lines.append(f"{mark} {cells}")
+    return lines
+
+
 class Decision:
     """The router's answer for one request.
 
@@ -412,34 +444,15 @@ class Decision:
 
         Runtime complexity: O(candidates x cost terms).
         """
-        rows: list[dict[str, float | int]] = []
-        for i in range(len(self._workers)):
-            row: dict[str, float | int] = {
-                "worker": int(self._workers[i]),
-                "matched_blocks": int(self._overlap[i]),
-            }
-            for name, arr in self._costs.items():
-                v = float(arr[i])
-                row[name] = v if math.isfinite(v) else float("nan")
-            rows.append(row)
-        return rows
+        return cost_rows(self._workers, self._overlap, self._costs)
 
     def explain(self) -> str:
         """A human-readable table of :meth:`breakdown`, the chosen worker marked ``*``."""
-        rows = self.breakdown()
-        names = ["worker", "matched_blocks", *self._costs]
-        lines = [
+        head = (
             f"request {self.request_id!r} -> worker {self.worker} (policy {self.policy}, "
-            f"{self.predicted_cached_tokens}/{self.prompt_tokens} tokens cached)",
-            "  " + " ".join(f"{n:>14}" for n in names),
-        ]
-        for row in rows:
-            mark = "*" if row["worker"] == self.worker else " "
-            cells = " ".join(
-                f"{row[n]:>14}" if isinstance(row[n], int) else f"{row[n]:>14.3f}" for n in names
-            )
-            lines.append(f"{mark} {cells}")
-        return "\n".join(lines)
+            f"{self.predicted_cached_tokens}/{self.prompt_tokens} tokens cached)"
+        )
+        return "\n".join([head, *cost_table(self.breakdown(), self._costs, self.worker)])
 
     def __repr__(self) -> str:
         return (
