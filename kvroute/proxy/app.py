@@ -375,11 +375,7 @@ class ProxyApp:
         previous = call.body.get("previous_response_id") if call.kind == "responses" else None
         if not isinstance(previous, str):
             return None
-        lookup = getattr(self.responses, "aworker_of", None)
-        if lookup is not None:
-            worker = await lookup(previous)
-        else:
-            worker = self.responses.worker_of(previous)
+        worker = await self.responses.aworker_of(previous)
         state = self.pool.workers.get(worker) if worker is not None else None
         return worker if state is not None and state.healthy else None
 

@@ -77,6 +77,9 @@ class ResponseStore(Protocol):
     def worker_of(self, response_id: str) -> int | None:
         """The worker that produced ``response_id``, or None if unknown or expired."""
 
+    async def aworker_of(self, response_id: str) -> int | None:
+        """What the proxy asks: :meth:`worker_of`, or a shared store's own copy of it."""
+
     def forget_worker(self, worker: int) -> None:
         """Drop every response of ``worker`` (it left the fleet, or restarted empty)."""
 
@@ -131,6 +134,10 @@ class LocalResponseStore:
         self._entries[response_id] = (entry[0], now + self.ttl)
         self._entries.move_to_end(response_id)
         return entry[0]
+
+    async def aworker_of(self, response_id: str) -> int | None:
+        """:meth:`worker_of`: this store has no copy elsewhere to ask."""
+        return self.worker_of(response_id)
 
     def forget_worker(self, worker: int) -> None:
         """Drop ``worker``'s ids."""
