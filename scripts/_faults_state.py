@@ -412,9 +412,13 @@ def junk_frames(opts: Options) -> Result:
     )
 
 
-def _fleet_hit_rate(kw: Callable[[int], dict[str, Any]], n: int, heal: bool,
-                    key_on: str = "kvroute", hashing: Any = None, window: int = 64,
-                    seed: int = 10) -> dict[str, Any]:  # fmt: skip
+def _fleet_run(kw: Any, n: int, heal: bool, *, key_on: str = "kvroute", hashing: Any = None,
+               window: int = 64, seed: int = 10,
+               spoil: Callable[[StateFleet], None] | None = None,
+               ) -> tuple[list[Sent], int | None, dict[int, Any]]:  # fmt: skip
+    """Four workers, 24 agent sessions, ``n`` requests; worker 3 is the one ``kw`` or ``spoil``
+    makes wrong. Returns what was sent, after how many requests to worker 3 it was degraded
+    (None: never), and every worker's state at the end."""
     clock = Clock()
     agents = Agents(24, seed=seed)
     rk: dict[str, Any] = {"clock": clock, "policy_params": {"seed": 0}, "drift_window": window}
@@ -422,6 +426,8 @@ def _fleet_hit_rate(kw: Callable[[int], dict[str, Any]], n: int, heal: bool,
         rk["hashing"] = hashing
     with StateFleet(4, worker_kw=kw, router_kw=rk, key_on=key_on) as f:
         tell_capacities(f)
+        if spoil is not None:
+            spoil(f)
         if not heal:
             no_heal(f)
         found = None
@@ -430,7 +436,15 @@ def _fleet_hit_rate(kw: Callable[[int], dict[str, Any]], n: int, heal: bool,
             sent += run(f, clock, agents, CONCURRENCY)
             if found is None:
                 found = degraded_at(f, 3, sent)
-        st = f.r.worker_states()
+        states = f.r.worker_states()
+    return sent, found, states
+
+
+def _fleet_hit_rate(kw: Callable[[int], dict[str, Any]], n: int, heal: bool,
+                    key_on: str = "kvroute", hashing: Any = None, window: int = 64,
+                    seed: int = 10) -> dict[str, Any]:  # fmt: skip
+    sent, found, st = _fleet_run(kw, n, heal, key_on=key_on, hashing=hashing, window=window,
+                                 seed=seed)  # fmt: skip
     later = sent[n // 4:]
     return {
         "hit_rate": hit_rate(later),
@@ -517,25 +531,14 @@ def silent_removals(opts: Options) -> Result:
     def kw(i: int) -> dict[str, Any]:
         return {"num_blocks": 128 if i == 3 else 1024}
 
+    def spoil(f: StateFleet) -> None:
+        f.workers[3].event_filter = drop_removals
+
     res = {}
     for heal in (True, False):
-        clock = Clock()
-        agents = Agents(24, seed=11)
-        rk = {"clock": clock, "policy_params": {"seed": 0}}
-        with StateFleet(4, worker_kw=kw, router_kw=rk) as f:
-            tell_capacities(f)
-            f.workers[3].event_filter = drop_removals
-            if not heal:
-                no_heal(f)
-            sent: list[Sent] = []
-            found = None
-            while len(sent) < n:
-                sent += run(f, clock, agents, CONCURRENCY)
-                if found is None:
-                    found = degraded_at(f, 3, sent)
-            states = f.r.worker_states()
-            st = states[3]
-            false_trips = sum(states[w].degradations for w in range(3))
+        sent, found, states = _fleet_run(kw, n, heal, seed=11, spoil=spoil)
+        st = states[3]
+        false_trips = sum(states[w].degradations for w in range(3))
         later = sent[n // 2:]
         on3 = [s for s in later if s.worker == 3]
         res["healed" if heal else "baseline"] = {
@@ -566,25 +569,14 @@ def silent_removals(opts: Options) -> Result:
 def silent_stores(opts: Options) -> Result:
     """One of four engines stops publishing its events (empty batches: no gap shows)."""
     n = 300 if opts.quick else 600
+    def spoil(f: StateFleet) -> None:
+        f.workers[3].event_filter = LoseEvents(share=1.0, after=10)
+
     res = {}
     for heal in (True, False):
-        clock = Clock()
-        agents = Agents(24, seed=12)
-        rk = {"clock": clock, "policy_params": {"seed": 0}}
-        with StateFleet(4, worker_kw={"num_blocks": 1024}, router_kw=rk) as f:
-            tell_capacities(f)
-            f.workers[3].event_filter = LoseEvents(share=1.0, after=10)
-            if not heal:
-                no_heal(f)
-            sent: list[Sent] = []
-            found = None
-            while len(sent) < n:
-                sent += run(f, clock, agents, CONCURRENCY)
-                if found is None:
-                    found = degraded_at(f, 3, sent)
-            states = f.r.worker_states()
-            st = states[3]
-            false_trips = sum(states[w].degradations for w in range(3))
+        sent, found, states = _fleet_run({"num_blocks": 1024}, n, heal, seed=12, spoil=spoil)
+        st = states[3]
+        false_trips = sum(states[w].degradations for w in range(3))
         later = sent[n // 2:]
         on3 = [s for s in later if s.worker == 3]
         res["healed" if heal else "baseline"] = {
