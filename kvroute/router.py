@@ -155,6 +155,21 @@ class _Payload:
     prefill_worker: int | None = None  # a decode leg's: where its prompt was prefilled
     fallback: Any = None  # its entry in a degraded worker's fallback residency
 
+    @classmethod
+    def of(
+        cls, request: Request, hashes: npt.NDArray[np.uint64], entry: Any = None, **kw: Any
+    ) -> _Payload:
+        """``request``'s payload (its tokens and hashes kept for a speculative prefill)."""
+        spec = request.speculative_prefill
+        return cls(
+            entry,
+            request.session_id,
+            request.tokens if spec else None,
+            hashes if spec else None,
+            spec,
+            **kw,
+        )
+
 
 class Router:
     """Route requests to workers, tracking their cache, their load and their health.
@@ -1109,13 +1124,7 @@ class Router:
             if self._degraded:
                 match = self._trust.widen(match, hashes, lt.ids_frozen, lt.pos)
             busy = None if self._members.busy is None else self._busy_mask(n)
-            payload = _Payload(
-                None,
-                request.session_id,
-                request.tokens if request.speculative_prefill else None,
-                hashes if request.speculative_prefill else None,
-                request.speculative_prefill,
-            )
+            payload = _Payload.of(request, hashes)
             p, worker, matched, ov, costs, entry = step(
                 lt.arrays, self._fresh, rid, payload, match, hashes, now, prompt, bs, out_blocks,
                 busy,
@@ -1152,26 +1161,29 @@ class Router:
                 decode_blocks=out_blocks,
                 now=now,
                 hashes=hashes,
-                payload=_Payload(
-                    entry,
-                    request.session_id,
-                    request.tokens if request.speculative_prefill else None,
-                    hashes if request.speculative_prefill else None,
-                    request.speculative_prefill,
-                    fallback=fallback,
-                ),
+                payload=_Payload.of(request, hashes, entry, fallback=fallback),
             )
-        if breakpoints and request.session_id is not None:
-            self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
         if self._remote.sharing:
             self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
+        seq = self._routed(request, worker, breakpoints, now, exclude)
+        return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+
+    def _routed(
+        self,
+        request: Request,
+        worker: int,
+        breakpoints: tuple[CacheControl, ...],
+        now: float,
+        exclude: frozenset[int],
+    ) -> int:
+        """The end of every route: pin the session to its cache breakpoints, count, journal."""
+        if breakpoints and request.session_id is not None:
+            self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
         self._stats["routed"] += 1
         # exclude is journalled only when given, so plain journals keep their shape
         if exclude:
-            seq = self._journal.log("route", request, exclude=exclude)
-        else:
-            seq = self._journal.log("route", request)
-        return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
+            return self._journal.log("route", request, exclude=exclude)
+        return self._journal.log("route", request)
 
     def _choose(
         self,
@@ -1294,7 +1306,6 @@ class Router:
         matched = int(ov[p])
         cached = min(matched * bs, prompt)
         breakpoints = request.cache_breakpoints()
-        spec = request.speculative_prefill
         legs: list[tuple[RequestKey, int, float, float, int | None]] = [
             (rid, p, prompt - cached, 0.0 if remote else out_blocks, None)
         ]
@@ -1310,25 +1321,12 @@ class Router:
                 entry = self._predict(self._predicted, w, hashes, now, breakpoints)
             elif self._fresh is not None:
                 entry = self._fresh.record(w, hashes, now)
-            payload = _Payload(
-                entry,
-                request.session_id,
-                request.tokens if spec else None,
-                hashes if spec else None,
-                spec,
-                prefilled_on,
-            )
+            payload = _Payload.of(request, hashes, entry, prefill_worker=prefilled_on)
             lt.start(
                 key, w, prefill_tokens=prefill_tokens, decode_blocks=blocks, now=now,
                 hashes=hashes, payload=payload,
             )  # fmt: skip
-        if breakpoints and request.session_id is not None:
-            self._pins.pin(request.session_id, worker, now + max(b.ttl for b in breakpoints))
-        self._stats["routed"] += 1
-        if exclude:
-            seq = self._journal.log("route", request, exclude=exclude)
-        else:
-            seq = self._journal.log("route", request)
+        seq = self._routed(request, worker, breakpoints, now, exclude)
         base = Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
         return DisaggDecision(base, dec, remote)
 
