@@ -438,6 +438,32 @@ class Disaggregation:
         local = self.config.prefill_locally(prompt_tokens, cached, backlog)
         return DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i, backlog)
 
+    def plan(
+        self,
+        lt: Any,
+        ok: BOOL,
+        overlap: I64,
+        new_blocks: F64,
+        busy: BOOL,
+        prompt_tokens: int,
+        block_size: int,
+    ) -> tuple[DecodeChoice | None, npt.NDArray[np.intp] | None]:
+        """A request's decode worker, and where it may be prefilled.
+
+        Parameters as :meth:`choose_decode`.
+
+        :returns: ``(decode choice, prefill candidates' positions)``: the
+            candidates are None when the decode worker prefills the request
+            itself (:meth:`prefill_locally`), and may be empty (no prefill
+            worker may take it); ``(None, None)`` when no decode worker may.
+        """
+        dec = self.choose_decode(lt, ok, overlap, new_blocks, busy, prompt_tokens, block_size)
+        if dec is None:
+            return None, None
+        may_prefill, _ = self.roles.masks(lt.ids_frozen)
+        cand = np.flatnonzero(ok & may_prefill)
+        return dec, None if self.prefill_locally(dec, overlap, cand) else cand
+
     def prefill_locally(
         self, dec: DecodeChoice, overlap: I64, prefill: npt.NDArray[np.intp]
     ) -> bool:

@@ -1111,32 +1111,9 @@ class Router:
         step = getattr(self.policy, "route_step", None)
         if pinned is not None or cand is not None:
             step = None
-        entry: Any = None
         costs: Any
         breakpoints = request.cache_breakpoints() if request.cache_control is not None else ()
-        if step is not None:
-            # the common path: after the match, one compiled call chooses and records the
-            # request (load arrays, prompts in flight, request table, fresh decisions)
-            if self.kv_events and not (self._tiered and self.policy.uses_tiers):
-                match = self.index.match_array(hashes, lt.ids_frozen)
-            else:
-                match = self._match(hashes, n)
-            if self._degraded:
-                match = self._trust.widen(match, hashes, lt.ids_frozen, lt.pos)
-            busy = None if self._members.busy is None else self._busy_mask(n)
-            payload = _Payload.of(request, hashes)
-            p, worker, matched, ov, costs, entry = step(
-                lt.arrays, self._fresh, rid, payload, match, hashes, now, prompt, bs, out_blocks,
-                busy,
-            )  # fmt: skip
-            cached = min(matched * bs, prompt)
-            if self._predicted is not None and len(hashes):
-                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
-            payload.entry = entry
-            if self._degraded and worker in self._trust.degraded:
-                payload.fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
-            i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
-        else:
+        if step is None:
             ov, host, disk = self._overlap(hashes, n, now)
             new = lt.new_blocks(hashes)
             if out_blocks:
@@ -1147,24 +1124,32 @@ class Router:
             worker = int(lt.worker_ids[p])
             matched = int(ov[p])
             cached = min(matched * bs, prompt)
-            if self._predicted is not None and len(hashes):
-                entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
-            elif self._fresh is not None:
-                entry = self._fresh.record(worker, hashes, now)
-            fallback = None
-            if self._degraded and worker in self._trust.degraded:
-                fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
-            lt.start(
-                rid,
-                worker,
-                prefill_tokens=prompt - cached,
-                decode_blocks=out_blocks,
-                now=now,
-                hashes=hashes,
-                payload=_Payload.of(request, hashes, entry, fallback=fallback),
+            self._start(
+                request, hashes, prompt, now, breakpoints, rid, p, prompt - cached, out_blocks
             )
-        if self._remote.sharing:
-            self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
+        else:
+            # the common path: after the match, one compiled call chooses and records the
+            # request (load arrays, prompts in flight, request table, fresh decisions)
+            if self.kv_events and not (self._tiered and self.policy.uses_tiers):
+                match = self.index.match_array(hashes, lt.ids_frozen)
+            else:
+                match = self._match(hashes, n)
+            if self._degraded:
+                match = self._trust.widen(match, hashes, lt.ids_frozen, lt.pos)
+            busy = None if self._members.busy is None else self._busy_mask(n)
+            payload = _Payload.of(request, hashes)
+            p, worker, matched, ov, costs, payload.entry = step(
+                lt.arrays, self._fresh, rid, payload, match, hashes, now, prompt, bs, out_blocks,
+                busy,
+            )  # fmt: skip
+            cached = min(matched * bs, prompt)
+            if self._predicted is not None and len(hashes):
+                payload.entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
+            if self._degraded and worker in self._trust.degraded:
+                payload.fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
+            if self._remote.sharing:
+                self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
+            i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         seq = self._routed(request, worker, breakpoints, now, exclude)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
 
@@ -1184,6 +1169,48 @@ class Router:
         if exclude:
             return self._journal.log("route", request, exclude=exclude)
         return self._journal.log("route", request)
+
+    def _start(
+        self,
+        request: Request,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        now: float,
+        breakpoints: tuple[CacheControl, ...],
+        key: RequestKey,
+        p: int,
+        prefill_tokens: float,
+        decode_blocks: float,
+        prefilled_on: int | None = None,
+    ) -> None:
+        """Start one leg of a routed request on the worker at ``p`` (the compiled step's work).
+
+        Records what the worker will hold (predicted residency, or a fresh
+        decision), its fallback residency if the worker is degraded, its load,
+        and shares it with other replicas. ``prefilled_on`` is a decode leg's
+        prefill worker: the leg is not judged by the drift detector (the
+        cached tokens reported are the prefill worker's) and does not pin the
+        session on other replicas (the session follows its prefill worker).
+        """
+        w = int(self._load.worker_ids[p])
+        entry: Any = None
+        if self._predicted is not None and len(hashes):
+            entry = self._predict(self._predicted, w, hashes, now, breakpoints)
+        elif self._fresh is not None:
+            entry = self._fresh.record(w, hashes, now)
+        fallback = None
+        if self._degraded and prefilled_on is None and w in self._trust.degraded:
+            fallback = self._routed_degraded(request, w, p, hashes, prompt, now)
+        payload = _Payload.of(
+            request, hashes, entry, prefill_worker=prefilled_on, fallback=fallback
+        )
+        self._load.start(
+            key, w, prefill_tokens=prefill_tokens, decode_blocks=decode_blocks, now=now,
+            hashes=hashes, payload=payload,
+        )  # fmt: skip
+        if self._remote.sharing:
+            session = request.session_id if prefilled_on is None else None
+            self._remote.routed(now, w, hashes, breakpoints, session)
 
     def _choose(
         self,
@@ -1283,12 +1310,10 @@ class Router:
         new = lt.new_blocks(hashes)
         if out_blocks:
             new += out_blocks
-        dec = pd.choose_decode(lt, ok, ov, new, self._busy_mask(n), prompt, bs)
+        dec, cand = pd.plan(lt, ok, ov, new, self._busy_mask(n), prompt, bs)
         if dec is None:
             raise NoWorkerAvailable(f"no healthy decode worker among {n} for request {rid!r}")
-        may_prefill, _ = pd.roles.masks(lt.ids_frozen)
-        cand = np.flatnonzero(ok & may_prefill)
-        if pd.prefill_locally(dec, ov, cand):
+        if cand is None:
             # the conditional rule (or no prefill worker left, where local prefill is allowed)
             i, p, cw, co, costs = dec.index, dec.position, dec.workers, dec.overlap, dec.costs
             name = "local"
@@ -1296,7 +1321,7 @@ class Router:
             if len(cand) == 0:
                 raise NoWorkerAvailable(f"no healthy prefill worker among {n} for request {rid!r}")
             pinned = None if request.session_id is None else self._pinned(request, now, cand, n)
-            if pinned is not None and not (ok[pinned] and may_prefill[pinned]):
+            if pinned is not None and pinned not in cand:
                 pinned = None
             i, p, cw, co, costs, name = self._choose(
                 request, hashes, prompt, cand, pinned, ov, host, disk, new
@@ -1315,16 +1340,9 @@ class Router:
         else:
             pd.local += 1
         for key, pos, prefill_tokens, blocks, prefilled_on in legs:
-            w = int(lt.worker_ids[pos])
-            entry: Any = None
-            if self._predicted is not None and len(hashes):
-                entry = self._predict(self._predicted, w, hashes, now, breakpoints)
-            elif self._fresh is not None:
-                entry = self._fresh.record(w, hashes, now)
-            payload = _Payload.of(request, hashes, entry, prefill_worker=prefilled_on)
-            lt.start(
-                key, w, prefill_tokens=prefill_tokens, decode_blocks=blocks, now=now,
-                hashes=hashes, payload=payload,
+            self._start(
+                request, hashes, prompt, now, breakpoints, key, pos, prefill_tokens, blocks,
+                prefilled_on,
             )  # fmt: skip
         seq = self._routed(request, worker, breakpoints, now, exclude)
         base = Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)

@@ -24,7 +24,8 @@ from kvroute.disagg import (
     decode_key,
 )
 from kvroute.fleet.spec import ROLES as SPEC_ROLES
-from kvroute.request import Decision, Request
+from kvroute.remote import RemoteUpdate
+from kvroute.request import CacheControl, Decision, Request
 from kvroute.router import NoWorkerAvailable, Router
 
 P0, P1, D0, D1 = 0, 1, 10, 11
@@ -414,3 +415,40 @@ def test_disagg_config_is_validated() -> None:
 def test_decode_key_is_apart_from_every_request_id() -> None:
     assert decode_key("a") != "a" and decode_key(3) != 3
     assert decode_key("a") == decode_key("a")
+
+
+def test_both_legs_are_shared_with_other_replicas_and_the_session_follows_the_prefill(
+    twin: Twin,
+) -> None:
+    clock = Clock()
+    a, b = fleet(clock), fleet(clock)
+    out: list[Any] = []
+    a.share(lambda now, routed: out.append(routed))
+    ttl = CacheControl(ttl=300.0, prefix_tokens=8)
+    d = a.route(req("a", [*PREFIX, 7], session_id="s", cache_control=(ttl,)))
+    assert d.remote_prefill
+    assert [(o.worker, o.session_id) for o in out] == [(d.worker, "s"), (d.decode_worker, None)]
+    assert out[0].pin_ttl == 300.0 and out[1].pin_ttl is None
+    b.apply_remote(RemoteUpdate("a", routed=out))
+    # the other replica sends the next turn where the first one went, for both legs
+    nxt = b.route(req("b", [*PREFIX, 7, 8], session_id="s"))
+    assert (nxt.worker, nxt.decode_worker) == (d.worker, d.decode_worker)
+    assert nxt.decode_matched_blocks == 5
+
+
+def test_a_degraded_prefill_worker_is_routed_on_its_fallback_and_judged(twin: Twin) -> None:
+    r = fleet(drift_window=2)
+    r.apply_stored(P1, PREFIX)
+    r.degrade_worker(P1, "events_lost", "test")
+    assert r.index.match(PREFIX) == {}
+    r.apply_stored(P1, PREFIX)  # events resume: the prefix is held again, but P1 stays degraded
+    d = r.route(req("a", [*PREFIX, 7]))
+    assert d.worker == P1 and d.remote_prefill
+    # the prompt was recorded in P1's fallback: its next turn matches all of it there
+    assert r.prefill_done("a") and r.finished("a")
+    nxt = r.route(req("b", [*PREFIX, 7, 8]))
+    assert (nxt.worker, nxt.matched_blocks) == (P1, 5)
+    # the prefill leg is judged against the engine's report: two agreeing reports trust P1
+    assert r.observe(d, 16) is None and r.observe(nxt, 20) == "trusted"
+    assert r.worker_states()[P1].state == "ok"
+    r._check()
