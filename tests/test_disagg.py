@@ -429,11 +429,17 @@ def test_both_legs_are_shared_with_other_replicas_and_the_session_follows_the_pr
     assert d.remote_prefill
     assert [(o.worker, o.session_id) for o in out] == [(d.worker, "s"), (d.decode_worker, None)]
     assert out[0].pin_ttl == 300.0 and out[1].pin_ttl is None
+    # the load it shares counts both legs: the prefill on its worker, the decode on its own
+    own = a.local_load()
+    active = dict(zip(own.workers.tolist(), own.active.tolist(), strict=True))
+    assert active == {P0: 0, P1: 0, D0: 0, D1: 0} | {d.worker: 1, d.decode_worker: 1}
     b.apply_remote(RemoteUpdate("a", routed=out))
     # the other replica sends the next turn where the first one went, for both legs
     nxt = b.route(req("b", [*PREFIX, 7, 8], session_id="s"))
     assert (nxt.worker, nxt.decode_worker) == (d.worker, d.decode_worker)
     assert nxt.decode_matched_blocks == 5
+    b.apply_remote(RemoteUpdate("a", load=own))
+    assert b.load(d.decode_worker)["active_requests"] == 2  # b's own next turn and a's
 
 
 def test_a_degraded_prefill_worker_is_routed_on_its_fallback_and_judged(twin: Twin) -> None:
