@@ -23,8 +23,9 @@ and the applier cost nothing extra.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .apply import EventApplier
 from .types import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent, Tier
 
@@ -85,21 +86,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'kvroute.events' has no attribute {name!r}")
-    import importlib
-    import sys
-
-    importlib.import_module(f"{__name__}.{mod}")
-    # Importing a submodule binds it here under its own name, and the
-    # ``decode`` submodule shadows the ``decode`` function that way (so
-    # ``kvroute.events.decode(...)`` worked once): bind the lazy names of
-    # every loaded submodule for good.
-    g = globals()
-    for n, m in _LAZY.items():
-        loaded = sys.modules.get(f"{__name__}.{m}")
-        if loaded is not None:
-            g[n] = getattr(loaded, n)
-    return g[name]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
