@@ -386,7 +386,7 @@ class Disaggregation:
         self.roles.drop(worker)
         self._capacity.pop(worker, None)
 
-    def choose_decode(
+    def plan(
         self,
         lt: Any,
         ok: BOOL,
@@ -395,19 +395,23 @@ class Disaggregation:
         busy: BOOL,
         prompt_tokens: int,
         block_size: int,
-    ) -> DecodeChoice | None:
-        """The decode worker for a request, among the positions ``ok`` allows; None if none may.
+    ) -> tuple[DecodeChoice | None, npt.NDArray[np.intp] | None]:
+        """A request's decode worker, among the positions ``ok`` allows, and where to prefill it.
 
         :param lt: the router's :class:`~kvroute.load.LoadTracker`.
         :param ok: per position, healthy and not excluded.
         :param overlap: per position, the prompt's matched blocks.
         :param new_blocks: per position, the blocks the request adds to its decode load.
         :param busy: per position, over the router's busy threshold.
+        :returns: ``(decode choice, prefill candidates' positions)``: the
+            candidates are None when the decode worker prefills the request
+            itself (:meth:`prefill_locally`), and may be empty (no prefill
+            worker may take it); ``(None, None)`` when no decode worker may.
         """
-        _, may_decode = self.roles.masks(lt.ids_frozen)
+        may_prefill, may_decode = self.roles.masks(lt.ids_frozen)
         cand = np.flatnonzero(ok & may_decode)
         if len(cand) == 0:
-            return None
+            return None, None
         n = lt.n
         ids = lt.worker_ids[cand]
         cap = self._capacity
@@ -436,33 +440,9 @@ class Disaggregation:
         cached = min(matched * block_size, prompt_tokens)
         backlog = float(lt.prefill_tokens[int(cand[i])])
         local = self.config.prefill_locally(prompt_tokens, cached, backlog)
-        return DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i, backlog)
-
-    def plan(
-        self,
-        lt: Any,
-        ok: BOOL,
-        overlap: I64,
-        new_blocks: F64,
-        busy: BOOL,
-        prompt_tokens: int,
-        block_size: int,
-    ) -> tuple[DecodeChoice | None, npt.NDArray[np.intp] | None]:
-        """A request's decode worker, and where it may be prefilled.
-
-        Parameters as :meth:`choose_decode`.
-
-        :returns: ``(decode choice, prefill candidates' positions)``: the
-            candidates are None when the decode worker prefills the request
-            itself (:meth:`prefill_locally`), and may be empty (no prefill
-            worker may take it); ``(None, None)`` when no decode worker may.
-        """
-        dec = self.choose_decode(lt, ok, overlap, new_blocks, busy, prompt_tokens, block_size)
-        if dec is None:
-            return None, None
-        may_prefill, _ = self.roles.masks(lt.ids_frozen)
-        cand = np.flatnonzero(ok & may_prefill)
-        return dec, None if self.prefill_locally(dec, overlap, cand) else cand
+        dec = DecodeChoice(int(cand[i]), int(ids[i]), matched, local, ids, ov, costs, i, backlog)
+        prefill = np.flatnonzero(ok & may_prefill)
+        return dec, None if self.prefill_locally(dec, overlap, prefill) else prefill
 
     def prefill_locally(
         self, dec: DecodeChoice, overlap: I64, prefill: npt.NDArray[np.intp]
