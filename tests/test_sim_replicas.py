@@ -12,6 +12,7 @@ from kvroute import __main__ as cli
 from kvroute.sim.engine import EngineConfig
 from kvroute.sim.replay import SimClock, make_dispatcher, replay
 from kvroute.sim.replicas import ReplicaDispatcher, make_replicas, spread_arrivals
+from kvroute.sim.seeding import policy_parameters
 from kvroute.sim.workloads import SimRequest
 
 CFG = EngineConfig(num_gpu_blocks=256, block_size=16)
@@ -94,6 +95,17 @@ def test_one_synced_replica_is_one_router_with_rendezvous_ties() -> None:
         config=CFG,
     )
     assert one.records.worker.tolist() == plain.records.worker.tolist()
+
+
+def test_synced_replicas_break_ties_by_rendezvous_whatever_the_parameters() -> None:
+    # `kvroute replay` passes every parameter of the policy, tie_break="random" included
+    params = policy_parameters("kvroute", None, seed=0)
+    assert params["tie_break"] == "random"
+    kw: dict[str, Any] = {"replicas": 2, "router_kwargs": {"policy_params": params}}
+    synced = ReplicaDispatcher("kvroute", SimClock(), 2, 16, **kw)
+    assert [r.policy.tie_break for r in synced.routers] == ["rendezvous"] * 2
+    alone = ReplicaDispatcher("kvroute", SimClock(), 2, 16, sync=False, **kw)
+    assert [r.policy.tie_break for r in alone.routers] == ["random"] * 2
 
 
 def test_spread_arrivals_stays_in_the_window_and_sorted() -> None:

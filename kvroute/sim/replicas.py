@@ -14,8 +14,9 @@ seconds later, through the same router-side API the live sync uses
 :meth:`Router.apply_remote`): its decisions (fresh decisions, predicted
 residency, session pins) and its load, after each change. Synced replicas
 break ties by rendezvous hash, as the proxy does with ``--sync-url``
-(:class:`kvroute.policies.KvRoute`'s ``tie_break``); unsynced ones keep the
-policy's default, as a proxy without sync does.
+(:class:`kvroute.policies.KvRoute`'s ``tie_break``, set whatever the policy
+parameters say, as the proxy's sync sets it); unsynced ones keep the
+policy's parameter, as a proxy without sync does.
 
 Delivery is exact at routing time: pending shared state is applied at the
 start of every dispatcher call, so a request routed at time ``t`` sees
@@ -101,7 +102,9 @@ class ReplicaDispatcher:
         kw = dict(router_kwargs or {})
         params = dict(kw.pop("policy_params", None) or {})
         if self.sync and policy == "kvroute":
-            params.setdefault("tie_break", "rendezvous")
+            # as the proxy's sync does (kvroute.fleet.sync), whatever the parameters say:
+            # `kvroute replay` passes every parameter, tie_break="random" included
+            params["tie_break"] = "rendezvous"
         self.routers: list[Router] = []
         for i in range(replicas):
             p = dict(params)
