@@ -132,8 +132,11 @@ def test_replay_command_takes_replicas(tmp_path: Path, capsys: pytest.CaptureFix
     assert (fleet["replicas"], fleet["sync"], fleet["sync_lag_s"]) == (2, True, 0.01)
     assert workload["arrival_jitter_s"] == 0.5
     assert "--no-sync" not in doc["command"]
+    # the report names the tie-break the synced replicas ran with
+    assert doc["parameters"]["policies"]["kvroute"]["tie_break"] == "rendezvous"
     assert cli.main(["replay", "agentic:6", "--workers", "3", "--replicas", "2", "--no-sync",
                      "--json", str(out)]) == 0  # fmt: skip
     doc = json.loads(out.read_text())
     assert doc["parameters"]["fleet"]["sync"] is False and "--no-sync" in doc["command"]
+    assert doc["parameters"]["policies"]["kvroute"]["tie_break"] == "random"
     assert "kvroute" in capsys.readouterr().out

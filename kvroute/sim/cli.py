@@ -386,6 +386,9 @@ def _replay(a: argparse.Namespace) -> int:
         k: ({} if k.startswith("sim:") else policy_parameters(k, explicit.get(k), seed=a.seed))
         for k in names
     }  # builds each policy once: an unknown name or a bad parameter fails here
+    if a.replicas > 1 and getattr(a, "sync", True) and "kvroute" in params:
+        # what synced replicas run with (kvroute.sim.replicas), so the report says it
+        params["kvroute"]["tie_break"] = "rendezvous"
     for k in names:
         if k.startswith("sim:") and k != "sim:round_robin":
             raise CommandError(f"unknown simulator dispatcher {k!r}; known: sim:round_robin")
