@@ -1143,12 +1143,7 @@ class Router:
                 busy,
             )  # fmt: skip
             cached = min(matched * bs, prompt)
-            if self._predicted is not None and len(hashes):
-                payload.entry = self._predict(self._predicted, worker, hashes, now, breakpoints)
-            if self._degraded and worker in self._trust.degraded:
-                payload.fallback = self._routed_degraded(request, worker, p, hashes, prompt, now)
-            if self._remote.sharing:
-                self._remote.routed(now, worker, hashes, breakpoints, request.session_id)
+            self._record(request, payload, p, worker, hashes, prompt, now, breakpoints)
             i, cw, co, name = p, lt.ids_frozen, ov, self.policy.name
         seq = self._routed(request, worker, breakpoints, now, exclude)
         return Decision(rid, worker, name, matched, cached, prompt, seq, cw, co, costs, i)
@@ -1185,31 +1180,45 @@ class Router:
     ) -> None:
         """Start one leg of a routed request on the worker at ``p`` (the compiled step's work).
 
-        Records what the worker will hold (predicted residency, or a fresh
-        decision), its fallback residency if the worker is degraded, its load,
-        and shares it with other replicas. ``prefilled_on`` is a decode leg's
-        prefill worker: the leg is not judged by the drift detector (the
-        cached tokens reported are the prefill worker's) and does not pin the
-        session on other replicas (the session follows its prefill worker).
+        Its load, its fresh decision, then :meth:`_record`. ``prefilled_on`` is
+        a decode leg's prefill worker.
         """
         w = int(self._load.worker_ids[p])
-        entry: Any = None
-        if self._predicted is not None and len(hashes):
-            entry = self._predict(self._predicted, w, hashes, now, breakpoints)
-        elif self._fresh is not None:
-            entry = self._fresh.record(w, hashes, now)
-        fallback = None
-        if self._degraded and prefilled_on is None and w in self._trust.degraded:
-            fallback = self._routed_degraded(request, w, p, hashes, prompt, now)
-        payload = _Payload.of(
-            request, hashes, entry, prefill_worker=prefilled_on, fallback=fallback
-        )
+        payload = _Payload.of(request, hashes, prefill_worker=prefilled_on)
+        if self._fresh is not None:
+            payload.entry = self._fresh.record(w, hashes, now)
+        self._record(request, payload, p, w, hashes, prompt, now, breakpoints)
         self._load.start(
             key, w, prefill_tokens=prefill_tokens, decode_blocks=decode_blocks, now=now,
             hashes=hashes, payload=payload,
         )  # fmt: skip
+
+    def _record(
+        self,
+        request: Request,
+        payload: _Payload,
+        p: int,
+        w: int,
+        hashes: npt.NDArray[np.uint64],
+        prompt: int,
+        now: float,
+        breakpoints: tuple[CacheControl, ...],
+    ) -> None:
+        """What every routed leg leaves beside its load, in its payload and elsewhere.
+
+        Its predicted residency (event-free), its record in a degraded worker's
+        fallback, and the decision shared with other replicas. A decode leg
+        (``payload.prefill_worker`` set) is not judged by the drift detector
+        (the cached tokens reported are its prefill worker's) and does not pin
+        the session on other replicas (the session follows its prefill worker).
+        """
+        if self._predicted is not None and len(hashes):
+            payload.entry = self._predict(self._predicted, w, hashes, now, breakpoints)
+        decode_leg = payload.prefill_worker is not None
+        if self._degraded and not decode_leg and w in self._trust.degraded:
+            payload.fallback = self._routed_degraded(request, w, p, hashes, prompt, now)
         if self._remote.sharing:
-            session = request.session_id if prefilled_on is None else None
+            session = None if decode_leg else request.session_id
             self._remote.routed(now, w, hashes, breakpoints, session)
 
     def _choose(
