@@ -237,6 +237,67 @@ def test_an_unreachable_worker_is_marked_down_by_calls_but_not_by_calls_aside() 
         asyncio.run(scenario(workers))
 
 
+def test_a_worker_going_down_fails_the_call_waiting_on_it_and_nothing_else() -> None:
+    # A call runs in its caller's task; the worker's going down cancels it there,
+    # and that cancellation (only that one) becomes AttemptFailed.
+    async def scenario(workers: list[MockWorker]) -> None:
+        async with _parts(workers) as p:
+            started = asyncio.Event()
+
+            async def slow() -> str:
+                started.set()
+                await asyncio.sleep(30)
+                return "late"
+
+            call = asyncio.create_task(p.upstream._until_down(0, "POST /x", slow))
+            await started.wait()
+            p.pool.mark_down(0, "test")
+            with pytest.raises(AttemptFailed, match="marked unhealthy"):
+                await call
+            with pytest.raises(AttemptFailed, match="is unhealthy"):
+                await p.upstream._until_down(0, "POST /x", slow)
+
+            async def failing_over() -> str:
+                # the task goes on after the failure: not cancelled again
+                with contextlib.suppress(AttemptFailed):
+                    await p.upstream._until_down(1, "POST /x", slow_then_down)
+                await asyncio.sleep(0.01)
+                return "went on"
+
+            async def slow_then_down() -> str:
+                asyncio.get_running_loop().call_soon(p.pool.mark_down, 1, "test")
+                await asyncio.sleep(30)
+                return "late"
+
+            assert await failing_over() == "went on"
+            p.pool.workers[0].healthy = p.pool.workers[1].healthy = True
+            p.pool.workers[0].down = p.pool.workers[1].down = None
+
+            # the client's cancellation stays a cancellation, even when the worker goes down too
+            started.clear()
+            call = asyncio.create_task(p.upstream._until_down(0, "POST /x", slow))
+            await started.wait()
+            p.pool.mark_down(0, "test")
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+            # a call that ended is not cut afterwards by its worker going down
+            async def quick() -> str:
+                p.pool.mark_down(1, "test")  # its callbacks run once the call returned
+                return "done"
+
+            async def then_wait() -> str:
+                got = await p.upstream._until_down(1, "POST /x", quick)
+                await asyncio.sleep(0.01)
+                return got
+
+            assert await then_wait() == "done"
+
+    with _workers(2) as workers:
+        asyncio.run(scenario(workers))
+
+
 def test_lifecycle_reports_once_and_never_after_the_end() -> None:
     router = Router(block_size=4, workers=[0], journal=True)
     orders = [("first_token", "finish", "fail"), ("fail", "first_token", "finish")]

@@ -10,12 +10,15 @@ refused with 503 at once. Real sockets, trickling real bytes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -25,6 +28,9 @@ pytest.importorskip("jinja2")
 
 from helpers import wait_until
 from test_proxy_support import fleet, get, post
+
+from kvroute.proxy import ProxyConfig, WorkerSpec
+from kvroute.proxy.connections import ConnectionGuard
 
 MODEL = "mock-model"
 BODY = json.dumps({"model": MODEL, "prompt": [1, 2, 3, 4], "max_tokens": 1}).encode()
@@ -172,3 +178,30 @@ def test_slow_clients_under_the_cap_do_not_hold_up_a_normal_request() -> None:
     with fleet(1, header_timeout=5) as (proxy, _), trickle(proxy.url, ENDLESS_HEADERS, 30):
         status, _, raw = post(proxy.url + "/v1/completions", raw=BODY)
         assert status == 200, raw
+
+
+def test_the_body_deadline_is_armed_only_for_a_body_still_arriving() -> None:
+    # a body that came whole with its headers (the usual request) needs no timer
+    guard = ConnectionGuard(ProxyConfig([WorkerSpec("http://127.0.0.1:9")], body_timeout=5.0))
+
+    async def armed(whole: bool) -> list[float]:
+        loop = asyncio.get_running_loop()
+        delays: list[float] = []
+        later = loop.call_later
+
+        def spy(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            delays.append(delay)
+            return later(delay, callback, *args)
+
+        loop.call_later = spy  # type: ignore[method-assign]
+        content = SimpleNamespace(is_eof=lambda: whole)
+        request = SimpleNamespace(transport=None, body_exists=True, content=content)
+
+        async def handler(request: Any) -> str:
+            return "answered"
+
+        assert await guard.middleware(request, handler) == "answered"  # type: ignore[arg-type]
+        return delays
+
+    assert asyncio.run(armed(whole=True)) == []
+    assert asyncio.run(armed(whole=False)) == [5.0]

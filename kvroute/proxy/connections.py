@@ -236,7 +236,7 @@ class ConnectionGuard:
             conn.disarm()
             conn.busy = True
         timer = None
-        if request.body_exists:
+        if request.body_exists and not request.content.is_eof():  # (usually it came whole)
             timer = asyncio.get_running_loop().call_later(
                 self.config.body_timeout, self._body_late, request
             )

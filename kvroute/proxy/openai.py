@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .errors import ProxyError
 from .hints import Hints, Usage, header_hints, parse_breakpoints
-from .sse import SseSplitter, encode_event
+from .sse import SseEvent, SseSplitter, encode_event, parse_event
 
 __all__ = ["MAX_TOKENS_FIELDS", "OpenAIStream", "check_max_tokens", "openai_hints", "openai_usage"]
 
@@ -25,6 +25,14 @@ __all__ = ["MAX_TOKENS_FIELDS", "OpenAIStream", "check_max_tokens", "openai_hint
 MAX_TOKENS_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 log = logging.getLogger("kvroute.proxy")
+
+# Unparsed events OpenAIStream holds for its ``on_event`` before decoding them anyway.
+_HOLD_BYTES: Final = 64 << 10
+
+
+# What can make an event matter to OpenAIStream once the first content went by: a
+# "usage" or "error" key (spelled with escapes, a key holds a \u), or the end.
+_MARKERS: Final = (b'"usage"', b'"error"', b"\\u", b"[DONE]")
 
 
 def _cache_controls(body: Mapping[str, Any]) -> Iterator[tuple[object, dict[str, Any] | None]]:
@@ -175,12 +183,24 @@ class OpenAIStream:
     >>> s.usage
     Usage(prompt_tokens=3, cached_tokens=None, output_tokens=1)
 
+    Once the first content went by, an event can change nothing the watcher
+    reports unless it names a ``usage`` or an ``error`` (or spells a key
+    with a ``\\u`` escape, which could be either): the others are passed on
+    unparsed (most of a stream, a whole chunk at once when it holds only
+    such events). Their JSON is decoded only when someone asks for it: with
+    ``defer``, ``on_event`` sees them (in order, with the parsed ones) by the
+    time :meth:`settle` returns, or when 64 KiB of them are held;
+    :attr:`content_chunks` settles too. Without ``defer`` (or with a
+    ``transform``) every event is decoded as it passes.
+
     :param strip_usage: drop the usage-only chunk (the proxy asked for it).
     :param on_event: called with each event's JSON, e.g. to rebuild the reply
         for a warm-up.
     :param transform: called with each event's JSON (after ``on_event``):
         the event to pass on instead (re-encoded when it is another object),
         or None to drop it; see :mod:`~kvroute.proxy.migration`.
+    :param defer: ``on_event`` may be called late (see above): the caller
+        calls :meth:`settle` before it reads what ``on_event`` built.
     """
 
     def __init__(
@@ -189,15 +209,21 @@ class OpenAIStream:
         strip_usage: bool = False,
         on_event: Callable[[object], None] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        defer: bool = False,
     ) -> None:
         self._split = SseSplitter()
         self._strip_usage = strip_usage
         self._on_event = on_event
         self._transform = transform
+        # Events may go by unparsed: nothing needs each one's JSON at once.
+        self._lazy = transform is None and (on_event is None or defer)
+        # The events not yet settled, in order: whole chunks of complete events,
+        # single events, or events already parsed (their content counted).
+        self._held: list[bytes | dict[str, Any]] = []
+        self._held_bytes = 0
+        self._content_chunks = 0
         #: A chunk with generated content has gone by.
         self.first_token = False
-        #: Chunks with generated content (a fallback count of output tokens).
-        self.content_chunks = 0
         #: The usage the worker reported, if any.
         self.usage: Usage | None = None
         #: An error the worker reported in the stream, if any.
@@ -207,8 +233,13 @@ class OpenAIStream:
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes of ``chunk``'s complete events to pass on."""
+        events = self._split.take(chunk)
+        if not events:
+            return b""
+        if self._lazy and b"\r" not in events:
+            return self._feed_lazy(events)
         out: list[bytes] = []
-        for ev in self._split.feed(chunk):
+        for ev in SseSplitter().feed(events):
             data = ev.data
             if data == "[DONE]":
                 self.done = True
@@ -218,10 +249,11 @@ class OpenAIStream:
             if not isinstance(obj, dict):
                 out.append(ev.raw)
                 continue
-            if "error" in obj:
-                err = obj["error"]
-                self.error = str(err.get("message") if isinstance(err, dict) else err)
-            if self._on_event is not None:
+            self._note_error(obj)
+            if self._lazy:
+                if self._on_event is not None:
+                    self._hold(obj, 0)
+            elif self._on_event is not None:
                 self._on_event(obj)
             raw = ev.raw
             if self._transform is not None:
@@ -230,17 +262,122 @@ class OpenAIStream:
                     continue
                 if changed is not obj:
                     obj, raw = changed, encode_event(changed, ev.event)
-            choices = obj.get("choices")
-            if isinstance(choices, list) and any(_has_content(c) for c in choices):
-                self.first_token = True
-                self.content_chunks += 1
-            usage = openai_usage(obj.get("usage"))
-            if usage is not None:
-                self.usage = usage
-                if self._strip_usage and not choices:
-                    continue
-            out.append(raw)
+            if self._note(obj):
+                out.append(raw)
         return b"".join(out)
+
+    def _feed_lazy(self, events: bytes) -> bytes:
+        """:meth:`feed` for complete events with LF line ends, no ``transform``, ``on_event`` late.
+
+        Past the first content, only the events holding a :data:`_MARKERS`
+        marker are parsed; the runs of events between go to :meth:`_hold` as
+        they are.
+        """
+        if self.first_token and not (
+            b'"usage"' in events or b'"error"' in events or b"\\u" in events or b"[DONE]" in events
+        ):  # _MARKERS
+            self._hold(events, len(events))
+            return events
+        dropped: list[tuple[int, int]] = []
+        run = at = 0  # the run of unparsed events starts at run
+        mark = -1  # where the next marker is, from the last event parsed on
+        found = [-2] * len(_MARKERS)  # the next of each marker (-1: none left)
+        # With LF line ends only, the events are what lies between blank lines
+        # (split left to right, as SseSplitter scans), the last one empty.
+        for part in events.split(b"\n\n")[:-1]:
+            start, at = at, at + len(part) + 2
+            if self.first_token:
+                if mark < start:
+                    # each marker is searched for again only once passed: O(bytes)
+                    mark = len(events)
+                    for i, m in enumerate(_MARKERS):
+                        if -1 != found[i] < start:
+                            found[i] = events.find(m, start)
+                        if 0 <= found[i] < mark:
+                            mark = found[i]
+                if mark >= at:
+                    continue  # nothing in it can matter
+            if part.startswith(b"data: ") and b"\n" not in part:
+                if part == b"data: [DONE]":
+                    self.done = True
+                    continue
+                data = part[6:].decode("utf-8", errors="replace")
+                obj = SseEvent(None, data, b"").json() if data.startswith("{") else None
+            else:
+                ev = parse_event(events[start:at])
+                if ev.data == "[DONE]":
+                    self.done = True
+                    continue
+                obj = ev.json() if ev.data.startswith("{") else None
+            if not isinstance(obj, dict):
+                continue
+            self._note_error(obj)
+            if run < start:
+                self._hold(events[run:start], start - run)
+            run = at
+            if self._on_event is not None:
+                self._hold(obj, 0)
+            if not self._note(obj):
+                dropped.append((start, at))
+        if run < len(events):
+            self._hold(events[run:] if run else events, len(events) - run)
+        if not dropped:
+            return events
+        out, kept = [], 0
+        for start, end in dropped:
+            out.append(events[kept:start])
+            kept = end
+        out.append(events[kept:])
+        return b"".join(out)
+
+    def _note_error(self, obj: dict[str, Any]) -> None:
+        if "error" in obj:
+            err = obj["error"]
+            self.error = str(err.get("message") if isinstance(err, dict) else err)
+
+    def _note(self, obj: dict[str, Any]) -> bool:
+        """Note an event's content and usage; whether it is passed on."""
+        choices = obj.get("choices")
+        if isinstance(choices, list) and any(_has_content(c) for c in choices):
+            self.first_token = True
+            self._content_chunks += 1
+        usage = openai_usage(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            if self._strip_usage and not choices:
+                return False
+        return True
+
+    def _hold(self, item: bytes | dict[str, Any], size: int) -> None:
+        self._held.append(item)
+        self._held_bytes += size
+        if self._held_bytes > _HOLD_BYTES:
+            self.settle()
+
+    def settle(self) -> None:
+        """Decode the events passed on unparsed: count their content, call ``on_event``."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        on_event = self._on_event
+        for item in held:
+            if isinstance(item, dict):  # parsed as it passed: its content is counted
+                if on_event is not None:
+                    on_event(item)
+                continue
+            for ev in SseSplitter().feed(item):
+                obj = ev.json() if ev.data.startswith("{") else None
+                if not isinstance(obj, dict):
+                    continue
+                if on_event is not None:
+                    on_event(obj)
+                choices = obj.get("choices")
+                if isinstance(choices, list) and any(_has_content(c) for c in choices):
+                    self._content_chunks += 1
+
+    @property
+    def content_chunks(self) -> int:
+        """Chunks with generated content (a fallback count of output tokens)."""
+        self.settle()
+        return self._content_chunks
 
     def flush(self) -> bytes:
         """An unterminated last event, passed on as it is."""

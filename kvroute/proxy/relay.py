@@ -324,8 +324,9 @@ class Relay:
             watcher = ResponsesStream(on_event=on_event)
         else:
             transform = strip_token_ids if call.strip_token_ids else None
+            # defer: the reply and the transcript are read only after settle()
             watcher = OpenAIStream(
-                strip_usage=call.strip_usage, on_event=on_event, transform=transform
+                strip_usage=call.strip_usage, on_event=on_event, transform=transform, defer=True
             )
         opened: list[web.StreamResponse] = []  # the client's stream, once begun
         try:
@@ -406,6 +407,8 @@ class Relay:
         reply = None
         predicted = False
         outcome = "ok"
+        if isinstance(watcher, OpenAIStream) and (upstream_error or collector is not None):
+            watcher.settle()  # the transcript or the reply is to be read: make it whole
         if upstream_error is not None:
             outcome = "stream_broken"
             lc.worker_failed = True

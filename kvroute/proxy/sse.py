@@ -26,7 +26,7 @@ import msgspec
 _decode_json = msgspec.json.decode
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
-__all__ = ["SseEvent", "SseSplitter", "encode_event"]
+__all__ = ["SseEvent", "SseSplitter", "encode_event", "parse_event"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,8 @@ class SseEvent:
             return None
 
 
-def _parse(raw: bytes) -> SseEvent:
+def parse_event(raw: bytes) -> SseEvent:
+    """One complete event (its blank line included), parsed."""
     # The engines' usual event, one ``data: `` line and a blank line, parsed
     # without splitting lines (the relay parses one per streamed token).
     if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.find(b"\n", 6) == len(raw) - 2:
@@ -77,6 +78,40 @@ def _parse_lines(raw: bytes) -> SseEvent:
     return SseEvent(name, "\n".join(data), raw)
 
 
+def _event_ends(buf: bytes) -> Iterator[int]:
+    """Where each complete event in ``buf`` ends (after its blank line), in order."""
+    start = 0
+    lf = crlf = -2  # the next separator of each kind at or after start; -1: none left
+    while True:
+        # Events end with a blank line; lines end with \n, \r\n (or, rarely, \r).
+        # Each kind is searched for again only once passed: a chunk holding a
+        # whole reply (many events, one line ending) is scanned once, not once per event.
+        if -1 != lf < start:
+            lf = buf.find(b"\n\n", start)
+        if -1 != crlf < start:
+            crlf = buf.find(b"\r\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            return
+        start = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+        yield start
+
+
+def _last_end(buf: bytes) -> int:
+    """Where the last complete event in ``buf`` ends (0: none is complete)."""
+    if b"\r" not in buf:
+        # LF line ends only: the last blank line ends the last event, unless it
+        # is part of a longer run of line ends (which the events split in pairs).
+        last = buf.rfind(b"\n\n")
+        if last < 0:
+            return 0
+        if last == 0 or buf[last - 1] != 0x0A:
+            return last + 2
+    end = 0
+    for end in _event_ends(buf):  # noqa: B007 (the last one)
+        pass
+    return end
+
+
 class SseSplitter:
     """Split a byte stream into complete events, keeping partial input for the next feed.
 
@@ -90,21 +125,33 @@ class SseSplitter:
         """The events completed by ``chunk``, in order."""
         buf = self._buf + chunk if self._buf else chunk
         start = 0
-        lf = crlf = -2  # the next separator of each kind at or after start; -1: none left
-        while True:
-            # Events end with a blank line; lines end with \n, \r\n (or, rarely, \r).
-            # Each kind is searched for again only once passed: a chunk holding a
-            # whole reply (many events, one line ending) is scanned once, not once per event.
-            if -1 != lf < start:
-                lf = buf.find(b"\n\n", start)
-            if -1 != crlf < start:
-                crlf = buf.find(b"\r\n\r\n", start)
-            if lf < 0 and crlf < 0:
-                break
-            end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
-            yield _parse(buf[start:end])
+        for end in _event_ends(buf):
+            yield parse_event(buf[start:end])
             start = end
         self._buf = buf[start:]
+
+    def take(self, chunk: bytes) -> bytes:
+        """The events completed by ``chunk``, as they came, in one piece.
+
+        The bytes :meth:`feed` would have returned the events of; a new
+        splitter's :meth:`feed` splits them into those events.
+
+        >>> s = SseSplitter()
+        >>> s.take(b"data: 1\\n\\ndata: 2\\n\\nda"), s.take(b"ta: 3\\n\\n")
+        (b'data: 1\\n\\ndata: 2\\n\\n', b'data: 3\\n\\n')
+        """
+        buf = self._buf + chunk if self._buf else chunk
+        end = _last_end(buf)
+        if end == len(buf):
+            self._buf = b""
+            return buf
+        self._buf = buf[end:]
+        return buf[:end]
+
+    @property
+    def pending(self) -> bool:
+        """Part of an event is held, waiting for its end."""
+        return bool(self._buf)
 
     def flush(self) -> bytes:
         """Whatever is left over (an unterminated event), clearing it."""
