@@ -27,6 +27,7 @@ from .event_sources import check_event_sources
 
 __all__ = [
     "ACCESS_LOG_FORMATS",
+    "DEFAULT_GC_THRESHOLD",
     "DEFAULT_MAX_BODY_SIZE",
     "ROUTER_SETTINGS",
     "ProxyConfig",
@@ -38,6 +39,10 @@ __all__ = [
     "router_settings",
     "secret_field",
 ]
+
+#: Allocations between young-generation collections once ``kvroute proxy`` serves
+#: (Python's own: 700; see :func:`kvroute.proxy.serving.tune_gc`).
+DEFAULT_GC_THRESHOLD: Final = 20_000
 
 #: Largest request body accepted by default (32 MiB: a 128k-token prompt with tool output).
 DEFAULT_MAX_BODY_SIZE: Final = 32 << 20
