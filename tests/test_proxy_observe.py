@@ -38,7 +38,7 @@ from kvroute import Router
 from kvroute.events.metrics import LiteHistogram, Metrics
 from kvroute.proxy import ProxyConfig, ProxyServer, WorkerSpec
 from kvroute.proxy.access_log import FIELDS, AccessLog, open_access_log
-from kvroute.proxy.observe import RequestRecord
+from kvroute.proxy.record import RequestRecord
 from kvroute.testing import MockWorker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The access log: one line per API request, written when it ends.
 
 A line is built once, from the request's
-:class:`~kvroute.proxy.observe.RequestRecord`, when the request has ended
+:class:`~kvroute.proxy.record.RequestRecord`, when the request has ended
 (answered, failed, or the client gone): JSON lines by default, or logfmt
 ``key=value`` text. Its fields, in order:
 
@@ -40,7 +40,7 @@ A line is built once, from the request's
 Fields the request never reached are null (JSON) or left out (text).
 
 Cost: no work per streamed chunk; per request, one f-string (the JSON line
-built straight from the record, :meth:`~kvroute.proxy.observe.RequestRecord.json_line`:
+built straight from the record, :meth:`~kvroute.proxy.record.RequestRecord.json_line`:
 about half the cost of a dict through ``json.dumps``), appended to a buffer
 that is written out at most every ``flush_interval`` seconds or every 64 KiB,
 and when the log closes (measured against the ``logging`` module and a

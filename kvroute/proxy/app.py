@@ -417,7 +417,7 @@ class ProxyApp:
                 record.outcome = "upstream_failed"
             return failure_response(call, last)
         if record is not None:
-            record.relayed(relayed)
+            record.relayed(relayed.usage, relayed.outcome)
         if routed.speculative_prefill:
             assert routed.session_id is not None
             self.warmups.warm(call, routed.session_id, relayed.reply)

@@ -72,7 +72,7 @@ from .upstream import CONNECTION_ERRORS, AttemptFailed, Handler, Lifecycle, Upst
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
-    from .observe import RequestRecord
+    from .record import RequestRecord
 
 __all__ = [
     "REMOTE_DECODE",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from .observe import RequestRecord
+    from .record import RequestRecord
 
 __all__ = ["Tracing", "configure_sdk"]
 

@@ -49,7 +49,7 @@ from .outliers import OutlierDetector
 from .workers import WorkerPool
 
 if TYPE_CHECKING:
-    from .observe import RequestRecord
+    from .record import RequestRecord
 
 __all__ = ["CONNECTION_ERRORS", "Attempt", "AttemptFailed", "Handler", "Lifecycle", "Upstream"]
 
