@@ -23,15 +23,16 @@ refuses it when the proxy syncs with replicas (``sync_url``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 if TYPE_CHECKING:
     from ..fleet.spec import WorkerSpec
-    from .config import ProxyConfig
 
 __all__ = [
     "HTTP_FORMATS",
     "SINGLE_CONSUMER",
+    "Sources",
     "Transport",
     "check_event_sources",
     "check_single_consumer",
@@ -39,6 +40,17 @@ __all__ = [
     "transport_of",
     "worker_format",
 ]
+
+class Sources(Protocol):
+    """What these checks read of a :class:`~kvroute.proxy.config.ProxyConfig`."""
+
+    @property
+    def workers(self) -> Sequence[WorkerSpec]: ...
+    @property
+    def events_format(self) -> str: ...
+    @property
+    def sync_url(self) -> str | None: ...
+
 
 #: How a worker's KV events reach the proxy.
 Transport = Literal["zmq", "http"]
@@ -61,7 +73,7 @@ def worker_format(spec: WorkerSpec, default: str) -> str:
     return spec.events_format if spec.events_format is not None else default
 
 
-def check_single_consumer(config: ProxyConfig) -> None:
+def check_single_consumer(config: Sources) -> None:
     """Refuse a single-consumer events transport together with replica sync.
 
     Keyed on ``config.sync_url``, set when the proxy runs as one of several
@@ -118,7 +130,7 @@ def check_worker_events(
     _refuse_single_consumer(spec, sync_url)
 
 
-def check_event_sources(config: ProxyConfig) -> None:
+def check_event_sources(config: Sources) -> None:
     """Check every worker's events format and transport (see the module docstring).
 
     :raises ValueError: an unregistered format (the message lists those that
