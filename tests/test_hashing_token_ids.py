@@ -47,7 +47,10 @@ _WS = st.sampled_from(["", " ", "\t", "\n", "\r", "  ", "\r\n  "])
 @st.composite
 def _id_arrays(draw: st.DrawFn) -> tuple[list[int], bytes]:
     """Valid arrays of u32 ids, written with JSON whitespace anywhere it may go."""
-    ids = draw(st.lists(st.integers(0, U32_MAX) | st.sampled_from([0, 1, 9, 10, U32_MAX])))
+    # ids of up to 7 digits with 8 bytes after their start are read a word at a time
+    small = st.integers(0, 9_999_999) | st.sampled_from([0, 1, 9, 10, 99, 100, 9_999_999])
+    big = st.integers(10_000_000, U32_MAX) | st.sampled_from([10_000_000, U32_MAX])
+    ids = draw(st.lists(small | big))
     parts = [draw(_WS), "[", draw(_WS)]
     for k, t in enumerate(ids):
         if k:
@@ -115,10 +118,27 @@ def test_anything_else_is_none(mod: ModuleType, text: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [b"01", b"00", b"-1", b"-0", b"+1", b"1.0", b"1e3", b"0x1", b"4294967296", b"12345678901",
+     b"1-2", b"1 2", b"1]", b"[1", b"", b"\xd9\xa1", b"1\x001", b"7/", b"7:"],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_bad_id_in_a_long_array_is_none(mod: ModuleType, bad: bytes, where: str) -> None:
+    # room for a word read at every position, and none at the end
+    good = [b"1234567", b"0", b"89"]
+    items = {"first": [bad, *good], "middle": [*good, bad, *good], "last": [*good, bad]}[where]
+    assert mod.token_ids_array(b"[" + b", ".join(items) + b"]") is None
+    assert mod.token_ids_array(b"[" + b",".join(items) + b"]") is None
+
+
+@pytest.mark.parametrize(
     ("text", "ids"),
     [
         (b"[]", []), (b" [ ] ", []), (b"[0]", [0]), (b"[4294967295]", [U32_MAX]),
         (b"\t[1\n,\r2 ]\n", [1, 2]), (b"[10,0,100]", [10, 0, 100]),
+        (b"[9999999,10000000,99999999,4294967295,0,1]",
+         [9_999_999, 10_000_000, 99_999_999, U32_MAX, 0, 1]),
+        (b"[1234567,7654321]   ", [1_234_567, 7_654_321]),
     ],
 )  # fmt: skip
 def test_edges(mod: ModuleType, text: bytes, ids: list[int]) -> None:
