@@ -395,9 +395,7 @@ class Preparer:
             retry=False,
         )
 
-    async def _prefix_tokens(
-        self, call: Call, prefix: dict[str, Any]
-    ) -> TokenIdList | None:
+    async def _prefix_tokens(self, call: Call, prefix: dict[str, Any]) -> TokenIdList | None:
         """The tokens of a breakpoint's prefix body (None if it cannot be tokenized)."""
         data = json.dumps(prefix, ensure_ascii=False).encode()
         try:
