@@ -11,7 +11,9 @@ Each benchmark hashes one prompt of ``n`` token ids (block size 16) per call:
 ``n`` runs over powers of ten plus 32 768, the prompt of the issue's goal.
 pytest-benchmark groups them by input so the ratios read off directly. Also
 timed: one XXH3-64 call against the ``xxhash`` package, and the engine-exact
-vLLM and SGLang schemes (pure Python over hashlib, pickle and cbor2).
+vLLM and SGLang schemes (pure Python over hashlib, pickle and cbor2), and
+the proxy's path from a worker's render answer to routing keys (its
+``token_ids`` read as a ``list`` or, as the proxy now does, as ``uint32``).
 
 Not measured: tokenisation, converting other containers (``array('I')``,
 numpy ``int64``) into uint32, multi-threaded throughput (the compiled loops
@@ -24,6 +26,7 @@ test run collects these with ``--benchmark-disable``, so each runs once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -104,3 +107,32 @@ def bench_engine_scheme(benchmark: Any, scheme: str) -> None:
         algo = scheme.removeprefix("vllm_")
         result = benchmark(engine_hashes.vllm_block_hashes, tokens, BLOCK, algo=algo, seed="0")
     assert result.size == 32_768 // BLOCK
+
+
+def _render_answer(n: int) -> bytes:
+    """A vLLM render answer holding ``n`` token ids, as a worker sends it."""
+    answer = {"request_id": "chatcmpl-1", "token_ids": prompt(n).tolist(), "sampling_params": {}}
+    return json.dumps(answer).encode()
+
+
+@pytest.mark.parametrize("n", [4_000, 50_000])
+@pytest.mark.parametrize("read", ["list", "uint32"])
+def bench_render_answer_to_keys(benchmark: Any, read: str, n: int) -> None:
+    """The proxy's tokenize-by-worker hot path: a render answer's ids to routing keys.
+
+    ``list``: msgspec decodes ``token_ids`` as ``list[int]`` (the proxy before
+    issue 13); ``uint32``: :func:`~kvroute.proxy.tokenize.answer_token_ids`
+    keeps them as raw JSON text and ``token_ids_array`` parses it into uint32.
+    """
+    tokenize = pytest.importorskip("kvroute.proxy.tokenize", reason="needs the `serve` extra")
+    text = _render_answer(n)
+
+    def keys() -> Any:
+        if read == "list":
+            ids: Any = tokenize._RENDERED.decode(text).token_ids
+        else:
+            ids = tokenize.answer_token_ids("chat", True, text)
+        return hashing.kvroute_block_hashes(ids, BLOCK)
+
+    benchmark.group = f"render answer of {n} ids to keys"
+    assert np.array_equal(benchmark(keys), hashing.kvroute_block_hashes(prompt(n), BLOCK))

@@ -5,6 +5,7 @@ from ._hashing_py import block_hashes as block_hashes
 from ._hashing_py import chained_block_hashes as chained_block_hashes
 from ._hashing_py import check_block_size as check_block_size
 from ._hashing_py import sequence_hashes as sequence_hashes
+from ._hashing_py import token_ids_array as token_ids_array
 from ._hashing_py import xxh3_64 as xxh3_64
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "chained_block_hashes",
     "check_block_size",
     "sequence_hashes",
+    "token_ids_array",
     "xxh3_64",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "chained_block_hashes",
     "check_block_size",
     "sequence_hashes",
+    "token_ids_array",
     "xxh3_64",
 ]
 
@@ -555,3 +556,165 @@ def chained_block_hashes(tokens, block_size, seed=XXH3_SEED, parent=None):
     else:
         _hash_chain(data, count, 4 * size, s, secret, has_parent, p, &res[0])
     return out
+
+
+# --- token ids in JSON text ---------------------------------------------------
+
+cdef inline bint _json_ws(uint8_t c) noexcept nogil:
+    return c == 0x20 or c == 0x0A or c == 0x0D or c == 0x09
+
+
+cdef Py_ssize_t _count_commas(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, count = 0
+    for i in range(n):
+        count += p[i] == 0x2C
+    return count
+
+
+cdef extern from *:
+    """
+    /* Index of the lowest set bit of a non-zero word. */
+    static inline int kvr_ctz64(uint64_t x) {
+    #if defined(__GNUC__) || defined(__clang__)
+        return __builtin_ctzll(x);
+    #else
+        int n = 0;
+        while (!(x & 1)) { x >>= 1; n++; }
+        return n;
+    #endif
+    }
+    """
+    int ctz64 "kvr_ctz64"(uint64_t x) noexcept nogil
+
+
+# SWAR constants: every byte of a word at once.
+cdef uint64_t _ASCII_ZEROS = 0x3030303030303030ULL
+cdef uint64_t _TO_HIGH_BIT = 0x7676767676767676ULL  # byte + 0x76 >= 0x80 iff byte >= 10
+cdef uint64_t _HIGH_BITS = 0x8080808080808080ULL
+
+
+cdef inline Py_ssize_t _parse_id(const uint8_t* p, Py_ssize_t i, Py_ssize_t n,
+                                 uint32_t* out) noexcept nogil:
+    """Parse the id starting at ``p[i]`` into ``out``; the index after it, or -1 if none.
+
+    An id is ``0`` or a digit 1-9 then digits, below 2**32. With 8 bytes
+    left, an id of up to 7 digits is read at once: the digits are found by
+    one word test (a byte is a digit iff byte ^ '0' < 10) and converted by
+    three multiplications (the eight-digit SWAR conversion, with the id
+    shifted to the word's top and zeros in front). Longer ids, and the end
+    of the text, go a digit at a time.
+    """
+    cdef uint64_t t, nondigit, v
+    cdef int nd
+    if i + 8 <= n:
+        t = _read64(p + i) ^ _ASCII_ZEROS  # digits become 0-9, in text order from the low byte
+        nondigit = ((t + _TO_HIGH_BIT) | t) & _HIGH_BITS
+        # a carry out of a byte only comes from a non-digit byte and only moves up:
+        # the lowest flagged byte is the first non-digit
+        if nondigit:
+            nd = ctz64(nondigit) >> 3
+            if nd == 0 or (nd > 1 and (t & 0xFF) == 0):  # no digit, or a leading zero
+                return -1
+            t <<= 8 * (8 - nd)  # drop what follows the id; zeros in front
+            t = t * 10 + (t >> 8)
+            t = (((t & 0x000000FF000000FFULL) * (100 + (1000000ULL << 32)))
+                 + (((t >> 16) & 0x000000FF000000FFULL) * (1 + (10000ULL << 32)))) >> 32
+            out[0] = <uint32_t>t
+            return i + nd
+    # a digit at a time
+    cdef uint8_t c = p[i]
+    if c == 0x30:  # 0 starts no other number
+        v = 0
+        i += 1
+        if i < n and 0x30 <= p[i] <= 0x39:
+            return -1
+    elif 0x31 <= c <= 0x39:
+        v = c - 0x30
+        i += 1
+        while i < n and 0x30 <= p[i] <= 0x39:
+            v = v * 10 + (p[i] - 0x30)
+            if v > 0xFFFFFFFFULL:  # checked each digit: v never overflows
+                return -1
+            i += 1
+    else:
+        return -1
+    out[0] = <uint32_t>v
+    return i
+
+
+cdef Py_ssize_t _parse_u32_list(const uint8_t* p, Py_ssize_t n, uint32_t* out,
+                                Py_ssize_t cap) noexcept nogil:
+    """Parse a JSON array of decimal u32s into ``out``; the count, or -1 if not one.
+
+    ``cap`` bounds the count (commas + 1, so a valid array always fits).
+    """
+    cdef Py_ssize_t i = 0, k = 0
+    while i < n and _json_ws(p[i]):
+        i += 1
+    if i >= n or p[i] != 0x5B:  # [
+        return -1
+    i += 1
+    while i < n and _json_ws(p[i]):
+        i += 1
+    if i < n and p[i] == 0x5D:  # ]: the empty array
+        i += 1
+    else:
+        while True:
+            if i >= n or k >= cap:
+                return -1
+            i = _parse_id(p, i, n, out + k)
+            if i < 0:
+                return -1
+            k += 1
+            while i < n and _json_ws(p[i]):
+                i += 1
+            if i >= n:
+                return -1
+            if p[i] == 0x2C:  # ,
+                i += 1
+                while i < n and _json_ws(p[i]):
+                    i += 1
+            elif p[i] == 0x5D:  # ]
+                i += 1
+                break
+            else:
+                return -1
+    while i < n and _json_ws(p[i]):
+        i += 1
+    return k if i == n else -1
+
+
+def token_ids_array(data):
+    """Return a JSON array of token ids, given as text, as a uint32 array; None if it is not one.
+
+    See :func:`kvroute._hashing_py.token_ids_array`.
+    """
+    cdef const uint8_t[::1] buf
+    cdef const uint8_t* p = NULL
+    cdef Py_ssize_t n, cap, count
+    if type(data) is bytes:  # skip the buffer protocol for the common case
+        p = <const uint8_t*>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        buf = memoryview(data).cast("B")
+        n = buf.shape[0]
+        if n:
+            p = &buf[0]
+    if n < 2:
+        return None
+    cdef bint nogil_ = n >= _NOGIL_MIN_BYTES
+    if nogil_:
+        with nogil:
+            cap = _count_commas(p, n) + 1
+    else:
+        cap = _count_commas(p, n) + 1
+    out = np.empty(cap, dtype=np.uint32)
+    cdef uint32_t[::1] res = out
+    if nogil_:
+        with nogil:
+            count = _parse_u32_list(p, n, &res[0], cap)
+    else:
+        count = _parse_u32_list(p, n, &res[0], cap)
+    if count < 0:
+        return None
+    return out if count == cap else out[:count]

@@ -24,6 +24,9 @@ or tuple of ints, a numpy integer array (zero-copy when it is contiguous
 ``uint32``), an ``array('I')``... Every scheme hashes ids as u32, so an id
 outside [0, 2**32) raises ``OverflowError``, a non-integer raises ``TypeError``
 and a block size <= 0 raises ``ValueError``, in every function.
+
+:func:`token_ids_array` reads token ids written as a JSON array (a render
+endpoint's ``token_ids``) straight into a ``uint32`` array, or gives None.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ block_hashes = _core.block_hashes
 chained_block_hashes = _core.chained_block_hashes
 check_block_size = _core.check_block_size
 sequence_hashes = _core.sequence_hashes
+token_ids_array = _core.token_ids_array
 xxh3_64 = _core.xxh3_64
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "dynamo_seed",
     "dynamo_sequence_hashes",
     "kvroute_block_hashes",
+    "token_ids_array",
     "xxh3_64",
 ]
 

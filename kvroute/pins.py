@@ -181,9 +181,9 @@ class WarmupPlans:
         """
         tokens = None
         if prompt is not None:
-            tokens = tuple(int(t) for t in prompt)
+            tokens = _ints(prompt)
             if output is not None:
-                tokens += tuple(int(t) for t in output)
+                tokens += _ints(output)
         self._plans.pop(session_id, None)
         self._plans[session_id] = (WarmupPlan(worker, tokens, hashes), now)
         self.evicted += _bound(self._plans, self.max_sessions)
@@ -208,6 +208,13 @@ class WarmupPlans:
         for s in gone:
             del self._plans[s]
         return len(gone)
+
+
+def _ints(ids: Sequence[int] | npt.NDArray[np.integer[Any]]) -> tuple[int, ...]:
+    """Token ids as a tuple of Python ints (an array through ``tolist``: no numpy scalars)."""
+    if isinstance(ids, np.ndarray):
+        return tuple(ids.tolist())
+    return tuple(int(t) for t in ids)
 
 
 def _check_max(n: int | None) -> int | None:

@@ -199,7 +199,7 @@ class Request:
     """
 
     request_id: str | int
-    tokens: Sequence[int] | None = None
+    tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None
     block_hashes: npt.NDArray[np.uint64] | None = None
     prompt_tokens: int | None = None
     lora_name: str | None = None

@@ -149,7 +149,8 @@ class _Payload:
     # what the router keeps per request in flight, beside its load
     entry: Any  # its FreshDecisions entry, or its PredictedResidency entry ids
     session_id: str | None
-    tokens: Sequence[int] | None  # kept for a warm-up plan (speculative prefill)
+    # kept for a warm-up plan (speculative prefill)
+    tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | None
     hashes: npt.NDArray[np.uint64] | None
     speculative: bool
     prefill_worker: int | None = None  # a decode leg's: where its prompt was prefilled

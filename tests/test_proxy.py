@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
@@ -48,7 +49,10 @@ def test_chat_multi_turn_sticks_and_reports_the_workers_real_hits() -> None:
         assert len(set(served)) == 1, served
         # The router was given the same token ids the worker rendered.
         rec = workers[served[0]].requests()[-1]
-        assert list(routed_requests(proxy.router)[-1].tokens) == list(rec.prompt_token_ids)
+        tokens = routed_requests(proxy.router)[-1].tokens
+        assert list(tokens) == list(rec.prompt_token_ids)
+        # read from the render answer straight into the array the hashing takes
+        assert isinstance(tokens, np.ndarray) and tokens.dtype == np.uint32
 
 
 def test_chat_stream_passes_chunks_and_strips_the_usage_it_asked_for() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from ..request import CacheControl
 from .errors import ProxyError
@@ -194,8 +195,10 @@ def pinned_breakpoints(breakpoints: Sequence[Breakpoint]) -> list[Breakpoint]:
     return kept
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share.
+def common_prefix(
+    a: Sequence[int] | npt.NDArray[np.integer[Any]], b: Sequence[int] | npt.NDArray[np.integer[Any]]
+) -> int:
+    """How many leading tokens ``a`` and ``b`` share (lists or integer arrays, mixed).
 
     >>> common_prefix([1, 2, 3, 4], [1, 2, 9])
     2

@@ -39,7 +39,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -58,6 +58,7 @@ from .responses import check_responses
 from .tokenize import (
     RENDER_PATHS,
     LocalTokenizer,
+    TokenIdList,
     answer_token_ids,
     local_tokens,
     prompt_token_ids,
@@ -290,7 +291,7 @@ class Preparer:
 
     # -- tokens --------------------------------------------------------------------------
 
-    async def tokens(self, call: Call) -> list[int]:
+    async def tokens(self, call: Call) -> TokenIdList:
         """The token ids of ``call``'s prompt, as the engine will see them (the first prompt's).
 
         :raises ProxyError: 400 for a prompt that cannot be rendered (or the
@@ -302,7 +303,7 @@ class Preparer:
             prompt = call.body.get("prompt")
             if isinstance(prompt, TokenIds):
                 # a numpy array: the router and Request take arrays as they are
-                return cast("list[int]", prompt.ids)
+                return prompt.ids
             ids = prompt_token_ids(call.body)
             if ids is not None:
                 return ids
@@ -314,7 +315,7 @@ class Preparer:
             )
         return await self._worker_tokens(call)
 
-    async def _worker_tokens(self, call: Call) -> list[int]:
+    async def _worker_tokens(self, call: Call) -> TokenIdList:
         """Token ids from a worker's render endpoint, else its ``/tokenize``."""
         pool = self.upstream.pool
         tried: set[int] = set()
@@ -394,7 +395,7 @@ class Preparer:
             retry=False,
         )
 
-    async def _prefix_tokens(self, call: Call, prefix: dict[str, Any]) -> list[int] | None:
+    async def _prefix_tokens(self, call: Call, prefix: dict[str, Any]) -> TokenIdList | None:
         """The tokens of a breakpoint's prefix body (None if it cannot be tokenized)."""
         data = json.dumps(prefix, ensure_ascii=False).encode()
         try:
@@ -405,7 +406,7 @@ class Preparer:
 
     async def _tokens_and_breakpoints(
         self, call: Call, hints: Hints
-    ) -> tuple[list[int], tuple[CacheControl, ...]]:
+    ) -> tuple[TokenIdList, tuple[CacheControl, ...]]:
         """The prompt's tokens and its cache breakpoints, each with its prefix's length.
 
         A breakpoint that does not close the prompt is measured by tokenizing
