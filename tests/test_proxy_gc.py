@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
-from kvroute import __main__ as cli  # noqa: E402
-from kvroute.proxy import serving  # noqa: E402
-from kvroute.proxy.config import DEFAULT_GC_THRESHOLD  # noqa: E402
+from kvroute import __main__ as cli
+from kvroute.proxy import serving
+from kvroute.proxy.config import DEFAULT_GC_THRESHOLD
 
 
 @pytest.fixture
