@@ -434,18 +434,10 @@ def render_token_ids(kind: Kind, answer: object) -> list[int]:
 
 
 class _Rendered(msgspec.Struct):
-    token_ids: list[int]
-
-
-class _Tokenized(msgspec.Struct):
-    tokens: list[int]
-
-
-class _RenderedRaw(msgspec.Struct):
     token_ids: msgspec.Raw
 
 
-class _TokenizedRaw(msgspec.Struct):
+class _Tokenized(msgspec.Struct):
     tokens: msgspec.Raw
 
 
@@ -454,12 +446,10 @@ class _TokenizedRaw(msgspec.Struct):
 # array the hashing takes: at 4,000 ids about a quarter of msgspec's list[int]
 # decode, with no Python int per id. An array it does not take (a negative or
 # 64-bit id...) is decoded as a list, as before.
-_RENDERED_RAW: Final = msgspec.json.Decoder(_RenderedRaw)
-_RENDERED_RAW_LIST: Final = msgspec.json.Decoder(list[_RenderedRaw])
-_TOKENIZED_RAW: Final = msgspec.json.Decoder(_TokenizedRaw)
 _RENDERED: Final = msgspec.json.Decoder(_Rendered)
 _RENDERED_LIST: Final = msgspec.json.Decoder(list[_Rendered])
 _TOKENIZED: Final = msgspec.json.Decoder(_Tokenized)
+_IDS: Final = msgspec.json.Decoder(list[int])
 
 
 def answer_token_ids(kind: Kind, render: bool, text: bytes) -> TokenIdList | None:
@@ -482,23 +472,17 @@ def answer_token_ids(kind: Kind, render: bool, text: bytes) -> TokenIdList | Non
     """
     try:
         if not render:
-            raw = _TOKENIZED_RAW.decode(text).tokens
+            raw = _TOKENIZED.decode(text).tokens
         elif kind == "completions" and text.lstrip()[:1] == b"[":
-            answers = _RENDERED_RAW_LIST.decode(text)
+            answers = _RENDERED_LIST.decode(text)
             if not answers:
                 return None
             raw = answers[0].token_ids
         else:
-            raw = _RENDERED_RAW.decode(text).token_ids
+            raw = _RENDERED.decode(text).token_ids
         ids = token_ids_array(raw)
-        if ids is not None:
-            return ids
-        # an odd array (or not one): exactly as msgspec reads it
-        if not render:
-            return _TOKENIZED.decode(text).tokens
-        if kind == "completions" and text.lstrip()[:1] == b"[":
-            return _RENDERED_LIST.decode(text)[0].token_ids
-        return _RENDERED.decode(text).token_ids
+        # an odd array (or not one): exactly as msgspec reads a list of ints
+        return ids if ids is not None else _IDS.decode(raw)
     except msgspec.DecodeError:  # ValidationError included: the shape is not this one
         return None
 
