@@ -338,15 +338,19 @@ class OpenAIStream:
     def _note(self, obj: dict[str, Any]) -> bool:
         """Note an event's content and usage; whether it is passed on."""
         choices = obj.get("choices")
-        if isinstance(choices, list) and any(_has_content(c) for c in choices):
-            self.first_token = True
-            self._content_chunks += 1
+        self._count(choices)
         usage = openai_usage(obj.get("usage"))
         if usage is not None:
             self.usage = usage
             if self._strip_usage and not choices:
                 return False
         return True
+
+    def _count(self, choices: object) -> None:
+        """Count an event's generated content, if it has any (the first is the first token)."""
+        if isinstance(choices, list) and any(_has_content(c) for c in choices):
+            self.first_token = True
+            self._content_chunks += 1
 
     def _hold(self, item: bytes | dict[str, Any], size: int) -> None:
         self._held.append(item)
@@ -369,9 +373,7 @@ class OpenAIStream:
                     continue
                 if on_event is not None:
                     on_event(obj)
-                choices = obj.get("choices")
-                if isinstance(choices, list) and any(_has_content(c) for c in choices):
-                    self._content_chunks += 1
+                self._count(obj.get("choices"))
 
     @property
     def content_chunks(self) -> int:
