@@ -125,11 +125,17 @@ def bench_render_answer_to_keys(benchmark: Any, read: str, n: int) -> None:
     keeps them as raw JSON text and ``token_ids_array`` parses it into uint32.
     """
     tokenize = pytest.importorskip("kvroute.proxy.tokenize", reason="needs the `serve` extra")
+    import msgspec
+
+    class Rendered(msgspec.Struct):  # the answer as the proxy decoded it before
+        token_ids: list[int]
+
+    as_list = msgspec.json.Decoder(Rendered)
     text = _render_answer(n)
 
     def keys() -> Any:
         if read == "list":
-            ids: Any = tokenize._RENDERED.decode(text).token_ids
+            ids: Any = as_list.decode(text).token_ids
         else:
             ids = tokenize.answer_token_ids("chat", True, text)
         return hashing.kvroute_block_hashes(ids, BLOCK)
