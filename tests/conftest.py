@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import Twin, compiled, twin_ids, twin_swaps, twins
+from helpers import Twin, compiled, loop_thread, twin_ids, twin_swaps, twins
 from hypothesis import HealthCheck, settings
 from redis_server import RedisServer, redis_binary
 
@@ -135,3 +136,18 @@ def redis_server(redis_process: RedisServer) -> RedisServer:
         redis_process.start()
     redis_process.flush()
     return redis_process
+
+
+@pytest.fixture(params=["thread", "loop"])
+def subscriber(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Makes ``ZmqSubscriber``s that run on a thread of their own, or on an event loop.
+
+    The loop runs on another thread, as a proxy's would beside the test, so the
+    tests' blocking waits (``wait_for``) work the same for both.
+    """
+    zmq_events = pytest.importorskip("kvroute.events.zmq")
+    if request.param == "thread":
+        yield zmq_events.ZmqSubscriber
+        return
+    with loop_thread() as loop:
+        yield functools.partial(zmq_events.ZmqSubscriber, loop=loop)

@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -32,6 +32,9 @@ from kvroute.events.metrics import EVENT_STATUSES, Metrics
 from kvroute.events.types import EventBatch
 from kvroute.events.zmq import _METRIC_STATUSES, END_SEQ
 from kvroute.hashing import kvroute_block_hashes
+
+#: The ``subscriber`` fixture (tests/conftest.py): makes ZmqSubscribers on a thread or a loop.
+Subscribers = Callable[..., ZmqSubscriber]
 
 VECTORS = Path(__file__).parent / "vectors"
 # the module (``kvroute.events.decode`` is also the name of the decode function)
@@ -211,10 +214,10 @@ class SilentReplay:
 
 
 def test_live_batches_build_the_index_and_removals_empty_it(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         publisher.publish(VLLM["stored_first_blocks"])
         seq = publisher.publish(VLLM["stored_child_block"])
@@ -246,7 +249,7 @@ def _decode_vllm_json(payload: bytes, *, max_events: int, max_tokens: int) -> Ev
 
 
 def test_a_registered_format_is_carried_by_name(
-    router: Router, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+    router: Router, publisher: Publisher, monkeypatch: pytest.MonkeyPatch, subscriber: Subscribers,
 ) -> None:
     monkeypatch.setattr(decode_module, "_REGISTRY", dict(decode_module._REGISTRY))
     register_decoder("test-vllm-json", _decode_vllm_json)
@@ -254,7 +257,7 @@ def test_a_registered_format_is_carried_by_name(
     def as_json(name: str) -> bytes:
         return json.dumps(msgspec.msgpack.decode(VLLM[name])).encode()
 
-    with ZmqSubscriber(router, fmt="test-vllm-json") as sub:
+    with subscriber(router, fmt="test-vllm-json") as sub:
         sub.subscribe(0, publisher.endpoint, publisher.replay_endpoint)
         empty = as_json("empty_events_no_dp_rank")
         assert any(seen(sub, 0, publisher.publish(empty), 0.05) for _ in range(int(WAIT / 0.05)))
@@ -269,12 +272,14 @@ def test_a_registered_format_is_carried_by_name(
     assert counts["malformed"] == 1 and counts["ok"] >= 2
 
 
-def test_late_joiner_takes_the_buffered_history(router: Router, publisher: Publisher) -> None:
+def test_late_joiner_takes_the_buffered_history(
+    router: Router, publisher: Publisher, subscriber: Subscribers
+) -> None:
     # Batches published before anyone listened: only the replay buffer has them.
     publisher.publish(VLLM["stored_first_blocks"], drop=True)
     publisher.publish(VLLM["stored_child_block"], drop=True)
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         assert held(router, BASE[:48]) == 3
         st = sub.streams()[0]
@@ -286,12 +291,12 @@ def test_late_joiner_takes_the_buffered_history(router: Router, publisher: Publi
 
 @pytest.mark.parametrize("delimiter", [True, False], ids=["4-frame", "3-frame"])
 def test_a_gap_is_filled_from_the_replay_endpoint(
-    router: Router, ctx: zmq.Context, delimiter: bool
+    router: Router, ctx: zmq.Context, delimiter: bool, subscriber: Subscribers,
 ) -> None:
     pub = Publisher(ctx, delimiter=delimiter)
     m = Metrics(router)
     try:
-        with ZmqSubscriber(router, metrics=m) as sub:
+        with subscriber(router, metrics=m) as sub:
             connect(sub, pub)
             before = sub.streams()[0].counts["replayed"]
             pub.publish(VLLM["stored_first_blocks"], drop=True)  # lost in flight
@@ -310,10 +315,10 @@ def test_a_gap_is_filled_from_the_replay_endpoint(
 
 
 def test_a_gap_without_replay_clears_the_worker_and_resumes(
-    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture
+    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture, subscriber: Subscribers,
 ) -> None:
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher, replay=False)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -335,9 +340,11 @@ def test_a_gap_without_replay_clears_the_worker_and_resumes(
     assert any("could not replay" in r.getMessage() for r in caplog.records)
 
 
-def test_a_replay_that_cannot_cover_the_gap_clears(router: Router, publisher: Publisher) -> None:
+def test_a_replay_that_cannot_cover_the_gap_clears(
+    router: Router, publisher: Publisher, subscriber: Subscribers
+) -> None:
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -352,9 +359,11 @@ def test_a_replay_that_cannot_cover_the_gap_clears(router: Router, publisher: Pu
     assert events_metric(m, "replay_failed") == 1 and events_metric(m, "cleared") == 0
 
 
-def test_an_engine_restart_clears_then_rebuilds(router: Router, publisher: Publisher) -> None:
+def test_an_engine_restart_clears_then_rebuilds(
+    router: Router, publisher: Publisher, subscriber: Subscribers
+) -> None:
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         publisher.publish(VLLM["stored_first_blocks"])
         seq = publisher.publish(VLLM["stored_child_block"])
@@ -373,12 +382,12 @@ def test_an_engine_restart_clears_then_rebuilds(router: Router, publisher: Publi
 
 
 def test_malformed_messages_are_counted_and_leave_the_index_intact(
-    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture
+    router: Router, publisher: Publisher, caplog: pytest.LogCaptureFixture, subscriber: Subscribers,
 ) -> None:
     m = Metrics(router)
     with (
         caplog.at_level(logging.WARNING, "kvroute.events"),
-        ZmqSubscriber(router, metrics=m) as sub,
+        subscriber(router, metrics=m) as sub,
     ):
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
@@ -399,11 +408,13 @@ def test_malformed_messages_are_counted_and_leave_the_index_intact(
     assert len(logged) == 1  # once a minute per worker
 
 
-def test_sglang_stream_and_topic_filter(router: Router, ctx: zmq.Context) -> None:
+def test_sglang_stream_and_topic_filter(
+    router: Router, ctx: zmq.Context, subscriber: Subscribers
+) -> None:
     pub = Publisher(ctx, topic=b"sgl")
     other = Publisher(ctx, topic=b"other")
     try:
-        with ZmqSubscriber(router, fmt="sglang", topic="sgl") as sub:
+        with subscriber(router, fmt="sglang", topic="sgl") as sub:
             connect(sub, pub)
             seq = pub.publish(SGLANG["default:stored_chain"])
             assert seen(sub, 0, seq)
@@ -420,10 +431,12 @@ def test_sglang_stream_and_topic_filter(router: Router, ctx: zmq.Context) -> Non
     assert len(router.index) == 0
 
 
-def test_two_workers_are_tracked_independently(router: Router, ctx: zmq.Context) -> None:
+def test_two_workers_are_tracked_independently(
+    router: Router, ctx: zmq.Context, subscriber: Subscribers
+) -> None:
     a, b = Publisher(ctx), Publisher(ctx)
     try:
-        with ZmqSubscriber(router) as sub:
+        with subscriber(router) as sub:
             connect(sub, a, 0)
             connect(sub, b, 1)
             a.publish(VLLM["stored_first_blocks"])
@@ -468,10 +481,10 @@ def test_lifecycle_and_arguments(router: Router) -> None:
 
 
 def test_reconnecting_to_a_restarted_engine_clears_it_without_waiting_for_events(
-    router: Router, publisher: Publisher, ctx: zmq.Context
+    router: Router, publisher: Publisher, ctx: zmq.Context, subscriber: Subscribers,
 ) -> None:
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m) as sub:
+    with subscriber(router, metrics=m) as sub:
         connect(sub, publisher)
         publisher.publish(VLLM["stored_first_blocks"])
         seq = publisher.publish(VLLM["stored_child_block"])
@@ -492,9 +505,9 @@ def test_reconnecting_to_a_restarted_engine_clears_it_without_waiting_for_events
 
 
 def test_reconnecting_to_the_same_engine_catches_up_and_skips_duplicates(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
-    with ZmqSubscriber(router) as sub:
+    with subscriber(router) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -519,11 +532,11 @@ def test_reconnecting_to_the_same_engine_catches_up_and_skips_duplicates(
 
 
 def test_a_hung_replay_endpoint_stalls_only_its_own_worker(
-    router: Router, ctx: zmq.Context
+    router: Router, ctx: zmq.Context, subscriber: Subscribers,
 ) -> None:
     a, b, silent = Publisher(ctx), Publisher(ctx), SilentReplay(ctx)
     try:
-        with ZmqSubscriber(router, replay_timeout=600.0) as sub:
+        with subscriber(router, replay_timeout=600.0) as sub:
             connect(sub, b, 1)
             sub.subscribe(0, a.endpoint, silent.endpoint)
             # worker 0's connection asks its replay endpoint, which never answers...
@@ -543,11 +556,11 @@ def test_a_hung_replay_endpoint_stalls_only_its_own_worker(
 
 
 def test_resyncs_asked_for_during_a_replay_run_once_after_it(
-    router: Router, ctx: zmq.Context
+    router: Router, ctx: zmq.Context, subscriber: Subscribers,
 ) -> None:
     a, silent = Publisher(ctx), SilentReplay(ctx)
     try:
-        with ZmqSubscriber(router, replay_timeout=0.5) as sub:
+        with subscriber(router, replay_timeout=0.5) as sub:
             sub.subscribe(0, a.endpoint, silent.endpoint)
             assert silent.next_request() == 0  # the connection's own check, in flight
             for _ in range(3):
@@ -561,14 +574,14 @@ def test_resyncs_asked_for_during_a_replay_run_once_after_it(
 
 
 def test_a_replay_that_never_answers_clears_its_worker_and_is_counted(
-    router: Router, ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+    router: Router, ctx: zmq.Context, caplog: pytest.LogCaptureFixture, subscriber: Subscribers,
 ) -> None:
     a, b, silent = Publisher(ctx), Publisher(ctx), SilentReplay(ctx)
     m = Metrics(router)
     try:
         with (
             caplog.at_level(logging.WARNING, "kvroute.events"),
-            ZmqSubscriber(router, metrics=m, replay_timeout=0.3) as sub,
+            subscriber(router, metrics=m, replay_timeout=0.3) as sub,
         ):
             connect(sub, b, 1)
             connect(sub, a, 0, replay=silent.endpoint)  # its resync times out first
@@ -611,12 +624,12 @@ def _oversized_batch() -> bytes:
 
 
 def test_a_message_over_max_message_bytes_is_rejected_and_its_batch_is_a_gap(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
     big = _oversized_batch()
     assert len(big) > 2048 and len(decode_vllm(big).events[0].block_hashes) == 62
     m = Metrics(router)
-    with ZmqSubscriber(router, metrics=m, max_message_bytes=1024) as sub:
+    with subscriber(router, metrics=m, max_message_bytes=1024) as sub:
         connect(sub, publisher, replay=False)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -704,7 +717,7 @@ class _Cutter:
 
 
 def test_connections_cut_mid_message_are_survived_and_resumed(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
     # A cut connection is ZMQ's to re-establish: nothing may take the subscriber
     # (or the process: libzmq asserts if a socket is reconnected by hand while a
@@ -713,7 +726,7 @@ def test_connections_cut_mid_message_are_survived_and_resumed(
     cutter = _Cutter(port)
     big = _oversized_batch()
     try:
-        with ZmqSubscriber(router, reconnect_interval=0.01) as sub:
+        with subscriber(router, reconnect_interval=0.01) as sub:
             sub.subscribe(0, cutter.endpoint)
             deadline = time.monotonic() + 1.5
             while time.monotonic() < deadline:
@@ -733,7 +746,7 @@ def test_connections_cut_mid_message_are_survived_and_resumed(
 
 
 def test_a_reconnect_while_a_replay_is_in_flight_loses_nothing(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
     # A live socket waits out of the poll loop during its worker's replay. If
     # nothing touched it, a reconnect then would leave the new connection
@@ -742,7 +755,7 @@ def test_a_reconnect_while_a_replay_is_in_flight_loses_nothing(
     cutter = _Cutter(int(publisher.endpoint.rsplit(":", 1)[1]), cutting=False)
     publisher.reply_delay = 0.5
     try:
-        with ZmqSubscriber(router, reconnect_interval=0.01) as sub:
+        with subscriber(router, reconnect_interval=0.01) as sub:
             sub.subscribe(0, cutter.endpoint, publisher.replay_endpoint)
             probe(sub, publisher)  # after the connection's own resync
             asked = len(publisher.replay_requests)
@@ -768,8 +781,10 @@ def _capture(sub: ZmqSubscriber, router: Router) -> tuple[bytes, dict[int, tuple
     return sub.capture(lambda pos: (router.index.dump(), pos)).result(WAIT)  # type: ignore[no-any-return]
 
 
-def test_a_snapshot_resumes_where_it_was_taken(router: Router, publisher: Publisher) -> None:
-    with ZmqSubscriber(router) as sub:
+def test_a_snapshot_resumes_where_it_was_taken(
+    router: Router, publisher: Publisher, subscriber: Subscribers
+) -> None:
+    with subscriber(router) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -783,7 +798,7 @@ def test_a_snapshot_resumes_where_it_was_taken(router: Router, publisher: Publis
     late.index.load(data)
     assert held(late, BASE[:32]) == 2  # what the snapshot held
     before = len(publisher.replay_requests)
-    with ZmqSubscriber(late) as sub2:
+    with subscriber(late) as sub2:
         sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
         probe(sub2, publisher)
         st = sub2.streams()[0]
@@ -795,9 +810,9 @@ def test_a_snapshot_resumes_where_it_was_taken(router: Router, publisher: Publis
 
 
 def test_a_snapshot_older_than_the_replay_buffer_rebuilds_the_worker(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
-    with ZmqSubscriber(router) as sub:
+    with subscriber(router) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -807,7 +822,7 @@ def test_a_snapshot_older_than_the_replay_buffer_rebuilds_the_worker(
         publisher.buffer.clear()
     late = Router(block_size=16, workers=[0, 1])
     late.index.load(data)
-    with ZmqSubscriber(late) as sub2:
+    with subscriber(late) as sub2:
         sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
         probe(sub2, publisher)
         st = sub2.streams()[0]
@@ -817,9 +832,9 @@ def test_a_snapshot_older_than_the_replay_buffer_rebuilds_the_worker(
 
 
 def test_a_snapshot_of_another_engine_life_is_not_trusted(
-    router: Router, publisher: Publisher
+    router: Router, publisher: Publisher, subscriber: Subscribers,
 ) -> None:
-    with ZmqSubscriber(router) as sub:
+    with subscriber(router) as sub:
         connect(sub, publisher)
         seq = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, seq)
@@ -830,7 +845,7 @@ def test_a_snapshot_of_another_engine_life_is_not_trusted(
     publisher.publish(VLLM["stored_child_block"])
     late = Router(block_size=16, workers=[0, 1])
     late.index.load(data)
-    with ZmqSubscriber(late) as sub2:
+    with subscriber(late) as sub2:
         sub2.subscribe(0, publisher.endpoint, publisher.replay_endpoint, resume=pos[0])
         assert sub2.wait_for(lambda s: 0 in s and s[0].counts["restart"] >= 1, WAIT)
     assert held(late, BASE[:32]) == 0

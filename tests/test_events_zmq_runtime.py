@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 
@@ -12,6 +13,9 @@ pytest.importorskip("zmq")
 from kvroute import Router
 from kvroute.events import ZmqSubscriber
 from kvroute.testing import MockWorker
+
+#: The ``subscriber`` fixture (tests/conftest.py): makes ZmqSubscribers on a thread or a loop.
+Subscribers = Callable[..., ZmqSubscriber]
 
 
 def _prompt(worker: MockWorker, text: str) -> None:
@@ -27,9 +31,9 @@ def _applied(sub: ZmqSubscriber, worker: int, engine: MockWorker) -> bool:
     )
 
 
-def test_a_bad_endpoint_is_refused_and_the_others_keep_flowing() -> None:
+def test_a_bad_endpoint_is_refused_and_the_others_keep_flowing(subscriber: Subscribers) -> None:
     router = Router(block_size=16, workers=[0, 1, 2])
-    with MockWorker() as engine, ZmqSubscriber(router) as sub:
+    with MockWorker() as engine, subscriber(router) as sub:
         sub.subscribe(0, "bogus://nowhere:1")  # a transport ZMQ does not know
         sub.subscribe(2, f"tcp://[::1]:{engine.events_port}")  # IPv6 accepted (nobody there)
         sub.subscribe(1, engine.events_endpoint, engine.replay_endpoint)
@@ -39,11 +43,13 @@ def test_a_bad_endpoint_is_refused_and_the_others_keep_flowing() -> None:
         assert router.index.worker_len(1) == len(engine.cached_block_hashes()) > 0
 
 
-def test_unsubscribe_says_when_no_batch_of_the_worker_can_still_apply() -> None:
+def test_unsubscribe_says_when_no_batch_of_the_worker_can_still_apply(
+    subscriber: Subscribers,
+) -> None:
     router = Router(block_size=16, workers=[0, 1])
-    stopped = ZmqSubscriber(router).unsubscribe(0)
+    stopped = subscriber(router).unsubscribe(0)
     assert stopped.is_set()  # not running: nothing can apply
-    with MockWorker() as a, MockWorker() as b, ZmqSubscriber(router) as sub:
+    with MockWorker() as a, MockWorker() as b, subscriber(router) as sub:
         sub.subscribe(0, a.events_endpoint, a.replay_endpoint)
         sub.subscribe(1, b.events_endpoint, b.replay_endpoint)
         assert a.wait_for_subscribers(1) and b.wait_for_subscribers(1)

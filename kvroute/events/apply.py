@@ -52,7 +52,7 @@ logger = logging.getLogger("kvroute.events")
 class EventApplier:
     """Turns each worker's decoded events into index updates on ``router``.
 
-    Not thread-safe on its own: one subscriber thread calls it (the router's
+    Not thread-safe on its own: one subscriber calls it, from one thread (the router's
     methods it calls are). Hashing a stored event runs before the router's
     lock is taken, so a large event never stalls :meth:`Router.route`.
 

@@ -6,7 +6,8 @@ transport its endpoint names (:mod:`~kvroute.proxy.event_sources`), in the
 worker's own format or the proxy's default ``events_format``:
 
 - ZMQ endpoints: one :class:`kvroute.events.ZmqSubscriber` for them all,
-  with each worker's replay endpoint;
+  with each worker's replay endpoint, on the proxy's event loop (no thread of
+  its own: the batches apply between requests, on the thread that routes);
 - http(s) endpoints (``trtllm-serve``'s ``/kv_cache_events``): one
   :class:`kvroute.events.trtllm_http.HttpEventPoller`, every attention-DP rank
   of a worker's engine folded into that worker (the server's own scheduler
@@ -21,7 +22,7 @@ engine shows its restart by its event ids starting again, with the
 
 The subscribers follow the fleet: :meth:`EventSubscription.subscribe` adds
 a worker that joins at run time, and :meth:`EventSubscription.unsubscribe`
-stops following one that leaves, returning once the ZMQ subscriber thread
+stops following one that leaves, returning once the ZMQ subscriber
 has closed its sockets (or the worker's poll has stopped), so that no batch
 of the worker's is applied after the router forgets it.
 """
@@ -132,7 +133,14 @@ class EventSubscription:
             raise RuntimeError(
                 f"KV events need kvroute.events.zmq and pyzmq, which cannot be imported: {e}"
             ) from None
-        return ZmqSubscriber(self.router, fmt=self.config.events_format, metrics=self.metrics)
+        # On the proxy's own event loop: the events apply between requests, on the
+        # thread that routes them, with no second thread to wake for each batch.
+        return ZmqSubscriber(
+            self.router,
+            fmt=self.config.events_format,
+            metrics=self.metrics,
+            loop=asyncio.get_running_loop(),
+        )
 
     def _http_poller(self) -> Any:
         try:
@@ -181,7 +189,7 @@ class EventSubscription:
     async def unsubscribe(self, worker: int, timeout: float = 5.0) -> None:
         """Stop following ``worker``; returns once none of its batches can still be applied.
 
-        :param timeout: seconds to wait for the subscriber thread at most.
+        :param timeout: seconds to wait for the subscriber at most.
         """
         poller = self._poller
         if poller is not None and worker in poller.sources:
@@ -191,17 +199,17 @@ class EventSubscription:
             return
         done = sub.unsubscribe(worker)
         deadline = time.monotonic() + timeout
-        # a short poll: the subscriber thread looks at its commands every 50 ms
+        # a short poll: the subscriber takes its commands on its next round
         while not done.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
-        """Stop the subscribers (off the event loop: they join threads). Idempotent."""
+        """Stop the subscribers (the HTTP poller off the loop: it joins a thread). Idempotent."""
         sub, self._subscriber = self._subscriber, None
         poller, self._poller = self._poller, None
         loop = asyncio.get_running_loop()
         if sub is not None:
             self.pool.on_up = None
-            await loop.run_in_executor(None, sub.stop)
+            sub.stop()  # on this loop: closes its sockets at once
         if poller is not None:
             await loop.run_in_executor(None, poller.stop)
