@@ -607,6 +607,15 @@ def test_preparation_forwards_the_clients_bytes_unless_it_changed_the_body() -> 
             assert sent["model"] == MODEL and sent["stream_options"] == {
                 "x": 1, "include_usage": True}  # fmt: skip
             assert got["stream"] and got["strip_usage"] and len(got["client_id"]) == 32
+            # The one change the usage chunk: the client's bytes go on, the key put in front.
+            raw = b' {"model": "mock-model", "messages": [{"role": "user", "content": "x"}],  ' \
+                  b'"stream": true}'  # fmt: skip
+            status, got = await prepare(raw)
+            assert got["strip_usage"] and got["data"].encode() == (
+                b' {"stream_options":{"include_usage":true},' + raw[2:])
+            status, got = await prepare(raw.replace(b"true}", b'true, "stream_options": null}'))
+            assert json.loads(got["data"])["stream_options"] == {"include_usage": True}
+            assert got["data"].count("stream_options") == 1  # re-encoded: one key
             status, got = await prepare(b"{" + b" " * 5000 + b"}")
             assert status == 413
             assert (await prepare(b"[1]"))[0] == 400

@@ -48,7 +48,15 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BIG_BODY", "BodyError", "TokenIds", "TooManyTokenIds", "encode_body", "parse_body"]
+__all__ = [
+    "BIG_BODY",
+    "BodyError",
+    "TokenIds",
+    "TooManyTokenIds",
+    "encode_body",
+    "parse_body",
+    "prepend_key",
+]
 
 #: Bodies this large or larger are parsed off the loop or in steps.
 BIG_BODY: Final = 1 << 20
@@ -272,6 +280,24 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     b'{"model":"m","prompt":"x"}'
     """
     return _ENCODER.encode(body)
+
+
+def prepend_key(raw: bytes, key: str, value: Any) -> bytes:
+    """``raw``, a JSON object's text, with ``key: value`` put first: for a key it does not hold.
+
+    The rest goes as the client wrote it, unparsed and not re-encoded (the
+    proxy adds ``stream_options`` to most streamed requests).
+
+    >>> prepend_key(b' {"model": "m"}', "stream_options", {"include_usage": True})
+    b' {"stream_options":{"include_usage":true},"model": "m"}'
+    >>> prepend_key(b"{}", "n", 1)
+    b'{"n":1}'
+    """
+    at = raw.index(b"{") + 1
+    member = _ENCODER.encode({key: value})[1:-1]
+    rest = raw[at:]
+    comma = b"" if rest.lstrip().startswith(b"}") else b","
+    return b"".join((raw[:at], member, comma, rest))
 
 
 def _raw_ids(value: Any) -> Any:

@@ -46,7 +46,7 @@ from aiohttp import web
 from ..request import CacheControl, Request
 from ..router import Router
 from .anthropic import anthropic_hints, validate_messages
-from .bodies import BodyError, TokenIds, TooManyTokenIds, encode_body, parse_body
+from .bodies import BodyError, TokenIds, TooManyTokenIds, encode_body, parse_body, prepend_key
 from .call import Call, Kind
 from .config import ProxyConfig
 from .errors import ProxyError, invalid, lacks_endpoint, upstream_message
@@ -209,19 +209,26 @@ class Preparer:
                 # OpenAI's cache-routing key; Codex sends its conversation's id
                 hints = replace(hints, session_id=key)
         stream = body.get("stream") is True
-        strip_usage = False
+        strip_usage = added = False
         if stream and kind in ("completions", "chat"):
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for the usage chunk (token counts, cache hits); the client
                 # did not, so it is not passed on.
+                added = "stream_options" not in body
                 body["stream_options"] = {
                     **(options if isinstance(options, dict) else {}),
                     "include_usage": True,
                 }
-                strip_usage = changed = True
+                strip_usage = True
+                changed = changed or not added
         strip_ids = self.config.migrations > 0 and stream and ask_for_token_ids(kind, body)
-        data = encode_body(body) if changed or strip_ids else raw
+        if changed or strip_ids:
+            data = encode_body(body)
+        elif added:  # the one change: the client's bytes with the key put in front
+            data = prepend_key(raw, "stream_options", body["stream_options"])
+        else:
+            data = raw
         client_id = self.client_id(request)
         call = Call(
             kind, request.path, body, data, stream, strip_usage, client_id,
