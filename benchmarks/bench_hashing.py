@@ -116,13 +116,15 @@ def _render_answer(n: int) -> bytes:
 
 
 @pytest.mark.parametrize("n", [4_000, 50_000])
-@pytest.mark.parametrize("read", ["list", "uint32"])
+@pytest.mark.parametrize("read", ["list", "raw", "uint32"])
 def bench_render_answer_to_keys(benchmark: Any, read: str, n: int) -> None:
     """The proxy's tokenize-by-worker hot path: a render answer's ids to routing keys.
 
     ``list``: msgspec decodes ``token_ids`` as ``list[int]`` (the proxy before
-    issue 13); ``uint32``: :func:`~kvroute.proxy.tokenize.answer_token_ids`
-    keeps them as raw JSON text and ``token_ids_array`` parses it into uint32.
+    issue 13); ``raw``: msgspec keeps them as raw JSON text (``msgspec.Raw``)
+    and ``token_ids_array`` parses it into uint32; ``uint32``:
+    :func:`~kvroute.proxy.tokenize.answer_token_ids`, which finds the array in
+    an answer headed as vLLM writes it without decoding the answer at all.
     """
     tokenize = pytest.importorskip("kvroute.proxy.tokenize", reason="needs the `serve` extra")
     import msgspec
@@ -130,12 +132,17 @@ def bench_render_answer_to_keys(benchmark: Any, read: str, n: int) -> None:
     class Rendered(msgspec.Struct):  # the answer as the proxy decoded it before
         token_ids: list[int]
 
+    raw_struct = msgspec.defstruct("RenderedRaw", [("token_ids", msgspec.Raw)])
+
     as_list = msgspec.json.Decoder(Rendered)
+    as_raw = msgspec.json.Decoder(raw_struct)
     text = _render_answer(n)
 
     def keys() -> Any:
         if read == "list":
             ids: Any = as_list.decode(text).token_ids
+        elif read == "raw":
+            ids = hashing.token_ids_array(as_raw.decode(text).token_ids)
         else:
             ids = tokenize.answer_token_ids("chat", True, text)
         return hashing.kvroute_block_hashes(ids, BLOCK)

@@ -450,3 +450,29 @@ def test_the_fast_token_id_reader_agrees_with_the_slow_one(
         assert fast == slow
     if slow is not None and all(not isinstance(t, bool) and 0 <= t < 2**32 for t in slow):
         assert isinstance(got, np.ndarray) and got.dtype == np.uint32
+
+
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        # vLLM's head: plain members, then the ids (read without decoding the answer)
+        (b'{"request_id": "r-1", "token_ids": [5, 6], "model": "m"}', [5, 6]),
+        (b' \n{ "n" : -1.5e3 ,"ok":true,"x":null, "token_ids" :[7] }\n', [7]),
+        # a key that only looks like it: inside a string, under a nested member
+        (b'{"request_id": "\\"token_ids\\": [1]", "token_ids": [2]}', [2]),
+        (b'{"features": {"token_ids": [1]}, "token_ids": [2]}', [2]),
+        (b'{"features": [{"token_ids": [1]}], "token_ids": [3]}', [3]),
+        # a second top-level key: the decoder judges (the last one counts)
+        (b'{"token_ids": [1], "token_ids": [4]}', [4]),
+        # not an answer at all, or cut short
+        (b'{"token_ids": [1, 2]', None),
+        (b'{"token_ids": [1, 2]} trailing', None),
+    ],
+)
+def test_the_token_id_reader_finds_only_the_top_level_ids(
+    text: bytes, ids: list[int] | None
+) -> None:
+    from kvroute.proxy.tokenize import answer_token_ids
+
+    got = answer_token_ids("chat", True, text)
+    assert (None if got is None else [int(t) for t in got]) == ids

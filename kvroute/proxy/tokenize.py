@@ -447,6 +447,21 @@ class _Tokenized(msgspec.Struct):
 # decode, with no Python int per id. An array it does not take (a negative or
 # 64-bit id...) is decoded as a list, as before.
 _RENDERED: Final = msgspec.json.Decoder(_Rendered)
+# Before that, the ids are found without decoding the answer where its head is
+# as vLLM writes it: members with plain values (strings without escapes,
+# numbers, literals), then the ids' key. A string cannot hold an unescaped
+# quote, so a key found there is at the top level. Any other shape (and a
+# second such key further on) is msgspec's to read.
+_WS = rb"[ \t\r\n]*"
+_PLAIN = rb'(?:"[^"\\]*"|[-+.0-9eE]+|true|false|null)'
+
+
+def _head(key: bytes) -> re.Pattern[bytes]:
+    member = _WS + rb'"[^"\\]*"' + _WS + b":" + _WS + _PLAIN + _WS + b","
+    return re.compile(_WS + rb"\{(?:" + member + b")*" + _WS + b'"' + key + b'"' + _WS + b":" + _WS)
+
+
+_HEADS: Final = {key: _head(key) for key in (b"token_ids", b"tokens")}
 _RENDERED_LIST: Final = msgspec.json.Decoder(list[_Rendered])
 _TOKENIZED: Final = msgspec.json.Decoder(_Tokenized)
 _IDS: Final = msgspec.json.Decoder(list[int])
@@ -470,6 +485,9 @@ def answer_token_ids(kind: Kind, render: bool, text: bytes) -> TokenIdList | Non
     >>> answer_token_ids("chat", False, b'{"error": "no"}') is None
     True
     """
+    ids = _headed_ids(text, b"token_ids" if render else b"tokens")
+    if ids is not None:
+        return ids
     try:
         if not render:
             raw = _TOKENIZED.decode(text).tokens
@@ -485,6 +503,20 @@ def answer_token_ids(kind: Kind, render: bool, text: bytes) -> TokenIdList | Non
         return ids if ids is not None else _IDS.decode(raw)
     except msgspec.DecodeError:  # ValidationError included: the shape is not this one
         return None
+
+
+def _headed_ids(text: bytes, key: bytes) -> npt.NDArray[np.uint32] | None:
+    """The ids under ``key`` of an answer headed as vLLM writes it (see ``_HEADS``), else None."""
+    m = _HEADS[key].match(text)
+    if m is None:
+        return None
+    start = m.end()
+    end = text.find(b"]", start)  # ints only up to it, or token_ids_array refuses them
+    if end < 0 or text.find(b'"' + key + b'"', end) >= 0:
+        return None
+    if text.rstrip(b" \t\r\n")[-1:] != b"}":
+        return None
+    return token_ids_array(memoryview(text)[start : end + 1])
 
 
 def tokenize_body(kind: Kind, body: Mapping[str, Any]) -> dict[str, Any]:
