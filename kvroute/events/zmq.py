@@ -51,10 +51,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -160,7 +159,7 @@ class _Watch:
     themselves, as the thread does.
     """
 
-    __slots__ = ("_fds", "loop", "on_ready", "poller")
+    __slots__ = ("_fds", "fresh", "loop", "on_ready", "poller")
 
     def __init__(
         self,
@@ -171,9 +170,12 @@ class _Watch:
         self.loop = loop
         self.on_ready = on_ready
         self._fds: dict[Any, int] = {}
+        #: A socket was registered since the owner last polled on its own.
+        self.fresh = False
 
     def register(self, sock: Any) -> None:
         self.poller.register(sock, zmq.POLLIN)
+        self.fresh = True
         if self.loop is not None and self.on_ready is not None:
             fd = self._fds[sock] = sock.getsockopt(zmq.FD)
             self.loop.add_reader(fd, self.on_ready)
@@ -268,7 +270,8 @@ class ZmqSubscriber:
         self._loop = loop
         self._attached = False  # running on the loop
         self._tick: asyncio.TimerHandle | None = None
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._commands: deque[tuple[str, Any]] = deque()  # appended from any thread
+        self._more = False  # a round left something to read (see _on_ready)
         self._streams: dict[int, WorkerStream] = {}
         self._by_sock: dict[Any, WorkerStream] = {}
         self._replaying: dict[int, WorkerStream] = {}  # workers with a replay in flight
@@ -382,14 +385,19 @@ class ZmqSubscriber:
         if self._loop is not None:
             if self._attached:
                 done = threading.Event()
-                self._on_loop(lambda: (self._detach(), done.set()))
+
+                def detach() -> None:
+                    self._detach()
+                    done.set()
+
+                self._on_loop(detach)
                 if not done.wait(timeout):  # pragma: no cover - a wedged loop
                     raise RuntimeError("the event loop did not stop the ZMQ subscriber")
         else:
             thread = self._thread
             if thread is None:
                 return
-            self._commands.put(("stop", None))
+            self._commands.append(("stop", None))
             thread.join(timeout)
             if thread.is_alive():  # pragma: no cover - a wedged replay; sockets close with it
                 raise RuntimeError("the ZMQ subscriber thread did not stop")
@@ -454,7 +462,7 @@ class ZmqSubscriber:
     # -- the thread, or the loop ------------------------------------------------------
 
     def _command(self, cmd: str, arg: Any) -> None:
-        self._commands.put((cmd, arg))
+        self._commands.append((cmd, arg))
         loop = self._loop
         if self._attached and loop is not None:  # (the thread looks every poll_interval)
             if _running_loop() is loop:
@@ -494,6 +502,7 @@ class ZmqSubscriber:
                 continue
             if sock is stream.monitor:
                 self._on_monitor(stream)
+                self._more = True  # one event read: another may wait
             elif stream.replay is not None:
                 if sock is stream.replay.sock:
                     self._on_replay(stream)
@@ -509,6 +518,10 @@ class ZmqSubscriber:
                     self._on_frames(stream, frames)
                     if stream.replay is not None:
                         break  # a gap: the rest waits for the replay
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break  # drained (asking costs less than a recv raising Again)
+                else:
+                    self._more = True  # the rest next round
         self._expire_replays()
         self._tend_waiting()
         return True
@@ -517,13 +530,18 @@ class ZmqSubscriber:
         """On the loop: a socket has news (or a command came, or the tick): one round."""
         if not self._attached:
             return
+        watch = self._watch
+        assert watch is not None and self._loop is not None
         try:
+            self._more = False
             self._round(0)
-            # What a round left (a bounded drain, a second monitor event) raises
-            # no new edge on the descriptors: come back for it.
-            assert self._watch is not None
-            if self._watch.poll(0) and self._loop is not None:
-                self._loop.call_soon(self._on_ready)
+            # What a round left (a bounded drain, a second monitor event) and
+            # what a socket watched anew holds raise no new edge on the
+            # descriptors: come back for it.
+            if (self._more or watch.fresh) and not self._loop.is_closed():
+                watch.fresh = False
+                if watch.poll(0):
+                    self._loop.call_soon(self._on_ready)
         except Exception as e:  # pragma: no cover - surfaced via wait_for / logs
             self._error = e
             logger.exception("ZMQ subscriber failed")
@@ -551,11 +569,8 @@ class ZmqSubscriber:
             self._close(s)
 
     def _drain_commands(self) -> bool:
-        while True:
-            try:
-                cmd, arg = self._commands.get_nowait()
-            except queue.Empty:
-                return True
+        while self._commands:  # (only this thread takes them)
+            cmd, arg = self._commands.popleft()
             if cmd == "stop":
                 return False
             if cmd == "subscribe":
@@ -590,6 +605,7 @@ class ZmqSubscriber:
                         del self._streams[worker]
                     self.applier.forget(worker)
                 done.set()
+        return True
 
     def _positions(self) -> dict[int, tuple[int, int]]:
         out = {}
