@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
@@ -224,3 +226,35 @@ def test_max_prompt_tokens_refuses_long_prompts_before_routing() -> None:
         small = {"model": MODEL, "prompt": list(range(1, 1001)), "max_tokens": 1}
         assert post(proxy.url + "/v1/completions", small)[0] == 200
         assert proxy.router.stats()["routed"] == 1
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(body=st.dictionaries(st.text(), _json_values, max_size=5), indent=st.sampled_from([None, 1]))
+def test_a_small_body_parses_as_the_standard_library_parses_it(
+    body: dict[str, Any], indent: int | None
+) -> None:
+    # NaN and infinities included: json.dumps writes them, json.loads takes them back
+    raw = json.dumps(body, indent=indent).encode()
+    got = asyncio.run(parse_body(raw))
+    assert json.dumps(got, sort_keys=True) == json.dumps(json.loads(raw), sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a": NaN, "b": -Infinity}', b'{"s": "\\ud800"}', b'{"x": 1e400}',
+     '{"u": "\u00e9"}'.encode("utf-16"), b'{"a": 1, "a": 2}'],
+)  # fmt: skip
+def test_what_only_the_standard_library_reads_is_still_read(raw: bytes) -> None:
+    assert repr(asyncio.run(parse_body(raw))) == repr(json.loads(raw))
+
+
+@pytest.mark.parametrize("raw", [b"[1]", b"{", b"", b'"x"', b"{} {}"])
+def test_a_body_that_is_not_one_json_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(BodyError):
+        asyncio.run(parse_body(raw))

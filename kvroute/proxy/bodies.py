@@ -128,8 +128,6 @@ async def parse_body(
         body = await _with_token_ids(raw, max_ids)
         if body is not None:
             return body
-    import msgspec
-
     try:
         top = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
     except msgspec.ValidationError:
@@ -143,21 +141,27 @@ async def parse_body(
 
 
 def _loads(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as :func:`json.loads` parses it (msgspec's C decoder first: 3x faster)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BodyError(f"invalid JSON body: {e}") from None
-    except RecursionError:
-        raise BodyError("invalid JSON body: nested too deeply") from None
+        body = _DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        body = _std_loads(raw)  # what only the standard library takes (NaN, UTF-16...), or why not
     if not isinstance(body, dict):
         raise BodyError("the body must be a JSON object")
     return body
 
 
+def _std_loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise BodyError("invalid JSON body: nested too deeply") from None
+
+
 async def _decode(value: Any) -> Any:
     """A JSON value (a ``msgspec.Raw``) decoded, a step at a time when it is big."""
-    import msgspec
-
     if len(value) < _STEP:
         return msgspec.json.decode(value)
     first = memoryview(value)[:1].tobytes()
@@ -307,3 +311,4 @@ def _raw_ids(value: Any) -> Any:
 
 
 _ENCODER: Final = msgspec.json.Encoder(enc_hook=_raw_ids)
+_DECODER: Final = msgspec.json.Decoder()
