@@ -237,6 +237,26 @@ def test_live_batches_build_the_index_and_removals_empty_it(
     assert events_metric(m, "cleared") == 1
 
 
+def test_a_burst_longer_than_a_round_is_applied_whole(
+    router: Router, publisher: Publisher, subscriber: Subscribers
+) -> None:
+    """More batches queued at once than one round drains (256): the rest follow.
+
+    On a loop, ZMQ signals the socket once for the whole burst; with the
+    periodic round an hour away, only coming back for what a round left can
+    apply the rest.
+    """
+    loop = getattr(subscriber, "keywords", {}).get("loop")
+    with subscriber(router, poll_interval=3600 if loop else 0.05) as sub:
+        connect(sub, publisher)
+        if loop is not None:  # hold the loop while the burst queues up
+            loop.call_soon_threadsafe(time.sleep, 0.5)
+        for _ in range(600):
+            last = publisher.publish(VLLM["stored_first_blocks"])
+        assert seen(sub, 0, last)
+        assert sub.streams()[0].counts["gap"] == 0
+
+
 def _decode_vllm_json(payload: bytes, *, max_events: int, max_tokens: int) -> EventBatch:
     """An engine format kvroute does not ship: vLLM's events as JSON instead of msgpack."""
     try:
