@@ -145,7 +145,7 @@ def _loads(raw: bytes) -> dict[str, Any]:
     try:
         body = _DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
-        body = _std_loads(raw)  # what only the standard library takes (NaN, UTF-16...), or why not
+        body = _std_loads(raw)  # what only the standard library takes (NaN, UTF-16...)
     if not isinstance(body, dict):
         raise BodyError("the body must be a JSON object")
     return body

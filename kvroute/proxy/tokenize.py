@@ -447,11 +447,15 @@ class _Tokenized(msgspec.Struct):
 # decode, with no Python int per id. An array it does not take (a negative or
 # 64-bit id...) is decoded as a list, as before.
 _RENDERED: Final = msgspec.json.Decoder(_Rendered)
-# Before that, the ids are found without decoding the answer where its head is
-# as vLLM writes it: members with plain values (strings without escapes,
-# numbers, literals), then the ids' key. A string cannot hold an unescaped
-# quote, so a key found there is at the top level. Any other shape (and a
-# second such key further on) is msgspec's to read.
+_RENDERED_LIST: Final = msgspec.json.Decoder(list[_Rendered])
+_TOKENIZED: Final = msgspec.json.Decoder(_Tokenized)
+_IDS: Final = msgspec.json.Decoder(list[int])
+
+# Before any of that, the ids are found without decoding the answer when its
+# head is as vLLM writes it: members with plain values (strings without
+# escapes, numbers, literals), then the ids' key. A string cannot hold an
+# unescaped quote, so a key found there is at the top level. Any other shape
+# (and a second such key further on) is msgspec's to read.
 _WS = rb"[ \t\r\n]*"
 _PLAIN = rb'(?:"[^"\\]*"|[-+.0-9eE]+|true|false|null)'
 
@@ -462,9 +466,6 @@ def _head(key: bytes) -> re.Pattern[bytes]:
 
 
 _HEADS: Final = {key: _head(key) for key in (b"token_ids", b"tokens")}
-_RENDERED_LIST: Final = msgspec.json.Decoder(list[_Rendered])
-_TOKENIZED: Final = msgspec.json.Decoder(_Tokenized)
-_IDS: Final = msgspec.json.Decoder(list[int])
 
 
 def answer_token_ids(kind: Kind, render: bool, text: bytes) -> TokenIdList | None:
