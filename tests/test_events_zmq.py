@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import loop_thread, wait_until
 
 from kvroute import Router
 from kvroute.events import ZmqSubscriber
@@ -255,6 +255,60 @@ def test_a_burst_longer_than_a_round_is_applied_whole(
             last = publisher.publish(VLLM["stored_first_blocks"])
         assert seen(sub, 0, last)
         assert sub.streams()[0].counts["gap"] == 0
+
+
+def test_a_long_replay_on_a_loop_leaves_the_loop_turning(
+    router: Router, publisher: Publisher
+) -> None:
+    """A late joiner's long history is applied a slice a turn: the loop serves in between.
+
+    A callback going round the loop meanwhile sees the stream part-way; its
+    live batches wait for the history, and nothing is lost or counted twice.
+    """
+    for _ in range(1500):  # published before anyone listened: only the buffer has them
+        publisher.publish(VLLM["stored_first_blocks"], drop=True)
+    seen_at: set[int] = set()
+    with loop_thread() as loop, ZmqSubscriber(router, loop=loop) as sub:
+
+        def look() -> None:
+            if not sub.running:
+                return
+            stream = sub.streams().get(0)
+            seen_at.add(-1 if stream is None else stream.last_seq)
+            loop.call_soon(look)
+
+        loop.call_soon_threadsafe(look)
+        connect(sub, publisher)
+        last = publisher.publish(VLLM["stored_child_block"])
+        assert seen(sub, 0, last)
+        counts = sub.streams()[0].counts
+        sub.stop()
+    assert any(0 < s < 1499 for s in seen_at), sorted(seen_at)[:5]
+    assert held(router, BASE[:48]) == 3
+    assert counts["replayed"] >= 1500 and counts["gap"] == 0 and counts["duplicate"] == 0
+
+
+def test_unsubscribing_mid_replay_on_a_loop_stops_its_batches(
+    router: Router, publisher: Publisher
+) -> None:
+    applied: list[int] = []
+    for _ in range(3000):
+        publisher.publish(VLLM["stored_first_blocks"], drop=True)
+    with (
+        loop_thread() as loop,
+        ZmqSubscriber(router, loop=loop, on_batch=lambda w, seq: applied.append(seq)) as sub,
+    ):
+        sub.subscribe(0, publisher.endpoint, publisher.replay_endpoint)
+        for _ in range(int(WAIT / 0.05)):  # live batches until one gets through: the gap
+            publisher.publish(VLLM["empty_events_no_dp_rank"])
+            if wait_until(lambda: len(applied) > 0, 0.05):
+                break
+        assert applied  # part-way through the history
+        assert sub.unsubscribe(0).wait(WAIT)
+        stopped = len(applied)
+        time.sleep(0.3)
+        assert len(applied) == stopped < 3000  # not one batch more, and not all of them
+        assert 0 not in sub.streams() and sub.running
 
 
 def _decode_vllm_json(payload: bytes, *, max_events: int, max_tokens: int) -> EventBatch:

@@ -103,6 +103,15 @@ class _Replay:
 
 
 @dataclass
+class _Backlog:
+    """Replayed batches applied a slice per loop turn, then the live batch that waited."""
+
+    todo: deque[tuple[int, bytes]]
+    replayed: int
+    live: tuple[int, bytes] | None
+
+
+@dataclass
 class WorkerStream:
     """What the subscriber knows about one worker's event stream.
 
@@ -135,6 +144,9 @@ class WorkerStream:
     replay: _Replay | None = field(default=None, repr=False)
     # a resync was asked for while a replay was in flight: run it after
     resync_due: bool = field(default=False, repr=False)
+    # on a loop: replayed batches still to apply, a slice a turn; ``sock`` is
+    # out of the poller until they are
+    backlog: _Backlog | None = field(default=None, repr=False)
 
 
 #: What the subscriber watches on each live socket.
@@ -142,6 +154,9 @@ _MONITORED: Final = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 #: How many applied batches a stream remembers, to tell a duplicate from a restart.
 _RECENT: Final = 4096
+
+#: On a loop, replayed batches applied per turn of the loop (~10 ms of work).
+_SLICE: Final = 256
 
 #: The subscriber's own outcomes that are exported as ``kvroute_events_total``
 #: statuses (the applier counts the per-event ones itself).
@@ -207,8 +222,9 @@ class ZmqSubscriber:
     interpreter-lock hand-off per batch (the proxy's CPU per request drops by
     about as much as the thread cost; docs/cluster.md). A batch is then
     applied between two of the loop's callbacks, so ``route()`` on that loop
-    always sees whole batches; a replay is applied in one go (about 40 us a
-    batch: a late joiner's 10,000-batch history holds the loop ~0.4 s).
+    always sees whole batches; a long replay (a late joiner's history: up to
+    10,000 batches, ~40 us each) is applied 256 batches a turn of the loop,
+    its worker's live batches waiting meanwhile as during the replay.
     Its methods may still be called from any thread, except :meth:`wait_for`
     (which would block the loop it waits on).
 
@@ -274,7 +290,9 @@ class ZmqSubscriber:
         self._more = False  # a round left something to read (see _on_ready)
         self._streams: dict[int, WorkerStream] = {}
         self._by_sock: dict[Any, WorkerStream] = {}
-        self._replaying: dict[int, WorkerStream] = {}  # workers with a replay in flight
+        # workers whose live socket is out of the poller: a replay in flight, or on a
+        # loop its batches being applied
+        self._replaying: dict[int, WorkerStream] = {}
         self._watch: _Watch | None = None
         self._lock = threading.Lock()  # guards reads of _streams from other threads
         self._warn = RateLimitedLog(logger)
@@ -656,6 +674,9 @@ class ZmqSubscriber:
             stream.monitor = None
         if stream.replay is not None:
             self._drop_replay(stream)  # its live socket is out of the poller
+        elif stream.backlog is not None:
+            stream.backlog = None  # (its live socket too)
+            self._replaying.pop(stream.worker, None)
         elif stream.sock is not None:
             watch.unregister(stream.sock)
         if stream.sock is not None:
@@ -803,8 +824,8 @@ class ZmqSubscriber:
 
     def _resync(self, stream: WorkerStream) -> None:
         """Check, through the replay endpoint, that the engine is the one we followed."""
-        if stream.replay is not None:
-            stream.resync_due = True  # after the exchange in flight
+        if stream.replay is not None or stream.backlog is not None:
+            stream.resync_due = True  # after the exchange in flight (and its batches)
             return
         last = stream.last_seq
         self._start_replay(
@@ -842,9 +863,60 @@ class ZmqSubscriber:
         if seqs != list(range(first, first + len(seqs))):
             self._replay_failed(stream, f"from {first}", f"replies skip from {first} to {seqs}")
             return
-        for s, payload in got:
-            self._apply(stream, s, payload)
-        self._count(stream, "replayed", len(got))
+        self._apply_replayed(stream, got)
+
+    def _apply_replayed(
+        self,
+        stream: WorkerStream,
+        got: list[tuple[int, bytes]],
+        live: tuple[int, bytes] | None = None,
+    ) -> None:
+        """Apply replayed batches (counted ``replayed``), then the live batch that waited.
+
+        On a loop, a run longer than a slice goes a slice a turn
+        (:meth:`_next_slice`), the worker's live socket out of the poller.
+        """
+        if self._loop is None or len(got) <= _SLICE:
+            for s, payload in got:
+                self._apply(stream, s, payload)
+            self._count(stream, "replayed", len(got))
+            if live is not None:
+                self._apply(stream, *live)
+            return
+        stream.backlog = _Backlog(deque(got), len(got), live)
+        if stream.sock is not None:
+            assert self._watch is not None
+            self._watch.unregister(stream.sock)
+        self._replaying[stream.worker] = stream  # its live socket is tended meanwhile
+        self._loop.call_soon(self._next_slice, stream)
+
+    def _next_slice(self, stream: WorkerStream) -> None:
+        backlog = stream.backlog
+        if backlog is None or not self._attached:  # closed meanwhile
+            return
+        try:
+            for _ in range(min(_SLICE, len(backlog.todo))):
+                self._apply(stream, *backlog.todo.popleft())
+            if backlog.todo:
+                assert self._loop is not None
+                self._loop.call_soon(self._next_slice, stream)
+                return
+            stream.backlog = None
+            self._replaying.pop(stream.worker, None)
+            self._count(stream, "replayed", backlog.replayed)
+            if backlog.live is not None:
+                self._apply(stream, *backlog.live)
+            if stream.sock is not None:
+                assert self._watch is not None and self._loop is not None
+                self._watch.register(stream.sock)
+                self._loop.call_soon(self._on_ready)  # what queued meanwhile raised no edge
+            if stream.resync_due and stream.replay is None:
+                stream.resync_due = False
+                self._resync(stream)
+        except Exception as e:  # pragma: no cover - surfaced via wait_for / logs
+            self._error = e
+            logger.exception("ZMQ subscriber failed")
+            self._detach()
 
     # -- gaps -------------------------------------------------------------------------
 
@@ -882,10 +954,7 @@ class ZmqSubscriber:
             # A late joiner takes whatever recent history the engine still buffers.
             first = seq - len(seqs) if joining else start
             if seqs == list(range(first, seq)):
-                for s, p in got:
-                    self._apply(stream, s, p)
-                self._count(stream, "replayed", len(got))
-                self._apply(stream, seq, payload)
+                self._apply_replayed(stream, got, (seq, payload))
                 return
         self._replay_failed(
             stream, f"{start}..{seq - 1}", f"replay incomplete or timed out; resuming at {seq}"
@@ -976,7 +1045,7 @@ class ZmqSubscriber:
         assert self._watch is not None
         self._watch.register(stream.sock)  # a new replay takes it out again
         r.then(got)
-        if stream.resync_due and stream.replay is None:
+        if stream.resync_due and stream.replay is None and stream.backlog is None:
             stream.resync_due = False
             self._resync(stream)
 
