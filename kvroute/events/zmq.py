@@ -32,11 +32,12 @@ Per worker the subscriber tracks the last applied ``seq``:
   restarted while the subscriber was away, and its blocks are cleared and
   rebuilt from the new engine's history — even if it never publishes again.
 
-Everything runs on one background thread that owns every socket; ``route()``
-never waits for it. A replay is one more socket in that thread's poll loop,
-not a blocking call: while it is in flight only its own worker's live batches
-wait (in ZMQ's queue, unread), so a replay endpoint that hangs delays that
-worker by ``replay_timeout`` and no other. Malformed frames or payloads are
+Everything runs on one background thread that owns every socket, or with
+``loop`` on an asyncio event loop (the sockets' descriptors its readers);
+``route()`` never waits for it. A replay is one more socket in that poll
+loop, not a blocking call: while it is in flight only its own worker's live
+batches wait (in ZMQ's queue, unread), so a replay endpoint that hangs
+delays that worker by ``replay_timeout`` and no other. Malformed frames or payloads are
 counted, logged at most once a minute per worker, and never touch the index.
 
 The index is cleared for three reasons, counted apart: the engine's own
