@@ -562,9 +562,13 @@ class ZmqSubscriber:
                 if watch.poll(0):
                     self._loop.call_soon(self._on_ready)
         except Exception as e:  # pragma: no cover - surfaced via wait_for / logs
-            self._error = e
-            logger.exception("ZMQ subscriber failed")
-            self._detach()
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        """On the loop: what the thread's end is to a thread (logged, seen by ``wait_for``)."""
+        self._error = e
+        logger.exception("ZMQ subscriber failed")
+        self._detach()
 
     def _schedule_tick(self) -> None:
         """On the loop: a round every ``poll_interval``, for replay deadlines and commands."""
@@ -911,13 +915,9 @@ class ZmqSubscriber:
                 assert self._watch is not None and self._loop is not None
                 self._watch.register(stream.sock)
                 self._loop.call_soon(self._on_ready)  # what queued meanwhile raised no edge
-            if stream.resync_due and stream.replay is None:
-                stream.resync_due = False
-                self._resync(stream)
+            self._resync_if_due(stream)
         except Exception as e:  # pragma: no cover - surfaced via wait_for / logs
-            self._error = e
-            logger.exception("ZMQ subscriber failed")
-            self._detach()
+            self._failed(e)
 
     # -- gaps -------------------------------------------------------------------------
 
@@ -1046,6 +1046,10 @@ class ZmqSubscriber:
         assert self._watch is not None
         self._watch.register(stream.sock)  # a new replay takes it out again
         r.then(got)
+        self._resync_if_due(stream)
+
+    def _resync_if_due(self, stream: WorkerStream) -> None:
+        """Run the resync asked for while a replay (or its batches) kept the stream busy."""
         if stream.resync_due and stream.replay is None and stream.backlog is None:
             stream.resync_due = False
             self._resync(stream)
