@@ -7,7 +7,6 @@ import contextlib
 import importlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,13 +128,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 @contextlib.contextmanager
 def loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
-    """An asyncio event loop running on a thread of its own, for the life of the block."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
-    thread.start()
+    """An asyncio event loop running on a thread of its own, for the life of the block.
+
+    kvroute's own :class:`~kvroute._serve.ServerThread`, serving nothing.
+    """
+    from kvroute._serve import ServerThread
+
+    async def nothing() -> None:
+        pass
+
+    server = ServerThread("test-loop", nothing, nothing)
+    server.start()
     try:
-        yield loop
+        assert server.loop is not None
+        yield server.loop
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        server.stop()
