@@ -121,12 +121,11 @@ class EventApplier:
             ev = events[i]
             j = i + 1
             if isinstance(ev, BlockRemoved):
-                while (
-                    j < n
-                    and isinstance(nxt := events[j], BlockRemoved)
-                    and nxt.tier == ev.tier
-                    and nxt.group_idx == ev.group_idx
-                ):
+                tier, group = ev.tier, ev.group_idx
+                while j < n:
+                    nxt = events[j]
+                    if type(nxt) is not BlockRemoved or nxt.tier != tier or nxt.group_idx != group:
+                        break
                     j += 1
             if j - i > 1:
                 self._removed_run(worker, events[i:j], out)  # type: ignore[arg-type]
@@ -445,11 +444,7 @@ class EventApplier:
         if self._salts.get(worker):
             for ev in run:
                 self._unsalt(worker, ev.block_hashes)
-        hashes = np.fromiter(
-            (h for ev in run for h in ev.block_hashes),
-            dtype=np.uint64,
-            count=sum(len(ev.block_hashes) for ev in run),
-        )
+        hashes = np.array([h for ev in run for h in ev.block_hashes], dtype=np.uint64)
         try:
             unknown = self.router.apply_removed(
                 worker, hashes, engine=self.key_on == "kvroute", tier=first.tier

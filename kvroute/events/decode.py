@@ -416,13 +416,6 @@ def _stored(ev: _Stored, dialect: _Dialect) -> BlockStored:
     )
 
 
-def _removed(ev: _Removed, dialect: _Dialect) -> BlockRemoved:
-    return BlockRemoved(
-        block_hashes=_hashes(ev.block_hashes, dialect.signed_hashes),
-        tier=_tier(ev.medium),
-        medium=ev.medium,
-        group_idx=ev.group_idx,
-    )
 
 
 _MAP_HEADS: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
@@ -475,13 +468,24 @@ def _decode_msgpack(
     ts, structs, dp_rank = _parse_batch(payload, dialect, max_events)
     n_tokens = n_hashes = 0  # checked against max_tokens before any tuple is built
     events: list[BlockStored | BlockRemoved | AllBlocksCleared] = []
+    signed = dialect.signed_hashes
+    medium: str | None = None
+    tier = _tier(None)
     for i, ev in enumerate(structs):
         try:
-            if isinstance(ev, _REMOVED):  # first: evictions come one event per block
-                n_hashes += len(ev.block_hashes)
+            if isinstance(ev, _REMOVED):  # first, and inline: evictions come one event per block
+                raw = ev.block_hashes
+                n_hashes += len(raw)
                 if n_hashes > max_tokens:
                     raise DecodeError(f"batch holds more than max_tokens={max_tokens} hashes")
-                events.append(_removed(ev, dialect))
+                if ev.medium != medium:
+                    tier = _tier(ev.medium)
+                    medium = ev.medium
+                if len(raw) == 1 and type(raw[0]) is int:
+                    hashes: tuple[int, ...] = (raw[0] & _U64_MAX,)
+                else:
+                    hashes = _hashes(raw, signed)
+                events.append(BlockRemoved(hashes, tier, medium, ev.group_idx))
             elif isinstance(ev, _STORED):
                 n_hashes += len(ev.block_hashes)
                 n_tokens += len(ev.token_ids)

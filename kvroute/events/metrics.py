@@ -281,6 +281,9 @@ class Metrics:
             reg.register(h)
         # the five per-worker children, looked up once per worker
         self._per_worker: dict[int, tuple[_Child, _Child, _Child, _Child, _Child]] = {}
+        # the children counted once per event batch and per routed request, looked up once
+        self._applied: dict[tuple[int, str], Counter] = {}
+        self._routed: dict[int, Counter] = {}
         self._usage_lock = threading.Lock()
         self._read = 0
         self._written = 0
@@ -293,7 +296,10 @@ class Metrics:
     def event_applied(self, worker: int, status: str, n: int = 1) -> None:
         """Count ``n`` events of ``worker`` applied with ``status``."""
         if n:
-            self.events.labels(str(worker), status).inc(n)
+            child = self._applied.get((worker, status))
+            if child is None:
+                child = self._applied[worker, status] = self.events.labels(str(worker), status)
+            child.inc(n)
 
     def mismatch(self, worker: int, kind: str) -> None:
         """Count a stored event that disagrees with the router (``block_size`` / ``hash``)."""
@@ -303,7 +309,10 @@ class Metrics:
         """Record one ``route()`` call: its latency and its prediction."""
         self.route_seconds.observe(seconds)
         self.predicted_cached_tokens.observe(predicted_cached_tokens)
-        self.routed.labels(str(worker)).inc()
+        child = self._routed.get(worker)
+        if child is None:
+            child = self._routed[worker] = self.routed.labels(str(worker))
+        child.inc()
 
     def request_finished(
         self,
