@@ -144,3 +144,16 @@ def test_sse_take_gives_the_bytes_of_the_events_feed_gives(
         ]
         assert took.pending == fed.pending
     assert took.flush() == fed.flush()
+
+
+def test_a_marked_event_after_a_run_of_line_ends_is_cut_where_the_eager_watcher_cuts_it() -> None:
+    # Jumping to the usage chunk, the lazy watcher finds where its event starts;
+    # after three line ends or more only a left-to-right split says where.
+    usage = _data({**_chunk(None), "choices": [], "usage": USAGE})
+    head = _data(_chunk("a")) + _data(_chunk("b"))
+    for stray in (b"\n", b"\n\n\n", b"\n" * 5):
+        stream = head + stray + usage + b"data: [DONE]\n\n"
+        eager = OpenAIStream(strip_usage=True, on_event=lambda obj: None)
+        late = OpenAIStream(strip_usage=True, defer=True)
+        assert late.feed(stream) == eager.feed(stream)
+        assert late.usage == eager.usage and late.usage is not None and late.done

@@ -33,6 +33,44 @@ _HOLD_BYTES: Final = 64 << 10
 # What can make an event matter to OpenAIStream once the first content went by: a
 # "usage" or "error" key (spelled with escapes, a key holds a \u), or the end.
 _MARKERS: Final = (b'"usage"', b'"error"', b"\\u", b"[DONE]")
+_ESCAPE: Final = _MARKERS.index(b"\\u")
+
+
+def _next_marker(events: bytes, at: int, found: list[int]) -> int:
+    """Where the first :data:`_MARKERS` marker at or after ``at`` is, else -1.
+
+    ``found`` holds each marker's next position from an earlier call on the
+    same ``events`` (-2: not searched yet, -1: none left); only those left
+    behind are searched again, so a chunk is scanned O(1) times per marker.
+    A two-byte search is slow in CPython: ``\\u`` is looked for only where a
+    backslash is (found by ``memchr``).
+    """
+    mark = -1
+    for i, m in enumerate(_MARKERS):
+        if -1 != found[i] < at:
+            if i == _ESCAPE:
+                slash = events.find(b"\\", at)
+                found[i] = -1 if slash < 0 else events.find(m, slash)
+            else:
+                found[i] = events.find(m, at)
+        if found[i] >= 0 and (mark < 0 or found[i] < mark):
+            mark = found[i]
+    return mark
+
+
+def _event_start(events: bytes, at: int, mark: int) -> int:
+    """Where the event holding ``mark`` starts; ``at`` is where an event starts before it.
+
+    Events lie between blank lines taken left to right. The last ``\\n\\n``
+    before ``mark`` is such a boundary unless a line end comes right before
+    it (a run of three or more): then the boundaries are found left to right.
+    """
+    p = events.rfind(b"\n\n", at, mark)
+    if p > 0 and events[p - 1] == 0x0A:
+        p, q = -1, events.find(b"\n\n", at)
+        while q >= 0 and q + 2 <= mark:
+            p, q = q, events.find(b"\n\n", q + 2)
+    return at if p < 0 else p + 2
 
 
 def _cache_controls(body: Mapping[str, Any]) -> Iterator[tuple[object, dict[str, Any] | None]]:
@@ -270,33 +308,34 @@ class OpenAIStream:
         """:meth:`feed` for complete events with LF line ends, no ``transform``, ``on_event`` late.
 
         Past the first content, only the events holding a :data:`_MARKERS`
-        marker are parsed; the runs of events between go to :meth:`_hold` as
-        they are.
+        marker are parsed: the watcher jumps from one to the next, and the
+        runs of events between go to :meth:`_hold` as they are.
         """
         if self.first_token and not (
-            b'"usage"' in events or b'"error"' in events or b"\\u" in events or b"[DONE]" in events
-        ):  # _MARKERS
+            b'"usage"' in events
+            or b'"error"' in events
+            or (b"\\" in events and b"\\u" in events)
+            or b"[DONE]" in events
+        ):  # _MARKERS, the cheap way for a chunk with none
             self._hold(events, len(events))
             return events
         dropped: list[tuple[int, int]] = []
-        run = at = 0  # the run of unparsed events starts at run
-        mark = -1  # where the next marker is, from the last event parsed on
+        run = at = 0  # the run of unparsed events starts at run; the next event at at
         found = [-2] * len(_MARKERS)  # the next of each marker (-1: none left)
         # With LF line ends only, the events are what lies between blank lines
-        # (split left to right, as SseSplitter scans), the last one empty.
-        for part in events.split(b"\n\n")[:-1]:
-            start, at = at, at + len(part) + 2
+        # (split left to right, as SseSplitter scans).
+        while at < len(events):
             if self.first_token:
-                if mark < start:
-                    # each marker is searched for again only once passed: O(bytes)
-                    mark = len(events)
-                    for i, m in enumerate(_MARKERS):
-                        if -1 != found[i] < start:
-                            found[i] = events.find(m, start)
-                        if 0 <= found[i] < mark:
-                            mark = found[i]
-                if mark >= at:
-                    continue  # nothing in it can matter
+                mark = _next_marker(events, at, found)
+                if mark < 0:
+                    break  # nothing further can matter
+                at = _event_start(events, at, mark)
+            start = at
+            stop = events.find(b"\n\n", start)
+            if stop < 0:
+                break  # line ends past the last event
+            at = stop + 2
+            part = events[start:stop]
             if part.startswith(b"data: ") and b"\n" not in part:
                 if part == b"data: [DONE]":
                     self.done = True
