@@ -1,0 +1,120 @@
+"""The read timeout: a worker silent for ``read_timeout`` fails the request it answers.
+
+aiohttp's ``sock_read`` timer keeps it, before the answer's headers and
+between its bytes. Silence the proxy causes (a slow client: the answer's
+buffer is full and its connection is not read) is not the worker's and does
+not count. Health checks run too seldom in these tests to see the silence:
+the timeout alone must. Real sockets throughout: a real aiohttp server plays
+a worker that waits for its reader, and MockWorkers pause mid-answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("jinja2")
+
+from aiohttp import web  # noqa: E402
+from test_proxy_support import fleet, post  # noqa: E402
+
+from kvroute import Router  # noqa: E402
+from kvroute.events.metrics import Metrics  # noqa: E402
+from kvroute.proxy import WORKER_HEADER, ProxyConfig, WorkerSpec  # noqa: E402
+from kvroute.proxy.upstream import Upstream  # noqa: E402
+from kvroute.proxy.workers import WorkerPool  # noqa: E402
+
+MODEL = "mock-model"
+TIMEOUT = 0.4
+#: Health checks that never come round during a test.
+NO_HEALTH = {"health_interval": 3600.0, "read_timeout": TIMEOUT}
+
+
+@contextlib.asynccontextmanager
+async def _upstream(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[Upstream]:
+    """Open upstream connections to one worker: ``handler`` answering every POST on loopback."""
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    config = ProxyConfig([WorkerSpec(f"http://127.0.0.1:{site.port}")], read_timeout=TIMEOUT)
+    router = Router(block_size=config.block_size, workers=[0], kv_events=False)
+    upstream = Upstream(router, WorkerPool(router, config), config, Metrics(router))
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+
+
+def test_a_slow_reader_does_not_time_out_a_worker_that_waits_for_it() -> None:
+    size = 4 << 20  # past every buffer on the way: the worker ends up waiting on the reader
+
+    async def floods(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for _ in range(size // 4096):
+            await out.write(b"x" * 4096)
+        await out.write_eof()
+        return out
+
+    async def scenario() -> None:
+        async with _upstream(floods) as upstream:
+            response = await upstream.open(0, "/v1/completions", b"{}", {})
+            await asyncio.sleep(4 * TIMEOUT)  # reads nothing: aiohttp stops reading the socket
+            assert response.connection is not None
+            assert response.connection.transport is not None
+            assert not response.connection.transport.is_reading()
+            assert len(await response.read()) == size
+            assert upstream.pool.healthy() == [0]
+            upstream.pool.untrack(0, response)
+            response.release()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_silent_mid_stream_is_failed_by_the_read_timeout_alone() -> None:
+    with fleet(2, worker_kw={"token_delay": 0.05}, migrations=0, **NO_HEALTH) as (proxy, workers):
+        body = {"model": MODEL, "prompt": [7] * 40, "max_tokens": 60, "stream": True}
+        req = urllib.request.Request(
+            proxy.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=20) as r:
+            worker = int(r.headers[WORKER_HEADER])
+            assert r.readline().startswith(b"data: ")
+            workers[worker].pause()
+            rest = r.read()
+        payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
+        error = payloads[-1]["error"]
+        assert error["code"] == "bad_gateway" and "Timeout" in error["message"], error
+        assert proxy.router.load(worker)["healthy"] is False
+        assert proxy.router.load(worker)["active_requests"] == 0
+
+
+def test_a_worker_silent_before_its_headers_is_failed_over_by_the_read_timeout() -> None:
+    with fleet(2, **NO_HEALTH) as (proxy, workers):
+        prompt = [100 + i % 150 for i in range(128)]
+        body: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+        status, headers, _ = post(proxy.url + "/v1/completions", body)
+        first = int(headers[WORKER_HEADER])
+        workers[first].pause()
+        # The same prompt goes where it is cached, hears nothing, and is retried.
+        status, headers, raw = post(proxy.url + "/v1/completions", body)
+        assert status == 200 and int(headers[WORKER_HEADER]) == 1 - first, raw
+        assert proxy.router.load(first)["healthy"] is False
+        assert proxy.proxy.metrics.value("kvroute_proxy_retries_total") == 1
