@@ -1,7 +1,9 @@
 """What one proxied request costs the proxy: its CPU per streamed chat request, beside a bare relay.
 
 Two mock workers (``kvroute.testing.MockWorker``, vLLM's wire formats, KV
-events on, no token delay) each run in their own process. In front of them,
+events on, no token delay unless ``--token-delay``: a reply then reaches the
+proxy in one or two reads, where an engine's pace makes every token a read
+of its own) each run in their own process. In front of them,
 in turn, run:
 
 - the bundled proxy (``python -m kvroute proxy``, its defaults, the workers'
@@ -30,6 +32,7 @@ Usage::
     python benchmarks/bench_proxy_cpu.py --variant quiet='--access-log off'
     python benchmarks/bench_proxy_cpu.py --variant blind='--no-kv-events'
     python benchmarks/bench_proxy_cpu.py --variant synced='--synced'
+    python benchmarks/bench_proxy_cpu.py --token-delay 0.005     # tokens at an engine's pace
 
 Not measured: the load generator's and the workers' CPU (other processes),
 the network (loopback), tokenization in the proxy (the workers render), and
@@ -64,7 +67,8 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _WORKER = """\
 import json, signal, sys
 from kvroute.testing import MockWorker
-w = MockWorker(token_delay=0.0, prefill_delay_per_token=0.0, num_blocks=int(sys.argv[1])).start()
+w = MockWorker(token_delay=float(sys.argv[2]), prefill_delay_per_token=0.0,
+               num_blocks=int(sys.argv[1])).start()
 print(json.dumps({"url": w.url, "events": w.events_endpoint, "replay": w.replay_endpoint}),
       flush=True)
 signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -157,14 +161,16 @@ WORKER_BLOCKS = 32_768
 
 
 def start_workers(
-    n: int, blocks: int = WORKER_BLOCKS
+    n: int, blocks: int = WORKER_BLOCKS, token_delay: float = 0.0
 ) -> tuple[list[subprocess.Popen[bytes]], list[dict[str, str]]]:
-    """``n`` mock workers of ``blocks`` KV blocks each, each in its own process; their endpoints."""
+    """``n`` mock workers of ``blocks`` KV blocks each, each in its own process; their endpoints.
+
+    ``token_delay``: seconds between a reply's tokens (0: as fast as they go).
+    """
     procs, info = [], []
     for _ in range(n):
-        p = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(blocks)], stdout=subprocess.PIPE, env=_env()
-        )
+        argv = [sys.executable, "-c", _WORKER, str(blocks), str(token_delay)]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, env=_env())
         procs.append(p)
         assert p.stdout is not None
         info.append(json.loads(p.stdout.readline()))
@@ -326,10 +332,10 @@ def measure_round(server: Server, requests: int, clients: int, max_tokens: int,
 
 
 def run(variants: dict[str, list[str]], *, requests: int, rounds: int, clients: int,
-        max_tokens: int, churn: bool = False,
-        worker_blocks: int = WORKER_BLOCKS) -> list[Server]:  # fmt: skip
+        max_tokens: int, churn: bool = False, worker_blocks: int = WORKER_BLOCKS,
+        token_delay: float = 0.0) -> list[Server]:  # fmt: skip
     """Every server, ``rounds`` alternating rounds each; returns them with their figures."""
-    workers, info = start_workers(2, worker_blocks)
+    workers, info = start_workers(2, worker_blocks, token_delay)
     servers: list[Server] = []
     redis = start_redis() if any(SYNCED in extra for extra in variants.values()) else None
     try:
@@ -404,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "dominate)")  # fmt: skip
     p.add_argument("--worker-blocks", type=int, default=WORKER_BLOCKS,
                    help=f"KV blocks per mock worker ({WORKER_BLOCKS:,})")
+    p.add_argument("--token-delay", type=float, default=0.0, metavar="S",
+                   help="seconds between a reply's tokens at the workers (0: none, every "
+                        "reply in about one read; an engine's pace makes a read a token)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     if args.serve_relay is not None:
@@ -412,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants = dict(args.variant) or DEFAULT_VARIANTS
     servers = run(variants, requests=args.requests, rounds=args.rounds, clients=args.clients,
                   max_tokens=args.max_tokens, churn=args.churn,
-                  worker_blocks=args.worker_blocks)  # fmt: skip
+                  worker_blocks=args.worker_blocks, token_delay=args.token_delay)  # fmt: skip
     if args.json:
         figures = {
             s.name: {
