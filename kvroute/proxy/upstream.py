@@ -207,15 +207,20 @@ class Upstream:
         self.metrics = metrics
         self.outliers = outliers
         self._session: aiohttp.ClientSession | None = None
+        #: A generation's timeouts (and a call on the side's): connect, then between bytes.
+        self._streaming = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        #: A short call's: connect, and the whole answer within ``tokenize_timeout``.
+        self._short = aiohttp.ClientTimeout(
+            total=config.tokenize_timeout, connect=config.connect_timeout
+        )
 
     async def start(self) -> None:
         """Open the connection pool (and lend it to the worker pool's health checks)."""
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
-        )
         # No connection limit per host: streams are long-lived and concurrent.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._session = aiohttp.ClientSession(timeout=self._streaming, connector=connector)
         self.pool.bind(self._session)
 
     async def close(self) -> None:
@@ -376,14 +381,11 @@ class Upstream:
         :raises AttemptFailed: see :meth:`_until_down`.
         """
         session = self._client()
-        timeout = aiohttp.ClientTimeout(
-            total=self.config.tokenize_timeout, connect=self.config.connect_timeout
-        )
 
         async def go() -> tuple[int, bytes, str]:
             url = self.pool.url(worker) + path
             body, sent = _sendable(data, headers)
-            async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
+            async with session.post(url, data=body, headers=sent, timeout=self._short) as r:
                 content_type = r.headers.get("Content-Type", "application/json")
                 return r.status, await r.read(), content_type
 
@@ -400,14 +402,11 @@ class Upstream:
         # request timeouts apply, not the tokenizer's, and a slow or failed call
         # made on the side says nothing about the worker's health (its checks do).
         session = self._client()
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
-        )
         if worker not in self.pool.workers:
             raise aiohttp.ClientConnectionError(f"worker {worker} left the fleet")
         url = self.pool.url(worker) + path
         body, sent = _sendable(data, headers)
-        async with session.post(url, data=body, headers=sent, timeout=timeout) as r:
+        async with session.post(url, data=body, headers=sent, timeout=self._streaming) as r:
             await r.read()
             return r.status
 
