@@ -1,11 +1,13 @@
 """The read timeout: a worker silent for ``read_timeout`` fails the request it answers.
 
-aiohttp's ``sock_read`` timer keeps it, before the answer's headers and
-between its bytes. Silence the proxy causes (a slow client: the answer's
-buffer is full and its connection is not read) is not the worker's and does
-not count. Health checks run too seldom in these tests to see the silence:
-the timeout alone must. Real sockets throughout: a real aiohttp server plays
-a worker that waits for its reader, and MockWorkers pause mid-answer.
+Until an answer's headers arrive aiohttp's own timer keeps the timeout; after
+them :class:`~kvroute.proxy.idle.ReadIdle` does, for every open answer at
+once (aiohttp's timer is re-armed per chunk, a cost per streamed token).
+Silence the proxy causes (a slow client: the answer's buffer is full and its
+connection is not read) is not the worker's and does not count. Health checks
+run too seldom in these tests to see the silence: the timeout alone must.
+Real sockets throughout: a real aiohttp server plays a worker that stops
+writing, or MockWorkers paused mid-answer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,6 +32,7 @@ from test_proxy_support import fleet, post  # noqa: E402
 from kvroute import Router  # noqa: E402
 from kvroute.events.metrics import Metrics  # noqa: E402
 from kvroute.proxy import WORKER_HEADER, ProxyConfig, WorkerSpec  # noqa: E402
+from kvroute.proxy.idle import ReadIdle  # noqa: E402
 from kvroute.proxy.upstream import Upstream  # noqa: E402
 from kvroute.proxy.workers import WorkerPool  # noqa: E402
 
@@ -40,7 +44,7 @@ NO_HEALTH = {"health_interval": 3600.0, "read_timeout": TIMEOUT}
 
 @contextlib.asynccontextmanager
 async def _upstream(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], timeout: float = TIMEOUT
 ) -> AsyncIterator[Upstream]:
     """Open upstream connections to one worker: ``handler`` answering every POST on loopback."""
     app = web.Application()
@@ -49,7 +53,7 @@ async def _upstream(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    config = ProxyConfig([WorkerSpec(f"http://127.0.0.1:{site.port}")], read_timeout=TIMEOUT)
+    config = ProxyConfig([WorkerSpec(f"http://127.0.0.1:{site.port}")], read_timeout=timeout)
     router = Router(block_size=config.block_size, workers=[0], kv_events=False)
     upstream = Upstream(router, WorkerPool(router, config), config, Metrics(router))
     await upstream.start()
@@ -58,6 +62,32 @@ async def _upstream(
     finally:
         await upstream.close()
         await runner.cleanup()
+
+
+def test_an_answer_that_stops_after_its_headers_times_out() -> None:
+    async def stops(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await asyncio.sleep(0.05)  # after the headers: aiohttp's timer is gone
+        await out.write(b"data: 1\n\n")
+        await asyncio.sleep(30)  # silent (cancelled when the connection closes)
+        return out
+
+    async def scenario() -> None:
+        async with _upstream(stops) as upstream:
+            response = await upstream.open(0, "/v1/completions", b"{}", {})
+            assert response.connection is not None
+            assert response.connection.protocol is not None
+            assert response.connection.protocol.read_timeout is None  # taken over
+            assert await response.content.readany() == b"data: 1\n\n"
+            t0 = time.monotonic()
+            with pytest.raises(aiohttp.ServerTimeoutError, match="no byte from the worker"):
+                await response.content.readany()
+            assert time.monotonic() - t0 >= TIMEOUT
+            upstream.pool.untrack(0, response)
+            response.release()
+
+    asyncio.run(scenario())
 
 
 def test_a_slow_reader_does_not_time_out_a_worker_that_waits_for_it() -> None:
@@ -86,6 +116,43 @@ def test_a_slow_reader_does_not_time_out_a_worker_that_waits_for_it() -> None:
     asyncio.run(scenario())
 
 
+def test_read_idle_sees_each_answer_once_a_check_and_needs_a_positive_timeout() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ReadIdle(None, 0)  # type: ignore[arg-type]
+
+    gate = asyncio.Event()
+
+    async def waits(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b"data: 1\n\n")
+        await gate.wait()
+        await out.write(b"data: 2\n\n")
+        await out.write_eof()
+        return out
+
+    async def scenario() -> None:
+        async with _upstream(waits, timeout=3600.0) as upstream:  # its own never fires here
+            idle = ReadIdle(upstream.pool, 3600.0)  # looked at by hand, not by its timer
+            with pytest.raises(AssertionError, match="start"):
+                idle.check()
+            idle.start()
+            response = await upstream.open(0, "/v1/completions", b"{}", {})
+            assert idle.check() == []  # first seen
+            idle.timeout = 0.0
+            assert idle.check() == [response]  # no byte since it was first seen
+            with pytest.raises(aiohttp.ServerTimeoutError):
+                await response.content.read()
+            assert idle.check() == []  # told once
+            idle.close()
+            idle.close()
+            gate.set()
+            upstream.pool.untrack(0, response)
+            response.release()
+
+    asyncio.run(scenario())
+
+
 def test_a_worker_silent_mid_stream_is_failed_by_the_read_timeout_alone() -> None:
     with fleet(2, worker_kw={"token_delay": 0.05}, migrations=0, **NO_HEALTH) as (proxy, workers):
         body = {"model": MODEL, "prompt": [7] * 40, "max_tokens": 60, "stream": True}
@@ -101,7 +168,7 @@ def test_a_worker_silent_mid_stream_is_failed_by_the_read_timeout_alone() -> Non
             rest = r.read()
         payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
         error = payloads[-1]["error"]
-        assert error["code"] == "bad_gateway" and "Timeout" in error["message"], error
+        assert error["code"] == "bad_gateway" and "no byte from the worker" in error["message"]
         assert proxy.router.load(worker)["healthy"] is False
         assert proxy.router.load(worker)["active_requests"] == 0
 

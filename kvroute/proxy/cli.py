@@ -348,7 +348,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     rel.add_argument(
         "--read-timeout", type=_positive(float), default=600.0, metavar="S",
-        help="seconds of silence from a worker before it counts as failed (default: 600)",
+        help="seconds of silence from a worker before it counts as failed; noticed within a"
+        " quarter more (default: 600)",
     )  # fmt: skip
     rel.add_argument(
         "--health-interval", type=_positive(float), default=2.0, metavar="S",

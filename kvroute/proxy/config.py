@@ -180,7 +180,9 @@ class ProxyConfig:
     :param retries: extra attempts on other workers after a worker fails
         before any byte reached the client.
     :param connect_timeout: seconds to connect to a worker.
-    :param read_timeout: seconds without a byte from a worker before it counts as failed.
+    :param read_timeout: seconds without a byte from a worker before it counts as failed;
+        noticed within a quarter more once the answer's headers came (see
+        :mod:`~kvroute.proxy.idle`).
     :param tokenize_timeout: seconds for a tokenize / render call.
     :param health_interval: seconds between health checks of every worker.
     :param health_timeout: seconds a health check may take.

@@ -3,7 +3,8 @@
 Calls (:class:`Upstream`, over one connection pool opened by :meth:`~Upstream.start`):
 
 - :meth:`~Upstream.open` posts a generation and returns the response once
-  its headers arrive (read timeout ``read_timeout`` between bytes);
+  its headers arrive (read timeout ``read_timeout`` between bytes: aiohttp's
+  until the headers, then :class:`~kvroute.proxy.idle.ReadIdle`'s);
   :meth:`~Upstream.exchange` posts a short call (render, ``/tokenize``,
   ``count_tokens``) and reads its whole answer within ``tokenize_timeout``.
   Both give up at once when the worker is marked unhealthy meanwhile (its
@@ -45,6 +46,7 @@ from ..router import NoWorkerAvailable, Router
 from .call import Call
 from .config import ProxyConfig
 from .errors import ProxyError
+from .idle import ReadIdle
 from .outliers import OutlierDetector
 from .workers import WorkerPool
 
@@ -215,6 +217,7 @@ class Upstream:
         self._short = aiohttp.ClientTimeout(
             total=config.tokenize_timeout, connect=config.connect_timeout
         )
+        self._idle = ReadIdle(pool, config.read_timeout)
 
     async def start(self) -> None:
         """Open the connection pool (and lend it to the worker pool's health checks)."""
@@ -222,9 +225,11 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         self._session = aiohttp.ClientSession(timeout=self._streaming, connector=connector)
         self.pool.bind(self._session)
+        self._idle.start()
 
     async def close(self) -> None:
         """Close the connection pool. Idempotent."""
+        self._idle.close()
         self.pool.bind(None)
         session, self._session = self._session, None
         if session is not None:
@@ -371,6 +376,7 @@ class Upstream:
             response.close()
             raise AttemptFailed(f"worker {worker} was marked unhealthy")
         self.pool.track(worker, response)
+        self._idle.take_over(response)
         return response
 
     async def exchange(
