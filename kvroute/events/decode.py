@@ -416,8 +416,6 @@ def _stored(ev: _Stored, dialect: _Dialect) -> BlockStored:
     )
 
 
-
-
 _MAP_HEADS: Final = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_HEADS: Final = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
