@@ -176,11 +176,19 @@ def test_tokenizing_on_a_silent_worker_fails_over() -> None:
         assert proxy.router.load(0)["healthy"] is False
 
 
-def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"health_interval": 3600.0, "read_timeout": 0.4}],
+    ids=["health-checks", "read-timeout-alone"],  # who notices the silence
+)
+def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event(
+    options: dict[str, float],
+) -> None:
     import urllib.request
 
     # Without migration (see test_proxy_migration.py for the stream continued elsewhere).
-    with fleet(2, worker_kw={"token_delay": 0.05}, migrations=0) as (proxy, workers):
+    fleet_kw = {"worker_kw": {"token_delay": 0.05}, "migrations": 0, **options}
+    with fleet(2, **fleet_kw) as (proxy, workers):
         body = {"model": MODEL, "prompt": [7] * 40, "max_tokens": 60, "stream": True}
         req = urllib.request.Request(
             proxy.url + "/v1/completions",
@@ -195,6 +203,8 @@ def test_worker_going_silent_mid_stream_ends_the_stream_with_an_error_event() ->
             rest = r.read()
         payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
         assert "error" in payloads[-1] and payloads[-1]["error"]["code"] == "bad_gateway"
+        if "read_timeout" in options:  # the proxy's own read timeout (kvroute.proxy.idle)
+            assert "no byte from the worker" in payloads[-1]["error"]["message"]
         assert proxy.router.load(worker)["healthy"] is False
         assert proxy.router.load(worker)["active_requests"] == 0
         assert (

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
 
 from aiohttp import web  # noqa: E402
-from test_proxy_support import FAST_HEALTH, SYSTEM, chat, sse_data  # noqa: E402
+from test_proxy_support import FAST_HEALTH, SYSTEM, chat, serving, sse_data  # noqa: E402
 
 from kvroute import Request, Router  # noqa: E402
 from kvroute.events.metrics import Metrics  # noqa: E402
@@ -88,23 +88,6 @@ async def _parts(workers: list[MockWorker], **config_kw: Any) -> AsyncIterator[_
         yield _Parts(config, router, metrics, pool, upstream)
     finally:
         await upstream.close()
-
-
-@contextlib.asynccontextmanager
-async def _serving(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    """``handler`` answering every POST on a loopback port: its base URL."""
-    app = web.Application()
-    app.router.add_post("/{path:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    try:
-        await site.start()
-        yield f"http://127.0.0.1:{site.port}"
-    finally:
-        await runner.cleanup()
 
 
 def _ops(router: Router) -> list[tuple[str, Any]]:
@@ -340,7 +323,7 @@ def test_relay_passes_json_on_with_its_headers_counts_the_cache_and_keeps_the_re
             replies: list[Any] = []
             relay = Relay(p.pool, p.metrics)
             body = {"model": MODEL, "messages": chat(2), "max_tokens": 3}
-            async with _serving(_relaying(p, relay, replies)) as url, aiohttp.ClientSession() as s:
+            async with serving(_relaying(p, relay, replies)) as url, aiohttp.ClientSession() as s:
                 for rid in ("j1", "j2"):
                     async with s.post(url + CHAT, json=body, headers={"X-Request-Id": rid}) as r:
                         assert r.status == 200
@@ -370,7 +353,7 @@ def test_relay_streams_strips_the_usage_it_asked_for_and_rebuilds_the_reply() ->
                     "stream_options": {"include_usage": True}}  # fmt: skip
             headers = {"X-Request-Id": "s1", "X-Strip": "1"}
             async with (
-                _serving(_relaying(p, relay, replies)) as url,
+                serving(_relaying(p, relay, replies)) as url,
                 aiohttp.ClientSession() as s,
                 s.post(url + CHAT, json=body, headers=headers) as r,
             ):
@@ -569,7 +552,7 @@ async def _preparing(p: _Parts) -> AsyncIterator[str]:
             return web.json_response({"error": e.message}, status=e.status)
         return web.json_response(_summary(prepared))
 
-    async with _serving(handler) as url:
+    async with serving(handler) as url:
         yield url
 
 

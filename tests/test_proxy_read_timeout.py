@@ -7,16 +7,15 @@ Silence the proxy causes (a slow client: the answer's buffer is full and its
 connection is not read) is not the worker's and does not count. Health checks
 run too seldom in these tests to see the silence: the timeout alone must.
 Real sockets throughout: a real aiohttp server plays a worker that stops
-writing, or MockWorkers paused mid-answer.
+writing, or MockWorkers pause (a stream going silent mid-answer is in
+test_proxy_failover.py, noticed by health checks or by the timeout alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("jinja2")
 
 from aiohttp import web  # noqa: E402
-from test_proxy_support import fleet, post  # noqa: E402
+from test_proxy_support import fleet, post, serving  # noqa: E402
 
 from kvroute import Router  # noqa: E402
 from kvroute.events.metrics import Metrics  # noqa: E402
@@ -47,21 +46,15 @@ async def _upstream(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]], timeout: float = TIMEOUT
 ) -> AsyncIterator[Upstream]:
     """Open upstream connections to one worker: ``handler`` answering every POST on loopback."""
-    app = web.Application()
-    app.router.add_post("/{path:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    config = ProxyConfig([WorkerSpec(f"http://127.0.0.1:{site.port}")], read_timeout=timeout)
-    router = Router(block_size=config.block_size, workers=[0], kv_events=False)
-    upstream = Upstream(router, WorkerPool(router, config), config, Metrics(router))
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-        await runner.cleanup()
+    async with serving(handler) as url:
+        config = ProxyConfig([WorkerSpec(url)], read_timeout=timeout)
+        router = Router(block_size=config.block_size, workers=[0], kv_events=False)
+        upstream = Upstream(router, WorkerPool(router, config), config, Metrics(router))
+        await upstream.start()
+        try:
+            yield upstream
+        finally:
+            await upstream.close()
 
 
 def test_an_answer_that_stops_after_its_headers_times_out() -> None:
@@ -151,26 +144,6 @@ def test_read_idle_sees_each_answer_once_a_check_and_needs_a_positive_timeout() 
             response.release()
 
     asyncio.run(scenario())
-
-
-def test_a_worker_silent_mid_stream_is_failed_by_the_read_timeout_alone() -> None:
-    with fleet(2, worker_kw={"token_delay": 0.05}, migrations=0, **NO_HEALTH) as (proxy, workers):
-        body = {"model": MODEL, "prompt": [7] * 40, "max_tokens": 60, "stream": True}
-        req = urllib.request.Request(
-            proxy.url + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=20) as r:
-            worker = int(r.headers[WORKER_HEADER])
-            assert r.readline().startswith(b"data: ")
-            workers[worker].pause()
-            rest = r.read()
-        payloads = [json.loads(line[6:]) for line in rest.splitlines() if line[6:7] == b"{"]
-        error = payloads[-1]["error"]
-        assert error["code"] == "bad_gateway" and "no byte from the worker" in error["message"]
-        assert proxy.router.load(worker)["healthy"] is False
-        assert proxy.router.load(worker)["active_requests"] == 0
 
 
 def test_a_worker_silent_before_its_headers_is_failed_over_by_the_read_timeout() -> None:

@@ -13,8 +13,10 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
+
+from aiohttp import web
 
 from kvroute import Router
 from kvroute.proxy import ProxyConfig, ProxyServer, WorkerSpec
@@ -63,6 +65,23 @@ def fleet(
             if w.paused:
                 w.resume()
             w.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """``handler`` answering every POST on a loopback port (on the running loop): its base URL."""
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    try:
+        await site.start()
+        yield f"http://127.0.0.1:{site.port}"
+    finally:
+        await runner.cleanup()
 
 
 def post(
