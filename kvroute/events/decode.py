@@ -318,7 +318,8 @@ def _hashes(values: list[int | bytes], signed: bool) -> tuple[int, ...]:
     Runtime complexity: O(n).
     """
     if len(values) == 1:  # vLLM evicts block by block
-        return (_hash(values[0]),)
+        one = values[0]
+        return (one & _U64_MAX,) if type(one) is int else (_hash(one),)
     ints = cast("list[int]", values)
     try:
         if not signed and min(ints, default=0) >= 0:
@@ -472,17 +473,13 @@ def _decode_msgpack(
     for i, ev in enumerate(structs):
         try:
             if isinstance(ev, _REMOVED):  # first, and inline: evictions come one event per block
-                raw = ev.block_hashes
-                n_hashes += len(raw)
+                n_hashes += len(ev.block_hashes)
                 if n_hashes > max_tokens:
                     raise DecodeError(f"batch holds more than max_tokens={max_tokens} hashes")
                 if ev.medium != medium:
                     tier = _tier(ev.medium)
                     medium = ev.medium
-                if len(raw) == 1 and type(raw[0]) is int:
-                    hashes: tuple[int, ...] = (raw[0] & _U64_MAX,)
-                else:
-                    hashes = _hashes(raw, signed)
+                hashes = _hashes(ev.block_hashes, signed)
                 events.append(BlockRemoved(hashes, tier, medium, ev.group_idx))
             elif isinstance(ev, _STORED):
                 n_hashes += len(ev.block_hashes)
